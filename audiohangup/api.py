@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The HTTP control API: a Klein app on the same reactor and registry as the
+AudioSocket listeners, so a hangup request writes C{00 00 00} on the leg's own
+transport. JSON in, JSON out, every error as C{{"error": {"code", "message"}}}.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import uuid
+from typing import Any, Awaitable, Callable, TypeVar
+
+from klein import Klein
+from twisted.internet.defer import gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from audiohangup.protocol import AudioSocketProtocol, LegState
+from audiohangup.reasons import HangupCause, Role
+from audiohangup.registry import Registry
+
+#: The largest JSON body the API reads; its bodies are a few dozen bytes.
+MAX_BODY = 64 * 1024
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+class ApiError(Exception):
+    """An answer other than success, with its status and a stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def parse_call_id(text: str) -> str:
+    """The canonical lowercase form of a call id, or a 400."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ApiError(400, "bad_call_id", f"call id {text!r} is not a UUID") from None
+
+
+def parse_role(value: object) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        roles = ", ".join(r.value for r in Role)
+        raise ApiError(400, "bad_role", f"role {value!r} is not one of {roles}") from None
+
+
+def _protected(handler: Handler) -> Handler:
+    """Require the bearer token on a route, when the server has one."""
+
+    @functools.wraps(handler)
+    def check(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        self.authorize(request)
+        return handler(self, request, *args, **kwargs)
+
+    return check  # type: ignore[return-value]
+
+
+class ControlAPI:
+    """Routes over one L{Registry}; C{app.resource()} is what the Site serves."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, registry: Registry, *, api_token: str | None = None) -> None:
+        self.registry = registry
+        self._token = api_token.encode() if api_token else None
+
+    def authorize(self, request: IRequest) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = (request.getHeader("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            request.setHeader("www-authenticate", 'Bearer realm="audiohangup"')
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+
+    # Routes
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        return _json(request, 200, {"status": "ok", "legs": len(self.registry)})
+
+    @app.route("/calls", methods=["GET"])
+    @_protected
+    def calls(self, request: IRequest) -> bytes:
+        calls = [_call_view(call_id, legs) for call_id, legs in self.registry.calls().items()]
+        return _json(request, 200, {"calls": calls})
+
+    @app.route("/calls/<string:call_id>", methods=["GET"])
+    @_protected
+    def call(self, request: IRequest, call_id: str) -> bytes:
+        call_id = parse_call_id(call_id)
+        legs = self.registry.call(call_id)
+        if not legs:
+            raise _unknown_call(call_id)
+        return _json(request, 200, _call_view(call_id, legs))
+
+    @app.route("/calls/<string:call_id>/hangup", methods=["POST"])
+    @_protected
+    def hangup_call(self, request: IRequest, call_id: str) -> Awaitable[bytes]:
+        call_id = parse_call_id(call_id)
+        body = _read_json(request, allowed={"role"}, required=False)
+        role = _query(request, "role")
+        if "role" in body:
+            if role is not None and role != body["role"]:
+                raise ApiError(400, "bad_role", "the query and the body name different roles")
+            role = body["role"]
+        return self._hangup(request, call_id, None if role is None else parse_role(role))
+
+    @app.route("/api/hangup", methods=["POST"])
+    @_protected
+    def api_hangup(self, request: IRequest) -> Awaitable[bytes]:
+        body = _read_json(request, allowed={"call_id", "role"}, required=True)
+        if not isinstance(body.get("call_id"), str):
+            raise ApiError(400, "bad_call_id", "the body needs a string 'call_id'")
+        call_id = parse_call_id(body["call_id"])
+        return self._hangup(request, call_id, parse_role(body.get("role", Role.VISITOR.value)))
+
+    async def _hangup(self, request: IRequest, call_id: str, role: Role | None) -> bytes:
+        wait = _flag(request, "wait")
+        legs = self.registry.call(call_id)
+        if not legs:
+            raise _unknown_call(call_id)
+        if role is not None:
+            legs = [leg for leg in legs if leg.role is role]
+            if not legs:
+                raise ApiError(404, "no_live_leg", f"call {call_id} has no live {role} leg")
+        answers = []
+        gone = []
+        for leg in legs:
+            result = "hangup_sent" if leg.state is LegState.LIVE else "already_closing"
+            gone.append(leg.hangup(HangupCause.API))
+            answers.append({"role": leg.role, "result": result})
+        if wait:
+            reasons = await gatherResults(gone)
+            for answer, reason in zip(answers, reasons):
+                answer["reason"] = reason
+        return _json(request, 200, {"call_id": call_id, "legs": answers})
+
+    # Errors: declaration order is the order Klein tries them in.
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: ApiError = failure.value
+        return _error(request, error.status, error.code, error.message)
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: HTTPException = failure.value
+        status = error.code or 500
+        if status == 405:
+            allowed = getattr(error, "valid_methods", None) or []
+            request.setHeader("allow", ", ".join(sorted(allowed)))
+            message = f"{request.method.decode()} is not allowed here"
+        elif status == 404:
+            message = f"no route for {request.path.decode(errors='replace')}"
+        else:
+            message = error.description or error.name
+        return _error(request, status, error.name.lower().replace(" ", "_"), message)
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure(
+            "{method} {path} failed", failure=failure,
+            method=request.method.decode(), path=request.path.decode(errors="replace"),
+        )
+        return _error(request, 500, "internal_error", "the server failed; see its log")
+
+
+def _call_view(call_id: str, legs: list[AudioSocketProtocol]) -> dict[str, Any]:
+    return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
+
+
+def _unknown_call(call_id: str) -> ApiError:
+    return ApiError(404, "unknown_call", f"no live leg has call id {call_id}")
+
+
+def _json(request: IRequest, status: int, body: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader("content-type", "application/json")
+    return json.dumps(body).encode() + b"\n"
+
+
+def _error(request: IRequest, status: int, code: str, message: str) -> bytes:
+    return _json(request, status, {"error": {"code": code, "message": message}})
+
+
+def _query(request: IRequest, name: str) -> str | None:
+    values = request.args.get(name.encode(), [])
+    if len(values) > 1:
+        raise ApiError(400, f"bad_{name}", f"query parameter {name!r} is given more than once")
+    return values[0].decode("utf-8", errors="replace") if values else None
+
+
+def _flag(request: IRequest, name: str) -> bool:
+    value = _query(request, name)
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ApiError(400, f"bad_{name}", f"query parameter {name!r} must be true or false, not {value!r}")
+
+
+def _read_json(request: IRequest, *, allowed: set[str], required: bool) -> dict[str, Any]:
+    raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, "body_too_large", f"the body exceeds {MAX_BODY} bytes")
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "bad_body", "a JSON object body is required")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_body", "the body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    return body

@@ -1,0 +1,130 @@
+# -*- test-case-name: tests.test_reasons -*-
+"""
+Why a leg ended, and why we hung it up.
+
+A leg ends with exactly one L{CloseReason}, chosen by L{classify} from what we
+did (sent a hangup, decided to close) and how the socket went away. The level
+of each reason is part of the product: a reset right after our hangup is how
+Asterisk behaves, so it is C{info}, never an error with a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+
+
+class _Named(str, enum.Enum):
+    """A string enum that prints as its value, in logs and in JSON alike."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Role(_Named):
+    """The part a leg plays in a call; each role has its own listening port."""
+
+    VISITOR = "visitor"
+    RESIDENT = "resident"
+
+
+class HangupCause(_Named):
+    """Why we sent C{00 00 00} to a leg."""
+
+    API = "api"
+    REPLACED = "replaced"
+    SHUTDOWN = "shutdown"
+
+
+class CloseReason(_Named):
+    """How a leg ended: one per leg, logged once."""
+
+    level: LogLevel
+    explanation: str
+
+    def __new__(cls, value: str, level: LogLevel, explanation: str) -> CloseReason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.level = level
+        member.explanation = explanation
+        return member
+
+    HANGUP_CLEAN = ("hangup_clean", LogLevel.info, "peer closed cleanly after our hangup")
+    HANGUP_RESET = (
+        "hangup_reset",
+        LogLevel.info,
+        "peer reset the connection after our hangup, which is normal for Asterisk",
+    )
+    HANGUP_TIMEOUT = (
+        "hangup_timeout",
+        LogLevel.info,
+        "peer did not close in time after our hangup, so we aborted",
+    )
+    PEER_CLOSED = ("peer_closed", LogLevel.info, "peer closed the connection")
+    PEER_RESET = ("peer_reset", LogLevel.warn, "peer reset the connection without our hangup")
+    PEER_HANGUP = ("peer_hangup", LogLevel.info, "peer sent a hangup frame")
+    PEER_ERROR = ("peer_error", LogLevel.warn, "peer sent an error frame")
+    PROTOCOL_ERROR = ("protocol_error", LogLevel.warn, "frame out of order or malformed")
+    UUID_TIMEOUT = ("uuid_timeout", LogLevel.warn, "no UUID frame in time")
+    INTERNAL_ERROR = (
+        "internal_error",
+        LogLevel.critical,
+        "the connection failed in a way audiohangup does not expect (a bug)",
+    )
+
+
+class Loss(enum.Enum):
+    """How the transport went away, from the Twisted failure type alone."""
+
+    CLEAN = "clean"
+    RESET = "reset"
+    ABORTED = "aborted"
+    OTHER = "other"
+
+
+def loss_of(reason: Failure) -> Loss:
+    """
+    Map C{connectionLost}'s failure to a L{Loss}.
+
+    C{ConnectionAborted} subclasses C{ConnectionLost} and C{Failure.check}
+    answers the first matching argument, so the checks go one at a time, most
+    specific first. Twisted drops the errno: a reset is "lost, not aborted".
+    """
+    if reason.check(ConnectionAborted):
+        return Loss.ABORTED
+    if reason.check(ConnectionDone):
+        return Loss.CLEAN
+    if reason.check(ConnectionLost):
+        return Loss.RESET
+    return Loss.OTHER
+
+
+def classify(*, hangup_sent: bool, decided: CloseReason | None, loss: Loss) -> CloseReason:
+    """
+    Choose the one close reason of a leg.
+
+    @param hangup_sent: we wrote C{00 00 00} to this leg.
+    @param decided: a reason fixed before the socket closed (the peer sent a
+        hangup or error frame, broke the protocol, or never sent its UUID).
+    @param loss: how the socket went away.
+    """
+    if loss is Loss.OTHER:
+        return CloseReason.INTERNAL_ERROR
+    if hangup_sent:
+        return {
+            Loss.CLEAN: CloseReason.HANGUP_CLEAN,
+            Loss.RESET: CloseReason.HANGUP_RESET,
+            Loss.ABORTED: CloseReason.HANGUP_TIMEOUT,
+        }[loss]
+    if decided is not None:
+        return decided
+    if loss is Loss.CLEAN:
+        return CloseReason.PEER_CLOSED
+    # A reset, or an abort nobody asked for: the peer's fault either way.
+    return CloseReason.PEER_RESET

@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Service wiring: one listening endpoint per role, the HTTP API on a third, all
+on one reactor and one registry, and a shutdown that drains live legs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from audiohangup.api import ControlAPI
+from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_address
+from audiohangup.reasons import HangupCause, Role
+from audiohangup.registry import Registry
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything C{twistd audiohangup} takes; see L{audiohangup.tap.Options}."""
+
+    visitor: str = "tcp:9092:interface=127.0.0.1"
+    resident: str = "tcp:9093:interface=127.0.0.1"
+    http: str = "tcp:8080:interface=127.0.0.1"
+    close_timeout: float = 2.0
+    uuid_timeout: float = 5.0
+    api_token: str | None = None
+
+    def endpoint(self, role: Role) -> str:
+        return self.visitor if role is Role.VISITOR else self.resident
+
+
+class AudioHangupService(MultiService):
+    """
+    The whole server. Stopping it stops accepting, then hangs up every
+    connection with cause C{shutdown} and waits for them, bounded by the close
+    timeout (each leg aborts itself when its peer does not close in time).
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: Registry, settings: LegSettings, reactor: IReactorTime) -> None:
+        super().__init__()
+        self.registry = registry
+        self.settings = settings
+        self.reactor = reactor
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[object] = Deferred.fromCoroutine(self._stop())
+        # Twisted drops a failure from stopService without a word: log our own.
+        stopped.addErrback(lambda failure: self.log.failure("shutdown failed", failure))
+        return stopped.addCallback(lambda _: None)
+
+    async def _stop(self) -> None:
+        await MultiService.stopService(self)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
+        connections = self.registry.connections()
+        if not connections:
+            return
+        self.log.info("shutting down: hanging up {count} connections", count=len(connections))
+        gone = DeferredList([c.hangup(HangupCause.SHUTDOWN) for c in connections], consumeErrors=True)
+        # Each leg aborts after the close timeout; the extra second only guards a bug.
+        gone.addTimeout(self.settings.close_timeout + 1.0, self.reactor)
+        try:
+            await gone
+        except TimeoutError:
+            self.log.warn("shutdown: {count} connections still open", count=len(self.registry.connections()))
+        else:
+            self.log.info("shutdown: every leg is gone")
+
+
+def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioHangupService:
+    """Wire the listeners and the API onto one reactor and one registry."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor  # type: ignore[assignment]
+    settings = LegSettings(close_timeout=config.close_timeout, uuid_timeout=config.uuid_timeout)
+    registry = Registry()
+    service = AudioHangupService(registry, settings, reactor)  # type: ignore[arg-type]
+    for role in Role:
+        factory = AudioSocketFactory(role, registry, settings, reactor)  # type: ignore[arg-type]
+        endpoint = serverFromString(reactor, config.endpoint(role))
+        Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
+    api = ControlAPI(registry, api_token=config.api_token)
+    site = Site(api.app.resource(), reactor=reactor)
+    Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
+    return service
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listening endpoint that logs where it listens and keeps its port, so
+    C{tcp:0} works in tests and the log says which port to point Asterisk at.
+    """
+
+    log = Logger()
+    #: A port that cannot be bound must stop start-up, not leave a deaf server.
+    _raiseSynchronously = True
+    port: IListeningPort | None = None
+
+    def __init__(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(endpoint, factory)
+        self.setName(name)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.log.info(
+            "{name} listening on {address}", name=self.name, address=describe_address(port.getHost())
+        )
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        self.port = None
+        return super().stopService()
+
