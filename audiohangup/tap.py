@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
@@ -69,13 +70,13 @@ class Options(usage.Options):
 
         for name in ("visitor", "resident", "http"):
             try:
-                from twisted.internet.endpoints import serverFromString
-
                 serverFromString(reactor, self[name])
-            except Exception as error:  # serverFromString raises many types
-                raise usage.UsageError(f"--{name} {self[name]!r} is not a valid endpoint: {error}")
-        if len({self["visitor"], self["resident"], self["http"]}) != 3:
-            raise usage.UsageError("--visitor, --resident and --http must be three different endpoints")
+            except Exception as error:  # each endpoint parser raises its own types
+                raise usage.UsageError(
+                    f"--{name} {self[name]!r} is not a valid endpoint ({error}); "
+                    "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
+                    "inside a value escaped as \\:"
+                ) from None
         if self["api-token"] is None:
             self["api-token"] = os.environ.get(TOKEN_ENVIRONMENT) or None
         elif not self["api-token"]:

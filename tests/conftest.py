@@ -1,0 +1,114 @@
+"""
+Shared fixtures: a real server on loopback ports, log capture that fails a
+test on any traceback or unhandled error, and a bounded wait for conditions.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+
+import pytest
+import pytest_twisted
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+T = TypeVar("T")
+
+
+@dataclass
+class LogCapture:
+    """Every event logged during a test."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def texts(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]
+
+    def ended(self, call_id: str | None = None) -> list[dict[str, Any]]:
+        """The 'leg ended' events, optionally of one call."""
+        return [
+            event
+            for event in self.events
+            if "leg ended" in event.get("log_format", "")
+            and (call_id is None or event.get("call_id") == call_id)
+        ]
+
+    def problems(self) -> list[str]:
+        """Tracebacks, failures and unhandled errors: none may ever appear."""
+        found = []
+        for event in self.events:
+            text = formatEvent(event)
+            if "log_failure" in event or "Traceback" in text or "Unhandled" in text:
+                found.append(text + "\n" + str(event.get("log_failure", "")))
+        return found
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture.events.append)
+    try:
+        yield capture
+        gc.collect()  # surfaces "Unhandled error in Deferred" from garbage
+    finally:
+        globalLogPublisher.removeObserver(capture.events.append)
+    assert capture.problems() == []
+
+
+async def until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "") -> T:
+    """Poll C{predicate} every 5 ms until it is truthy; fail after C{timeout} seconds."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not (value := predicate()):
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await deferLater(reactor, 0.005)
+    return value
+
+
+@dataclass
+class Server:
+    """A running audiohangup service on loopback ports chosen by the kernel."""
+
+    service: Any
+
+    @property
+    def registry(self) -> Any:
+        return self.service.registry
+
+    def port(self, role: str) -> int:
+        return self.service.getServiceNamed(f"audiosocket-{role}").port.getHost().port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.service.getServiceNamed('http').port.getHost().port}"
+
+
+@pytest_twisted.async_yield_fixture
+async def make_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    from twisted.internet import reactor
+
+    from audiohangup.service import Config, build_service
+
+    started = []
+
+    async def make(**options: Any) -> Server:
+        loopback = "tcp:0:interface=127.0.0.1"
+        config = Config(visitor=loopback, resident=loopback, http=loopback, **options)
+        service = build_service(config, reactor)
+        service.privilegedStartService()
+        service.startService()
+        started.append(service)
+        return Server(service)
+
+    yield make
+    for service in started:
+        await service.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def server(make_server: Callable[..., Awaitable[Server]]) -> AsyncIterator[Server]:
+    yield await make_server()
