@@ -20,7 +20,6 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from audiohangup.api import ControlAPI

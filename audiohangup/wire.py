@@ -76,7 +76,8 @@ def describe_error_code(payload: bytes) -> str:
         return "unknown"
     code = payload[0]
     names = [flag.name.lower() for flag in ErrorCode if flag and code & flag]
-    rest = code & ~(ErrorCode.CALLER_HANGUP | ErrorCode.FRAME_FORWARDING | ErrorCode.MEMORY)
+    # Plain ints: since Python 3.11, ~ on a flag keeps only the bits it names.
+    rest = code & ~int(ErrorCode.CALLER_HANGUP | ErrorCode.FRAME_FORWARDING | ErrorCode.MEMORY)
     if rest:
         names.append(f"0x{rest:02x}")
     return "|".join(names) if names else "none"

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 T = TypeVar("T")
 

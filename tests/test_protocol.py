@@ -1,0 +1,318 @@
+"""
+One leg's state machine, driven deterministically: C{Clock} for the timers,
+C{StringTransport} for the wire, and C{connectionLost} called by hand with the
+failure Twisted would deliver (a fake transport never calls it itself).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
+from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
+from audiohangup.registry import Registry
+from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
+
+CALL = uuid.UUID("6f5c1279-b34f-4bdf-ba44-24b178d09a80")
+AUDIO = encode(Kind.SLIN, b"\x01\x02" * 160)
+
+
+class LegTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry()
+        self.settings = LegSettings(close_timeout=2.0, uuid_timeout=5.0)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self, role: Role = Role.VISITOR) -> tuple[AudioSocketProtocol, StringTransport]:
+        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        leg.makeConnection(transport)
+        return leg, transport
+
+    def live(self, role: Role = Role.VISITOR) -> tuple[AudioSocketProtocol, StringTransport]:
+        leg, transport = self.connect(role)
+        leg.dataReceived(encode_uuid(CALL))
+        self.assertIs(leg.state, LegState.LIVE)
+        return leg, transport
+
+    def ended(self) -> list[dict]:
+        return [e for e in self.events if "leg ended" in e.get("log_format", "")]
+
+
+class CloseTimeoutTests(LegTestCase):
+    def test_hangupWritesOnceAndWaitsForThePeer(self) -> None:
+        """
+        A hangup writes C{00 00 00} and nothing else, and neither closes nor
+        aborts: the peer is the one to close.
+        """
+        leg, transport = self.live()
+        leg.hangup(HangupCause.API)
+        self.assertEqual(transport.value(), HANGUP_FRAME)
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.assertIs(leg.state, LegState.CLOSING)
+
+    def test_abortsWhenThePeerDoesNotCloseInTime(self) -> None:
+        """
+        The close timeout aborts a leg whose peer keeps the socket open after
+        our hangup, and the leg then ends as C{hangup_timeout}.
+        """
+        leg, transport = self.live()
+        gone = leg.hangup(HangupCause.API)
+        self.clock.advance(1.999)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.001)
+        self.assertTrue(transport.disconnected)
+        self.assertNoResult(gone)
+        leg.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_TIMEOUT)
+        self.assertEqual(len(self.registry), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timelyCloseCancelsTheTimer(self) -> None:
+        """A peer that closes in time ends the leg as C{hangup_clean}, no timer left."""
+        leg, transport = self.live()
+        gone = leg.hangup(HangupCause.API)
+        self.clock.advance(1.0)
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_CLEAN)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(5)
+        self.assertFalse(transport.disconnected)
+
+    def test_resetAfterHangupIsNormal(self) -> None:
+        """A reset after our hangup is C{hangup_reset}, logged at info and called normal."""
+        leg, _ = self.live()
+        gone = leg.hangup(HangupCause.API)
+        leg.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_RESET)
+        [event] = self.ended()
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["reason"], CloseReason.HANGUP_RESET)
+        self.assertEqual(event["cause"], HangupCause.API)
+        self.assertEqual(event["call_id"], str(CALL))
+        self.assertIn("normal", event["explanation"])
+
+    def test_hangupIsIdempotent(self) -> None:
+        """A second hangup writes nothing and waits for the same end."""
+        leg, transport = self.live()
+        first = leg.hangup(HangupCause.API)
+        second = leg.hangup(HangupCause.SHUTDOWN)
+        self.assertEqual(transport.value(), HANGUP_FRAME)
+        self.assertEqual(leg.hangup_cause, HangupCause.API)
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(first), CloseReason.HANGUP_CLEAN)
+        self.assertEqual(self.successResultOf(second), CloseReason.HANGUP_CLEAN)
+        self.assertEqual(self.successResultOf(leg.hangup(HangupCause.API)), CloseReason.HANGUP_CLEAN)
+
+    def test_nothingIsWrittenAfterHangup(self) -> None:
+        """After C{00 00 00}, C{send} refuses and inbound frames are discarded."""
+        leg, transport = self.live()
+        leg.hangup(HangupCause.API)
+        self.assertFalse(leg.send(AUDIO))
+        leg.dataReceived(AUDIO * 5 + encode(Kind.ERROR, b"\x01") + b"\x10\x01")
+        self.assertEqual(transport.value(), HANGUP_FRAME)
+        self.assertIsNone(leg._decided)
+        self.assertEqual(leg.frames_out, 1)
+
+
+class UuidTimeoutTests(LegTestCase):
+    def test_noUuidInTime(self) -> None:
+        """A connection silent for the UUID timeout is closed, with nothing sent."""
+        leg, transport = self.connect()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(leg.close_reason, CloseReason.UUID_TIMEOUT)
+        [event] = self.ended()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_uuidCancelsTheTimer(self) -> None:
+        """The UUID timer is gone once the UUID arrives."""
+        self.live()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closeAfterDecisionIsBounded(self) -> None:
+        """
+        After closing our side for a peer's fault, a peer that never lets go is
+        aborted at the close timeout and the reason stays the peer's fault.
+        """
+        leg, transport = self.connect()
+        self.clock.advance(5)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+        leg.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(leg.close_reason, CloseReason.UUID_TIMEOUT)
+
+
+class FrameTests(LegTestCase):
+    def assertProtocolError(self, data: bytes, detail: str, live: bool = True) -> None:
+        leg, transport = self.live() if live else self.connect()
+        sent = transport.value()
+        leg.dataReceived(data)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), sent, "nothing is sent after a protocol error")
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(leg.close_reason, CloseReason.PROTOCOL_ERROR)
+        self.assertIn(detail, self.ended()[-1]["detail"])
+        self.assertEqual(len(self.registry), 0)
+
+    def test_audioBeforeUuid(self) -> None:
+        self.assertProtocolError(AUDIO, "not a UUID", live=False)
+
+    def test_shortUuid(self) -> None:
+        self.assertProtocolError(encode(Kind.UUID, b"\x01" * 15), "15 bytes", live=False)
+
+    def test_secondUuid(self) -> None:
+        self.assertProtocolError(encode_uuid(CALL), "second UUID")
+
+    def test_longDtmf(self) -> None:
+        self.assertProtocolError(encode(Kind.DTMF, b"12"), "DTMF payload of 2 bytes")
+
+    def test_emptyAudio(self) -> None:
+        self.assertProtocolError(encode(Kind.SLIN16, b""), "length 0")
+
+    def test_framesAfterAnErrorAreIgnored(self) -> None:
+        """Frames in the same chunk after a protocol error change nothing."""
+        leg, _ = self.live()
+        leg.dataReceived(encode(Kind.SLIN, b"") + encode(Kind.HANGUP) + AUDIO)
+        self.assertEqual(leg._decided, CloseReason.PROTOCOL_ERROR)
+        self.assertEqual(leg.frames_in, 2)
+
+    def test_peerHangup(self) -> None:
+        """A 0x00 frame from the peer closes our side with C{peer_hangup}, at info."""
+        leg, transport = self.live()
+        leg.dataReceived(AUDIO + HANGUP_FRAME)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        leg.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(leg.close_reason, CloseReason.PEER_HANGUP)
+        self.assertEqual(self.ended()[-1]["log_level"], LogLevel.info)
+
+    def test_peerError(self) -> None:
+        """A 0xff frame ends the leg as C{peer_error}, at warn, with its code decoded."""
+        leg, transport = self.live()
+        leg.dataReceived(encode(Kind.ERROR, b"\x01"))
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(leg.close_reason, CloseReason.PEER_ERROR)
+        [event] = self.ended()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn("caller_hangup", event["detail"])
+
+    def test_uuidSplitAnywhere(self) -> None:
+        """The UUID registers the leg whatever the split, one byte at a time included."""
+        frame = encode_uuid(CALL)
+        for offset in range(1, len(frame)):
+            registry = self.registry = Registry()
+            leg, _ = self.connect()
+            leg.dataReceived(frame[:offset])
+            self.assertIsNone(registry.get(str(CALL), Role.VISITOR))
+            leg.dataReceived(frame[offset:])
+            self.assertIs(registry.get(str(CALL), Role.VISITOR), leg)
+        leg, _ = self.connect()
+        for byte in frame:
+            leg.dataReceived(bytes([byte]))
+        self.assertIs(self.registry.get(str(CALL), Role.VISITOR), leg)
+
+    def test_dtmfAndUnknownKinds(self) -> None:
+        """DTMF digits are kept on the leg; unknown kinds are skipped in sync."""
+        leg, _ = self.live()
+        leg.dataReceived(
+            encode(Kind.DTMF, b"1") + encode(0x02, b"xyz") + AUDIO + encode(0x7F, b"") + encode(Kind.DTMF, b"#")
+        )
+        self.assertEqual(leg.dtmf, "1#")
+        self.assertIs(leg.state, LegState.LIVE)
+        self.assertEqual(leg.frames_in, 6)
+
+    def test_countsBothWays(self) -> None:
+        leg, transport = self.live()
+        leg.dataReceived(AUDIO * 3)
+        self.assertTrue(leg.send(AUDIO))
+        snapshot = leg.snapshot()
+        self.assertEqual(
+            (snapshot["frames_in"], snapshot["bytes_in"], snapshot["frames_out"], snapshot["bytes_out"]),
+            (4, 19 + 3 * len(AUDIO), 1, len(AUDIO)),
+        )
+        self.assertEqual(snapshot["peer"], "127.0.0.1:40000")
+        self.assertEqual(snapshot["state"], "live")
+
+
+class RegistryLifecycleTests(LegTestCase):
+    def test_closeBeforeUuidLeavesNothing(self) -> None:
+        """A connection that ends before or inside its UUID leaves no trace."""
+        for data in (b"", encode_uuid(CALL)[:7]):
+            leg, _ = self.connect()
+            leg.dataReceived(data)
+            leg.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(len(self.registry), 0)
+            self.assertEqual(self.registry.connections(), [])
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_replacedLeg(self) -> None:
+        """
+        A second connection for a live (call id, role) replaces the first,
+        which is hung up with cause C{replaced}; the other role is untouched.
+        """
+        old, old_transport = self.live()
+        resident, resident_transport = self.live(Role.RESIDENT)
+        new, _ = self.live()
+        self.assertEqual(old_transport.value(), HANGUP_FRAME)
+        self.assertEqual(old.hangup_cause, HangupCause.REPLACED)
+        self.assertIs(self.registry.get(str(CALL), Role.VISITOR), new)
+        old.connectionLost(Failure(ConnectionLost()))
+        self.assertIs(self.registry.get(str(CALL), Role.VISITOR), new)
+        self.assertEqual(self.registry.call(str(CALL)), [new, resident])
+        self.assertEqual(resident_transport.value(), b"")
+
+    def test_unexpectedFailureIsABug(self) -> None:
+        """A failure other than done, lost or aborted is logged as a failure."""
+        leg, _ = self.live()
+        leg.connectionLost(Failure(ValueError("boom")))
+        self.assertEqual(leg.close_reason, CloseReason.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(self.registry), 0)
+
+
+class ClassifyTests(SynchronousTestCase):
+    def test_lossOfOrderMatters(self) -> None:
+        """An abort is not taken for a reset although it subclasses C{ConnectionLost}."""
+        self.assertIs(loss_of(Failure(ConnectionAborted())), Loss.ABORTED)
+        self.assertIs(loss_of(Failure(ConnectionDone())), Loss.CLEAN)
+        self.assertIs(loss_of(Failure(ConnectionLost())), Loss.RESET)
+        self.assertIs(loss_of(Failure(RuntimeError())), Loss.OTHER)
+
+    def test_table(self) -> None:
+        cases = [
+            (True, None, Loss.CLEAN, CloseReason.HANGUP_CLEAN),
+            (True, None, Loss.RESET, CloseReason.HANGUP_RESET),
+            (True, None, Loss.ABORTED, CloseReason.HANGUP_TIMEOUT),
+            (False, None, Loss.CLEAN, CloseReason.PEER_CLOSED),
+            (False, None, Loss.RESET, CloseReason.PEER_RESET),
+            (False, CloseReason.PEER_HANGUP, Loss.RESET, CloseReason.PEER_HANGUP),
+            (False, CloseReason.PROTOCOL_ERROR, Loss.ABORTED, CloseReason.PROTOCOL_ERROR),
+            (True, None, Loss.OTHER, CloseReason.INTERNAL_ERROR),
+        ]
+        for sent, decided, loss, expected in cases:
+            self.assertIs(classify(hangup_sent=sent, decided=decided, loss=loss), expected)
+
+    def test_levels(self) -> None:
+        """The levels the product promises."""
+        warn = {r for r in CloseReason if r.level is LogLevel.warn}
+        self.assertEqual(
+            {r.value for r in warn}, {"peer_reset", "peer_error", "protocol_error", "uuid_timeout"}
+        )
+        for name in ("hangup_clean", "hangup_reset", "hangup_timeout", "peer_closed", "peer_hangup"):
+            self.assertIs(CloseReason(name).level, LogLevel.info)

@@ -1,0 +1,329 @@
+"""
+C{twistd audiohangup} without a process: the options, the service they make
+(on a memory reactor, so no real sockets), the plugin and the repository
+layout that lets twistd find it.
+
+These are L{SynchronousTestCase}s, so they run under trial and pytest alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application.service import IService, IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+from zope.interface.verify import verifyObject
+
+from audiohangup import tap
+from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.reasons import Role
+from audiohangup.service import AudioHangupService, Config
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+#: The option names C{twistd audiohangup} documents, in C{--help} order.
+OPTION_NAMES = ("visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token")
+
+
+class EnvironmentMixin:
+    """Run a test with C{os.environ} replaced by a copy that has or lacks the token."""
+
+    def useToken(self, token: str | None) -> None:
+        environ = {key: value for key, value in os.environ.items() if key != tap.TOKEN_ENVIRONMENT}
+        if token is not None:
+            environ[tap.TOKEN_ENVIRONMENT] = token
+        self.patch(os, "environ", environ)  # type: ignore[attr-defined]
+
+
+def parse(*args: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def relevant(options: tap.Options) -> dict[str, object]:
+    return {name: options[name] for name in OPTION_NAMES}
+
+
+class OptionsDefaultsTests(EnvironmentMixin, SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """With no arguments and no token in the environment, the documented defaults."""
+        self.useToken(None)
+        self.assertEqual(
+            relevant(parse()),
+            {
+                "visitor": "tcp:9092:interface=127.0.0.1",
+                "resident": "tcp:9093:interface=127.0.0.1",
+                "http": "tcp:8080:interface=127.0.0.1",
+                "close-timeout": 2.0,
+                "uuid-timeout": 5.0,
+                "api-token": None,
+            },
+        )
+
+    def test_defaults_make_the_default_config(self) -> None:
+        self.useToken(None)
+        self.assertEqual(parse().config(), Config())
+
+    def test_timeouts_are_floats(self) -> None:
+        """The defaults are floats, as a parsed value would be, not strings."""
+        self.useToken(None)
+        options = parse()
+        self.assertIs(type(options["close-timeout"]), float)
+        self.assertIs(type(options["uuid-timeout"]), float)
+
+
+class OptionsParsingTests(EnvironmentMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.useToken(None)
+
+    def test_close_timeout(self) -> None:
+        options = parse("--close-timeout", "0.5")
+        self.assertEqual(options["close-timeout"], 0.5)
+        self.assertIs(type(options["close-timeout"]), float)
+
+    def test_close_timeout_equals_form(self) -> None:
+        self.assertEqual(parse("--close-timeout=3")["close-timeout"], 3.0)
+
+    def test_uuid_timeout(self) -> None:
+        options = parse("--uuid-timeout", "7")
+        self.assertEqual(options["uuid-timeout"], 7.0)
+        self.assertIs(type(options["uuid-timeout"]), float)
+
+    def test_endpoints(self) -> None:
+        options = parse(
+            "--visitor", "tcp:19092:interface=127.0.0.2",
+            "--resident", "unix:/tmp/resident.sock",
+            "--http", "tcp:0",
+        )
+        self.assertEqual(options["visitor"], "tcp:19092:interface=127.0.0.2")
+        self.assertEqual(options["resident"], "unix:/tmp/resident.sock")
+        self.assertEqual(options["http"], "tcp:0")
+
+    def test_same_endpoint_string_for_every_role(self) -> None:
+        """C{tcp:0} thrice is fine: each listener gets its own kernel-chosen port."""
+        loopback = "tcp:0:interface=127.0.0.1"
+        options = parse("--visitor", loopback, "--resident", loopback, "--http", loopback)
+        self.assertEqual([options[name] for name in ("visitor", "resident", "http")], [loopback] * 3)
+
+    def test_api_token(self) -> None:
+        self.assertEqual(parse("--api-token", "s3cret")["api-token"], "s3cret")
+
+    def test_every_option_into_config(self) -> None:
+        options = parse(
+            "--visitor", "tcp:1:interface=127.0.0.1",
+            "--resident", "tcp:2:interface=127.0.0.1",
+            "--http", "tcp:3:interface=127.0.0.1",
+            "--close-timeout", "0.25",
+            "--uuid-timeout", "1.5",
+            "--api-token", "t",
+        )
+        self.assertEqual(
+            options.config(),
+            Config(
+                visitor="tcp:1:interface=127.0.0.1",
+                resident="tcp:2:interface=127.0.0.1",
+                http="tcp:3:interface=127.0.0.1",
+                close_timeout=0.25,
+                uuid_timeout=1.5,
+                api_token="t",
+            ),
+        )
+
+
+class ApiTokenEnvironmentTests(EnvironmentMixin, SynchronousTestCase):
+    def test_environment_token_used_without_option(self) -> None:
+        self.useToken("from-env")
+        self.assertEqual(parse()["api-token"], "from-env")
+
+    def test_option_wins_over_environment(self) -> None:
+        self.useToken("from-env")
+        self.assertEqual(parse("--api-token", "from-option")["api-token"], "from-option")
+
+    def test_empty_environment_token_means_none(self) -> None:
+        self.useToken("")
+        self.assertIsNone(parse()["api-token"])
+
+
+class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.useToken(None)
+
+    def assertUsageError(self, args: list[str], *fragments: str) -> str:
+        error = self.assertRaises(usage.UsageError, parse, *args)
+        message = str(error)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def test_close_timeout_not_a_number(self) -> None:
+        self.assertUsageError(
+            ["--close-timeout", "abc"], "--close-timeout must be a number of seconds, not 'abc'"
+        )
+
+    def test_close_timeout_zero(self) -> None:
+        self.assertUsageError(
+            ["--close-timeout", "0"], "--close-timeout must be a positive number of seconds, not '0'"
+        )
+
+    def test_close_timeout_negative(self) -> None:
+        self.assertUsageError(
+            ["--close-timeout", "-1"], "--close-timeout must be a positive number of seconds, not '-1'"
+        )
+
+    def test_close_timeout_infinite(self) -> None:
+        self.assertUsageError(
+            ["--close-timeout", "inf"], "--close-timeout must be a positive number of seconds, not 'inf'"
+        )
+
+    def test_uuid_timeout_nan(self) -> None:
+        self.assertUsageError(
+            ["--uuid-timeout", "nan"], "--uuid-timeout must be a positive number of seconds, not 'nan'"
+        )
+
+    def test_uuid_timeout_zero(self) -> None:
+        self.assertUsageError(
+            ["--uuid-timeout", "0"], "--uuid-timeout must be a positive number of seconds, not '0'"
+        )
+
+    def test_visitor_port_not_a_number(self) -> None:
+        self.assertUsageError(
+            ["--visitor", "tcp:notaport"],
+            "--visitor 'tcp:notaport' is not a valid endpoint",
+            "tcp:9092:interface=127.0.0.1",
+        )
+
+    def test_resident_port_not_a_number(self) -> None:
+        self.assertUsageError(
+            ["--resident", "tcp:x"], "--resident 'tcp:x' is not a valid endpoint"
+        )
+
+    def test_http_unknown_endpoint_type(self) -> None:
+        self.assertUsageError(
+            ["--http", "bogus:1"], "--http 'bogus:1' is not a valid endpoint", "bogus"
+        )
+
+    def test_api_token_empty(self) -> None:
+        self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
+
+    def test_api_token_empty_beats_environment(self) -> None:
+        """An explicitly empty token is an error even when the environment has one."""
+        self.useToken("from-env")
+        self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
+
+    def test_unknown_option(self) -> None:
+        self.assertUsageError(["--no-such-option"], "no-such-option")
+
+
+class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.useToken(None)
+        self.reactor = MemoryReactorClock()
+
+    def start(self, *args: str) -> AudioHangupService:
+        service = tap.makeService(parse(*args), reactor=self.reactor)
+        self.assertTrue(verifyObject(IService, service))
+        service.privilegedStartService()
+        service.startService()
+        return service  # type: ignore[return-value]
+
+    def stop(self, service: AudioHangupService) -> None:
+        if service.running:
+            self.successResultOf(service.stopService())
+
+    def test_listens_on_the_default_endpoints(self) -> None:
+        service = self.start()
+        self.addCleanup(self.stop, service)
+        servers = self.reactor.tcpServers
+        self.assertEqual(len(servers), 3, servers)
+        by_port = {port: (factory, interface) for port, factory, _backlog, interface in servers}
+        self.assertEqual(sorted(by_port), [8080, 9092, 9093])
+        self.assertEqual({interface for _, interface in by_port.values()}, {"127.0.0.1"})
+
+        visitor, resident, http = by_port[9092][0], by_port[9093][0], by_port[8080][0]
+        self.assertIsInstance(visitor, AudioSocketFactory)
+        self.assertIs(visitor.role, Role.VISITOR)
+        self.assertIsInstance(resident, AudioSocketFactory)
+        self.assertIs(resident.role, Role.RESIDENT)
+        self.assertIsInstance(http, Site)
+        # Both roles and the API share one registry and the memory reactor.
+        self.assertIs(visitor.registry, resident.registry)
+        self.assertIs(visitor.registry, service.registry)
+        self.assertIs(visitor.reactor, self.reactor)
+        self.assertIs(resident.reactor, self.reactor)
+
+    def test_listeners_are_named_and_keep_their_ports(self) -> None:
+        service = self.start()
+        self.addCleanup(self.stop, service)
+        ports = {
+            name: service.getServiceNamed(name).port.getHost().port  # type: ignore[attr-defined]
+            for name in ("audiosocket-visitor", "audiosocket-resident", "http")
+        }
+        self.assertEqual(ports, {"audiosocket-visitor": 9092, "audiosocket-resident": 9093, "http": 8080})
+
+    def test_options_reach_the_service(self) -> None:
+        service = self.start(
+            "--visitor", "tcp:19092:interface=127.0.0.1",
+            "--resident", "tcp:19093:interface=127.0.0.1",
+            "--http", "tcp:18080:interface=127.0.0.1",
+            "--close-timeout", "0.5",
+            "--uuid-timeout", "3",
+        )
+        self.addCleanup(self.stop, service)
+        self.assertEqual(sorted(port for port, *_ in self.reactor.tcpServers), [18080, 19092, 19093])
+        expected = LegSettings(close_timeout=0.5, uuid_timeout=3.0)
+        self.assertEqual(service.settings, expected)
+        for port, factory, _backlog, _interface in self.reactor.tcpServers:
+            if isinstance(factory, AudioSocketFactory):
+                self.assertEqual(factory.settings, expected)
+
+    def test_stop_service(self) -> None:
+        """With no legs, stopping finishes at once and stops every listener."""
+        service = self.start()
+        self.assertIsNone(self.successResultOf(service.stopService()))
+        self.assertFalse(service.running)
+        for name in ("audiosocket-visitor", "audiosocket-resident", "http"):
+            listener = service.getServiceNamed(name)
+            self.assertFalse(listener.running, name)
+            self.assertIsNone(listener.port, name)  # type: ignore[attr-defined]
+
+
+class PluginTests(SynchronousTestCase):
+    def maker(self) -> IServiceMaker:
+        makers = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "audiohangup"]
+        self.assertEqual(len(makers), 1, makers)
+        return makers[0]
+
+    def test_discoverable(self) -> None:
+        self.assertTrue(verifyObject(IServiceMaker, self.maker()))
+
+    def test_options_are_ours(self) -> None:
+        self.assertIs(self.maker().options, tap.Options)
+
+    def test_make_service_is_ours(self) -> None:
+        self.assertIs(self.maker().makeService, tap.makeService)
+
+    def test_description(self) -> None:
+        self.assertIn("AudioSocket", self.maker().description)
+
+
+class LayoutTests(SynchronousTestCase):
+    """
+    C{twisted/plugins/} in the repository is a drop-in directory, not a
+    package: an C{__init__.py} there would shadow Twisted's own plugins
+    (or Twisted itself) for anything run from the checkout.
+    """
+
+    def test_plugin_drop_in_exists(self) -> None:
+        self.assertTrue((REPOSITORY / "twisted" / "plugins" / "audiohangup_plugin.py").is_file())
+
+    def test_no_twisted_package(self) -> None:
+        self.assertFalse((REPOSITORY / "twisted" / "__init__.py").exists())
+
+    def test_no_twisted_plugins_package(self) -> None:
+        self.assertFalse((REPOSITORY / "twisted" / "plugins" / "__init__.py").exists())
