@@ -1,0 +1,302 @@
+"""
+The HTTP API: StubTreq against the Klein resource for every answer the API
+gives (no sockets, legs on StringTransports), then treq against a real
+listening port with fake Asterisk legs on real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from treq.testing import StubTreq
+
+from audiohangup.api import ControlAPI
+from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.registry import Registry
+from audiohangup.wire import HANGUP_FRAME, encode_uuid
+from tests.conftest import LogCapture, Server, until
+from tests.fake_asterisk import connect
+
+CALL = "0b8a1f9e-5c2d-4e3f-8a7b-6c5d4e3f2a1b"
+TOKEN = "s3cret-token"
+
+
+class StubbedAPITestCase(SynchronousTestCase):
+    token: str | None = None
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry()
+        self.stub = StubTreq(ControlAPI(self.registry, api_token=self.token).app.resource())
+
+    def leg(self, role: Role = Role.VISITOR, call_id: str = CALL) -> tuple[AudioSocketProtocol, StringTransport]:
+        leg = AudioSocketProtocol(role, self.registry, LegSettings(), self.clock)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        leg.makeConnection(transport)
+        leg.dataReceived(encode_uuid(uuid.UUID(call_id)))
+        return leg, transport
+
+    def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        response = self.successResultOf(self.stub.request(method, "http://api" + path, **kwargs))
+        body = self.successResultOf(response.content())
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        return response.code, json.loads(body), response
+
+    def assertError(self, method: str, path: str, status: int, code: str, **kwargs: Any) -> dict:
+        got, body, _ = self.request(method, path, **kwargs)
+        self.assertEqual((got, body["error"]["code"]), (status, code), body)
+        self.assertTrue(body["error"]["message"])
+        return body
+
+
+class ReadTests(StubbedAPITestCase):
+    def test_health(self) -> None:
+        self.leg()
+        self.assertEqual(self.request("GET", "/health")[:2], (200, {"status": "ok", "legs": 1}))
+
+    def test_calls(self) -> None:
+        """Legs are listed per call, visitor first, with their counters."""
+        self.leg(Role.RESIDENT)
+        self.leg(Role.VISITOR)
+        status, body, _ = self.request("GET", "/calls")
+        self.assertEqual(status, 200)
+        [call] = body["calls"]
+        self.assertEqual(call["call_id"], CALL)
+        self.assertEqual([leg["role"] for leg in call["legs"]], ["visitor", "resident"])
+        self.assertEqual(
+            set(call["legs"][0]),
+            {"role", "state", "peer", "connected_at", "frames_in", "frames_out", "bytes_in", "bytes_out", "dtmf"},
+        )
+        self.assertEqual(call["legs"][0]["state"], "live")
+        self.assertEqual(call["legs"][0]["frames_in"], 1)
+        self.assertEqual(call["legs"][0]["bytes_in"], 19)
+
+    def test_callById(self) -> None:
+        """A call id in any case or form finds the canonical one."""
+        self.leg()
+        status, body, _ = self.request("GET", "/calls/" + CALL.upper())
+        self.assertEqual((status, body["call_id"]), (200, CALL))
+
+    def test_callErrors(self) -> None:
+        self.assertError("GET", "/calls/not-a-uuid", 400, "bad_call_id")
+        self.assertError("GET", "/calls/" + CALL, 404, "unknown_call")
+
+    def test_unknownRouteAndMethod(self) -> None:
+        """Routing errors are JSON too, not HTML and not 500."""
+        self.assertError("GET", "/nope", 404, "not_found")
+        _, _, response = self.request("DELETE", "/calls")
+        self.assertEqual(response.code, 405)
+        self.assertIn("GET", response.headers.getRawHeaders("allow")[0])
+        self.assertError("GET", f"/calls/{CALL}/hangup", 405, "method_not_allowed")
+
+
+class HangupTests(StubbedAPITestCase):
+    def test_oneRole(self) -> None:
+        """C{role=} hangs up that leg only; the leg gets C{00 00 00}."""
+        visitor, visitor_wire = self.leg(Role.VISITOR)
+        resident, resident_wire = self.leg(Role.RESIDENT)
+        status, body, _ = self.request("POST", f"/calls/{CALL}/hangup?role=resident")
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"call_id": CALL, "legs": [{"role": "resident", "result": "hangup_sent"}]})
+        self.assertEqual(resident_wire.value(), HANGUP_FRAME)
+        self.assertEqual(visitor_wire.value(), b"")
+        self.assertEqual(resident.hangup_cause, HangupCause.API)
+
+    def test_roleInBody(self) -> None:
+        _, wire = self.leg(Role.RESIDENT)
+        status, body, _ = self.request("POST", f"/calls/{CALL}/hangup", json={"role": "resident"})
+        self.assertEqual((status, body["legs"][0]["role"]), (200, "resident"))
+        self.assertEqual(wire.value(), HANGUP_FRAME)
+
+    def test_everyLeg(self) -> None:
+        """No role: every live leg of the call."""
+        _, visitor_wire = self.leg(Role.VISITOR)
+        _, resident_wire = self.leg(Role.RESIDENT)
+        status, body, _ = self.request("POST", f"/calls/{CALL}/hangup")
+        self.assertEqual(status, 200)
+        self.assertEqual([leg["role"] for leg in body["legs"]], ["visitor", "resident"])
+        self.assertEqual((visitor_wire.value(), resident_wire.value()), (HANGUP_FRAME, HANGUP_FRAME))
+
+    def test_alreadyClosing(self) -> None:
+        """A second hangup succeeds without writing anything."""
+        _, wire = self.leg()
+        self.request("POST", f"/calls/{CALL}/hangup")
+        status, body, _ = self.request("POST", f"/calls/{CALL}/hangup?role=visitor")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["legs"], [{"role": "visitor", "result": "already_closing"}])
+        self.assertEqual(wire.value(), HANGUP_FRAME)
+
+    def test_waitForTheEnd(self) -> None:
+        """C{wait=true} answers once the legs are gone, with each close reason."""
+        visitor, _ = self.leg(Role.VISITOR)
+        resident, _ = self.leg(Role.RESIDENT)
+        pending = self.stub.post(f"http://api/calls/{CALL}/hangup?wait=true")
+        self.assertNoResult(pending)
+        visitor.connectionLost(Failure(ConnectionLost()))
+        self.stub.flush()
+        self.assertNoResult(pending)
+        resident.connectionLost(Failure(ConnectionDone()))
+        self.stub.flush()
+        response = self.successResultOf(pending)
+        body = self.successResultOf(response.json())
+        self.assertEqual(
+            body["legs"],
+            [
+                {"role": "visitor", "result": "hangup_sent", "reason": "hangup_reset"},
+                {"role": "resident", "result": "hangup_sent", "reason": "hangup_clean"},
+            ],
+        )
+        self.assertEqual(len(self.registry), 0)
+
+    def test_validationBeforeLookup(self) -> None:
+        """400 for what is malformed comes before 404 for what is unknown."""
+        self.assertError("POST", "/calls/xyz/hangup", 400, "bad_call_id")
+        self.assertError("POST", f"/calls/{CALL}/hangup?role=caller", 400, "bad_role")
+        self.assertError("POST", f"/calls/{CALL}/hangup?wait=maybe", 400, "bad_wait")
+        self.assertError("POST", f"/calls/{CALL}/hangup", 404, "unknown_call")
+        self.leg(Role.VISITOR)
+        self.assertError("POST", f"/calls/{CALL}/hangup?role=resident", 404, "no_live_leg")
+
+    def test_badBodies(self) -> None:
+        self.leg()
+        path = f"/calls/{CALL}/hangup"
+        self.assertError("POST", path, 400, "bad_json", data=b"{nope")
+        self.assertError("POST", path, 400, "bad_body", data=b"[1, 2]")
+        self.assertError("POST", path, 400, "unknown_field", json={"role": "visitor", "force": True})
+        self.assertError("POST", path, 400, "bad_role", json={"role": 7})
+        self.assertError("POST", path + "?role=visitor", 400, "bad_role", json={"role": "resident"})
+        self.assertError("POST", path, 413, "body_too_large", data=b" " * (64 * 1024 + 1))
+
+    def test_apiHangupRoute(self) -> None:
+        """The original system's route: role defaults to visitor."""
+        _, visitor_wire = self.leg(Role.VISITOR)
+        _, resident_wire = self.leg(Role.RESIDENT)
+        status, body, _ = self.request("POST", "/api/hangup", json={"call_id": CALL})
+        self.assertEqual((status, body["legs"]), (200, [{"role": "visitor", "result": "hangup_sent"}]))
+        self.assertEqual((visitor_wire.value(), resident_wire.value()), (HANGUP_FRAME, b""))
+        status, body, _ = self.request("POST", "/api/hangup", json={"call_id": CALL, "role": "resident"})
+        self.assertEqual((status, body["legs"][0]["role"]), (200, "resident"))
+
+    def test_apiHangupErrors(self) -> None:
+        self.assertError("POST", "/api/hangup", 400, "bad_body")
+        self.assertError("POST", "/api/hangup", 400, "bad_call_id", json={"role": "visitor"})
+        self.assertError("POST", "/api/hangup", 400, "bad_call_id", json={"call_id": "1234"})
+        self.assertError("POST", "/api/hangup", 400, "bad_role", json={"call_id": CALL, "role": "x"})
+        self.assertError("POST", "/api/hangup", 404, "unknown_call", json={"call_id": CALL})
+
+
+class AuthTests(StubbedAPITestCase):
+    token = TOKEN
+
+    def test_healthIsOpen(self) -> None:
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_everyOtherRouteNeedsTheToken(self) -> None:
+        _, wire = self.leg()
+        for method, path in [
+            ("GET", "/calls"),
+            ("GET", f"/calls/{CALL}"),
+            ("POST", f"/calls/{CALL}/hangup"),
+            ("POST", "/api/hangup"),
+        ]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                body = self.assertError(method, path, 401, "unauthorized", headers=headers)
+                self.assertIn("Bearer", body["error"]["message"])
+        self.assertEqual(wire.value(), b"")
+        status, _, _ = self.request("GET", "/calls", headers={"Authorization": f"Bearer {TOKEN}"})
+        self.assertEqual(status, 200)
+        status, _, _ = self.request(
+            "POST", f"/calls/{CALL}/hangup", headers={"Authorization": f"bearer {TOKEN}"}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(wire.value(), HANGUP_FRAME)
+
+
+# Over a real listening port, with real legs.
+
+
+async def post(url: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await treq.post(url, persistent=False, **kwargs)
+    return response.code, await response.json()
+
+
+async def get(url: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await treq.get(url, persistent=False, **kwargs)
+    return response.code, await response.json()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hangup_over_http_with_a_resetting_peer(server: Server, logs: LogCapture) -> None:
+    """A leg that resets the moment it reads our hangup is still a success."""
+    call_id = uuid.uuid4()
+    client = await connect(server.port("visitor"), on_hangup="reset")
+    client.send_uuid(call_id)
+    await until(lambda: len(server.registry) == 1)
+    status, body = await post(f"{server.url}/calls/{call_id}/hangup?role=visitor&wait=true")
+    assert status == 200
+    assert body["legs"] == [{"role": "visitor", "result": "hangup_sent", "reason": "hangup_reset"}]
+    await client.closed
+    assert client.ended_with_single_hangup()
+    assert (await get(f"{server.url}/health"))[1] == {"status": "ok", "legs": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_hangup_route_and_auth_over_http(make_server: Any, logs: LogCapture) -> None:
+    server = await make_server(api_token=TOKEN)
+    call_id = uuid.uuid4()
+    visitor = await connect(server.port("visitor"), on_hangup="close")
+    resident = await connect(server.port("resident"), on_hangup="close")
+    visitor.send_uuid(call_id)
+    resident.send_uuid(call_id)
+    await until(lambda: len(server.registry) == 2)
+    assert (await post(f"{server.url}/api/hangup", json={"call_id": str(call_id)}))[0] == 401
+    assert (await get(f"{server.url}/health"))[0] == 200
+    status, body = await post(
+        f"{server.url}/api/hangup?wait=true",
+        json={"call_id": str(call_id)},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 200
+    assert body["legs"] == [{"role": "visitor", "result": "hangup_sent", "reason": "hangup_clean"}]
+    await visitor.closed
+    assert resident.frames == []
+    status, body = await get(f"{server.url}/calls", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert [leg["role"] for leg in body["calls"][0]["legs"]] == ["resident"]
+    resident.close()
+    await until(lambda: len(server.registry) == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hundred_concurrent_legs_hung_up_through_the_api(server: Server, logs: LogCapture) -> None:
+    """50 calls of two legs, each hung up over HTTP at once; every leg ends, none is left."""
+    calls = [uuid.uuid4() for _ in range(50)]
+    clients = []
+    for index, call_id in enumerate(calls):
+        for role in ("visitor", "resident"):
+            client = await connect(server.port(role), on_hangup="reset" if index % 2 else "close")
+            client.send_uuid(call_id)
+            clients.append(client)
+    await until(lambda: len(server.registry) == 100, what="100 legs")
+    answers = await gatherResults(
+        [ensureDeferred(post(f"{server.url}/calls/{call_id}/hangup?wait=true")) for call_id in calls]
+    )
+    assert all(status == 200 for status, _ in answers)
+    reasons = [leg["reason"] for _, body in answers for leg in body["legs"]]
+    assert sorted(set(reasons)) == ["hangup_clean", "hangup_reset"]
+    assert len(reasons) == 100
+    await gatherResults([client.closed for client in clients])
+    assert all(client.ended_with_single_hangup() for client in clients)
+    assert len(server.registry) == 0 and server.registry.connections() == []
+    assert len(logs.ended()) == 100
