@@ -24,9 +24,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue
+from audiohangup.pacer import Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
-from audiohangup.wire import HANGUP_FRAME, SAMPLE_RATES, FrameDecoder, Kind, describe_error_code
+from audiohangup.session import Session
+from audiohangup.wire import HANGUP_FRAME, SAMPLE_RATES, Frame, FrameDecoder, Kind, describe_error_code
 
 #: Digits kept per leg: enough for any PIN or menu path, bounded for a hostile peer.
 MAX_DTMF_DIGITS = 64
@@ -34,10 +37,19 @@ MAX_DTMF_DIGITS = 64
 
 @dataclass(frozen=True)
 class LegSettings:
-    """Timeouts every leg shares (C{--close-timeout}, C{--uuid-timeout})."""
+    """What every leg shares: its audio format, queue bound and timeouts (0 is off)."""
 
     close_timeout: float = 2.0
     uuid_timeout: float = 5.0
+    audio: AudioFormat = SLIN
+    max_queue_ms: int = 1000
+    idle_timeout: float = 0.0
+    max_duration: float = 0.0
+    playout_timeout: float = 10.0
+
+    @property
+    def max_queue_frames(self) -> int:
+        return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
 
 
 class LegState(str, enum.Enum):
@@ -70,36 +82,52 @@ class AudioSocketProtocol(Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
     once its UUID frame arrives; before that it is only a connection.
+
+    From the UUID on, the shared L{Pacer} asks it for one frame per 20 ms:
+    queued audio (a prompt, an echo) first, else nothing if audio was just
+    forwarded to it (a bridge), else silence.
     """
 
     log = Logger()
 
     def __init__(
-        self, role: Role, registry: Registry, settings: LegSettings, reactor: IReactorTime
+        self,
+        role: Role,
+        registry: Registry,
+        settings: LegSettings,
+        reactor: IReactorTime,
+        pacer: Pacer | None = None,
     ) -> None:
         self.role = role
         self.registry = registry
         self.settings = settings
+        self.format = settings.audio
         self.reactor = reactor
+        self.pacer = pacer if pacer is not None else Pacer(reactor)
         self.state = LegState.AWAITING_UUID
         self.call_id: str | None = None
+        self.session: Session | None = None
         self.peer = "-"
         self.connected_at = 0.0
         self.ended_at: float | None = None
+        self.last_frame_at = 0.0
         self.frames_in = 0
         self.frames_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.dtmf = ""
+        self.queue = FrameQueue(settings.max_queue_frames)
         self.hangup_cause: HangupCause | None = None
         self.hangup_at: float | None = None
         self.close_reason: CloseReason | None = None
         self._decided: CloseReason | None = None
         self._detail = ""
         self._decoder = FrameDecoder()
-        self._uuid_timer: IDelayedCall | None = None
-        self._close_timer: IDelayedCall | None = None
+        self._timers: dict[str, IDelayedCall] = {}
         self._waiting: list[Deferred[CloseReason]] = []
+        self._forwarded_at = float("-inf")
+        self._after_playout: HangupCause | None = None
+        self._wrong_kind_logged = False
 
     def logPrefix(self) -> str:
         return f"audiosocket-{self.role}"
@@ -109,43 +137,66 @@ class AudioSocketProtocol(Protocol):
         return None if self.call_id is None else (self.call_id, self.role)
 
     @property
+    def live(self) -> bool:
+        return self.state is LegState.LIVE
+
+    @property
     def hangup_sent(self) -> bool:
         return self.hangup_cause is not None
 
     def _fields(self) -> dict[str, Any]:
         return {"call_id": self.call_id or "-", "role": self.role, "peer": self.peer}
 
+    # Timers: every one of them is cancelled in connectionLost.
+
+    def _setTimer(self, name: str, seconds: float, action: Any, *args: Any) -> None:
+        self._cancelTimer(name)
+
+        def fire() -> None:
+            del self._timers[name]
+            action(*args)
+
+        self._timers[name] = self.reactor.callLater(seconds, fire)
+
+    def _cancelTimer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
     # Connection events
 
     def connectionMade(self) -> None:
-        self.connected_at = self.reactor.seconds()
+        self.connected_at = self.last_frame_at = self.reactor.seconds()
         self.peer = describe_address(self.transport.getPeer())
         if ITCPTransport.providedBy(self.transport):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             self.transport.setTcpNoDelay(True)
         self.registry.connected(self)
-        self._uuid_timer = self.reactor.callLater(
-            self.settings.uuid_timeout, self._uuidTimedOut
-        )
+        self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
         if self.state is LegState.CLOSING or self.state is LegState.CLOSED:
             return  # after a hangup or a close decision: read and discard
-        for frame in self._decoder.feed(data):
-            self.frames_in += 1
-            if self.state is LegState.AWAITING_UUID:
+        frames = self._decoder.feed(data)
+        if not frames:
+            return
+        self.last_frame_at = self.reactor.seconds()
+        for frame in frames:
+            if self.state is LegState.LIVE:
+                self.frames_in += 1
+                self._frameReceived(frame)
+            elif self.state is LegState.AWAITING_UUID:
+                self.frames_in += 1
                 self._uuidFrameReceived(frame.kind, frame.payload)
             else:
-                self._frameReceived(frame.kind, frame.payload)
-            if self.state is not LegState.LIVE and self.state is not LegState.AWAITING_UUID:
-                return
+                return  # the rest of the chunk follows a close decision
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        for timer in (self._uuid_timer, self._close_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._uuid_timer = self._close_timer = None
+        for name in list(self._timers):
+            self._cancelTimer(name)
+        self.pacer.remove(self)
+        self.queue.clear()
         self.state = LegState.CLOSED
         self.ended_at = self.reactor.seconds()
         loss = loss_of(reason)
@@ -155,12 +206,14 @@ class AudioSocketProtocol(Protocol):
         try:
             self._logEnd(loss, reason)
         finally:
-            self.registry.disconnected(self)
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                waiter.callback(self.close_reason)
+            try:
+                self.registry.disconnected(self)
+            finally:
+                waiting, self._waiting = self._waiting, []
+                for waiter in waiting:
+                    waiter.callback(self.close_reason)
 
-    # Frames
+    # Frames in
 
     def _uuidFrameReceived(self, kind: int, payload: bytes) -> None:
         if kind != Kind.UUID:
@@ -170,37 +223,55 @@ class AudioSocketProtocol(Protocol):
         else:
             self._start(str(uuid.UUID(bytes=payload)))
 
-    def _frameReceived(self, kind: int, payload: bytes) -> None:
+    def _frameReceived(self, frame: Frame) -> None:
+        kind = frame.kind
         if kind in SAMPLE_RATES:
-            if not payload:
+            if not frame.payload:
                 self._closeFor(CloseReason.PROTOCOL_ERROR, "audio frame of length 0")
+                return
+            if kind != self.format.kind and not self._wrong_kind_logged:
+                self._wrong_kind_logged = True
+                self.log.warn(
+                    "{call_id} {role} sends audio of kind 0x{kind:02x}, not the 0x{expected:02x} "
+                    "of --audio {audio}; check the dialplan's codec",
+                    kind=kind, expected=self.format.kind, audio=self.format.name, **self._fields(),
+                )
+            assert self.session is not None
+            self.session.audioReceived(self, frame)
         elif kind == Kind.DTMF:
-            if len(payload) != 1:
-                self._closeFor(CloseReason.PROTOCOL_ERROR, f"DTMF payload of {len(payload)} bytes, not 1")
+            if len(frame.payload) != 1:
+                self._closeFor(
+                    CloseReason.PROTOCOL_ERROR, f"DTMF payload of {len(frame.payload)} bytes, not 1"
+                )
             else:
-                self._dtmfReceived(payload.decode("latin-1"))
+                self._dtmfReceived(frame.payload.decode("latin-1"))
         elif kind == Kind.HANGUP:
             self._closeFor(CloseReason.PEER_HANGUP, "")
         elif kind == Kind.ERROR:
-            self._closeFor(CloseReason.PEER_ERROR, f"error code {describe_error_code(payload)}")
+            self._closeFor(CloseReason.PEER_ERROR, f"error code {describe_error_code(frame.payload)}")
         elif kind == Kind.UUID:
             self._closeFor(CloseReason.PROTOCOL_ERROR, "second UUID frame")
         else:
             self.log.debug(
                 "{call_id} {role} skipped a frame of unknown kind 0x{kind:02x} ({length} bytes)",
-                kind=kind, length=len(payload), **self._fields(),
+                kind=kind, length=len(frame.payload), **self._fields(),
             )
 
     def _dtmfReceived(self, digit: str) -> None:
         self.dtmf = (self.dtmf + digit)[-MAX_DTMF_DIGITS:]
         self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
+        assert self.session is not None
+        self.session.dtmfReceived(self, digit)
 
     def _start(self, call_id: str) -> None:
-        self._cancelUuidTimer()
+        self._cancelTimer("uuid")
         self.call_id = call_id
         self.state = LegState.LIVE
-        replaced = self.registry.register(self)
         self.log.info("{call_id} {role} leg started from {peer}", **self._fields())
+        self.pacer.add(self)
+        if self.settings.max_duration:
+            self._setTimer("max_duration", self.settings.max_duration, self.hangup, HangupCause.MAX_DURATION)
+        replaced = self.registry.register(self)
         if replaced is not None:
             self.log.info(
                 "{call_id} {role} leg from {old_peer} is replaced by the one from {peer}",
@@ -208,10 +279,10 @@ class AudioSocketProtocol(Protocol):
             )
             replaced.hangup(HangupCause.REPLACED)
 
-    # Ending a leg
+    # Frames out: nothing is ever written after 00 00 00.
 
     def send(self, data: bytes) -> bool:
-        """Write one whole frame, unless the leg is closing: nothing follows C{00 00 00}."""
+        """Write one whole encoded frame now, unless the leg is not live."""
         if self.state is not LegState.LIVE:
             return False
         self._write(data)
@@ -222,9 +293,51 @@ class AudioSocketProtocol(Protocol):
         self.bytes_out += len(data)
         self.transport.write(data)
 
+    def forward(self, frame: Frame) -> None:
+        """
+        Bridge a frame from another leg: written at once, one write, same bytes.
+        Queued audio (a prompt) has the floor; forwarded audio waits for no tick.
+        """
+        if self.state is LegState.LIVE and not self.queue:
+            self._write(frame.encode())
+            self._forwarded_at = self.reactor.seconds()
+
+    def queueFrames(self, frames: list[bytes]) -> int:
+        """Queue encoded frames for the pacer; return how many old ones were dropped."""
+        if self.state is not LegState.LIVE:
+            return 0
+        dropped = self.queue.push(frames)
+        if dropped:
+            self.log.debug("{call_id} {role} queue full: dropped {dropped} frames", dropped=dropped, **self._fields())
+        return dropped
+
+    def play(self, audio: bytes) -> int:
+        """Queue raw audio in the leg's format, cut into 20 ms frames."""
+        return self.queueFrames(self.format.frames(audio))
+
+    @property
+    def queued_ms(self) -> int:
+        return round(len(self.queue) * FRAME_SECONDS * 1000)
+
+    def paceTick(self, now: float) -> None:
+        """The pacer's 20 ms tick: at most one frame, and the idle check."""
+        if self.state is not LegState.LIVE:
+            return
+        idle = self.settings.idle_timeout
+        if idle and now - self.last_frame_at >= idle:
+            self.hangup(HangupCause.IDLE_TIMEOUT)
+        elif self.queue:
+            self._write(self.queue.pop())
+            if not self.queue and self._after_playout is not None:
+                self.hangup(self._after_playout)
+        elif now - self._forwarded_at > self.pacer.interval * _BRIDGE_GRACE:
+            self._write(self.format.silence_frame)
+
+    # Ending a leg
+
     def hangup(self, cause: HangupCause) -> Deferred[CloseReason]:
         """
-        Send C{00 00 00} once and wait, bounded, for the peer to close.
+        Stop audio, send C{00 00 00} once, and wait, bounded, for the peer to close.
 
         Idempotent: on a leg already closing this only waits.
 
@@ -237,6 +350,25 @@ class AudioSocketProtocol(Protocol):
             self.log.info("{call_id} {role} hangup sent (cause {cause})", cause=cause, **self._fields())
             self._beginClosing()
         return self.whenGone()
+
+    def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
+        """
+        Let the queued audio play out, then hang up; bounded by the playout
+        timeout, after which the leg is hung up whatever is left.
+        """
+        if self.state is LegState.LIVE and self.queue:
+            self._after_playout = cause
+            self._setTimer("playout", self.settings.playout_timeout, self._playoutTimedOut)
+            return self.whenGone()
+        return self.hangup(cause)
+
+    def _playoutTimedOut(self) -> None:
+        assert self._after_playout is not None
+        self.log.info(
+            "{call_id} {role} playout not done after {timeout:g} s ({queued_ms} ms left): hanging up",
+            timeout=self.settings.playout_timeout, queued_ms=self.queued_ms, **self._fields(),
+        )
+        self.hangup(self._after_playout)
 
     def whenGone(self) -> Deferred[CloseReason]:
         """A Deferred that fires with the close reason once the leg is gone."""
@@ -255,23 +387,14 @@ class AudioSocketProtocol(Protocol):
 
     def _beginClosing(self) -> None:
         self.state = LegState.CLOSING
-        self._cancelUuidTimer()
-        self._close_timer = self.reactor.callLater(
-            self.settings.close_timeout, self._closeTimedOut
-        )
-
-    def _cancelUuidTimer(self) -> None:
-        if self._uuid_timer is not None and self._uuid_timer.active():
-            self._uuid_timer.cancel()
-        self._uuid_timer = None
+        self.pacer.remove(self)
+        self.queue.clear()
+        for name in ("uuid", "max_duration", "playout"):
+            self._cancelTimer(name)
+        self._setTimer("close", self.settings.close_timeout, self.transport.abortConnection)
 
     def _uuidTimedOut(self) -> None:
-        self._uuid_timer = None
         self._closeFor(CloseReason.UUID_TIMEOUT, f"none within {self.settings.uuid_timeout:g} s")
-
-    def _closeTimedOut(self) -> None:
-        self._close_timer = None
-        self.transport.abortConnection()
 
     def _logEnd(self, loss: Loss, failure: Failure) -> None:
         reason = self.close_reason
@@ -313,8 +436,15 @@ class AudioSocketProtocol(Protocol):
             "frames_out": self.frames_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "queued_ms": self.queued_ms,
+            "dropped_frames": self.queue.dropped,
             "dtmf": self.dtmf,
         }
+
+
+#: Forwarded audio keeps the pacer's silence away for this many ticks, so a
+#: bridge's own jitter does not make the pacer slip in extra frames.
+_BRIDGE_GRACE = 1.5
 
 
 class AudioSocketFactory(Factory):
@@ -328,6 +458,7 @@ class AudioSocketFactory(Factory):
         registry: Registry,
         settings: LegSettings | None = None,
         reactor: IReactorTime | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -337,9 +468,10 @@ class AudioSocketFactory(Factory):
         self.registry = registry
         self.settings = settings or LegSettings()
         self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.pacer = pacer if pacer is not None else Pacer(self.reactor)
 
     def buildProtocol(self, addr: IAddress) -> AudioSocketProtocol:
-        protocol = AudioSocketProtocol(self.role, self.registry, self.settings, self.reactor)
+        protocol = AudioSocketProtocol(self.role, self.registry, self.settings, self.reactor, self.pacer)
         protocol.factory = self
         return protocol
 

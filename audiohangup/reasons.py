@@ -40,6 +40,9 @@ class HangupCause(_Named):
     API = "api"
     REPLACED = "replaced"
     SHUTDOWN = "shutdown"
+    SESSION = "session"
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_DURATION = "max_duration"
 
 
 class CloseReason(_Named):

@@ -1,68 +1,86 @@
 # -*- test-case-name: tests.test_registry -*-
 """
-Which legs are live: a leg is keyed by (call id, role), a call is the legs
-sharing a call id. Plain data, no I/O: the protocol registers a leg when its
-UUID arrives and removes it in C{connectionLost}, whatever the path.
+Which legs are live: a leg is keyed by (call id, role), and the legs sharing a
+call id form a L{Session}. No I/O: the protocol registers a leg when its UUID
+arrives and the registry forgets it in C{connectionLost}, whatever the path.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
+from audiohangup.flows import BridgeFlow, FlowFactory
 from audiohangup.reasons import Role
+from audiohangup.session import Session
 
 if TYPE_CHECKING:
     from audiohangup.protocol import AudioSocketProtocol
 
 LegKey = tuple[str, Role]
-_ROLE_ORDER = {role: index for index, role in enumerate(Role)}
 
 
 class Registry:
-    """Live legs by key, plus every open connection (legs before their UUID too)."""
+    """Sessions by call id, plus every open connection (legs before their UUID too)."""
 
-    def __init__(self) -> None:
-        self._legs: dict[LegKey, AudioSocketProtocol] = {}
+    def __init__(self, flow_factory: FlowFactory = BridgeFlow, end_with_leg: bool = True) -> None:
+        self.flow_factory = flow_factory
+        self.end_with_leg = end_with_leg
+        self._sessions: dict[str, Session] = {}
         self._connections: set[AudioSocketProtocol] = set()
+        self._legs = 0
 
     def connected(self, connection: AudioSocketProtocol) -> None:
         self._connections.add(connection)
 
-    def disconnected(self, connection: AudioSocketProtocol) -> None:
-        """Forget a connection and, if it is still the live leg for its key, the leg."""
-        self._connections.discard(connection)
-        key = connection.key
-        if key is not None and self._legs.get(key) is connection:
-            del self._legs[key]
-
     def register(self, leg: AudioSocketProtocol) -> AudioSocketProtocol | None:
-        """Make C{leg} the live leg for its key; return the leg it replaces, if any."""
-        key = leg.key
-        assert key is not None, "a leg is registered once its UUID is known"
-        previous = self._legs.get(key)
-        self._legs[key] = leg
-        return previous
+        """Make C{leg} its session's leg for its role; return the leg it replaces, if any."""
+        assert leg.call_id is not None, "a leg is registered once its UUID is known"
+        session = self._sessions.get(leg.call_id)
+        if session is None:
+            session = Session.create(leg.call_id, self.flow_factory, self.end_with_leg)
+            self._sessions[leg.call_id] = session
+        leg.session = session
+        replaced = session.join(leg)
+        if replaced is None:
+            self._legs += 1
+        return replaced
+
+    def disconnected(self, connection: AudioSocketProtocol) -> None:
+        """Forget a connection and, if it is still its session's leg, the leg."""
+        self._connections.discard(connection)
+        session = self._sessions.get(connection.call_id) if connection.call_id else None
+        if session is None or session.legs.get(connection.role) is not connection:
+            return
+        self._legs -= 1
+        try:
+            session.leave(connection)
+        finally:
+            if not session.legs:
+                del self._sessions[session.call_id]
+
+    def session(self, call_id: str) -> Session | None:
+        return self._sessions.get(call_id)
 
     def get(self, call_id: str, role: Role) -> AudioSocketProtocol | None:
-        return self._legs.get((call_id, role))
+        session = self._sessions.get(call_id)
+        return None if session is None else session.legs.get(role)
 
     def call(self, call_id: str) -> list[AudioSocketProtocol]:
         """The live legs of one call, visitor first; empty for an unknown call."""
-        return [leg for role in Role if (leg := self._legs.get((call_id, role))) is not None]
+        session = self._sessions.get(call_id)
+        return [] if session is None else session.ordered()
 
     def calls(self) -> dict[str, list[AudioSocketProtocol]]:
         """Every call with its legs, in call id order."""
-        grouped: dict[str, list[AudioSocketProtocol]] = {}
-        for call_id, role in sorted(self._legs, key=lambda k: (k[0], _ROLE_ORDER[k[1]])):
-            grouped.setdefault(call_id, []).append(self._legs[call_id, role])
-        return grouped
+        return {call_id: self._sessions[call_id].ordered() for call_id in sorted(self._sessions)}
 
     def connections(self) -> list[AudioSocketProtocol]:
         """Every open connection, with or without a UUID yet."""
         return list(self._connections)
 
     def __len__(self) -> int:
-        return len(self._legs)
+        """The number of live legs."""
+        return self._legs
 
     def __iter__(self) -> Iterator[AudioSocketProtocol]:
-        return iter(list(self._legs.values()))
+        return iter([leg for session in list(self._sessions.values()) for leg in session.ordered()])

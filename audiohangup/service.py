@@ -23,6 +23,9 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from audiohangup.api import ControlAPI
+from audiohangup.audio import FORMATS
+from audiohangup.flows import load_flow
+from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_address
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
@@ -38,6 +41,24 @@ class Config:
     close_timeout: float = 2.0
     uuid_timeout: float = 5.0
     api_token: str | None = None
+    flow: str = "bridge"
+    audio: str = "slin"
+    max_queue_ms: int = 1000
+    on_leg_end: str = "hangup"
+    idle_timeout: float = 0.0
+    max_duration: float = 0.0
+    playout_timeout: float = 10.0
+
+    def leg_settings(self) -> LegSettings:
+        return LegSettings(
+            close_timeout=self.close_timeout,
+            uuid_timeout=self.uuid_timeout,
+            audio=FORMATS[self.audio],
+            max_queue_ms=self.max_queue_ms,
+            idle_timeout=self.idle_timeout,
+            max_duration=self.max_duration,
+            playout_timeout=self.playout_timeout,
+        )
 
     def endpoint(self, role: Role) -> str:
         return self.visitor if role is Role.VISITOR else self.resident
@@ -73,7 +94,7 @@ class AudioHangupService(MultiService):
         connections = self.registry.connections()
         if not connections:
             return
-        self.log.info("shutting down: hanging up {count} connections", count=len(connections))
+        self.log.info("shutting down: hanging up {count} connection(s)", count=len(connections))
         gone = DeferredList([c.hangup(HangupCause.SHUTDOWN) for c in connections], consumeErrors=True)
         # Each leg aborts after the close timeout; the extra second only guards a bug.
         gone.addTimeout(self.settings.close_timeout + 1.0, self.reactor)
@@ -91,11 +112,12 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor  # type: ignore[assignment]
-    settings = LegSettings(close_timeout=config.close_timeout, uuid_timeout=config.uuid_timeout)
-    registry = Registry()
+    settings = config.leg_settings()
+    registry = Registry(load_flow(config.flow), end_with_leg=config.on_leg_end != "keep")
+    pacer = Pacer(reactor)  # type: ignore[arg-type]
     service = AudioHangupService(registry, settings, reactor)  # type: ignore[arg-type]
     for role in Role:
-        factory = AudioSocketFactory(role, registry, settings, reactor)  # type: ignore[arg-type]
+        factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
     api = ControlAPI(registry, api_token=config.api_token)

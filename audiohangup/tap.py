@@ -9,29 +9,60 @@ plugins imports neither Klein nor the rest of the package.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
+from audiohangup.audio import FORMATS
+from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.service import Config, build_service
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
 
 
-def _positive(name: str) -> Callable[[str], float]:
+def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
+    """A coerce function for a number of seconds: positive, or also 0 meaning off."""
+
     def coerce(value: str) -> float:
         try:
             number = float(value)
         except ValueError:
             raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
-        if not number > 0 or number == float("inf"):
-            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not (number > 0 or (zero_is_off and number == 0)) or number == float("inf"):
+            kind = "0 (off) or a positive number" if zero_is_off else "a positive number"
+            raise ValueError(f"{name} must be {kind} of seconds, not {value!r}")
         return number
 
-    coerce.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+    coerce.coerceDoc = "Seconds; 0 turns it off." if zero_is_off else "Seconds, greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _milliseconds(name: str) -> Callable[[str], int]:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number of milliseconds, not {value!r}") from None
+        if number < 20:
+            raise ValueError(f"{name} must be at least 20 (one frame), not {value!r}")
+        return number
+
+    coerce.coerceDoc = "Milliseconds, at least 20."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _choice(name: str, choices: Iterable[str]) -> Callable[[str], str]:
+    allowed = list(choices)
+
+    def coerce(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        return value
+
+    coerce.coerceDoc = f"One of: {', '.join(allowed)}."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -51,12 +82,47 @@ class Options(usage.Options):
         [
             "close-timeout", None, Config.close_timeout,
             "Seconds to wait for the peer to close after our hangup before aborting.",
-            _positive("--close-timeout"),
+            _seconds("--close-timeout"),
         ],
         [
             "uuid-timeout", None, Config.uuid_timeout,
             "Seconds a new connection has to send its UUID frame.",
-            _positive("--uuid-timeout"),
+            _seconds("--uuid-timeout"),
+        ],
+        [
+            "flow", None, Config.flow,
+            "What a session does with its audio: bridge, echo, silence, or the "
+            "dotted path of your own IFlow class.",
+        ],
+        [
+            "audio", None, Config.audio,
+            "The audio format the dialplan sends and gets (ulaw/alaw: Dial without c(slin)).",
+            _choice("--audio", FORMATS),
+        ],
+        [
+            "max-queue-ms", None, Config.max_queue_ms,
+            "Audio a leg's outbound queue holds; when full, the oldest is dropped.",
+            _milliseconds("--max-queue-ms"),
+        ],
+        [
+            "on-leg-end", None, Config.on_leg_end,
+            "When a leg ends: hang up the session's other legs (cause session), or keep them.",
+            _choice("--on-leg-end", ("hangup", "keep")),
+        ],
+        [
+            "idle-timeout", None, Config.idle_timeout,
+            "Hang up a leg that receives no frame for this long (cause idle_timeout).",
+            _seconds("--idle-timeout", zero_is_off=True),
+        ],
+        [
+            "max-duration", None, Config.max_duration,
+            "Hang up a leg older than this (cause max_duration).",
+            _seconds("--max-duration", zero_is_off=True),
+        ],
+        [
+            "playout-timeout", None, Config.playout_timeout,
+            "Longest wait for queued audio to play out before a hangup after playout.",
+            _seconds("--playout-timeout"),
         ],
         [
             "api-token", None, None,
@@ -77,6 +143,10 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+        try:
+            load_flow(self["flow"])
+        except FlowLoadError as error:
+            raise usage.UsageError(f"--flow: {error}") from None
         if self["api-token"] is None:
             self["api-token"] = os.environ.get(TOKEN_ENVIRONMENT) or None
         elif not self["api-token"]:
@@ -90,6 +160,13 @@ class Options(usage.Options):
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
             api_token=self["api-token"],
+            flow=self["flow"],
+            audio=self["audio"],
+            max_queue_ms=self["max-queue-ms"],
+            on_leg_end=self["on-leg-end"],
+            idle_timeout=self["idle-timeout"],
+            max_duration=self["max-duration"],
+            playout_timeout=self["playout-timeout"],
         )
 
 

@@ -23,7 +23,7 @@ from treq.testing import StubTreq
 
 from audiohangup.api import ControlAPI
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
-from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, encode_uuid
 from tests.conftest import LogCapture, Server, until
@@ -77,7 +77,10 @@ class ReadTests(StubbedAPITestCase):
         self.assertEqual([leg["role"] for leg in call["legs"]], ["visitor", "resident"])
         self.assertEqual(
             set(call["legs"][0]),
-            {"role", "state", "peer", "connected_at", "frames_in", "frames_out", "bytes_in", "bytes_out", "dtmf"},
+            {
+                "role", "state", "peer", "connected_at", "frames_in", "frames_out",
+                "bytes_in", "bytes_out", "queued_ms", "dropped_frames", "dtmf",
+            },
         )
         self.assertEqual(call["legs"][0]["state"], "live")
         self.assertEqual(call["legs"][0]["frames_in"], 1)
@@ -254,7 +257,7 @@ async def test_hangup_over_http_with_a_resetting_peer(server: Server, logs: LogC
 
 @pytest_twisted.ensureDeferred
 async def test_api_hangup_route_and_auth_over_http(make_server: Any, logs: LogCapture) -> None:
-    server = await make_server(api_token=TOKEN)
+    server = await make_server(api_token=TOKEN, on_leg_end="keep")
     call_id = uuid.uuid4()
     visitor = await connect(server.port("visitor"), on_hangup="close")
     resident = await connect(server.port("resident"), on_hangup="close")

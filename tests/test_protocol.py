@@ -142,8 +142,10 @@ class UuidTimeoutTests(LegTestCase):
 
     def test_uuidCancelsTheTimer(self) -> None:
         """The UUID timer is gone once the UUID arrives."""
-        self.live()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        leg, transport = self.live()
+        self.clock.advance(self.settings.uuid_timeout)
+        self.assertTrue(leg.live)
+        self.assertFalse(transport.disconnecting)
 
     def test_closeAfterDecisionIsBounded(self) -> None:
         """

@@ -34,7 +34,9 @@ from tests.fake_asterisk import connect
 REPOSITORY = Path(__file__).resolve().parent.parent
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 LISTENERS = ("audiosocket-visitor", "audiosocket-resident", "http")
-LISTENING = re.compile(r"\b(audiosocket-visitor|audiosocket-resident|http) listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
+LISTENING = re.compile(
+    r"\b(audiosocket-visitor|audiosocket-resident|http) listening on 127\.0\.0\.1:(\d+)\s*$", re.M
+)
 
 #: Seconds a child gets to start listening, and to exit once told to.
 START_TIMEOUT = 20.0
@@ -130,7 +132,15 @@ def listening_ports(text: str) -> dict[str, int]:
 
 
 async def start_server(spawn: Spawn, *extra: str) -> tuple[Child, dict[str, int]]:
-    """Run C{twistd -n audiohangup} on loopback ports; wait until all three listen."""
+    """
+    Run C{twistd -n audiohangup} on loopback ports; wait until all three
+    listen and the API answers.
+
+    The "listening on" lines come from C{privilegedStartService}, before
+    twistd runs its reactor and installs its SIGTERM handler: a SIGTERM
+    right after them kills the child without an orderly shutdown. An answer
+    from C{/health} proves the reactor runs, so the child is ready.
+    """
     child = spawn(
         twistd_script(), "-n", "--pidfile=", "audiohangup",
         "--visitor", LOOPBACK, "--resident", LOOPBACK, "--http", LOOPBACK,
@@ -142,12 +152,15 @@ async def start_server(spawn: Spawn, *extra: str) -> tuple[Child, dict[str, int]
             START_TIMEOUT,
         )
     except AssertionError:
-        raise AssertionError(f"no 'listening on' lines within {START_TIMEOUT} s: {child.describe()}") from None
+        raise AssertionError(
+            f"no 'listening on' lines within {START_TIMEOUT} s: {child.describe()}"
+        ) from None
     if child.ended is not None:
         raise AssertionError(f"twistd ended before listening: {child.describe()}")
     ports = listening_ports(child.log)
     assert sorted(ports) == sorted(LISTENERS), child.describe()
     assert len(set(ports.values())) == 3, ports
+    await wait_for_legs(f"http://127.0.0.1:{ports['http']}", 0)
     return child, ports
 
 
@@ -260,7 +273,8 @@ async def test_twistd_audiohangup_help_lists_options(spawn: Spawn) -> None:
     child = spawn(twistd_script(), "audiohangup", "--help")
     ended = await child.exit()
     assert isinstance(ended, ProcessDone), child.describe()
-    for option in ("--visitor=", "--resident=", "--http=", "--close-timeout=", "--uuid-timeout=", "--api-token="):
+    options = ("--visitor=", "--resident=", "--http=", "--close-timeout=", "--uuid-timeout=", "--api-token=")
+    for option in options:
         assert option in child.output, child.describe()
     assert "Traceback" not in child.output, child.describe()
 
@@ -303,7 +317,6 @@ async def test_api_hangup_of_a_resetting_leg(spawn: Spawn, logs: Any) -> None:
     base = f"http://127.0.0.1:{ports['http']}"
     call_id = uuid.uuid4()
 
-    await wait_for_legs(base, 0)
     leg = await connect(ports["audiosocket-visitor"], on_hangup="reset")
     leg.send_uuid(call_id)
     await wait_for_legs(base, 1)
@@ -358,7 +371,7 @@ async def test_sigterm_hangs_up_a_live_leg(spawn: Spawn, logs: Any) -> None:
     assert_quiet(child)
     started = index_of(lines, f"{call_id} visitor leg started from 127.0.0.1:", child)
     stopping = index_of(lines, "Received SIGTERM, shutting down.", child)
-    draining = index_of(lines, "shutting down: hanging up 1 connections", child)
+    draining = index_of(lines, "shutting down: hanging up 1 connection(s)", child)
     sent = index_of(lines, f"{call_id} visitor hangup sent (cause shutdown)", child)
     gone = index_of(lines, f"{call_id} visitor leg ended: hangup_clean (", child)
     drained = index_of(lines, "shutdown: every leg is gone", child)

@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_audio -*-
+"""
+Audio formats a leg can carry, and the bounded queue of frames waiting to be
+paced out to a leg. Pure code, no I/O.
+
+The dialplan decides the format, not the server: C{AudioSocket()} always sends
+slin 8 kHz; C{Dial(AudioSocket/...)} sends C{c(slin16)} and friends under their
+own kinds (Asterisk 20.17, 21.12, 22.7, 23.1 and later), and without C{c(...)}
+the negotiated codec, u-law or A-law, under kind 0x10 in 160-byte frames.
+C{--audio} declares which one to expect and to send.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Final
+
+from audiohangup.wire import Kind, encode
+
+#: The AudioSocket cadence: one frame every 20 ms.
+FRAME_SECONDS: Final = 0.020
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """One frame of 20 ms in a given encoding, and what silence is in it."""
+
+    name: str
+    kind: Kind
+    rate: int
+    sample_bytes: int
+    silence_byte: int
+    content_type: str
+
+    @property
+    def frame_bytes(self) -> int:
+        return round(self.rate * FRAME_SECONDS) * self.sample_bytes
+
+    @cached_property
+    def silence_frame(self) -> bytes:
+        """One encoded 20 ms frame of silence: zero samples, 0xFF for u-law, 0xD5 for A-law."""
+        return encode(self.kind, bytes([self.silence_byte]) * self.frame_bytes)
+
+    def frames(self, audio: bytes) -> list[bytes]:
+        """Cut raw audio into encoded 20 ms frames; the last one is padded with silence."""
+        size = self.frame_bytes
+        padding = bytes([self.silence_byte]) * ((-len(audio)) % size)
+        audio += padding
+        return [encode(self.kind, audio[i : i + size]) for i in range(0, len(audio), size)]
+
+    def milliseconds(self, byte_count: int) -> float:
+        return byte_count / (self.rate * self.sample_bytes) * 1000
+
+
+def _slin(name: str, kind: Kind, rate: int) -> AudioFormat:
+    return AudioFormat(name, kind, rate, 2, 0x00, f"audio/L16;rate={rate}")
+
+
+FORMATS: Final[dict[str, AudioFormat]] = {
+    fmt.name: fmt
+    for fmt in (
+        _slin("slin", Kind.SLIN, 8000),
+        _slin("slin12", Kind.SLIN12, 12000),
+        _slin("slin16", Kind.SLIN16, 16000),
+        _slin("slin24", Kind.SLIN24, 24000),
+        _slin("slin32", Kind.SLIN32, 32000),
+        _slin("slin44", Kind.SLIN44, 44100),
+        _slin("slin48", Kind.SLIN48, 48000),
+        _slin("slin96", Kind.SLIN96, 96000),
+        _slin("slin192", Kind.SLIN192, 192000),
+        AudioFormat("ulaw", Kind.SLIN, 8000, 1, 0xFF, "audio/PCMU"),
+        AudioFormat("alaw", Kind.SLIN, 8000, 1, 0xD5, "audio/PCMA"),
+    )
+}
+
+SLIN: Final = FORMATS["slin"]
+
+
+@dataclass
+class FrameQueue:
+    """
+    Encoded frames waiting for the pacer, bounded: when full, the oldest frame
+    goes, so a late prompt never turns into a growing delay.
+    """
+
+    max_frames: int
+    dropped: int = 0
+    _frames: deque[bytes] = field(default_factory=deque)
+
+    def push(self, frames: list[bytes]) -> int:
+        """Queue frames; return how many old ones were dropped to make room."""
+        queue = self._frames
+        overflow = max(0, len(queue) + len(frames) - self.max_frames)
+        if overflow:
+            self.dropped += overflow
+            if overflow >= len(queue):
+                frames = frames[overflow - len(queue) :]
+                queue.clear()
+            else:
+                for _ in range(overflow):
+                    queue.popleft()
+        queue.extend(frames)
+        return overflow
+
+    def pop(self) -> bytes:
+        return self._frames.popleft()
+
+    def clear(self) -> None:
+        self._frames.clear()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __bool__(self) -> bool:
+        return bool(self._frames)

@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_flows -*-
+"""
+Flows decide what a conversation does with its audio and when it ends.
+
+One flow object serves one session (the live legs sharing a call id). It is
+told when a leg joins, when audio or DTMF arrives and when a leg ends, and it
+acts through the session and its legs: C{leg.forward(frame)} writes a frame at
+once (bridging), C{leg.play(audio)} queues raw audio for the pacer, and
+C{leg.hangup(cause)} or C{session.hangup(cause)} ends legs. The pacer fills
+every gap with silence, so a flow never has to.
+
+Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
+
+    from zope.interface import implementer
+    from audiohangup.flows import IFlow
+
+    @implementer(IFlow)
+    class Greeter:
+        def legJoined(self, session, leg):
+            leg.play(open("/srv/prompts/welcome.sl", "rb").read())
+        def audioReceived(self, session, leg, frame): pass
+        def dtmfReceived(self, session, leg, digit):
+            if digit == "#":
+                leg.hangupAfterPlayout()
+        def legEnded(self, session, leg, reason): pass
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from twisted.logger import Logger
+from twisted.python.reflect import namedAny
+from zope.interface import Interface, implementer
+
+from audiohangup.reasons import CloseReason
+from audiohangup.wire import Frame
+
+if TYPE_CHECKING:
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.session import Session
+
+
+class IFlow(Interface):
+    """What a session does with its legs. Called on the reactor thread; must not block."""
+
+    def legJoined(session: Session, leg: AudioSocketProtocol) -> None:
+        """A leg's UUID arrived and it is now part of C{session}."""
+
+    def audioReceived(session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+        """An audio frame arrived on C{leg}."""
+
+    def dtmfReceived(session: Session, leg: AudioSocketProtocol, digit: str) -> None:
+        """A DTMF digit arrived on C{leg} (it is already kept on the leg)."""
+
+    def legEnded(session: Session, leg: AudioSocketProtocol, reason: CloseReason) -> None:
+        """C{leg} is gone, with C{reason}; the session's other legs may still be live."""
+
+
+class _QuietFlow:
+    """Does nothing on any event: the base the built-in flows override."""
+
+    def legJoined(self, session: Session, leg: AudioSocketProtocol) -> None:
+        pass
+
+    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+        pass
+
+    def dtmfReceived(self, session: Session, leg: AudioSocketProtocol, digit: str) -> None:
+        pass
+
+    def legEnded(self, session: Session, leg: AudioSocketProtocol, reason: CloseReason) -> None:
+        pass
+
+
+@implementer(IFlow)
+class BridgeFlow(_QuietFlow):
+    """
+    Each leg hears the other one: a frame is written to the other leg as it
+    arrives, one write per frame, same bytes, no queue and no tick in between.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._mismatch_logged = False
+
+    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+        for other in session.others(leg):
+            if frame.kind == other.format.kind:
+                other.forward(frame)
+            elif not self._mismatch_logged:
+                # Forwarding would play the audio at the wrong speed: silence is better.
+                self._mismatch_logged = True
+                self.log.warn(
+                    "{call_id} the {role} leg sends kind 0x{kind:02x} but the {other} leg "
+                    "expects 0x{expected:02x}; the {other} leg hears silence instead",
+                    call_id=session.call_id, role=leg.role, other=other.role,
+                    kind=frame.kind, expected=other.format.kind,
+                )
+
+
+@implementer(IFlow)
+class EchoFlow(_QuietFlow):
+    """Each leg hears its own audio back, paced: handy to test a dialplan."""
+
+    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+        if frame.kind == leg.format.kind:
+            leg.queueFrames([frame.encode()])
+
+
+@implementer(IFlow)
+class SilenceFlow(_QuietFlow):
+    """The legs hear silence until they are hung up."""
+
+
+FlowFactory = Callable[[], IFlow]
+
+BUILTIN_FLOWS: dict[str, FlowFactory] = {
+    "bridge": BridgeFlow,
+    "echo": EchoFlow,
+    "silence": SilenceFlow,
+}
+
+
+class FlowLoadError(Exception):
+    """C{--flow} names nothing usable; the message says why."""
+
+
+def load_flow(name: str) -> FlowFactory:
+    """
+    A built-in flow by name, or a user's class by dotted path
+    (C{package.module.Name}), checked to provide L{IFlow}.
+    """
+    if name in BUILTIN_FLOWS:
+        return BUILTIN_FLOWS[name]
+    if "." not in name:
+        known = ", ".join(BUILTIN_FLOWS)
+        raise FlowLoadError(f"unknown flow {name!r}: use one of {known} or a dotted path package.module.Name")
+    try:
+        factory = namedAny(name)
+    except Exception as error:  # namedAny raises several types, all meaning "not there"
+        raise FlowLoadError(f"cannot load flow {name!r}: {error}") from None
+    if not callable(factory):
+        raise FlowLoadError(f"flow {name!r} is not a class or factory")
+    if isinstance(factory, type) and not IFlow.implementedBy(factory):
+        raise FlowLoadError(f"flow {name!r} does not provide audiohangup.flows.IFlow (use @implementer(IFlow))")
+    return factory  # type: ignore[no-any-return]

@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_pacer -*-
+"""
+One shared 20 ms tick for every live leg.
+
+Asterisk re-paces nothing: each frame we send goes to the channel as it
+arrives, and the AudioSocket app hangs up after 2 s without traffic. So from
+its UUID on, every leg gets one frame per tick: queued audio if there is some,
+silence if nothing was bridged to it lately. One C{LoopingCall} serves all
+legs (thousands of legs are one timer, not thousands); its deadlines come from
+its start time, so it does not drift, and a late tick runs once and skips the
+missed ones instead of bursting.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from audiohangup.audio import FRAME_SECONDS
+
+if TYPE_CHECKING:
+    from audiohangup.protocol import AudioSocketProtocol
+
+
+class Pacer:
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.ticks = 0
+        self.late_ticks = 0
+        self._legs: dict[AudioSocketProtocol, None] = {}
+        self._loop = LoopingCall.withCount(self._tick)
+        self._loop.clock = clock
+
+    def add(self, leg: AudioSocketProtocol) -> None:
+        self._legs[leg] = None
+        if not self._loop.running:
+            self._loop.start(self.interval, now=False)
+
+    def remove(self, leg: AudioSocketProtocol) -> None:
+        self._legs.pop(leg, None)
+        if not self._legs and self._loop.running:
+            self._loop.stop()
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    def _tick(self, count: int) -> None:
+        self.ticks += 1
+        if count > 1:
+            self.late_ticks += 1
+        now = self.clock.seconds()
+        for leg in list(self._legs):
+            try:
+                leg.paceTick(now)
+            except Exception:
+                # One leg's failure must not stop the tick for every other leg.
+                self.log.failure("{call_id} {role} pacing failed", call_id=leg.call_id, role=leg.role)
+                self.remove(leg)

@@ -1,0 +1,91 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+A session: the live legs sharing a call id, and the flow that runs them.
+
+The session hands every leg event to its flow, keeps a flow's bug from
+breaking the call (it is logged, the call goes on), and ends the conversation
+when one leg ends: the other live legs are hung up with cause C{session},
+unless C{--on-leg-end=keep}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+
+from audiohangup.flows import IFlow, SilenceFlow
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.wire import Frame
+
+if TYPE_CHECKING:
+    from audiohangup.flows import FlowFactory
+    from audiohangup.protocol import AudioSocketProtocol
+
+
+class Session:
+    log = Logger()
+
+    def __init__(self, call_id: str, flow: IFlow, end_with_leg: bool = True) -> None:
+        self.call_id = call_id
+        self.flow = flow
+        self.end_with_leg = end_with_leg
+        self.legs: dict[Role, AudioSocketProtocol] = {}
+
+    @classmethod
+    def create(cls, call_id: str, flow_factory: FlowFactory, end_with_leg: bool) -> Session:
+        try:
+            flow = flow_factory()
+        except Exception:
+            cls.log.failure("{call_id} the flow could not be created; the legs hear silence", call_id=call_id)
+            flow = SilenceFlow()
+        return cls(call_id, flow, end_with_leg)
+
+    def others(self, leg: AudioSocketProtocol) -> list[AudioSocketProtocol]:
+        """The session's other legs that can still take audio."""
+        return [other for other in self.legs.values() if other is not leg and other.live]
+
+    def ordered(self) -> list[AudioSocketProtocol]:
+        """The legs, visitor first."""
+        return [leg for role in Role if (leg := self.legs.get(role)) is not None]
+
+    def hangup(self, cause: HangupCause) -> Deferred[list[CloseReason]]:
+        """Hang up every leg; fires with their close reasons once all are gone."""
+        return gatherResults([leg.hangup(cause) for leg in self.ordered()])
+
+    # Leg events, from the protocol and the registry
+
+    def join(self, leg: AudioSocketProtocol) -> AudioSocketProtocol | None:
+        """Make C{leg} the session's leg for its role; return the leg it replaces."""
+        previous = self.legs.get(leg.role)
+        self.legs[leg.role] = leg
+        self._tell("legJoined", leg)
+        return previous
+
+    def leave(self, leg: AudioSocketProtocol) -> None:
+        """C{leg} is gone. A leg that was replaced has left already and is not told about."""
+        if self.legs.get(leg.role) is not leg:
+            return
+        del self.legs[leg.role]
+        reason = leg.close_reason
+        self._tell("legEnded", leg, reason)
+        if self.end_with_leg:
+            for other in self.ordered():
+                other.hangup(HangupCause.SESSION)
+
+    def audioReceived(self, leg: AudioSocketProtocol, frame: Frame) -> None:
+        self._tell("audioReceived", leg, frame)
+
+    def dtmfReceived(self, leg: AudioSocketProtocol, digit: str) -> None:
+        self._tell("dtmfReceived", leg, digit)
+
+    def _tell(self, hook: str, leg: AudioSocketProtocol, *args: Any) -> None:
+        try:
+            getattr(self.flow, hook)(self, leg, *args)
+        except Exception:
+            # A flow's bug must not take the connection or the reactor with it.
+            self.log.failure(
+                "{call_id} {role} flow {flow} failed in {hook}",
+                call_id=self.call_id, role=leg.role, flow=type(self.flow).__name__, hook=hook,
+            )
