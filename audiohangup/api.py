@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.protocol import AudioSocketProtocol, LegState
+from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
 
@@ -73,8 +73,11 @@ class ControlAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry: Registry, *, api_token: str | None = None) -> None:
+    def __init__(
+        self, registry: Registry, *, api_token: str | None = None, settings: LegSettings | None = None
+    ) -> None:
         self.registry = registry
+        self.settings = settings or LegSettings()
         self._token = api_token.encode() if api_token else None
 
     def authorize(self, request: IRequest) -> None:
@@ -127,8 +130,50 @@ class ControlAPI:
         call_id = parse_call_id(body["call_id"])
         return self._hangup(request, call_id, parse_role(body.get("role", Role.VISITOR.value)))
 
-    async def _hangup(self, request: IRequest, call_id: str, role: Role | None) -> bytes:
-        wait = _flag(request, "wait")
+    @app.route("/calls/<string:call_id>/play", methods=["POST"])
+    @_protected
+    def play(self, request: IRequest, call_id: str) -> bytes:
+        """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
+        call_id = parse_call_id(call_id)
+        role = _optional_role(request)
+        audio = self._audio_body(request)
+        answers = []
+        for leg in self._live_legs(call_id, role):
+            dropped = leg.play(audio)
+            answers.append({"role": leg.role, "queued_ms": leg.queued_ms, "dropped_frames": dropped})
+        return _json(request, 200, {"call_id": call_id, "legs": answers})
+
+    def _audio_body(self, request: IRequest) -> bytes:
+        fmt = self.settings.audio
+        media, params = _content_type(request)
+        if fmt.sample_bytes == 2:
+            if media != "audio/l16":
+                raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
+            if params.get("rate") != str(fmt.rate):
+                raise ApiError(
+                    400, "wrong_rate",
+                    f"the legs carry {fmt.rate} Hz audio; the body says rate={params.get('rate', 'nothing')}",
+                )
+            if params.get("channels", "1") != "1":
+                raise ApiError(400, "wrong_channels", "the legs carry mono audio")
+        elif media not in _G711_TYPES[fmt.name]:
+            raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
+        limit = round(self.settings.max_queue_ms / 1000 * fmt.rate) * fmt.sample_bytes
+        audio = request.content.read(limit + 1) if request.content is not None else b""
+        if len(audio) > limit:
+            raise ApiError(
+                413, "audio_too_long",
+                f"the body holds more than the {self.settings.max_queue_ms} ms a leg's queue "
+                "holds (raise --max-queue-ms for longer prompts)",
+            )
+        if not audio:
+            raise ApiError(400, "empty_audio", "the body holds no audio")
+        if len(audio) % fmt.sample_bytes:
+            raise ApiError(400, "bad_audio_length", f"{len(audio)} bytes is not a whole number of 16-bit samples")
+        return audio
+
+    def _live_legs(self, call_id: str, role: Role | None) -> list[AudioSocketProtocol]:
+        """The call's legs, or one role's; 404 when there are none."""
         legs = self.registry.call(call_id)
         if not legs:
             raise _unknown_call(call_id)
@@ -136,11 +181,21 @@ class ControlAPI:
             legs = [leg for leg in legs if leg.role is role]
             if not legs:
                 raise ApiError(404, "no_live_leg", f"call {call_id} has no live {role} leg")
+        return legs
+
+    async def _hangup(self, request: IRequest, call_id: str, role: Role | None) -> bytes:
+        wait = _flag(request, "wait")
+        after_playout = _flag(request, "after_playout")
         answers = []
         gone = []
-        for leg in legs:
-            result = "hangup_sent" if leg.state is LegState.LIVE else "already_closing"
-            gone.append(leg.hangup(HangupCause.API))
+        for leg in self._live_legs(call_id, role):
+            if not leg.live:
+                result = "already_closing"
+            elif after_playout and leg.queue:
+                result = "hangup_after_playout"
+            else:
+                result = "hangup_sent"
+            gone.append(leg.hangupAfterPlayout(HangupCause.API) if after_playout else leg.hangup(HangupCause.API))
             answers.append({"role": leg.role, "result": result})
         if wait:
             reasons = await gatherResults(gone)
@@ -201,6 +256,26 @@ def _query(request: IRequest, name: str) -> str | None:
     if len(values) > 1:
         raise ApiError(400, f"bad_{name}", f"query parameter {name!r} is given more than once")
     return values[0].decode("utf-8", errors="replace") if values else None
+
+
+def _optional_role(request: IRequest) -> Role | None:
+    role = _query(request, "role")
+    return None if role is None else parse_role(role)
+
+
+#: Media types accepted for 8-bit G.711 bodies.
+_G711_TYPES = {"ulaw": ("audio/pcmu", "audio/basic"), "alaw": ("audio/pcma",)}
+
+
+def _content_type(request: IRequest) -> tuple[str, dict[str, str]]:
+    """The media type, lowercased, and its parameters (C{audio/L16;rate=8000})."""
+    header = (request.getHeader("content-type") or "").strip()
+    media, *params = [part.strip() for part in header.split(";")]
+    parsed = {}
+    for param in params:
+        key, _, value = param.partition("=")
+        parsed[key.strip().lower()] = value.strip().strip('"')
+    return media.lower(), parsed
 
 
 def _flag(request: IRequest, name: str) -> bool:

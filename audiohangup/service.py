@@ -120,7 +120,7 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
-    api = ControlAPI(registry, api_token=config.api_token)
+    api = ControlAPI(registry, api_token=config.api_token, settings=settings)
     site = Site(api.app.resource(), reactor=reactor)
     Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
     return service

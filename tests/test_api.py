@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from treq.testing import StubTreq
 
 from audiohangup.api import ControlAPI
+from audiohangup.audio import FORMATS
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
@@ -35,14 +36,16 @@ TOKEN = "s3cret-token"
 
 class StubbedAPITestCase(SynchronousTestCase):
     token: str | None = None
+    settings = LegSettings()
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry()
-        self.stub = StubTreq(ControlAPI(self.registry, api_token=self.token).app.resource())
+        api = ControlAPI(self.registry, api_token=self.token, settings=self.settings)
+        self.stub = StubTreq(api.app.resource())
 
     def leg(self, role: Role = Role.VISITOR, call_id: str = CALL) -> tuple[AudioSocketProtocol, StringTransport]:
-        leg = AudioSocketProtocol(role, self.registry, LegSettings(), self.clock)
+        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(uuid.UUID(call_id)))
@@ -198,6 +201,77 @@ class HangupTests(StubbedAPITestCase):
         self.assertError("POST", "/api/hangup", 400, "bad_call_id", json={"call_id": "1234"})
         self.assertError("POST", "/api/hangup", 400, "bad_role", json={"call_id": CALL, "role": "x"})
         self.assertError("POST", "/api/hangup", 404, "unknown_call", json={"call_id": CALL})
+
+
+L16 = {"Content-Type": "audio/L16;rate=8000"}
+
+
+class PlayTests(StubbedAPITestCase):
+    settings = LegSettings(max_queue_ms=200)
+
+    def test_playQueuesFrames(self) -> None:
+        """A body of raw audio becomes 20 ms frames on the leg's queue."""
+        leg, wire = self.leg()
+        status, body, _ = self.request("POST", f"/calls/{CALL}/play?role=visitor", data=b"\x01\x00" * 800, headers=L16)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["legs"], [{"role": "visitor", "queued_ms": 100, "dropped_frames": 0}])
+        self.assertEqual(len(leg.queue), 5)
+        self.assertEqual(wire.value(), b"")
+        _, listed, _ = self.request("GET", f"/calls/{CALL}")
+        self.assertEqual(listed["legs"][0]["queued_ms"], 100)
+
+    def test_overflowIsCounted(self) -> None:
+        self.leg()
+        self.request("POST", f"/calls/{CALL}/play", data=b"\x01\x00" * 1600, headers=L16)
+        _, body, _ = self.request("POST", f"/calls/{CALL}/play", data=b"\x01\x00" * 800, headers=L16)
+        self.assertEqual(body["legs"], [{"role": "visitor", "queued_ms": 200, "dropped_frames": 5}])
+
+    def test_badAudio(self) -> None:
+        """The body is checked against the legs' format before the call is looked up."""
+        path = f"/calls/{CALL}/play"
+        self.assertError("POST", path, 400, "wrong_rate", data=b"\0\0", headers={"Content-Type": "audio/L16;rate=16000"})
+        self.assertError("POST", path, 400, "wrong_rate", data=b"\0\0", headers={"Content-Type": "audio/L16"})
+        self.assertError("POST", path, 400, "bad_content_type", data=b"\0\0", headers={"Content-Type": "audio/wav"})
+        self.assertError("POST", path, 400, "bad_content_type", data=b"\0\0")
+        self.assertError(
+            "POST", path, 400, "wrong_channels", data=b"\0\0",
+            headers={"Content-Type": "audio/L16; rate=8000; channels=2"},
+        )
+        self.assertError("POST", path, 400, "bad_audio_length", data=b"\0\0\0", headers=L16)
+        self.assertError("POST", path, 400, "empty_audio", data=b"", headers=L16)
+        self.assertError("POST", path, 413, "audio_too_long", data=b"\0" * 3202, headers=L16)
+        self.assertError("POST", path, 404, "unknown_call", data=b"\0\0", headers=L16)
+        self.assertError("POST", path + "?role=doorman", 400, "bad_role", data=b"\0\0", headers=L16)
+
+    def test_hangupAfterPlayout(self) -> None:
+        """A leg with queued audio answers hangup_after_playout and sends nothing yet."""
+        visitor, visitor_wire = self.leg(Role.VISITOR)
+        _, resident_wire = self.leg(Role.RESIDENT)
+        self.request("POST", f"/calls/{CALL}/play?role=visitor", data=b"\x01\x00" * 800, headers=L16)
+        status, body, _ = self.request("POST", f"/calls/{CALL}/hangup?after_playout=true")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            body["legs"],
+            [
+                {"role": "visitor", "result": "hangup_after_playout"},
+                {"role": "resident", "result": "hangup_sent"},
+            ],
+        )
+        self.assertEqual(visitor_wire.value(), b"")
+        self.assertEqual(resident_wire.value(), HANGUP_FRAME)
+        self.assertTrue(visitor.live)
+
+
+class G711PlayTests(StubbedAPITestCase):
+    settings = LegSettings(audio=FORMATS["ulaw"])
+
+    def test_pcmu(self) -> None:
+        leg, _ = self.leg()
+        status, body, _ = self.request(
+            "POST", f"/calls/{CALL}/play", data=b"\x7f" * 161, headers={"Content-Type": "audio/PCMU"}
+        )
+        self.assertEqual((status, body["legs"][0]["queued_ms"]), (200, 40))
+        self.assertError("POST", f"/calls/{CALL}/play", 400, "bad_content_type", data=b"\x7f", headers=L16)
 
 
 class AuthTests(StubbedAPITestCase):
