@@ -11,15 +11,21 @@ import functools
 import hmac
 import json
 import uuid
+from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
+from audiohangup.events import RecentLegs
+from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from audiohangup.metrics import Metrics
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
@@ -67,6 +73,17 @@ def _protected(handler: Handler) -> Handler:
     return check  # type: ignore[return-value]
 
 
+def route_template(app: Klein, request: IRequest) -> str:
+    """The route a request matched, as declared (C{/calls/<string:call_id>}): a bounded label."""
+    try:
+        rule, _ = app.url_map.bind("localhost").match(
+            request.path.decode("utf-8", errors="replace"), method=request.method.decode(), return_rule=True
+        )
+    except HTTPException:
+        return "unmatched"
+    return str(rule.rule)
+
+
 class ControlAPI:
     """Routes over one L{Registry}; C{app.resource()} is what the Site serves."""
 
@@ -74,10 +91,18 @@ class ControlAPI:
     log = Logger()
 
     def __init__(
-        self, registry: Registry, *, api_token: str | None = None, settings: LegSettings | None = None
+        self,
+        registry: Registry,
+        *,
+        api_token: str | None = None,
+        settings: LegSettings | None = None,
+        metrics: Metrics | None = None,
+        recent: RecentLegs | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
+        self.metrics = metrics
+        self.recent = recent
         self._token = api_token.encode() if api_token else None
 
     def authorize(self, request: IRequest) -> None:
@@ -93,6 +118,32 @@ class ControlAPI:
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         return _json(request, 200, {"status": "ok", "legs": len(self.registry)})
+
+    @app.route("/metrics", methods=["GET"])
+    @_protected
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus text format."""
+        if self.metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled")
+        request.setHeader("content-type", METRICS_CONTENT_TYPE)
+        return self.metrics.render()
+
+    @app.route("/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        """The live calls page. It holds no data: what it shows comes from the protected JSON routes."""
+        return _static(request, "index.html")
+
+    @app.route("/static/<string:name>", methods=["GET"])
+    def static(self, request: IRequest, name: str) -> bytes:
+        return _static(request, name)
+
+    @app.route("/legs/ended", methods=["GET"])
+    @_protected
+    def ended_legs(self, request: IRequest) -> bytes:
+        """The legs that ended last, newest first (in memory, for the live page)."""
+        limit = _int(request, "limit", default=20, low=1, high=100)
+        legs = self.recent.latest(limit) if self.recent is not None else []
+        return _json(request, 200, {"legs": legs})
 
     @app.route("/calls", methods=["GET"])
     @_protected
@@ -233,6 +284,21 @@ class ControlAPI:
         return _error(request, 500, "internal_error", "the server failed; see its log")
 
 
+class ApiSite(Site):
+    """The API's Site, counting each finished request by route template and status."""
+
+    def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
+        super().__init__(api.app.resource(), reactor=reactor)
+        self.api = api
+
+    def log(self, request: IRequest) -> None:
+        super().log(request)
+        if self.api.metrics is not None:
+            self.api.metrics.http_request(
+                route_template(self.api.app, request), request.method.decode(errors="replace"), request.code
+            )
+
+
 def _call_view(call_id: str, legs: list[AudioSocketProtocol]) -> dict[str, Any]:
     return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
 
@@ -276,6 +342,36 @@ def _content_type(request: IRequest) -> tuple[str, dict[str, str]]:
         key, _, value = param.partition("=")
         parsed[key.strip().lower()] = value.strip().strip('"')
     return media.lower(), parsed
+
+
+_STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+
+def _static(request: IRequest, name: str) -> bytes:
+    """A file of the live page, from the package; only the three files it has."""
+    content_type = _STATIC_TYPES.get(name)
+    if content_type is None:
+        raise ApiError(404, "not_found", f"no static file {name!r}")
+    request.setHeader("content-type", content_type)
+    request.setHeader("cache-control", "no-cache")
+    return resources.files("audiohangup").joinpath("web", name).read_bytes()
+
+
+def _int(request: IRequest, name: str, *, default: int, low: int, high: int) -> int:
+    value = _query(request, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ApiError(400, f"bad_{name}", f"query parameter {name!r} must be a whole number from {low} to {high}")
+    return number
 
 
 def _flag(request: IRequest, name: str) -> bool:

@@ -349,6 +349,8 @@ class AudioSocketProtocol(Protocol):
             self._write(HANGUP_FRAME)
             self.log.info("{call_id} {role} hangup sent (cause {cause})", cause=cause, **self._fields())
             self._beginClosing()
+            if self.call_id is not None:
+                self.registry.events.hangupSent(self, cause)
         return self.whenGone()
 
     def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
@@ -424,6 +426,20 @@ class AudioSocketProtocol(Protocol):
             self.log.failure(text, failure=failure, **fields)
         else:
             self.log.emit(reason.level, text, **fields)
+
+    def summary(self) -> dict[str, Any]:
+        """How an ended leg went, as the API and the live page show it."""
+        ended = self.ended_at if self.ended_at is not None else self.reactor.seconds()
+        return {
+            "call_id": self.call_id,
+            "role": self.role,
+            "reason": self.close_reason,
+            "cause": self.hangup_cause,
+            "peer": self.peer,
+            "started_at": iso_time(self.connected_at),
+            "ended_at": iso_time(ended),
+            "duration": round(ended - self.connected_at, 3),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """What the HTTP API shows of a live leg."""

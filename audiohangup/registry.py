@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
+from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow, FlowFactory
 from audiohangup.reasons import Role
 from audiohangup.session import Session
@@ -22,9 +23,15 @@ LegKey = tuple[str, Role]
 class Registry:
     """Sessions by call id, plus every open connection (legs before their UUID too)."""
 
-    def __init__(self, flow_factory: FlowFactory = BridgeFlow, end_with_leg: bool = True) -> None:
+    def __init__(
+        self,
+        flow_factory: FlowFactory = BridgeFlow,
+        end_with_leg: bool = True,
+        events: LegEvents | None = None,
+    ) -> None:
         self.flow_factory = flow_factory
         self.end_with_leg = end_with_leg
+        self.events = events if events is not None else LegEvents()
         self._sessions: dict[str, Session] = {}
         self._connections: set[AudioSocketProtocol] = set()
         self._legs = 0
@@ -43,20 +50,25 @@ class Registry:
         replaced = session.join(leg)
         if replaced is None:
             self._legs += 1
+        self.events.legStarted(leg)
         return replaced
 
     def disconnected(self, connection: AudioSocketProtocol) -> None:
-        """Forget a connection and, if it is still its session's leg, the leg."""
+        """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
-        session = self._sessions.get(connection.call_id) if connection.call_id else None
-        if session is None or session.legs.get(connection.role) is not connection:
+        if connection.call_id is None:
             return
+        self.events.legEnded(connection)
+        session = self._sessions.get(connection.call_id)
+        if session is None or session.legs.get(connection.role) is not connection:
+            return  # a replaced leg: its session carries on without it
         self._legs -= 1
         try:
             session.leave(connection)
         finally:
             if not session.legs:
                 del self._sessions[session.call_id]
+                self.events.callEnded(session.call_id)
 
     def session(self, call_id: str) -> Session | None:
         return self._sessions.get(call_id)

@@ -20,9 +20,10 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.web.server import Site
 
-from audiohangup.api import ControlAPI
+from audiohangup.api import ApiSite, ControlAPI
+from audiohangup.events import RecentLegs
+from audiohangup.metrics import Metrics
 from audiohangup.audio import FORMATS
 from audiohangup.flows import load_flow
 from audiohangup.pacer import Pacer
@@ -114,14 +115,18 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
         reactor = _reactor  # type: ignore[assignment]
     settings = config.leg_settings()
     registry = Registry(load_flow(config.flow), end_with_leg=config.on_leg_end != "keep")
+    metrics = Metrics(registry)
+    recent = RecentLegs()
+    registry.events.add(metrics)
+    registry.events.add(recent)
     pacer = Pacer(reactor)  # type: ignore[arg-type]
     service = AudioHangupService(registry, settings, reactor)  # type: ignore[arg-type]
     for role in Role:
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
-    api = ControlAPI(registry, api_token=config.api_token, settings=settings)
-    site = Site(api.app.resource(), reactor=reactor)
+    api = ControlAPI(registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent)
+    site = ApiSite(api, reactor)  # type: ignore[arg-type]
     Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
     return service
 

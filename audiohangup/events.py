@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_events -*-
+"""
+Leg lifecycle events, for whoever records or reports them (metrics, call
+records, webhooks). Observers are told synchronously on the reactor and must
+not block; one observer's bug is logged and never reaches the call.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+if TYPE_CHECKING:
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.reasons import HangupCause
+
+
+class ILegObserver(Interface):
+    def legStarted(leg: AudioSocketProtocol) -> None:
+        """A leg's UUID arrived: it has a call id and a role."""
+
+    def hangupSent(leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        """We wrote C{00 00 00} to the leg."""
+
+    def legEnded(leg: AudioSocketProtocol) -> None:
+        """A leg that had started is gone; C{leg.close_reason} says how."""
+
+    def callEnded(call_id: str) -> None:
+        """The last leg of a call id is gone."""
+
+
+@implementer(ILegObserver)
+class LegEvents:
+    """Fans each event out to every observer, each guarded on its own."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.observers: list[ILegObserver] = []
+
+    def add(self, observer: ILegObserver) -> None:
+        self.observers.append(observer)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                self.log.failure("{observer} failed on {event}", observer=type(observer).__name__, event=event)
+
+    def legStarted(self, leg: AudioSocketProtocol) -> None:
+        self._tell("legStarted", leg)
+
+    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        self._tell("hangupSent", leg, cause)
+
+    def legEnded(self, leg: AudioSocketProtocol) -> None:
+        self._tell("legEnded", leg)
+
+    def callEnded(self, call_id: str) -> None:
+        self._tell("callEnded", call_id)
+
+
+@implementer(ILegObserver)
+class RecentLegs:
+    """The last legs that ended, newest first, in memory: the live page's history."""
+
+    def __init__(self, size: int = 100) -> None:
+        self._ended: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def legStarted(self, leg: AudioSocketProtocol) -> None:
+        pass
+
+    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        pass
+
+    def legEnded(self, leg: AudioSocketProtocol) -> None:
+        self._ended.appendleft(leg.summary())
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    def latest(self, limit: int) -> list[dict[str, Any]]:
+        return list(islice(self._ended, limit))

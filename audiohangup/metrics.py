@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics, with prometheus_client on a registry of our own.
+
+Per-frame figures (frames, bytes, dropped audio) are not counted per frame:
+the legs already count them, so a collector adds the live legs' counters to
+the totals of ended legs when Prometheus scrapes. The hot path pays nothing.
+Label values are bounded sets: roles, reasons, causes, route templates,
+statuses and outcomes, never a call id.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from zope.interface import implementer
+
+from audiohangup.events import ILegObserver
+from audiohangup.reasons import HangupCause, Role
+
+if TYPE_CHECKING:
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.registry import Registry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: From a reset right after our hangup (sub-millisecond) to the 2 s abort.
+HANGUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
+
+_LEG_COUNTERS = ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped_frames")
+
+
+@implementer(ILegObserver)
+class Metrics:
+    """Every audiohangup metric; observes legs and is told of HTTP, webhooks and records."""
+
+    def __init__(self, registry: Registry) -> None:
+        disable_created_metrics()  # the *_created series only add noise here
+        self.registry = registry
+        self.collectors = CollectorRegistry()
+        self.legs_started = Counter(
+            "audiohangup_legs_started", "Legs whose UUID arrived.", ["role"], registry=self.collectors
+        )
+        self.legs_ended = Counter(
+            "audiohangup_legs_ended", "Legs gone, by close reason and hangup cause.",
+            ["reason", "cause"], registry=self.collectors,
+        )
+        self.hangups_sent = Counter(
+            "audiohangup_hangups_sent", "Hangup frames we sent, by cause.", ["cause"], registry=self.collectors
+        )
+        self.hangup_to_close = Histogram(
+            "audiohangup_hangup_to_close_seconds", "Seconds from our hangup to the leg being gone.",
+            buckets=HANGUP_BUCKETS, registry=self.collectors,
+        )
+        self.http_requests = Counter(
+            "audiohangup_http_requests", "HTTP requests, by route template, method and status.",
+            ["route", "method", "status"], registry=self.collectors,
+        )
+        self.webhook_deliveries = Counter(
+            "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
+            registry=self.collectors,
+        )
+        self.records_written = Counter(
+            "audiohangup_call_records_written", "Call record writes that succeeded.", registry=self.collectors
+        )
+        self.records_failed = Counter(
+            "audiohangup_call_records_failed", "Call record writes that failed.", registry=self.collectors
+        )
+        self._ended_totals = dict.fromkeys(_LEG_COUNTERS, 0)
+        for role in Role:
+            self.legs_started.labels(role=role.value)
+        self.collectors.register(_LegCollector(self))
+
+    def render(self) -> bytes:
+        return generate_latest(self.collectors)
+
+    # ILegObserver
+
+    def legStarted(self, leg: AudioSocketProtocol) -> None:
+        self.legs_started.labels(role=leg.role.value).inc()
+
+    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        self.hangups_sent.labels(cause=cause.value).inc()
+
+    def legEnded(self, leg: AudioSocketProtocol) -> None:
+        assert leg.close_reason is not None
+        cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
+        self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
+        if leg.hangup_at is not None and leg.ended_at is not None:
+            self.hangup_to_close.observe(leg.ended_at - leg.hangup_at)
+        for name, value in _leg_counters(leg).items():
+            self._ended_totals[name] += value
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    # Told by the others
+
+    def http_request(self, route: str, method: str, status: int) -> None:
+        self.http_requests.labels(route=route, method=method, status=str(status)).inc()
+
+    def webhook_delivery(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def record_written(self) -> None:
+        self.records_written.inc()
+
+    def record_failed(self) -> None:
+        self.records_failed.inc()
+
+
+def _leg_counters(leg: AudioSocketProtocol) -> dict[str, int]:
+    return {
+        "frames_in": leg.frames_in,
+        "frames_out": leg.frames_out,
+        "bytes_in": leg.bytes_in,
+        "bytes_out": leg.bytes_out,
+        "dropped_frames": leg.queue.dropped,
+    }
+
+
+class _LegCollector(Collector):
+    """Live legs by role, and per-frame totals: ended legs' plus live legs' own counters."""
+
+    _HELP = {
+        "frames_in": ("audiohangup_frames_received", "AudioSocket frames received from legs."),
+        "frames_out": ("audiohangup_frames_sent", "AudioSocket frames sent to legs."),
+        "bytes_in": ("audiohangup_bytes_received", "Bytes received from legs."),
+        "bytes_out": ("audiohangup_bytes_sent", "Bytes sent to legs."),
+        "dropped_frames": ("audiohangup_audio_dropped_frames", "Outbound audio frames dropped from full queues."),
+    }
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[object]:
+        return iter(())  # collected lazily, on scrape only
+
+    def collect(self) -> Iterator[object]:
+        legs = list(self.metrics.registry)
+        live = GaugeMetricFamily("audiohangup_legs", "Live legs, by role.", labels=["role"])
+        for role in Role:
+            live.add_metric([role.value], sum(1 for leg in legs if leg.role is role))
+        yield live
+        totals = dict(self.metrics._ended_totals)
+        for leg in legs:
+            for name, value in _leg_counters(leg).items():
+                totals[name] += value
+        for name, (metric, text) in self._HELP.items():
+            yield CounterMetricFamily(metric, text, value=totals[name])

@@ -1,0 +1,139 @@
+"""
+Prometheus metrics over a real server: scraped with treq from /metrics while
+fake Asterisk legs start and end with each reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+
+from audiohangup.reasons import HangupCause, Role
+from audiohangup.wire import HANGUP_FRAME, Kind, encode
+from tests.conftest import LogCapture, Server, until
+from tests.fake_asterisk import SILENCE_20MS, connect
+
+
+async def scrape(server: Server, **kwargs: Any) -> dict[tuple[str, tuple], float]:
+    response = await treq.get(f"{server.url}/metrics", persistent=False, **kwargs)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def leg(server: Server, role: Role = Role.VISITOR, call_id: uuid.UUID | None = None, **options: Any):
+    call_id = call_id or uuid.uuid4()
+    client = await connect(server.port(role), **options)
+    client.send_uuid(call_id)
+    found = await until(lambda: server.registry.get(str(call_id), role))
+    return client, found
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
+    """Live legs, starts, ends by reason and cause, hangup latency and frame totals move."""
+    server = await make_server(on_leg_end="keep", close_timeout=0.2, uuid_timeout=0.2)
+    before = await scrape(server)
+    assert value(before, "audiohangup_legs", role="visitor") == 0
+
+    reset, reset_leg = await leg(server, on_hangup="reset")
+    clean, clean_leg = await leg(server, Role.RESIDENT, on_hangup="close")
+    stuck, stuck_leg = await leg(server, on_hangup="ignore")
+    closer, closer_leg = await leg(server)
+    resetter, resetter_leg = await leg(server)
+    hanger, hanger_leg = await leg(server)
+    erring, erring_leg = await leg(server)
+    broken, broken_leg = await leg(server)
+    silent = await connect(server.port("visitor"))
+    reset.send(SILENCE_20MS * 3)
+    await until(lambda: reset_leg.frames_in == 4)
+
+    live = await scrape(server)
+    assert value(live, "audiohangup_legs", role="visitor") == 7
+    assert value(live, "audiohangup_legs", role="resident") == 1
+    assert value(live, "audiohangup_legs_started_total", role="visitor") == 7
+    assert value(live, "audiohangup_frames_received_total") >= 11
+
+    await reset_leg.hangup(HangupCause.API)
+    await clean_leg.hangup(HangupCause.API)
+    await stuck_leg.hangup(HangupCause.API)
+    closer.close()
+    await closer_leg.whenGone()
+    resetter.reset()
+    await resetter_leg.whenGone()
+    hanger.send(HANGUP_FRAME)
+    await hanger_leg.whenGone()
+    erring.send(encode(Kind.ERROR, b"\x01"))
+    await erring_leg.whenGone()
+    broken.send(encode(Kind.DTMF, b"12"))
+    await broken_leg.whenGone()
+    await silent.closed
+    await until(lambda: not server.registry.connections())
+
+    after = await scrape(server)
+    ended = "audiohangup_legs_ended_total"
+    expected = {
+        ("hangup_reset", "api"): 1,
+        ("hangup_clean", "api"): 1,
+        ("hangup_timeout", "api"): 1,
+        ("peer_closed", "none"): 1,
+        ("peer_reset", "none"): 1,
+        ("peer_hangup", "none"): 1,
+        ("peer_error", "none"): 1,
+        ("protocol_error", "none"): 1,
+    }
+    for (reason, cause), count in expected.items():
+        assert value(after, ended, reason=reason, cause=cause) == count, (reason, cause)
+    # A connection without a UUID is never a leg: its uuid_timeout is logged, not counted.
+    assert value(after, ended, reason="uuid_timeout", cause="none") == 0
+    assert value(after, "audiohangup_legs", role="visitor") == 0
+    assert value(after, "audiohangup_hangups_sent_total", cause="api") == 3
+    assert value(after, "audiohangup_hangup_to_close_seconds_count") == 3
+    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="0.1") == 2
+    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="0.25") == 3
+    # Totals never go down when live legs end: ended legs' counters are kept.
+    assert value(after, "audiohangup_frames_received_total") >= value(live, "audiohangup_frames_received_total")
+    assert value(after, "audiohangup_frames_sent_total") >= 3
+    assert value(after, "audiohangup_bytes_sent_total") >= 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_requests_by_route_and_status(make_server, logs: LogCapture) -> None:
+    server = await make_server(api_token="tok")
+    auth = {"Authorization": "Bearer tok"}
+    for path in ("/health", "/calls", "/nope", f"/calls/{uuid.uuid4()}"):
+        response = await treq.get(server.url + path, headers=auth, persistent=False)
+        await response.content()
+    response = await treq.get(server.url + "/calls", persistent=False)
+    await response.content()
+    samples = await scrape(server, headers=auth)
+    name = "audiohangup_http_requests_total"
+    assert value(samples, name, route="/health", method="GET", status="200") == 1
+    assert value(samples, name, route="/calls", method="GET", status="200") == 1
+    assert value(samples, name, route="/calls", method="GET", status="401") == 1
+    assert value(samples, name, route="unmatched", method="GET", status="404") == 1
+    assert value(samples, name, route="/calls/<string:call_id>", method="GET", status="404") == 1
+    response = await treq.get(server.url + "/metrics", persistent=False)
+    assert response.code == 401
+    await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dropped_audio_is_counted(make_server, logs: LogCapture) -> None:
+    server = await make_server(max_queue_ms=40)
+    _, found = await leg(server)
+    found.play(b"\x01\x00" * 160 * 5)
+    samples = await scrape(server)
+    assert value(samples, "audiohangup_audio_dropped_frames_total") == 3
