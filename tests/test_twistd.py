@@ -10,6 +10,7 @@ bounded poll. A test that fails midway still kills its child in the fixture.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -377,3 +378,60 @@ async def test_sigterm_hangs_up_a_live_leg(spawn: Spawn, logs: Any) -> None:
     drained = index_of(lines, "shutdown: every leg is gone", child)
     terminated = index_of(lines, "Main loop terminated.", child)
     assert started < stopping < draining < sent < gone < drained < terminated, child.describe()
+
+
+# Structured logs
+
+
+def json_events(child: Child) -> list[dict[str, Any]]:
+    """Every event of a C{twist --log-format=json} child: one JSON text per record."""
+    events = []
+    for record in child.log.replace("\x1e", "\n").splitlines():
+        if record.strip():
+            events.append(json.loads(record))  # every record must parse
+    return events
+
+
+@pytest_twisted.ensureDeferred
+async def test_twist_json_log_has_the_fields_as_keys(spawn: Spawn, logs: Any) -> None:
+    """
+    C{twist --log-format=json} gives one JSON object per event, with no code of
+    ours: call_id, role, reason and cause are keys of their own.
+    """
+    child = spawn(
+        str(Path(sys.executable).with_name("twist")), "--log-format=json", "audiohangup",
+        "--visitor", LOOPBACK, "--resident", LOOPBACK, "--http", LOOPBACK, "--close-timeout", "1",
+    )
+
+    def ports() -> dict[str, int]:
+        return {
+            event["name"]: int(event["address"].rsplit(":", 1)[1])
+            for event in json_events(child)
+            if event.get("log_format") == "{name} listening on {address}"
+        }
+
+    await until(lambda: child.ended is not None or len(ports()) == 3, START_TIMEOUT)
+    assert child.ended is None, child.describe()
+    base = f"http://127.0.0.1:{ports()['http']}"
+    await wait_for_legs(base, 0)
+    call_id = uuid.uuid4()
+    leg = await connect(ports()["audiosocket-resident"], on_hangup="reset")
+    leg.send_uuid(call_id)
+    await wait_for_legs(base, 1)
+    code, _ = await post_json(f"{base}/calls/{call_id}/hangup?wait=true")
+    assert code == 200
+    child.signal("TERM")
+    await child.exit()
+
+    mine = [event for event in json_events(child) if event.get("call_id") == str(call_id)]
+    formats = [event["log_format"].split(": ")[0] for event in mine]
+    assert formats == [
+        "{call_id} {role} leg started from {peer}",
+        "{call_id} {role} hangup sent (cause {cause})",
+        "{call_id} {role} leg ended",
+    ], mine
+    ended = mine[-1]
+    assert (ended["role"], ended["reason"], ended["cause"]) == ("resident", "hangup_reset", "api")
+    assert ended["log_level"]["name"] == "info"
+    assert ended["peer"].startswith("127.0.0.1:")
+    assert isinstance(ended["duration"], float) and ended["hangup_to_close_ms"] >= 0
