@@ -1,0 +1,272 @@
+"""
+The live calls page in a real headless browser: the system's chromium, driven
+by Playwright for Python, against a real server with fake Asterisk legs.
+
+Playwright's asyncio API runs on an event loop of its own, in a thread of its
+own, so the reactor keeps serving the page, the API and the AudioSocket legs
+while the browser works. Each browser step is handed to that loop by
+L{Browser.run} and awaited on the reactor as a Deferred, so a test reads as
+one sequence: the browser clicks, the fake Asterisk receives C{00 00 00}, the
+browser sees the leg in the ended list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from audiohangup.wire import Kind, encode
+from tests.conftest import LogCapture, Server, until
+from tests.fake_asterisk import SILENCE_20MS, FakeAsterisk, connect
+
+try:
+    from playwright.async_api import Page, async_playwright, expect
+except ImportError:  # pragma: no cover - depends on the machine
+    async_playwright = None
+else:
+    expect.set_options(timeout=10_000)
+
+T = TypeVar("T")
+
+SCREENSHOT = "/tmp/audiohangup-page.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TOKEN = "t0ken"
+
+
+def find_chromium() -> str | None:
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+class Browser:
+    """A headless chromium on a Playwright event loop in its own thread."""
+
+    def __init__(self, executable: str) -> None:
+        self.executable = executable
+        #: Uncaught JavaScript errors of every page opened: there must be none.
+        self.page_errors: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="playwright", daemon=True)
+        self.thread.start()
+        self._playwright: Any = None
+        self._browser: Any = None
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, step: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        """Run C{step()} on the browser's loop; the Deferred fires on the reactor."""
+
+        async def call() -> T:
+            return await step()
+
+        result: Deferred[T] = Deferred()
+
+        def fire(future: Future[T]) -> None:
+            if future.cancelled():
+                result.errback(Failure(asyncio.CancelledError("browser step cancelled")))
+            elif future.exception() is not None:
+                result.errback(Failure(future.exception()))
+            else:
+                result.callback(future.result())
+
+        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        future.add_done_callback(lambda done: reactor.callFromThread(fire, done))
+        return result
+
+    async def _launch(self) -> None:
+        self._playwright = await async_playwright().start()
+        self._browser = await self._playwright.chromium.launch(
+            executable_path=self.executable, headless=True, args=CHROMIUM_ARGS
+        )
+
+    async def open(self, url: str) -> Page:
+        """A fresh page (its own sessionStorage) showing C{url}; call through L{run}."""
+        context = await self._browser.new_context(viewport={"width": 1100, "height": 640})
+        page = await context.new_page()
+        page.set_default_timeout(10_000)
+        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
+        await page.goto(url)
+        return page
+
+    async def _close(self) -> None:
+        if self._browser is not None:
+            await self._browser.close()
+        if self._playwright is not None:
+            await self._playwright.stop()
+
+    async def start(self) -> None:
+        await self.run(self._launch)
+
+    async def stop(self) -> None:
+        try:
+            await self.run(self._close)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The browser's path; the page tests are skipped, saying why, without one."""
+    if async_playwright is None:
+        pytest.skip("Playwright for Python is not installed (python -m pip install playwright)")
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no chromium browser: /usr/bin/chromium is missing and chromium is not on PATH "
+                    "(.ci/run installs it with apt-get install chromium)")
+    return executable
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(make_server: Any, chromium: str) -> AsyncIterator[Browser]:
+    # Depends on make_server so that the browser closes before the server stops.
+    driver = Browser(chromium)
+    try:
+        await driver.start()
+        yield driver
+    finally:
+        await driver.stop()
+    assert driver.page_errors == []
+
+
+def live_row(call_id: str, role: str) -> str:
+    return f'#live tr.leg[data-call-id="{call_id}"][data-role="{role}"]'
+
+
+def ended_row(call_id: str, role: str, reason: str) -> str:
+    return f'#ended tr[data-call-id="{call_id}"][data-role="{role}"][data-reason="{reason}"]'
+
+
+def leg_button(call_id: str, role: str) -> str:
+    return f'#live button[data-call-id="{call_id}"][data-role="{role}"]'
+
+
+def call_button(call_id: str) -> str:
+    return f'#live tr.call button[data-call-id="{call_id}"]'
+
+
+async def leg(server: Server, role: str, call_id: str) -> FakeAsterisk:
+    fake = await connect(server.port(role), on_hangup="close")
+    fake.send_uuid(uuid.UUID(call_id))
+    return fake
+
+
+@pytest_twisted.ensureDeferred
+async def test_hang_up_from_the_page(logs: LogCapture, make_server: Any, browser: Browser) -> None:
+    """
+    The page lists the live legs per call; a leg's button ends that leg
+    (Asterisk gets C{00 00 00}, closes, the leg shows up as ended with
+    C{hangup_clean}), the call's button ends every leg of the other call.
+    """
+    server = await make_server()
+    call_id, other_id = str(uuid.uuid4()), str(uuid.uuid4())
+    fake = await leg(server, "visitor", call_id)
+    others = [await leg(server, "visitor", other_id), await leg(server, "resident", other_id)]
+    for digit in b"42#":
+        others[1].send(encode(Kind.DTMF, bytes([digit])))
+    for _ in range(5):
+        others[0].send(SILENCE_20MS)
+    await until(lambda: len(server.registry) == 3, what="three live legs")
+
+    page = await browser.run(lambda: browser.open(server.url + "/"))
+    row = page.locator(live_row(call_id, "visitor"))
+    await browser.run(lambda: expect(row).to_be_visible())
+    await browser.run(lambda: expect(row.locator("td.state")).to_have_text("live"))
+    await browser.run(lambda: expect(page.locator(live_row(other_id, "resident")).locator("td.dtmf")).to_have_text("42#"))
+    [frames_in] = [leg.frames_in for leg in server.registry.call(other_id) if leg.role == "visitor"]
+    assert frames_in >= 5  # the audio sent above, and no more arrives
+    frames = page.locator(live_row(other_id, "visitor")).locator("td.frames")
+    await browser.run(lambda: expect(frames).to_have_text(re.compile(rf"^{frames_in} / [1-9][0-9]*$")))
+    label = await browser.run(lambda: page.get_attribute(leg_button(call_id, "visitor"), "aria-label"))
+    assert label == f"Hang up the visitor leg of call {call_id}"
+
+    await browser.run(lambda: page.click(leg_button(call_id, "visitor")))
+    await until(lambda: fake.got_hangup, what="00 00 00 at the fake Asterisk")
+    await until(lambda: fake.closed.called, what="the leg to close")
+    assert fake.ended_with_single_hangup()
+
+    ended = page.locator(ended_row(call_id, "visitor", "hangup_clean"))
+    await browser.run(lambda: expect(ended).to_be_visible())
+    await browser.run(lambda: expect(ended.locator("td.cause")).to_have_text("api"))
+    await browser.run(lambda: expect(row).to_have_count(0))
+    assert [str(event["reason"]) for event in logs.ended(call_id)] == ["hangup_clean"]
+    # The other call is untouched, and still on the page.
+    assert not any(other.got_hangup for other in others)
+    await browser.run(lambda: expect(page.locator(live_row(other_id, "visitor"))).to_be_visible())
+    await browser.run(lambda: expect(page.locator("#status")).to_contain_text("1 call, 2 legs"))
+    await browser.run(lambda: page.screenshot(path=SCREENSHOT, full_page=True))
+
+    await browser.run(lambda: page.click(call_button(other_id)))
+    for other in others:
+        await until(lambda other=other: other.closed.called, what="the other call's legs to close")
+        assert other.ended_with_single_hangup()
+    for role in ("visitor", "resident"):
+        ended = page.locator(ended_row(other_id, role, "hangup_clean"))
+        await browser.run(lambda ended=ended: expect(ended).to_be_visible())
+    await browser.run(lambda: expect(page.locator("#live tbody")).to_have_count(0))
+    await browser.run(lambda: expect(page.locator("#live-empty")).to_be_visible())
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_asks_for_the_token(logs: LogCapture, make_server: Any, browser: Browser) -> None:
+    """With --api-token the page asks for it, keeps it for the tab, and can forget it."""
+    server = await make_server(api_token=TOKEN)
+    call_id = str(uuid.uuid4())
+    fake = await leg(server, "visitor", call_id)
+    await until(lambda: len(server.registry) == 1, what="the live leg")
+
+    page = await browser.run(lambda: browser.open(server.url + "/"))
+    form, row = page.locator("#token-form"), page.locator(live_row(call_id, "visitor"))
+    await browser.run(lambda: expect(form).to_be_visible())
+    await browser.run(lambda: expect(page.locator("#message")).to_have_text("The API needs a token."))
+    await browser.run(lambda: expect(row).to_have_count(0))
+
+    await browser.run(lambda: page.fill("#token", "not-the-token"))
+    await browser.run(lambda: page.press("#token", "Enter"))
+    await browser.run(lambda: expect(page.locator("#message")).to_contain_text("did not accept"))
+    await browser.run(lambda: expect(form).to_be_visible())
+
+    await browser.run(lambda: page.fill("#token", TOKEN))
+    await browser.run(lambda: page.press("#token", "Enter"))
+    await browser.run(lambda: expect(row).to_be_visible())
+    await browser.run(lambda: expect(form).to_be_hidden())
+
+    # The token lasts as long as the tab: a reload needs no new one.
+    await browser.run(lambda: page.reload())
+    await browser.run(lambda: expect(row).to_be_visible())
+    await browser.run(lambda: expect(form).to_be_hidden())
+
+    # The POST carries it too.
+    await browser.run(lambda: page.click(leg_button(call_id, "visitor")))
+    await until(lambda: fake.closed.called, what="the leg to close")
+    assert fake.ended_with_single_hangup()
+    await browser.run(lambda: expect(page.locator(ended_row(call_id, "visitor", "hangup_clean"))).to_be_visible())
+
+    await browser.run(lambda: page.click("#forget-token"))
+    await browser.run(lambda: expect(form).to_be_visible())
+    await browser.run(lambda: expect(page.locator("#forget-token")).to_be_hidden())
