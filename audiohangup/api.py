@@ -11,6 +11,7 @@ import functools
 import hmac
 import json
 import uuid
+from datetime import datetime, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -28,6 +29,7 @@ from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
 
 #: The largest JSON body the API reads; its bodies are a few dozen bytes.
@@ -98,11 +100,13 @@ class ControlAPI:
         settings: LegSettings | None = None,
         metrics: Metrics | None = None,
         recent: RecentLegs | None = None,
+        records: CallRecords | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
         self.metrics = metrics
         self.recent = recent
+        self.records = records
         self._token = api_token.encode() if api_token else None
 
     def authorize(self, request: IRequest) -> None:
@@ -144,6 +148,28 @@ class ControlAPI:
         limit = _int(request, "limit", default=20, low=1, high=100)
         legs = self.recent.latest(limit) if self.recent is not None else []
         return _json(request, 200, {"legs": legs})
+
+    @app.route("/records", methods=["GET"])
+    @_protected
+    async def call_records(self, request: IRequest) -> bytes:
+        """Call records, newest first, filtered and paged with an opaque cursor."""
+        if self.records is None:
+            raise ApiError(404, "records_off", "call records are off (--records none)")
+        query = {
+            name: _query(request, name) for name in ("call_id", "role", "reason", "cursor")
+        }
+        if query["call_id"] is not None:
+            query["call_id"] = parse_call_id(query["call_id"])
+        try:
+            page = await self.records.query(
+                **query,
+                since=_instant(request, "since"),
+                until=_instant(request, "until"),
+                limit=_int(request, "limit", default=50, low=1, high=500),
+            )
+        except BadQuery as error:
+            raise ApiError(400, "bad_query", str(error)) from None
+        return _json(request, 200, page)
 
     @app.route("/calls", methods=["GET"])
     @_protected
@@ -374,6 +400,24 @@ def _int(request: IRequest, name: str, *, default: int, low: int, high: int) -> 
     if not low <= number <= high:
         raise ApiError(400, f"bad_{name}", f"query parameter {name!r} must be a whole number from {low} to {high}")
     return number
+
+
+def _instant(request: IRequest, name: str) -> float | None:
+    """A point in time as Unix seconds or ISO 8601 (naive means UTC)."""
+    value = _query(request, name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, f"bad_{name}", f"{name} must be Unix seconds or an ISO 8601 time, not {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def _flag(request: IRequest, name: str) -> bool:

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from audiohangup.api import ApiSite, ControlAPI
 from audiohangup.events import RecentLegs
@@ -29,6 +30,7 @@ from audiohangup.flows import load_flow
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_address
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.records import CallRecords
 from audiohangup.registry import Registry
 
 
@@ -42,6 +44,8 @@ class Config:
     close_timeout: float = 2.0
     uuid_timeout: float = 5.0
     api_token: str | None = None
+    records: str = "audiohangup.sqlite3"
+    records_keep_days: float = 30.0
     flow: str = "bridge"
     audio: str = "slin"
     max_queue_ms: int = 1000
@@ -74,11 +78,33 @@ class AudioHangupService(MultiService):
 
     log = Logger()
 
-    def __init__(self, registry: Registry, settings: LegSettings, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: LegSettings,
+        reactor: IReactorTime,
+        *,
+        records: CallRecords | None = None,
+    ) -> None:
         super().__init__()
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
+        self.records = records
+
+    def startService(self) -> None:
+        # Before the reactor runs, so no leg can start ahead of the store:
+        # the writes of the first legs queue behind the opening.
+        if self.records is not None:
+            Deferred.fromCoroutine(self.records.open()).addErrback(self._recordsFailed)
+        super().startService()
+
+    def _recordsFailed(self, failure: Failure) -> None:
+        # A failing disk must not stop the calls: log it and serve without records.
+        self.log.error(
+            "call records in {path} are off: {error}", path=self.records.path if self.records else "-",
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[object] = Deferred.fromCoroutine(self._stop())
@@ -89,6 +115,8 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        if self.records is not None:
+            await self.records.close()
 
     async def drain(self) -> None:
         """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
@@ -120,12 +148,18 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
     registry.events.add(metrics)
     registry.events.add(recent)
     pacer = Pacer(reactor)  # type: ignore[arg-type]
-    service = AudioHangupService(registry, settings, reactor)  # type: ignore[arg-type]
+    records = None
+    if config.records != "none":
+        records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
+        registry.events.add(records)
+    service = AudioHangupService(registry, settings, reactor, records=records)  # type: ignore[arg-type]
     for role in Role:
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
-    api = ControlAPI(registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent)
+    api = ControlAPI(
+        registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent, records=records
+    )
     site = ApiSite(api, reactor)  # type: ignore[arg-type]
     Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
     return service

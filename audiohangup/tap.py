@@ -40,6 +40,20 @@ def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
     return coerce
 
 
+def _days(name: str) -> Callable[[str], float]:
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not 0 <= number < float("inf"):
+            raise ValueError(f"{name} must be 0 (forever) or a positive number of days, not {value!r}")
+        return number
+
+    coerce.coerceDoc = "Days; 0 keeps everything."  # type: ignore[attr-defined]
+    return coerce
+
+
 def _milliseconds(name: str) -> Callable[[str], int]:
     def coerce(value: str) -> int:
         try:
@@ -88,6 +102,15 @@ class Options(usage.Options):
             "uuid-timeout", None, Config.uuid_timeout,
             "Seconds a new connection has to send its UUID frame.",
             _seconds("--uuid-timeout"),
+        ],
+        [
+            "records", None, Config.records,
+            "SQLite file of call records (one row per leg), or 'none' to keep none.",
+        ],
+        [
+            "records-keep-days", None, Config.records_keep_days,
+            "Days call records are kept; 0 keeps them forever.",
+            _days("--records-keep-days"),
         ],
         [
             "flow", None, Config.flow,
@@ -143,6 +166,8 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+        if not self["records"]:
+            raise usage.UsageError("--records needs a file path, or 'none'")
         try:
             load_flow(self["flow"])
         except FlowLoadError as error:
@@ -160,6 +185,8 @@ class Options(usage.Options):
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
             api_token=self["api-token"],
+            records=self["records"],
+            records_keep_days=self["records-keep-days"],
             flow=self["flow"],
             audio=self["audio"],
             max_queue_ms=self["max-queue-ms"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
@@ -88,7 +89,7 @@ class Server:
 
 
 @pytest_twisted.async_yield_fixture
-async def make_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
     from twisted.internet import reactor
 
     from audiohangup.service import Config, build_service
@@ -97,6 +98,7 @@ async def make_server() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
 
     async def make(**options: Any) -> Server:
         loopback = "tcp:0:interface=127.0.0.1"
+        options.setdefault("records", str(tmp_path / f"records-{len(started)}.sqlite3"))
         config = Config(visitor=loopback, resident=loopback, http=loopback, **options)
         service = build_service(config, reactor)
         service.privilegedStartService()

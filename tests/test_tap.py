@@ -27,7 +27,11 @@ from audiohangup.service import AudioHangupService, Config
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 #: The option names C{twistd audiohangup} documents, in C{--help} order.
-OPTION_NAMES = ("visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token")
+OPTION_NAMES = (
+    "visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token",
+    "records", "records-keep-days", "flow", "audio", "max-queue-ms", "on-leg-end",
+    "idle-timeout", "max-duration", "playout-timeout",
+)
 
 
 class EnvironmentMixin:
@@ -63,6 +67,15 @@ class OptionsDefaultsTests(EnvironmentMixin, SynchronousTestCase):
                 "close-timeout": 2.0,
                 "uuid-timeout": 5.0,
                 "api-token": None,
+                "records": "audiohangup.sqlite3",
+                "records-keep-days": 30.0,
+                "flow": "bridge",
+                "audio": "slin",
+                "max-queue-ms": 1000,
+                "on-leg-end": "hangup",
+                "idle-timeout": 0.0,
+                "max-duration": 0.0,
+                "playout-timeout": 10.0,
             },
         )
 
@@ -220,13 +233,53 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
         self.assertUsageError(["--no-such-option"], "no-such-option")
 
 
+class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.useToken(None)
+
+    def test_values(self) -> None:
+        options = parse(
+            "--flow", "echo", "--audio", "slin16", "--max-queue-ms", "500", "--on-leg-end", "keep",
+            "--idle-timeout", "30", "--max-duration", "3600", "--playout-timeout", "4",
+            "--records", "none", "--records-keep-days", "0",
+        )
+        config = options.config()
+        self.assertEqual(
+            (config.flow, config.audio, config.max_queue_ms, config.on_leg_end, config.idle_timeout,
+             config.max_duration, config.playout_timeout, config.records, config.records_keep_days),
+            ("echo", "slin16", 500, "keep", 30.0, 3600.0, 4.0, "none", 0.0),
+        )
+        settings = config.leg_settings()
+        self.assertEqual((settings.audio.name, settings.max_queue_frames), ("slin16", 25))
+
+    def test_custom_flow_by_dotted_path(self) -> None:
+        self.assertEqual(parse("--flow", "audiohangup.flows.SilenceFlow")["flow"], "audiohangup.flows.SilenceFlow")
+
+    def test_bad_values(self) -> None:
+        for args, fragment in [
+            (["--flow", "karaoke"], "unknown flow 'karaoke'"),
+            (["--flow", "audiohangup.nothing.Here"], "cannot load flow"),
+            (["--flow", "audiohangup.flows.FlowLoadError"], "does not provide"),
+            (["--audio", "mp3"], "--audio must be one of"),
+            (["--max-queue-ms", "10"], "at least 20"),
+            (["--on-leg-end", "maybe"], "--on-leg-end must be one of hangup, keep"),
+            (["--idle-timeout", "-1"], "0 (off) or a positive number"),
+            (["--playout-timeout", "0"], "a positive number"),
+            (["--records", ""], "--records needs a file path"),
+            (["--records-keep-days", "-3"], "0 (forever) or a positive number of days"),
+        ]:
+            error = self.assertRaises(usage.UsageError, parse, *args)
+            self.assertIn(fragment, str(error), args)
+
+
 class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.useToken(None)
         self.reactor = MemoryReactorClock()
 
     def start(self, *args: str) -> AudioHangupService:
-        service = tap.makeService(parse(*args), reactor=self.reactor)
+        # A memory reactor never runs the records store's thread callbacks.
+        service = tap.makeService(parse("--records", "none", *args), reactor=self.reactor)
         self.assertTrue(verifyObject(IService, service))
         service.privilegedStartService()
         service.startService()
