@@ -435,3 +435,43 @@ async def test_twist_json_log_has_the_fields_as_keys(spawn: Spawn, logs: Any) ->
     assert ended["log_level"]["name"] == "info"
     assert ended["peer"].startswith("127.0.0.1:")
     assert isinstance(ended["duration"], float) and ended["hangup_to_close_ms"] >= 0
+
+
+# Call records survive a crash
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_of_a_killed_server_are_closed_as_server_lost(spawn: Spawn, tmp_path: Path, logs: Any) -> None:
+    """
+    SIGKILL a server with live legs: their rows were written when the UUIDs
+    arrived; the next start closes them as server_lost, and /records says so.
+    """
+    database = str(tmp_path / "calls.sqlite3")
+    child, ports = await start_server(spawn, "--records", database)
+    base = f"http://127.0.0.1:{ports['http']}"
+    calls = [uuid.uuid4(), uuid.uuid4()]
+    legs = []
+    for call_id in calls:
+        leg = await connect(ports["audiosocket-visitor"])
+        leg.send_uuid(call_id)
+        legs.append(leg)
+    await wait_for_legs(base, 2)
+    code, body = await get_json(f"{base}/records")
+    assert code == 200 and len(body["records"]) == 2
+    assert all(record["ended_at"] is None and record["reason"] is None for record in body["records"])
+
+    child.signal("KILL")
+    ended = await child.exit()
+    assert isinstance(ended, ProcessTerminated) and ended.signal == signal.SIGKILL
+    for leg in legs:
+        await settle(leg.closed, "the killed server's sockets to close")
+
+    child, ports = await start_server(spawn, "--records", database)
+    base = f"http://127.0.0.1:{ports['http']}"
+    assert "2 call records left open by an earlier run closed as server_lost" in child.log
+    code, body = await get_json(f"{base}/records?reason=server_lost")
+    assert code == 200
+    assert sorted(record["call_id"] for record in body["records"]) == sorted(map(str, calls))
+    assert all(record["ended_at"] is not None for record in body["records"])
+    child.signal("TERM")
+    await child.exit()
