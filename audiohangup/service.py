@@ -32,6 +32,7 @@ from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_addre
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import CallRecords
 from audiohangup.registry import Registry
+from audiohangup.webhooks import Webhooks
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Config:
     api_token: str | None = None
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
+    webhooks: tuple[str, ...] = ()
+    webhook_secret: str | None = None
     flow: str = "bridge"
     audio: str = "slin"
     max_queue_ms: int = 1000
@@ -85,12 +88,14 @@ class AudioHangupService(MultiService):
         reactor: IReactorTime,
         *,
         records: CallRecords | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
         self.records = records
+        self.webhooks = webhooks
 
     def startService(self) -> None:
         # Before the reactor runs, so no leg can start ahead of the store:
@@ -115,6 +120,9 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        # The legs' last events are out now: deliver them (bounded), then close the store.
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.records is not None:
             await self.records.close()
 
@@ -152,7 +160,13 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
     if config.records != "none":
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
         registry.events.add(records)
-    service = AudioHangupService(registry, settings, reactor, records=records)  # type: ignore[arg-type]
+    webhooks = None
+    if config.webhooks:
+        webhooks = Webhooks(list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics)
+        registry.events.add(webhooks)
+    service = AudioHangupService(  # type: ignore[arg-type]
+        registry, settings, reactor, records=records, webhooks=webhooks
+    )
     for role in Role:
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))

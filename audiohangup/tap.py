@@ -19,6 +19,7 @@ from twisted.python import usage
 from audiohangup.audio import FORMATS
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.service import Config, build_service
+from audiohangup.webhooks import Webhooks
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
 
@@ -113,6 +114,10 @@ class Options(usage.Options):
             _days("--records-keep-days"),
         ],
         [
+            "webhook-secret", None, None,
+            "Key of the X-Audiohangup-Signature header (HMAC-SHA256 of the body).",
+        ],
+        [
             "flow", None, Config.flow,
             "What a session does with its audio: bridge, echo, silence, or the "
             "dotted path of your own IFlow class.",
@@ -154,6 +159,14 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["webhook"] = []
+
+    def opt_webhook(self, url: str) -> None:
+        """URL to POST leg and call events to (repeat for several)."""
+        self["webhook"].append(url)
+
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
@@ -166,6 +179,10 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+        try:
+            Webhooks.check(self["webhook"], secret=self["webhook-secret"])
+        except ValueError as error:
+            raise usage.UsageError(f"--webhook: {error}") from None
         if not self["records"]:
             raise usage.UsageError("--records needs a file path, or 'none'")
         try:
@@ -187,6 +204,8 @@ class Options(usage.Options):
             api_token=self["api-token"],
             records=self["records"],
             records_keep_days=self["records-keep-days"],
+            webhooks=tuple(self["webhook"]),
+            webhook_secret=self["webhook-secret"],
             flow=self["flow"],
             audio=self["audio"],
             max_queue_ms=self["max-queue-ms"],

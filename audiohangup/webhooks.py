@@ -1,0 +1,616 @@
+# -*- test-case-name: tests.test_webhooks -*-
+"""
+Leg events POSTed to webhook receivers, one JSON object per event.
+
+Each event is a JSON object, its body the compact, key-sorted encoding::
+
+    {"at": "2025-01-01T12:00:00.000+00:00", "call_id": "6f5c...", "event": "leg_ended",
+     "event_id": "9b1e...", "reason": "hangup_reset", "cause": "api", "role": "visitor"}
+
+C{event} is C{leg_started}, C{leg_ended} (which adds C{reason} and C{cause},
+C{null} when we sent no hangup) or C{call_ended} (the last leg of the call id
+is gone; its C{role} is C{null}). C{event_id} is unique per event and the same
+for every receiver and every attempt, so receivers can de-duplicate retries.
+Each request carries C{X-Audiohangup-Event}, C{X-Audiohangup-Event-Id} and,
+with a secret, C{X-Audiohangup-Signature: sha256=<hex HMAC-SHA256 of the
+body>}; L{verify} checks one.
+
+Delivery never blocks or fails a call: the observer methods only enqueue. One
+queue per (URL, call id) keeps each call's events in order for each receiver,
+while different calls are delivered concurrently (bounded). A 2xx is
+C{delivered}; another 4xx than 408/429 (or a 1xx/3xx) is C{rejected} and not
+retried; a connection error, a timeout, a 5xx, 408 or 429 is retried with
+exponential backoff (C{retried}) up to C{max_attempts} attempts, then dropped
+(C{failed}). Events beyond C{max_queue} held at once are dropped
+(C{overflow}). Drops are logged at warn, at most about once per
+L{LOG_INTERVAL} per kind, with a count of the ones not logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import treq
+from hyperlink import EncodedURL
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
+
+from audiohangup import __version__
+from audiohangup.events import ILegObserver
+from audiohangup.protocol import iso_time
+
+if TYPE_CHECKING:
+    from audiohangup.metrics import Metrics
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.reasons import HangupCause
+
+EVENT_HEADER = "X-Audiohangup-Event"
+EVENT_ID_HEADER = "X-Audiohangup-Event-Id"
+SIGNATURE_HEADER = "X-Audiohangup-Signature"
+
+#: Seconds between two warn lines about the same kind of drop.
+LOG_INTERVAL = 10.0
+
+#: Response bodies are read and discarded; past this many bytes the connection is closed.
+MAX_RESPONSE_BYTES = 64 * 1024
+
+#: Outcomes, as counted by C{Metrics.webhook_delivery}.
+DELIVERED = "delivered"
+RETRIED = "retried"
+REJECTED = "rejected"
+FAILED = "failed"
+OVERFLOW = "overflow"
+
+_RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value for C{body}: C{sha256=} and the hex HMAC-SHA256."""
+    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def verify(secret: str, body: bytes, header: str | bytes | None) -> bool:
+    """Whether C{header} is the signature of C{body} under C{secret}, compared in constant time."""
+    if header is None:
+        return False
+    if isinstance(header, bytes):
+        try:
+            header = header.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    try:
+        return hmac.compare_digest(sign(secret, body), header.strip())
+    except TypeError:  # non-ASCII text: not ours
+        return False
+
+
+def _redact(url: str) -> str:
+    """The URL for logs: no query string or fragment, which may hold a token."""
+    parsed = EncodedURL.from_text(url)
+    return parsed.replace(query=(), fragment="").to_text()
+
+
+def _check_url(url: str) -> None:
+    try:
+        parsed = EncodedURL.from_text(url)
+    except Exception as error:
+        raise ValueError(f"webhook URL {url!r} does not parse: {error}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"webhook URL {url!r} must be http:// or https:// with a host")
+    if parsed.userinfo:
+        raise ValueError(f"webhook URL {_redact(url)!r}: credentials in the URL are not supported")
+
+
+@dataclass
+class _Delivery:
+    """One event for one URL."""
+
+    event: str
+    event_id: str
+    call_id: str
+    body: bytes
+    attempts: int = 0
+
+
+class _Queue:
+    """
+    The events of one call id for one URL, delivered one at a time, in order.
+
+    C{state} is C{ready} (waiting for a request slot), C{sending} (a request
+    in flight) or C{waiting} (a retry is scheduled).
+    """
+
+    def __init__(self, url: str, call_id: str) -> None:
+        self.url = url
+        self.call_id = call_id
+        self.items: deque[_Delivery] = deque()
+        self.state = "ready"
+        self.request: Deferred[Any] | None = None
+        self.retry: IDelayedCall | None = None
+
+
+class _Drain(Protocol):
+    """Reads a response body and discards it, so the connection can go back to the pool."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.head = b""
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(self.head) < 200:
+            self.head += data[: 200 - len(self.head)]
+        if self.size > MAX_RESPONSE_BYTES and not self.done.called:
+            self.transport.loseConnection()
+            self.done.callback(None)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+    def _cancel(self, done: Deferred[None]) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _Throttle:
+    """Warn lines about one kind of drop: the first at once, then a count at most once per interval."""
+
+    def __init__(self, owner: Webhooks, summary: str) -> None:
+        self.owner = owner
+        self.summary = summary
+        self.last: float | None = None
+        self.suppressed = 0
+        self.timer: IDelayedCall | None = None
+
+    def warn(self, text: str, **fields: Any) -> None:
+        reactor = self.owner.reactor
+        now = reactor.seconds()
+        if self.last is None or now - self.last >= LOG_INTERVAL:
+            self.last = now
+            self.owner.log.warn(text, **fields)
+            return
+        self.suppressed += 1
+        if self.timer is None:
+            self.timer = reactor.callLater(max(0.0, self.last + LOG_INTERVAL - now), self.flush)
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        if self.suppressed:
+            self.owner.log.warn(self.summary, count=self.suppressed, interval=LOG_INTERVAL)
+            self.suppressed = 0
+            self.last = self.owner.reactor.seconds()
+
+
+@implementer(ILegObserver)
+class Webhooks:
+    """
+    Posts leg events to every URL in C{urls}.
+
+    @param reactor: the reactor for requests, timeouts and retries.
+    @param secret: signs each body (C{X-Audiohangup-Signature}) when given.
+    @param metrics: told of each outcome (C{webhook_delivery}).
+    @param timeout: seconds for one attempt, from connecting to the end of the
+        response body; also how long L{stop} waits.
+    @param max_attempts: attempts per event and URL, the first one included.
+    @param backoff: seconds before the first retry, doubled for each next one.
+    @param max_backoff: the longest wait between two attempts.
+    @param max_queue: events held at once (queued, in flight or waiting for a
+        retry; an event counts once per URL); beyond it new events are dropped.
+    @param pool: an C{HTTPConnectionPool} to use (and not close); by default
+        one of our own, closed by L{stop}.
+    @param max_concurrent: requests in flight at once, over every URL.
+    """
+
+    log = Logger()
+
+    @staticmethod
+    def check(urls: list[str], *, secret: str | None = None) -> None:
+        """Raise C{ValueError} naming what is wrong with these URLs or this secret."""
+        for url in urls:
+            _check_url(url)
+        if secret is not None and not secret:
+            raise ValueError("the webhook secret is empty")
+
+    def __init__(
+        self,
+        urls: list[str],
+        reactor: Any,
+        *,
+        secret: str | None = None,
+        metrics: Metrics | None = None,
+        timeout: float = 5.0,
+        max_attempts: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_queue: int = 10000,
+        pool: HTTPConnectionPool | None = None,
+        max_concurrent: int = 20,
+    ) -> None:
+        self.check(urls, secret=secret)
+        if timeout <= 0:
+            raise ValueError("the webhook timeout must be positive")
+        if max_attempts < 1 or max_queue < 1 or max_concurrent < 1:
+            raise ValueError("max_attempts, max_queue and max_concurrent must be at least 1")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("backoff and max_backoff must not be negative")
+        self.urls = list(urls)
+        self.reactor = reactor
+        self.secret = secret
+        self.metrics = metrics
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_queue = max_queue
+        self.max_concurrent = max_concurrent
+        self._owns_pool = pool is None
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = max_concurrent
+        self.pool = pool
+        self._names = {url: _redact(url) for url in self.urls}
+        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._ready: deque[_Queue] = deque()
+        self._active = 0
+        self._held = 0
+        self._pumping = False
+        self._accepting = True
+        self._giving_up = False
+        self._stop_dropped = 0
+        self._deadline: IDelayedCall | None = None
+        self._stopped = False  # nothing is left to deliver
+        self._stop_done = False  # ... and the pool is closed: stop() has fired
+        self._stop_waiters: list[Deferred[None]] | None = None
+        self._throttles = {
+            OVERFLOW: _Throttle(self, "{count} more webhook events dropped, queue full, in the last {interval:g} s"),
+            FAILED: _Throttle(
+                self, "{count} more webhook events dropped after failed attempts in the last {interval:g} s"
+            ),
+            REJECTED: _Throttle(
+                self, "{count} more webhook events rejected by their receiver in the last {interval:g} s"
+            ),
+        }
+
+    @property
+    def pending(self) -> int:
+        """Events queued, in flight or waiting for a retry (one per event and URL)."""
+        return self._held
+
+    # ILegObserver: these only enqueue, and never raise.
+
+    def legStarted(self, leg: AudioSocketProtocol) -> None:
+        self._event("leg_started", leg)
+
+    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        pass  # not an event receivers are told of; leg_ended carries the cause
+
+    def legEnded(self, leg: AudioSocketProtocol) -> None:
+        self._event("leg_ended", leg)
+
+    def callEnded(self, call_id: str) -> None:
+        self._event("call_ended", None, call_id)
+
+    def _event(self, event: str, leg: AudioSocketProtocol | None, call_id: str | None = None) -> None:
+        try:
+            if not self._accepting or not self.urls:
+                return
+            payload: dict[str, Any] = {"event": event, "role": None}
+            if leg is not None:
+                call_id = leg.call_id
+                payload["role"] = leg.role.value
+            if call_id is None:
+                return  # not a leg yet: nothing to tell
+            if event == "leg_ended":
+                assert leg is not None
+                reason, cause = leg.close_reason, leg.hangup_cause
+                payload["reason"] = None if reason is None else reason.value
+                payload["cause"] = None if cause is None else cause.value
+            payload["event_id"] = event_id = uuid.uuid4().hex
+            payload["call_id"] = call_id
+            payload["at"] = iso_time(self.reactor.seconds())
+            body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
+            for url in self.urls:
+                self._enqueue(url, _Delivery(event, event_id, call_id, body))
+        except Exception:
+            self.log.failure("{call_id} webhook event {event} could not be queued", call_id=call_id, event=event)
+
+    # Queues
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.webhook_delivery(outcome)
+
+    def _enqueue(self, url: str, item: _Delivery) -> None:
+        if self._held >= self.max_queue:
+            self._count(OVERFLOW)
+            self._throttles[OVERFLOW].warn(
+                "{call_id} webhook {event} {event_id} for {url} dropped: "
+                "{max_queue} events already queued (receivers too slow or down?)",
+                call_id=item.call_id, event=item.event, event_id=item.event_id,
+                url=self._names[url], max_queue=self.max_queue,
+            )
+            return
+        self._held += 1
+        queue = self._queues.get((url, item.call_id))
+        if queue is None:
+            queue = self._queues[url, item.call_id] = _Queue(url, item.call_id)
+            self._ready.append(queue)
+        queue.items.append(item)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start requests while there are queues ready and free slots."""
+        if self._pumping:
+            return  # a request that settled at once; the loop below goes on
+        self._pumping = True
+        try:
+            while self._ready and self._active < self.max_concurrent and not self._giving_up:
+                self._send(self._ready.popleft())
+        finally:
+            self._pumping = False
+
+    def _send(self, queue: _Queue) -> None:
+        item = queue.items[0]
+        item.attempts += 1
+        queue.state = "sending"
+        self._active += 1
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"audiohangup/{__version__}",
+            EVENT_HEADER: item.event,
+            EVENT_ID_HEADER: item.event_id,
+        }
+        if self.secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self.secret, item.body)
+        request: Deferred[Any] = maybeDeferred(
+            treq.post,
+            queue.url,
+            data=item.body,
+            headers=headers,
+            timeout=self.timeout,
+            pool=self.pool,
+            reactor=self.reactor,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        request.addCallback(self._readBody)
+        queue.request = request
+        # treq's timeout stops at the response headers; this one covers the body too.
+        timer = self.reactor.callLater(self.timeout, request.cancel)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            queue.request = None
+            self._active -= 1
+            return result
+
+        request.addBoth(settled)
+        request.addCallbacks(
+            self._answered, self._errored, callbackArgs=(queue, item), errbackArgs=(queue, item)
+        )
+        request.addErrback(self._bug, queue)
+
+    def _readBody(self, response: Any) -> Deferred[tuple[int, bytes]]:
+        drain = _Drain()
+        response.deliverBody(drain)
+        # The status decides; a body cut short (or cancelled) changes nothing.
+        return drain.done.addBoth(lambda _: (response.code, drain.head))
+
+    def _answered(self, answer: tuple[int, bytes], queue: _Queue, item: _Delivery) -> None:
+        code, head = answer
+        fields = self._fields(queue, item, status=code)
+        if 200 <= code < 300:
+            self.log.debug(
+                "{call_id} webhook {event} {event_id} delivered to {url} ({status}, attempt {attempt})",
+                **fields,
+            )
+            self._finish(queue, DELIVERED)
+        elif code >= 500 or code in _RETRYABLE_STATUSES:
+            self._failedAttempt(queue, item, f"HTTP {code}")
+        else:
+            self._throttles[REJECTED].warn(
+                "{call_id} webhook {event} {event_id} rejected by {url}: HTTP {status} {answer!r}; not retried",
+                answer=head.decode("utf-8", "replace")[:200], **fields,
+            )
+            self._finish(queue, REJECTED)
+
+    def _errored(self, failure: Failure, queue: _Queue, item: _Delivery) -> None:
+        self._failedAttempt(queue, item, self._describe(failure))
+
+    def _describe(self, failure: Failure) -> str:
+        if failure.check(ConnectingCancelledError):
+            return f"could not connect within {self.timeout:g} s"
+        if failure.check(CancelledError):
+            return f"no answer within {self.timeout:g} s"
+        reasons = getattr(failure.value, "reasons", None)  # ResponseFailed and kin wrap failures
+        if reasons:
+            inner = reasons[0]
+            if isinstance(inner, Failure):
+                if inner.check(CancelledError):
+                    return f"no answer within {self.timeout:g} s"
+                return f"{type(failure.value).__name__}: {inner.type.__name__}: {inner.getErrorMessage()}"
+        return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+
+    def _failedAttempt(self, queue: _Queue, item: _Delivery, why: str) -> None:
+        fields = self._fields(queue, item, why=why)
+        if not self._accepting:
+            # Stopping: no retries; what fails now is dropped.
+            self.log.debug("{call_id} webhook {event} {event_id} to {url} failed while stopping: {why}", **fields)
+            self._stop_dropped += 1
+            self._finish(queue, FAILED)
+            return
+        if item.attempts >= self.max_attempts:
+            self._throttles[FAILED].warn(
+                "{call_id} webhook {event} {event_id} to {url} dropped after {attempt} attempts: {why}",
+                **fields,
+            )
+            self._finish(queue, FAILED)
+            return
+        delay = min(self.backoff * 2 ** min(item.attempts - 1, 64), self.max_backoff)
+        self._count(RETRIED)
+        self.log.debug(
+            "{call_id} webhook {event} {event_id} to {url} attempt {attempt} failed: {why}; retry in {delay:g} s",
+            delay=delay, **fields,
+        )
+        queue.state = "waiting"
+        queue.retry = self.reactor.callLater(delay, self._retryNow, queue)
+        self._pump()
+
+    def _retryNow(self, queue: _Queue) -> None:
+        queue.retry = None
+        queue.state = "ready"
+        self._ready.append(queue)
+        self._pump()
+
+    def _finish(self, queue: _Queue, outcome: str) -> None:
+        """The head event of C{queue} is done with: delivered, rejected or dropped."""
+        queue.items.popleft()
+        self._held -= 1
+        self._count(outcome)
+        if self._giving_up:
+            self._dropAll(queue)
+        elif queue.items:
+            queue.state = "ready"
+            self._ready.append(queue)
+        else:
+            del self._queues[queue.url, queue.call_id]
+        self._pump()
+        self._checkStopped()
+
+    def _dropAll(self, queue: _Queue) -> None:
+        """Stopping, past the deadline: forget every event of C{queue}."""
+        if queue.retry is not None and queue.retry.active():
+            queue.retry.cancel()
+        queue.retry = None
+        dropped = len(queue.items)
+        queue.items.clear()
+        self._held -= dropped
+        self._stop_dropped += dropped
+        for _ in range(dropped):
+            self._count(FAILED)
+        self._queues.pop((queue.url, queue.call_id), None)
+
+    def _bug(self, failure: Failure, queue: _Queue) -> None:
+        self.log.failure("{call_id} webhook delivery to {url} failed unexpectedly", failure,
+                         call_id=queue.call_id, url=self._names[queue.url])
+
+    def _fields(self, queue: _Queue, item: _Delivery, **extra: Any) -> dict[str, Any]:
+        return dict(
+            call_id=queue.call_id, event=item.event, event_id=item.event_id,
+            url=self._names[queue.url], attempt=item.attempts, **extra,
+        )
+
+    # Stopping
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop taking events and drain, bounded by C{timeout} seconds: queued
+        events get one attempt each, scheduled retries are cancelled (their
+        event dropped), and at the deadline requests still in flight are
+        cancelled and what is left is dropped, logged with its count. Then the
+        pool we own is closed (its idle connections go at once; that wait is
+        bounded by C{timeout} too). Fires once all that is done; safe to call
+        again, each call firing when the first one does.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self._stop_done:
+            waiter.callback(None)
+            return waiter
+        if self._stop_waiters is not None:
+            self._stop_waiters.append(waiter)
+            return waiter
+        self._stop_waiters = [waiter]
+        self._accepting = False
+        for queue in list(self._queues.values()):
+            if queue.state == "waiting" and queue.retry is not None:
+                queue.retry.cancel()
+                queue.retry = None
+                self._stop_dropped += 1
+                self._finish(queue, FAILED)
+        if self._held:
+            self._deadline = self.reactor.callLater(self.timeout, self._giveUp)
+        self._checkStopped()
+        return waiter
+
+    def _giveUp(self) -> None:
+        self._deadline = None
+        self._giving_up = True
+        self._ready.clear()
+        for queue in list(self._queues.values()):
+            if queue.request is not None:
+                queue.request.cancel()  # settles at once, through _errored, which drops it all
+        for queue in list(self._queues.values()):
+            if queue.request is None:
+                self._dropAll(queue)
+        if self._queues or self._held or self._active:
+            # Only a bug gets here; the bound on stop() holds all the same.
+            self.log.error(
+                "webhooks: {held} events and {active} requests left after the deadline; forgotten",
+                held=self._held, active=self._active,
+            )
+            for queue in list(self._queues.values()):
+                self._dropAll(queue)
+            self._held = self._active = 0
+        self._checkStopped()
+
+    def _checkStopped(self) -> None:
+        if self._stop_waiters is None or self._stopped or self._held or self._active:
+            return
+        self._stopped = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        for throttle in self._throttles.values():
+            throttle.flush()
+        if self._stop_dropped:
+            self.log.warn(
+                "webhooks stopped: {count} events dropped undelivered", count=self._stop_dropped
+            )
+        if self._owns_pool:
+            closed = self._closePool()
+        else:
+            closed = Deferred()
+            closed.callback(None)
+        closed.addBoth(self._stopDone)
+
+    def _closePool(self) -> Deferred[None]:
+        """Close the cached connections, waiting at most C{timeout} for them to go."""
+        done: Deferred[None] = Deferred()
+
+        def fire(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(self.timeout, fire)
+        maybeDeferred(self.pool.closeCachedConnections).addBoth(fire)
+        return done
+
+    def _stopDone(self, _: object) -> None:
+        self._stop_done = True
+        waiters, self._stop_waiters = self._stop_waiters or [], []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+__all__ = ["EVENT_HEADER", "EVENT_ID_HEADER", "SIGNATURE_HEADER", "Webhooks", "sign", "verify"]
