@@ -17,11 +17,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import gatherResults
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.events import RecentLegs
@@ -310,12 +310,74 @@ class ControlAPI:
         return _error(request, 500, "internal_error", "the server failed; see its log")
 
 
+#: How long a refused request's sender may keep sending before it is cut off.
+_LINGER_SECONDS = 2.0
+
+
+class _BoundedRequest(Request):
+    """
+    A request whose body may not exceed the site's C{max_body}: a larger one
+    is answered 413 at once, from its Content-Length or as its chunks arrive,
+    and the connection closed, so it never fills memory or reaches a handler.
+    """
+
+    site: ApiSite
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if length is not None and length > self.channel.site.max_body:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        site = self.channel.site
+        body = json.dumps(
+            {"error": {"code": "body_too_large", "message": f"the body exceeds {site.max_body} bytes"}}
+        ).encode() + b"\n"
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        # Closing at once with the body still arriving would make the kernel
+        # reset the connection and the client could lose the answer: close our
+        # side for writing, keep reading (and discarding), and abort only if
+        # the client has not gone within a few seconds.
+        if ITCPTransport.providedBy(transport):
+            transport.loseWriteConnection()
+            site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
+        else:
+            transport.loseConnection()
+        if site.api.metrics is not None:
+            site.api.metrics.http_request("unrouted", "-", 413)
+
+
 class ApiSite(Site):
-    """The API's Site, counting each finished request by route template and status."""
+    """The API's Site: bounds request bodies, and counts requests by route template and status."""
+
+    requestFactory = _BoundedRequest
 
     def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
+        fmt = api.settings.audio
+        # The largest body a route takes: a /play prompt as long as a leg's queue.
+        self.max_body = max(MAX_BODY, round(api.settings.max_queue_ms / 1000 * fmt.rate) * fmt.sample_bytes)
 
     def log(self, request: IRequest) -> None:
         super().log(request)
@@ -440,6 +502,11 @@ def _read_json(request: IRequest, *, allowed: set[str], required: bool) -> dict[
         if required:
             raise ApiError(400, "bad_body", "a JSON object body is required")
         return {}
+    media, _ = _content_type(request)
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise ApiError(
+            400, "bad_content_type", f"send the body as application/json, not {media}"
+        )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:

@@ -32,6 +32,9 @@ class ILegObserver(Interface):
     def callEnded(call_id: str) -> None:
         """The last leg of a call id is gone."""
 
+    def connectionEnded(connection: AudioSocketProtocol) -> None:
+        """A connection ended before it became a leg (no UUID: refused, timed out, closed)."""
+
 
 @implementer(ILegObserver)
 class LegEvents:
@@ -64,6 +67,9 @@ class LegEvents:
     def callEnded(self, call_id: str) -> None:
         self._tell("callEnded", call_id)
 
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+        self._tell("connectionEnded", connection)
+
 
 @implementer(ILegObserver)
 class RecentLegs:
@@ -82,6 +88,9 @@ class RecentLegs:
         self._ended.appendleft(leg.summary())
 
     def callEnded(self, call_id: str) -> None:
+        pass
+
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
         pass
 
     def latest(self, limit: int) -> list[dict[str, Any]]:

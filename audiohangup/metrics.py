@@ -48,6 +48,11 @@ class Metrics:
             "audiohangup_legs_ended", "Legs gone, by close reason and hangup cause.",
             ["reason", "cause"], registry=self.collectors,
         )
+        self.connections_without_leg = Counter(
+            "audiohangup_connections_without_leg",
+            "Connections that ended before their UUID, by close reason (over_capacity among them).",
+            ["reason"], registry=self.collectors,
+        )
         self.hangups_sent = Counter(
             "audiohangup_hangups_sent", "Hangup frames we sent, by cause.", ["cause"], registry=self.collectors
         )
@@ -96,6 +101,10 @@ class Metrics:
 
     def callEnded(self, call_id: str) -> None:
         pass
+
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+        assert connection.close_reason is not None
+        self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
 
     # Told by the others
 

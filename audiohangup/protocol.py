@@ -12,6 +12,7 @@ the leg ended (see L{audiohangup.reasons}) and logs it once.
 from __future__ import annotations
 
 import enum
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,10 +47,18 @@ class LegSettings:
     idle_timeout: float = 0.0
     max_duration: float = 0.0
     playout_timeout: float = 10.0
+    max_legs: int = 2000
+    max_unsent_ms: int = 2000
 
     @property
     def max_queue_frames(self) -> int:
         return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
+
+    @property
+    def max_unsent_bytes(self) -> int:
+        """Outbound bytes a leg may leave unsent before it counts as a slow consumer."""
+        frames = max(1, int(self.max_unsent_ms / (FRAME_SECONDS * 1000)))
+        return frames * len(self.audio.silence_frame)
 
 
 class LegState(str, enum.Enum):
@@ -168,11 +177,52 @@ class AudioSocketProtocol(Protocol):
     def connectionMade(self) -> None:
         self.connected_at = self.last_frame_at = self.reactor.seconds()
         self.peer = describe_address(self.transport.getPeer())
+        if self.registry.connection_count >= self.settings.max_legs:
+            self._closeFor(
+                CloseReason.OVER_CAPACITY,
+                f"{self.registry.connection_count} connections open, --max-legs {self.settings.max_legs}",
+            )
+            return
+        self.registry.connected(self)
         if ITCPTransport.providedBy(self.transport):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             self.transport.setTcpNoDelay(True)
-        self.registry.connected(self)
+        self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
+
+    def _watchBackPressure(self) -> None:
+        """
+        A peer that stops reading must not grow our memory: the transport
+        pauses its producer (this leg) once more than C{max_unsent_bytes} wait
+        in its buffer, and the leg is then aborted as C{slow_consumer}. A small
+        kernel send buffer keeps that bound close to what is really unsent.
+        """
+        bound = self.settings.max_unsent_bytes
+        self.transport.bufferSize = bound
+        if ITCPTransport.providedBy(self.transport):
+            try:
+                self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bound)
+            except (OSError, AttributeError):
+                pass  # not a real socket (a test transport): the Twisted bound still holds
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer: the transport tells us when the peer is not keeping up.
+
+    def pauseProducing(self) -> None:
+        if self.state is LegState.CLOSED or self._decided is CloseReason.SLOW_CONSUMER:
+            return
+        unsent = self.settings.max_unsent_ms
+        self._decided = CloseReason.SLOW_CONSUMER
+        self._detail = f"more than {unsent} ms of audio unsent"
+        if self.state is not LegState.CLOSING:
+            self._beginClosing()
+        self.transport.abortConnection()
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)

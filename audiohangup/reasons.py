@@ -75,6 +75,10 @@ class CloseReason(_Named):
     PEER_ERROR = ("peer_error", LogLevel.warn, "peer sent an error frame")
     PROTOCOL_ERROR = ("protocol_error", LogLevel.warn, "frame out of order or malformed")
     UUID_TIMEOUT = ("uuid_timeout", LogLevel.warn, "no UUID frame in time")
+    OVER_CAPACITY = ("over_capacity", LogLevel.warn, "refused: the server holds --max-legs connections")
+    SLOW_CONSUMER = (
+        "slow_consumer", LogLevel.warn, "aborted: the peer stopped reading what we sent"
+    )
     INTERNAL_ERROR = (
         "internal_error",
         LogLevel.critical,
@@ -119,14 +123,16 @@ def classify(*, hangup_sent: bool, decided: CloseReason | None, loss: Loss) -> C
     """
     if loss is Loss.OTHER:
         return CloseReason.INTERNAL_ERROR
+    if decided is not None:
+        # Decided before the socket went (nothing is sent after such a
+        # decision), or a peer too slow to take even our hangup.
+        return decided
     if hangup_sent:
         return {
             Loss.CLEAN: CloseReason.HANGUP_CLEAN,
             Loss.RESET: CloseReason.HANGUP_RESET,
             Loss.ABORTED: CloseReason.HANGUP_TIMEOUT,
         }[loss]
-    if decided is not None:
-        return decided
     if loss is Loss.CLEAN:
         return CloseReason.PEER_CLOSED
     # A reset, or an abort nobody asked for: the peer's fault either way.

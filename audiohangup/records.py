@@ -384,6 +384,9 @@ class CallRecords:
     def callEnded(self, call_id: str) -> None:
         pass
 
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+        """A connection that never became a leg has no record (no call id)."""
+
     def _write(self, leg: Any, what: str, work: Callable[..., None], *args: Any) -> None:
         call_id, role = getattr(leg, "call_id", None) or "-", getattr(leg, "role", "-")
         if self._state is _State.OPENING or self._state is _State.OPEN:

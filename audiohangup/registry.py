@@ -57,6 +57,7 @@ class Registry:
         """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
         if connection.call_id is None:
+            self.events.connectionEnded(connection)
             return
         self.events.legEnded(connection)
         session = self._sessions.get(connection.call_id)
@@ -85,6 +86,10 @@ class Registry:
     def calls(self) -> dict[str, list[AudioSocketProtocol]]:
         """Every call with its legs, in call id order."""
         return {call_id: self._sessions[call_id].ordered() for call_id in sorted(self._sessions)}
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
 
     def connections(self) -> list[AudioSocketProtocol]:
         """Every open connection, with or without a UUID yet."""

@@ -56,6 +56,8 @@ class Config:
     idle_timeout: float = 0.0
     max_duration: float = 0.0
     playout_timeout: float = 10.0
+    max_legs: int = 2000
+    max_unsent_ms: int = 2000
 
     def leg_settings(self) -> LegSettings:
         return LegSettings(
@@ -66,6 +68,8 @@ class Config:
             idle_timeout=self.idle_timeout,
             max_duration=self.max_duration,
             playout_timeout=self.playout_timeout,
+            max_legs=self.max_legs,
+            max_unsent_ms=self.max_unsent_ms,
         )
 
     def endpoint(self, role: Role) -> str:

@@ -55,6 +55,20 @@ def _days(name: str) -> Callable[[str], float]:
     return coerce
 
 
+def _whole(name: str, *, low: int) -> Callable[[str], int]:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low:
+            raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")
+        return number
+
+    coerce.coerceDoc = f"A whole number, at least {low}."  # type: ignore[attr-defined]
+    return coerce
+
+
 def _milliseconds(name: str) -> Callable[[str], int]:
     def coerce(value: str) -> int:
         try:
@@ -103,6 +117,16 @@ class Options(usage.Options):
             "uuid-timeout", None, Config.uuid_timeout,
             "Seconds a new connection has to send its UUID frame.",
             _seconds("--uuid-timeout"),
+        ],
+        [
+            "max-legs", None, Config.max_legs,
+            "Connections held at most; one more is closed at once (reason over_capacity).",
+            _whole("--max-legs", low=1),
+        ],
+        [
+            "max-unsent-ms", None, Config.max_unsent_ms,
+            "Audio a leg may leave unsent before it is aborted as a slow consumer.",
+            _milliseconds("--max-unsent-ms"),
         ],
         [
             "records", None, Config.records,
@@ -206,6 +230,8 @@ class Options(usage.Options):
             records_keep_days=self["records-keep-days"],
             webhooks=tuple(self["webhook"]),
             webhook_secret=self["webhook-secret"],
+            max_legs=self["max-legs"],
+            max_unsent_ms=self["max-unsent-ms"],
             flow=self["flow"],
             audio=self["audio"],
             max_queue_ms=self["max-queue-ms"],

@@ -308,6 +308,9 @@ class Webhooks:
     def callEnded(self, call_id: str) -> None:
         self._event("call_ended", None, call_id)
 
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+        """A connection that never became a leg sends no event (no call id)."""
+
     def _event(self, event: str, leg: AudioSocketProtocol | None, call_id: str | None = None) -> None:
         try:
             if not self._accepting or not self.urls:

@@ -314,7 +314,8 @@ class ClassifyTests(SynchronousTestCase):
         """The levels the product promises."""
         warn = {r for r in CloseReason if r.level is LogLevel.warn}
         self.assertEqual(
-            {r.value for r in warn}, {"peer_reset", "peer_error", "protocol_error", "uuid_timeout"}
+            {r.value for r in warn},
+            {"peer_reset", "peer_error", "protocol_error", "uuid_timeout", "over_capacity", "slow_consumer"},
         )
         for name in ("hangup_clean", "hangup_reset", "hangup_timeout", "peer_closed", "peer_hangup"):
             self.assertIs(CloseReason(name).level, LogLevel.info)

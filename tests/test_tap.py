@@ -30,7 +30,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 OPTION_NAMES = (
     "visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token",
     "records", "records-keep-days", "flow", "audio", "max-queue-ms", "on-leg-end",
-    "idle-timeout", "max-duration", "playout-timeout",
+    "idle-timeout", "max-duration", "playout-timeout", "max-legs", "max-unsent-ms",
 )
 
 
@@ -76,6 +76,8 @@ class OptionsDefaultsTests(EnvironmentMixin, SynchronousTestCase):
                 "idle-timeout": 0.0,
                 "max-duration": 0.0,
                 "playout-timeout": 10.0,
+                "max-legs": 2000,
+                "max-unsent-ms": 2000,
             },
         )
 
@@ -267,6 +269,8 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--playout-timeout", "0"], "a positive number"),
             (["--records", ""], "--records needs a file path"),
             (["--records-keep-days", "-3"], "0 (forever) or a positive number of days"),
+            (["--max-legs", "0"], "--max-legs must be a whole number of at least 1"),
+            (["--max-unsent-ms", "5"], "at least 20"),
         ]:
             error = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(fragment, str(error), args)

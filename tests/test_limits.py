@@ -1,0 +1,180 @@
+"""
+Resource bounds: --max-legs, slow consumers, HTTP bodies and content types,
+and running out of file descriptors (EMFILE) in a real twistd process.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import uuid
+from typing import Any
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
+from twisted.logger import LogLevel
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from audiohangup.reasons import CloseReason, Role
+from tests.conftest import LogCapture, Server, until
+from tests.fake_asterisk import FakeAsterisk, connect
+from tests.test_twistd import get_json, settle, spawn, start_server, wait_for_legs  # noqa: F401 (fixture)
+
+
+async def metric(server: Server, name: str, **labels: str) -> float:
+    response = await treq.get(f"{server.url}/metrics", persistent=False)
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_capacity(make_server: Any, logs: LogCapture) -> None:
+    """Past --max-legs a new connection is closed at once, logged at warn and counted."""
+    server = await make_server(max_legs=2)
+    held = []
+    for _ in range(2):
+        client = await connect(server.port("visitor"))
+        client.send_uuid(uuid.uuid4())
+        held.append(client)
+    await until(lambda: len(server.registry) == 2)
+    refused = await connect(server.port("resident"))
+    assert isinstance(await refused.closed, ConnectionDone)
+    assert refused.frames == []
+    [event] = [e for e in logs.ended() if e["reason"] is CloseReason.OVER_CAPACITY]
+    assert event["log_level"] is LogLevel.warn
+    assert "--max-legs 2" in event["detail"]
+    assert await metric(server, "audiohangup_connections_without_leg_total", reason="over_capacity") == 1
+    assert len(server.registry) == 2
+
+    held[0].close()
+    await until(lambda: len(server.registry) == 1)
+    again = await connect(server.port("resident"))
+    again.send_uuid(uuid.uuid4())
+    await until(lambda: len(server.registry) == 2, what="a connection accepted again")
+    for client in (held[1], again):
+        client.close()
+    await until(lambda: not server.registry.connections())
+
+
+class NotReading(FakeAsterisk):
+    """A peer that stops reading at once, with a small receive buffer, as a stuck Asterisk would."""
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        super().connectionMade()
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_aborted(make_server: Any, logs: LogCapture) -> None:
+    """
+    A peer that stops reading is aborted as slow_consumer once the unsent
+    audio passes the bound; what the server buffers never exceeds it.
+    """
+    server = await make_server(max_unsent_ms=200)
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port("visitor")), NotReading())
+    call_id = uuid.uuid4()
+    client.send_uuid(call_id)
+    leg = await until(lambda: server.registry.get(str(call_id), Role.VISITOR))
+    bound = leg.settings.max_unsent_bytes
+    peak = 0
+
+    def buffered() -> bool:
+        nonlocal peak
+        transport = leg.transport
+        if transport is not None and hasattr(transport, "dataBuffer"):
+            peak = max(peak, len(transport.dataBuffer) + transport._tempDataLen)
+        return leg.close_reason is not None
+
+    await until(buffered, timeout=30, what="the slow consumer to be aborted")
+    assert leg.close_reason is CloseReason.SLOW_CONSUMER
+    assert peak <= bound + len(leg.format.silence_frame)
+    [event] = logs.ended(str(call_id))
+    assert event["log_level"] is LogLevel.warn and "200 ms" in event["detail"]
+    assert len(server.registry) == 0
+    client.transport.resumeProducing()
+    await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None:
+    server = await make_server(max_queue_ms=100)
+    call = uuid.uuid4()
+    big = b"x" * (200 * 1024)
+    response = await treq.post(f"{server.url}/calls/{call}/hangup", data=big, persistent=False)
+    assert response.code == 413
+    assert (await response.json())["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: the limit holds as the chunks arrive
+        from twisted.web.client import FileBodyProducer
+        import io
+
+        producer = FileBodyProducer(io.BytesIO(big))
+        producer.length = UNKNOWN_LENGTH  # sent chunked
+        return producer
+
+    response = await treq.post(f"{server.url}/api/hangup", data=chunks(), persistent=False)
+    assert response.code == 413
+
+    response = await treq.post(
+        f"{server.url}/api/hangup", data=b"call_id=x", persistent=False,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    body = await response.json()
+    assert (response.code, body["error"]["code"]) == (400, "bad_content_type")
+    assert "application/json" in body["error"]["message"]
+    response = await treq.post(f"{server.url}/api/hangup", json={"call_id": str(call), "x": 1}, persistent=False)
+    assert (response.code, (await response.json())["error"]["code"]) == (400, "unknown_field")
+    assert await metric(server, "audiohangup_http_requests_total", route="unrouted", method="-", status="413") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_file_descriptors(spawn: Any, logs: LogCapture) -> None:
+    """
+    EMFILE: the server logs it, keeps its live legs going, refuses what it
+    cannot accept, and accepts again once descriptors are free.
+    """
+    child, ports = await start_server(spawn, "--records", "none")
+    base = f"http://127.0.0.1:{ports['http']}"
+    pid = child.transport.pid
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (fds + 2, hard))
+
+    live: list[FakeAsterisk] = []
+    refused = None
+    for _ in range(10):
+        client = await connect(ports["audiosocket-visitor"])
+        client.send_uuid(uuid.uuid4())
+        await until(lambda: client.frames or client.closed.called, what="a frame or a close")
+        if not client.frames:
+            refused = client  # accepted into the reserved descriptor, then closed
+            break
+        live.append(client)
+    assert live and refused is not None, (len(live), child.describe())
+    await until(lambda: "EMFILE recovery: Closed socket" in child.log, what="the EMFILE log line")
+
+    # The live legs are still served: their silence keeps coming.
+    counts = [len(client.frames) for client in live]
+    await until(lambda: all(len(c.frames) > n + 5 for c, n in zip(live, counts)), what="frames on live legs")
+
+    live[0].close()
+    await until(lambda: len(os.listdir(f"/proc/{pid}/fd")) < fds + 2, what="a descriptor freed")
+    again = await connect(ports["audiosocket-visitor"])
+    again.send_uuid(uuid.uuid4())
+    await until(lambda: len(again.frames) > 0, what="a new leg served after EMFILE")
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    await wait_for_legs(base, len(live))
+    child.signal("TERM")
+    await child.exit()
+    assert "Traceback" not in child.output, child.describe()
+    assert "Unhandled" not in child.output, child.describe()
