@@ -235,7 +235,7 @@ class ControlAPI:
                 raise ApiError(400, "wrong_channels", "the legs carry mono audio")
         elif media not in _G711_TYPES[fmt.name]:
             raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
-        limit = round(self.settings.max_queue_ms / 1000 * fmt.rate) * fmt.sample_bytes
+        limit = self.settings.max_play_bytes
         audio = request.content.read(limit + 1) if request.content is not None else b""
         if len(audio) > limit:
             raise ApiError(
@@ -375,9 +375,8 @@ class ApiSite(Site):
     def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
-        fmt = api.settings.audio
         # The largest body a route takes: a /play prompt as long as a leg's queue.
-        self.max_body = max(MAX_BODY, round(api.settings.max_queue_ms / 1000 * fmt.rate) * fmt.sample_bytes)
+        self.max_body = max(MAX_BODY, api.settings.max_play_bytes)
 
     def log(self, request: IRequest) -> None:
         super().log(request)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
@@ -53,6 +54,11 @@ class LegSettings:
     @property
     def max_queue_frames(self) -> int:
         return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
+
+    @property
+    def max_play_bytes(self) -> int:
+        """The longest raw audio a leg's queue holds whole: what /play accepts."""
+        return self.max_queue_frames * self.audio.frame_bytes
 
     @property
     def max_unsent_bytes(self) -> int:
@@ -137,6 +143,7 @@ class AudioSocketProtocol(Protocol):
         self._forwarded_at = float("-inf")
         self._after_playout: HangupCause | None = None
         self._wrong_kind_logged = False
+        self._sendNow = False
 
     def logPrefix(self) -> str:
         return f"audiosocket-{self.role}"
@@ -187,6 +194,11 @@ class AudioSocketProtocol(Protocol):
         if ITCPTransport.providedBy(self.transport):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             self.transport.setTcpNoDelay(True)
+        # A plain TCP transport (not TLS, not a test double) can take a frame
+        # straight away when its buffer is empty; see _write.
+        self._sendNow = isinstance(self.transport, tcp.Connection) and hasattr(
+            self.transport, "_tempDataBuffer"
+        )
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
@@ -341,7 +353,19 @@ class AudioSocketProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
         self.bytes_out += len(data)
-        self.transport.write(data)
+        transport = self.transport
+        if self._sendNow and not transport.dataBuffer and not transport._tempDataBuffer:
+            # Nothing is queued ahead of this frame: send it now rather than at
+            # the reactor's next write pass, which comes only after every other
+            # socket that was readable has been read (a whole burst of legs),
+            # and costs two epoll_ctl calls per frame. What the socket does not
+            # take, Twisted buffers as usual, in order.
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
 
     def forward(self, frame: Frame) -> None:
         """

@@ -1,6 +1,7 @@
 """
-Shared fixtures: a real server on loopback ports, log capture that fails a
-test on any traceback or unhandled error, and a bounded wait for conditions.
+Shared fixtures: a real server on loopback ports, twistd child processes, log
+capture that fails a test on any traceback or unhandled error, and a bounded
+wait for conditions.
 """
 
 from __future__ import annotations
@@ -114,3 +115,30 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
 @pytest_twisted.async_yield_fixture
 async def server(make_server: Callable[..., Awaitable[Server]]) -> AsyncIterator[Server]:
     yield await make_server()
+
+
+@pytest_twisted.async_yield_fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """
+    Start a child in C{tmp_path} with a copy of the environment; kill any
+    child still running when the test ends, pass or fail.
+    """
+    import os
+
+    from twisted.internet import reactor
+
+    from tests.twistd_child import Child
+
+    children: list[Child] = []
+
+    def start(executable: str, *args: str) -> Child:
+        child = Child([executable, *args])
+        reactor.spawnProcess(child, executable, [executable, *args], env=dict(os.environ), path=str(tmp_path))
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.ended is None:
+            child.signal("KILL")
+            await child.exit(timeout=10)

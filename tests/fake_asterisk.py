@@ -54,10 +54,13 @@ class FakeAsterisk(Protocol):
         if self.got_hangup:
             self.bytes_after_hangup += len(data)
             return
-        for index, frame in enumerate(self._decoder.feed(data)):
+        frames = self._decoder.feed(data)
+        for index, frame in enumerate(frames):
             self.frames.append(frame)
             if frame.kind == Kind.HANGUP:
                 self.got_hangup = True
+                # Whatever came in the same chunk after the hangup counts too.
+                self.bytes_after_hangup += sum(len(f.encode()) for f in frames[index + 1 :])
                 self.bytes_after_hangup += self._decoder.buffered
                 self.hangup_received.callback(None)
                 if self.on_hangup == "reset":

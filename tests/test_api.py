@@ -262,6 +262,17 @@ class PlayTests(StubbedAPITestCase):
         self.assertTrue(visitor.live)
 
 
+class OddQueuePlayTests(StubbedAPITestCase):
+    settings = LegSettings(max_queue_ms=110)  # not a whole number of 20 ms frames
+
+    def test_playFitsTheQueueWhole(self) -> None:
+        """/play takes only what the queue holds whole: never drops the start of a prompt."""
+        self.leg()
+        status, body, _ = self.request("POST", f"/calls/{CALL}/play", data=b"\x01\x00" * 800, headers=L16)
+        self.assertEqual((status, body["legs"][0]["dropped_frames"]), (200, 0))
+        self.assertError("POST", f"/calls/{CALL}/play", 413, "audio_too_long", data=b"\x01\x00" * 880, headers=L16)
+
+
 class G711PlayTests(StubbedAPITestCase):
     settings = LegSettings(audio=FORMATS["ulaw"])
 

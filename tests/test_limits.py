@@ -22,7 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from audiohangup.reasons import CloseReason, Role
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
-from tests.test_twistd import get_json, settle, spawn, start_server, wait_for_legs  # noqa: F401 (fixture)
+from tests.twistd_child import start_server, wait_for_legs
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
