@@ -11,9 +11,11 @@ import functools
 import hmac
 import json
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import gatherResults
@@ -24,6 +26,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
+from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
 from audiohangup.events import RecentLegs
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
@@ -31,6 +34,9 @@ from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
+
+if TYPE_CHECKING:
+    from audiohangup.directory import LegEntry
 
 #: The largest JSON body the API reads; its bodies are a few dozen bytes.
 MAX_BODY = 64 * 1024
@@ -101,12 +107,14 @@ class ControlAPI:
         metrics: Metrics | None = None,
         recent: RecentLegs | None = None,
         records: CallRecords | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
         self.metrics = metrics
         self.recent = recent
         self.records = records
+        self.cluster = cluster
         self._token = api_token.encode() if api_token else None
 
     def authorize(self, request: IRequest) -> None:
@@ -173,9 +181,27 @@ class ControlAPI:
 
     @app.route("/calls", methods=["GET"])
     @_protected
-    def calls(self, request: IRequest) -> bytes:
-        calls = [_call_view(call_id, legs) for call_id, legs in self.registry.calls().items()]
-        return _json(request, 200, {"calls": calls})
+    async def calls(self, request: IRequest) -> bytes:
+        """Live calls: this instance's (C{scope=local}), or every instance's (C{scope=cluster})."""
+        scope = _query(request, "scope") or "local"
+        if scope == "local":
+            calls = [_call_view(call_id, legs) for call_id, legs in self.registry.calls().items()]
+            return _json(request, 200, {"calls": calls})
+        if scope != "cluster":
+            raise ApiError(400, "bad_scope", f"scope must be local or cluster, not {scope!r}")
+        if self.cluster is None:
+            raise ApiError(404, "cluster_off", "this instance runs alone (no --redis)")
+        from audiohangup.directory import DirectoryUnavailable
+
+        try:
+            entries = await self.cluster.directory.legs()
+        except DirectoryUnavailable as error:
+            raise _redis_unavailable(error) from None
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for entry in sorted(entries, key=lambda e: (e.call_id, _ROLE_ORDER.get(e.role, 9))):
+            leg = asdict(entry)
+            grouped.setdefault(leg.pop("call_id"), []).append(leg)
+        return _json(request, 200, {"calls": [{"call_id": c, "legs": legs} for c, legs in grouped.items()]})
 
     @app.route("/calls/<string:call_id>", methods=["GET"])
     @_protected
@@ -263,22 +289,88 @@ class ControlAPI:
     async def _hangup(self, request: IRequest, call_id: str, role: Role | None) -> bytes:
         wait = _flag(request, "wait")
         after_playout = _flag(request, "after_playout")
-        answers = []
+        cause = _cause(request)
+        held = self.registry.call(call_id)
+        mine = held if role is None else [leg for leg in held if leg.role is role]
+        remote: dict[str, LegEntry] = {}
+        if self.cluster is not None and not _forwarded(request) and (role is None or not mine):
+            local_roles = {leg.role.value for leg in held}
+            remote = {
+                name: entry
+                for name, entry in (await self._owners(call_id)).items()
+                if entry.instance_id != self.cluster.instance_id and name not in local_roles
+                and (role is None or name == role.value)
+            }
+            if role is not None and remote:
+                # Not held here: the owner answers, and its answer is ours.
+                return await self._relay(request, remote[role.value], request.uri)
+        if not mine and not remote:
+            self._live_legs(call_id, role)  # raises the right 404
+        answers: list[dict[str, Any]] = []
         gone = []
-        for leg in self._live_legs(call_id, role):
+        for leg in mine:
             if not leg.live:
                 result = "already_closing"
             elif after_playout and leg.queue:
                 result = "hangup_after_playout"
             else:
                 result = "hangup_sent"
-            gone.append(leg.hangupAfterPlayout(HangupCause.API) if after_playout else leg.hangup(HangupCause.API))
+            gone.append(leg.hangupAfterPlayout(cause) if after_playout else leg.hangup(cause))
             answers.append({"role": leg.role, "result": result})
         if wait:
             reasons = await gatherResults(gone)
             for answer, reason in zip(answers, reasons):
                 answer["reason"] = reason
+        for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]]):
+            path = _with_query(request.uri, role=name)
+            status, body = await self._forward(request, entry, path)
+            if status == 200:
+                answers.extend(json.loads(body).get("legs", []))
+        if not answers:
+            raise _unknown_call(call_id)
         return _json(request, 200, {"call_id": call_id, "legs": answers})
+
+    async def _owners(self, call_id: str) -> dict[str, LegEntry]:
+        from audiohangup.directory import DirectoryUnavailable
+
+        assert self.cluster is not None
+        try:
+            return await self.cluster.directory.owners(call_id)
+        except DirectoryUnavailable as error:
+            raise _redis_unavailable(error) from None
+
+    async def _forward(self, request: IRequest, entry: LegEntry, path: bytes) -> tuple[int, bytes]:
+        assert self.cluster is not None
+        request.content.seek(0)
+        headers = {
+            "Authorization": request.getHeader("authorization"),
+            "Content-Type": request.getHeader("content-type"),
+        }
+        try:
+            return await self.cluster.forward(entry.url, entry.instance_id, request.method, path, request.content.read(), headers)
+        except OwnerUnreachable as error:
+            raise ApiError(502, "owner_unreachable", str(error)) from None
+
+    async def _relay(self, request: IRequest, entry: LegEntry, path: bytes) -> bytes:
+        status, body = await self._forward(request, entry, path)
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json")
+        request.setHeader("x-audiohangup-answered-by", entry.instance_id)
+        return body
+
+    @app.route("/instances", methods=["GET"])
+    @_protected
+    async def instances(self, request: IRequest) -> bytes:
+        """The live instances of the cluster, from the directory."""
+        if self.cluster is None:
+            raise ApiError(404, "cluster_off", "this instance runs alone (no --redis)")
+        from audiohangup.directory import DirectoryUnavailable
+
+        try:
+            found = await self.cluster.directory.instances()
+        except DirectoryUnavailable as error:
+            raise _redis_unavailable(error) from None
+        return _json(request, 200, {"instances": [asdict(instance) for instance in found]})
 
     # Errors: declaration order is the order Klein tries them in.
 
@@ -388,6 +480,33 @@ class ApiSite(Site):
 
 def _call_view(call_id: str, legs: list[AudioSocketProtocol]) -> dict[str, Any]:
     return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
+
+
+_ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
+
+
+def _redis_unavailable(error: Exception) -> ApiError:
+    return ApiError(503, "redis_unavailable", f"the call directory (Redis) is unreachable: {error}")
+
+
+def _forwarded(request: IRequest) -> bool:
+    return request.getHeader(FORWARDED_BY) is not None
+
+
+def _cause(request: IRequest) -> HangupCause:
+    """API, unless another instance forwarded the hangup with its own cause (session)."""
+    given = request.getHeader(CAUSE)
+    if given is not None and _forwarded(request) and given in FORWARDABLE_CAUSES:
+        return HangupCause(given)
+    return HangupCause.API
+
+
+def _with_query(uri: bytes, **params: str) -> bytes:
+    """The request's path and query with some parameters set."""
+    parts = urlsplit(uri.decode("latin-1"))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query += list(params.items())
+    return urlunsplit(("", "", parts.path, urlencode(query), "")).encode("latin-1")
 
 
 def _unknown_call(call_id: str) -> ApiError:

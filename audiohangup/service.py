@@ -6,6 +6,8 @@ on one reactor and one registry, and a shutdown that drains live legs.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 from twisted.application.internet import StreamServerEndpointService
@@ -23,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from audiohangup.api import ApiSite, ControlAPI
+from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.metrics import Metrics
 from audiohangup.audio import FORMATS
@@ -58,6 +61,10 @@ class Config:
     playout_timeout: float = 10.0
     max_legs: int = 2000
     max_unsent_ms: int = 2000
+    redis: str | None = None
+    instance_id: str = ""
+    advertise_url: str | None = None
+    heartbeat: float = 2.0
 
     def leg_settings(self) -> LegSettings:
         return LegSettings(
@@ -93,6 +100,7 @@ class AudioHangupService(MultiService):
         *,
         records: CallRecords | None = None,
         webhooks: Webhooks | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -100,12 +108,18 @@ class AudioHangupService(MultiService):
         self.reactor = reactor
         self.records = records
         self.webhooks = webhooks
+        self.cluster = cluster
 
     def startService(self) -> None:
         # Before the reactor runs, so no leg can start ahead of the store:
         # the writes of the first legs queue behind the opening.
         if self.records is not None:
             Deferred.fromCoroutine(self.records.open()).addErrback(self._recordsFailed)
+        if self.cluster is not None:
+            # Never fails for want of Redis: the directory keeps trying by itself.
+            Deferred.fromCoroutine(self.cluster.directory.start()).addErrback(
+                lambda failure: self.log.failure("the call directory did not start", failure)
+            )
         super().startService()
 
     def _recordsFailed(self, failure: Failure) -> None:
@@ -124,6 +138,9 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        if self.cluster is not None:
+            await self.cluster.directory.stop()
+            await self.cluster.stop()
         # The legs' last events are out now: deliver them (bounded), then close the store.
         if self.webhooks is not None:
             await self.webhooks.stop()
@@ -168,15 +185,28 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
     if config.webhooks:
         webhooks = Webhooks(list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics)
         registry.events.add(webhooks)
+    cluster = None
+    if config.redis:
+        from audiohangup.directory import Directory
+
+        instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        directory = Directory(
+            config.redis, instance_id, config.advertise_url or "", registry, reactor,
+            heartbeat=config.heartbeat,
+        )
+        cluster = Cluster(directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg)
+        registry.events.add(directory)
+        registry.events.add(cluster)
     service = AudioHangupService(  # type: ignore[arg-type]
-        registry, settings, reactor, records=records, webhooks=webhooks
+        registry, settings, reactor, records=records, webhooks=webhooks, cluster=cluster
     )
     for role in Role:
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
     api = ControlAPI(
-        registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent, records=records
+        registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
+        records=records, cluster=cluster,
     )
     site = ApiSite(api, reactor)  # type: ignore[arg-type]
     Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)

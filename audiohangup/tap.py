@@ -129,6 +129,24 @@ class Options(usage.Options):
             _milliseconds("--max-unsent-ms"),
         ],
         [
+            "redis", None, None,
+            "Redis URL (redis://host:port/db or unix:///path) of the call directory shared "
+            "by several instances; without it this instance runs alone.",
+        ],
+        [
+            "instance-id", None, None,
+            "This instance's name in the directory (default: hostname-pid).",
+        ],
+        [
+            "advertise-url", None, None,
+            "URL other instances reach this instance's API at (required with --redis).",
+        ],
+        [
+            "heartbeat", None, Config.heartbeat,
+            "Seconds between directory heartbeats; entries live three heartbeats.",
+            _seconds("--heartbeat"),
+        ],
+        [
             "records", None, Config.records,
             "SQLite file of call records (one row per leg), or 'none' to keep none.",
         ],
@@ -207,6 +225,13 @@ class Options(usage.Options):
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:
             raise usage.UsageError(f"--webhook: {error}") from None
+        if self["redis"] is not None:
+            if not self["redis"].startswith(("redis://", "unix://")):
+                raise usage.UsageError("--redis must be a redis://host:port/db or unix:///path URL")
+            if not self["advertise-url"]:
+                raise usage.UsageError("--advertise-url is required with --redis: other instances forward to it")
+            if not self["advertise-url"].startswith(("http://", "https://")):
+                raise usage.UsageError("--advertise-url must be an http:// or https:// URL")
         if not self["records"]:
             raise usage.UsageError("--records needs a file path, or 'none'")
         try:
@@ -230,6 +255,10 @@ class Options(usage.Options):
             records_keep_days=self["records-keep-days"],
             webhooks=tuple(self["webhook"]),
             webhook_secret=self["webhook-secret"],
+            redis=self["redis"],
+            instance_id=self["instance-id"] or "",
+            advertise_url=self["advertise-url"],
+            heartbeat=self["heartbeat"],
             max_legs=self["max-legs"],
             max_unsent_ms=self["max-unsent-ms"],
             flow=self["flow"],

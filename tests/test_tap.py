@@ -31,6 +31,7 @@ OPTION_NAMES = (
     "visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token",
     "records", "records-keep-days", "flow", "audio", "max-queue-ms", "on-leg-end",
     "idle-timeout", "max-duration", "playout-timeout", "max-legs", "max-unsent-ms",
+    "redis", "instance-id", "advertise-url", "heartbeat",
 )
 
 
@@ -78,6 +79,10 @@ class OptionsDefaultsTests(EnvironmentMixin, SynchronousTestCase):
                 "playout-timeout": 10.0,
                 "max-legs": 2000,
                 "max-unsent-ms": 2000,
+                "redis": None,
+                "instance-id": None,
+                "advertise-url": None,
+                "heartbeat": 2.0,
             },
         )
 
@@ -254,6 +259,17 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
         settings = config.leg_settings()
         self.assertEqual((settings.audio.name, settings.max_queue_frames), ("slin16", 25))
 
+    def test_cluster_options(self) -> None:
+        config = parse(
+            "--redis", "unix:///run/redis.sock", "--advertise-url", "http://10.0.0.5:8080",
+            "--instance-id", "ah-1", "--heartbeat", "0.5",
+        ).config()
+        self.assertEqual(
+            (config.redis, config.advertise_url, config.instance_id, config.heartbeat),
+            ("unix:///run/redis.sock", "http://10.0.0.5:8080", "ah-1", 0.5),
+        )
+        self.assertEqual((parse().config().redis, parse().config().instance_id), (None, ""))
+
     def test_custom_flow_by_dotted_path(self) -> None:
         self.assertEqual(parse("--flow", "audiohangup.flows.SilenceFlow")["flow"], "audiohangup.flows.SilenceFlow")
 
@@ -271,6 +287,10 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--records-keep-days", "-3"], "0 (forever) or a positive number of days"),
             (["--max-legs", "0"], "--max-legs must be a whole number of at least 1"),
             (["--max-unsent-ms", "5"], "at least 20"),
+            (["--redis", "redis://127.0.0.1:6379/0"], "--advertise-url is required with --redis"),
+            (["--redis", "http://x", "--advertise-url", "http://a:8080"], "--redis must be a redis://"),
+            (["--redis", "redis://h:1", "--advertise-url", "a:8080"], "--advertise-url must be an http"),
+            (["--heartbeat", "0"], "a positive number"),
         ]:
             error = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(fragment, str(error), args)

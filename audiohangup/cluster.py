@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_cluster -*-
+"""
+Several instances behind one API: a control request for a leg this instance
+does not hold is forwarded, with treq, to the instance the Redis directory
+names as its owner, and a session whose legs landed on different instances
+still ends together.
+
+A forwarded request carries C{X-Audiohangup-Forwarded-By}: an instance never
+forwards such a request again, so a stale directory entry cannot make two
+instances bounce a request between them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
+
+from audiohangup.events import ILegObserver
+from audiohangup.reasons import HangupCause
+
+if TYPE_CHECKING:
+    from audiohangup.directory import Directory
+    from audiohangup.protocol import AudioSocketProtocol
+
+FORWARDED_BY = "X-Audiohangup-Forwarded-By"
+#: On a forwarded hangup: the cause to record (C{session} when a session ends across instances).
+CAUSE = "X-Audiohangup-Cause"
+FORWARDABLE_CAUSES = {HangupCause.API.value, HangupCause.SESSION.value}
+
+
+class OwnerUnreachable(Exception):
+    """The instance that owns a leg did not answer."""
+
+    def __init__(self, instance_id: str, url: str, why: str) -> None:
+        super().__init__(f"instance {instance_id} at {url} did not answer: {why}")
+        self.instance_id = instance_id
+        self.url = url
+
+
+@implementer(ILegObserver)
+class Cluster:
+    """This instance's link to the others: forwarding, and ending sessions across instances."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: Directory,
+        reactor: IReactorTime,
+        *,
+        api_token: str | None = None,
+        end_with_leg: bool = True,
+        timeout: float = 5.0,
+    ) -> None:
+        self.directory = directory
+        self.reactor = reactor
+        self.api_token = api_token
+        self.end_with_leg = end_with_leg
+        self.timeout = timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pending: set[Deferred[Any]] = set()
+
+    @property
+    def instance_id(self) -> str:
+        return self.directory.instance_id
+
+    async def forward(
+        self, url: str, instance_id: str, method: bytes, path: bytes, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """Send a request on to another instance; its status and body, or L{OwnerUnreachable}."""
+        sent = {name: value for name, value in headers.items() if value is not None}
+        sent[FORWARDED_BY] = self.instance_id
+        target = url.rstrip("/") + path.decode("latin-1")
+        try:
+            response = await treq.request(
+                method.decode(), target, data=body or None, headers=sent, timeout=self.timeout,
+                pool=self.pool, reactor=self.reactor, allow_redirects=False,
+            )
+            content = await response.content()
+        except Exception as error:  # treq reports many failure types; all mean "no answer"
+            raise OwnerUnreachable(instance_id, url, str(error) or type(error).__name__) from None
+        return response.code, content
+
+    async def stop(self) -> None:
+        for pending in list(self._pending):
+            pending.cancel()
+        await self.pool.closeCachedConnections()
+
+    # ILegObserver: a leg that ends takes its session's legs on other instances with it.
+
+    def legStarted(self, leg: AudioSocketProtocol) -> None:
+        pass
+
+    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+        pass
+
+    def legEnded(self, leg: AudioSocketProtocol) -> None:
+        if not self.end_with_leg or leg.call_id is None:
+            return
+        if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION, HangupCause.SHUTDOWN):
+            return  # replaced: the call goes on; session: the end came from elsewhere
+        ending: Deferred[None] = Deferred.fromCoroutine(self._endRemoteLegs(leg.call_id, leg.role.value))
+        self._pending.add(ending)
+        ending.addBoth(lambda _: self._pending.discard(ending))
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+        pass
+
+    async def _endRemoteLegs(self, call_id: str, role: str) -> None:
+        from audiohangup.directory import DirectoryUnavailable
+
+        try:
+            owners = await self.directory.owners(call_id)
+        except DirectoryUnavailable as error:
+            self.log.warn(
+                "{call_id} {role} ended, but its session's legs on other instances cannot be "
+                "found: {error}", call_id=call_id, role=role, error=str(error),
+            )
+            return
+        for other_role, entry in owners.items():
+            if other_role == role or entry.instance_id == self.instance_id:
+                continue
+            headers = {CAUSE: HangupCause.SESSION.value}
+            if self.api_token:
+                headers["Authorization"] = f"Bearer {self.api_token}"
+            try:
+                status, _ = await self.forward(
+                    entry.url, entry.instance_id, b"POST",
+                    f"/calls/{call_id}/hangup?role={other_role}".encode(), b"", headers,
+                )
+            except OwnerUnreachable as error:
+                self.log.warn("{call_id} {role} session end not delivered: {error}",
+                              call_id=call_id, role=other_role, error=str(error))
+                continue
+            self.log.info(
+                "{call_id} {role} asked instance {instance} to hang up its {other} leg (cause session): {status}",
+                call_id=call_id, role=role, instance=entry.instance_id, other=other_role, status=status,
+            )
