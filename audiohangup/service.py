@@ -109,12 +109,13 @@ class AudioHangupService(MultiService):
         self.records = records
         self.webhooks = webhooks
         self.cluster = cluster
+        self._opening: Deferred[object] | None = None
 
     def startService(self) -> None:
         # Before the reactor runs, so no leg can start ahead of the store:
         # the writes of the first legs queue behind the opening.
         if self.records is not None:
-            Deferred.fromCoroutine(self.records.open()).addErrback(self._recordsFailed)
+            self._opening = Deferred.fromCoroutine(self.records.open()).addErrback(self._recordsFailed)
         if self.cluster is not None:
             # Never fails for want of Redis: the directory keeps trying by itself.
             Deferred.fromCoroutine(self.cluster.directory.start()).addErrback(
@@ -145,6 +146,9 @@ class AudioHangupService(MultiService):
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self.records is not None:
+            # A stop right after start must let the opening finish before closing.
+            if self._opening is not None:
+                await self._opening
             await self.records.close()
 
     async def drain(self) -> None:
