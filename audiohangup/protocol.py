@@ -144,6 +144,7 @@ class AudioSocketProtocol(Protocol):
         self._after_playout: HangupCause | None = None
         self._wrong_kind_logged = False
         self._sendNow = False
+        self._sendFailed = False
 
     def logPrefix(self) -> str:
         return f"audiosocket-{self.role}"
@@ -262,6 +263,8 @@ class AudioSocketProtocol(Protocol):
         self.state = LegState.CLOSED
         self.ended_at = self.reactor.seconds()
         loss = loss_of(reason)
+        if loss is Loss.CLEAN and self._sendFailed:
+            loss = Loss.RESET  # a direct send met the reset first (see _write)
         self.close_reason = classify(
             hangup_sent=self.hangup_sent, decided=self._decided, loss=loss
         )
@@ -361,10 +364,15 @@ class AudioSocketProtocol(Protocol):
             # and costs two epoll_ctl calls per frame. What the socket does not
             # take, Twisted buffers as usual, in order.
             sent = transport.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
+            if isinstance(sent, int):
                 if sent == len(data):
                     return
                 data = data[sent:]
+            else:
+                # The send found the peer gone (a reset). That error is now
+                # spent: the read that follows may see a plain end of stream,
+                # so remember it for connectionLost.
+                self._sendFailed = True
         transport.write(data)
 
     def forward(self, frame: Frame) -> None:
