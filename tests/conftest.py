@@ -142,3 +142,16 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         if child.ended is None:
             child.signal("KILL")
             await child.exit(timeout=10)
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_server() -> AsyncIterator[Any]:
+    """A redis-server of the test's own on a free loopback port (see tests/redis_server.py)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.close()

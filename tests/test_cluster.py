@@ -1,0 +1,203 @@
+"""
+Several instances behind one API: real C{twistd -n audiohangup} children on
+loopback sharing one real redis-server, with fake Asterisk legs on each.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest_twisted
+import treq
+
+from tests.conftest import until
+from tests.fake_asterisk import FakeAsterisk, connect
+from tests.redis_server import RedisServer, free_port
+from tests.twistd_child import Child, Spawn, settle, start_server
+
+HEARTBEAT = 0.3
+TTL = 3 * HEARTBEAT
+
+
+@dataclass
+class Instance:
+    name: str
+    child: Child
+    ports: dict[str, int]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    def port(self, role: str) -> int:
+        return self.ports[f"audiosocket-{role}"]
+
+
+async def instance(spawn: Spawn, redis: RedisServer, name: str) -> Instance:
+    http = free_port()
+    child, ports = await start_server(
+        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--records", "none",
+        "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
+        "--heartbeat", str(HEARTBEAT),
+    )
+    return Instance(name, child, ports)
+
+
+async def request(method: str, url: str, **kwargs: Any) -> tuple[int, Any, Any]:
+    response = await treq.request(method, url, persistent=False, timeout=10, **kwargs)
+    return response.code, await response.json(), response
+
+
+async def cluster_legs(at: Instance, *, allow_unavailable: bool = False) -> dict[tuple[str, str], str]:
+    """(call id, role) -> instance id, as the directory lists them through C{at}."""
+    status, body, _ = await request("GET", f"{at.url}/calls?scope=cluster")
+    if allow_unavailable and status == 503:
+        return {}  # Redis not (yet) reachable again
+    assert status == 200, body
+    return {(call["call_id"], leg["role"]): leg["instance_id"] for call in body["calls"] for leg in call["legs"]}
+
+
+async def wait_listed(at: Instance, expected: dict[tuple[str, str], str], timeout: float = 10.0) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        listed = await cluster_legs(at, allow_unavailable=True)
+        if all(listed.get(key) == owner for key, owner in expected.items()):
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"the directory lists {listed}, not {expected}")
+        await deferLater(reactor, 0.05)
+
+
+async def leg_on(at: Instance, role: str, call_id: uuid.UUID, **options: Any) -> FakeAsterisk:
+    client = await connect(at.port(role), **options)
+    client.send_uuid(call_id)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_hangup_is_forwarded_to_the_owner(spawn: Spawn, redis_server: RedisServer) -> None:
+    """A hangup sent to B for a leg held by A reaches the fake Asterisk on A."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    client = await leg_on(a, "visitor", call_id, on_hangup="reset")
+    await wait_listed(b, {(str(call_id), "visitor"): "a"})
+
+    status, body, response = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor&wait=true")
+    assert status == 200, body
+    assert body["legs"] == [{"role": "visitor", "result": "hangup_sent", "reason": "hangup_reset"}]
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
+    await settle(client.closed, "the leg on A to close")
+    assert client.ended_with_single_hangup()
+
+    second = uuid.uuid4()
+    other = await leg_on(a, "resident", second, on_hangup="close")
+    await wait_listed(b, {(str(second), "resident"): "a"})
+    status, body, _ = await request("POST", f"{b.url}/api/hangup", json={"call_id": str(second), "role": "resident"})
+    assert (status, body["legs"][0]["result"]) == (200, "hangup_sent")
+    await settle(other.hangup_received, "00 00 00 through /api/hangup on B")
+
+    status, body, _ = await request("POST", f"{b.url}/calls/{uuid.uuid4()}/hangup")
+    assert (status, body["error"]["code"]) == (404, "unknown_call")
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_across_instances_ends_together(spawn: Spawn, redis_server: RedisServer) -> None:
+    """Visitor on A, resident on B: the visitor resets, the resident gets 00 00 00."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    visitor = await leg_on(a, "visitor", call_id)
+    resident = await leg_on(b, "resident", call_id, on_hangup="close")
+    await wait_listed(a, {(str(call_id), "visitor"): "a", (str(call_id), "resident"): "b"})
+
+    status, body, _ = await request("GET", f"{a.url}/instances")
+    assert status == 200
+    assert {(i["instance_id"], i["url"]) for i in body["instances"]} == {("a", a.url), ("b", b.url)}
+
+    visitor.reset()
+    await settle(resident.hangup_received, "00 00 00 on B's resident leg")
+    await settle(resident.closed, "the resident leg to close")
+    assert resident.ended_with_single_hangup()
+    await until(lambda: f"{call_id} resident hangup sent (cause session)" in b.child.log, what="B's hangup line")
+    await until(lambda: f"{call_id} resident leg ended: hangup_clean" in b.child.log, what="B's end line")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_instance_leaves_the_directory(spawn: Spawn, redis_server: RedisServer) -> None:
+    """SIGKILL A: its legs leave the directory within one TTL; a hangup for them is then 404."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    client = await leg_on(a, "visitor", call_id)
+    await wait_listed(b, {(str(call_id), "visitor"): "a"})
+
+    a.child.signal("KILL")
+    await a.child.exit()
+    await settle(client.closed, "the killed instance's socket to close")
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor")
+    assert (status, body["error"]["code"]) in {(502, "owner_unreachable"), (404, "unknown_call")}, body
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, TTL + HEARTBEAT)  # the entry's TTL is what is under test
+    assert (str(call_id), "visitor") not in await cluster_legs(b)
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor")
+    assert (status, body["error"]["code"]) == (404, "unknown_call")
+    status, body, _ = await request("GET", f"{b.url}/instances")
+    assert [i["instance_id"] for i in body["instances"]] == ["b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_and_back(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    Redis stops: local hangups still work, cluster routes answer 503; Redis
+    comes back empty: the live legs are registered again by themselves.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    kept, dropped = uuid.uuid4(), uuid.uuid4()
+    keeper = await leg_on(a, "visitor", kept)
+    goner = await leg_on(a, "resident", dropped, on_hangup="reset")
+    await wait_listed(b, {(str(kept), "visitor"): "a", (str(dropped), "resident"): "a"})
+
+    await redis_server.stop()
+    status, body, _ = await request("POST", f"{a.url}/calls/{dropped}/hangup?role=resident&wait=true")
+    assert (status, body["legs"][0]["reason"]) == (200, "hangup_reset")
+    await settle(goner.closed, "the local hangup with Redis down")
+    for path in ("/calls?scope=cluster", "/instances"):
+        status, body, _ = await request("GET", f"{b.url}{path}")
+        assert (status, body["error"]["code"]) == (503, "redis_unavailable"), path
+    status, body, _ = await request("POST", f"{b.url}/calls/{kept}/hangup")
+    assert (status, body["error"]["code"]) == (503, "redis_unavailable")
+
+    await redis_server.start()
+    await wait_listed(b, {(str(kept), "visitor"): "a"})
+    assert (str(dropped), "resident") not in await cluster_legs(b)
+    assert not keeper.frames or keeper.hangup_frames == 0
+    for child in (a.child, b.child):
+        assert "Traceback" not in child.output and "Unhandled" not in child.output, child.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hangup_of_a_call_split_over_instances(spawn: Spawn, redis_server: RedisServer) -> None:
+    """No role: B hangs up its own leg and has A hang up the other; one answer lists both."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    visitor = await leg_on(a, "visitor", call_id, on_hangup="close")
+    resident = await leg_on(b, "resident", call_id, on_hangup="close")
+    await wait_listed(b, {(str(call_id), "visitor"): "a", (str(call_id), "resident"): "b"})
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    assert sorted((leg["role"], leg["reason"]) for leg in body["legs"]) == [
+        ("resident", "hangup_clean"), ("visitor", "hangup_clean"),
+    ]
+    await settle(visitor.closed, "A's leg to close")
+    await settle(resident.closed, "B's leg to close")
+    assert visitor.ended_with_single_hangup() and resident.ended_with_single_hangup()
