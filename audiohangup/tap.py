@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from audiohangup.audio import FORMATS
+from audiohangup.directory import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.service import Config, build_service
 from audiohangup.webhooks import Webhooks
@@ -226,8 +227,12 @@ class Options(usage.Options):
         except ValueError as error:
             raise usage.UsageError(f"--webhook: {error}") from None
         if self["redis"] is not None:
-            if not self["redis"].startswith(("redis://", "unix://")):
-                raise usage.UsageError("--redis must be a redis://host:port/db or unix:///path URL")
+            try:
+                parse_redis_url(self["redis"])
+            except ValueError as error:
+                raise usage.UsageError(
+                    f"--redis must be a redis://host:port/db or unix:///path URL: {error}"
+                ) from None
             if not self["advertise-url"]:
                 raise usage.UsageError("--advertise-url is required with --redis: other instances forward to it")
             if not self["advertise-url"].startswith(("http://", "https://")):
