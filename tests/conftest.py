@@ -146,12 +146,18 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
 @pytest_twisted.async_yield_fixture
 async def redis_server() -> AsyncIterator[Any]:
-    """A redis-server of the test's own on a free loopback port (see tests/redis_server.py)."""
+    """A redis-server of the test's own on a free loopback port and a unix socket (tests/redis_server.py)."""
+    import shutil
+    import tempfile
+
     from tests.redis_server import RedisServer
 
-    server = RedisServer()
+    # A short directory: a unix socket's path must fit in 107 bytes.
+    sockets = tempfile.mkdtemp(prefix="ah-redis-")
+    server = RedisServer(unixsocket=f"{sockets}/redis.sock")
     try:
         await server.start()
         yield server
     finally:
         await server.close()
+        shutil.rmtree(sockets, ignore_errors=True)

@@ -3,9 +3,7 @@ A throwaway C{redis-server} for tests: a child of the test's reactor on a
 free loopback port (and, if asked, a unix socket), with no persistence, that a
 test can stop and start again on the same port (an empty Redis comes back).
 
-Use the C{redis_server} fixture (import it into the test module)::
-
-    from tests.redis_server import RedisServer, redis_server  # noqa: F401
+Use the C{redis_server} fixture (conftest.py)::
 
     @pytest_twisted.ensureDeferred
     async def test_something(redis_server: RedisServer) -> None:
@@ -29,11 +27,9 @@ import os
 import shutil
 import socket
 import tempfile
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
-import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
@@ -242,16 +238,3 @@ class RedisServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    """A running C{redis-server} of this test's own on a free loopback port, with a unix socket too."""
-    workdir = Path(tempfile.mkdtemp(prefix="audiohangup-redis-sock-"))
-    server = RedisServer(unixsocket=str(workdir / "redis.sock"))
-    try:
-        await server.start()
-        yield server
-    finally:
-        await server.close()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -43,7 +43,7 @@ from audiohangup.reasons import Role
 from audiohangup.registry import Registry
 from audiohangup.wire import encode_uuid
 from tests.conftest import LogCapture
-from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
+from tests.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ class Cluster:
 
 
 @pytest_twisted.async_yield_fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:  # noqa: F811
+async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
     made = Cluster(redis_server)
     try:
         yield made
