@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -120,7 +120,7 @@ class ControlAPI:
     def authorize(self, request: IRequest) -> None:
         if self._token is None:
             return
-        scheme, _, given = (request.getHeader("authorization") or "").partition(" ")
+        scheme, _, given = (_header(request, "authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
             request.setHeader("www-authenticate", 'Bearer realm="audiohangup"')
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
@@ -177,6 +177,8 @@ class ControlAPI:
             )
         except BadQuery as error:
             raise ApiError(400, "bad_query", str(error)) from None
+        except RuntimeError as error:  # the store is not open: it failed to open, or is closing
+            raise ApiError(503, "records_unavailable", f"call records cannot be read now: {error}") from None
         return _json(request, 200, page)
 
     @app.route("/calls", methods=["GET"])
@@ -221,7 +223,7 @@ class ControlAPI:
         if "role" in body:
             if role is not None and role != body["role"]:
                 raise ApiError(400, "bad_role", "the query and the body name different roles")
-            role = body["role"]
+            return self._hangup(request, call_id, parse_role(body["role"]))
         return self._hangup(request, call_id, None if role is None else parse_role(role))
 
     @app.route("/api/hangup", methods=["POST"])
@@ -292,18 +294,10 @@ class ControlAPI:
         cause = _cause(request)
         held = self.registry.call(call_id)
         mine = held if role is None else [leg for leg in held if leg.role is role]
-        remote: dict[str, LegEntry] = {}
-        if self.cluster is not None and not _forwarded(request) and (role is None or not mine):
-            local_roles = {leg.role.value for leg in held}
-            remote = {
-                name: entry
-                for name, entry in (await self._owners(call_id)).items()
-                if entry.instance_id != self.cluster.instance_id and name not in local_roles
-                and (role is None or name == role.value)
-            }
-            if role is not None and remote:
-                # Not held here: the owner answers, and its answer is ours.
-                return await self._relay(request, remote[role.value], request.uri)
+        remote = await self._remoteOwners(request, call_id, role, held, mine)
+        if role is not None and remote:
+            # Not held here: the owner answers, and its answer is ours.
+            return await self._relay(request, remote[role.value], request.uri)
         if not mine and not remote:
             self._live_legs(call_id, role)  # raises the right 404
         answers: list[dict[str, Any]] = []
@@ -317,34 +311,69 @@ class ControlAPI:
                 result = "hangup_sent"
             gone.append(leg.hangupAfterPlayout(cause) if after_playout else leg.hangup(cause))
             answers.append({"role": leg.role, "result": result})
+        # The other instances' legs go at the same time as ours, not after them.
+        forwarded = [
+            (name, Deferred.fromCoroutine(self._forward(request, entry, _with_query(request.uri, role=name))))
+            for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]])
+        ]
         if wait:
             reasons = await gatherResults(gone)
             for answer, reason in zip(answers, reasons):
                 answer["reason"] = reason
-        for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]]):
-            path = _with_query(request.uri, role=name)
-            status, body = await self._forward(request, entry, path)
+        for name, answered in forwarded:
+            try:
+                status, body = await answered
+            except ApiError as error:  # the owner did not answer: say so for its leg
+                answers.append({"role": name, "result": "error", "status": error.status, "message": error.message})
+                continue
             if status == 200:
                 answers.extend(json.loads(body).get("legs", []))
+            else:
+                answers.append({"role": name, "result": "error", "status": status})
         if not answers:
             raise _unknown_call(call_id)
         return _json(request, 200, {"call_id": call_id, "legs": answers})
 
-    async def _owners(self, call_id: str) -> dict[str, LegEntry]:
+    async def _remoteOwners(
+        self,
+        request: IRequest,
+        call_id: str,
+        role: Role | None,
+        held: list[AudioSocketProtocol],
+        mine: list[AudioSocketProtocol],
+    ) -> dict[str, LegEntry]:
+        """
+        The owners, on other instances, of the legs this request names and
+        this instance does not hold. Redis is only asked when that can matter,
+        and a hangup of legs held here works without it.
+        """
         from audiohangup.directory import DirectoryUnavailable
 
-        assert self.cluster is not None
+        if self.cluster is None or _forwarded(request):
+            return {}
+        local_roles = {leg.role.value for leg in held}
+        if (role is not None and mine) or (role is None and len(local_roles) == len(Role)):
+            return {}
         try:
-            return await self.cluster.directory.owners(call_id)
+            owners = await self.cluster.directory.owners(call_id)
         except DirectoryUnavailable as error:
+            if mine:
+                return {}  # hang up what is here; the rest cannot be found now
             raise _redis_unavailable(error) from None
+        return {
+            name: entry
+            for name, entry in owners.items()
+            if entry.instance_id != self.cluster.instance_id
+            and name not in local_roles
+            and (role is None or name == role.value)
+        }
 
     async def _forward(self, request: IRequest, entry: LegEntry, path: bytes) -> tuple[int, bytes]:
         assert self.cluster is not None
         request.content.seek(0)
         headers = {
-            "Authorization": request.getHeader("authorization"),
-            "Content-Type": request.getHeader("content-type"),
+            "Authorization": _header(request, "authorization"),
+            "Content-Type": _header(request, "content-type"),
         }
         try:
             return await self.cluster.forward(entry.url, entry.instance_id, request.method, path, request.content.read(), headers)
@@ -459,6 +488,10 @@ class _BoundedRequest(Request):
             site.api.metrics.http_request("unrouted", "-", 413)
 
 
+#: Methods counted by name; any other is "other", so a client cannot add label values.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
 class ApiSite(Site):
     """The API's Site: bounds request bodies, and counts requests by route template and status."""
 
@@ -473,8 +506,9 @@ class ApiSite(Site):
     def log(self, request: IRequest) -> None:
         super().log(request)
         if self.api.metrics is not None:
+            method = request.method.decode("latin-1")
             self.api.metrics.http_request(
-                route_template(self.api.app, request), request.method.decode(errors="replace"), request.code
+                route_template(self.api.app, request), method if method in _METHODS else "other", request.code
             )
 
 
@@ -485,17 +519,23 @@ def _call_view(call_id: str, legs: list[AudioSocketProtocol]) -> dict[str, Any]:
 _ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
 
 
+def _header(request: IRequest, name: str) -> str | None:
+    """A request header as text, whatever its bytes (latin-1 never fails to decode)."""
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+    return values[-1].decode("latin-1") if values else None
+
+
 def _redis_unavailable(error: Exception) -> ApiError:
     return ApiError(503, "redis_unavailable", f"the call directory (Redis) is unreachable: {error}")
 
 
 def _forwarded(request: IRequest) -> bool:
-    return request.getHeader(FORWARDED_BY) is not None
+    return _header(request, FORWARDED_BY) is not None
 
 
 def _cause(request: IRequest) -> HangupCause:
     """API, unless another instance forwarded the hangup with its own cause (session)."""
-    given = request.getHeader(CAUSE)
+    given = _header(request, CAUSE)
     if given is not None and _forwarded(request) and given in FORWARDABLE_CAUSES:
         return HangupCause(given)
     return HangupCause.API
@@ -541,7 +581,7 @@ _G711_TYPES = {"ulaw": ("audio/pcmu", "audio/basic"), "alaw": ("audio/pcma",)}
 
 def _content_type(request: IRequest) -> tuple[str, dict[str, str]]:
     """The media type, lowercased, and its parameters (C{audio/L16;rate=8000})."""
-    header = (request.getHeader("content-type") or "").strip()
+    header = (_header(request, "content-type") or "").strip()
     media, *params = [part.strip() for part in header.split(";")]
     parsed = {}
     for param in params:

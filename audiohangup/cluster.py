@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import treq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
@@ -88,8 +88,14 @@ class Cluster:
         return response.code, content
 
     async def stop(self) -> None:
-        for pending in list(self._pending):
-            pending.cancel()
+        """Let session ends under way reach the other instances (bounded), then close the pool."""
+        if self._pending:
+            waiting = DeferredList(list(self._pending), consumeErrors=True)
+            waiting.addTimeout(self.timeout, self.reactor)
+            try:
+                await waiting
+            except TimeoutError:
+                self.log.warn("{count} session ends to other instances not delivered", count=len(self._pending))
         await self.pool.closeCachedConnections()
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
@@ -103,7 +109,7 @@ class Cluster:
     def legEnded(self, leg: AudioSocketProtocol) -> None:
         if not self.end_with_leg or leg.call_id is None:
             return
-        if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION, HangupCause.SHUTDOWN):
+        if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION):
             return  # replaced: the call goes on; session: the end came from elsewhere
         ending: Deferred[None] = Deferred.fromCoroutine(self._endRemoteLegs(leg.call_id, leg.role.value))
         self._pending.add(ending)

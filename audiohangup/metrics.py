@@ -96,7 +96,10 @@ class Metrics:
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
         if leg.hangup_at is not None and leg.ended_at is not None:
             self.hangup_to_close.observe(leg.ended_at - leg.hangup_at)
-        for name, value in _leg_counters(leg).items():
+        self._addEnded(leg)
+
+    def _addEnded(self, connection: AudioSocketProtocol) -> None:
+        for name, value in _leg_counters(connection).items():
             self._ended_totals[name] += value
 
     def callEnded(self, call_id: str) -> None:
@@ -105,6 +108,7 @@ class Metrics:
     def connectionEnded(self, connection: AudioSocketProtocol) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
+        self._addEnded(connection)
 
     # Told by the others
 
@@ -155,8 +159,10 @@ class _LegCollector(Collector):
             live.add_metric([role.value], sum(1 for leg in legs if leg.role is role))
         yield live
         totals = dict(self.metrics._ended_totals)
-        for leg in legs:
-            for name, value in _leg_counters(leg).items():
+        # Every open connection, not only the sessions' legs: a replaced leg
+        # still closing must not drop out and make a counter go backwards.
+        for connection in self.metrics.registry.connections():
+            for name, value in _leg_counters(connection).items():
                 totals[name] += value
         for name, (metric, text) in self._HELP.items():
             yield CounterMetricFamily(metric, text, value=totals[name])

@@ -441,8 +441,9 @@ class AudioSocketProtocol(Protocol):
         timeout, after which the leg is hung up whatever is left.
         """
         if self.state is LegState.LIVE and self.queue:
-            self._after_playout = cause
-            self._setTimer("playout", self.settings.playout_timeout, self._playoutTimedOut)
+            if self._after_playout is None:  # a second request does not push the bound back
+                self._after_playout = cause
+                self._setTimer("playout", self.settings.playout_timeout, self._playoutTimedOut)
             return self.whenGone()
         return self.hangup(cause)
 

@@ -47,10 +47,11 @@ class Registry:
             session = Session.create(leg.call_id, self.flow_factory, self.end_with_leg)
             self._sessions[leg.call_id] = session
         leg.session = session
+        # Observers hear of the leg before its flow does: a flow may hang it up at once.
+        self.events.legStarted(leg)
         replaced = session.join(leg)
         if replaced is None:
             self._legs += 1
-        self.events.legStarted(leg)
         return replaced
 
     def disconnected(self, connection: AudioSocketProtocol) -> None:

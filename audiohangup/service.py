@@ -140,8 +140,8 @@ class AudioHangupService(MultiService):
         await MultiService.stopService(self)
         await self.drain()
         if self.cluster is not None:
+            await self.cluster.stop()  # session ends still need the directory
             await self.cluster.directory.stop()
-            await self.cluster.stop()
         # The legs' last events are out now: deliver them (bounded), then close the store.
         if self.webhooks is not None:
             await self.webhooks.stop()
@@ -198,7 +198,11 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
             config.redis, instance_id, config.advertise_url or "", registry, reactor,
             heartbeat=config.heartbeat,
         )
-        cluster = Cluster(directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg)
+        cluster = Cluster(
+            directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg,
+            # A forwarded wait=true&after_playout=true may take a playout and a close.
+            timeout=settings.playout_timeout + settings.close_timeout + 1.0,
+        )
         registry.events.add(directory)
         registry.events.add(cluster)
     service = AudioHangupService(  # type: ignore[arg-type]

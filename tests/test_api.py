@@ -185,6 +185,20 @@ class HangupTests(StubbedAPITestCase):
         self.assertError("POST", path + "?role=visitor", 400, "bad_role", json={"role": "resident"})
         self.assertError("POST", path, 413, "body_too_large", data=b" " * (64 * 1024 + 1))
 
+    def test_nullRoleIsRefused(self) -> None:
+        """A role given as null is a bad role, not "every leg"."""
+        _, wire = self.leg()
+        self.assertError("POST", f"/calls/{CALL}/hangup", 400, "bad_role", json={"role": None})
+        self.assertEqual(wire.value(), b"")
+
+    def test_undecodableHeaders(self) -> None:
+        """Header bytes that are not UTF-8 get a JSON answer, never a 500."""
+        self.leg()
+        status, _, _ = self.request(
+            "POST", f"/calls/{CALL}/play", data=b"\0\0", headers={b"Content-Type": b"audio/L16;rate=\xff"}
+        )
+        self.assertEqual(status, 400)
+
     def test_apiHangupRoute(self) -> None:
         """The original system's route: role defaults to visitor."""
         _, visitor_wire = self.leg(Role.VISITOR)
@@ -262,6 +276,20 @@ class PlayTests(StubbedAPITestCase):
         self.assertTrue(visitor.live)
 
 
+class RecordsNotOpenTests(SynchronousTestCase):
+    def test_recordsNotOpen(self) -> None:
+        """A records store that did not open answers 503, not 500."""
+        from twisted.internet import reactor
+
+        from audiohangup.records import CallRecords
+
+        records = CallRecords(self.mktemp(), reactor)
+        stub = StubTreq(ControlAPI(Registry(), records=records).app.resource())
+        response = self.successResultOf(stub.get("http://api/records"))
+        body = self.successResultOf(response.json())
+        self.assertEqual((response.code, body["error"]["code"]), (503, "records_unavailable"))
+
+
 class OddQueuePlayTests(StubbedAPITestCase):
     settings = LegSettings(max_queue_ms=110)  # not a whole number of 20 ms frames
 
@@ -287,6 +315,9 @@ class G711PlayTests(StubbedAPITestCase):
 
 class AuthTests(StubbedAPITestCase):
     token = TOKEN
+
+    def test_undecodableToken(self) -> None:
+        self.assertError("GET", "/calls", 401, "unauthorized", headers={b"Authorization": b"Bearer \xff\xfe"})
 
     def test_healthIsOpen(self) -> None:
         self.assertEqual(self.request("GET", "/health")[0], 200)

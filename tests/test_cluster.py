@@ -167,8 +167,8 @@ async def test_redis_down_and_back(spawn: Spawn, redis_server: RedisServer) -> N
     await wait_listed(b, {(str(kept), "visitor"): "a", (str(dropped), "resident"): "a"})
 
     await redis_server.stop()
-    status, body, _ = await request("POST", f"{a.url}/calls/{dropped}/hangup?role=resident&wait=true")
-    assert (status, body["legs"][0]["reason"]) == (200, "hangup_reset")
+    status, body, _ = await request("POST", f"{a.url}/calls/{dropped}/hangup?wait=true")
+    assert (status, body["legs"]) == (200, [{"role": "resident", "result": "hangup_sent", "reason": "hangup_reset"}])
     await settle(goner.closed, "the local hangup with Redis down")
     for path in ("/calls?scope=cluster", "/instances"):
         status, body, _ = await request("GET", f"{b.url}{path}")

@@ -300,6 +300,20 @@ class TimeLimitTests(SessionTestCase):
         self.assertEqual(len(wire.frames()), 26)
 
 
+class PlayoutBoundTests(SessionTestCase):
+    def test_secondRequestDoesNotPushTheBoundBack(self) -> None:
+        """Asking again for a hangup after playout keeps the first deadline."""
+        leg, wire = self.leg(settings=LegSettings(playout_timeout=0.5, max_queue_ms=2000))
+        leg.play(b"\x07\x00" * 160 * 100)
+        leg.hangupAfterPlayout()
+        self.clock.advance(0.3)
+        leg.play(b"\x07\x00" * 160 * 10)
+        leg.hangupAfterPlayout()
+        self.clock.advance(0.2)
+        self.assertFalse(leg.live)
+        self.assertEqual(wire.frames()[-1], HANGUP_FRAME)
+
+
 class QueueTests(SynchronousTestCase):
     def test_overflowDropsTheOldest(self) -> None:
         queue = FrameQueue(max_frames=3)

@@ -137,3 +137,51 @@ async def test_dropped_audio_is_counted(make_server, logs: LogCapture) -> None:
     found.play(b"\x01\x00" * 160 * 5)
     samples = await scrape(server)
     assert value(samples, "audiohangup_audio_dropped_frames_total") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_method_label_is_bounded(make_server, logs: LogCapture) -> None:
+    server = await make_server()
+    for method in ("FOO", "BAR", "BAZ"):
+        response = await treq.request(method, f"{server.url}/calls", persistent=False)
+        await response.content()
+    samples = await scrape(server)
+    assert value(samples, "audiohangup_http_requests_total", route="unmatched", method="other", status="405") == 3
+
+
+def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
+    """A replaced leg still closing keeps counting: frame totals only grow."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from audiohangup.metrics import Metrics
+    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.registry import Registry
+    from audiohangup.wire import encode_uuid
+
+    registry = Registry()
+    metrics = Metrics(registry)
+    registry.events.add(metrics)
+    clock = Clock()
+    call = uuid.uuid4()
+
+    def leg() -> AudioSocketProtocol:
+        made = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(), clock)
+        made.makeConnection(StringTransport())
+        made.dataReceived(encode_uuid(call) + SILENCE_20MS * 5)
+        return made
+
+    def received() -> float:
+        return metrics.collectors.get_sample_value("audiohangup_frames_received_total")
+
+    old = leg()
+    seen = [received()]
+    new = leg()  # replaces the old one, which is now closing
+    seen.append(received())
+    old.connectionLost(Failure(ConnectionLost()))
+    seen.append(received())
+    new.connectionLost(Failure(ConnectionLost()))
+    seen.append(received())
+    assert seen == [6, 12, 12, 12]
