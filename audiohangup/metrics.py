@@ -94,8 +94,8 @@ class Metrics:
         assert leg.close_reason is not None
         cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
-        if leg.hangup_at is not None and leg.ended_at is not None:
-            self.hangup_to_close.observe(leg.ended_at - leg.hangup_at)
+        if leg.hangup_to_close_ms is not None:
+            self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
         self._addEnded(leg)
 
     def _addEnded(self, connection: AudioSocketProtocol) -> None:

@@ -161,6 +161,13 @@ class AudioSocketProtocol(Protocol):
     def hangup_sent(self) -> bool:
         return self.hangup_cause is not None
 
+    @property
+    def hangup_to_close_ms(self) -> float | None:
+        """Milliseconds from our hangup to the leg being gone (to 0.1 ms), once both happened."""
+        if self.hangup_at is None or self.ended_at is None:
+            return None
+        return round((self.ended_at - self.hangup_at) * 1000, 1)
+
     def _fields(self) -> dict[str, Any]:
         return {"call_id": self.call_id or "-", "role": self.role, "peer": self.peer}
 
@@ -493,13 +500,12 @@ class AudioSocketProtocol(Protocol):
             explanation=reason.explanation,
             detail=self._detail,
             detail_text=f": {self._detail}" if self._detail else "",
-            hangup_to_close_ms=None,
+            hangup_to_close_ms=self.hangup_to_close_ms,
             cause_text="",
         )
-        if self.hangup_at is not None and self.ended_at is not None:
-            fields["hangup_to_close_ms"] = round((self.ended_at - self.hangup_at) * 1000, 1)
+        if self.hangup_to_close_ms is not None:
             fields["cause_text"] = (
-                f"; hangup cause {self.hangup_cause}, gone {fields['hangup_to_close_ms']:g} ms after it"
+                f"; hangup cause {self.hangup_cause}, gone {self.hangup_to_close_ms:g} ms after it"
             )
         text = (
             "{call_id} {role} leg ended: {reason} ({explanation}{detail_text}); "

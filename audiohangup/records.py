@@ -361,9 +361,6 @@ class CallRecords:
     def legEnded(self, leg: AudioSocketProtocol) -> None:
         row = self._rows.pop(leg, None) or _Row()
         ended_at = leg.ended_at if leg.ended_at is not None else self.reactor.seconds()
-        hangup_to_close_ms = None
-        if leg.hangup_at is not None:
-            hangup_to_close_ms = round((ended_at - leg.hangup_at) * 1000, 1)
         values = {
             "call_id": leg.call_id,
             "role": str(leg.role),
@@ -377,7 +374,7 @@ class CallRecords:
             "bytes_in": int(leg.bytes_in),
             "bytes_out": int(leg.bytes_out),
             "dtmf": str(leg.dtmf),
-            "hangup_to_close_ms": hangup_to_close_ms,
+            "hangup_to_close_ms": leg.hangup_to_close_ms,
         }
         self._write(leg, "end", self._db.end, row, values)
 
