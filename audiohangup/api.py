@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit, urlunsplit
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
@@ -96,6 +96,8 @@ class ControlAPI:
     """Routes over one L{Registry}; C{app.resource()} is what the Site serves."""
 
     app = Klein()
+    # /calls/ID//hangup is a 404, not a redirect (which could not name its target).
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -446,6 +448,24 @@ class _BoundedRequest(Request):
     _refused = False
     _received = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The API reads only JSON and raw audio: Twisted's form parsing would
+        # only add ways to fail (it raises on some Content-Type bytes).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
+
+    def process(self) -> None:
+        """A path that is not UTF-8 once unquoted gets a JSON 400 here, before routing."""
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+        except UnicodeDecodeError:
+            self.site = self.channel.site
+            body = _error(self, 400, "bad_path", "the path is not UTF-8 once percent-decoded")
+            self.write(body)
+            self.finish()
+            return
+        super().process()
+
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
         if length is not None and length > self.channel.site.max_body:
@@ -667,8 +687,8 @@ def _read_json(request: IRequest, *, allowed: set[str], required: bool) -> dict[
         )
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {error}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {error!s:.200}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_body", "the body must be a JSON object")
     unknown = sorted(set(body) - allowed)
