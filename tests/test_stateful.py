@@ -12,9 +12,15 @@ invariants after every step:
 - L{LegMachine}: several legs on C{StringTransport}s sharing one C{Clock}, one
   L{Pacer} and one L{Registry}, fed random bytes and frames (call ids from a
   small pool, so legs share sessions and replace each other) in random
-  chunks, hung up, played to, timed out and lost (clean, reset, aborted) in
+  chunks, hung up, played to, timed out, refused over C{--max-legs}, paused
+  by their transport (a slow consumer) and lost (clean, reset, aborted) in
   any order, as a real transport would deliver it: C{connectionLost} once,
-  and always eventually after C{loseConnection} or C{abortConnection}.
+  and always eventually after C{loseConnection} or C{abortConnection}. No
+  exception may escape; each leg ends with one close reason, logged once;
+  each wire holds whole frames, at most one C{00 00 00} and nothing after it;
+  the registry, its sessions and the pacer hold exactly the live legs and
+  connections; nothing is logged as a failure; and once every connection is
+  gone, nothing is left, not even a timer.
 
 Deterministic like the rest of C{tests/}: no sockets, no reactor. The
 generated C{TestCase} classes are C{unittest.TestCase}s, so both pytest and
@@ -49,7 +55,16 @@ from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
-from audiohangup.wire import HANGUP_FRAME, HEADER_SIZE, MAX_PAYLOAD, SAMPLE_RATES, Frame, FrameDecoder, Kind, encode
+from audiohangup.wire import (
+    HANGUP_FRAME,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    SAMPLE_RATES,
+    Frame,
+    FrameDecoder,
+    Kind,
+    encode,
+)
 
 #: Modest on purpose: a few seconds per machine, every run, under both runners.
 STATEFUL = settings(
@@ -247,6 +262,7 @@ leg_settings = st.builds(
     idle_timeout=st.sampled_from([0.0, 3.0]),
     max_duration=st.sampled_from([0.0, 8.0]),
     playout_timeout=st.sampled_from([0.5, 10.0]),
+    max_legs=st.sampled_from([2000, 4]),
 )
 
 
@@ -279,6 +295,8 @@ class Conn:
         self.started = False  # its UUID arrived (it had a call id)
         self.close_reason: CloseReason | None = None
         self.pending = b""  # bytes sent by the peer, not delivered yet
+        self.refused = False  # over --max-legs when it connected
+        self.stopped_reading = False  # the transport paused it (a slow consumer)
 
     def __repr__(self) -> str:
         return f"<Conn {self.leg.peer} {self.leg.role} {self.leg.call_id} {self.leg.state}>"
@@ -346,7 +364,12 @@ class LegMachine(RuleBasedStateMachine):
         conn.close_reason = conn.leg.close_reason
         assert conn.close_reason is not None
         assert conn.close_reason is not CloseReason.INTERNAL_ERROR
-        if HANGUP_FRAME in conn.wire.writes:
+        if conn.refused:
+            assert conn.close_reason is CloseReason.OVER_CAPACITY, conn.close_reason
+        elif conn.stopped_reading:
+            # A decision wins over our hangup: the peer did not even take that.
+            assert conn.close_reason is CloseReason.SLOW_CONSUMER, conn.close_reason
+        elif HANGUP_FRAME in conn.wire.writes:
             assert conn.close_reason in (
                 CloseReason.HANGUP_CLEAN,
                 CloseReason.HANGUP_RESET,
@@ -370,7 +393,16 @@ class LegMachine(RuleBasedStateMachine):
         wire = Wire(40000 + len(self.conns))
         leg.makeConnection(wire)
         conn = Conn(leg, wire)
+        counted = [c for c in self._open() if not c.refused]
+        conn.refused = len(counted) >= self.settings.max_legs
         self.conns.append(conn)
+        if conn.refused:
+            # Refused at once: nothing written, closed, not counted.
+            assert wire.disconnecting and wire.value() == b"", conn
+            assert leg not in self.registry.connections()
+            assert leg.state is LegState.CLOSING
+        else:
+            assert leg in self.registry.connections()
         if first is not None:
             self._deliver(conn, first, points, 0)
 
@@ -434,6 +466,22 @@ class LegMachine(RuleBasedStateMachine):
             conn,
             {"done": Failure(ConnectionDone()), "lost": Failure(ConnectionLost()), "aborted": Failure(ConnectionAborted())}[failure],
         )
+
+    def _writers(self) -> list[Conn]:
+        """Open connections we wrote to, whose send buffer could fill."""
+        return [conn for conn in self._open() if conn.wire.producer is not None and conn.wire.writes]
+
+    @precondition(lambda self: self._writers())
+    @rule(data=st.data())
+    def peer_stops_reading(self, data: st.DataObject) -> None:
+        """
+        Our send buffer passed its bound: the transport pauses its producer,
+        the leg (maybe more than once, at any point of its life).
+        """
+        conn = data.draw(st.sampled_from(self._writers()), label="conn")
+        conn.stopped_reading = True
+        conn.wire.producer.pauseProducing()
+        assert conn.wire.disconnected, "a slow consumer is aborted"
 
     @precondition(lambda self: self._closing())
     @rule(data=st.data(), reset=st.booleans())
@@ -519,8 +567,9 @@ class LegMachine(RuleBasedStateMachine):
             assert registry.get(call_id, role) is conn.leg
         assert len(registry) == len(listed)
         assert set(registry) == listed
-        assert set(registry.connections()) == {conn.leg for conn in self._open()}
-        assert len(registry.connections()) == len(self._open())
+        counted = {conn.leg for conn in self._open() if not conn.refused}
+        assert set(registry.connections()) == counted
+        assert len(registry.connections()) == registry.connection_count == len(counted)
         # Every leg that is LIVE is its key's registered leg.
         for conn in self._open():
             if conn.leg.state is LegState.LIVE:
