@@ -21,10 +21,11 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue
 from audiohangup.pacer import Pacer
@@ -93,6 +94,7 @@ def iso_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
+@implementer(IPushProducer)
 class AudioSocketProtocol(Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
