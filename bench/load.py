@@ -52,6 +52,7 @@ import queue
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -506,6 +507,7 @@ def worker_main(config_path: str, result_path: str) -> int:
             self.opened_at = monotonic()
             self.end_started: float | None = None
             self.done = False
+            self.api_pending = False
             self.deadline: Any = None
 
         def heard(self) -> bool:
@@ -576,9 +578,15 @@ def worker_main(config_path: str, result_path: str) -> int:
         def api_hangup(self, requested: float) -> None:
             role = ROLES[self.target]
             url = f"http://127.0.0.1:{cfg['http_port']}/calls/{self.call_id}/hangup?role={role}&wait=true"
+            self.api_pending = True
             d = agent.request(b"POST", url.encode(), api_headers)
             d.addCallback(lambda response: readBody(response).addCallback(lambda body: (response.code, body)))
             d.addCallbacks(self.api_answered, self.api_failed, callbackArgs=(requested,))
+            d.addBoth(self.api_done)
+
+        def api_done(self, _: Any) -> None:
+            self.api_pending = False
+            self.check_done()
 
         def api_answered(self, answer: tuple[int, bytes], requested: float) -> None:
             now = monotonic()
@@ -618,7 +626,12 @@ def worker_main(config_path: str, result_path: str) -> int:
                     and reason is not None):
                 what = "held_legs_lost" if self.ending == "held" and self.run.phase != "closing" else "unexpected_closes"
                 self.run.note(what, f"{self.ending} {self.call_id} {ROLES[leg.role_id]}: {reason.value!r}")
-            if not self.done and all(leg is None or leg.gone for leg in self.legs) and self.legs[1] is not None:
+            self.check_done()
+
+        def check_done(self) -> None:
+            """Done once both legs are gone and the API answer, if one is due, is in."""
+            if (not self.done and not self.api_pending and self.legs[1] is not None
+                    and all(leg is None or leg.gone for leg in self.legs)):
                 self.done = True
                 if self.deadline is not None and self.deadline.active():
                     self.deadline.cancel()
@@ -627,8 +640,9 @@ def worker_main(config_path: str, result_path: str) -> int:
         def timed_out(self) -> None:
             if not self.done:
                 self.run.force_closed[self.ending] += 1
-                self.run.note("force_closed", f"{self.ending} {self.call_id}: legs still open "
-                              f"{end_timeout:g} s after the ending began")
+                self.run.note("force_closed", f"{self.ending} {self.call_id}: legs still open or API "
+                              f"unanswered {end_timeout:g} s after the ending began")
+                self.api_pending = False
                 self.force()
 
         def force(self) -> None:
@@ -642,9 +656,8 @@ def worker_main(config_path: str, result_path: str) -> int:
                 # The resident's connect is still scheduled: the call ends without it.
                 self.legs[1] = Leg(self, 1)
                 self.legs[1].gone = True
-            if all(leg is None or leg.gone for leg in self.legs) and not self.done:
-                self.done = True
-                self.run.call_done(self)
+            self.api_pending = False
+            self.check_done()
 
     class Leg(Protocol):
         def __init__(self, call: Call, role_id: int) -> None:
@@ -880,6 +893,13 @@ class LoadServer(bridge.Server):
     def __init__(self, extra_args: list[str]) -> None:
         super().__init__()
         self.argv += extra_args
+
+    def cpu_split(self) -> tuple[float, float]:
+        """utime and stime of the server process, in seconds."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -1155,8 +1175,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.wait_idle:
         bridge.wait_idle(args.wait_idle, stretch=args.idle_stretch)
     server_args = shlex.split(args.server_args)
-    idle_timeout = float(option_value(server_args, "--idle-timeout") or 0)
-    uuid_timeout = float(option_value(server_args, "--uuid-timeout") or 5.0)
+    try:
+        idle_timeout = float(option_value(server_args, "--idle-timeout") or 0)
+        uuid_timeout = float(option_value(server_args, "--uuid-timeout") or 5.0)
+    except ValueError as error:
+        raise RuntimeError(f"--server-args: {error}") from None
     api_token = option_value(server_args, "--api-token") or os.environ.get("AUDIOHANGUP_API_TOKEN")
     fault_kinds = [kind for kind in args.fault_kinds.split(",") if kind]
     for kind in fault_kinds:
@@ -1177,6 +1200,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, Any] | None = None
     server_died = None
     lines: list[str] = []
+    directory: str | None = None
     try:
         server.start()
         fds_idle = settle_fds(server)
@@ -1234,10 +1258,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         if args.py_spy:
             # Profiling costs the server time (py-spy stops it to sample): not for the figures.
             profiler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.pid), "--rate", "500", "--format", "raw",
+                ["py-spy", "record", "--pid", str(server.pid), "--rate", "500", "--nonblocking", "--format", "raw",
                  "--duration", str(int(min(args.seconds, 20))), "--output", args.py_spy],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
+        split0 = server.cpu_split()
         cpu0, wall0, own0 = server.cpu_seconds(), time.monotonic(), own_cpu()
         busy0, irq0 = machine_busy_seconds(), machine_busy_seconds(interrupts=True)
         clients0 = [w.cpu_seconds() for w in workers]
@@ -1252,6 +1277,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                     f"fds {last['fds']}, server cpu {last['server_cpu']} %")
                 next_progress += progress_every
         cpu1, wall1, own1 = server.cpu_seconds(), time.monotonic(), own_cpu()
+        split1 = server.cpu_split()
         busy1, irq1 = machine_busy_seconds(), machine_busy_seconds(interrupts=True)
         clients1 = [w.cpu_seconds() for w in workers]
         rss_window_end = server.rss_kib()
@@ -1298,6 +1324,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for worker in workers:
             worker.stop()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
         exit_code = server.stop()
         lines = server.log_lines()
         if args.server_log:
@@ -1317,6 +1345,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, server, results, lines, samples, wakeups, leak, metrics, {
         "server_cpu": server_cpu, "clients_cpu": clients_cpu, "busy": busy, "irq": irq,
         "other": others_window, "other_procstat": other_procstat,
+        "server_user": 100.0 * (split1[0] - split0[0]) / wall, "server_system": 100.0 * (split1[1] - split0[1]) / wall,
         "rss_window_end": rss_window_end, "health_before": health_before, "exit_code": exit_code,
         "server_died": server_died, "fault_kinds": fault_kinds, "mix": mix, "server_args": server_args,
     })
@@ -1455,6 +1484,8 @@ def report(
         "server": {
             "pid": server.pid,
             "cpu_percent": round(m["server_cpu"], 1),
+            "cpu_percent_user": round(m["server_user"], 1),
+            "cpu_percent_system": round(m["server_system"], 1),
             "rss_mib": round(m["rss_window_end"] / 1024.0, 1) if m["rss_window_end"] else None,
             "memory": thirds(samples),
             "legs_ended": dict(ends),
@@ -1590,7 +1621,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds to wait after the run for the server to be back to idle; default 15")
     parser.add_argument("--server-log", metavar="FILE", help="write the server's log to FILE")
     parser.add_argument("--py-spy", metavar="FILE",
-                        help="record the server with py-spy (500 Hz, raw collapsed stacks) for the first "
+                        help="record the server with py-spy (500 Hz, --nonblocking, raw collapsed stacks) for the first "
                              "20 s of the window into FILE; it slows the server, so not for the figures")
     parser.add_argument("--seed", type=int, default=1, help="random seed; default 1")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
