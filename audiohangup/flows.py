@@ -86,10 +86,13 @@ class BridgeFlow(_QuietFlow):
         self._mismatch_logged = False
 
     def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
-        for other in session.others(leg):
+        # session.legs rather than session.others(leg): no list built per frame.
+        for other in session.legs.values():
+            if other is leg:
+                continue
             if frame.kind == other.format.kind:
-                other.forward(frame)
-            elif not self._mismatch_logged:
+                other.forward(frame)  # which skips a leg that is no longer live
+            elif other.live and not self._mismatch_logged:
                 # Forwarding would play the audio at the wrong speed: silence is better.
                 self._mismatch_logged = True
                 self.log.warn(

@@ -12,6 +12,7 @@ the leg ended (see L{audiohangup.reasons}) and logs it once.
 from __future__ import annotations
 
 import enum
+import math
 import socket
 import uuid
 from dataclasses import dataclass
@@ -142,7 +143,10 @@ class AudioSocketProtocol(Protocol):
         self._decoder = FrameDecoder()
         self._timers: dict[str, IDelayedCall] = {}
         self._waiting: list[Deferred[CloseReason]] = []
-        self._forwarded_at = float("-inf")
+        #: When audio was last bridged to this leg; the pacer sends no silence soon after.
+        self.forwarded_at = -math.inf
+        #: Seconds without a frame from the peer before the idle hangup (inf: never).
+        self.idle_after = settings.idle_timeout or math.inf
         self._after_playout: HangupCause | None = None
         self._wrong_kind_logged = False
         self._sendNow = False
@@ -391,7 +395,7 @@ class AudioSocketProtocol(Protocol):
         """
         if self.state is LegState.LIVE and not self.queue:
             self._write(frame.encode())
-            self._forwarded_at = self.reactor.seconds()
+            self.forwarded_at = self.reactor.seconds()
 
     def queueFrames(self, frames: list[bytes]) -> int:
         """Queue encoded frames for the pacer; return how many old ones were dropped."""
@@ -410,18 +414,21 @@ class AudioSocketProtocol(Protocol):
     def queued_ms(self) -> int:
         return round(len(self.queue) * FRAME_SECONDS * 1000)
 
-    def paceTick(self, now: float) -> None:
-        """The pacer's 20 ms tick: at most one frame, and the idle check."""
+    def paceTick(self, now: float, bridged_since: float) -> None:
+        """
+        The pacer's 20 ms tick: the idle check, then at most one frame, queued
+        audio first, else silence unless audio was bridged here since
+        C{bridged_since}.
+        """
         if self.state is not LegState.LIVE:
             return
-        idle = self.settings.idle_timeout
-        if idle and now - self.last_frame_at >= idle:
+        if now - self.last_frame_at >= self.idle_after:
             self.hangup(HangupCause.IDLE_TIMEOUT)
         elif self.queue:
-            self._write(self.queue.pop())
+            self._write(self.queue.popleft())
             if not self.queue and self._after_playout is not None:
                 self.hangup(self._after_playout)
-        elif now - self._forwarded_at > self.pacer.interval * _BRIDGE_GRACE:
+        elif self.forwarded_at < bridged_since:
             self._write(self.format.silence_frame)
 
     # Ending a leg
@@ -547,11 +554,6 @@ class AudioSocketProtocol(Protocol):
             "dropped_frames": self.queue.dropped,
             "dtmf": self.dtmf,
         }
-
-
-#: Forwarded audio keeps the pacer's silence away for this many ticks, so a
-#: bridge's own jitter does not make the pacer slip in extra frames.
-_BRIDGE_GRACE = 1.5
 
 
 class AudioSocketFactory(Factory):

@@ -32,6 +32,8 @@ class Session:
         self.flow = flow
         self.end_with_leg = end_with_leg
         self.legs: dict[Role, AudioSocketProtocol] = {}
+        # Bound once: audio is 50 frames a second per leg, the one hot event.
+        self._audioHook = flow.audioReceived
 
     @classmethod
     def create(cls, call_id: str, flow_factory: FlowFactory, end_with_leg: bool) -> Session:
@@ -75,7 +77,11 @@ class Session:
                 other.hangup(HangupCause.SESSION)
 
     def audioReceived(self, leg: AudioSocketProtocol, frame: Frame) -> None:
-        self._tell("audioReceived", leg, frame)
+        # _tell's guard, without its lookup and argument packing on every frame.
+        try:
+            self._audioHook(self, leg, frame)
+        except Exception:
+            self._failed("audioReceived", leg)
 
     def dtmfReceived(self, leg: AudioSocketProtocol, digit: str) -> None:
         self._tell("dtmfReceived", leg, digit)
@@ -84,8 +90,11 @@ class Session:
         try:
             getattr(self.flow, hook)(self, leg, *args)
         except Exception:
-            # A flow's bug must not take the connection or the reactor with it.
-            self.log.failure(
-                "{call_id} {role} flow {flow} failed in {hook}",
-                call_id=self.call_id, role=leg.role, flow=type(self.flow).__name__, hook=hook,
-            )
+            self._failed(hook, leg)
+
+    def _failed(self, hook: str, leg: AudioSocketProtocol) -> None:
+        # A flow's bug must not take the connection or the reactor with it.
+        self.log.failure(
+            "{call_id} {role} flow {flow} failed in {hook}",
+            call_id=self.call_id, role=leg.role, flow=type(self.flow).__name__, hook=hook,
+        )

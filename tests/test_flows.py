@@ -89,6 +89,38 @@ class BridgeTests(SessionTestCase):
         self.tick(2)
         self.assertEqual(resident_wire.frames()[10:], [SLIN.silence_frame] * 2)
 
+    def test_lateTickSlipsNoSilenceIntoTheBridge(self) -> None:
+        """
+        A tick the reactor runs late judges the bridge as of when the tick was
+        due: the bridged frames are held up by the same delay, so no silence
+        goes in between them (an overloaded server would only add work).
+        """
+        visitor, _ = self.leg(Role.VISITOR)
+        _, resident_wire = self.leg(Role.RESIDENT)
+        self.clock.advance(0.035)  # the tick due at 20 ms sends silence
+        visitor.dataReceived(audio(1))
+        self.clock.advance(0.050)  # the ticks due at 40, 60 and 80 ms run once, at 85 ms
+        self.assertEqual(self.pacer.late_ticks, 1)
+        self.assertEqual(resident_wire.frames(), [SLIN.silence_frame, audio(1)])
+        self.clock.advance(0.020)  # due at 100 ms and on time: the bridge is quiet, silence
+        self.assertEqual(resident_wire.frames()[2:], [SLIN.silence_frame])
+
+    def test_idleLegIsHungUpWhileTheBridgeFeedsIt(self) -> None:
+        """The pacer's shortcut for bridged legs still checks that their own peer talks."""
+        settings = LegSettings(idle_timeout=0.5)
+        visitor, visitor_wire = self.leg(Role.VISITOR, settings=settings)
+        resident, _ = self.leg(Role.RESIDENT, settings=settings)
+        for n in range(24):
+            resident.dataReceived(audio(n))
+            self.tick()
+        self.assertTrue(visitor.live)
+        self.assertNotIn(SLIN.silence_frame, visitor_wire.frames()[1:])
+        resident.dataReceived(audio(24))
+        self.tick()
+        self.assertEqual(visitor.hangup_cause, HangupCause.IDLE_TIMEOUT)
+        self.assertEqual(visitor_wire.frames()[-1], HANGUP_FRAME)
+        self.assertTrue(resident.live)
+
     def test_loneLegHearsSilence(self) -> None:
         """From its UUID on, a lone leg gets one silence frame per tick."""
         _, wire = self.leg()
@@ -319,9 +351,9 @@ class QueueTests(SynchronousTestCase):
         queue = FrameQueue(max_frames=3)
         self.assertEqual(queue.push([b"1", b"2"]), 0)
         self.assertEqual(queue.push([b"3", b"4"]), 1)
-        self.assertEqual([queue.pop() for _ in range(len(queue))], [b"2", b"3", b"4"])
+        self.assertEqual([queue.popleft() for _ in range(len(queue))], [b"2", b"3", b"4"])
         self.assertEqual(queue.push([b"5", b"6", b"7", b"8", b"9"]), 2)
-        self.assertEqual([queue.pop() for _ in range(len(queue))], [b"7", b"8", b"9"])
+        self.assertEqual([queue.popleft() for _ in range(len(queue))], [b"7", b"8", b"9"])
         self.assertEqual(queue.dropped, 3)
 
     def test_legQueueIsBounded(self) -> None:
@@ -333,7 +365,7 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(leg.play(b"\x01\x00" * 160 * 4), 0)
         self.assertEqual(leg.play(b"\x02\x00" * 160 * 4), 3)
         self.assertEqual((leg.queued_ms, leg.snapshot()["dropped_frames"]), (100, 3))
-        self.assertEqual(leg.queue.pop()[3:5], b"\x01\x00")
+        self.assertEqual(leg.queue.popleft()[3:5], b"\x01\x00")
 
 
 class FlowLoadingTests(SynchronousTestCase):
