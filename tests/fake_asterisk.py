@@ -56,7 +56,7 @@ class FakeAsterisk(Protocol):
             return
         frames = self._decoder.feed(data)
         for index, frame in enumerate(frames):
-            self.frames.append(frame)
+            self.frameReceived(frame)
             if frame.kind == Kind.HANGUP:
                 self.got_hangup = True
                 # Whatever came in the same chunk after the hangup counts too.
@@ -68,6 +68,14 @@ class FakeAsterisk(Protocol):
                 elif self.on_hangup == "close":
                     self.close()
                 return
+
+    def frameReceived(self, frame: Frame) -> None:
+        """
+        Keep one decoded frame. A hook: it runs before the hangup handling, so a
+        subclass that notes more per frame (its arrival time) has it noted by
+        the time C{hangup_received} fires.
+        """
+        self.frames.append(frame)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.closed.callback(reason.value)

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
 from audiohangup.reasons import CloseReason, HangupCause, Role
-from audiohangup.wire import HANGUP_FRAME, Kind, encode
+from audiohangup.wire import HANGUP_FRAME, Frame, Kind, encode
 from tests import flows_for_tests
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk
@@ -42,34 +42,17 @@ L16_8K = {"Content-Type": "audio/L16;rate=8000"}
 class TimedAsterisk(FakeAsterisk):
     """
     A fake Asterisk leg that also records when each frame arrived
-    (C{reactor.seconds()}, one entry per frame in C{times}), and counts every
-    byte after C{00 00 00}, including whole frames in the same chunk (the base
-    class counts only a partial frame left in its decoder).
+    (C{reactor.seconds()}, one entry per frame in C{times}), for the tests of
+    the pacer's rate and of how soon a hangup follows a reset.
     """
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.times: list[float] = []
 
-    def dataReceived(self, data: bytes) -> None:
-        now = reactor.seconds()
-        if self.got_hangup:
-            self.bytes_after_hangup += len(data)
-            return
-        frames = self._decoder.feed(data)
-        for index, frame in enumerate(frames):
-            self.frames.append(frame)
-            self.times.append(now)
-            if frame.kind == Kind.HANGUP:
-                self.got_hangup = True
-                following = sum(len(later.encode()) for later in frames[index + 1 :])
-                self.bytes_after_hangup += following + self._decoder.buffered
-                self.hangup_received.callback(None)
-                if self.on_hangup == "reset":
-                    self.reset()
-                elif self.on_hangup == "close":
-                    self.close()
-                return
+    def frameReceived(self, frame: Frame) -> None:
+        super().frameReceived(frame)
+        self.times.append(reactor.seconds())
 
     def encoded(self) -> list[bytes]:
         return [frame.encode() for frame in self.frames]
