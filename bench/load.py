@@ -3,8 +3,9 @@
 Load and soak generator for audiohangup: many Asterisk legs in real time.
 
 Starts ``twistd -n audiohangup`` on ephemeral loopback ports (as
-``bench/bridge.py`` does, whose server, ``/proc`` and machine-load helpers it
-reuses), then plays, from ``--client-procs`` worker processes:
+``bench/bridge.py`` does: the server, worker, ``/proc`` and machine-load
+helpers the two share are in ``bench/common.py``), then plays, from
+``--client-procs`` worker processes:
 
 - ``--sessions`` held calls: a visitor and a resident leg sharing a call id,
   both sending 20 ms frames for the whole run (sequence number and
@@ -48,43 +49,28 @@ import json
 import math
 import os
 import platform
-import queue
 import random
 import re
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 import uuid
 import warnings
 from collections import Counter, defaultdict
 from importlib import metadata
 from typing import Any
 
+# This script's directory (sys.path[0] when it is run as a script) holds common.py.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# The sibling benchmark: its server wrapper, /proc readers and machine-load helpers.
-import bridge
-from bridge import (
-    CONNECT_CONCURRENCY,
-    FRAME_SECONDS,
-    LEG_ENDED,
-    MAGIC,
-    PADDING,
-    PAYLOAD_BYTES,
-    ROLES,
-    SPREAD_SLOTS,
-    STAMP,
-    machine_busy_seconds,
-    own_cpu,
-)
+# Shared with bench/bridge.py: frame format, server wrapper, workers, /proc and machine-load helpers.
+import common
+from common import FRAME_SECONDS, MAGIC, PADDING, PAYLOAD_BYTES, ROLES, STAMP, log
 
 READY_TIMEOUT = 90.0
 #: How long a churned call may take to be gone once its ending began (plus the idle timeout).
@@ -100,18 +86,11 @@ MIX_KINDS = ("api", "reset", "close")
 FAULT_KINDS = ("reset_mid_frame", "partial_close", "silent", "protocol_error", "half_uuid")
 #: Bytes of a 320-byte payload sent before a mid-frame fault.
 PARTIAL_PAYLOAD = 100
-HEADER = struct.Struct("!BH")
-SLIN_HEADER = HEADER.pack(0x10, PAYLOAD_BYTES)
+SLIN_HEADER = common.HEADER.pack(0x10, PAYLOAD_BYTES)
 #: Calls a worker numbers: its number times this, plus its own count.
 INDEX_STRIDE = 10_000_000
 
-
-def log(message: str) -> None:
-    print(f"[load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# bridge's helpers (Server.start, wait_idle) log through bridge.log.
-bridge.log = log
+common.set_log_name("load")
 
 
 # ---------------------------------------------------------------------------
@@ -184,31 +163,14 @@ class Histogram:
         return float(self.max)
 
     def summary_ms(self) -> dict[str, Any]:
-        def ms(v: float | None) -> float | None:
-            return None if v is None else round(v / 1000.0, 3)
         return {
-            "p50": ms(self.quantile_us(0.50)),
-            "p99": ms(self.quantile_us(0.99)),
-            "p999": ms(self.quantile_us(0.999)),
-            "max": ms(self.max if self.count else None),
-            "mean": ms(self.total / self.count if self.count else None),
+            "p50": common.ms_from_us(self.quantile_us(0.50)),
+            "p99": common.ms_from_us(self.quantile_us(0.99)),
+            "p999": common.ms_from_us(self.quantile_us(0.999)),
+            "max": common.ms_from_us(self.max if self.count else None),
+            "mean": common.ms_from_us(self.total / self.count if self.count else None),
             "samples": self.count,
         }
-
-
-def summary_list_ms(values_us: list[int]) -> dict[str, Any]:
-    values = sorted(values_us)
-
-    def at(q: float) -> float | None:
-        if not values:
-            return None
-        return round(values[min(len(values), max(1, math.ceil(q * len(values)))) - 1] / 1000.0, 3)
-    return {
-        "p50": at(0.50), "p99": at(0.99),
-        "max": round(values[-1] / 1000.0, 3) if values else None,
-        "mean": round(sum(values) / len(values) / 1000.0, 3) if values else None,
-        "samples": len(values),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +197,6 @@ def worker_main(config_path: str, result_path: str) -> int:
     monotonic = time.monotonic
     stamp_pack = STAMP.pack
     stamp_unpack = STAMP.unpack_from
-    header_unpack = HEADER.unpack_from
     slin = 0x10
     reset_prob: float = cfg["reset_after_hangup"]
     late_us = int(cfg["late_ms"] * 1000)
@@ -247,11 +208,10 @@ def worker_main(config_path: str, result_path: str) -> int:
     api_headers = Headers({b"authorization": [f"Bearer {cfg['api_token']}".encode()]}) if cfg["api_token"] else None
     end_timeout = END_TIMEOUT + cfg["idle_timeout"]
 
-    class Run:
+    class Run(common.WorkerRun):
         def __init__(self) -> None:
-            self.phase = "setup"  # setup, ready, running, closing, done
-            self.start = self.t0 = self.t1 = math.inf
-            self.slots = SPREAD_SLOTS if cfg["spread"] else 1
+            super().__init__(cfg, reactor)
+            self.slots = common.SPREAD_SLOTS if cfg["spread"] else 1
             self.slot_s = FRAME_SECONDS / self.slots
             self.groups: list[dict[Leg, None]] = [{} for _ in range(self.slots)]
             self.next_slot = 0
@@ -274,10 +234,6 @@ def worker_main(config_path: str, result_path: str) -> int:
             self.idle_hangup_us: list[int] = []
             self.uuid_timeout_us: list[int] = []
             self.notes: dict[str, list[str]] = defaultdict(list)
-            self.errors: list[str] = []
-            self.cpu0: tuple[float, float] | None = None
-            self.cpu1: tuple[float, float] | None = None
-            self.finished = False
             self.churn_first = self.churn_interval = 0.0
             self.churn_opened = 0
 
@@ -297,7 +253,7 @@ def worker_main(config_path: str, result_path: str) -> int:
         def begin(self) -> None:
             self.origin = monotonic() + 0.01
             reactor.callLater(0.01, self.tick)
-            semaphore = DeferredSemaphore(CONNECT_CONCURRENCY)
+            semaphore = DeferredSemaphore(common.CONNECT_CONCURRENCY)
             for index, call_id in cfg["held"]:
                 call = Call(self, index, uuid.UUID(call_id), "held", 0.0, 0)
                 self.held.append(call)
@@ -307,32 +263,13 @@ def worker_main(config_path: str, result_path: str) -> int:
 
         def leg_heard(self) -> None:
             if self.phase == "setup" and all(call.heard() for call in self.held):
-                self.phase = "ready"
-                print("READY", flush=True)
+                self.ready()
 
-        def go(self, start: float) -> None:
-            if self.phase != "ready":
-                self.fail(f"GO in phase {self.phase}")
-                return
-            self.phase = "running"
-            self.start = start
-            self.t0 = start + cfg["warmup"]
-            self.t1 = self.t0 + cfg["seconds"]
-            now = monotonic()
-            reactor.callLater(max(0.0, self.t0 - now), self.sample_cpu, 0)
-            reactor.callLater(max(0.0, self.t1 - now), self.sample_cpu, 1)
-            reactor.callLater(max(0.0, self.t1 + cfg["drain"] - now), self.close_held)
+        def started(self, now: float) -> None:
             if cfg["churn_rate"] > 0:
                 self.churn_interval = 1.0 / cfg["churn_rate"]
-                self.churn_first = start + cfg["churn_offset"] * self.churn_interval
+                self.churn_first = self.start + cfg["churn_offset"] * self.churn_interval
                 reactor.callLater(max(0.0, self.churn_first - now), self.churn)
-
-        def sample_cpu(self, which: int) -> None:
-            sample = (monotonic(), own_cpu())
-            if which == 0:
-                self.cpu0 = sample
-            else:
-                self.cpu1 = sample
 
         # sending: deadlines from one origin, so no drift; a late client catches
         # up (its frames go out late and bunched; their stamps say when), unless
@@ -408,10 +345,7 @@ def worker_main(config_path: str, result_path: str) -> int:
 
         # ending
 
-        def close_held(self) -> None:
-            if self.phase != "running":
-                return
-            self.phase = "closing"
+        def close_calls(self) -> None:
             for call in self.held:
                 call.begin_end()
             reactor.callLater(
@@ -432,22 +366,10 @@ def worker_main(config_path: str, result_path: str) -> int:
                 call.force()
             reactor.callLater(0.5, self.finish)
 
-        def fail(self, message: str) -> None:
-            self.errors.append(message)
-            print(f"FAIL {message}", flush=True)
-            self.finish()
-
-        def finish(self) -> None:
-            if self.finished:
-                return
-            self.finished = True
-            self.phase = "done"
-            try:
-                self.write_result()
-            finally:
-                closing = pool.closeCachedConnections()
-                closing.addBoth(lambda _: reactor.callLater(0, reactor.stop))
-                reactor.callLater(2.0, lambda: reactor.running and reactor.stop())
+        def shut_down(self) -> None:
+            closing = pool.closeCachedConnections()
+            closing.addBoth(lambda _: reactor.callLater(0, reactor.stop))
+            reactor.callLater(2.0, lambda: reactor.running and reactor.stop())
 
         def write_result(self) -> None:
             counts = Counter(self.counts)
@@ -463,9 +385,6 @@ def worker_main(config_path: str, result_path: str) -> int:
                     counts["held_silence_in_window"] += leg.silence_window
                     if peer is not None:
                         counts["held_lost_tail"] += max(0, peer.sent_window - leg.rx_window)
-            cpu = None
-            if self.cpu0 and self.cpu1 and self.cpu1[0] > self.cpu0[0]:
-                cpu = {"cpu_s": self.cpu1[1] - self.cpu0[1], "wall_s": self.cpu1[0] - self.cpu0[0]}
             result = {
                 "errors": self.errors,
                 "held_legs": held_legs,
@@ -484,7 +403,7 @@ def worker_main(config_path: str, result_path: str) -> int:
                 "idle_hangup_us": self.idle_hangup_us,
                 "uuid_timeout_us": self.uuid_timeout_us,
                 "notes": dict(self.notes),
-                "cpu": cpu,
+                "cpu": self.cpu_used(),
             }
             with open(result_path, "w") as f:
                 json.dump(result, f)
@@ -659,7 +578,7 @@ def worker_main(config_path: str, result_path: str) -> int:
             self.api_pending = False
             self.check_done()
 
-    class Leg(Protocol):
+    class Leg(common.LegIO, Protocol):
         def __init__(self, call: Call, role_id: int) -> None:
             self.call = call
             self.run = call.run
@@ -668,17 +587,12 @@ def worker_main(config_path: str, result_path: str) -> int:
             self.peer_role = 1 - role_id
             self.held = call.ending == "held"
             self.slot = call.run.assign_slot()
-            self.transport: Any = None
-            self.socket: Any = None
-            self.buffer = b""
-            self.buffered_writes = 0
             self.seq = 0
             self.sent_window = 0
             self.expected = -1
             self.rx_window = 0            # bridged frames stamped in the window that arrived
             self.rx_window_by_receipt = 0  # bridged frames received in the window
             self.silence_window = 0
-            self.heard = False
             self.gone = False
             self.sending = False
             self.hangup_at: float | None = None
@@ -696,22 +610,8 @@ def worker_main(config_path: str, result_path: str) -> int:
             self.sending = True
             self.run.groups[self.slot][self] = None
 
-        def send(self, data: bytes) -> None:
-            """To the kernel now, as Asterisk writes; after a short send, through the transport."""
-            if self.buffered_writes:
-                self.buffered_writes += 1
-                self.transport.write(data)
-                return
-            try:
-                written = self.socket.send(data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return
-            if written < len(data):
-                self.buffered_writes += 1
-                self.run.counts["buffered_writes"] += 1
-                self.transport.write(data[written:])
+        def fell_back_to_buffering(self) -> None:
+            self.run.counts["buffered_writes"] += 1
 
         def stop_sending(self) -> None:
             if self.sending:
@@ -747,16 +647,7 @@ def worker_main(config_path: str, result_path: str) -> int:
                 return
             t0, t1 = run.t0, run.t1
             in_window = t0 <= now < t1
-            buffer = self.buffer + data if self.buffer else data
-            end = len(buffer)
-            offset = 0
-            while end - offset >= 3:
-                kind, length = header_unpack(buffer, offset)
-                start = offset + 3
-                stop = start + length
-                if stop > end:
-                    break
-                offset = stop
+            for kind, length, buffer, start in self.frames(data):
                 if kind == slin:
                     if length == PAYLOAD_BYTES and buffer[start:start + 4] == MAGIC:
                         _, index, role_id, seq, sent = stamp_unpack(buffer, start)
@@ -785,8 +676,9 @@ def worker_main(config_path: str, result_path: str) -> int:
                     if length:
                         run.counts["other_frames"] += 1
                     self.hangup_at = now
-                    if end > offset:
-                        run.counts["bytes_after_hangup"] += end - offset
+                    after = len(buffer) - (start + length)
+                    if after > 0:
+                        run.counts["bytes_after_hangup"] += after
                     self.buffer = b""
                     self.stop_sending()
                     self.call.hangup_heard(self, now)
@@ -802,11 +694,10 @@ def worker_main(config_path: str, result_path: str) -> int:
                     return
                 else:
                     run.counts["other_frames"] += 1
-            self.buffer = buffer[offset:] if offset < end else b""
-            if not self.heard and offset:
-                self.heard = True
-                if self.held:
-                    run.leg_heard()
+
+        def heard_first_frame(self) -> None:
+            if self.held:
+                self.run.leg_heard()
 
         def connectionLost(self, reason: Any) -> None:
             self.gone = True
@@ -864,127 +755,14 @@ def worker_main(config_path: str, result_path: str) -> int:
                     self.deadline.cancel()
                 self.run.call_done(self)
 
-    def read_commands() -> None:
-        for line in sys.stdin:
-            parts = line.split()
-            if parts and parts[0] == "GO":
-                reactor.callFromThread(run.go, float(parts[1]))
-                return
-        reactor.callFromThread(run.fail, "the orchestrator closed stdin before GO")
-
-    reactor.callWhenRunning(run.begin)
-    reactor.callLater(cfg["budget"], lambda: run.fail(f"worker budget of {cfg['budget']:.0f} s exceeded"))
-    reactor.callLater(READY_TIMEOUT, lambda: run.phase == "setup" and run.fail(
+    return run.serve(run.begin, READY_TIMEOUT, lambda: (
         f"not every held leg heard from the server within {READY_TIMEOUT:.0f} s"
     ))
-    threading.Thread(target=read_commands, daemon=True).start()
-    reactor.run()
-    return 1 if run.errors else 0
 
 
 # ---------------------------------------------------------------------------
 # Orchestrator
 # ---------------------------------------------------------------------------
-
-
-class LoadServer(bridge.Server):
-    """bridge's server, with extra options, descriptors and HTTP helpers."""
-
-    def __init__(self, extra_args: list[str]) -> None:
-        super().__init__()
-        self.argv += extra_args
-
-    def cpu_split(self) -> tuple[float, float]:
-        """utime and stime of the server process, in seconds."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def threads(self) -> int | None:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        return None
-
-    def get(self, path: str, token: str | None = None, timeout: float = 5.0) -> bytes:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.ports['http']}{path}")
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-
-    def health_legs(self) -> int | None:
-        try:
-            return json.loads(self.get("/health"))["legs"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-
-class Worker:
-    def __init__(self, number: int, config: dict[str, Any], directory: str) -> None:
-        self.number = number
-        self.config_path = os.path.join(directory, f"worker{number}.json")
-        self.result_path = os.path.join(directory, f"result{number}.json")
-        with open(self.config_path, "w") as f:
-            json.dump(config, f)
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", self.config_path, self.result_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        self.messages: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.messages.put(line.strip())
-        self.messages.put("EOF")
-
-    def wait_ready(self, deadline: float) -> None:
-        while True:
-            try:
-                message = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"worker {self.number} not ready in time") from None
-            if message == "READY":
-                return
-            if message.startswith("FAIL") or message == "EOF":
-                raise RuntimeError(f"worker {self.number}: {message}")
-
-    def go(self, start: float) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"GO {start!r}\n")
-        self.process.stdin.flush()
-
-    def cpu_seconds(self) -> float:
-        try:
-            with open(f"/proc/{self.process.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError):
-            return math.nan
-
-    def result(self, timeout: float) -> dict[str, Any]:
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"worker {self.number} did not end in time") from None
-        with open(self.result_path) as f:
-            return json.load(f)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
 
 
 def process_cpu_table() -> dict[int, tuple[int, float]]:
@@ -995,8 +773,7 @@ def process_cpu_table() -> dict[int, tuple[int, float]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = common.proc_stat_fields(name)
         except (OSError, IndexError):
             continue
         if int(fields[6]) & 0x00200000:  # PF_KTHREAD
@@ -1031,7 +808,7 @@ def others_cpu_seconds(before: dict[int, tuple[int, float]], after: dict[int, tu
 class Sampler:
     """Every few seconds: the server's RSS, descriptors, legs and CPU, the clients' CPU, the machine's other load."""
 
-    def __init__(self, server: LoadServer, workers: list[Worker], origin: float) -> None:
+    def __init__(self, server: common.Server, workers: list[common.Worker], origin: float) -> None:
         self.server = server
         self.workers = workers
         self.origin = origin
@@ -1051,8 +828,8 @@ class Sampler:
             "wall": time.monotonic(),
             "server": self.server.cpu_seconds(),
             "clients": sum(self._clients),
-            "own": own_cpu(),
-            "busy": machine_busy_seconds() + machine_busy_seconds(interrupts=True),
+            "own": common.own_cpu(),
+            "busy": common.machine_busy_seconds() + common.machine_busy_seconds(interrupts=True),
             "table": process_cpu_table(),
         }
 
@@ -1123,7 +900,7 @@ def option_value(argv: list[str], name: str) -> str | None:
     return value
 
 
-def settle_fds(server: LoadServer, limit: float = 5.0) -> int:
+def settle_fds(server: common.Server, limit: float = 5.0) -> int:
     """The server's descriptor count once it has stopped changing (two equal reads 0.5 s apart)."""
     deadline = time.monotonic() + limit
     previous = server.fd_count()
@@ -1173,7 +950,7 @@ def thirds(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.wait_idle:
-        bridge.wait_idle(args.wait_idle, stretch=args.idle_stretch)
+        common.wait_idle(args.wait_idle, stretch=args.idle_stretch)
     server_args = shlex.split(args.server_args)
     try:
         idle_timeout = float(option_value(server_args, "--idle-timeout") or 0)
@@ -1191,8 +968,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.faults and not fault_kinds:
         raise RuntimeError("--faults needs at least one fault kind")
     mix = parse_weights(args.mix, MIX_KINDS, "--mix")
-    server = LoadServer(server_args)
-    workers: list[Worker] = []
+    server = common.Server(server_args)
+    workers: list[common.Worker] = []
     results: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     wakeups: list[int] = []
@@ -1211,7 +988,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         directory = tempfile.mkdtemp(prefix="bench-load-")
         for number in range(args.client_procs):
             held = [(number * INDEX_STRIDE + index, call_id) for index, call_id in sessions[number::args.client_procs]]
-            workers.append(Worker(number, {
+            workers.append(common.Worker(os.path.abspath(__file__), number, {
                 "held": held,
                 "index_base": number * INDEX_STRIDE + args.sessions,
                 "visitor_port": server.ports["audiosocket-visitor"],
@@ -1237,17 +1014,13 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 "seed": args.seed * 1000 + number,
                 "budget": READY_TIMEOUT + 30.0 + run_length + 30.0,
             }, directory))
-        deadline = time.monotonic() + READY_TIMEOUT
-        for worker in workers:
-            worker.wait_ready(deadline)
+        common.start_workers(workers, READY_TIMEOUT)
         health_before = server.health_legs()
         if health_before != 2 * args.sessions:
             raise RuntimeError(f"server reports {health_before} legs, not {2 * args.sessions}")
         log(f"{2 * args.sessions} held legs live in {len(workers)} client process(es), server pid {server.pid}; "
             f"churn {args.churn:g}/s; {args.warmup:g} s warm-up, {args.seconds:g} s measured")
-        start = time.monotonic() + 0.2
-        for worker in workers:
-            worker.go(start)
+        start = common.go_workers(workers)
         t0 = start + args.warmup
         t1 = t0 + args.seconds
         every = args.sample_every or (2.0 if args.seconds <= 120 else 5.0)
@@ -1263,8 +1036,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         split0 = server.cpu_split()
-        cpu0, wall0, own0 = server.cpu_seconds(), time.monotonic(), own_cpu()
-        busy0, irq0 = machine_busy_seconds(), machine_busy_seconds(interrupts=True)
+        cpu0, wall0, own0 = server.cpu_seconds(), time.monotonic(), common.own_cpu()
+        busy0, irq0 = common.machine_busy_seconds(), common.machine_busy_seconds(interrupts=True)
         clients0 = [w.cpu_seconds() for w in workers]
         sampler.wakeups_us = []
         progress_every = max(every, 60.0)
@@ -1276,9 +1049,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{time.monotonic() - t0:.0f} s: legs {last['legs']}, rss {last['rss_mib']} MiB, "
                     f"fds {last['fds']}, server cpu {last['server_cpu']} %")
                 next_progress += progress_every
-        cpu1, wall1, own1 = server.cpu_seconds(), time.monotonic(), own_cpu()
+        cpu1, wall1, own1 = server.cpu_seconds(), time.monotonic(), common.own_cpu()
         split1 = server.cpu_split()
-        busy1, irq1 = machine_busy_seconds(), machine_busy_seconds(interrupts=True)
+        busy1, irq1 = common.machine_busy_seconds(), common.machine_busy_seconds(interrupts=True)
         clients1 = [w.cpu_seconds() for w in workers]
         rss_window_end = server.rss_kib()
         wakeups = sampler.wakeups_us
@@ -1332,9 +1105,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             with open(args.server_log, "w") as f:
                 f.write("\n".join(lines) + "\n")
         log(f"server stopped, exit code {exit_code}")
-    errors = [error for result in results for error in result["errors"]]
-    if errors:
-        raise RuntimeError("; ".join(errors))
+    common.raise_worker_errors(results)
     wall = wall1 - wall0
     server_cpu = 100.0 * (cpu1 - cpu0) / wall
     clients_cpu = [round(100.0 * (b - a) / wall, 1) for a, b in zip(clients0, clients1)]
@@ -1353,7 +1124,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(
     args: argparse.Namespace,
-    server: LoadServer,
+    server: common.Server,
     results: list[dict[str, Any]],
     lines: list[str],
     samples: list[dict[str, Any]],
@@ -1396,7 +1167,7 @@ def report(
             notes[what] += details[: 5 - len(notes[what])]
         held_rx += r["held_rx_window"]
         held_legs += r["held_legs"]
-    ends = Counter(match.group(1) for line in lines if (match := LEG_ENDED.search(line)))
+    ends = Counter(match.group(1) for line in lines if (match := common.LEG_ENDED.search(line)))
     causes = Counter(match.group(1) for line in lines if (match := HANGUP_SENT.search(line)))
     troubles = [line for line in lines if any(word in line for word in TROUBLE)]
     window = [s for s in samples if s["phase"] == "window"]
@@ -1405,8 +1176,8 @@ def report(
     rx = counts["received_window"]
     lost_tail = counts["held_lost_tail"]
     lost = counts["lost_gaps"] + lost_tail
-    api_frame_summary = summary_list_ms(api_frame)
-    api_gone_summary = summary_list_ms(api_gone)
+    api_frame_summary = common.summary_ms(api_frame)
+    api_gone_summary = common.summary_ms(api_gone)
     bridge_summary = latency.summary_ms()
     churned = sum(opened.values())
     result = {
@@ -1422,7 +1193,7 @@ def report(
             "other_cpu_percent": round(m["other"], 1),
             "other_cpu_percent_max_sample": max(others) if others else None,
             "other_cpu_percent_procstat": round(m["other_procstat"], 1),
-            "wakeup_delay_ms": {k: v for k, v in summary_list_ms(wakeups).items() if k in ("p50", "p99", "max")},
+            "wakeup_delay_ms": {k: v for k, v in common.summary_ms(wakeups).items() if k in ("p50", "p99", "max")},
         },
         "config": {
             "sessions": args.sessions, "seconds": args.seconds, "warmup": args.warmup, "drain": args.drain,
@@ -1460,9 +1231,9 @@ def report(
             "api_to_leg_gone": api_gone_summary,
             "api_status": dict(api_status),
             "api_answers": dict(api_reasons),
-            "other_leg_hangup_after_ending": {k: summary_list_ms(v) for k, v in sorted(session_end.items())},
-            "silent_leg_to_idle_hangup": summary_list_ms(idle_hangup),
-            "half_uuid_to_server_close": summary_list_ms(uuid_timeouts),
+            "other_leg_hangup_after_ending": {k: common.summary_ms(v) for k, v in sorted(session_end.items())},
+            "silent_leg_to_idle_hangup": common.summary_ms(idle_hangup),
+            "half_uuid_to_server_close": common.summary_ms(uuid_timeouts),
         },
         "churn": {
             "calls_opened": churned,
@@ -1609,7 +1380,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "visitor; default 0.2")
     parser.add_argument("--client-procs", type=int, default=1, help="client processes; default 1")
     parser.add_argument("--spread", action="store_true",
-                        help=f"spread the legs' send times over the 20 ms in {SPREAD_SLOTS} slots (real "
+                        help=f"spread the legs' send times over the 20 ms in {common.SPREAD_SLOTS} slots (real "
                              "channels are not phase-aligned) instead of one shared tick")
     parser.add_argument("--late-ms", type=float, default=20.0,
                         help="a bridged frame later than this counts as late; default 20")
@@ -1628,7 +1399,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="first wait up to SECONDS for the machine to be idle; default 0")
     parser.add_argument("--idle-stretch", type=float, default=2.0, metavar="SECONDS",
                         help="with --wait-idle, how long the machine must stay idle; default 2")
-    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
+    common.add_worker_option(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -1660,30 +1431,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def suspect(result: dict[str, Any]) -> str | None:
+    """A warning when other processes took enough of the machine to make the numbers suspect."""
+    if result["noisy"]:
+        return (f"warning: other processes used about {result['machine']['other_cpu_percent']:.0f}% of a core "
+                f"(max sample {result['machine']['other_cpu_percent_max_sample']}%) during the window; "
+                "the numbers are suspect")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(*args.worker)
-    if not os.path.exists("/proc/self/stat"):
-        raise SystemExit("needs Linux /proc for the server's CPU, memory and descriptors")
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        result = orchestrate(args)
-    except (RuntimeError, OSError) as error:
-        log(f"failed: {error}")
-        return 1
-    if result["noisy"]:
-        log(f"warning: other processes used about {result['machine']['other_cpu_percent']:.0f}% of a core "
-            f"(max sample {result['machine']['other_cpu_percent_max_sample']}%) during the window; "
-            "the numbers are suspect")
-    print(json.dumps(result, indent=2))
-    for problem in result["problems"]:
-        log(f"problem: {problem}")
-    return 1 if result["problems"] else 0
+    return common.run_script(args, worker_main, orchestrate, "the server's CPU, memory and descriptors", suspect)
 
 
 if __name__ == "__main__":
