@@ -6,10 +6,13 @@ and never a traceback in the log (the C{logs} fixture fails the test on one).
 
 from __future__ import annotations
 
+import select
 import uuid
 
+import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.logger import LogLevel
 
 from audiohangup.reasons import CloseReason, HangupCause, Role
@@ -126,6 +129,43 @@ async def test_peer_resets(server: Server, logs: LogCapture) -> None:
     client.reset()
     assert await leg.whenGone() is CloseReason.PEER_RESET
     assert_ended_once(logs, call_id, CloseReason.PEER_RESET, LogLevel.warn)
+    assert len(server.registry) == 0
+
+
+def reset_arrived(leg: object) -> bool:
+    """The peer's RST is in the leg's socket (POLLERR), not yet seen by anyone."""
+    poller = select.poll()
+    poller.register(leg.transport.fileno(), select.POLLERR)
+    return bool(poller.poll(0))
+
+
+@pytest.mark.parametrize(
+    ("hang_up_first", "expected"),
+    [(False, CloseReason.PEER_RESET), (True, CloseReason.HANGUP_RESET)],
+)
+@pytest_twisted.ensureDeferred
+async def test_reset_reported_as_a_clean_end_is_still_a_reset(
+    server: Server, logs: LogCapture, hang_up_first: bool, expected: CloseReason
+) -> None:
+    """
+    Under load, epoll can report a reset as HUP|ERR without IN, and Twisted's
+    poll reactors then end the connection as cleanly closed without reading
+    (twisted#4604). The leg asks the socket: it is still a reset.
+    """
+    client, call_id = await start_leg(server, on_hangup="reset")
+    leg = server.registry.get(call_id, Role.VISITOR)
+    leg.transport.stopReading()  # the reactor must not read the RST itself
+    if hang_up_first:
+        gone = leg.hangup(HangupCause.API)
+        await client.closed  # it read 00 00 00 and reset
+    else:
+        gone = leg.whenGone()
+        client.reset()
+    await until(lambda: reset_arrived(leg), what="the RST to arrive")
+    # What the reactor does on HUP|ERR without IN for a connection it reads:
+    leg.transport.readConnectionLost(Failure(ConnectionDone()))
+    assert await gone is expected
+    assert_ended_once(logs, call_id, expected, expected.level)
     assert len(server.registry) == 0
 
 
