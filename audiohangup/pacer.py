@@ -45,14 +45,21 @@ class Pacer:
         self.interval = interval
         self.ticks = 0
         self.late_ticks = 0
-        self._intervals = 0  # intervals elapsed since the loop (re)started
+        self._intervals = 0  # intervals elapsed since the loop started
         self._legs: dict[AudioSocketProtocol, None] = {}
-        self._loop = LoopingCall.withCount(self._tick)
-        self._loop.clock = clock
+        self._loop = self._newLoop()
+
+    def _newLoop(self) -> LoopingCall:
+        loop = LoopingCall.withCount(self._tick)
+        loop.clock = self.clock
+        return loop
 
     def add(self, leg: AudioSocketProtocol) -> None:
         self._legs[leg] = None
         if not self._loop.running:
+            # A new loop on each start: withCount counts from the last run,
+            # even one before a stop, and the first tick would look hours late.
+            self._loop = self._newLoop()
             self._intervals = 0
             self._loop.start(self.interval, now=False)
 
@@ -71,6 +78,7 @@ class Pacer:
         # A tick the reactor runs late judges the bridge as of when it was due:
         # the bridged frames are held up by the same delay, and silence slipped
         # in between them would only add work when the server has none to spare.
+        assert self._loop.starttime is not None
         due = self._loop.starttime + (self._intervals + 1) * self.interval
         self._intervals += count
         bridged_since = due - self.interval * BRIDGE_GRACE

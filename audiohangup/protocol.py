@@ -158,6 +158,7 @@ class AudioSocketProtocol(Protocol):
         self._wrong_kind_logged = False
         self._sendNow = False
         self._peerReset = False  # a reset the transport's reason may not show
+        self._peerEnd: Loss | None = None  # how the peer ended its side, seen at its end of stream
 
     def logPrefix(self) -> str:
         return f"audiosocket-{self.role}"
@@ -283,15 +284,18 @@ class AudioSocketProtocol(Protocol):
         The peer's side of the stream ended, cleanly as far as Twisted knows.
         Its poll reactors also say so, without reading, when epoll reports a
         reset as HUP|ERR without IN (twisted#4604; about one reset in 10,000
-        under load here), so ask the socket for its pending error, then close
-        as Twisted would have, bounded like every close.
+        under load here), so ask the socket for its pending error. How the
+        peer ended is settled here; closing our side (bounded like every close)
+        cannot change it.
         """
-        try:
-            pending = self.transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except (OSError, AttributeError):
-            pending = 0  # not a socket (a test transport)
-        if pending:
-            self._peerReset = True
+        pending = 0
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is not None:  # a test transport has none
+            try:
+                pending = handle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                pass
+        self._peerEnd = Loss.RESET if pending or self._peerReset else Loss.CLEAN
         if self.state is LegState.AWAITING_UUID or self.state is LegState.LIVE:
             self._beginClosing()
         self.transport.loseConnection()
@@ -307,8 +311,12 @@ class AudioSocketProtocol(Protocol):
         self.state = LegState.CLOSED
         self.ended_at = self.reactor.seconds()
         loss = loss_of(reason)
-        if loss is Loss.CLEAN and self._peerReset:
-            loss = Loss.RESET  # see _write and readConnectionLost
+        if self._peerEnd is not None and loss is not Loss.OTHER:
+            # After the peer's end of stream: our flush may meet its RST, or
+            # the close timer may abort; what the peer did is the reason.
+            loss = self._peerEnd
+        elif loss is Loss.CLEAN and self._peerReset:
+            loss = Loss.RESET  # a direct send met the reset first (see _write)
         self.close_reason = classify(
             hangup_sent=self.hangup_sent, decided=self._decided, loss=loss
         )

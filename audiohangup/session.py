@@ -38,11 +38,10 @@ class Session:
     @classmethod
     def create(cls, call_id: str, flow_factory: FlowFactory, end_with_leg: bool) -> Session:
         try:
-            flow = flow_factory()
-        except Exception:
+            return cls(call_id, flow_factory(), end_with_leg)
+        except Exception:  # the factory failed, or made something without the hooks
             cls.log.failure("{call_id} the flow could not be created; the legs hear silence", call_id=call_id)
-            flow = SilenceFlow()
-        return cls(call_id, flow, end_with_leg)
+            return cls(call_id, SilenceFlow(), end_with_leg)
 
     def others(self, leg: AudioSocketProtocol) -> list[AudioSocketProtocol]:
         """The session's other legs that can still take audio."""

@@ -21,6 +21,7 @@ from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
+from audiohangup.session import Session
 from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode, encode_uuid
 
 CALL = uuid.UUID("1e3d5c7b-9a8f-4e6d-b5c4-a3b2c1d0e9f8")
@@ -104,6 +105,24 @@ class BridgeTests(SessionTestCase):
         self.assertEqual(resident_wire.frames(), [SLIN.silence_frame, audio(1)])
         self.clock.advance(0.020)  # due at 100 ms and on time: the bridge is quiet, silence
         self.assertEqual(resident_wire.frames()[2:], [SLIN.silence_frame])
+
+    def test_bridgeAfterThePacerRestarts(self) -> None:
+        """
+        The pacer stops with its last leg and starts again with the next: its
+        first tick then is on time, and a bridged leg still gets no silence.
+        """
+        first, _ = self.leg(Role.VISITOR)
+        self.tick()
+        first.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(self.pacer), 0)
+        self.clock.advance(60)
+        visitor, _ = self.leg(Role.VISITOR)
+        _, resident_wire = self.leg(Role.RESIDENT)
+        for n in range(5):
+            visitor.dataReceived(audio(n))
+            self.tick()
+        self.assertEqual(resident_wire.frames(), [audio(n) for n in range(5)])
+        self.assertEqual(self.pacer.late_ticks, 0)
 
     def test_idleLegIsHungUpWhileTheBridgeFeedsIt(self) -> None:
         """The pacer's shortcut for bridged legs still checks that their own peer talks."""
@@ -376,6 +395,12 @@ class FlowLoadingTests(SynchronousTestCase):
 
     def test_dottedPath(self) -> None:
         self.assertIs(load_flow("audiohangup.flows.EchoFlow"), EchoFlow)
+
+    def test_flowWithoutHooksMeansSilence(self) -> None:
+        """A factory whose product lacks the hooks is caught once, when the session is made."""
+        session = Session.create(str(CALL), object, end_with_leg=True)
+        self.assertIsInstance(session.flow, SilenceFlow)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
 
     def test_errors(self) -> None:
         for name, words in [

@@ -6,6 +6,8 @@ failure Twisted would deliver (a fake transport never calls it itself).
 
 from __future__ import annotations
 
+import errno
+import socket
 import uuid
 
 from twisted.internet.address import IPv4Address
@@ -286,6 +288,75 @@ class RegistryLifecycleTests(LegTestCase):
         self.assertEqual(leg.close_reason, CloseReason.INTERNAL_ERROR)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(len(self.registry), 0)
+
+
+class PendingErrorSocket:
+    """What C{getHandle()} returns: a socket whose pending error is C{error}."""
+
+    def __init__(self, error: int) -> None:
+        self.error = error
+
+    def getsockopt(self, level: int, option: int) -> int:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR)
+        error, self.error = self.error, 0  # reading it clears it, as the kernel does
+        return error
+
+
+class SocketTransport(StringTransport):
+    def __init__(self, handle: PendingErrorSocket) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.handle = handle
+
+    def getHandle(self) -> PendingErrorSocket:
+        return self.handle
+
+
+class EndOfStreamTests(LegTestCase):
+    """
+    The leg is half-closeable only to see the peer's end of stream while the
+    socket is open: Twisted's poll reactors report a reset as a clean end when
+    epoll says HUP|ERR without IN (twisted#4604), and the socket knows better.
+    """
+
+    def endOfStream(self, error: int, hang_up: bool = False) -> tuple[AudioSocketProtocol, SocketTransport]:
+        leg = AudioSocketProtocol(Role.VISITOR, self.registry, self.settings, self.clock)
+        transport = SocketTransport(PendingErrorSocket(error))
+        leg.makeConnection(transport)
+        leg.dataReceived(encode_uuid(CALL))
+        if hang_up:
+            leg.hangup(HangupCause.API)
+        leg.readConnectionLost()
+        return leg, transport
+
+    def test_pendingResetIsAReset(self) -> None:
+        leg, transport = self.endOfStream(errno.ECONNRESET)
+        self.assertTrue(transport.disconnecting)  # our side closes
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(leg.close_reason, CloseReason.PEER_RESET)
+
+    def test_pendingResetAfterOurHangup(self) -> None:
+        leg, _ = self.endOfStream(errno.ECONNRESET, hang_up=True)
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(leg.close_reason, CloseReason.HANGUP_RESET)
+
+    def test_noPendingErrorIsAClose(self) -> None:
+        leg, _ = self.endOfStream(0)
+        leg.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(leg.close_reason, CloseReason.PEER_CLOSED)
+
+    def test_whatOurCloseMeetsAfterACleanEndDoesNotCount(self) -> None:
+        """
+        The peer closed cleanly; our flush then meeting its RST, or the close
+        timer aborting, does not turn its close into a reset.
+        """
+        leg, _ = self.endOfStream(0)
+        self.assertIs(leg.state, LegState.CLOSING)
+        self.clock.advance(self.settings.close_timeout)  # bounded like every close
+        leg.connectionLost(Failure(ConnectionAborted()))
+        self.assertIs(leg.close_reason, CloseReason.PEER_CLOSED)
+        leg, _ = self.endOfStream(0, hang_up=True)
+        leg.connectionLost(Failure(ConnectionLost()))
+        self.assertIs(leg.close_reason, CloseReason.HANGUP_CLEAN)
 
 
 class ClassifyTests(SynchronousTestCase):

@@ -154,7 +154,9 @@ async def test_reset_reported_as_a_clean_end_is_still_a_reset(
     """
     client, call_id = await start_leg(server, on_hangup="reset")
     leg = server.registry.get(call_id, Role.VISITOR)
-    leg.transport.stopReading()  # the reactor must not read the RST itself
+    # Nothing else may meet the RST first: not the reactor's read, not the pacer's send.
+    leg.transport.stopReading()
+    leg.pacer.remove(leg)
     if hang_up_first:
         gone = leg.hangup(HangupCause.API)
         await client.closed  # it read 00 00 00 and reset
