@@ -41,32 +41,14 @@ or, without atheris, by calling C{fuzz_decoder.TestOneInput(open(path, "rb").rea
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import uuid
-from typing import Any
 
-# The working tree, not an installed copy, is what is fuzzed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
+from harness import Wire
 
-try:
-    import atheris
-except ImportError:  # importable (and replayable) without atheris
-    atheris = None
-
-_instrumented = (
-    atheris.instrument_imports(include=["audiohangup"])
-    if atheris is not None and __name__ == "__main__"
-    else contextlib.nullcontext()
-)
-
-with _instrumented:
-    from twisted.internet.address import IPv4Address
+with harness.instrumented(__name__):
     from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.logger import globalLogBeginner, globalLogPublisher
     from twisted.python.failure import Failure
 
     from audiohangup.pacer import Pacer
@@ -79,22 +61,6 @@ CALL = uuid.UUID("5b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3")
 SETTINGS = LegSettings(close_timeout=2.0, uuid_timeout=5.0, idle_timeout=3.0)
 SETTINGS_ONE_LEG = LegSettings(close_timeout=2.0, uuid_timeout=5.0, idle_timeout=3.0, max_legs=1)
 LOSSES = (ConnectionDone, ConnectionLost, ConnectionAborted, None)
-
-_failures: list[dict[str, Any]] = []
-
-
-def _observe(event: dict[str, Any]) -> None:
-    # twisted.logger's failure() sets log_failure; the legacy log.err() (which
-    # Klein and Twisted Web still use) sets failure and isError instead.
-    if "log_failure" in event or (event.get("isError") and "failure" in event):
-        _failures.append(event)
-
-
-def _failure(event: dict[str, Any]) -> Failure:
-    return event.get("log_failure") or event["failure"]
-
-
-globalLogPublisher.addObserver(_observe)
 
 
 def reference_parse(stream: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
@@ -127,22 +93,6 @@ def split(data: bytes) -> tuple[int, list[bytes], bytes]:
         chunks.append(stream[last:point])
         last = point
     return flags, chunks, stream
-
-
-class Wire(StringTransport):
-    """Keeps each write apart, and what came after the connection was closing or gone."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        self.writes: list[bytes] = []
-        self.late: list[bytes] = []
-        self.lost = False
-
-    def write(self, data: bytes) -> None:
-        if self.disconnecting or self.lost:
-            self.late.append(data)
-        self.writes.append(data)
-        super().write(data)
 
 
 def check_wire(leg: AudioSocketProtocol, wire: Wire) -> None:
@@ -230,22 +180,12 @@ def check_leg(flags: int, chunks: list[bytes]) -> None:
 
 
 def TestOneInput(data: bytes) -> None:
-    del _failures[:]
+    del harness.failures[:]
     flags, chunks, stream = split(data)
     check_decoder(chunks, stream)
     check_leg(flags, chunks)
-    assert not _failures, [_failure(event).getTraceback() for event in _failures]
-
-
-def main() -> None:
-    if atheris is None:
-        sys.exit("pip install atheris to fuzz; TestOneInput can be imported and called without it")
-    # Events still reach the observer above; this only stops Twisted's
-    # start-up buffer from holding them and its stderr echo of errors.
-    globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    assert not harness.failures, [harness.failure_of(event).getTraceback() for event in harness.failures]
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(TestOneInput)

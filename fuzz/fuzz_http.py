@@ -42,36 +42,21 @@ Importable without atheris: C{TestOneInput(data)} is plain Python.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import uuid
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
+from harness import Wire
 
-try:
-    import atheris
-except ImportError:  # importable (and replayable) without atheris
-    atheris = None
-
-_instrumented = (
-    atheris.instrument_imports(include=["audiohangup"])
-    if atheris is not None and __name__ == "__main__"
-    else contextlib.nullcontext()
-)
-
-with _instrumented:
+with harness.instrumented(__name__):
     from treq.testing import StubTreq
-    from twisted.internet.address import IPv4Address
     from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
     from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.logger import globalLogBeginner, globalLogPublisher
     from twisted.python.failure import Failure
 
     from audiohangup.api import ApiSite, ControlAPI
@@ -209,20 +194,6 @@ class Reader:
         return self.blob(limit).decode("utf-8", errors="replace")
 
 
-class Wire(StringTransport):
-    def __init__(self, port: int) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        self.writes: list[bytes] = []
-        self.late: list[bytes] = []
-        self.lost = False
-
-    def write(self, data: bytes) -> None:
-        if self.disconnecting or self.lost:
-            self.late.append(data)
-        self.writes.append(data)
-        super().write(data)
-
-
 class SyncRecords(CallRecords):
     """Call records whose SQLite work runs at once on the caller's thread."""
 
@@ -240,23 +211,6 @@ class SyncRecords(CallRecords):
 
     def _run(self, work: Any, *args: Any) -> Deferred[Any]:
         return maybeDeferred(work, *args)
-
-
-_failures: list[dict[str, Any]] = []
-
-
-def _observe(event: dict[str, Any]) -> None:
-    # twisted.logger's failure() sets log_failure; the legacy log.err() (which
-    # Klein and Twisted Web still use) sets failure and isError instead.
-    if "log_failure" in event or (event.get("isError") and "failure" in event):
-        _failures.append(event)
-
-
-def _failure(event: dict[str, Any]) -> Failure:
-    return event.get("log_failure") or event["failure"]
-
-
-globalLogPublisher.addObserver(_observe)
 
 
 def _records() -> CallRecords:
@@ -435,7 +389,7 @@ PAGE_FILES = {
 
 def _tolerated(event: dict[str, Any], code: int, body: bytes) -> bool:
     """A logged failure that is one of the known issues named in FUZZ_HTTP_TOLERATE."""
-    failure = _failure(event)
+    failure = harness.failure_of(event)
     deep_json = "deep_json" in TOLERATED and code == 500 and failure.check(RecursionError)
     non_utf8 = (
         "non_utf8_path" in TOLERATED and code == 400 and body == NON_UTF8_ANSWER
@@ -459,7 +413,7 @@ def _check(method: str, url: str, code: int, content_type: list[str] | None, bod
         return
     if (
         code == 500 and "deep_json" in TOLERATED and b"internal_error" in body
-        and _failures and all(_failure(event).check(RecursionError) for event in _failures)
+        and harness.failures and all(harness.failure_of(event).check(RecursionError) for event in harness.failures)
     ):
         return
     assert code < 500, where
@@ -494,7 +448,7 @@ def _settle(world: World, pending: Deferred[Any]) -> Any:
 
 
 def TestOneInput(data: bytes) -> None:
-    del _failures[:]
+    del harness.failures[:]
     reader = Reader(data)
     flags = reader.byte()
     settings = SETTINGS[flags % len(SETTINGS)]
@@ -533,23 +487,13 @@ def TestOneInput(data: bytes) -> None:
         content = _settle(world, response.content())
         _check(method, url, response.code, response.headers.getRawHeaders("content-type"), content)
         world.check_wires()
-        unexpected = [event for event in _failures if not _tolerated(event, response.code, content)]
-        assert not unexpected, [_failure(event).getTraceback() for event in unexpected]
-        del _failures[:]
+        unexpected = [event for event in harness.failures if not _tolerated(event, response.code, content)]
+        assert not unexpected, [harness.failure_of(event).getTraceback() for event in unexpected]
+        del harness.failures[:]
         world.clock.advance(reader.pick([0, 0.02, 1.0]))
         world.deliver_ends()
         world.check_wires()
 
 
-def main() -> None:
-    if atheris is None:
-        sys.exit("pip install atheris to fuzz; TestOneInput can be imported and called without it")
-    # Events still reach the observer above; this only stops Twisted's
-    # start-up buffer from holding them and its stderr echo of errors.
-    globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(TestOneInput)
