@@ -11,26 +11,29 @@ import functools
 import hmac
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit, urlunsplit
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
 from audiohangup.events import RecentLegs
+from audiohangup.interfaces import ILeg
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
@@ -81,7 +84,7 @@ def _protected(handler: Handler) -> Handler:
     return check  # type: ignore[return-value]
 
 
-def route_template(app: Klein, request: IRequest) -> str:
+def route_template(app: Klein, request: http.Request) -> str:
     """The route a request matched, as declared (C{/calls/<string:call_id>}): a bounded label."""
     try:
         rule, _ = app.url_map.bind("localhost").match(
@@ -279,7 +282,7 @@ class ControlAPI:
             raise ApiError(400, "bad_audio_length", f"{len(audio)} bytes is not a whole number of 16-bit samples")
         return audio
 
-    def _live_legs(self, call_id: str, role: Role | None) -> list[AudioSocketProtocol]:
+    def _live_legs(self, call_id: str, role: Role | None) -> list[ILeg]:
         """The call's legs, or one role's; 404 when there are none."""
         legs = self.registry.call(call_id)
         if not legs:
@@ -341,8 +344,8 @@ class ControlAPI:
         request: IRequest,
         call_id: str,
         role: Role | None,
-        held: list[AudioSocketProtocol],
-        mine: list[AudioSocketProtocol],
+        held: list[ILeg],
+        mine: list[ILeg],
     ) -> dict[str, LegEntry]:
         """
         The owners, on other instances, of the legs this request names and
@@ -374,8 +377,9 @@ class ControlAPI:
         assert self.cluster is not None
         request.content.seek(0)
         headers = {
-            "Authorization": _header(request, "authorization"),
-            "Content-Type": _header(request, "content-type"),
+            name: value
+            for name in ("Authorization", "Content-Type")
+            if (value := _header(request, name.lower())) is not None
         }
         try:
             return await self.cluster.forward(entry.url, entry.instance_id, request.method, path, request.content.read(), headers)
@@ -407,12 +411,14 @@ class ControlAPI:
 
     @app.handle_errors(ApiError)
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: ApiError = failure.value
+        error = failure.value
+        assert isinstance(error, ApiError)
         return _error(request, error.status, error.code, error.message)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: HTTPException = failure.value
+        error = failure.value
+        assert isinstance(error, HTTPException)
         status = error.code or 500
         if status == 405:
             allowed = getattr(error, "valid_methods", None) or []
@@ -444,7 +450,6 @@ class _BoundedRequest(Request):
     and the connection closed, so it never fills memory or reaches a handler.
     """
 
-    site: ApiSite
     _refused = False
     _received = 0
 
@@ -454,12 +459,22 @@ class _BoundedRequest(Request):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
 
+    @property
+    def apiSite(self) -> ApiSite:
+        """
+        The site this request came in on. C{Site.buildProtocol} sets it on the
+        channel; C{Request.site} is only set in C{process}, after the body.
+        """
+        site = getattr(self.channel, "site", None)
+        assert isinstance(site, ApiSite), "a _BoundedRequest serves only an ApiSite"
+        return site
+
     def process(self) -> None:
         """A path that is not UTF-8 once unquoted gets a JSON 400 here, before routing."""
         try:
             unquote_to_bytes(self.path).decode("utf-8")
         except UnicodeDecodeError:
-            self.site = self.channel.site
+            self.site = self.apiSite
             body = _error(self, 400, "bad_path", "the path is not UTF-8 once percent-decoded")
             self.write(body)
             self.finish()
@@ -468,14 +483,14 @@ class _BoundedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
-        if length is not None and length > self.channel.site.max_body:
+        if length is not None and length > self.apiSite.max_body:
             self._refuse()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self.apiSite.max_body:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -486,11 +501,12 @@ class _BoundedRequest(Request):
 
     def _refuse(self) -> None:
         self._refused = True
-        site = self.channel.site
+        site = self.apiSite
         body = json.dumps(
             {"error": {"code": "body_too_large", "message": f"the body exceeds {site.max_body} bytes"}}
         ).encode() + b"\n"
         transport = self.channel.transport
+        assert transport is not None, "a request's channel is connected until it is answered"
         transport.write(
             b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
@@ -523,7 +539,7 @@ class ApiSite(Site):
         # The largest body a route takes: a /play prompt as long as a leg's queue.
         self.max_body = max(MAX_BODY, api.settings.max_play_bytes)
 
-    def log(self, request: IRequest) -> None:
+    def log(self, request: http.Request) -> None:
         super().log(request)
         if self.api.metrics is not None:
             method = request.method.decode("latin-1")
@@ -532,7 +548,7 @@ class ApiSite(Site):
             )
 
 
-def _call_view(call_id: str, legs: list[AudioSocketProtocol]) -> dict[str, Any]:
+def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:
     return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
 
 
@@ -626,7 +642,7 @@ def _static(request: IRequest, name: str) -> bytes:
     request.setHeader("cache-control", "no-cache")
     # The page loads nothing from elsewhere, and nothing may make it.
     request.setHeader("content-security-policy", "default-src 'self'; frame-ancestors 'none'")
-    return resources.files("audiohangup").joinpath("web", name).read_bytes()
+    return resources.files("audiohangup").joinpath("web").joinpath(name).read_bytes()
 
 
 def _int(request: IRequest, name: str, *, default: int, low: int, high: int) -> int:

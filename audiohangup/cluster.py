@@ -16,17 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import treq
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.reasons import HangupCause
 
 if TYPE_CHECKING:
     from audiohangup.directory import Directory
-    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.interfaces import ILeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"
 #: On a forwarded hangup: the cause to record (C{session} when a session ends across instances).
@@ -52,7 +51,7 @@ class Cluster:
     def __init__(
         self,
         directory: Directory,
-        reactor: IReactorTime,
+        reactor: IReactor,
         *,
         api_token: str | None = None,
         end_with_leg: bool = True,
@@ -74,7 +73,7 @@ class Cluster:
         self, url: str, instance_id: str, method: bytes, path: bytes, body: bytes, headers: dict[str, str]
     ) -> tuple[int, bytes]:
         """Send a request on to another instance; its status and body, or L{OwnerUnreachable}."""
-        sent = {name: value for name, value in headers.items() if value is not None}
+        sent: dict[bytes | str, bytes | str] = {name: value for name, value in headers.items()}
         sent[FORWARDED_BY] = self.instance_id
         target = url.rstrip("/") + path.decode("latin-1")
         try:
@@ -100,13 +99,13 @@ class Cluster:
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         pass
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         if not self.end_with_leg or leg.call_id is None:
             return
         if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION):
@@ -118,7 +117,7 @@ class Cluster:
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         pass
 
     async def _endRemoteLegs(self, call_id: str, role: str) -> None:

@@ -75,8 +75,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -94,7 +95,7 @@ from audiohangup.protocol import iso_time
 from audiohangup.reasons import Role
 
 if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.interfaces import ILeg
     from audiohangup.reasons import HangupCause
     from audiohangup.registry import Registry
 
@@ -295,18 +296,22 @@ def _glob_escape(text: str) -> str:
 
 def _first_failure(failure: Failure) -> Failure:
     """The failure inside a L{FirstError} from L{gatherResults}, or C{failure} itself."""
-    return failure.value.subFailure if failure.check(FirstError) else failure
+    if isinstance(failure.value, FirstError):
+        inner: Failure = failure.value.subFailure
+        return inner
+    return failure
 
 
 def _why(failure: Failure) -> str:
     message = failure.getErrorMessage()
-    return f"{failure.type.__name__}: {message}" if message else failure.type.__name__
+    name = type(failure.value).__name__
+    return f"{name}: {message}" if message else name
 
 
 # The connection
 
 
-class _RedisProtocol(txredisapi.RedisProtocol):  # type: ignore[misc, valid-type]
+class _RedisProtocol(txredisapi.RedisProtocol):
     """txredisapi's protocol, remembering why its connection was lost."""
 
     lost_reason: Failure | None = None
@@ -440,7 +445,7 @@ class Directory:
         return f"{self.prefix}:instance:{instance_id}"
 
     @staticmethod
-    def _token(leg: AudioSocketProtocol) -> str:
+    def _token(leg: ILeg) -> str:
         return f"{leg.connected_at:.6f}"
 
     # Life cycle
@@ -510,7 +515,7 @@ class Directory:
         conn = self._conn
         if conn is None:
             return
-        keys = [self._leg_key(leg.call_id, leg.role.value) for leg in self._live()]
+        keys = [self._leg_key(call_id, leg.role.value) for leg in self._live() if (call_id := leg.call_id)]
         removal = gatherResults(
             [
                 self._send(conn, "execute_command", "DEL", self._instance_key(self.instance_id)),
@@ -681,10 +686,10 @@ class Directory:
 
     # Writing
 
-    def _live(self) -> list[AudioSocketProtocol]:
+    def _live(self) -> list[ILeg]:
         return [leg for leg in self.registry if leg.call_id is not None]
 
-    def _legArgs(self, legs: Iterable[AudioSocketProtocol]) -> tuple[list[str], list[str]]:
+    def _legArgs(self, legs: Iterable[ILeg]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for leg in legs:
@@ -694,7 +699,7 @@ class Directory:
             args += [leg.call_id, role, iso_time(leg.connected_at), self._token(leg)]
         return keys, args
 
-    def _put(self, conn: _RedisProtocol, legs: Iterable[AudioSocketProtocol], *, claim: bool,
+    def _put(self, conn: _RedisProtocol, legs: Iterable[ILeg], *, claim: bool,
              presence: bool) -> Deferred[Any]:
         keys, args = self._legArgs(legs)
         head = [str(int(self.ttl * 1000)), self.instance_id, self.advertise_url, "claim" if claim else "refresh"]
@@ -780,7 +785,7 @@ class Directory:
 
     # ILegObserver: these only start a write, and never raise.
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         try:
             conn = self._conn
             if conn is None or self._state != "running" or leg.call_id is None:
@@ -791,7 +796,7 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: registering the leg failed", call_id=leg.call_id)
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         try:
             conn = self._conn
             if conn is None or self._state != "running" or leg.call_id is None:
@@ -806,13 +811,13 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: removing the leg failed", call_id=leg.call_id)
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         pass
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         pass
 
     # Queries

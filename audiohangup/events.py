@@ -9,31 +9,15 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
-    from audiohangup.reasons import HangupCause
+from audiohangup.interfaces import ILeg, ILegObserver
+from audiohangup.reasons import HangupCause
 
-
-class ILegObserver(Interface):
-    def legStarted(leg: AudioSocketProtocol) -> None:
-        """A leg's UUID arrived: it has a call id and a role."""
-
-    def hangupSent(leg: AudioSocketProtocol, cause: HangupCause) -> None:
-        """We wrote C{00 00 00} to the leg."""
-
-    def legEnded(leg: AudioSocketProtocol) -> None:
-        """A leg that had started is gone; C{leg.close_reason} says how."""
-
-    def callEnded(call_id: str) -> None:
-        """The last leg of a call id is gone."""
-
-    def connectionEnded(connection: AudioSocketProtocol) -> None:
-        """A connection ended before it became a leg (no UUID: refused, timed out, closed)."""
+__all__ = ["ILegObserver", "LegEvents", "RecentLegs"]
 
 
 @implementer(ILegObserver)
@@ -55,19 +39,19 @@ class LegEvents:
             except Exception:
                 self.log.failure("{observer} failed on {event}", observer=type(observer).__name__, event=event)
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         self._tell("legStarted", leg)
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         self._tell("hangupSent", leg, cause)
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         self._tell("legEnded", leg)
 
     def callEnded(self, call_id: str) -> None:
         self._tell("callEnded", call_id)
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         self._tell("connectionEnded", connection)
 
 
@@ -78,19 +62,19 @@ class RecentLegs:
     def __init__(self, size: int = 100) -> None:
         self._ended: deque[dict[str, Any]] = deque(maxlen=size)
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         pass
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         self._ended.appendleft(leg.summary())
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         pass
 
     def latest(self, limit: int) -> list[dict[str, Any]]:

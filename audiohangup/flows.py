@@ -12,7 +12,7 @@ every gap with silence, so a flow never has to.
 Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
 
     from zope.interface import implementer
-    from audiohangup.flows import IFlow
+    from audiohangup.flows import IFlow  # or audiohangup.interfaces
 
     @implementer(IFlow)
     class Greeter:
@@ -27,49 +27,30 @@ Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
 from twisted.logger import Logger
 from twisted.python.reflect import namedAny
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
+from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
 from audiohangup.reasons import CloseReason
 from audiohangup.wire import Frame
 
-if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
-    from audiohangup.session import Session
-
-
-class IFlow(Interface):
-    """What a session does with its legs. Called on the reactor thread; must not block."""
-
-    def legJoined(session: Session, leg: AudioSocketProtocol) -> None:
-        """A leg's UUID arrived and it is now part of C{session}."""
-
-    def audioReceived(session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
-        """An audio frame arrived on C{leg}."""
-
-    def dtmfReceived(session: Session, leg: AudioSocketProtocol, digit: str) -> None:
-        """A DTMF digit arrived on C{leg} (it is already kept on the leg)."""
-
-    def legEnded(session: Session, leg: AudioSocketProtocol, reason: CloseReason) -> None:
-        """C{leg} is gone, with C{reason}; the session's other legs may still be live."""
+__all__ = ["BUILTIN_FLOWS", "BridgeFlow", "EchoFlow", "FlowFactory", "FlowLoadError", "IFlow", "SilenceFlow", "load_flow"]
 
 
 class _QuietFlow:
     """Does nothing on any event: the base the built-in flows override."""
 
-    def legJoined(self, session: Session, leg: AudioSocketProtocol) -> None:
+    def legJoined(self, session: ISession, leg: ILeg) -> None:
         pass
 
-    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+    def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         pass
 
-    def dtmfReceived(self, session: Session, leg: AudioSocketProtocol, digit: str) -> None:
+    def dtmfReceived(self, session: ISession, leg: ILeg, digit: str) -> None:
         pass
 
-    def legEnded(self, session: Session, leg: AudioSocketProtocol, reason: CloseReason) -> None:
+    def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
         pass
 
 
@@ -85,7 +66,7 @@ class BridgeFlow(_QuietFlow):
     def __init__(self) -> None:
         self._mismatch_logged = False
 
-    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+    def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         # session.legs rather than session.others(leg): no list built per frame.
         for other in session.legs.values():
             if other is leg:
@@ -107,7 +88,7 @@ class BridgeFlow(_QuietFlow):
 class EchoFlow(_QuietFlow):
     """Each leg hears its own audio back, paced: handy to test a dialplan."""
 
-    def audioReceived(self, session: Session, leg: AudioSocketProtocol, frame: Frame) -> None:
+    def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         if frame.kind == leg.format.kind:
             leg.queueFrames([frame.encode()])
 
@@ -116,8 +97,6 @@ class EchoFlow(_QuietFlow):
 class SilenceFlow(_QuietFlow):
     """The legs hear silence until they are hung up."""
 
-
-FlowFactory = Callable[[], IFlow]
 
 BUILTIN_FLOWS: dict[str, FlowFactory] = {
     "bridge": BridgeFlow,
@@ -148,4 +127,5 @@ def load_flow(name: str) -> FlowFactory:
         raise FlowLoadError(f"flow {name!r} is not a class or factory")
     if isinstance(factory, type) and not IFlow.implementedBy(factory):
         raise FlowLoadError(f"flow {name!r} does not provide audiohangup.flows.IFlow (use @implementer(IFlow))")
-    return factory  # type: ignore[no-any-return]
+    flow_factory: FlowFactory = factory
+    return flow_factory

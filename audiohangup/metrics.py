@@ -11,10 +11,12 @@ statuses and outcomes, never a call id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from zope.interface import implementer
 
@@ -22,7 +24,7 @@ from audiohangup.events import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
 if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.interfaces import ILeg
     from audiohangup.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -84,13 +86,13 @@ class Metrics:
 
     # ILegObserver
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         self.legs_started.labels(role=leg.role.value).inc()
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         self.hangups_sent.labels(cause=cause.value).inc()
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         assert leg.close_reason is not None
         cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
@@ -98,14 +100,14 @@ class Metrics:
             self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
         self._addEnded(leg)
 
-    def _addEnded(self, connection: AudioSocketProtocol) -> None:
+    def _addEnded(self, connection: ILeg) -> None:
         for name, value in _leg_counters(connection).items():
             self._ended_totals[name] += value
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
         self._addEnded(connection)
@@ -125,7 +127,7 @@ class Metrics:
         self.records_failed.inc()
 
 
-def _leg_counters(leg: AudioSocketProtocol) -> dict[str, int]:
+def _leg_counters(leg: ILeg) -> dict[str, int]:
     return {
         "frames_in": leg.frames_in,
         "frames_out": leg.frames_out,
@@ -149,10 +151,10 @@ class _LegCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def describe(self) -> Iterator[object]:
+    def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily, on scrape only
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         legs = list(self.metrics.registry)
         live = GaugeMetricFamily("audiohangup_legs", "Live legs, by role.", labels=["role"])
         for role in Role:

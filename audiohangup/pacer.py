@@ -9,32 +9,34 @@ silence if nothing was bridged to it lately. One C{LoopingCall} serves all
 legs (thousands of legs are one timer, not thousands); its deadlines come from
 its start time, so it does not drift, and a late tick runs once and skips the
 missed ones instead of bursting.
+
+The pacer belongs to one service: it is started and stopped with it, and a
+stopped pacer holds no leg and no timer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from audiohangup.audio import FRAME_SECONDS
-
-if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
-
+from audiohangup.interfaces import IPacedLeg
 
 #: Audio bridged to a leg keeps the pacer's silence away for this many ticks,
 #: so a bridge's own jitter does not make the pacer slip in extra frames.
 BRIDGE_GRACE = 1.5
 
 
-class Pacer:
+class Pacer(Service):
     """
-    The shared tick. Each tick visits every leg, so the common case, a bridged
-    leg with nothing queued and not idle, is decided here from three of the
-    leg's attributes (C{forwarded_at}, C{queue}, C{last_frame_at} against
+    The shared tick, a service of its own: its loop runs while it paces a
+    leg, and stopping the service stops the loop and forgets every leg.
+
+    Each tick visits every leg, so the common case, a bridged leg with
+    nothing queued and not idle, is decided here from three of the leg's
+    attributes (C{forwarded_at}, C{queue}, C{last_frame_at} against
     C{idle_after}) without a call; any other leg gets C{paceTick}.
     """
 
@@ -46,7 +48,7 @@ class Pacer:
         self.ticks = 0
         self.late_ticks = 0
         self._intervals = 0  # intervals elapsed since the loop started
-        self._legs: dict[AudioSocketProtocol, None] = {}
+        self._legs: dict[IPacedLeg, None] = {}
         self._loop = self._newLoop()
 
     def _newLoop(self) -> LoopingCall:
@@ -54,7 +56,13 @@ class Pacer:
         loop.clock = self.clock
         return loop
 
-    def add(self, leg: AudioSocketProtocol) -> None:
+    def stopService(self) -> None:
+        super().stopService()
+        self._legs.clear()
+        if self._loop.running:
+            self._loop.stop()
+
+    def add(self, leg: IPacedLeg) -> None:
         self._legs[leg] = None
         if not self._loop.running:
             # A new loop on each start: withCount counts from the last run,
@@ -63,7 +71,7 @@ class Pacer:
             self._intervals = 0
             self._loop.start(self.interval, now=False)
 
-    def remove(self, leg: AudioSocketProtocol) -> None:
+    def remove(self, leg: IPacedLeg) -> None:
         self._legs.pop(leg, None)
         if not self._legs and self._loop.running:
             self._loop.stop()

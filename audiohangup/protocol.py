@@ -15,27 +15,32 @@ import enum
 import math
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast, runtime_checkable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
+    ISystemHandle,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Attribute, implementer
 
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue
+from audiohangup.interfaces import IPacedLeg
 from audiohangup.pacer import Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
@@ -98,11 +103,39 @@ def describe_address(address: IAddress) -> str:
     return str(address)
 
 
+@runtime_checkable
+class SocketOptions(TypingProtocol):
+    """What a leg asks of the socket under its transport."""
+
+    def getsockopt(self, level: int, option: int, /) -> int: ...
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
+
+def _socket_of(transport: object) -> SocketOptions | None:
+    """The socket under a transport (TCP, or TLS over TCP); None for a test transport."""
+    if ISystemHandle.providedBy(transport):
+        handle = transport.getHandle()
+        if isinstance(handle, SocketOptions):
+            return handle
+    return None
+
+
 def iso_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
+class ILegTransport(ITCPTransport, IConsumer):
+    """
+    What a leg uses of its transport: a TCP connection (plain or TLS) that
+    buffers what the socket does not take, up to C{bufferSize} before it
+    pauses its producer.
+    """
+
+    bufferSize: int = Attribute("Bytes buffered before the transport pauses its producer.")
+
+
+@implementer(IPacedLeg, IPushProducer, IHalfCloseableProtocol)
 class AudioSocketProtocol(Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
@@ -121,14 +154,14 @@ class AudioSocketProtocol(Protocol):
         registry: Registry,
         settings: LegSettings,
         reactor: IReactorTime,
-        pacer: Pacer | None = None,
+        pacer: Pacer,
     ) -> None:
         self.role = role
         self.registry = registry
         self.settings = settings
         self.format = settings.audio
         self.reactor = reactor
-        self.pacer = pacer if pacer is not None else Pacer(reactor)
+        self.pacer = pacer
         self.state = LegState.AWAITING_UUID
         self.call_id: str | None = None
         self.session: Session | None = None
@@ -156,7 +189,8 @@ class AudioSocketProtocol(Protocol):
         self.idle_after = settings.idle_timeout or math.inf
         self._after_playout: HangupCause | None = None
         self._wrong_kind_logged = False
-        self._sendNow = False
+        #: The plain TCP connection under this leg, if it is one; see _write.
+        self._tcp: tcp.Connection | None = None
         self._peerReset = False  # a reset the transport's reason may not show
         self._peerEnd: Loss | None = None  # how the peer ended its side, seen at its end of stream
 
@@ -182,12 +216,23 @@ class AudioSocketProtocol(Protocol):
             return None
         return round((self.ended_at - self.hangup_at) * 1000, 1)
 
+    @property
+    def wire(self) -> ILegTransport:
+        """
+        The leg's transport. Twisted sets it before the first event reaches
+        the protocol, so it is there whenever a leg acts; its declared type
+        is only C{ITransport}, the leg needs a TCP transport and a consumer.
+        """
+        transport = self.transport
+        assert transport is not None, "the leg has no transport yet"
+        return cast(ILegTransport, transport)
+
     def _fields(self) -> dict[str, Any]:
         return {"call_id": self.call_id or "-", "role": self.role, "peer": self.peer}
 
     # Timers: every one of them is cancelled in connectionLost.
 
-    def _setTimer(self, name: str, seconds: float, action: Any, *args: Any) -> None:
+    def _setTimer(self, name: str, seconds: float, action: Callable[..., object], *args: Any) -> None:
         self._cancelTimer(name)
 
         def fire() -> None:
@@ -205,7 +250,8 @@ class AudioSocketProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_at = self.last_frame_at = self.reactor.seconds()
-        self.peer = describe_address(self.transport.getPeer())
+        wire = self.wire
+        self.peer = describe_address(wire.getPeer())
         if self.registry.connection_count >= self.settings.max_legs:
             self._closeFor(
                 CloseReason.OVER_CAPACITY,
@@ -213,14 +259,13 @@ class AudioSocketProtocol(Protocol):
             )
             return
         self.registry.connected(self)
-        if ITCPTransport.providedBy(self.transport):
+        if ITCPTransport.providedBy(wire):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
-            self.transport.setTcpNoDelay(True)
+            wire.setTcpNoDelay(True)
         # A plain TCP transport (not TLS, not a test double) can take a frame
         # straight away when its buffer is empty; see _write.
-        self._sendNow = isinstance(self.transport, tcp.Connection) and hasattr(
-            self.transport, "_tempDataBuffer"
-        )
+        if isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
+            self._tcp = wire
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
@@ -232,13 +277,15 @@ class AudioSocketProtocol(Protocol):
         kernel send buffer keeps that bound close to what is really unsent.
         """
         bound = self.settings.max_unsent_bytes
-        self.transport.bufferSize = bound
-        if ITCPTransport.providedBy(self.transport):
+        wire = self.wire
+        wire.bufferSize = bound
+        handle = _socket_of(wire)
+        if handle is not None:  # else a test transport: the Twisted bound still holds
             try:
-                self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bound)
-            except (OSError, AttributeError):
-                pass  # not a real socket (a test transport): the Twisted bound still holds
-        self.transport.registerProducer(self, True)
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bound)
+            except OSError:
+                pass
+        wire.registerProducer(self, True)
 
     # IPushProducer: the transport tells us when the peer is not keeping up.
 
@@ -250,7 +297,7 @@ class AudioSocketProtocol(Protocol):
         self._detail = f"more than {unsent} ms of audio unsent"
         if self.state is not LegState.CLOSING:
             self._beginClosing()
-        self.transport.abortConnection()
+        self.wire.abortConnection()
 
     def resumeProducing(self) -> None:
         pass
@@ -289,21 +336,22 @@ class AudioSocketProtocol(Protocol):
         cannot change it.
         """
         pending = 0
-        handle = getattr(self.transport, "getHandle", None)
+        wire = self.wire
+        handle = _socket_of(wire)
         if handle is not None:  # a test transport has none
             try:
-                pending = handle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                pending = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError:
                 pass
         self._peerEnd = Loss.RESET if pending or self._peerReset else Loss.CLEAN
         if self.state is LegState.AWAITING_UUID or self.state is LegState.LIVE:
             self._beginClosing()
-        self.transport.loseConnection()
+        wire.loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Not used: audiohangup never half-closes its side."""
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         for name in list(self._timers):
             self._cancelTimer(name)
         self.pacer.remove(self)
@@ -388,7 +436,7 @@ class AudioSocketProtocol(Protocol):
         self.pacer.add(self)
         if self.settings.max_duration:
             self._setTimer("max_duration", self.settings.max_duration, self.hangup, HangupCause.MAX_DURATION)
-        replaced = self.registry.register(self)
+        self.session, replaced = self.registry.register(self)
         if replaced is not None:
             self.log.info(
                 "{call_id} {role} leg from {old_peer} is replaced by the one from {peer}",
@@ -408,14 +456,14 @@ class AudioSocketProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
         self.bytes_out += len(data)
-        transport = self.transport
-        if self._sendNow and not transport.dataBuffer and not transport._tempDataBuffer:
+        connection = self._tcp
+        if connection is not None and not connection.dataBuffer and not connection._tempDataBuffer:
             # Nothing is queued ahead of this frame: send it now rather than at
             # the reactor's next write pass, which comes only after every other
             # socket that was readable has been read (a whole burst of legs),
             # and costs two epoll_ctl calls per frame. What the socket does not
             # take, Twisted buffers as usual, in order.
-            sent = transport.writeSomeData(data)
+            sent = connection.writeSomeData(data)
             if isinstance(sent, int):
                 if sent == len(data):
                     return
@@ -425,7 +473,7 @@ class AudioSocketProtocol(Protocol):
                 # spent: the read that follows may see a plain end of stream,
                 # so remember it for connectionLost.
                 self._peerReset = True
-        transport.write(data)
+        self.wire.write(data)
 
     def forward(self, frame: Frame) -> None:
         """
@@ -523,7 +571,7 @@ class AudioSocketProtocol(Protocol):
         self._decided = reason
         self._detail = detail
         self._beginClosing()
-        self.transport.loseConnection()
+        self.wire.loseConnection()
 
     def _beginClosing(self) -> None:
         self.state = LegState.CLOSING
@@ -531,7 +579,7 @@ class AudioSocketProtocol(Protocol):
         self.queue.clear()
         for name in ("uuid", "max_duration", "playout"):
             self._cancelTimer(name)
-        self._setTimer("close", self.settings.close_timeout, self.transport.abortConnection)
+        self._setTimer("close", self.settings.close_timeout, self.wire.abortConnection)
 
     def _uuidTimedOut(self) -> None:
         self._closeFor(CloseReason.UUID_TIMEOUT, f"none within {self.settings.uuid_timeout:g} s")
@@ -604,21 +652,17 @@ class AudioSocketFactory(Factory):
         self,
         role: Role,
         registry: Registry,
-        settings: LegSettings | None = None,
-        reactor: IReactorTime | None = None,
-        pacer: Pacer | None = None,
+        settings: LegSettings,
+        reactor: IReactorTime,
+        pacer: Pacer,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor  # type: ignore[assignment]
         self.role = role
         self.registry = registry
-        self.settings = settings or LegSettings()
-        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
-        self.pacer = pacer if pacer is not None else Pacer(self.reactor)
+        self.settings = settings
+        self.reactor = reactor
+        self.pacer = pacer
 
-    def buildProtocol(self, addr: IAddress) -> AudioSocketProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> AudioSocketProtocol:
         protocol = AudioSocketProtocol(self.role, self.registry, self.settings, self.reactor, self.pacer)
         protocol.factory = self
         return protocol

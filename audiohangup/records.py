@@ -61,7 +61,8 @@ import enum
 import math
 import re
 import sqlite3
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorCore
@@ -77,8 +78,8 @@ from audiohangup.protocol import iso_time
 from audiohangup.reasons import CloseReason, Role
 
 if TYPE_CHECKING:
+    from audiohangup.interfaces import ILeg
     from audiohangup.metrics import Metrics
-    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.reasons import HangupCause
 
 __all__ = [
@@ -232,7 +233,7 @@ class CallRecords:
         self._pool.start()
         now = self.reactor.seconds()
         try:
-            opened = await self._run(self._db.open, now, self._cutoff(now))
+            opened: tuple[str, int | None, int, int] = await self._run(self._db.open, now, self._cutoff(now))
         except BaseException:
             await self.close()
             raise
@@ -342,7 +343,7 @@ class CallRecords:
 
     # ILegObserver: each snapshots the leg now and queues the write.
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         row = self._rows[leg] = _Row()
         values = {
             "call_id": leg.call_id,
@@ -352,13 +353,13 @@ class CallRecords:
         }
         self._write(leg, "start", self._db.start, row, values)
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         """Record the cause at once: a row lost mid-hangup keeps it."""
         row = self._rows.get(leg)
         if row is not None:
             self._write(leg, "hangup", self._db.hangup, row, str(cause))
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         row = self._rows.pop(leg, None) or _Row()
         ended_at = leg.ended_at if leg.ended_at is not None else self.reactor.seconds()
         values = {
@@ -381,7 +382,7 @@ class CallRecords:
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         """A connection that never became a leg has no record (no call id)."""
 
     def _write(self, leg: Any, what: str, work: Callable[..., None], *args: Any) -> None:

@@ -7,15 +7,13 @@ arrives and the registry forgets it in C{connectionLost}, whatever the path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
 
 from audiohangup.events import LegEvents
-from audiohangup.flows import BridgeFlow, FlowFactory
+from audiohangup.flows import BridgeFlow
+from audiohangup.interfaces import FlowFactory, ILeg
 from audiohangup.reasons import Role
 from audiohangup.session import Session
-
-if TYPE_CHECKING:
-    from audiohangup.protocol import AudioSocketProtocol
 
 LegKey = tuple[str, Role]
 
@@ -33,28 +31,30 @@ class Registry:
         self.end_with_leg = end_with_leg
         self.events = events if events is not None else LegEvents()
         self._sessions: dict[str, Session] = {}
-        self._connections: set[AudioSocketProtocol] = set()
+        self._connections: set[ILeg] = set()
         self._legs = 0
 
-    def connected(self, connection: AudioSocketProtocol) -> None:
+    def connected(self, connection: ILeg) -> None:
         self._connections.add(connection)
 
-    def register(self, leg: AudioSocketProtocol) -> AudioSocketProtocol | None:
-        """Make C{leg} its session's leg for its role; return the leg it replaces, if any."""
+    def register(self, leg: ILeg) -> tuple[Session, ILeg | None]:
+        """
+        Make C{leg} its session's leg for its role; return the session and
+        the leg it replaces, if any.
+        """
         assert leg.call_id is not None, "a leg is registered once its UUID is known"
         session = self._sessions.get(leg.call_id)
         if session is None:
             session = Session.create(leg.call_id, self.flow_factory, self.end_with_leg)
             self._sessions[leg.call_id] = session
-        leg.session = session
         # Observers hear of the leg before its flow does: a flow may hang it up at once.
         self.events.legStarted(leg)
         replaced = session.join(leg)
         if replaced is None:
             self._legs += 1
-        return replaced
+        return session, replaced
 
-    def disconnected(self, connection: AudioSocketProtocol) -> None:
+    def disconnected(self, connection: ILeg) -> None:
         """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
         if connection.call_id is None:
@@ -75,16 +75,16 @@ class Registry:
     def session(self, call_id: str) -> Session | None:
         return self._sessions.get(call_id)
 
-    def get(self, call_id: str, role: Role) -> AudioSocketProtocol | None:
+    def get(self, call_id: str, role: Role) -> ILeg | None:
         session = self._sessions.get(call_id)
         return None if session is None else session.legs.get(role)
 
-    def call(self, call_id: str) -> list[AudioSocketProtocol]:
+    def call(self, call_id: str) -> list[ILeg]:
         """The live legs of one call, visitor first; empty for an unknown call."""
         session = self._sessions.get(call_id)
         return [] if session is None else session.ordered()
 
-    def calls(self) -> dict[str, list[AudioSocketProtocol]]:
+    def calls(self) -> dict[str, list[ILeg]]:
         """Every call with its legs, in call id order."""
         return {call_id: self._sessions[call_id].ordered() for call_id in sorted(self._sessions)}
 
@@ -92,7 +92,7 @@ class Registry:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def connections(self) -> list[AudioSocketProtocol]:
+    def connections(self) -> list[ILeg]:
         """Every open connection, with or without a UUID yet."""
         return list(self._connections)
 
@@ -100,5 +100,5 @@ class Registry:
         """The number of live legs."""
         return self._legs
 
-    def __iter__(self) -> Iterator[AudioSocketProtocol]:
+    def __iter__(self) -> Iterator[ILeg]:
         return iter([leg for session in list(self._sessions.values()) for leg in session.ordered()])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -17,19 +18,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorCore,
-    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from audiohangup.api import ApiSite, ControlAPI
+from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
-from audiohangup.metrics import Metrics
-from audiohangup.audio import FORMATS
 from audiohangup.flows import load_flow
+from audiohangup.interfaces import IReactor
+from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_address
 from audiohangup.reasons import HangupCause, Role
@@ -88,6 +88,9 @@ class AudioHangupService(MultiService):
     The whole server. Stopping it stops accepting, then hangs up every
     connection with cause C{shutdown} and waits for them, bounded by the close
     timeout (each leg aborts itself when its peer does not close in time).
+
+    Everything its legs share (the registry, the pacer, the stores) is its
+    own: nothing of it outlives C{stopService}.
     """
 
     log = Logger()
@@ -96,7 +99,8 @@ class AudioHangupService(MultiService):
         self,
         registry: Registry,
         settings: LegSettings,
-        reactor: IReactorTime,
+        reactor: IReactor,
+        pacer: Pacer,
         *,
         records: CallRecords | None = None,
         webhooks: Webhooks | None = None,
@@ -106,6 +110,7 @@ class AudioHangupService(MultiService):
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
+        self.pacer = pacer
         self.records = records
         self.webhooks = webhooks
         self.cluster = cluster
@@ -121,13 +126,14 @@ class AudioHangupService(MultiService):
             Deferred.fromCoroutine(self.cluster.directory.start()).addErrback(
                 lambda failure: self.log.failure("the call directory did not start", failure)
             )
+        self.pacer.startService()
         super().startService()
 
     def _recordsFailed(self, failure: Failure) -> None:
         # A failing disk must not stop the calls: log it and serve without records.
         self.log.error(
             "call records in {path} are off: {error}", path=self.records.path if self.records else "-",
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=failure.getErrorMessage() or type(failure.value).__name__,
         )
 
     def stopService(self) -> Deferred[None]:
@@ -139,6 +145,7 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        self.pacer.stopService()  # after the drain: live legs get their frames to the end
         if self.cluster is not None:
             await self.cluster.stop()  # session ends still need the directory
             await self.cluster.directory.stop()
@@ -168,19 +175,24 @@ class AudioHangupService(MultiService):
             self.log.info("shutdown: every leg is gone")
 
 
-def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioHangupService:
+def global_reactor() -> IReactor:
+    """The reactor C{twistd} runs, under the interface the service needs of it."""
+    from twisted.internet import reactor
+
+    return cast(IReactor, reactor)
+
+
+def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangupService:
     """Wire the listeners and the API onto one reactor and one registry."""
     if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor  # type: ignore[assignment]
+        reactor = global_reactor()
     settings = config.leg_settings()
     registry = Registry(load_flow(config.flow), end_with_leg=config.on_leg_end != "keep")
     metrics = Metrics(registry)
     recent = RecentLegs()
     registry.events.add(metrics)
     registry.events.add(recent)
-    pacer = Pacer(reactor)  # type: ignore[arg-type]
+    pacer = Pacer(reactor)
     records = None
     if config.records != "none":
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
@@ -205,18 +217,18 @@ def build_service(config: Config, reactor: IReactorCore | None = None) -> AudioH
         )
         registry.events.add(directory)
         registry.events.add(cluster)
-    service = AudioHangupService(  # type: ignore[arg-type]
-        registry, settings, reactor, records=records, webhooks=webhooks, cluster=cluster
+    service = AudioHangupService(
+        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster
     )
     for role in Role:
-        factory = AudioSocketFactory(role, registry, settings, reactor, pacer)  # type: ignore[arg-type]
+        factory = AudioSocketFactory(role, registry, settings, reactor, pacer)
         endpoint = serverFromString(reactor, config.endpoint(role))
         Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster,
     )
-    site = ApiSite(api, reactor)  # type: ignore[arg-type]
+    site = ApiSite(api, reactor)
     Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
     return service
 
@@ -238,6 +250,7 @@ class Listener(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        assert self._waitingForPort is not None, "set by privilegedStartService"
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
@@ -249,5 +262,6 @@ class Listener(StreamServerEndpointService):
 
     def stopService(self) -> Deferred[None]:
         self.port = None
-        return super().stopService()
+        stopped: Deferred[None] = super().stopService()
+        return stopped
 

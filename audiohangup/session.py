@@ -10,20 +10,19 @@ unless C{--on-leg-end=keep}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from audiohangup.flows import IFlow, SilenceFlow
+from audiohangup.flows import SilenceFlow
+from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import Frame
 
-if TYPE_CHECKING:
-    from audiohangup.flows import FlowFactory
-    from audiohangup.protocol import AudioSocketProtocol
 
-
+@implementer(ISession)
 class Session:
     log = Logger()
 
@@ -31,7 +30,7 @@ class Session:
         self.call_id = call_id
         self.flow = flow
         self.end_with_leg = end_with_leg
-        self.legs: dict[Role, AudioSocketProtocol] = {}
+        self.legs: dict[Role, ILeg] = {}
         # Bound once: audio is 50 frames a second per leg, the one hot event.
         self._audioHook = flow.audioReceived
 
@@ -43,11 +42,11 @@ class Session:
             cls.log.failure("{call_id} the flow could not be created; the legs hear silence", call_id=call_id)
             return cls(call_id, SilenceFlow(), end_with_leg)
 
-    def others(self, leg: AudioSocketProtocol) -> list[AudioSocketProtocol]:
+    def others(self, leg: ILeg) -> list[ILeg]:
         """The session's other legs that can still take audio."""
         return [other for other in self.legs.values() if other is not leg and other.live]
 
-    def ordered(self) -> list[AudioSocketProtocol]:
+    def ordered(self) -> list[ILeg]:
         """The legs, visitor first."""
         return [leg for role in Role if (leg := self.legs.get(role)) is not None]
 
@@ -57,14 +56,14 @@ class Session:
 
     # Leg events, from the protocol and the registry
 
-    def join(self, leg: AudioSocketProtocol) -> AudioSocketProtocol | None:
+    def join(self, leg: ILeg) -> ILeg | None:
         """Make C{leg} the session's leg for its role; return the leg it replaces."""
         previous = self.legs.get(leg.role)
         self.legs[leg.role] = leg
         self._tell("legJoined", leg)
         return previous
 
-    def leave(self, leg: AudioSocketProtocol) -> None:
+    def leave(self, leg: ILeg) -> None:
         """C{leg} is gone. A leg that was replaced has left already and is not told about."""
         if self.legs.get(leg.role) is not leg:
             return
@@ -75,23 +74,23 @@ class Session:
             for other in self.ordered():
                 other.hangup(HangupCause.SESSION)
 
-    def audioReceived(self, leg: AudioSocketProtocol, frame: Frame) -> None:
+    def audioReceived(self, leg: ILeg, frame: Frame) -> None:
         # _tell's guard, without its lookup and argument packing on every frame.
         try:
             self._audioHook(self, leg, frame)
         except Exception:
             self._failed("audioReceived", leg)
 
-    def dtmfReceived(self, leg: AudioSocketProtocol, digit: str) -> None:
+    def dtmfReceived(self, leg: ILeg, digit: str) -> None:
         self._tell("dtmfReceived", leg, digit)
 
-    def _tell(self, hook: str, leg: AudioSocketProtocol, *args: Any) -> None:
+    def _tell(self, hook: str, leg: ILeg, *args: Any) -> None:
         try:
             getattr(self.flow, hook)(self, leg, *args)
         except Exception:
             self._failed(hook, leg)
 
-    def _failed(self, hook: str, leg: AudioSocketProtocol) -> None:
+    def _failed(self, hook: str, leg: ILeg) -> None:
         # A flow's bug must not take the connection or the reactor with it.
         self.log.failure(
             "{call_id} {role} flow {flow} failed in {hook}",

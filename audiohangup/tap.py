@@ -9,16 +9,17 @@ plugins imports neither Klein nor the rest of the package.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
+from audiohangup.interfaces import IReactor
 from audiohangup.service import Config, build_service
 from audiohangup.webhooks import Webhooks
 
@@ -276,5 +277,5 @@ class Options(usage.Options):
         )
 
 
-def makeService(options: Options, reactor: IReactorCore | None = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     return build_service(options.config(), reactor)

@@ -52,8 +52,8 @@ from audiohangup.events import ILegObserver
 from audiohangup.protocol import iso_time
 
 if TYPE_CHECKING:
+    from audiohangup.interfaces import ILeg
     from audiohangup.metrics import Metrics
-    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.reasons import HangupCause
 
 EVENT_HEADER = "X-Audiohangup-Event"
@@ -155,7 +155,7 @@ class _Drain(Protocol):
         if len(self.head) < 200:
             self.head += data[: 200 - len(self.head)]
         if self.size > MAX_RESPONSE_BYTES and not self.done.called:
-            self.transport.loseConnection()
+            self._cancel(self.done)
             self.done.callback(None)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -296,22 +296,22 @@ class Webhooks:
 
     # ILegObserver: these only enqueue, and never raise.
 
-    def legStarted(self, leg: AudioSocketProtocol) -> None:
+    def legStarted(self, leg: ILeg) -> None:
         self._event("leg_started", leg)
 
-    def hangupSent(self, leg: AudioSocketProtocol, cause: HangupCause) -> None:
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
         pass  # not an event receivers are told of; leg_ended carries the cause
 
-    def legEnded(self, leg: AudioSocketProtocol) -> None:
+    def legEnded(self, leg: ILeg) -> None:
         self._event("leg_ended", leg)
 
     def callEnded(self, call_id: str) -> None:
         self._event("call_ended", None, call_id)
 
-    def connectionEnded(self, connection: AudioSocketProtocol) -> None:
+    def connectionEnded(self, connection: ILeg) -> None:
         """A connection that never became a leg sends no event (no call id)."""
 
-    def _event(self, event: str, leg: AudioSocketProtocol | None, call_id: str | None = None) -> None:
+    def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
         try:
             if not self._accepting or not self.urls:
                 return
@@ -375,7 +375,7 @@ class Webhooks:
         item.attempts += 1
         queue.state = "sending"
         self._active += 1
-        headers = {
+        headers: dict[bytes | str, bytes | str] = {
             "Content-Type": "application/json",
             "User-Agent": f"audiohangup/{__version__}",
             EVENT_HEADER: item.event,
@@ -450,8 +450,8 @@ class Webhooks:
             if isinstance(inner, Failure):
                 if inner.check(CancelledError):
                     return f"no answer within {self.timeout:g} s"
-                return f"{type(failure.value).__name__}: {inner.type.__name__}: {inner.getErrorMessage()}"
-        return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+                return f"{type(failure.value).__name__}: {type(inner.value).__name__}: {inner.getErrorMessage()}"
+        return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
 
     def _failedAttempt(self, queue: _Queue, item: _Delivery, why: str) -> None:
         fields = self._fields(queue, item, why=why)

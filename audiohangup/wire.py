@@ -75,7 +75,7 @@ def describe_error_code(payload: bytes) -> str:
     if not payload:
         return "unknown"
     code = payload[0]
-    names = [flag.name.lower() for flag in ErrorCode if flag and code & flag]
+    names = [flag.name.lower() for flag in ErrorCode if flag.name and code & flag]
     # Plain ints: since Python 3.11, ~ on a flag keeps only the bits it names.
     rest = code & ~int(ErrorCode.CALLER_HANGUP | ErrorCode.FRAME_FORWARDING | ErrorCode.MEMORY)
     if rest:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 # The working tree, not an installed copy, is what is fuzzed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

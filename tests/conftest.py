@@ -7,9 +7,10 @@ wait for conditions.
 from __future__ import annotations
 
 import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted

@@ -6,15 +6,17 @@ after reading C{00 00 00}, a clean close, never closing, never reading).
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import uuid
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -77,7 +79,7 @@ class FakeAsterisk(Protocol):
         """
         self.frames.append(frame)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(reason.value)
 
     # Actions
@@ -88,7 +90,7 @@ class FakeAsterisk(Protocol):
     async def send_split(self, data: bytes, offsets: Sequence[int]) -> None:
         """Write C{data} in pieces cut at C{offsets}, a few ms apart, as separate segments."""
         cuts = [0, *offsets, len(data)]
-        for start, end in zip(cuts, cuts[1:]):
+        for start, end in itertools.pairwise(cuts):
             self.transport.write(data[start:end])
             await deferLater(reactor, 0.002)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -19,10 +20,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from treq.testing import StubTreq
 
 from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
+from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
@@ -45,7 +46,7 @@ class StubbedAPITestCase(SynchronousTestCase):
         self.stub = StubTreq(api.app.resource())
 
     def leg(self, role: Role = Role.VISITOR, call_id: str = CALL) -> tuple[AudioSocketProtocol, StringTransport]:
-        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock)
+        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock, Pacer(self.clock))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(uuid.UUID(call_id)))
@@ -111,7 +112,7 @@ class ReadTests(StubbedAPITestCase):
 class HangupTests(StubbedAPITestCase):
     def test_oneRole(self) -> None:
         """C{role=} hangs up that leg only; the leg gets C{00 00 00}."""
-        visitor, visitor_wire = self.leg(Role.VISITOR)
+        _visitor, visitor_wire = self.leg(Role.VISITOR)
         resident, resident_wire = self.leg(Role.RESIDENT)
         status, body, _ = self.request("POST", f"/calls/{CALL}/hangup?role=resident")
         self.assertEqual(status, 200)
@@ -305,7 +306,7 @@ class G711PlayTests(StubbedAPITestCase):
     settings = LegSettings(audio=FORMATS["ulaw"])
 
     def test_pcmu(self) -> None:
-        leg, _ = self.leg()
+        _leg, _ = self.leg()
         status, body, _ = self.request(
             "POST", f"/calls/{CALL}/play", data=b"\x7f" * 161, headers={"Content-Type": "audio/PCMU"}
         )
@@ -390,7 +391,13 @@ async def test_api_hangup_route_and_auth_over_http(make_server: Any, logs: LogCa
     assert status == 200
     assert body["legs"] == [{"role": "visitor", "result": "hangup_sent", "reason": "hangup_clean"}]
     await visitor.closed
-    assert resident.frames == []
+    # The resident stays (on_leg_end=keep): no 00 00 00 reached it, its leg
+    # is live, and the pacer's audio keeps reaching it.
+    heard = len(resident.frames)
+    await until(lambda: len(resident.frames) >= heard + 3, what="three more frames to the resident")
+    assert resident.hangup_frames == 0 and not resident.got_hangup
+    resident_leg = server.registry.get(str(call_id), Role.RESIDENT)
+    assert resident_leg is not None and resident_leg.live
     status, body = await get(f"{server.url}/calls", headers={"Authorization": f"Bearer {TOKEN}"})
     assert [leg["role"] for leg in body["calls"][0]["legs"]] == ["resident"]
     resident.close()

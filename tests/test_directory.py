@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
@@ -38,6 +39,7 @@ from audiohangup.directory import (
     parse_redis_url,
 )
 from audiohangup.events import ILegObserver
+from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings, iso_time
 from audiohangup.reasons import Role
 from audiohangup.registry import Registry
@@ -78,6 +80,8 @@ class Instance:
     directory: Directory
     registry: Registry
     legs: list[AudioSocketProtocol] = field(default_factory=list)
+    #: Paces its legs on the real reactor; stopped with the cluster fixture.
+    pacer: Pacer = field(default_factory=lambda: Pacer(reactor))
 
     @property
     def id(self) -> str:
@@ -85,7 +89,7 @@ class Instance:
 
     def leg(self, call_id: uuid.UUID | str, role: Role = Role.VISITOR) -> AudioSocketProtocol:
         """A live leg on a fake transport: its UUID arrives, so the directory is told it started."""
-        leg = AudioSocketProtocol(role, self.registry, LegSettings(close_timeout=2.0), reactor)
+        leg = AudioSocketProtocol(role, self.registry, LegSettings(close_timeout=2.0), reactor, self.pacer)
         leg.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)))
         leg.dataReceived(encode_uuid(uuid.UUID(str(call_id))))
         self.legs.append(leg)
@@ -143,6 +147,7 @@ async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
             for leg in instance.legs:
                 if leg.ended_at is None:
                     leg.connectionLost(Failure(ConnectionDone()))
+            instance.pacer.stopService()
         for client in made.clients:
             await client.disconnect()
 

@@ -24,9 +24,10 @@ import socket
 import sqlite3
 import struct
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted

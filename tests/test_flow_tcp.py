@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted

@@ -82,7 +82,7 @@ class BridgeTests(SessionTestCase):
         quiet, silence resumes at the next tick.
         """
         visitor, _ = self.leg(Role.VISITOR)
-        resident, resident_wire = self.leg(Role.RESIDENT)
+        _resident, resident_wire = self.leg(Role.RESIDENT)
         for n in range(10):
             visitor.dataReceived(audio(n))
             self.tick()
@@ -378,7 +378,8 @@ class QueueTests(SynchronousTestCase):
     def test_legQueueIsBounded(self) -> None:
         """A leg queues at most --max-queue-ms of audio and counts what it drops."""
         registry = Registry()
-        leg = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(max_queue_ms=100), Clock())
+        clock = Clock()
+        leg = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(max_queue_ms=100), clock, Pacer(clock))
         leg.makeConnection(Wire())
         leg.dataReceived(encode_uuid(CALL))
         self.assertEqual(leg.play(b"\x01\x00" * 160 * 4), 0)

@@ -115,8 +115,9 @@ async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None
     assert (await response.json())["error"]["code"] == "body_too_large"
 
     def chunks():  # no Content-Length: the limit holds as the chunks arrive
-        from twisted.web.client import FileBodyProducer
         import io
+
+        from twisted.web.client import FileBodyProducer
 
         producer = FileBodyProducer(io.BytesIO(big))
         producer.length = UNKNOWN_LENGTH  # sent chunked
@@ -155,7 +156,7 @@ async def test_out_of_file_descriptors(spawn: Any, logs: LogCapture) -> None:
     for _ in range(10):
         client = await connect(ports["audiosocket-visitor"])
         client.send_uuid(uuid.uuid4())
-        await until(lambda: client.frames or client.closed.called, what="a frame or a close")
+        await until(lambda c=client: c.frames or c.closed.called, what="a frame or a close")
         if not client.frames:
             refused = client  # accepted into the reserved descriptor, then closed
             break

@@ -49,8 +49,8 @@ async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
     assert value(before, "audiohangup_legs", role="visitor") == 0
 
     reset, reset_leg = await leg(server, on_hangup="reset")
-    clean, clean_leg = await leg(server, Role.RESIDENT, on_hangup="close")
-    stuck, stuck_leg = await leg(server, on_hangup="ignore")
+    _clean, clean_leg = await leg(server, Role.RESIDENT, on_hangup="close")
+    _stuck, stuck_leg = await leg(server, on_hangup="ignore")
     closer, closer_leg = await leg(server)
     resetter, resetter_leg = await leg(server)
     hanger, hanger_leg = await leg(server)
@@ -157,6 +157,7 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     from twisted.python.failure import Failure
 
     from audiohangup.metrics import Metrics
+    from audiohangup.pacer import Pacer
     from audiohangup.protocol import AudioSocketProtocol, LegSettings
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
@@ -168,7 +169,7 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     call = uuid.uuid4()
 
     def leg() -> AudioSocketProtocol:
-        made = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(), clock)
+        made = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(), clock, Pacer(clock))
         made.makeConnection(StringTransport())
         made.dataReceived(encode_uuid(call) + SILENCE_20MS * 5)
         return made

@@ -12,12 +12,15 @@ import uuid
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
+from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import Registry
@@ -30,12 +33,13 @@ AUDIO = encode(Kind.SLIN, b"\x01\x02" * 160)
 class LegTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
+        self.pacer = Pacer(self.clock)
         self.registry = Registry()
         self.settings = LegSettings(close_timeout=2.0, uuid_timeout=5.0)
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def connect(self, role: Role = Role.VISITOR) -> tuple[AudioSocketProtocol, StringTransport]:
-        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock)
+        leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock, self.pacer)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         leg.makeConnection(transport)
         return leg, transport
@@ -208,7 +212,7 @@ class FrameTests(LegTestCase):
 
     def test_peerError(self) -> None:
         """A 0xff frame ends the leg as C{peer_error}, at warn, with its code decoded."""
-        leg, transport = self.live()
+        leg, _transport = self.live()
         leg.dataReceived(encode(Kind.ERROR, b"\x01"))
         leg.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(leg.close_reason, CloseReason.PEER_ERROR)
@@ -242,7 +246,7 @@ class FrameTests(LegTestCase):
         self.assertEqual(leg.frames_in, 6)
 
     def test_countsBothWays(self) -> None:
-        leg, transport = self.live()
+        leg, _transport = self.live()
         leg.dataReceived(AUDIO * 3)
         self.assertTrue(leg.send(AUDIO))
         snapshot = leg.snapshot()
@@ -301,7 +305,11 @@ class PendingErrorSocket:
         error, self.error = self.error, 0  # reading it clears it, as the kernel does
         return error
 
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_SNDBUF)
 
+
+@implementer(ISystemHandle)
 class SocketTransport(StringTransport):
     def __init__(self, handle: PendingErrorSocket) -> None:
         super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
@@ -319,7 +327,7 @@ class EndOfStreamTests(LegTestCase):
     """
 
     def endOfStream(self, error: int, hang_up: bool = False) -> tuple[AudioSocketProtocol, SocketTransport]:
-        leg = AudioSocketProtocol(Role.VISITOR, self.registry, self.settings, self.clock)
+        leg = AudioSocketProtocol(Role.VISITOR, self.registry, self.settings, self.clock, self.pacer)
         transport = SocketTransport(PendingErrorSocket(error))
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(CALL))

@@ -17,9 +17,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -538,13 +539,13 @@ async def test_filters(tmp_path: Path, logs: LogCapture) -> None:
 
         assert ids(await everything(store, call_id=str(call))) == newest_first(pair)
         assert ids(await everything(store, call_id=str(uuid.uuid4()))) == []
-        assert ids(await everything(store, role="resident")) == newest_first([l for l in legs if l.role is Role.RESIDENT])
-        assert ids(await everything(store, role=Role.VISITOR)) == newest_first([l for l in legs if l.role is Role.VISITOR])
+        assert ids(await everything(store, role="resident")) == newest_first([leg for leg in legs if leg.role is Role.RESIDENT])
+        assert ids(await everything(store, role=Role.VISITOR)) == newest_first([leg for leg in legs if leg.role is Role.VISITOR])
         assert ids(await everything(store, reason="hangup_clean")) == newest_first(
-            [l for l in legs if l.close_reason is CloseReason.HANGUP_CLEAN]
+            [leg for leg in legs if leg.close_reason is CloseReason.HANGUP_CLEAN]
         )
         assert ids(await everything(store, reason=CloseReason.PEER_CLOSED)) == newest_first(
-            [l for l in legs if l.close_reason is CloseReason.PEER_CLOSED]
+            [leg for leg in legs if leg.close_reason is CloseReason.PEER_CLOSED]
         )
         assert ids(await everything(store, reason="server_lost")) == []
         since, until_ = legs[3].connected_at, legs[9].connected_at
@@ -552,7 +553,7 @@ async def test_filters(tmp_path: Path, logs: LogCapture) -> None:
         assert ids(await everything(store, since=since)) == newest_first(legs[3:])
         assert ids(await everything(store, until=until_)) == newest_first(legs[:9])
         assert ids(await everything(store, since=since, until=until_, role="resident", reason="peer_closed")) == (
-            newest_first([l for l in legs[3:9] if l.role is Role.RESIDENT and l.close_reason is CloseReason.PEER_CLOSED])
+            newest_first([leg for leg in legs[3:9] if leg.role is Role.RESIDENT and leg.close_reason is CloseReason.PEER_CLOSED])
         )
         # Paged through a filter: pages of 2 over the visitors.
         walked, cursor = [], None
@@ -562,7 +563,7 @@ async def test_filters(tmp_path: Path, logs: LogCapture) -> None:
             walked += page["records"]
             if (cursor := page["next_cursor"]) is None:
                 break
-        assert ids(walked) == newest_first([l for l in legs if l.role is Role.VISITOR])
+        assert ids(walked) == newest_first([leg for leg in legs if leg.role is Role.VISITOR])
 
 
 @pytest.mark.parametrize(

@@ -355,7 +355,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         self.assertEqual(sorted(port for port, *_ in self.reactor.tcpServers), [18080, 19092, 19093])
         expected = LegSettings(close_timeout=0.5, uuid_timeout=3.0)
         self.assertEqual(service.settings, expected)
-        for port, factory, _backlog, _interface in self.reactor.tcpServers:
+        for _port, factory, _backlog, _interface in self.reactor.tcpServers:
             if isinstance(factory, AudioSocketFactory):
                 self.assertEqual(factory.settings, expected)
 

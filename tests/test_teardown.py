@@ -12,8 +12,8 @@ import uuid
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
 from twisted.logger import LogLevel
+from twisted.python.failure import Failure
 
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid

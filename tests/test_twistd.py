@@ -42,7 +42,6 @@ from tests.twistd_child import (
     wait_for_legs,
 )
 
-
 # The installed plugin
 
 

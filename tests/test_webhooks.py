@@ -14,10 +14,11 @@ import json
 import re
 import socket
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -34,13 +35,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from audiohangup.metrics import Metrics
+from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.webhooks import Webhooks, sign, verify
 from audiohangup.wire import HANGUP_FRAME, encode_uuid
-from tests.fake_asterisk import connect
 from tests.conftest import LogCapture, until
+from tests.fake_asterisk import connect
 
 SECRET = "s3cret-for-tests"
 
@@ -158,6 +160,8 @@ class Harness:
 
     receivers: list[Receiver] = field(default_factory=list)
     webhooks: list[Webhooks] = field(default_factory=list)
+    #: Paces the test's real legs; stopped after the test, so no tick outlives it.
+    pacer: Pacer = field(default_factory=lambda: Pacer(reactor))
 
     async def receiver(self, script: Script | None = None) -> Receiver:
         receiver = Receiver(script)
@@ -176,6 +180,7 @@ async def harness() -> AsyncIterator[Harness]:
     try:
         yield made
     finally:
+        made.pacer.stopService()
         for webhooks in made.webhooks:
             await webhooks.stop()
         for receiver in made.receivers:
@@ -208,9 +213,11 @@ def whole_call(webhooks: Webhooks, call_id: str) -> None:
     webhooks.callEnded(call_id)
 
 
-def real_leg(registry: Registry, role: Role, call_id: uuid.UUID) -> tuple[AudioSocketProtocol, StringTransport]:
+def real_leg(
+    harness: Harness, registry: Registry, role: Role, call_id: uuid.UUID
+) -> tuple[AudioSocketProtocol, StringTransport]:
     """A live leg on a fake transport, on the real reactor: the pacer writes silence to it."""
-    leg = AudioSocketProtocol(role, registry, LegSettings(close_timeout=2.0), reactor)
+    leg = AudioSocketProtocol(role, registry, LegSettings(close_timeout=2.0), reactor, harness.pacer)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     leg.makeConnection(transport)
     leg.dataReceived(encode_uuid(call_id))
@@ -275,8 +282,8 @@ async def test_events_arrive_signed_in_order(harness: Harness, logs: LogCapture)
     registry.events.add(webhooks)
     call = uuid.uuid4()
 
-    visitor, _ = real_leg(registry, Role.VISITOR, call)
-    resident, resident_wire = real_leg(registry, Role.RESIDENT, call)
+    visitor, _ = real_leg(harness, registry, Role.VISITOR, call)
+    resident, resident_wire = real_leg(harness, registry, Role.RESIDENT, call)
     visitor.connectionLost(Failure(ConnectionDone()))
     assert resident_wire.value().endswith(HANGUP_FRAME)
     resident.connectionLost(Failure(ConnectionLost()))
@@ -390,7 +397,7 @@ async def test_receiver_down_retried_then_dropped_and_calls_go_on(
     registry.events.add(webhooks)
 
     started = reactor.seconds()
-    leg, wire = real_leg(registry, Role.VISITOR, uuid.uuid4())
+    leg, wire = real_leg(harness, registry, Role.VISITOR, uuid.uuid4())
     await until(lambda: count(metrics, "retried") >= 1, what="a first retry")
     # The call is unaffected: the pacer keeps writing, and a hangup goes out.
     written = len(wire.value())

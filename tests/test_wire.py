@@ -20,9 +20,10 @@ Covered here, with no sockets and no reactor:
 
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,7 +42,6 @@ from audiohangup.wire import (
     encode,
     encode_uuid,
 )
-
 
 #: Every kind Asterisk defines, with the sample rate it declares (None if the
 #: kind is not audio). Written out by hand so a kind missing from the module
@@ -96,7 +96,7 @@ def decode(stream: bytes) -> list[Frame]:
 def splitAt(stream: bytes, points: Iterable[int]) -> list[bytes]:
     """Cut C{stream} at each of C{points} (any order, duplicates allowed)."""
     cuts = [0, *sorted(set(points)), len(stream)]
-    return [stream[a:b] for a, b in zip(cuts, cuts[1:])]
+    return [stream[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def pieces(stream: bytes, size: int) -> list[bytes]:

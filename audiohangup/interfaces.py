@@ -1,0 +1,156 @@
+"""
+What the parts of audiohangup may use of each other, as zope interfaces.
+
+A leg is one AudioSocket connection (L{audiohangup.protocol} provides it).
+Flows, the session, the pacer, the registry, the API and the observers
+(metrics, records, webhooks, the call directory) know it only as an L{ILeg}
+(or, the pacer, as an L{IPacedLeg}), so none of them imports the protocol,
+and a test can hand them any object that provides the interface.
+
+Ground level: this module imports only pure modules (wire, audio, reasons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# treq names the reactor its requests need (IReactorTCP, IReactorTime and
+# IReactorPluggableNameResolver) only privately; deriving from it is what
+# lets our reactor be handed to treq as it is.
+from treq._types import _ITreqReactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
+from zope.interface import Attribute, Interface
+
+from audiohangup.audio import AudioFormat, FrameQueue
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.wire import Frame
+
+
+class IReactor(IReactorCore, _ITreqReactor):
+    """
+    The reactor the service runs on, as its parts use it: listeners, timers,
+    outbound HTTP (webhooks, forwarding) and start-up/shutdown triggers.
+    Any of Twisted's own reactors provides it.
+    """
+
+
+class ILeg(Interface):
+    """
+    One AudioSocket connection: a leg once its UUID frame arrived (it then
+    has a call id), a bare connection before. Every method runs on the
+    reactor thread. Nothing is ever written to a leg after C{00 00 00}.
+    """
+
+    role: Role = Attribute("The part it plays in its call; each role has its own listening port.")
+    call_id: str | None = Attribute("The call id from its UUID frame; None until that frame arrived.")
+    peer: str = Attribute("The peer's address, as log lines show it (host:port).")
+    format: AudioFormat = Attribute("The audio format it carries, both ways.")
+    live: bool = Attribute("True from its UUID until a hangup or a close decision: it takes audio.")
+    queue: FrameQueue = Attribute("Encoded frames waiting for the pacer, oldest first.")
+    queued_ms: int = Attribute("Milliseconds of audio in C{queue}.")
+    connected_at: float = Attribute("When the connection was made (reactor seconds).")
+    ended_at: float | None = Attribute("When the connection went away; None while it is open.")
+    frames_in: int = Attribute("Frames received.")
+    frames_out: int = Attribute("Frames written.")
+    bytes_in: int = Attribute("Bytes received.")
+    bytes_out: int = Attribute("Bytes written.")
+    dtmf: str = Attribute("The last DTMF digits received, oldest first.")
+    hangup_cause: HangupCause | None = Attribute("Why we sent C{00 00 00}; None if we did not.")
+    close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
+    hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
+
+    def forward(frame: Frame) -> None:
+        """Bridge a frame from another leg: written at once, unless queued audio has the floor."""
+
+    def queueFrames(frames: list[bytes]) -> int:
+        """Queue encoded frames for the pacer; return how many old ones were dropped."""
+
+    def play(audio: bytes) -> int:
+        """Queue raw audio in the leg's format, cut into 20 ms frames; return frames dropped."""
+
+    def hangup(cause: HangupCause) -> Deferred[CloseReason]:
+        """Send C{00 00 00} once and close, bounded; fires with the close reason once gone."""
+
+    def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
+        """Hang up once the queued audio has played (bounded by the playout timeout)."""
+
+    def whenGone() -> Deferred[CloseReason]:
+        """Fires with the close reason once the leg is gone."""
+
+    def snapshot() -> dict[str, Any]:
+        """What the HTTP API shows of it while it is live."""
+
+    def summary() -> dict[str, Any]:
+        """How it went, once ended: what the live page's history shows."""
+
+
+class IPacedLeg(ILeg):
+    """
+    A leg as the shared pacer sees it. The pacer decides the common case (a
+    bridged leg, nothing queued, not idle) from these attributes alone, and
+    calls C{paceTick} for any other leg.
+    """
+
+    forwarded_at: float = Attribute("When audio was last bridged to it (reactor seconds).")
+    last_frame_at: float = Attribute("When its peer last sent a frame (reactor seconds).")
+    idle_after: float = Attribute("Seconds without a frame before the idle hangup (inf: never).")
+
+    def paceTick(now: float, bridged_since: float) -> None:
+        """One 20 ms tick: the idle check, then at most one frame."""
+
+
+class ISession(Interface):
+    """The live legs sharing a call id, and the flow that runs them."""
+
+    call_id: str = Attribute("The call id its legs share.")
+    legs: dict[Role, ILeg] = Attribute("Its live legs by role; a flow may read, never change it.")
+
+    def others(leg: ILeg) -> list[ILeg]:
+        """The session's other legs that can still take audio."""
+
+    def ordered() -> list[ILeg]:
+        """The legs, visitor first."""
+
+    def hangup(cause: HangupCause) -> Deferred[list[CloseReason]]:
+        """Hang up every leg; fires with their close reasons once all are gone."""
+
+
+class IFlow(Interface):
+    """What a session does with its legs. Called on the reactor thread; must not block."""
+
+    def legJoined(session: ISession, leg: ILeg) -> None:
+        """A leg's UUID arrived and it is now part of C{session}."""
+
+    def audioReceived(session: ISession, leg: ILeg, frame: Frame) -> None:
+        """An audio frame arrived on C{leg}."""
+
+    def dtmfReceived(session: ISession, leg: ILeg, digit: str) -> None:
+        """A DTMF digit arrived on C{leg} (it is already kept on the leg)."""
+
+    def legEnded(session: ISession, leg: ILeg, reason: CloseReason) -> None:
+        """C{leg} is gone, with C{reason}; the session's other legs may still be live."""
+
+
+#: Makes the flow of one new session.
+FlowFactory = Callable[[], IFlow]
+
+
+class ILegObserver(Interface):
+    """Told of every leg's life, synchronously on the reactor; must not block."""
+
+    def legStarted(leg: ILeg) -> None:
+        """A leg's UUID arrived: it has a call id and a role."""
+
+    def hangupSent(leg: ILeg, cause: HangupCause) -> None:
+        """We wrote C{00 00 00} to the leg."""
+
+    def legEnded(leg: ILeg) -> None:
+        """A leg that had started is gone; C{leg.close_reason} says how."""
+
+    def callEnded(call_id: str) -> None:
+        """The last leg of a call id is gone."""
+
+    def connectionEnded(connection: ILeg) -> None:
+        """A connection ended before it became a leg (no UUID: refused, timed out, closed)."""
