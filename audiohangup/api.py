@@ -8,26 +8,24 @@ transport. JSON in, JSON out, every error as C{{"error": {"code", "message"}}}.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, unquote_to_bytes, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
+from audiohangup.access import AuthThrottle, Scope, Tokens
 from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
@@ -73,26 +71,27 @@ def parse_role(value: object) -> Role:
         raise ApiError(400, "bad_role", f"role {value!r} is not one of {roles}") from None
 
 
-def _protected(handler: Handler) -> Handler:
-    """Require the bearer token on a route, when the server has one."""
+def _requires(scope: Scope) -> Callable[[Handler], Handler]:
+    """A route that needs a token of C{scope} (or wider), when the server has tokens."""
 
-    @functools.wraps(handler)
-    def check(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-        self.authorize(request)
-        return handler(self, request, *args, **kwargs)
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def check(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+            self.authorize(request, scope)
+            return handler(self, request, *args, **kwargs)
 
-    return check  # type: ignore[return-value]
+        return cast(Handler, check)
+
+    return decorate
 
 
-def route_template(app: Klein, request: http.Request) -> str:
-    """The route a request matched, as declared (C{/calls/<string:call_id>}): a bounded label."""
-    try:
-        rule, _ = app.url_map.bind("localhost").match(
-            request.path.decode("utf-8", errors="replace"), method=request.method.decode(), return_rule=True
-        )
-    except HTTPException:
-        return "unmatched"
-    return str(rule.rule)
+_read = _requires(Scope.READ)
+_control = _requires(Scope.CONTROL)
+
+
+def client_host(request: IRequest) -> str:
+    """The client's address as throttling counts it (a UNIX socket's clients are one)."""
+    return str(getattr(request.getClientAddress(), "host", "unix"))
 
 
 class ControlAPI:
@@ -113,6 +112,9 @@ class ControlAPI:
         recent: RecentLegs | None = None,
         records: CallRecords | None = None,
         cluster: Cluster | None = None,
+        tokens: Tokens | None = None,
+        throttle: AuthThrottle | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
@@ -120,15 +122,28 @@ class ControlAPI:
         self.recent = recent
         self.records = records
         self.cluster = cluster
-        self._token = api_token.encode() if api_token else None
+        #: Every token the API takes; replaced whole when the tokens file is re-read.
+        self.tokens = (tokens or Tokens()) + Tokens([(Scope.CONTROL, api_token)] if api_token else [])
+        self.throttle = throttle if throttle is not None else AuthThrottle()
+        self.clock = clock if clock is not None else _wall_clock()
 
-    def authorize(self, request: IRequest) -> None:
-        if self._token is None:
+    def authorize(self, request: IRequest, needed: Scope) -> None:
+        """
+        Nothing to check when the server has no token (loopback, or
+        --insecure-http); else a token of C{needed} scope or wider, 401
+        without one (counted against the address), 403 with one too narrow.
+        """
+        tokens = self.tokens
+        if not tokens:
             return
         scheme, _, given = (_header(request, "authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        scope = tokens.scope_of(given.strip()) if scheme.lower() == "bearer" else None
+        if scope is None:
+            self.throttle.failed(client_host(request), self.clock.seconds())
             request.setHeader("www-authenticate", 'Bearer realm="audiohangup"')
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+        if not scope.covers(needed):
+            raise ApiError(403, "forbidden", f"this route needs a {needed} token; the one given has {scope} scope")
 
     # Routes
 
@@ -137,7 +152,7 @@ class ControlAPI:
         return _json(request, 200, {"status": "ok", "legs": len(self.registry)})
 
     @app.route("/metrics", methods=["GET"])
-    @_protected
+    @_read
     def metrics_text(self, request: IRequest) -> bytes:
         """Prometheus text format."""
         if self.metrics is None:
@@ -155,7 +170,7 @@ class ControlAPI:
         return _static(request, name)
 
     @app.route("/legs/ended", methods=["GET"])
-    @_protected
+    @_read
     def ended_legs(self, request: IRequest) -> bytes:
         """The legs that ended last, newest first (in memory, for the live page)."""
         limit = _int(request, "limit", default=20, low=1, high=100)
@@ -163,7 +178,7 @@ class ControlAPI:
         return _json(request, 200, {"legs": legs})
 
     @app.route("/records", methods=["GET"])
-    @_protected
+    @_read
     async def call_records(self, request: IRequest) -> bytes:
         """Call records, newest first, filtered and paged with an opaque cursor."""
         if self.records is None:
@@ -187,7 +202,7 @@ class ControlAPI:
         return _json(request, 200, page)
 
     @app.route("/calls", methods=["GET"])
-    @_protected
+    @_read
     async def calls(self, request: IRequest) -> bytes:
         """Live calls: this instance's (C{scope=local}), or every instance's (C{scope=cluster})."""
         scope = _query(request, "scope") or "local"
@@ -211,7 +226,7 @@ class ControlAPI:
         return _json(request, 200, {"calls": [{"call_id": c, "legs": legs} for c, legs in grouped.items()]})
 
     @app.route("/calls/<string:call_id>", methods=["GET"])
-    @_protected
+    @_read
     def call(self, request: IRequest, call_id: str) -> bytes:
         call_id = parse_call_id(call_id)
         legs = self.registry.call(call_id)
@@ -220,7 +235,7 @@ class ControlAPI:
         return _json(request, 200, _call_view(call_id, legs))
 
     @app.route("/calls/<string:call_id>/hangup", methods=["POST"])
-    @_protected
+    @_control
     def hangup_call(self, request: IRequest, call_id: str) -> Awaitable[bytes]:
         call_id = parse_call_id(call_id)
         body = _read_json(request, allowed={"role"}, required=False)
@@ -232,7 +247,7 @@ class ControlAPI:
         return self._hangup(request, call_id, None if role is None else parse_role(role))
 
     @app.route("/api/hangup", methods=["POST"])
-    @_protected
+    @_control
     def api_hangup(self, request: IRequest) -> Awaitable[bytes]:
         body = _read_json(request, allowed={"call_id", "role"}, required=True)
         if not isinstance(body.get("call_id"), str):
@@ -241,7 +256,7 @@ class ControlAPI:
         return self._hangup(request, call_id, parse_role(body.get("role", Role.VISITOR.value)))
 
     @app.route("/calls/<string:call_id>/play", methods=["POST"])
-    @_protected
+    @_control
     def play(self, request: IRequest, call_id: str) -> bytes:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
@@ -394,7 +409,7 @@ class ControlAPI:
         return body
 
     @app.route("/instances", methods=["GET"])
-    @_protected
+    @_read
     async def instances(self, request: IRequest) -> bytes:
         """The live instances of the cluster, from the directory."""
         if self.cluster is None:
@@ -413,7 +428,7 @@ class ControlAPI:
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ApiError)
-        return _error(request, error.status, error.code, error.message)
+        return json_error(request, error.status, error.code, error.message)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -428,7 +443,7 @@ class ControlAPI:
             message = f"no route for {request.path.decode(errors='replace')}"
         else:
             message = error.description or error.name
-        return _error(request, status, error.name.lower().replace(" ", "_"), message)
+        return json_error(request, status, error.name.lower().replace(" ", "_"), message)
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -436,116 +451,7 @@ class ControlAPI:
             "{method} {path} failed", failure=failure,
             method=request.method.decode(), path=request.path.decode(errors="replace"),
         )
-        return _error(request, 500, "internal_error", "the server failed; see its log")
-
-
-#: How long a refused request's sender may keep sending before it is cut off.
-_LINGER_SECONDS = 2.0
-
-
-class _BoundedRequest(Request):
-    """
-    A request whose body may not exceed the site's C{max_body}: a larger one
-    is answered 413 at once, from its Content-Length or as its chunks arrive,
-    and the connection closed, so it never fills memory or reaches a handler.
-    """
-
-    _refused = False
-    _received = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The API reads only JSON and raw audio: Twisted's form parsing would
-        # only add ways to fail (it raises on some Content-Type bytes).
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(*args, **kwargs)
-
-    @property
-    def apiSite(self) -> ApiSite:
-        """
-        The site this request came in on. C{Site.buildProtocol} sets it on the
-        channel; C{Request.site} is only set in C{process}, after the body.
-        """
-        site = getattr(self.channel, "site", None)
-        assert isinstance(site, ApiSite), "a _BoundedRequest serves only an ApiSite"
-        return site
-
-    def process(self) -> None:
-        """A path that is not UTF-8 once unquoted gets a JSON 400 here, before routing."""
-        try:
-            unquote_to_bytes(self.path).decode("utf-8")
-        except UnicodeDecodeError:
-            self.site = self.apiSite
-            body = _error(self, 400, "bad_path", "the path is not UTF-8 once percent-decoded")
-            self.write(body)
-            self.finish()
-            return
-        super().process()
-
-    def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
-        if length is not None and length > self.apiSite.max_body:
-            self._refuse()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self.apiSite.max_body:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            super().requestReceived(command, path, version)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        site = self.apiSite
-        body = json.dumps(
-            {"error": {"code": "body_too_large", "message": f"the body exceeds {site.max_body} bytes"}}
-        ).encode() + b"\n"
-        transport = self.channel.transport
-        assert transport is not None, "a request's channel is connected until it is answered"
-        transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        # Closing at once with the body still arriving would make the kernel
-        # reset the connection and the client could lose the answer: close our
-        # side for writing, keep reading (and discarding), and abort only if
-        # the client has not gone within a few seconds.
-        if ITCPTransport.providedBy(transport):
-            transport.loseWriteConnection()
-            site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
-        else:
-            transport.loseConnection()
-        if site.api.metrics is not None:
-            site.api.metrics.http_request("unrouted", "-", 413)
-
-
-#: Methods counted by name; any other is "other", so a client cannot add label values.
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-
-
-class ApiSite(Site):
-    """The API's Site: bounds request bodies, and counts requests by route template and status."""
-
-    requestFactory = _BoundedRequest
-
-    def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
-        super().__init__(api.app.resource(), reactor=reactor)
-        self.api = api
-        # The largest body a route takes: a /play prompt as long as a leg's queue.
-        self.max_body = max(MAX_BODY, api.settings.max_play_bytes)
-
-    def log(self, request: http.Request) -> None:
-        super().log(request)
-        if self.api.metrics is not None:
-            method = request.method.decode("latin-1")
-            self.api.metrics.http_request(
-                route_template(self.api.app, request), method if method in _METHODS else "other", request.code
-            )
+        return json_error(request, 500, "internal_error", "the server failed; see its log")
 
 
 def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:
@@ -595,7 +501,7 @@ def _json(request: IRequest, status: int, body: object) -> bytes:
     return json.dumps(body).encode() + b"\n"
 
 
-def _error(request: IRequest, status: int, code: str, message: str) -> bytes:
+def json_error(request: IRequest, status: int, code: str, message: str) -> bytes:
     return _json(request, status, {"error": {"code": code, "message": message}})
 
 
@@ -711,3 +617,9 @@ def _read_json(request: IRequest, *, allowed: set[str], required: bool) -> dict[
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
     return body
+
+
+def _wall_clock() -> IReactorTime:
+    from twisted.internet import reactor
+
+    return cast(IReactorTime, reactor)

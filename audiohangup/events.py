@@ -75,7 +75,8 @@ class RecentLegs:
         pass
 
     def connectionEnded(self, connection: ILeg) -> None:
-        pass
+        if connection.call_id is not None:  # refused as a duplicate: it named a call
+            self._ended.appendleft(connection.summary())
 
     def latest(self, limit: int) -> list[dict[str, Any]]:
         return list(islice(self._ended, limit))

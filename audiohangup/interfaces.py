@@ -20,7 +20,7 @@ from typing import Any
 # lets our reactor be handed to treq as it is.
 from treq._types import _ITreqReactor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from zope.interface import Attribute, Interface
 
 from audiohangup.audio import AudioFormat, FrameQueue
@@ -28,7 +28,7 @@ from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import Frame
 
 
-class IReactor(IReactorCore, _ITreqReactor):
+class IReactor(IReactorCore, IReactorFromThreads, _ITreqReactor):
     """
     The reactor the service runs on, as its parts use it: listeners, timers,
     outbound HTTP (webhooks, forwarding) and start-up/shutdown triggers.

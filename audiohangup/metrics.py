@@ -52,8 +52,13 @@ class Metrics:
         )
         self.connections_without_leg = Counter(
             "audiohangup_connections_without_leg",
-            "Connections that ended before their UUID, by close reason (over_capacity among them).",
+            "Connections that never became a leg, by close reason (over_capacity, uuid_timeout, duplicate, ...).",
             ["reason"], registry=self.collectors,
+        )
+        self.connections_refused = Counter(
+            "audiohangup_connections_refused",
+            "Connections closed as they were accepted, by listener and reason (not_allowed: outside --allow).",
+            ["listener", "reason"], registry=self.collectors,
         )
         self.hangups_sent = Counter(
             "audiohangup_hangups_sent", "Hangup frames we sent, by cause.", ["cause"], registry=self.collectors
@@ -116,6 +121,9 @@ class Metrics:
 
     def http_request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route=route, method=method, status=str(status)).inc()
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self.connections_refused.labels(listener=listener, reason=reason).inc()
 
     def webhook_delivery(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome=outcome).inc()

@@ -431,6 +431,13 @@ class AudioSocketProtocol(Protocol):
     def _start(self, call_id: str) -> None:
         self._cancelTimer("uuid")
         self.call_id = call_id
+        holder = self.registry.holder(call_id, self.role)
+        if holder is not None:
+            # Never a leg: no session, no pacer, nothing of the call written to it.
+            self._decided = CloseReason.DUPLICATE
+            self._detail = f"the live leg is from {holder.peer}"
+            self._sendHangup(HangupCause.DUPLICATE)
+            return
         self.state = LegState.LIVE
         self.log.info("{call_id} {role} leg started from {peer}", **self._fields())
         self.pacer.add(self)
@@ -529,14 +536,18 @@ class AudioSocketProtocol(Protocol):
         @return: fires with the leg's close reason once the leg is gone.
         """
         if self.state is LegState.AWAITING_UUID or self.state is LegState.LIVE:
-            self.hangup_cause = cause
-            self.hangup_at = self.reactor.seconds()
-            self._write(HANGUP_FRAME)
+            self._sendHangup(cause)
             self.log.info("{call_id} {role} hangup sent (cause {cause})", cause=cause, **self._fields())
-            self._beginClosing()
-            if self.call_id is not None:
+            if self.call_id is not None:  # a leg (a refused duplicate never gets here)
                 self.registry.events.hangupSent(self, cause)
         return self.whenGone()
+
+    def _sendHangup(self, cause: HangupCause) -> None:
+        """C{00 00 00}, the last bytes ever written, then a bounded close."""
+        self.hangup_cause = cause
+        self.hangup_at = self.reactor.seconds()
+        self._write(HANGUP_FRAME)
+        self._beginClosing()
 
     def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
         """

@@ -39,6 +39,7 @@ class HangupCause(_Named):
 
     API = "api"
     REPLACED = "replaced"
+    DUPLICATE = "duplicate"
     SHUTDOWN = "shutdown"
     SESSION = "session"
     IDLE_TIMEOUT = "idle_timeout"
@@ -76,6 +77,9 @@ class CloseReason(_Named):
     PROTOCOL_ERROR = ("protocol_error", LogLevel.warn, "frame out of order or malformed")
     UUID_TIMEOUT = ("uuid_timeout", LogLevel.warn, "no UUID frame in time")
     OVER_CAPACITY = ("over_capacity", LogLevel.warn, "refused: the server holds --max-legs connections")
+    DUPLICATE = (
+        "duplicate", LogLevel.warn, "refused: a live leg already holds this call id and role (--on-duplicate refuse)"
+    )
     SLOW_CONSUMER = (
         "slow_consumer", LogLevel.warn, "aborted: the peer stopped reading what we sent"
     )

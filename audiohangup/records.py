@@ -59,6 +59,7 @@ import base64
 import binascii
 import enum
 import math
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -194,6 +195,23 @@ class CallRecords:
     """
 
     log = Logger()
+
+    @staticmethod
+    def check_path(path: str) -> None:
+        """
+        Raise a ValueError naming why the store cannot live at C{path}: its
+        directory is missing or not writable (SQLite writes its journal there),
+        or the file is there and not writable. Start-up fails closed on it.
+        """
+        if path == ":memory:":
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"the directory {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"the directory {folder} is not writable")
+        if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK)):
+            raise ValueError(f"{path} is not a file this process can read and write")
 
     def __init__(
         self, path: str, reactor: Any, *, keep_days: float = 30.0, metrics: Metrics | None = None
@@ -383,7 +401,12 @@ class CallRecords:
         pass
 
     def connectionEnded(self, connection: ILeg) -> None:
-        """A connection that never became a leg has no record (no call id)."""
+        """
+        A connection without a UUID has no record (no call id); one refused
+        as a duplicate has one, with its reason: it named a live call.
+        """
+        if connection.call_id is not None:
+            self.legEnded(connection)
 
     def _write(self, leg: Any, what: str, work: Callable[..., None], *args: Any) -> None:
         call_id, role = getattr(leg, "call_id", None) or "-", getattr(leg, "role", "-")

@@ -8,6 +8,7 @@ arrives and the registry forgets it in C{connectionLost}, whatever the path.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
@@ -16,6 +17,9 @@ from audiohangup.reasons import Role
 from audiohangup.session import Session
 
 LegKey = tuple[str, Role]
+
+#: What a second connection naming a live leg's (call id, role) gets.
+OnDuplicate = Literal["refuse", "replace"]
 
 
 class Registry:
@@ -26,16 +30,30 @@ class Registry:
         flow_factory: FlowFactory = BridgeFlow,
         end_with_leg: bool = True,
         events: LegEvents | None = None,
+        on_duplicate: OnDuplicate = "refuse",
     ) -> None:
         self.flow_factory = flow_factory
         self.end_with_leg = end_with_leg
         self.events = events if events is not None else LegEvents()
+        self.on_duplicate = on_duplicate
         self._sessions: dict[str, Session] = {}
         self._connections: set[ILeg] = set()
+        #: The session each leg joined (a replaced leg stays until it is gone).
+        self._members: dict[ILeg, Session] = {}
         self._legs = 0
 
     def connected(self, connection: ILeg) -> None:
         self._connections.add(connection)
+
+    def holder(self, call_id: str, role: Role) -> ILeg | None:
+        """
+        The live leg that keeps a newcomer naming (call id, role) out, when
+        duplicates are refused: a call id is no key to a live call.
+        """
+        if self.on_duplicate != "refuse":
+            return None
+        held = self.get(call_id, role)
+        return held if held is not None and held.live else None
 
     def register(self, leg: ILeg) -> tuple[Session, ILeg | None]:
         """
@@ -47,6 +65,7 @@ class Registry:
         if session is None:
             session = Session.create(leg.call_id, self.flow_factory, self.end_with_leg)
             self._sessions[leg.call_id] = session
+        self._members[leg] = session
         # Observers hear of the leg before its flow does: a flow may hang it up at once.
         self.events.legStarted(leg)
         replaced = session.join(leg)
@@ -57,12 +76,12 @@ class Registry:
     def disconnected(self, connection: ILeg) -> None:
         """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
-        if connection.call_id is None:
+        session = self._members.pop(connection, None)
+        if session is None:  # no UUID, or refused as a duplicate
             self.events.connectionEnded(connection)
             return
         self.events.legEnded(connection)
-        session = self._sessions.get(connection.call_id)
-        if session is None or session.legs.get(connection.role) is not connection:
+        if session.legs.get(connection.role) is not connection:
             return  # a replaced leg: its session carries on without it
         self._legs -= 1
         try:

@@ -7,34 +7,32 @@ on one reactor and one registry, and a shutdown that drains live legs.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiohangup.api import ApiSite, ControlAPI
+from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
+from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import load_flow
 from audiohangup.interfaces import IReactor
+from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketFactory, LegSettings, describe_address
+from audiohangup.protocol import AudioSocketFactory, LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import CallRecords
-from audiohangup.registry import Registry
+from audiohangup.registry import OnDuplicate, Registry
+from audiohangup.site import ApiSite
 from audiohangup.webhooks import Webhooks
 
 
@@ -48,10 +46,16 @@ class Config:
     close_timeout: float = 2.0
     uuid_timeout: float = 5.0
     api_token: str | None = None
+    api_tokens_file: str | None = None
+    insecure_http: bool = False
+    allow: tuple[IPNetwork, ...] | None = None
+    http_allow: tuple[IPNetwork, ...] | None = None
+    on_duplicate: OnDuplicate = "refuse"
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
     webhooks: tuple[str, ...] = ()
     webhook_secret: str | None = None
+    webhook_ca: str | None = None
     flow: str = "bridge"
     audio: str = "slin"
     max_queue_ms: int = 1000
@@ -114,9 +118,14 @@ class AudioHangupService(MultiService):
         self.records = records
         self.webhooks = webhooks
         self.cluster = cluster
+        #: What the configuration leaves open, logged once at start-up.
+        self.warnings: list[str] = []
+        self.api: ControlAPI | None = None
         self._opening: Deferred[object] | None = None
 
     def startService(self) -> None:
+        for warning in self.warnings:
+            self.log.warn("{warning}", warning=warning)
         # Before the reactor runs, so no leg can start ahead of the store:
         # the writes of the first legs queue behind the opening.
         if self.records is not None:
@@ -187,7 +196,9 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     if reactor is None:
         reactor = global_reactor()
     settings = config.leg_settings()
-    registry = Registry(load_flow(config.flow), end_with_leg=config.on_leg_end != "keep")
+    registry = Registry(
+        load_flow(config.flow), end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate
+    )
     metrics = Metrics(registry)
     recent = RecentLegs()
     registry.events.add(metrics)
@@ -199,7 +210,9 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(records)
     webhooks = None
     if config.webhooks:
-        webhooks = Webhooks(list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics)
+        webhooks = Webhooks(
+            list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
+        )
         registry.events.add(webhooks)
     cluster = None
     if config.redis:
@@ -221,47 +234,80 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster
     )
     for role in Role:
+        name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, settings, reactor, pacer)
         endpoint = serverFromString(reactor, config.endpoint(role))
-        Listener(f"audiosocket-{role}", endpoint, factory).setServiceParent(service)
+        gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
+        Listener(name, endpoint, factory, gate).setServiceParent(service)
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
-        records=records, cluster=cluster,
+        records=records, cluster=cluster, clock=reactor,
+        tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
     )
+    service.api = api
     site = ApiSite(api, reactor)
-    Listener("http", serverFromString(reactor, config.http), site).setServiceParent(service)
+    http_gate = (
+        None if config.http_allow is None
+        else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
+    )
+    Listener("http", serverFromString(reactor, config.http), site, http_gate).setServiceParent(service)
+    if config.api_tokens_file is not None:
+        TokensFile(config.api_tokens_file, api, reactor, config.api_token).setServiceParent(service)
+    open_to = [role for role in Role if listens_beyond_loopback(reactor, config.endpoint(role))]
+    if open_to and config.allow is None:
+        service.warnings.append(
+            f"AudioSocket listeners for {', '.join(map(str, open_to))} accept every source beyond loopback: "
+            "anyone who can reach them and knows a call id can join that call; set --allow to the "
+            "addresses of your Asterisk servers"
+        )
+    if config.insecure_http:
+        service.warnings.append(
+            f"--insecure-http: the API on {config.http} takes requests without a token"
+            if not api.tokens else "--insecure-http is given but tokens are configured: the API still requires them"
+        )
     return service
 
 
-class Listener(StreamServerEndpointService):
+class TokensFile(Service):
     """
-    A listening endpoint that logs where it listens and keeps its port, so
-    C{tcp:0} works in tests and the log says which port to point Asterisk at.
+    The API's tokens file, re-read on SIGHUP. A file that cannot be read or
+    parsed keeps the tokens in force and logs why; a good one replaces them
+    (with --api-token's) and logs how many there are per scope, never a token.
     """
 
     log = Logger()
-    #: A port that cannot be bound must stop start-up, not leave a deaf server.
-    _raiseSynchronously = True
-    port: IListeningPort | None = None
 
-    def __init__(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
-        super().__init__(endpoint, factory)
-        self.setName(name)
+    def __init__(self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None) -> None:
+        self.path = path
+        self.api = api
+        self.reactor = reactor
+        self.api_token = api_token
+        self._previous: Any = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        assert self._waitingForPort is not None, "set by privilegedStartService"
-        self._waitingForPort.addCallback(self._listening)
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._signalled)
 
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        self.port = port
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _signalled(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            tokens = Tokens.load(self.path)
+        except TokenFileError as error:
+            self.log.error("API tokens not reloaded, the old ones stay in force: {error}", error=str(error))
+            return
+        if self.api_token:
+            tokens = tokens + Tokens([(Scope.CONTROL, self.api_token)])
+        self.api.tokens = tokens
+        counts = tokens.counts()
         self.log.info(
-            "{name} listening on {address}", name=self.name, address=describe_address(port.getHost())
+            "API tokens reloaded from {path}: {read} read, {control} control",
+            path=self.path, read=counts["read"], control=counts["control"],
         )
-        return port
-
-    def stopService(self) -> Deferred[None]:
-        self.port = None
-        stopped: Deferred[None] = super().stopService()
-        return stopped
-

@@ -16,12 +16,15 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from audiohangup.access import TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.interfaces import IReactor
+from audiohangup.listeners import listens_beyond_loopback
+from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
-from audiohangup.webhooks import Webhooks
+from audiohangup.webhooks import Webhooks, trust_root
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
 
@@ -198,8 +201,38 @@ class Options(usage.Options):
         ],
         [
             "api-token", None, None,
-            f"Bearer token the API requires on every route but /health "
+            f"Bearer token with full control the API requires on every route but /health "
             f"(default: ${TOKEN_ENVIRONMENT}, else none).",
+        ],
+        [
+            "api-tokens-file", None, None,
+            "File of 'SCOPE TOKEN' lines (scope read or control, # comments), re-read on SIGHUP.",
+        ],
+        [
+            "allow", None, None,
+            "Sources the AudioSocket listeners accept, CIDR[,CIDR...] (IPv4 or IPv6); "
+            "others are closed at once (default: every source).",
+        ],
+        [
+            "http-allow", None, None,
+            "Sources the HTTP API accepts, CIDR[,CIDR...]; others are closed at once (default: every source).",
+        ],
+        [
+            "on-duplicate", None, Config.on_duplicate,
+            "A connection naming the call id and role of a live leg: refuse it (00 00 00, reason "
+            "duplicate) or let it replace the live leg.",
+            _choice("--on-duplicate", ("refuse", "replace")),
+        ],
+        [
+            "webhook-ca", None, None,
+            "PEM file of the CA certificates HTTPS webhook receivers are verified against "
+            "(default: the system's trust store).",
+        ],
+    ]
+    optFlags: list[list[Any]] = [
+        [
+            "insecure-http", None,
+            "Let the API listen beyond loopback without a token (something else must guard it).",
         ],
     ]
 
@@ -240,6 +273,27 @@ class Options(usage.Options):
                 raise usage.UsageError("--advertise-url must be an http:// or https:// URL")
         if not self["records"]:
             raise usage.UsageError("--records needs a file path, or 'none'")
+        if self["records"] != "none":
+            try:
+                CallRecords.check_path(self["records"])
+            except ValueError as error:
+                raise usage.UsageError(f"--records: {error}") from None
+        for option in ("allow", "http-allow"):
+            if self[option] is not None:
+                try:
+                    self[option] = parse_networks(self[option])
+                except ValueError as error:
+                    raise usage.UsageError(f"--{option}: {error}") from None
+        if self["api-tokens-file"] is not None:
+            try:
+                Tokens.load(self["api-tokens-file"])
+            except TokenFileError as error:
+                raise usage.UsageError(f"--api-tokens-file: {error}") from None
+        if self["webhook-ca"] is not None:
+            try:
+                trust_root(self["webhook-ca"])
+            except ValueError as error:
+                raise usage.UsageError(f"--webhook-ca: {error}") from None
         try:
             load_flow(self["flow"])
         except FlowLoadError as error:
@@ -248,6 +302,14 @@ class Options(usage.Options):
             self["api-token"] = os.environ.get(TOKEN_ENVIRONMENT) or None
         elif not self["api-token"]:
             raise usage.UsageError("--api-token must not be empty")
+        tokened = self["api-token"] is not None or self["api-tokens-file"] is not None
+        if not tokened and not self["insecure-http"] and listens_beyond_loopback(reactor, self["http"]):
+            raise usage.UsageError(
+                f"--http {self['http']} listens beyond loopback and no API token is configured: anyone who "
+                "can reach it could list and hang up calls. Set --api-token (or $AUDIOHANGUP_API_TOKEN) or "
+                "--api-tokens-file, listen on loopback (--http tcp:8080:interface=127.0.0.1), or, if "
+                "something in front of it does the guarding, pass --insecure-http."
+            )
 
     def config(self) -> Config:
         return Config(
@@ -257,6 +319,12 @@ class Options(usage.Options):
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
             api_token=self["api-token"],
+            api_tokens_file=self["api-tokens-file"],
+            insecure_http=bool(self["insecure-http"]),
+            allow=self["allow"],
+            http_allow=self["http-allow"],
+            on_duplicate=self["on-duplicate"],
+            webhook_ca=self["webhook-ca"],
             records=self["records"],
             records_keep_days=self["records-keep-days"],
             webhooks=tuple(self["webhook"]),

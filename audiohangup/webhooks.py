@@ -12,8 +12,15 @@ C{null} when we sent no hangup) or C{call_ended} (the last leg of the call id
 is gone; its C{role} is C{null}). C{event_id} is unique per event and the same
 for every receiver and every attempt, so receivers can de-duplicate retries.
 Each request carries C{X-Audiohangup-Event}, C{X-Audiohangup-Event-Id} and,
-with a secret, C{X-Audiohangup-Signature: sha256=<hex HMAC-SHA256 of the
-body>}; L{verify} checks one.
+with a secret, C{X-Audiohangup-Timestamp: <unix seconds>} and
+C{X-Audiohangup-Signature: t=<unix seconds>,sha256=<hex HMAC-SHA256 of
+"<t>.<body>">}, made anew for each attempt: L{verify} checks one, and refuses
+a timestamp more than its tolerance (300 s) away from now, so a captured
+request cannot be replayed later.
+
+HTTPS receivers' certificates are verified against the system's trust store,
+or against C{--webhook-ca}'s certificates instead; one that cannot be
+verified is a failed attempt, logged with the reason.
 
 Delivery never blocks or fails a call: the observer methods only enqueue. One
 queue per (URL, call id) keeps each call's events in order for each receiver,
@@ -31,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -42,9 +51,10 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
 
 from audiohangup import __version__
@@ -59,6 +69,10 @@ if TYPE_CHECKING:
 EVENT_HEADER = "X-Audiohangup-Event"
 EVENT_ID_HEADER = "X-Audiohangup-Event-Id"
 SIGNATURE_HEADER = "X-Audiohangup-Signature"
+TIMESTAMP_HEADER = "X-Audiohangup-Timestamp"
+
+#: How far from now a signature's timestamp may be, by default, for L{verify}.
+TOLERANCE = 300.0
 
 #: Seconds between two warn lines about the same kind of drop.
 LOG_INTERVAL = 10.0
@@ -76,14 +90,26 @@ OVERFLOW = "overflow"
 _RETRYABLE_STATUSES = frozenset({408, 429})
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value for C{body}: C{sha256=} and the hex HMAC-SHA256."""
-    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
+def _mac(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode("utf-8"), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
 
 
-def verify(secret: str, body: bytes, header: str | bytes | None) -> bool:
-    """Whether C{header} is the signature of C{body} under C{secret}, compared in constant time."""
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """
+    The signature header's value: C{t=<timestamp>,sha256=<hex>}, the HMAC-SHA256
+    under C{secret} of the timestamp, a dot and C{body}.
+    """
+    return f"t={timestamp},sha256={_mac(secret, timestamp, body)}"
+
+
+def verify(
+    secret: str, body: bytes, header: str | bytes | None, *, tolerance: float = TOLERANCE, now: float | None = None
+) -> bool:
+    """
+    Whether C{header} signs C{body} under C{secret} at a time no more than
+    C{tolerance} seconds from C{now} (default: the system clock), the
+    digests compared in constant time. A header in another form is False.
+    """
     if header is None:
         return False
     if isinstance(header, bytes):
@@ -91,10 +117,37 @@ def verify(secret: str, body: bytes, header: str | bytes | None) -> bool:
             header = header.decode("ascii")
         except UnicodeDecodeError:
             return False
+    fields: dict[str, str] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        fields[name] = value
     try:
-        return hmac.compare_digest(sign(secret, body), header.strip())
-    except TypeError:  # non-ASCII text: not ours
+        timestamp = int(fields["t"])
+        given = fields["sha256"].encode("ascii")
+    except (KeyError, ValueError, UnicodeEncodeError):
         return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    return hmac.compare_digest(_mac(secret, timestamp, body).encode("ascii"), given)
+
+
+def trust_root(path: str) -> object:
+    """
+    The certificates of a PEM file, as a trust root for HTTPS: a private CA
+    (or several). A ValueError says why a file cannot serve.
+    """
+    try:
+        with open(path, "rb") as file:
+            pem = file.read()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read: {error.strerror or error}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+    if not blocks:
+        raise ValueError(f"{path}: holds no PEM certificate")
+    try:
+        return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    except Exception as error:  # pyOpenSSL raises its own error types for a bad certificate
+        raise ValueError(f"{path}: a certificate does not load: {error}") from None
 
 
 def _redact(url: str) -> str:
@@ -206,6 +259,8 @@ class Webhooks:
 
     @param reactor: the reactor for requests, timeouts and retries.
     @param secret: signs each body (C{X-Audiohangup-Signature}) when given.
+    @param ca: a PEM file of the certificates HTTPS receivers are verified
+        against, instead of the system's trust store.
     @param metrics: told of each outcome (C{webhook_delivery}).
     @param timeout: seconds for one attempt, from connecting to the end of the
         response body; also how long L{stop} waits.
@@ -243,6 +298,7 @@ class Webhooks:
         max_queue: int = 10000,
         pool: HTTPConnectionPool | None = None,
         max_concurrent: int = 20,
+        ca: str | None = None,
     ) -> None:
         self.check(urls, secret=secret)
         if timeout <= 0:
@@ -266,6 +322,8 @@ class Webhooks:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_concurrent
         self.pool = pool
+        policy = BrowserLikePolicyForHTTPS(trustRoot=None if ca is None else trust_root(ca))
+        self.agent = Agent(reactor, contextFactory=policy, pool=pool)
         self._names = {url: _redact(url) for url in self.urls}
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._ready: deque[_Queue] = deque()
@@ -309,7 +367,12 @@ class Webhooks:
         self._event("call_ended", None, call_id)
 
     def connectionEnded(self, connection: ILeg) -> None:
-        """A connection that never became a leg sends no event (no call id)."""
+        """
+        A connection without a UUID sends no event (no call id); one refused
+        as a duplicate is a C{leg_ended} with its reason, and no C{leg_started}.
+        """
+        if connection.call_id is not None:
+            self._event("leg_ended", connection)
 
     def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
         try:
@@ -382,14 +445,16 @@ class Webhooks:
             EVENT_ID_HEADER: item.event_id,
         }
         if self.secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self.secret, item.body)
+            timestamp = int(self.reactor.seconds())
+            headers[TIMESTAMP_HEADER] = str(timestamp)
+            headers[SIGNATURE_HEADER] = sign(self.secret, item.body, timestamp)
         request: Deferred[Any] = maybeDeferred(
             treq.post,
             queue.url,
             data=item.body,
             headers=headers,
             timeout=self.timeout,
-            pool=self.pool,
+            agent=self.agent,
             reactor=self.reactor,
             allow_redirects=False,
             unbuffered=True,

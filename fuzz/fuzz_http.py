@@ -59,7 +59,7 @@ with harness.instrumented(__name__):
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
-    from audiohangup.api import ApiSite, ControlAPI
+    from audiohangup.api import ControlAPI
     from audiohangup.audio import FORMATS
     from audiohangup.events import RecentLegs
     from audiohangup.metrics import Metrics
@@ -68,6 +68,7 @@ with harness.instrumented(__name__):
     from audiohangup.reasons import CloseReason, HangupCause, Role
     from audiohangup.records import CallRecords
     from audiohangup.registry import Registry
+    from audiohangup.site import ApiSite
     from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_uuid
 
 CALL = "0b8a1f9e-5c2d-4e3f-8a7b-6c5d4e3f2a1b"

@@ -89,6 +89,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.service.getServiceNamed('http').port.getHost().port}"
 
+    @property
+    def api(self) -> Any:
+        """The ControlAPI behind the HTTP listener."""
+        return self.service.api
+
 
 @pytest_twisted.async_yield_fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
@@ -101,7 +106,8 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
     async def make(**options: Any) -> Server:
         loopback = "tcp:0:interface=127.0.0.1"
         options.setdefault("records", str(tmp_path / f"records-{len(started)}.sqlite3"))
-        config = Config(visitor=loopback, resident=loopback, http=loopback, **options)
+        options.setdefault("http", loopback)
+        config = Config(visitor=loopback, resident=loopback, **options)
         service = build_service(config, reactor)
         service.privilegedStartService()
         service.startService()

@@ -120,7 +120,8 @@ class FakeAsterisk(Protocol):
         )
 
 
-async def connect(port: int, **options: object) -> FakeAsterisk:
-    """Open one leg to the server's port on loopback."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+async def connect(port: int, *, source: str | None = None, **options: object) -> FakeAsterisk:
+    """Open one leg to the server's port on loopback, from C{source} (an address of 127.0.0.0/8) if given."""
+    bind = None if source is None else (source, 0)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind)
     return await connectProtocol(endpoint, FakeAsterisk(**options))  # type: ignore[arg-type]

@@ -281,8 +281,9 @@ def _roles(directory: Directory, call_id: str, roles: set[str]) -> Callable[[], 
 
 @pytest_twisted.ensureDeferred
 async def test_a_leg_replaced_within_one_instance_keeps_its_entry(cluster: Cluster, logs: LogCapture) -> None:
-    """A second connection for the same call id and role replaces the first; the first's end deletes nothing."""
+    """With --on-duplicate replace, a second connection replaces the first; the first's end deletes nothing."""
     a = await cluster.started("a")
+    a.registry.on_duplicate = "replace"
     call = uuid.uuid4()
     old = a.leg(call)
     await eventually(_roles(a.directory, str(call), {"visitor"}))

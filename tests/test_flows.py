@@ -178,6 +178,7 @@ class SessionEndTests(SessionTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_replacedLegDoesNotEndTheSession(self) -> None:
+        self.registry.on_duplicate = "replace"
         old, _ = self.leg(Role.VISITOR)
         resident, resident_wire = self.leg(Role.RESIDENT)
         new, _ = self.leg(Role.VISITOR)

@@ -162,7 +162,7 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
 
-    registry = Registry()
+    registry = Registry(on_duplicate="replace")
     metrics = Metrics(registry)
     registry.events.add(metrics)
     clock = Clock()

@@ -230,6 +230,7 @@ class FrameTests(LegTestCase):
             self.assertIsNone(registry.get(str(CALL), Role.VISITOR))
             leg.dataReceived(frame[offset:])
             self.assertIs(registry.get(str(CALL), Role.VISITOR), leg)
+        self.registry = Registry()
         leg, _ = self.connect()
         for byte in frame:
             leg.dataReceived(bytes([byte]))
@@ -269,11 +270,50 @@ class RegistryLifecycleTests(LegTestCase):
             self.assertEqual(self.registry.connections(), [])
             self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_duplicateIsRefused(self) -> None:
+        """
+        By default a second connection for a live (call id, role) gets
+        C{00 00 00} and nothing else, never joins the session, and ends as
+        C{duplicate} at warn; the live legs are untouched.
+        """
+        visitor, visitor_transport = self.live()
+        resident, resident_transport = self.live(Role.RESIDENT)
+        newcomer, newcomer_transport = self.connect()
+        newcomer.dataReceived(encode_uuid(CALL) + AUDIO * 3)
+        self.assertEqual(newcomer_transport.value(), HANGUP_FRAME)
+        self.assertIs(newcomer.state, LegState.CLOSING)
+        self.assertEqual(self.registry.call(str(CALL)), [visitor, resident])
+        self.assertEqual(len(self.pacer), 2)
+        self.assertEqual((visitor_transport.value(), resident_transport.value()), (b"", b""))
+        resident.dataReceived(AUDIO)  # the bridge: to the visitor only
+        self.assertEqual(visitor_transport.value(), AUDIO)
+        self.assertEqual(newcomer_transport.value(), HANGUP_FRAME)
+        self.clock.advance(0.5)  # the pacer writes nothing to it either
+        self.assertEqual(newcomer_transport.value(), HANGUP_FRAME)
+        newcomer.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(newcomer.close_reason, CloseReason.DUPLICATE)
+        self.assertEqual(newcomer.hangup_cause, HangupCause.DUPLICATE)
+        self.assertEqual(self.registry.call(str(CALL)), [visitor, resident])
+        self.assertTrue(visitor.live and resident.live)
+        [ended] = self.ended()
+        self.assertIs(ended["log_level"], LogLevel.warn)
+        self.assertEqual((ended["call_id"], ended["reason"]), (str(CALL), CloseReason.DUPLICATE))
+
+    def test_duplicateOfAClosingLegIsTaken(self) -> None:
+        """A leg already hung up holds nothing: a new connection takes its place."""
+        old, _ = self.live()
+        old.hangup(HangupCause.API)
+        new, new_transport = self.live()
+        self.assertIs(self.registry.get(str(CALL), Role.VISITOR), new)
+        self.assertEqual(new_transport.value(), b"")
+
     def test_replacedLeg(self) -> None:
         """
-        A second connection for a live (call id, role) replaces the first,
-        which is hung up with cause C{replaced}; the other role is untouched.
+        With --on-duplicate replace, a second connection for a live (call id,
+        role) replaces the first, which is hung up with cause C{replaced};
+        the other role is untouched.
         """
+        self.registry.on_duplicate = "replace"
         old, old_transport = self.live()
         resident, resident_transport = self.live(Role.RESIDENT)
         new, _ = self.live()
@@ -394,7 +434,10 @@ class ClassifyTests(SynchronousTestCase):
         warn = {r for r in CloseReason if r.level is LogLevel.warn}
         self.assertEqual(
             {r.value for r in warn},
-            {"peer_reset", "peer_error", "protocol_error", "uuid_timeout", "over_capacity", "slow_consumer"},
+            {
+                "peer_reset", "peer_error", "protocol_error", "uuid_timeout", "over_capacity", "slow_consumer",
+                "duplicate",
+            },
         )
         for name in ("hangup_clean", "hangup_reset", "hangup_timeout", "peer_closed", "peer_hangup"):
             self.assertIs(CloseReason(name).level, LogLevel.info)

@@ -326,10 +326,30 @@ async def test_row_exists_while_the_leg_is_live(tmp_path: Path, logs: LogCapture
 
 
 @pytest_twisted.ensureDeferred
+async def test_refused_duplicate_has_a_record(tmp_path: Path, logs: LogCapture) -> None:
+    """A connection refused as a duplicate named a live call: its row says so; the live leg's row is untouched."""
+    async with opened(tmp_path / "records.db") as store:
+        line = Line(store)
+        call = uuid.uuid4()
+        live = line.live(call_id=call)
+        line.clock.advance(1)
+        intruder = line.connect()
+        intruder.dataReceived(encode_uuid(call))
+        assert not intruder.live
+        intruder.connectionLost(Failure(ConnectionLost()))
+        live.connectionLost(Failure(ConnectionDone()))
+        records = (await store.query(call_id=str(call)))["records"]
+        assert [(r["peer"], r["reason"], r["cause"]) for r in records] == [  # newest first
+            (intruder.peer, "duplicate", "duplicate"), (live.peer, "peer_closed", None),
+        ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_replaced_leg_keeps_its_own_record(tmp_path: Path, logs: LogCapture) -> None:
     """A second connection for a call id and role gets its own row; the first ends with cause replaced."""
     async with opened(tmp_path / "records.db") as store:
         line = Line(store)
+        line.registry.on_duplicate = "replace"
         call = uuid.uuid4()
         old = line.live(call_id=call)
         line.clock.advance(1)

@@ -54,7 +54,7 @@ from audiohangup.flows import BUILTIN_FLOWS
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Role
-from audiohangup.registry import Registry
+from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.wire import (
     HANGUP_FRAME,
     HEADER_SIZE,
@@ -296,6 +296,7 @@ class Conn:
         self.close_reason: CloseReason | None = None
         self.pending = b""  # bytes sent by the peer, not delivered yet
         self.refused = False  # over --max-legs when it connected
+        self.duplicate = False  # its UUID named a live leg's key, and duplicates are refused
         self.stopped_reading = False  # the transport paused it (a slow consumer)
 
     def __repr__(self) -> str:
@@ -332,9 +333,12 @@ class LegMachine(RuleBasedStateMachine):
         if "leg ended" in event.get("log_format", ""):
             self.ended[event.get("peer", "?")] += 1
 
-    @initialize(flow=st.sampled_from(sorted(BUILTIN_FLOWS)), end_with_leg=st.booleans(), settings=leg_settings)
-    def setup(self, flow: str, end_with_leg: bool, settings: LegSettings) -> None:
-        self.registry = Registry(BUILTIN_FLOWS[flow], end_with_leg=end_with_leg)
+    @initialize(
+        flow=st.sampled_from(sorted(BUILTIN_FLOWS)), end_with_leg=st.booleans(), settings=leg_settings,
+        on_duplicate=st.sampled_from(["refuse", "replace"]),
+    )
+    def setup(self, flow: str, end_with_leg: bool, settings: LegSettings, on_duplicate: OnDuplicate) -> None:
+        self.registry = Registry(BUILTIN_FLOWS[flow], end_with_leg=end_with_leg, on_duplicate=on_duplicate)
         self.settings = settings
 
     # Helpers
@@ -347,12 +351,26 @@ class LegMachine(RuleBasedStateMachine):
         return [conn for conn in self._open() if conn.wire.disconnecting]
 
     def _track_starts(self) -> None:
-        """Note the legs whose UUID arrived in the last step: each is its key's leg now."""
+        """
+        Note the legs whose UUID arrived in the last step: each is its key's
+        leg now, unless duplicates are refused and that key's leg is live.
+        """
+        assert self.registry is not None
         for conn in self.conns:
             if not conn.started and conn.leg.call_id is not None:
                 conn.started = True
-                if not conn.lost:
-                    self.expected[(conn.leg.call_id, conn.leg.role)] = conn
+                key = (conn.leg.call_id, conn.leg.role)
+                holder = self.expected.get(key)
+                refused = (
+                    self.registry.on_duplicate == "refuse" and holder is not None
+                    and holder.leg.state is LegState.LIVE
+                )
+                assert (conn.leg.hangup_cause is HangupCause.DUPLICATE) == refused, (conn, holder)
+                if refused:
+                    conn.duplicate = True
+                    assert conn.leg.state is LegState.CLOSING and conn.wire.value() == HANGUP_FRAME, conn
+                elif not conn.lost:
+                    self.expected[key] = conn
 
     def _lose(self, conn: Conn, failure: Failure) -> None:
         assert not conn.lost, "connectionLost twice is not what a transport does"
@@ -369,6 +387,8 @@ class LegMachine(RuleBasedStateMachine):
         elif conn.stopped_reading:
             # A decision wins over our hangup: the peer did not even take that.
             assert conn.close_reason is CloseReason.SLOW_CONSUMER, conn.close_reason
+        elif conn.duplicate:
+            assert conn.close_reason is CloseReason.DUPLICATE, conn.close_reason
         elif HANGUP_FRAME in conn.wire.writes:
             assert conn.close_reason in (
                 CloseReason.HANGUP_CLEAN,

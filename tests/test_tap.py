@@ -119,11 +119,11 @@ class OptionsParsingTests(EnvironmentMixin, SynchronousTestCase):
         options = parse(
             "--visitor", "tcp:19092:interface=127.0.0.2",
             "--resident", "unix:/tmp/resident.sock",
-            "--http", "tcp:0",
+            "--http", "tcp6:0:interface=\\:\\:1",
         )
         self.assertEqual(options["visitor"], "tcp:19092:interface=127.0.0.2")
         self.assertEqual(options["resident"], "unix:/tmp/resident.sock")
-        self.assertEqual(options["http"], "tcp:0")
+        self.assertEqual(options["http"], "tcp6:0:interface=\\:\\:1")
 
     def test_same_endpoint_string_for_every_role(self) -> None:
         """C{tcp:0} thrice is fine: each listener gets its own kernel-chosen port."""

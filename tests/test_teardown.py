@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import select
 import uuid
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -246,8 +247,9 @@ async def test_close_before_or_inside_the_uuid_leaves_nothing(server: Server, lo
 
 
 @pytest_twisted.ensureDeferred
-async def test_second_connection_replaces_the_first(server: Server, logs: LogCapture) -> None:
-    """Same call id and role again: the old leg is hung up (replaced), the new one lives."""
+async def test_second_connection_replaces_the_first(make_server: Any, logs: LogCapture) -> None:
+    """With --on-duplicate replace, the same call id and role again: the old leg is hung up (replaced), the new one lives."""
+    server = await make_server(on_duplicate="replace")
     old, call_id = await start_leg(server, on_hangup="reset")
     resident = await connect(server.port("resident"))
     resident.send_uuid(uuid.UUID(call_id))

@@ -13,6 +13,7 @@ import hmac
 import json
 import re
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
@@ -39,10 +40,11 @@ from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
-from audiohangup.webhooks import Webhooks, sign, verify
+from audiohangup.webhooks import Webhooks, sign, trust_root, verify
 from audiohangup.wire import HANGUP_FRAME, encode_uuid
 from tests.conftest import LogCapture, until
 from tests.fake_asterisk import connect
+from tests.tls import SelfSigned, self_signed
 
 SECRET = "s3cret-for-tests"
 
@@ -92,9 +94,12 @@ class Receiver(Resource):
         self.timers: list[Any] = []
         self.port: Any = None
         self.wrapper: WrappingFactory | None = None
+        self.tls = False
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"https://localhost:{self.port.getHost().port}/hook?token=abc"
         return f"http://127.0.0.1:{self.port.getHost().port}/hook?token=abc"
 
     def answered(self, status: int = 200) -> list[Received]:
@@ -131,11 +136,16 @@ class Receiver(Resource):
             self.timers.append(reactor.callLater(delay, answer))
         return NOT_DONE_YET
 
-    async def start(self) -> Receiver:
+    async def start(self, tls: SelfSigned | None = None) -> Receiver:
         site = Site(self)
         site.displayTracebacks = False
         self.wrapper = WrappingFactory(site)
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.wrapper)
+        if tls is None:
+            endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        else:
+            self.tls = True
+            endpoint = SSL4ServerEndpoint(reactor, 0, tls.server_options(), interface="127.0.0.1")
+        self.port = await endpoint.listen(self.wrapper)
         return self
 
     @property
@@ -163,10 +173,10 @@ class Harness:
     #: Paces the test's real legs; stopped after the test, so no tick outlives it.
     pacer: Pacer = field(default_factory=lambda: Pacer(reactor))
 
-    async def receiver(self, script: Script | None = None) -> Receiver:
+    async def receiver(self, script: Script | None = None, tls: SelfSigned | None = None) -> Receiver:
         receiver = Receiver(script)
         self.receivers.append(receiver)
-        return await receiver.start()
+        return await receiver.start(tls)
 
     def hooks(self, urls: list[str], **options: Any) -> Webhooks:
         webhooks = Webhooks(urls, reactor, **options)
@@ -249,15 +259,34 @@ ISO_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
 
 
 def test_sign_and_verify(logs: LogCapture) -> None:
+    """The signature covers the timestamp and the body, and is only good near its time."""
     body = b'{"event":"call_ended"}'
-    header = sign(SECRET, body)
-    assert header == "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    assert verify(SECRET, body, header)
-    assert verify(SECRET, body, header.encode())
-    assert not verify("other", body, header)
-    assert not verify(SECRET, body + b" ", header)
-    assert not verify(SECRET, body, None)
-    assert not verify(SECRET, body, "sha256=nothex\u00e9")
+    now = 1_800_000_000
+    header = sign(SECRET, body, now)
+    expected = hmac.new(SECRET.encode(), b"1800000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1800000000,sha256={expected}"
+    assert verify(SECRET, body, header, now=now)
+    assert verify(SECRET, body, header.encode(), now=now + 299)
+    assert verify(SECRET, body, f" sha256={expected} , t={now} ", now=now)  # order and spaces do not matter
+    assert not verify("other", body, header, now=now)
+    assert not verify(SECRET, body + b" ", header, now=now)
+    assert not verify(SECRET, body, header.replace("t=1800000000", "t=1800000600"), now=now + 600)  # re-dated
+    assert not verify(SECRET, body, None, now=now)
+    assert not verify(SECRET, body, f"sha256={expected}", now=now)  # no timestamp: the old format
+    assert not verify(SECRET, body, "t=1800000000,sha256=nothex\u00e9", now=now)
+    assert not verify(SECRET, body, "t=soon,sha256=00", now=now)
+
+
+def test_a_replayed_request_fails_verify(logs: LogCapture) -> None:
+    """A captured request replayed 10 minutes later fails; a fresh one passes; the tolerance is the receiver's."""
+    body = b'{"event":"leg_started"}'
+    captured = sign(SECRET, body, 1_800_000_000)
+    assert verify(SECRET, body, captured, now=1_800_000_000 + 1)
+    assert not verify(SECRET, body, captured, now=1_800_000_000 + 600)
+    assert not verify(SECRET, body, captured, now=1_800_000_000 - 600)  # from the future, too
+    assert verify(SECRET, body, captured, now=1_800_000_000 + 600, tolerance=900)
+    fresh = sign(SECRET, body, int(time.time()))
+    assert verify(SECRET, body, fresh)
 
 
 def test_bad_urls_are_refused(logs: LogCapture) -> None:
@@ -295,8 +324,10 @@ async def test_events_arrive_signed_in_order(harness: Harness, logs: LogCapture)
     assert len(requests) == 5
 
     for request in requests:
-        expected = hmac.new(SECRET.encode(), request.body, hashlib.sha256).hexdigest()
-        assert request.headers["x-audiohangup-signature"] == f"sha256={expected}"
+        stamp = request.headers["x-audiohangup-timestamp"]
+        assert abs(int(stamp) - time.time()) < 60
+        expected = hmac.new(SECRET.encode(), stamp.encode() + b"." + request.body, hashlib.sha256).hexdigest()
+        assert request.headers["x-audiohangup-signature"] == f"t={stamp},sha256={expected}"
         assert verify(SECRET, request.body, request.headers["x-audiohangup-signature"])
         assert request.headers["content-type"] == "application/json"
         payload = request.json
@@ -336,6 +367,7 @@ async def test_unsigned_without_a_secret(harness: Harness, logs: LogCapture) -> 
     webhooks.callEnded(str(uuid.uuid4()))
     await until(lambda: receiver.answered(), what="the event")
     assert "x-audiohangup-signature" not in receiver.requests[0].headers
+    assert "x-audiohangup-timestamp" not in receiver.requests[0].headers
     assert receiver.requests[0].json["role"] is None
 
 
@@ -588,3 +620,33 @@ async def test_server_sends_signed_events_and_flushes_them_on_shutdown(
     await server.service.stopService()
     events = [(r.event, r.json.get("cause")) for r in receiver.requests if r.call_id == str(late)]
     assert events == [("leg_started", None), ("leg_ended", "shutdown"), ("call_ended", None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_receiver_certificates_are_verified(harness: Harness, tmp_path: Any, logs: LogCapture) -> None:
+    """
+    A receiver whose certificate the system does not trust is a failed
+    delivery, logged with the reason; with --webhook-ca naming its
+    certificate, the same receiver gets the event.
+    """
+    certificate = self_signed(tmp_path)
+    receiver = await harness.receiver(tls=certificate)
+    metrics = new_metrics()
+    untrusting = harness.hooks([receiver.url], metrics=metrics, max_attempts=1, **FAST)
+    untrusting.callEnded(str(uuid.uuid4()))
+    await until(lambda: count(metrics, "failed") == 1, what="the failed delivery")
+    assert receiver.requests == []
+    [dropped] = warnings(logs, "dropped after")
+    assert "certificate verify failed" in str(dropped["why"])
+
+    trusting = harness.hooks([receiver.url], metrics=metrics, ca=str(certificate.cert), **FAST)
+    trusting.callEnded(str(uuid.uuid4()))
+    await until(lambda: count(metrics, "delivered") == 1, what="the delivery")
+    assert len(receiver.answered()) == 1
+
+
+def test_a_ca_file_that_cannot_serve_is_refused(tmp_path: Any) -> None:
+    (tmp_path / "empty.pem").write_text("no certificate here\n")
+    for name, reason in [("missing.pem", "cannot be read"), ("empty.pem", "holds no PEM certificate")]:
+        with pytest.raises(ValueError, match=reason):
+            trust_root(str(tmp_path / name))
