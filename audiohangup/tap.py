@@ -271,6 +271,11 @@ class Options(usage.Options):
                 raise usage.UsageError("--advertise-url is required with --redis: other instances forward to it")
             if not self["advertise-url"].startswith(("http://", "https://")):
                 raise usage.UsageError("--advertise-url must be an http:// or https:// URL")
+            if self["api-tokens-file"] is not None and self["api-token"] is None and not os.environ.get(TOKEN_ENVIRONMENT):
+                raise usage.UsageError(
+                    "--redis with --api-tokens-file needs --api-token too: it is the control token the "
+                    "instances use between themselves (the same on every instance)"
+                )
         if not self["records"]:
             raise usage.UsageError("--records needs a file path, or 'none'")
         if self["records"] != "none":

@@ -291,9 +291,44 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--redis", "http://x", "--advertise-url", "http://a:8080"], "--redis must be a redis://"),
             (["--redis", "redis://h:1", "--advertise-url", "a:8080"], "--advertise-url must be an http"),
             (["--heartbeat", "0"], "a positive number"),
+            (["--on-duplicate", "merge"], "--on-duplicate must be one of refuse, replace"),
+            (["--allow", "10.0.0.0/8,example.com"], "--allow: 'example.com' is not an IPv4 or IPv6"),
+            (["--http-allow", "300.1.1.1"], "--http-allow: '300.1.1.1' is not"),
+            (["--http", "tcp:8080"], "listens beyond loopback and no API token is configured"),
+            (["--http", "tcp6:8080"], "listens beyond loopback"),
+            (["--http", "tcp:8080:interface=0.0.0.0"], "listens beyond loopback"),
+            (["--records", "/no/such/directory/calls.sqlite3"], "--records: the directory /no/such/directory"),
+            (["--api-tokens-file", "/no/such/tokens"], "--api-tokens-file: /no/such/tokens: cannot be read"),
+            (["--webhook-ca", "/no/such/ca.pem"], "--webhook-ca: /no/such/ca.pem: cannot be read"),
+            (
+                ["--redis", "redis://h:1", "--advertise-url", "http://a:8080", "--api-tokens-file", __file__],
+                "needs --api-token too",
+            ),
         ]:
             error = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(fragment, str(error), args)
+
+    def test_security_options(self) -> None:
+        tokens = self.mktemp()
+        with open(tokens, "w") as file:
+            file.write("read abc\n")
+        config = parse(
+            "--allow", "10.0.0.5/32, 2001:db8::/32", "--http-allow", "127.0.0.1",
+            "--on-duplicate", "replace", "--api-tokens-file", tokens,
+            "--http", "tcp:8080", "--insecure-http",
+        ).config()
+        self.assertEqual([str(n) for n in config.allow or ()], ["10.0.0.5/32", "2001:db8::/32"])
+        self.assertEqual([str(n) for n in config.http_allow or ()], ["127.0.0.1/32"])
+        self.assertEqual((config.on_duplicate, config.api_tokens_file, config.insecure_http), ("replace", tokens, True))
+        defaults = parse().config()
+        self.assertEqual(
+            (defaults.allow, defaults.http_allow, defaults.on_duplicate, defaults.insecure_http),
+            (None, None, "refuse", False),
+        )
+        # Beyond loopback is fine with a token, or on a UNIX socket.
+        parse("--http", "tcp:8080", "--api-token", "t")
+        parse("--http", "tcp:8080", "--api-tokens-file", tokens)
+        parse("--http", "unix:/tmp/audiohangup-api.sock")
 
 
 class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
