@@ -35,6 +35,8 @@ from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
+from audiohangup.streams.manager import StreamConfig, StreamError, Streams, check_fields, check_headers, check_url
+from audiohangup.streams.stream import MediaStream
 
 if TYPE_CHECKING:
     from audiohangup.directory import LegEntry
@@ -115,6 +117,7 @@ class ControlAPI:
         tokens: Tokens | None = None,
         throttle: AuthThrottle | None = None,
         clock: IReactorTime | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
@@ -126,6 +129,7 @@ class ControlAPI:
         self.tokens = (tokens or Tokens()) + Tokens([(Scope.CONTROL, api_token)] if api_token else [])
         self.throttle = throttle if throttle is not None else AuthThrottle()
         self.clock = clock if clock is not None else _wall_clock()
+        self.streams = streams if streams is not None else Streams(StreamConfig(), cast(Any, self.clock))
 
     def authorize(self, request: IRequest, needed: Scope) -> None:
         """
@@ -408,6 +412,80 @@ class ControlAPI:
         request.setHeader("x-audiohangup-answered-by", entry.instance_id)
         return body
 
+    # Media streams
+
+    @app.route("/calls/<string:call_id>/streams", methods=["POST"])
+    @_control
+    async def open_streams(self, request: IRequest, call_id: str) -> bytes:
+        """Stream one role's leg (or every live leg) to an application over WebSocket."""
+        call_id = parse_call_id(call_id)
+        body = _read_json(
+            request, allowed={"url", "role", "protocol", "mode", "parameters", "headers"}, required=True
+        )
+        role = _body_or_query_role(request, body)
+        protocol, mode = body.get("protocol"), body.get("mode")
+        for name, value in (("protocol", protocol), ("mode", mode)):
+            if value is not None and not isinstance(value, str):
+                raise ApiError(400, f"bad_{name}", f"{name} must be a string")
+        try:
+            url = check_url(body.get("url"))
+            parameters = check_fields(body.get("parameters"), "parameters")
+            headers = check_headers(check_fields(body.get("headers"), "headers"))
+        except StreamError as error:
+            raise ApiError(error.status, error.code, error.message) from None
+        held = self.registry.call(call_id)
+        mine = [leg for leg in held if role is None or leg.role is role]
+        remote = await self._remoteOwners(request, call_id, role, held, mine)
+        if role is not None and remote:
+            return await self._relay(request, remote[role.value], request.uri)
+        if not mine and not remote:
+            self._live_legs(call_id, role)  # raises the right 404
+        mine = [leg for leg in mine if leg.live]
+        try:
+            for leg in mine:  # all or none: check every leg before opening one
+                self.streams.check(leg, url, protocol, mode)
+            opened = [
+                self.streams.open(leg, url, protocol=protocol, mode=mode, parameters=parameters, headers=headers)
+                for leg in mine
+            ]
+        except StreamError as error:
+            raise ApiError(error.status, error.code, error.message) from None
+        answers = [_opened_view(stream) for stream in opened]
+        for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]]):
+            status, answer = await self._forward(request, entry, _with_query(request.uri, role=name))
+            if status == 201:
+                answers.extend(json.loads(answer).get("streams", []))
+        if not answers:
+            raise ApiError(404, "no_live_leg", f"call {call_id} has no live leg to stream")
+        return _json(request, 201, {"call_id": call_id, "streams": answers})
+
+    @app.route("/calls/<string:call_id>/streams/<string:stream_id>", methods=["DELETE"])
+    @_control
+    async def close_stream(self, request: IRequest, call_id: str, stream_id: str) -> bytes:
+        """End one stream: C{stop}, then a close with code 1000; the leg stays up."""
+        call_id = parse_call_id(call_id)
+        stream = self.streams.find(call_id, stream_id)
+        if stream is not None:
+            stream.stop("deleted through the API")
+            return _json(request, 200, {"call_id": call_id, "stream": {**stream.snapshot(), "role": stream.leg.role}})
+        if self.cluster is not None and not _forwarded(request):
+            from audiohangup.directory import DirectoryUnavailable
+
+            try:
+                owners = await self.cluster.directory.owners(call_id)
+            except DirectoryUnavailable as error:
+                raise _redis_unavailable(error) from None
+            seen = {self.cluster.instance_id}
+            for entry in owners.values():
+                if entry.instance_id in seen:
+                    continue
+                seen.add(entry.instance_id)
+                status, answer = await self._forward(request, entry, request.uri)
+                if status == 200:
+                    request.setHeader("x-audiohangup-answered-by", entry.instance_id)
+                    return _json(request, 200, json.loads(answer))
+        raise ApiError(404, "unknown_stream", f"call {call_id} has no stream {stream_id} open")
+
     @app.route("/instances", methods=["GET"])
     @_read
     async def instances(self, request: IRequest) -> bytes:
@@ -452,6 +530,22 @@ class ControlAPI:
             method=request.method.decode(), path=request.path.decode(errors="replace"),
         )
         return json_error(request, 500, "internal_error", "the server failed; see its log")
+
+
+def _opened_view(stream: MediaStream) -> dict[str, Any]:
+    return {
+        "stream_id": stream.stream_id, "role": str(stream.leg.role), "url": stream.public_url,
+        "protocol": stream.protocol.name, "mode": str(stream.mode),
+    }
+
+
+def _body_or_query_role(request: IRequest, body: dict[str, Any]) -> Role | None:
+    role = _query(request, "role")
+    if "role" in body:
+        if role is not None and role != body["role"]:
+            raise ApiError(400, "bad_role", "the query and the body name different roles")
+        return parse_role(body["role"])
+    return None if role is None else parse_role(role)
 
 
 def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ C{--audio} declares which one to expect and to send.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Final
@@ -103,3 +104,77 @@ class FrameQueue(deque[bytes]):
         self.dropped += overflow
         self.extend(frames)  # the deque drops from the old end itself
         return overflow
+
+
+#: An entry of a L{Playout}: an encoded frame, or a mark (called once the
+#: frames queued before it have been written to the leg, or dropped).
+PlayoutItem = bytes | Callable[[], None]
+
+
+class Playout(deque[PlayoutItem]):
+    """
+    Audio an application sends a leg (a WebSocket media stream), as encoded
+    frames for the pacer, with the application's marks between them. Bounded
+    in frames: when full, the oldest audio goes (marks are never dropped, they
+    are answered). A C{deque} for the same reason as L{FrameQueue}: the
+    pacer asks every leg "anything here?" 50 times a second.
+
+    Invariant: a mark is never at the head once the frame before it has
+    been written (L{settle}), so the pacer finds a frame or nothing.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        super().__init__()
+        self.max_frames = max_frames
+        self.frames = 0
+        self.dropped = 0
+
+    def push(self, frames: list[bytes]) -> int:
+        """Queue frames; return how many old frames were dropped to make room."""
+        self.extend(frames)
+        self.frames += len(frames)
+        dropped = 0
+        while self.frames > self.max_frames:
+            item = self.popleft()
+            if isinstance(item, bytes):
+                self.frames -= 1
+                dropped += 1
+            else:
+                item()  # its audio is gone: answered
+        self.settle()
+        self.dropped += dropped
+        return dropped
+
+    def mark(self, played: Callable[[], None]) -> None:
+        """A mark after what is queued now; with nothing queued, it is played at once."""
+        if self:
+            self.append(played)
+        else:
+            played()
+
+    def next_frame(self) -> bytes | None:
+        """The next frame for the leg, answering the marks at the head first."""
+        self.settle()
+        if not self:
+            return None
+        frame = self.popleft()
+        assert isinstance(frame, bytes)
+        self.frames -= 1
+        return frame
+
+    def settle(self) -> None:
+        """Answer the marks at the head: the audio before them is out."""
+        while self and not isinstance(self[0], bytes):
+            played = self.popleft()
+            assert not isinstance(played, bytes)
+            played()
+
+    def drain(self) -> int:
+        """Drop every frame (barge-in) and answer every mark; return the frames dropped."""
+        dropped = self.frames
+        marks = [item for item in self if not isinstance(item, bytes)]
+        self.clear()
+        self.frames = 0
+        for played in marks:
+            played()
+        return dropped

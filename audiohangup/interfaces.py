@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from zope.interface import Attribute, Interface
 
-from audiohangup.audio import AudioFormat, FrameQueue
+from audiohangup.audio import AudioFormat, FrameQueue, Playout
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import Frame
 
@@ -60,6 +60,11 @@ class ILeg(Interface):
     hangup_cause: HangupCause | None = Attribute("Why we sent C{00 00 00}; None if we did not.")
     close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
     hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
+    taps: list[ILegTap] = Attribute("Told of every frame and digit the leg receives, after its flow.")
+    streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
+    feed: Playout | None = Attribute(
+        "Audio an application sends the leg (a converse stream), paced after queued prompts; None without one."
+    )
 
     def forward(frame: Frame) -> None:
         """Bridge a frame from another leg: written at once, unless queued audio has the floor."""
@@ -89,8 +94,8 @@ class ILeg(Interface):
 class IPacedLeg(ILeg):
     """
     A leg as the shared pacer sees it. The pacer decides the common case (a
-    bridged leg, nothing queued, not idle) from these attributes alone, and
-    calls C{paceTick} for any other leg.
+    bridged leg, nothing queued or fed, not idle) from these attributes
+    alone, and calls C{paceTick} for any other leg.
     """
 
     forwarded_at: float = Attribute("When audio was last bridged to it (reactor seconds).")
@@ -99,6 +104,31 @@ class IPacedLeg(ILeg):
 
     def paceTick(now: float, bridged_since: float) -> None:
         """One 20 ms tick: the idle check, then at most one frame."""
+
+
+class ILegTap(Interface):
+    """
+    Hears what a leg receives, besides its flow: a media stream, a
+    recording. Called on the reactor for every frame; must not block.
+    """
+
+    def legAudio(frame: Frame) -> None:
+        """An audio frame arrived on the leg."""
+
+    def legDtmf(digit: str) -> None:
+        """A DTMF digit arrived on the leg."""
+
+
+class IMediaStream(Interface):
+    """A leg's audio to and from an application over WebSocket, as the leg, the API and the records show it."""
+
+    stream_id: str = Attribute("Unique; the id the API's routes take.")
+
+    def snapshot() -> dict[str, Any]:
+        """C{stream_id}, C{url} (without its query), C{protocol}, C{mode}, C{state}."""
+
+    def record() -> dict[str, Any]:
+        """What the leg's call record keeps of it: url, protocol, mode, outcome."""
 
 
 class ISession(Interface):

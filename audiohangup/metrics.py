@@ -12,7 +12,7 @@ statuses and outcomes, never a call id.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -81,10 +81,17 @@ class Metrics:
         self.records_failed = Counter(
             "audiohangup_call_records_failed", "Call record writes that failed.", registry=self.collectors
         )
+        self.streams_total = Counter(
+            "audiohangup_streams", "Media streams over, by protocol and outcome (ended, app_closed, failed).",
+            ["protocol", "outcome"], registry=self.collectors,
+        )
         self._ended_totals = dict.fromkeys(_LEG_COUNTERS, 0)
+        #: The media streams manager, once wired: its streams are summed at scrape time.
+        self.streams: Any = None
         for role in Role:
             self.legs_started.labels(role=role.value)
         self.collectors.register(_LegCollector(self))
+        self.collectors.register(_StreamCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.collectors)
@@ -124,6 +131,12 @@ class Metrics:
 
     def connection_refused(self, listener: str, reason: str) -> None:
         self.connections_refused.labels(listener=listener, reason=reason).inc()
+
+    def stream_started(self, stream: Any) -> None:
+        pass  # the gauge of active streams is read from the manager at scrape time
+
+    def stream_ended(self, stream: Any) -> None:
+        self.streams_total.labels(protocol=stream.protocol.name, outcome=str(stream.outcome)).inc()
 
     def webhook_delivery(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome=outcome).inc()
@@ -176,3 +189,48 @@ class _LegCollector(Collector):
                 totals[name] += value
         for name, (metric, text) in self._HELP.items():
             yield CounterMetricFamily(metric, text, value=totals[name])
+
+
+class _StreamCollector(Collector):
+    """
+    Media streams: how many are active, and frames, bytes and drops each way,
+    the ended streams' totals plus the live ones' own counters.
+    """
+
+    #: metric, help, and the counter of each direction (to the app, from the app).
+    _FAMILIES = (
+        ("audiohangup_stream_frames", "Audio frames streamed, by direction.", "frames_to_app", "frames_from_app"),
+        ("audiohangup_stream_bytes", "Media payload bytes, by direction.", "bytes_to_app", "bytes_from_app"),
+        (
+            "audiohangup_stream_dropped_frames",
+            "Stream audio dropped: to an app reading too slowly, or from an app beyond its queue or cleared.",
+            "dropped_to_app", "dropped_from_app",
+        ),
+    )
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self.metrics.streams
+        current = list(manager.current.values()) if manager is not None else []
+
+        def total(name: str) -> int:
+            ended = getattr(manager.ended_totals, name) if manager is not None else 0
+            return int(ended + sum(getattr(stream.counts, name) for stream in current))
+
+        active = GaugeMetricFamily("audiohangup_streams_active", "Media streams connecting, open or closing.")
+        active.add_metric([], len(current))
+        yield active
+        for metric, text, to_app, from_app in self._FAMILIES:
+            family = CounterMetricFamily(metric, text, labels=["direction"])
+            family.add_metric(["to_app"], total(to_app))
+            family.add_metric(["from_app"], total(from_app))
+            yield family
+        yield CounterMetricFamily(
+            "audiohangup_stream_ignored_frames", "Audio from apps on listen streams, not played.",
+            value=total("ignored_from_app"),
+        )

@@ -92,8 +92,11 @@ class Pacer(Service):
         bridged_since = due - self.interval * BRIDGE_GRACE
         now = self.clock.seconds()
         for leg in list(self._legs):
-            if leg.forwarded_at >= bridged_since and not leg.queue and now - leg.last_frame_at < leg.idle_after:
-                continue  # bridged lately, nothing queued, not idle: nothing to do
+            if (
+                leg.forwarded_at >= bridged_since and not leg.queue and not leg.feed
+                and now - leg.last_frame_at < leg.idle_after
+            ):
+                continue  # bridged lately, nothing queued or fed, not idle: nothing to do
             try:
                 leg.paceTick(now, bridged_since)
             except Exception:

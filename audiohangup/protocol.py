@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue
-from audiohangup.interfaces import IPacedLeg
+from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
+from audiohangup.interfaces import ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
@@ -175,6 +175,10 @@ class AudioSocketProtocol(Protocol):
         self.bytes_out = 0
         self.dtmf = ""
         self.queue = FrameQueue(settings.max_queue_frames)
+        #: What a converse media stream sends the leg: paced after queued prompts.
+        self.feed: Playout | None = None
+        self.taps: list[ILegTap] = []
+        self.streams: list[IMediaStream] = []
         self.hangup_cause: HangupCause | None = None
         self.hangup_at: float | None = None
         self.close_reason: CloseReason | None = None
@@ -403,6 +407,8 @@ class AudioSocketProtocol(Protocol):
                 )
             assert self.session is not None
             self.session.audioReceived(self, frame)
+            if self.taps:
+                self._tell("legAudio", frame)
         elif kind == Kind.DTMF:
             if len(frame.payload) != 1:
                 self._closeFor(
@@ -427,6 +433,18 @@ class AudioSocketProtocol(Protocol):
         self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
         assert self.session is not None
         self.session.dtmfReceived(self, digit)
+        if self.taps:
+            self._tell("legDtmf", digit)
+
+    def _tell(self, event: str, *args: object) -> None:
+        """Tell every tap; one tap's bug is logged and reaches neither the leg nor the others."""
+        for tap in list(self.taps):
+            try:
+                getattr(tap, event)(*args)
+            except Exception:
+                self.log.failure(
+                    "{call_id} {role} {tap} failed in {event}", tap=type(tap).__name__, event=event, **self._fields()
+                )
 
     def _start(self, call_id: str) -> None:
         self._cancelTimer("uuid")
@@ -485,9 +503,10 @@ class AudioSocketProtocol(Protocol):
     def forward(self, frame: Frame) -> None:
         """
         Bridge a frame from another leg: written at once, one write, same bytes.
-        Queued audio (a prompt) has the floor; forwarded audio waits for no tick.
+        Queued audio (a prompt, an application's speech) has the floor;
+        forwarded audio waits for no tick.
         """
-        if self.state is LegState.LIVE and not self.queue:
+        if self.state is LegState.LIVE and not self.queue and not self.feed:
             self._write(frame.encode())
             self.forwarded_at = self.reactor.seconds()
 
@@ -518,12 +537,16 @@ class AudioSocketProtocol(Protocol):
             return
         if now - self.last_frame_at >= self.idle_after:
             self.hangup(HangupCause.IDLE_TIMEOUT)
-        elif self.queue:
+            return
+        if self.queue:
             self._write(self.queue.popleft())
-            if not self.queue and self._after_playout is not None:
-                self.hangup(self._after_playout)
+        elif self.feed and (frame := self.feed.next_frame()) is not None:
+            self._write(frame)
+            self.feed.settle()  # the marks after it: that audio is out
         elif self.forwarded_at < bridged_since:
             self._write(self.format.silence_frame)
+        if self._after_playout is not None and not self.queue and not self.feed:
+            self.hangup(self._after_playout)
 
     # Ending a leg
 
@@ -554,7 +577,7 @@ class AudioSocketProtocol(Protocol):
         Let the queued audio play out, then hang up; bounded by the playout
         timeout, after which the leg is hung up whatever is left.
         """
-        if self.state is LegState.LIVE and self.queue:
+        if self.state is LegState.LIVE and (self.queue or self.feed):
             if self._after_playout is None:  # a second request does not push the bound back
                 self._after_playout = cause
                 self._setTimer("playout", self.settings.playout_timeout, self._playoutTimedOut)
@@ -588,6 +611,8 @@ class AudioSocketProtocol(Protocol):
         self.state = LegState.CLOSING
         self.pacer.remove(self)
         self.queue.clear()
+        if self.feed is not None:
+            self.feed.drain()  # its marks are answered: that audio will never play
         for name in ("uuid", "max_duration", "playout"):
             self._cancelTimer(name)
         self._setTimer("close", self.settings.close_timeout, self.wire.abortConnection)
@@ -651,6 +676,7 @@ class AudioSocketProtocol(Protocol):
             "queued_ms": self.queued_ms,
             "dropped_frames": self.queue.dropped,
             "dtmf": self.dtmf,
+            "streams": [stream.snapshot() for stream in self.streams],
         }
 
 

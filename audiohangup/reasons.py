@@ -40,6 +40,7 @@ class HangupCause(_Named):
     API = "api"
     REPLACED = "replaced"
     DUPLICATE = "duplicate"
+    STREAM = "stream"
     SHUTDOWN = "shutdown"
     SESSION = "session"
     IDLE_TIMEOUT = "idle_timeout"

@@ -58,6 +58,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import json
 import math
 import os
 import re
@@ -134,6 +135,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE call_records ADD COLUMN hangup_to_close_ms REAL",
         "CREATE INDEX call_records_open ON call_records (id) WHERE ended_at IS NULL",
     ),
+    # The leg's media streams, a JSON list of {stream_id, url, protocol, mode, outcome}.
+    3: ("ALTER TABLE call_records ADD COLUMN streams TEXT",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -141,10 +144,11 @@ _ROLES = frozenset(role.value for role in Role)
 _REASONS = frozenset({reason.value for reason in CloseReason} | {SERVER_LOST})
 _COLUMNS = (
     "id, call_id, role, peer, started_at, ended_at, reason, cause, "
-    "frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms"
+    "frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams"
 )
 _END_FIELDS = (
     "ended_at", "reason", "cause", "frames_in", "frames_out", "bytes_in", "bytes_out", "dtmf", "hangup_to_close_ms",
+    "streams",
 )
 _MAX_ROWID = 2**63 - 1
 _CURSOR = re.compile(r"(?P<started_at>[0-9eE.+-]+):(?P<id>[0-9]{1,19})")
@@ -394,6 +398,7 @@ class CallRecords:
             "bytes_out": int(leg.bytes_out),
             "dtmf": str(leg.dtmf),
             "hangup_to_close_ms": leg.hangup_to_close_ms,
+            "streams": json.dumps([stream.record() for stream in leg.streams]) if leg.streams else None,
         }
         self._write(leg, "end", self._db.end, row, values)
 
@@ -584,7 +589,7 @@ def _page(rows: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
 
 def _record(row: tuple[Any, ...]) -> dict[str, Any]:
     (_, call_id, role, peer, started_at, ended_at, reason, cause,
-     frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms) = row
+     frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams) = row
     return {
         "call_id": call_id,
         "role": role,
@@ -599,6 +604,7 @@ def _record(row: tuple[Any, ...]) -> dict[str, Any]:
         "bytes_out": bytes_out,
         "dtmf": dtmf,
         "hangup_to_close_ms": hangup_to_close_ms,
+        "streams": json.loads(streams) if streams else [],
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -33,6 +33,7 @@ from audiohangup.reasons import HangupCause, Role
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.site import ApiSite
+from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
 
@@ -69,6 +70,7 @@ class Config:
     instance_id: str = ""
     advertise_url: str | None = None
     heartbeat: float = 2.0
+    streams: StreamConfig = field(default_factory=StreamConfig)
 
     def leg_settings(self) -> LegSettings:
         return LegSettings(
@@ -109,6 +111,7 @@ class AudioHangupService(MultiService):
         records: CallRecords | None = None,
         webhooks: Webhooks | None = None,
         cluster: Cluster | None = None,
+        streams: Streams | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -118,6 +121,7 @@ class AudioHangupService(MultiService):
         self.records = records
         self.webhooks = webhooks
         self.cluster = cluster
+        self.streams = streams
         #: What the configuration leaves open, logged once at start-up.
         self.warnings: list[str] = []
         self.api: ControlAPI | None = None
@@ -154,6 +158,8 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        if self.streams is not None:
+            await self.streams.stop()  # their apps get stop and a close, bounded
         self.pacer.stopService()  # after the drain: live legs get their frames to the end
         if self.cluster is not None:
             await self.cluster.stop()  # session ends still need the directory
@@ -201,19 +207,21 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     )
     metrics = Metrics(registry)
     recent = RecentLegs()
-    registry.events.add(metrics)
-    registry.events.add(recent)
     pacer = Pacer(reactor)
-    records = None
-    if config.records != "none":
-        records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
-        registry.events.add(records)
     webhooks = None
     if config.webhooks:
         webhooks = Webhooks(
             list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
         )
-        registry.events.add(webhooks)
+    streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks)
+    metrics.streams = streams
+    records = None
+    if config.records != "none":
+        records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
+    # Observers in this order: a leg's streams end (and say how) before its record is written.
+    for observer in (metrics, recent, streams, records, webhooks):
+        if observer is not None:
+            registry.events.add(observer)
     cluster = None
     if config.redis:
         from audiohangup.directory import Directory
@@ -231,7 +239,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     service = AudioHangupService(
-        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster
+        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster, streams=streams
     )
     for role in Role:
         name = f"audiosocket-{role}"
@@ -241,7 +249,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         Listener(name, endpoint, factory, gate).setServiceParent(service)
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
-        records=records, cluster=cluster, clock=reactor,
+        records=records, cluster=cluster, clock=reactor, streams=streams,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
     )
     service.api = api

@@ -22,8 +22,18 @@ from audiohangup.directory import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
+from audiohangup.reasons import Role
 from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
+from audiohangup.streams.manager import (
+    FAILURE_POLICIES,
+    MODES,
+    PROTOCOLS,
+    StreamConfig,
+    StreamError,
+    check_url,
+    parse_header,
+)
 from audiohangup.webhooks import Webhooks, trust_root
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
@@ -228,6 +238,52 @@ class Options(usage.Options):
             "PEM file of the CA certificates HTTPS webhook receivers are verified against "
             "(default: the system's trust store).",
         ],
+        [
+            "stream-url", None, None,
+            "Stream every new leg to this ws:// or wss:// URL ({call_id} and {role} are filled in).",
+        ],
+        [
+            "stream-roles", None, "visitor,resident",
+            "The roles --stream-url streams, comma-separated.",
+        ],
+        [
+            "stream-protocol", None, StreamConfig.protocol,
+            "twilio (Twilio Media Streams, μ-law 8 kHz) or audiohangup (the leg's own audio, binary).",
+            _choice("--stream-protocol", PROTOCOLS),
+        ],
+        [
+            "stream-mode", None, StreamConfig.mode,
+            "converse (the app hears and speaks) or listen (it only hears).",
+            _choice("--stream-mode", MODES),
+        ],
+        [
+            "stream-connect-timeout", None, StreamConfig.connect_timeout,
+            "Seconds an app has to accept a stream's WebSocket.",
+            _seconds("--stream-connect-timeout"),
+        ],
+        [
+            "stream-failure", None, StreamConfig.failure,
+            "When a stream fails: the leg goes on (continue) or is hung up (hangup, cause stream).",
+            _choice("--stream-failure", FAILURE_POLICIES),
+        ],
+        [
+            "stream-max-unsent-ms", None, StreamConfig.max_unsent_ms,
+            "Audio waiting for an app that reads too slowly; beyond it the oldest is dropped.",
+            _milliseconds("--stream-max-unsent-ms"),
+        ],
+        [
+            "stream-max-queue-ms", None, StreamConfig.max_queue_ms,
+            "Audio from an app waiting to be played to its leg; beyond it the oldest is dropped.",
+            _milliseconds("--stream-max-queue-ms"),
+        ],
+        [
+            "stream-secret", None, None,
+            "Key of the X-Audiohangup-Signature header of every stream's WebSocket handshake.",
+        ],
+        [
+            "stream-ca", None, None,
+            "PEM file of the CA certificates wss:// apps are verified against (default: the system's).",
+        ],
     ]
     optFlags: list[list[Any]] = [
         [
@@ -239,6 +295,14 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["webhook"] = []
+        self["stream-header"] = []
+
+    def opt_stream_header(self, header: str) -> None:
+        """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
+        try:
+            self["stream-header"].append(parse_header(header))
+        except ValueError as error:
+            raise usage.UsageError(f"--stream-header: {error}") from None
 
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
@@ -294,11 +358,23 @@ class Options(usage.Options):
                 Tokens.load(self["api-tokens-file"])
             except TokenFileError as error:
                 raise usage.UsageError(f"--api-tokens-file: {error}") from None
-        if self["webhook-ca"] is not None:
+        if self["stream-url"] is not None:
             try:
-                trust_root(self["webhook-ca"])
-            except ValueError as error:
-                raise usage.UsageError(f"--webhook-ca: {error}") from None
+                check_url(self["stream-url"])
+            except StreamError as error:
+                raise usage.UsageError(f"--stream-url: {error.message}") from None
+        try:
+            self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
+        except ValueError:
+            raise usage.UsageError("--stream-roles must name visitor, resident or both, comma-separated") from None
+        if self["stream-secret"] is not None and not self["stream-secret"]:
+            raise usage.UsageError("--stream-secret must not be empty")
+        for option in ("webhook-ca", "stream-ca"):
+            if self[option] is not None:
+                try:
+                    trust_root(self[option])
+                except ValueError as error:
+                    raise usage.UsageError(f"--{option}: {error}") from None
         try:
             load_flow(self["flow"])
         except FlowLoadError as error:
@@ -347,6 +423,19 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             max_duration=self["max-duration"],
             playout_timeout=self["playout-timeout"],
+            streams=StreamConfig(
+                url=self["stream-url"],
+                roles=self["stream-roles"],
+                protocol=self["stream-protocol"],
+                mode=self["stream-mode"],
+                connect_timeout=self["stream-connect-timeout"],
+                failure=self["stream-failure"],
+                max_unsent_ms=self["stream-max-unsent-ms"],
+                max_queue_ms=self["stream-max-queue-ms"],
+                headers=tuple(self["stream-header"]),
+                secret=self["stream-secret"],
+                ca=self["stream-ca"],
+            ),
         )
 
 

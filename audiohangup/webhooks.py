@@ -62,6 +62,8 @@ from audiohangup.events import ILegObserver
 from audiohangup.protocol import iso_time
 
 if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
+
     from audiohangup.interfaces import ILeg
     from audiohangup.metrics import Metrics
     from audiohangup.reasons import HangupCause
@@ -131,7 +133,7 @@ def verify(
     return hmac.compare_digest(_mac(secret, timestamp, body).encode("ascii"), given)
 
 
-def trust_root(path: str) -> object:
+def trust_root(path: str) -> IOpenSSLTrustRoot:
     """
     The certificates of a PEM file, as a trust root for HTTPS: a private CA
     (or several). A ValueError says why a file cannot serve.
@@ -145,7 +147,8 @@ def trust_root(path: str) -> object:
     if not blocks:
         raise ValueError(f"{path}: holds no PEM certificate")
     try:
-        return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+        root: IOpenSSLTrustRoot = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+        return root
     except Exception as error:  # pyOpenSSL raises its own error types for a bad certificate
         raise ValueError(f"{path}: a certificate does not load: {error}") from None
 
@@ -375,20 +378,23 @@ class Webhooks:
             self._event("leg_ended", connection)
 
     def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
+        fields: dict[str, Any] = {}
+        role = None
+        if leg is not None:
+            call_id, role = leg.call_id, leg.role.value
+            if event == "leg_ended":
+                reason, cause = leg.close_reason, leg.hangup_cause
+                fields["reason"] = None if reason is None else reason.value
+                fields["cause"] = None if cause is None else cause.value
+        if call_id is not None:  # else not a leg yet: nothing to tell
+            self.event(event, call_id, role, fields)
+
+    def event(self, event: str, call_id: str, role: str | None, fields: dict[str, Any]) -> None:
+        """Queue one event for every URL, in its call's order; also for events other than legs' (streams)."""
         try:
             if not self._accepting or not self.urls:
                 return
-            payload: dict[str, Any] = {"event": event, "role": None}
-            if leg is not None:
-                call_id = leg.call_id
-                payload["role"] = leg.role.value
-            if call_id is None:
-                return  # not a leg yet: nothing to tell
-            if event == "leg_ended":
-                assert leg is not None
-                reason, cause = leg.close_reason, leg.hangup_cause
-                payload["reason"] = None if reason is None else reason.value
-                payload["cause"] = None if cause is None else cause.value
+            payload: dict[str, Any] = {**fields, "event": event, "role": role}
             payload["event_id"] = event_id = uuid.uuid4().hex
             payload["call_id"] = call_id
             payload["at"] = iso_time(self.reactor.seconds())

@@ -95,6 +95,21 @@ class Server:
         return self.service.api
 
 
+async def bridged(server: Server) -> tuple[Any, Any, Any]:
+    """A visitor and a resident of one new call, both live; the call id and their fake Asterisk clients."""
+    import uuid
+
+    from tests.fake_asterisk import connect
+
+    call_id = uuid.uuid4()
+    visitor = await connect(server.port("visitor"), on_hangup="close")
+    resident = await connect(server.port("resident"), on_hangup="close")
+    visitor.send_uuid(call_id)
+    resident.send_uuid(call_id)
+    await until(lambda: len(server.registry) == 2, what="two legs")
+    return call_id, visitor, resident
+
+
 @pytest_twisted.async_yield_fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
     from twisted.internet import reactor

@@ -83,7 +83,7 @@ class ReadTests(StubbedAPITestCase):
             set(call["legs"][0]),
             {
                 "role", "state", "peer", "connected_at", "frames_in", "frames_out",
-                "bytes_in", "bytes_out", "queued_ms", "dropped_frames", "dtmf",
+                "bytes_in", "bytes_out", "queued_ms", "dropped_frames", "dtmf", "streams",
             },
         )
         self.assertEqual(call["legs"][0]["state"], "live")

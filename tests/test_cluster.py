@@ -201,3 +201,44 @@ async def test_hangup_of_a_call_split_over_instances(spawn: Spawn, redis_server:
     await settle(visitor.closed, "A's leg to close")
     await settle(resident.closed, "B's leg to close")
     assert visitor.ended_with_single_hangup() and resident.ended_with_single_hangup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_routes_reach_the_owner(spawn: Spawn, redis_server: RedisServer) -> None:
+    """POST and DELETE of streams sent to B for legs on A (and a call split over both) reach each leg's owner."""
+    from tests.ws_app import App
+
+    app = await App().listen()
+    try:
+        a = await instance(spawn, redis_server, "a")
+        b = await instance(spawn, redis_server, "b")
+        call_id = uuid.uuid4()
+        await leg_on(a, "visitor", call_id, on_hangup="close")
+        await leg_on(b, "resident", call_id, on_hangup="close")
+        await wait_listed(b, {(str(call_id), "visitor"): "a", (str(call_id), "resident"): "b"})
+
+        status, body, response = await request(
+            "POST", f"{b.url}/calls/{call_id}/streams", json={"url": app.url("/{role}"), "role": "visitor"}
+        )
+        assert status == 201, body
+        assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
+        [opened] = body["streams"]
+        await until(lambda: [c for c in app.connections if c.events("start")], what="the visitor's stream from A")
+        assert app.connections[0].path == "/visitor"
+
+        status, body, response = await request("DELETE", f"{b.url}/calls/{call_id}/streams/{opened['stream_id']}")
+        assert (status, body["stream"]["stream_id"]) == (200, opened["stream_id"]), body
+        assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
+        assert await settle(app.connections[0].closed, "the stream's close") == (True, 1000)
+
+        # No role: every live leg, where each is.
+        status, body, _ = await request(
+            "POST", f"{b.url}/calls/{call_id}/streams", json={"url": app.url("/{role}"), "mode": "listen"}
+        )
+        assert status == 201, body
+        assert sorted(s["role"] for s in body["streams"]) == ["resident", "visitor"]
+        await until(lambda: len([c for c in app.connections if c.events("start")]) == 3, what="two more streams")
+        status, body, _ = await request("DELETE", f"{b.url}/calls/{call_id}/streams/MZnothing")
+        assert (status, body["error"]["code"]) == (404, "unknown_stream")
+    finally:
+        await app.close()

@@ -37,7 +37,7 @@ from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
-from tests.conftest import LogCapture, Server, until
+from tests.conftest import LogCapture, Server, bridged, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.tls import self_signed
 from tests.twistd_child import LOOPBACK, Child, listening_ports, start_server, twistd_script
@@ -57,16 +57,6 @@ def numbers(client: FakeAsterisk) -> list[int]:
         for frame in client.frames
         if frame.kind == Kind.SLIN and frame.payload[:2] != b"\x00\x00"
     ]
-
-
-async def bridged(server: Server) -> tuple[uuid.UUID, FakeAsterisk, FakeAsterisk]:
-    call_id = uuid.uuid4()
-    visitor = await connect(server.port("visitor"), on_hangup="close")
-    resident = await connect(server.port("resident"), on_hangup="close")
-    visitor.send_uuid(call_id)
-    resident.send_uuid(call_id)
-    await until(lambda: len(server.registry) == 2, what="two legs")
-    return call_id, visitor, resident
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:

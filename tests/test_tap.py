@@ -9,6 +9,8 @@ These are L{SynchronousTestCase}s, so they run under trial and pytest alike.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.application.service import IService, IServiceMaker
@@ -309,7 +311,9 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             self.assertIn(fragment, str(error), args)
 
     def test_security_options(self) -> None:
-        tokens = self.mktemp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        tokens = os.path.join(folder, "tokens")
         with open(tokens, "w") as file:
             file.write("read abc\n")
         config = parse(

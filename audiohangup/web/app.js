@@ -13,7 +13,7 @@
   const POLL_MS = 1000;
   const TIMEOUT_MS = 5000;
   const TOKEN_KEY = "audiohangup.token";
-  const CELLS = ["state", "duration", "frames", "queued", "dropped", "dtmf", "peer"];
+  const CELLS = ["state", "duration", "frames", "queued", "dropped", "dtmf", "streams", "peer"];
   const NUMERIC = new Set(["duration", "frames", "queued", "dropped"]);
   const WARN_REASONS = new Set(["hangup_timeout", "peer_reset", "peer_error", "protocol_error", "uuid_timeout"]);
 
@@ -229,6 +229,9 @@
     setText(cells.dropped, count(leg.dropped_frames));
     cells.dropped.classList.toggle("warn", leg.dropped_frames > 0);
     setText(cells.dtmf, leg.dtmf || "—");
+    const streams = (leg.streams || []).filter((stream) => stream.state !== "ended" && stream.state !== "failed");
+    setText(cells.streams, streams.map((stream) => `${stream.protocol} ${stream.mode} (${stream.state})`).join(", ") || "—");
+    cells.streams.title = streams.map((stream) => `${stream.stream_id} ${stream.url}`).join("\n");
     setText(cells.peer, leg.peer || "—");
     row.button.disabled = busy.has(row.button) || leg.state !== "live";
   }

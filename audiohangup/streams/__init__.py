@@ -1,0 +1,7 @@
+"""
+Media streams: a leg's audio to and from any application over WebSocket.
+
+C{messages}: what both protocols share; C{twilio} and C{native}: the two
+protocols (pure); C{stream}: one stream's rules; C{client}: the autobahn
+WebSocket client under it; C{manager}: every stream of the instance.
+"""

@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_streams -*-
+"""
+The Twisted side of a media stream: an autobahn WebSocket client per
+stream, connected with an endpoint (TLS for C{wss://}, verified), bounded in
+time, and kept from holding more than C{--stream-max-unsent-ms} of audio
+for an application that reads too slowly (the oldest is dropped, counted).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from hyperlink import URL
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from audiohangup import __version__
+from audiohangup.interfaces import IReactor
+from audiohangup.streams.messages import Message
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
+from audiohangup.streams.stream import IStreamWire, MediaStream
+
+#: Kernel and Twisted buffering of a stream's socket: small, so what waits
+#: for a slow application is mostly in our own bounded queue.
+SEND_BUFFER = 16 * 1024
+#: After our close, how long the application has to read what is left and answer.
+CLOSE_GRACE = 2.0
+
+
+class _QuietAutobahnLog:
+    """
+    autobahn's own log lines, dropped: a stream's end is logged once, by the
+    stream, with its reason and at its level, where autobahn would add lines
+    of its own (an error for every TLS failure, a failure object for every
+    clean close). A failure logged as such is a bug and is kept.
+    """
+
+    _log = Logger(namespace="audiohangup.streams.autobahn")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "failure":
+            return self._log.failure
+        return _drop
+
+
+def _drop(*args: object, **kwargs: object) -> None:
+    pass
+
+
+@implementer(IStreamWire, IPushProducer)
+class _Wire:
+    """
+    The open WebSocket as a stream sees it. The transport pauses it when its
+    buffer is full; meanwhile messages wait here, and media beyond the bound
+    is dropped oldest first. Control messages (start, marks, stop) are kept.
+    """
+
+    def __init__(self, protocol: _ClientProtocol, stream: MediaStream, max_media: int) -> None:
+        self.protocol = protocol
+        self.stream = stream
+        self.max_media = max_media
+        self.paused = False
+        self.outbox: deque[tuple[bytes, bool, bool]] = deque()
+        self.media_waiting = 0
+        self.closing: tuple[int, str] | None = None
+
+    def send(self, message: Message, media: bool) -> None:
+        payload, binary = message
+        if not self.paused and not self.outbox:
+            self.protocol.sendMessage(payload, isBinary=binary)
+            return
+        self.outbox.append((payload, binary, media))
+        if media:
+            self.media_waiting += 1
+            if self.media_waiting > self.max_media:
+                self._dropOldestMedia()
+
+    def _dropOldestMedia(self) -> None:
+        for index, (_, _, media) in enumerate(self.outbox):
+            if media:
+                del self.outbox[index]
+                self.media_waiting -= 1
+                self.stream.counts.dropped_to_app += 1
+                return
+
+    def close(self, code: int, reason: str) -> None:
+        self.closing = (code, reason)
+        if not self.outbox:
+            self.protocol.sendClose(code, reason)
+        # else: sent once the outbox is out; the close timer bounds the wait.
+        self.protocol.startCloseTimer()
+
+    # IPushProducer: the transport's back-pressure
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.outbox and not self.paused:
+            payload, binary, media = self.outbox.popleft()
+            if media:
+                self.media_waiting -= 1
+            self.protocol.sendMessage(payload, isBinary=binary)
+        if not self.outbox and self.closing is not None:
+            code, reason = self.closing
+            self.closing = None
+            self.protocol.sendClose(code, reason)
+
+    def stopProducing(self) -> None:
+        self.outbox.clear()
+        self.media_waiting = 0
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    log = _QuietAutobahnLog()
+    factory: _ClientFactory
+    wire: _Wire | None = None
+    _closeTimer: IDelayedCall | None = None
+
+    def onOpen(self) -> None:
+        factory = self.factory
+        factory.opened = True
+        if factory.timer is not None and factory.timer.active():
+            factory.timer.cancel()
+        transport = self.transport
+        assert IConsumer.providedBy(transport), "a TCP or TLS transport"
+        _shrink_buffers(transport)
+        self.wire = _Wire(self, factory.stream, factory.max_media)
+        transport.registerProducer(self.wire, True)
+        factory.stream.opened(self.wire)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.stream.messageReceived(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        factory = self.factory
+        if factory.opened:
+            factory.stream.closed(wasClean, code, _why(reason))
+        else:
+            factory.failed(_why(reason) or "the WebSocket handshake failed")
+
+    def startCloseTimer(self) -> None:
+        if self._closeTimer is None:
+            self._closeTimer = self.factory.reactor.callLater(CLOSE_GRACE, self.dropConnection, True)
+
+
+class _ClientFactory(WebSocketClientFactory):
+    # autobahn's factory derives from Twisted's without naming its protocol type.
+    protocol = _ClientProtocol  # type: ignore[assignment]
+    def __init__(self, stream: MediaStream, reactor: IReactor, max_media: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stream = stream
+        self.reactor = reactor
+        self.max_media = max_media
+        self.opened = False
+        self.reported = False
+        self.timer: IDelayedCall | None = None
+
+    def failed(self, reason: str) -> None:
+        if not self.reported:
+            self.reported = True
+            self.stream.connectFailed(reason)
+
+
+def _why(reason: str | None) -> str:
+    """autobahn's close reason, without its wrapping."""
+    text = reason or ""
+    prefix = 'connection was closed uncleanly ("'
+    if text.startswith(prefix) and text.endswith('")'):
+        text = text[len(prefix) : -2]
+    return text
+
+
+def _shrink_buffers(transport: Any) -> None:
+    """Small buffers under the WebSocket (TCP, or TLS over TCP), so back-pressure reaches us early."""
+    layer = transport
+    while layer is not None:
+        if hasattr(layer, "bufferSize"):
+            layer.bufferSize = SEND_BUFFER
+        handle = getattr(layer, "getHandle", None)
+        if handle is not None:
+            sock = handle()
+            if isinstance(sock, socket.socket):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+                except OSError:
+                    pass
+        layer = getattr(layer, "transport", None)
+
+
+def _describe(failure: Failure, timeout: float) -> str:
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return f"no WebSocket within {timeout:g} s (--stream-connect-timeout)"
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(DNSLookupError):
+        return f"host not found ({failure.getErrorMessage()})"
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+
+
+def connect(
+    stream: MediaStream,
+    reactor: IReactor,
+    *,
+    headers: dict[str, str],
+    timeout: float,
+    max_unsent_ms: int,
+    trust_root: IOpenSSLTrustRoot | None = None,
+) -> None:
+    """
+    Open the stream's WebSocket; the stream hears of the outcome: C{opened}
+    with its wire, or C{connectFailed} with the reason. The whole of it (TCP,
+    TLS, the WebSocket handshake) is bounded by C{timeout}, and a stream
+    stopped meanwhile is closed as soon as it opens.
+    """
+    url = URL.from_text(stream.url)
+    secure = url.scheme == "wss"
+    factory = _ClientFactory(
+        stream, reactor, max(1, max_unsent_ms // 20),
+        url=stream.url, headers=headers, useragent=f"audiohangup/{__version__}",
+    )
+    factory.setProtocolOptions(closeHandshakeTimeout=CLOSE_GRACE)
+    endpoint: Any = HostnameEndpoint(reactor, url.host, url.port or (443 if secure else 80), timeout=timeout)
+    if secure:
+        trust = trust_root if trust_root is not None else platformTrust()
+        endpoint = wrapClientTLS(optionsForClientTLS(url.host, trustRoot=trust), endpoint)
+    connecting: Deferred[Any] = endpoint.connect(factory)
+    made: list[_ClientProtocol] = []
+
+    def giveUp() -> None:
+        if factory.opened:
+            return
+        if made:  # connected, but the TLS or WebSocket handshake did not finish
+            factory.failed(f"no WebSocket within {timeout:g} s (--stream-connect-timeout)")
+            made[0].dropConnection(abort=True)
+        else:
+            connecting.cancel()
+
+    timer = reactor.callLater(timeout, giveUp)
+
+    def failed(failure: Failure) -> None:
+        if timer.active():
+            timer.cancel()
+        factory.failed(_describe(failure, timeout))
+
+    connecting.addCallbacks(made.append, failed)
+    factory.timer = timer

@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_streams -*-
+"""
+Every media stream of this instance: opened for each new leg with
+C{--stream-url}, or for one call through the API; ended with its leg, by a
+DELETE, or by the application; counted, reported to webhooks, and never the
+reason a leg stays open.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hyperlink import URL
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from audiohangup.interfaces import ILeg, ILegObserver, IReactor
+from audiohangup.reasons import HangupCause, Role
+from audiohangup.streams import client
+from audiohangup.streams.messages import IStreamProtocol
+from audiohangup.streams.native import AudiohangupProtocol
+from audiohangup.streams.stream import Counts, IStreamObserver, MediaStream, Mode, Outcome, StreamSettings
+from audiohangup.streams.twilio import TwilioProtocol
+
+PROTOCOLS = ("twilio", "audiohangup")
+MODES = tuple(mode.value for mode in Mode)
+FAILURE_POLICIES = ("continue", "hangup")
+
+#: Streams one leg may have over its life (live or ended): bounds what a leg keeps of them.
+MAX_STREAMS_PER_LEG = 16
+#: Custom parameters and headers a stream may carry, and their size.
+MAX_FIELDS = 32
+MAX_FIELD_BYTES = 1024
+
+SIGNATURE_HEADER = "X-Audiohangup-Signature"
+TIMESTAMP_HEADER = "X-Audiohangup-Timestamp"
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Headers the WebSocket handshake sets itself.
+_RESERVED = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "content-length"}
+
+
+class StreamError(ValueError):
+    """A stream that cannot be opened as asked: the API answers C{status} with C{code}."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The --stream-* options."""
+
+    url: str | None = None
+    roles: tuple[Role, ...] = (Role.VISITOR, Role.RESIDENT)
+    protocol: str = "twilio"
+    mode: str = "converse"
+    connect_timeout: float = 5.0
+    failure: str = "continue"
+    max_unsent_ms: int = 2000
+    max_queue_ms: int = 60000
+    headers: tuple[tuple[str, str], ...] = ()
+    secret: str | None = None
+    ca: str | None = None
+    settings: StreamSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", StreamSettings(max_queue_ms=self.max_queue_ms, failure=self.failure))
+
+
+def check_url(template: object) -> str:
+    """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else StreamError."""
+    if not isinstance(template, str) or not template:
+        raise StreamError(400, "bad_url", "the stream URL must be a ws:// or wss:// URL")
+    try:
+        parsed = URL.from_text(fill(template, "0" * 36, "visitor"))
+    except Exception as error:  # hyperlink raises several types for a URL it cannot parse
+        raise StreamError(400, "bad_url", f"the stream URL does not parse: {error}") from None
+    if parsed.scheme not in ("ws", "wss") or not parsed.host:
+        raise StreamError(400, "bad_url", "the stream URL must be ws:// or wss:// with a host")
+    if parsed.userinfo:
+        raise StreamError(400, "bad_url", "credentials in the stream URL are not supported; use a header")
+    return template
+
+
+def fill(template: str, call_id: str, role: str) -> str:
+    return template.replace("{call_id}", call_id).replace("{role}", role)
+
+
+def redact(url: str) -> str:
+    """The URL for logs, the API and the records: no query string or fragment, which may hold a token."""
+    return URL.from_text(url).replace(query=(), fragment="").to_text()
+
+
+def check_fields(value: object, what: str) -> dict[str, str]:
+    """A JSON object of strings (custom parameters, headers), bounded; else StreamError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise StreamError(400, f"bad_{what}", f"{what} must be an object of strings")
+    if len(value) > MAX_FIELDS or any(len(k) + len(v) > MAX_FIELD_BYTES for k, v in value.items()):
+        raise StreamError(400, f"bad_{what}", f"{what}: at most {MAX_FIELDS}, each under {MAX_FIELD_BYTES} bytes")
+    return dict(value)
+
+
+def check_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
+            raise StreamError(400, "bad_headers", f"{name!r} is not a header a stream may set")
+        if "\r" in value or "\n" in value:
+            raise StreamError(400, "bad_headers", f"the value of {name} holds a line break")
+    return headers
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """C{"NAME: VALUE"}, as --stream-header takes it."""
+    name, colon, value = text.partition(":")
+    if not colon:
+        raise ValueError("a header is NAME: VALUE")
+    header = {name.strip(): value.strip()}
+    try:
+        check_headers(header)
+    except StreamError as error:
+        raise ValueError(error.message) from None
+    return name.strip(), value.strip()
+
+
+@implementer(ILegObserver, IStreamObserver)
+class Streams:
+    log = Logger()
+
+    def __init__(
+        self, config: StreamConfig, reactor: IReactor, *, metrics: Any = None, webhooks: Any = None
+    ) -> None:
+        from audiohangup.webhooks import sign, trust_root
+
+        self.config = config
+        self.reactor = reactor
+        self.metrics = metrics
+        self.webhooks = webhooks
+        self._sign = sign
+        self._trust = None if config.ca is None else trust_root(config.ca)
+        #: Streams not over yet (connecting, open, or closing), by id.
+        self.current: dict[str, MediaStream] = {}
+        #: What ended streams counted, kept for the metrics.
+        self.ended_totals = Counts()
+        self._allOver: list[Deferred[None]] = []
+
+    # Opening
+
+    def open(
+        self,
+        leg: ILeg,
+        url: str,
+        *,
+        protocol: str | None = None,
+        mode: str | None = None,
+        parameters: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> MediaStream:
+        """Open a stream for a live leg; StreamError says why one cannot be opened."""
+        protocol, chosen = self.check(leg, url, protocol, mode)
+        assert leg.call_id is not None
+        config = self.config
+        target = fill(url, leg.call_id, str(leg.role))
+        stream_id = "MZ" + uuid.uuid4().hex
+        wire_protocol: IStreamProtocol
+        if protocol == "twilio":
+            # The leg's role travels with the parameters, in Twilio's customParameters.
+            custom = {"role": str(leg.role), **(parameters or {})}
+            wire_protocol = TwilioProtocol(stream_id, leg.call_id, leg.format, custom, self.reactor)
+        else:
+            wire_protocol = AudiohangupProtocol(stream_id, leg.call_id, str(leg.role), leg.format, parameters or {})
+        stream = MediaStream(
+            leg, stream_id, target, redact(target), wire_protocol, chosen, config.settings, self
+        )
+        leg.streams.append(stream)
+        leg.taps.append(stream)
+        self.current[stream_id] = stream
+        client.connect(
+            stream, self.reactor, headers=self._handshakeHeaders(target, headers or {}),
+            timeout=config.connect_timeout, max_unsent_ms=config.max_unsent_ms, trust_root=self._trust,
+        )
+        self.log.info(
+            "{call_id} {role} stream {stream_id} to {url} connecting ({protocol}, {mode})",
+            call_id=leg.call_id, role=leg.role, stream_id=stream_id, url=stream.public_url,
+            protocol=protocol, mode=chosen,
+        )
+        return stream
+
+    def check(self, leg: ILeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
+        """What L{open} checks first, so that a request for several legs opens all or none."""
+        protocol = protocol or self.config.protocol
+        if protocol not in PROTOCOLS:
+            raise StreamError(400, "bad_protocol", f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        try:
+            chosen = Mode(mode or self.config.mode)
+        except ValueError:
+            raise StreamError(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, not {mode!r}") from None
+        check_url(url)
+        if not leg.live or leg.call_id is None:
+            raise StreamError(404, "no_live_leg", f"the {leg.role} leg is not live")
+        if len(leg.streams) >= MAX_STREAMS_PER_LEG:
+            raise StreamError(409, "too_many_streams", f"a leg has at most {MAX_STREAMS_PER_LEG} streams in its life")
+        if chosen is Mode.CONVERSE and any(
+            isinstance(s, MediaStream) and s.live and s.mode is Mode.CONVERSE for s in leg.streams
+        ):
+            raise StreamError(409, "already_conversing", f"the {leg.role} leg has a converse stream already")
+        return protocol, chosen
+
+    def _handshakeHeaders(self, url: str, extra: dict[str, str]) -> dict[str, str]:
+        headers = {**dict(self.config.headers), **extra}
+        if self.config.secret is not None:
+            stamp = int(self.reactor.seconds())
+            headers[TIMESTAMP_HEADER] = str(stamp)
+            headers[SIGNATURE_HEADER] = self._sign(self.config.secret, url.encode("utf-8"), stamp)
+        return headers
+
+    # Finding and ending
+
+    def find(self, call_id: str, stream_id: str) -> MediaStream | None:
+        stream = self.current.get(stream_id)
+        return stream if stream is not None and stream.leg.call_id == call_id else None
+
+    def of(self, legs: Iterable[ILeg]) -> list[MediaStream]:
+        return [s for leg in legs for s in leg.streams if isinstance(s, MediaStream)]
+
+    async def stop(self) -> None:
+        """At shutdown: every stream ends, and gets its closing handshake, bounded."""
+        for stream in list(self.current.values()):
+            stream.stop("the server is stopping")
+        if not self.current:
+            return
+        over: Deferred[None] = Deferred()
+        self._allOver.append(over)
+        over.addTimeout(client.CLOSE_GRACE + 1.0, self.reactor)
+        try:
+            await over
+        except TimeoutError:
+            self.log.warn("{count} media streams did not close in time", count=len(self.current))
+
+    # ILegObserver
+
+    def legStarted(self, leg: ILeg) -> None:
+        if self.config.url is None or leg.role not in self.config.roles:
+            return
+        try:
+            self.open(leg, self.config.url)
+        except StreamError as error:
+            self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=error.message)
+
+    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+        pass
+
+    def legEnded(self, leg: ILeg) -> None:
+        for stream in self.of([leg]):
+            stream.stop("the leg ended")
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    def connectionEnded(self, connection: ILeg) -> None:
+        pass
+
+    # IStreamObserver
+
+    def streamStarted(self, stream: MediaStream) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_started(stream)
+        self._tell("stream.started", stream)
+
+    def streamEnded(self, stream: MediaStream) -> None:
+        self.current.pop(stream.stream_id, None)
+        self.ended_totals.add(stream.counts)
+        if not self.current:
+            waiting, self._allOver = self._allOver, []
+            for over in waiting:
+                over.callback(None)
+        if self.metrics is not None:
+            self.metrics.stream_ended(stream)
+        self._tell("stream.failed" if stream.outcome is Outcome.FAILED else "stream.ended", stream)
+
+    def _tell(self, event: str, stream: MediaStream) -> None:
+        if self.webhooks is None or stream.leg.call_id is None:
+            return
+        fields: dict[str, Any] = {"stream": stream.record()}
+        if stream.outcome is not None:
+            fields["reason"] = stream.reason
+        self.webhooks.event(event, stream.leg.call_id, str(stream.leg.role), fields)

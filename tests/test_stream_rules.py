@@ -1,0 +1,371 @@
+"""
+A media stream's rules without a socket: a leg on a StringTransport, one
+Clock for the leg, the pacer and the stream, and a recording stand-in for
+the WebSocket. What is sent when, what is played when, what is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from audiohangup.audio import FORMATS, Playout
+from audiohangup.codecs import decode as g711_decode
+from audiohangup.codecs import encode as g711_encode
+from audiohangup.pacer import Pacer
+from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.registry import Registry
+from audiohangup.streams.manager import StreamError, check_headers, check_url, parse_header, redact
+from audiohangup.streams.native import AudiohangupProtocol
+from audiohangup.streams.stream import IStreamWire, MediaStream, Mode, Outcome, State, StreamSettings
+from audiohangup.streams.twilio import TwilioProtocol
+from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode, encode_uuid
+
+CALL = uuid.UUID("3f1c2b4a-5d6e-4f70-8a9b-0c1d2e3f4a5b")
+SLIN = FORMATS["slin"]
+
+
+def samples(value: int, count: int = 160) -> bytes:
+    return value.to_bytes(2, "little", signed=True) * count
+
+
+@implementer(IStreamWire)
+class FakeWire:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bool, bool]] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, message: tuple[bytes, bool], media: bool) -> None:
+        self.sent.append((message[0], message[1], media))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def json(self) -> list[dict[str, Any]]:
+        return [json.loads(payload) for payload, binary, _ in self.sent if not binary]
+
+    def events(self) -> list[str]:
+        return [message["event"] for message in self.json()]
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.started: list[MediaStream] = []
+        self.ended: list[MediaStream] = []
+
+    def streamStarted(self, stream: MediaStream) -> None:
+        self.started.append(stream)
+
+    def streamEnded(self, stream: MediaStream) -> None:
+        self.ended.append(stream)
+
+
+class StreamTestCase(SynchronousTestCase):
+    protocol = "audiohangup"
+    mode = Mode.CONVERSE
+    settings = StreamSettings(max_queue_ms=1000)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock)
+        self.registry = Registry()
+        self.leg = AudioSocketProtocol(Role.VISITOR, self.registry, LegSettings(), self.clock, self.pacer)
+        self.transport = StringTransport()
+        self.leg.makeConnection(self.transport)
+        self.leg.dataReceived(encode_uuid(CALL))
+        self.transport.clear()
+        self.observer = Observer()
+        self.stream = self.make(self.mode)
+        self.wire = FakeWire()
+        self.stream.opened(self.wire)
+
+    def make(self, mode: Mode, settings: StreamSettings | None = None) -> MediaStream:
+        if self.protocol == "twilio":
+            wire: Any = TwilioProtocol("MZ1", str(CALL), SLIN, {"role": "visitor"}, self.clock)
+        else:
+            wire = AudiohangupProtocol("MZ1", str(CALL), "visitor", SLIN, {"site": "gate"})
+        stream = MediaStream(
+            self.leg, "MZ1", "ws://app/x?k=1", "ws://app/x", wire, mode, settings or self.settings, self.observer
+        )
+        self.leg.taps.append(stream)
+        self.leg.streams.append(stream)
+        return stream
+
+    def frames(self) -> list[bytes]:
+        """The payloads written to the leg since the last look."""
+        payloads = [frame.payload for frame in FrameDecoder().feed(self.transport.value())]
+        self.transport.clear()
+        return payloads
+
+    def tick(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.clock.advance(0.020)
+
+    def app(self, *messages: dict[str, Any] | bytes) -> None:
+        for message in messages:
+            if isinstance(message, bytes):
+                self.stream.messageReceived(message, True)
+            else:
+                self.stream.messageReceived(json.dumps(message).encode(), False)
+
+
+class NativeTests(StreamTestCase):
+    def test_opening(self) -> None:
+        self.assertEqual(
+            self.wire.json(),
+            [{
+                "event": "start", "stream_id": "MZ1", "call_id": str(CALL), "role": "visitor",
+                "format": {"encoding": "L16", "sample_rate": 8000, "channels": 1}, "parameters": {"site": "gate"},
+            }],
+        )
+        self.assertEqual(self.observer.started, [self.stream])
+        self.assertIs(self.stream.state, State.STREAMING)
+
+    def test_legAudioGoesOutAsItCame(self) -> None:
+        for value in (1, 2, 3):
+            self.leg.dataReceived(encode(Kind.SLIN, samples(value)))
+        media = [(payload, binary, media) for payload, binary, media in self.wire.sent if binary]
+        self.assertEqual(media, [(samples(v), True, True) for v in (1, 2, 3)])
+        self.leg.dataReceived(encode(Kind.DTMF, b"5"))
+        self.assertEqual(self.wire.json()[-1], {"event": "dtmf", "digit": "5"})
+
+    def test_appAudioIsPacedAfterPromptsAndHasTheFloor(self) -> None:
+        """Cut into 20 ms frames, one per tick; a /play prompt first; bridged audio waits."""
+        self.leg.play(samples(9))
+        self.app(samples(1) + samples(2) + samples(3)[:100])  # two frames and a bit
+        self.assertTrue(self.leg.feed)
+        self.tick()
+        self.assertEqual(self.frames(), [samples(9)])
+        self.tick()
+        self.assertEqual(self.frames(), [samples(1)])
+        self.leg.forward(FrameDecoder().feed(encode(Kind.SLIN, samples(7)))[0])  # the bridge: not now
+        self.assertEqual(self.frames(), [])
+        self.tick(2)
+        self.assertEqual(self.frames(), [samples(2), SLIN.silence_frame[3:]])  # the bit waits for the rest
+        self.app(samples(3)[100:])
+        self.tick()
+        self.assertEqual(self.frames(), [samples(3)])
+
+    def test_markAfterItsAudio(self) -> None:
+        self.app(samples(1) * 2, {"event": "mark", "name": "greeting"})
+        self.assertNotIn("mark", self.wire.events())
+        self.tick()
+        self.assertNotIn("mark", self.wire.events())
+        self.tick()
+        self.assertEqual(self.frames(), [samples(1), samples(1)])
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "greeting"})
+
+    def test_markWithNothingQueuedIsAnsweredAtOnce(self) -> None:
+        self.app({"event": "mark", "name": "now"})
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "now"})
+
+    def test_partialFrameBeforeAMarkIsPaddedAndPlayed(self) -> None:
+        self.app(samples(4)[:200], {"event": "mark", "name": "end"})
+        self.tick()
+        self.assertEqual(self.frames(), [samples(4)[:200] + bytes(120)])
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "end"})
+
+    def test_clearDropsAtOnceAndAnswersMarks(self) -> None:
+        self.app(samples(1) * 10, {"event": "mark", "name": "a"}, samples(2) * 10, {"event": "mark", "name": "b"})
+        self.tick()
+        self.assertEqual(self.frames(), [samples(1)])
+        self.app({"event": "clear"})
+        self.assertEqual([m["name"] for m in self.wire.json() if m["event"] == "mark"], ["a", "b"])
+        self.assertFalse(self.leg.feed)
+        self.tick()
+        self.assertEqual(self.frames(), [SLIN.silence_frame[3:]])
+        self.assertEqual(self.stream.counts.dropped_from_app, 19)
+
+    def test_queueIsBoundedOldestDropped(self) -> None:
+        self.app(b"".join(samples(v) for v in range(60)))  # 1.2 s into a 1 s queue
+        self.assertEqual(self.stream.counts.dropped_from_app, 10)
+        self.tick()
+        self.assertEqual(self.frames(), [samples(10)])
+
+    def test_hangupFromTheApp(self) -> None:
+        self.app({"event": "hangup"})
+        self.assertEqual(self.transport.value(), HANGUP_FRAME)
+        self.assertEqual(self.leg.hangup_cause, HangupCause.STREAM)
+
+    def test_hangupAfterPlayout(self) -> None:
+        self.app(samples(1) * 2 + samples(2)[:10], {"event": "hangup", "after_playout": True})
+        self.assertIsNone(self.leg.hangup_cause)
+        self.tick(3)
+        frames = self.frames()
+        self.assertEqual(frames[:2], [samples(1), samples(1)])
+        self.assertEqual(frames[2], samples(2)[:10] + bytes(310))
+        self.assertEqual(frames[3], b"")  # then 00 00 00, and nothing after it
+        self.assertEqual(self.leg.hangup_cause, HangupCause.STREAM)
+
+    def test_badMessagesAreIgnoredAndLoggedOnce(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for bad in (b"\xff\xfe", b"[1]", b'{"no":"event"}', b"not json"):
+            self.stream.messageReceived(bad, False)
+        self.stream.messageReceived(b"\x01\x02\x03", True)  # an odd number of bytes of L16
+        self.app({"event": "mark"})  # no name
+        self.app({"event": "something-new"})  # read and ignored, no log
+        [warned] = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertIn("a text message that is not JSON", formatEvent(warned))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertIs(self.stream.state, State.STREAMING)
+
+    def test_legEndSendsStopThenClose(self) -> None:
+        self.app(samples(1) * 3, {"event": "mark", "name": "pending"})
+        self.stream.stop("the leg ended")
+        self.assertEqual(self.wire.events()[-2:], ["mark", "stop"])  # the mark is answered: that audio is gone
+        self.assertEqual(self.wire.json()[-1], {"event": "stop", "reason": "the leg ended"})
+        self.assertEqual(self.wire.closed, (1000, "the leg ended"))
+        self.assertIs(self.stream.state, State.STOPPING)
+        self.assertIsNone(self.leg.feed)
+        self.assertNotIn(self.stream, self.leg.taps)
+        self.stream.closed(True, 1000, "")
+        self.assertEqual((self.stream.state, self.stream.outcome), (State.ENDED, Outcome.ENDED))
+        self.assertEqual(self.observer.ended, [self.stream])
+        self.assertTrue(self.leg.live)
+
+    def test_appClosing(self) -> None:
+        self.stream.closed(True, 1000, "bye")
+        self.assertEqual(self.stream.outcome, Outcome.APP_CLOSED)
+        self.assertTrue(self.leg.live)
+
+    def test_appVanishing(self) -> None:
+        self.stream.closed(False, 1006, "peer dropped the TCP connection")
+        self.assertEqual((self.stream.outcome, self.stream.state), (Outcome.FAILED, State.FAILED))
+        self.assertTrue(self.leg.live)
+
+    def test_failureHangsUpWhenAsked(self) -> None:
+        stream = self.make(Mode.LISTEN, StreamSettings(failure="hangup"))
+        stream.connectFailed("connection refused")
+        self.assertEqual(stream.outcome, Outcome.FAILED)
+        self.assertEqual(self.leg.hangup_cause, HangupCause.STREAM)
+
+    def test_stoppedWhileConnecting(self) -> None:
+        stream = self.make(Mode.LISTEN)
+        stream.stop("deleted")
+        self.assertEqual(stream.outcome, Outcome.ENDED)
+        wire = FakeWire()
+        stream.opened(wire)  # the connection came up anyway: closed at once, nothing sent
+        self.assertEqual((wire.sent, wire.closed), ([], (1000, "the stream was ended")))
+
+    def test_legClosingDrainsAndAnswers(self) -> None:
+        self.app(samples(1) * 3, {"event": "mark", "name": "m"})
+        self.leg.hangup(HangupCause.API)
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "m"})
+        self.leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.leg.close_reason, CloseReason.HANGUP_CLEAN)
+
+
+class ListenTests(StreamTestCase):
+    mode = Mode.LISTEN
+
+    def test_appAudioIsIgnoredAndCounted(self) -> None:
+        self.app(samples(5) * 4, {"event": "mark", "name": "x"})
+        self.assertIsNone(self.leg.feed)
+        self.tick()
+        self.assertEqual(self.frames(), [SLIN.silence_frame[3:]])
+        self.assertEqual(self.stream.counts.ignored_from_app, 4)
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "x"})
+
+
+class TwilioTests(StreamTestCase):
+    protocol = "twilio"
+
+    def test_opening(self) -> None:
+        connected, start = self.wire.json()
+        self.assertEqual(connected, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        self.assertEqual(start, {
+            "event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
+            "start": {
+                "streamSid": "MZ1", "accountSid": "", "callSid": str(CALL), "tracks": ["inbound"],
+                "customParameters": {"role": "visitor"},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+        })
+
+    def test_mediaIsMulawWithSequenceChunkAndTimestamp(self) -> None:
+        self.clock.advance(0.040)
+        self.leg.dataReceived(encode(Kind.SLIN, samples(1000)))
+        self.clock.advance(0.020)
+        self.leg.dataReceived(encode(Kind.SLIN, samples(-1000)))
+        self.leg.dataReceived(encode(Kind.DTMF, b"#"))
+        first, second, dtmf = self.wire.json()[2:]
+        self.assertEqual(
+            {k: first["media"][k] for k in ("track", "chunk", "timestamp")},
+            {"track": "inbound", "chunk": "1", "timestamp": "40"},
+        )
+        self.assertEqual((first["sequenceNumber"], second["sequenceNumber"], second["media"]["chunk"]), ("2", "3", "2"))
+        self.assertEqual(base64.b64decode(first["media"]["payload"]), g711_encode(samples(1000), FORMATS["ulaw"]))
+        self.assertEqual(base64.b64decode(second["media"]["payload"]), g711_encode(samples(-1000), FORMATS["ulaw"]))
+        self.assertEqual(dtmf, {
+            "event": "dtmf", "sequenceNumber": "4", "streamSid": "MZ1", "dtmf": {"track": "inbound_track", "digit": "#"},
+        })
+
+    def test_appMediaOfAnyLengthAndMarks(self) -> None:
+        ulaw = g711_encode(samples(2000, 240), FORMATS["ulaw"])  # 30 ms
+        self.app({"event": "media", "streamSid": "whatever", "media": {"payload": base64.b64encode(ulaw).decode()}})
+        self.app({"event": "mark", "mark": {"name": "m1"}})
+        self.tick(2)
+        played = self.frames()
+        self.assertEqual(len(played), 2)
+        expected = g711_decode(ulaw, FORMATS["ulaw"])  # same rate: no resampler, exact
+        self.assertEqual(played, [expected[:320], expected[320:] + bytes(160)])  # the last 10 ms padded
+        mark = self.wire.json()[-1]
+        self.assertEqual((mark["event"], mark["mark"], mark["sequenceNumber"]), ("mark", {"name": "m1"}, "2"))
+
+    def test_appCommands(self) -> None:
+        for bad in ({"event": "media"}, {"event": "media", "media": {"payload": "%%%"}}, {"event": "mark", "mark": {}}):
+            self.app(bad)
+        self.stream.messageReceived(b"\x00", True)
+        self.app({"event": "start"})  # Twilio's own events, read and ignored
+        self.assertIs(self.stream.state, State.STREAMING)
+        self.app({"event": "hangup", "afterPlayout": False})
+        self.assertEqual(self.leg.hangup_cause, HangupCause.STREAM)
+
+    def test_stop(self) -> None:
+        self.stream.stop("the leg ended")
+        self.assertEqual(self.wire.json()[-1], {
+            "event": "stop", "sequenceNumber": "2", "streamSid": "MZ1", "stop": {"accountSid": "", "callSid": str(CALL)},
+        })
+
+
+class PlayoutTests(SynchronousTestCase):
+    def test_boundAndMarks(self) -> None:
+        answered: list[str] = []
+        playout = Playout(max_frames=2)
+        playout.mark(lambda: answered.append("empty"))
+        self.assertEqual(answered, ["empty"])
+        playout.push([b"1"])
+        playout.mark(lambda: answered.append("after 1"))
+        self.assertEqual(playout.push([b"2", b"3"]), 1)  # 1 dropped: its mark answered
+        self.assertEqual(answered, ["empty", "after 1"])
+        self.assertEqual((playout.next_frame(), playout.next_frame(), playout.next_frame()), (b"2", b"3", None))
+        self.assertEqual(playout.dropped, 1)
+
+
+class ValidationTests(SynchronousTestCase):
+    def test_urls(self) -> None:
+        for good in ("ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x"):
+            self.assertEqual(check_url(good), good)
+        for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5):
+            with self.assertRaises(StreamError):
+                check_url(bad)
+        self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
+
+    def test_headers(self) -> None:
+        self.assertEqual(parse_header("Authorization: Bearer abc"), ("Authorization", "Bearer abc"))
+        for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x"):
+            with self.assertRaises(ValueError):
+                parse_header(bad)
+        with self.assertRaises(StreamError):
+            check_headers({"X-A": "line\r\nbreak"})
