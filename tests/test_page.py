@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 from audiohangup.wire import Kind, encode
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import SILENCE_20MS, FakeAsterisk, connect
+from tests.ws_app import App
 
 try:
     from playwright.async_api import Page, async_playwright, expect
@@ -202,6 +204,17 @@ async def test_hang_up_from_the_page(logs: LogCapture, make_server: Any, browser
     assert frames_in >= 5  # the audio sent above, and no more arrives
     frames = page.locator(live_row(other_id, "visitor")).locator("td.frames")
     await browser.run(lambda: expect(frames).to_have_text(re.compile(rf"^{frames_in} / [1-9][0-9]*$")))
+    # A leg's live streams show in its row.
+    app = await App().listen()
+    try:
+        response = await treq.post(
+            f"{server.url}/calls/{call_id}/streams", json={"url": app.url(), "mode": "listen"}, persistent=False
+        )
+        assert response.code == 201, await response.text()
+        streams = page.locator(live_row(call_id, "visitor")).locator("td.streams")
+        await browser.run(lambda: expect(streams).to_have_text("twilio listen (streaming)"))
+    finally:
+        await app.close()
     label = await browser.run(lambda: page.get_attribute(leg_button(call_id, "visitor"), "aria-label"))
     assert label == f"Hang up the visitor leg of call {call_id}"
 
