@@ -105,7 +105,13 @@ class FakeAsterisk(Protocol):
         self.transport.abortConnection()
 
     def close(self) -> None:
-        self.transport.loseConnection()
+        """
+        A clean close: FIN at once, and go on reading until the server closes
+        too. A full close() would be a reset whenever paced audio had arrived
+        unread (the kernel sends RST then), which made "clean" a matter of
+        timing; reset() is there for the reset.
+        """
+        self.transport.loseWriteConnection()
 
     @property
     def hangup_frames(self) -> int:

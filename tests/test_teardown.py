@@ -114,12 +114,14 @@ async def test_peer_that_never_reads_is_aborted(make_server, logs: LogCapture) -
 
 @pytest_twisted.ensureDeferred
 async def test_peer_closes(server: Server, logs: LogCapture) -> None:
-    """How Asterisk ends a call: a plain close, no frame. Nothing is sent back."""
+    """How Asterisk ends a call: a plain close, no frame. No hangup is sent back, only the pacer's silence before it."""
     client, call_id = await start_leg(server)
     leg = server.registry.get(call_id, Role.VISITOR)
     client.close()
     assert await leg.whenGone() is CloseReason.PEER_CLOSED
-    assert client.frames == []
+    await client.closed
+    assert client.hangup_frames == 0
+    assert {frame.encode() for frame in client.frames} <= {SILENCE_20MS}
     assert_ended_once(logs, call_id, CloseReason.PEER_CLOSED, LogLevel.info)
 
 
