@@ -66,6 +66,27 @@ class BridgeFlow(_QuietFlow):
     def __init__(self) -> None:
         self._mismatch_logged = False
 
+    def legJoined(self, session: ISession, leg: ILeg) -> None:
+        self._route(session)
+
+    def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
+        leg.route = None
+        self._route(session)
+
+    @staticmethod
+    def _route(session: ISession) -> None:
+        """
+        Two legs of one format: each forwards its frames to the other as they
+        arrive, without calling the flow (the leg's fast path). Anything else
+        (a lone leg, a third, another format) goes through audioReceived.
+        """
+        legs = list(session.legs.values())
+        paired = len(legs) == 2 and legs[0].format == legs[1].format
+        for leg in legs:
+            leg.route = None
+        if paired:
+            legs[0].route, legs[1].route = legs[1], legs[0]
+
     def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         # session.legs rather than session.others(leg): no list built per frame.
         for other in session.legs.values():

@@ -62,12 +62,19 @@ class ILeg(Interface):
     hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
     taps: list[ILegTap] = Attribute("Told of every frame and digit the leg receives, after its flow.")
     streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
+    route: ILeg | None = Attribute(
+        "The leg the built-in bridge forwards this one's audio to, byte for byte, without a flow call per "
+        "frame; None unless the bridge set it (two legs, one format)."
+    )
     feed: Playout | None = Attribute(
         "Audio an application sends the leg (a converse stream), paced after queued prompts; None without one."
     )
 
     def forward(frame: Frame) -> None:
         """Bridge a frame from another leg: written at once, unless queued audio has the floor."""
+
+    def forwardBytes(data: bytes) -> None:
+        """L{forward} for one frame still encoded: the bytes as they arrived on the other leg."""
 
     def queueFrames(frames: list[bytes]) -> int:
         """Queue encoded frames for the pacer; return how many old ones were dropped."""

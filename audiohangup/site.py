@@ -13,7 +13,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
@@ -47,6 +48,7 @@ class _BoundedRequest(Request):
 
     _refused = False
     _received = 0
+    _linger: IDelayedCall | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The API reads only JSON and raw audio: Twisted's form parsing would
@@ -105,6 +107,12 @@ class _BoundedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def connectionLost(self, reason: Failure) -> None:
+        """The client went: the abort that bounded its linger is not needed (nor left behind)."""
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
             super().requestReceived(command, path, version)
@@ -127,7 +135,7 @@ class _BoundedRequest(Request):
         # the client has not gone within a few seconds.
         if ITCPTransport.providedBy(transport):
             transport.loseWriteConnection()
-            site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
+            self._linger = site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
         else:
             transport.loseConnection()
         if site.api.metrics is not None:

@@ -362,9 +362,14 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
                 reactor.callLater(max(0.0, following - time.monotonic()), self.tick)
 
         def close_calls(self) -> None:
+            """
+            Each leg sends a FIN and reads until the server closes: closing the
+            socket outright would reset it whenever frames sit unread in it, and
+            the server's close reasons could not tell an unexpected end apart.
+            """
             for leg in self.legs:
                 if leg.transport is not None and not leg.gone:
-                    leg.transport.loseConnection()
+                    leg.transport.loseWriteConnection()
             reactor.callLater(5.0, self.finish)
             self.check_closed()
 

@@ -32,6 +32,14 @@ def audio(seed: int, fmt=SLIN) -> bytes:
     return encode(fmt.kind, bytes((seed + i) % 251 + 1 for i in range(fmt.frame_bytes)))
 
 
+class Tap:
+    def legAudio(self, frame: object) -> None:
+        pass
+
+    def legDtmf(self, digit: str) -> None:
+        pass
+
+
 class Wire(StringTransport):
     """A transport that decodes what the server wrote."""
 
@@ -75,6 +83,37 @@ class BridgeTests(SessionTestCase):
         self.assertEqual(resident_wire.frames(), frames)
         resident.dataReceived(frames[0])
         self.assertEqual(visitor_wire.frames(), frames[:1])
+
+    def test_oneFrameAReadTakesTheRoute(self) -> None:
+        """
+        Two legs of one format route to each other: a read of one whole frame
+        of the leg's audio goes out as the same bytes without a flow call; a
+        prompt still has the floor; a lone leg, or a tap on the leg, goes back
+        to the flow.
+        """
+        visitor, _visitor_wire = self.leg(Role.VISITOR)
+        self.assertIsNone(visitor.route)
+        resident, resident_wire = self.leg(Role.RESIDENT)
+        self.assertIs(visitor.route, resident)
+        self.assertIs(resident.route, visitor)
+        session = self.registry.session(str(CALL))
+        calls: list[bytes] = []
+        original = session._audioHook
+        session._audioHook = lambda s, leg, frame: (calls.append(frame.encode()), original(s, leg, frame))
+        frame = audio(7)
+        visitor.dataReceived(frame)
+        self.assertEqual((resident_wire.value(), calls), (frame, []))  # the route: no flow call
+        self.assertEqual((visitor.frames_in, resident.frames_out, resident.bytes_out), (2, 1, len(frame)))
+        resident_wire.clear()
+        resident.play(b"\x01\x00" * 160)
+        visitor.dataReceived(audio(8))
+        self.assertEqual(resident_wire.value(), b"")  # the prompt has the floor on the route too
+        resident.queue.clear()
+        visitor.taps.append(Tap())
+        visitor.dataReceived(audio(9))
+        self.assertEqual((resident_wire.value(), calls), (audio(9), [audio(9)]))  # a tap: through the flow
+        resident.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(visitor.route)
 
     def test_pacerFillsOnlyTheGaps(self) -> None:
         """

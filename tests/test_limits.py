@@ -110,7 +110,15 @@ async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None
     server = await make_server(max_queue_ms=100)
     call = uuid.uuid4()
     big = b"x" * (200 * 1024)
+    lingers: set[Any] = set()
+
+    def note_lingers() -> None:
+        from twisted.internet import reactor
+
+        lingers.update(c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "abortConnection")
+
     response = await treq.post(f"{server.url}/calls/{call}/hangup", data=big, persistent=False)
+    note_lingers()
     assert response.code == 413
     assert (await response.json())["error"]["code"] == "body_too_large"
 
@@ -124,6 +132,7 @@ async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None
         return producer
 
     response = await treq.post(f"{server.url}/api/hangup", data=chunks(), persistent=False)
+    note_lingers()
     assert response.code == 413
 
     response = await treq.post(
@@ -136,6 +145,9 @@ async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None
     response = await treq.post(f"{server.url}/api/hangup", json={"call_id": str(call), "x": 1}, persistent=False)
     assert (response.code, (await response.json())["error"]["code"]) == (400, "unknown_field")
     assert await metric(server, "audiohangup_http_requests_total", route="unrouted", method="-", status="413") == 2
+    # Each refused body's linger ends with its connection: cancelled, not left to fire.
+    await until(lambda: all(call.cancelled or call.called for call in lingers), what="the lingers to end")
+    assert len(lingers) == 2 and all(call.cancelled for call in lingers)
 
 
 @pytest_twisted.ensureDeferred

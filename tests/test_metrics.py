@@ -44,7 +44,8 @@ async def leg(server: Server, role: Role = Role.VISITOR, call_id: uuid.UUID | No
 @pytest_twisted.ensureDeferred
 async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
     """Live legs, starts, ends by reason and cause, hangup latency and frame totals move."""
-    server = await make_server(on_leg_end="keep", close_timeout=0.2, uuid_timeout=0.2)
+    # Timers of a second: long for the quick ends below, even on a starved machine.
+    server = await make_server(on_leg_end="keep", close_timeout=1.0, uuid_timeout=1.0)
     before = await scrape(server)
     assert value(before, "audiohangup_legs", role="visitor") == 0
 
@@ -101,8 +102,9 @@ async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
     assert value(after, "audiohangup_legs", role="visitor") == 0
     assert value(after, "audiohangup_hangups_sent_total", cause="api") == 3
     assert value(after, "audiohangup_hangup_to_close_seconds_count") == 3
-    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="0.1") == 2
-    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="0.25") == 3
+    # The reset and the clean close came well before the close timeout; the stuck leg only at it.
+    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="1.0") == 2
+    assert value(after, "audiohangup_hangup_to_close_seconds_bucket", le="10.0") == 3
     # Totals never go down when live legs end: ended legs' counters are kept.
     assert value(after, "audiohangup_frames_received_total") >= value(live, "audiohangup_frames_received_total")
     assert value(after, "audiohangup_frames_sent_total") >= 3
