@@ -11,6 +11,8 @@ statuses and outcomes, never a call id.
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from audiohangup.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: A young collection takes microseconds, a full one over a large heap tens of milliseconds.
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 #: From a reset right after our hangup (sub-millisecond) to the 2 s abort.
 HANGUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
@@ -81,6 +86,12 @@ class Metrics:
         self.records_failed = Counter(
             "audiohangup_call_records_failed", "Call record writes that failed.", registry=self.collectors
         )
+        self.gc_pauses = Histogram(
+            "audiohangup_gc_pause_seconds",
+            "Seconds the interpreter stopped for a garbage collection, by generation: every call waits them out.",
+            ["generation"], buckets=GC_BUCKETS, registry=self.collectors,
+        )
+        self._gcStarted = 0.0
         self.streams_total = Counter(
             "audiohangup_streams", "Media streams over, by protocol and outcome (ended, app_closed, failed).",
             ["protocol", "outcome"], registry=self.collectors,
@@ -92,6 +103,21 @@ class Metrics:
             self.legs_started.labels(role=role.value)
         self.collectors.register(_LegCollector(self))
         self.collectors.register(_StreamCollector(self))
+
+    def watchGarbageCollector(self) -> None:
+        """Time every collection (gc.callbacks is the process's: L{unwatchGarbageCollector} on stop)."""
+        if self._gcCallback not in gc.callbacks:
+            gc.callbacks.append(self._gcCallback)
+
+    def unwatchGarbageCollector(self) -> None:
+        if self._gcCallback in gc.callbacks:
+            gc.callbacks.remove(self._gcCallback)
+
+    def _gcCallback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gcStarted = time.perf_counter()
+        else:
+            self.gc_pauses.labels(generation=str(info["generation"])).observe(time.perf_counter() - self._gcStarted)
 
     def render(self) -> bytes:
         return generate_latest(self.collectors)

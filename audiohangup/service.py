@@ -112,6 +112,7 @@ class AudioHangupService(MultiService):
         webhooks: Webhooks | None = None,
         cluster: Cluster | None = None,
         streams: Streams | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -122,12 +123,15 @@ class AudioHangupService(MultiService):
         self.webhooks = webhooks
         self.cluster = cluster
         self.streams = streams
+        self.metrics = metrics
         #: What the configuration leaves open, logged once at start-up.
         self.warnings: list[str] = []
         self.api: ControlAPI | None = None
         self._opening: Deferred[object] | None = None
 
     def startService(self) -> None:
+        if self.metrics is not None:
+            self.metrics.watchGarbageCollector()
         for warning in self.warnings:
             self.log.warn("{warning}", warning=warning)
         # Before the reactor runs, so no leg can start ahead of the store:
@@ -158,6 +162,8 @@ class AudioHangupService(MultiService):
     async def _stop(self) -> None:
         await MultiService.stopService(self)
         await self.drain()
+        if self.metrics is not None:
+            self.metrics.unwatchGarbageCollector()
         if self.streams is not None:
             await self.streams.stop()  # their apps get stop and a close, bounded
         self.pacer.stopService()  # after the drain: live legs get their frames to the end
@@ -239,7 +245,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     service = AudioHangupService(
-        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster, streams=streams
+        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster, streams=streams,
+        metrics=metrics,
     )
     for role in Role:
         name = f"audiosocket-{role}"

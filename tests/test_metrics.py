@@ -188,3 +188,20 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     new.connectionLost(Failure(ConnectionLost()))
     seen.append(received())
     assert seen == [6, 12, 12, 12]
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_collector_pauses_are_timed_while_the_service_runs(make_server, logs: LogCapture) -> None:
+    """Every collection's pause lands in the histogram; the process-wide hook goes with the service."""
+    import gc
+
+    server = await make_server()
+    metrics = server.service.metrics
+    assert metrics._gcCallback in gc.callbacks
+    before = metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"}) or 0
+    gc.collect()
+    after = metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"})
+    assert after == before + 1
+    assert metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    await server.service.stopService()
+    assert metrics._gcCallback not in gc.callbacks
