@@ -12,6 +12,7 @@ the leg ended (see L{audiohangup.reasons}) and logs it once.
 from __future__ import annotations
 
 import enum
+import errno
 import math
 import socket
 import uuid
@@ -329,8 +330,8 @@ class AudioSocketProtocol(Protocol):
             return  # after a hangup or a close decision: read and discard
         route = self.route
         if (
-            route is not None and data[:3] == self._audioHeader and len(data) == self._audioFrameSize
-            and not self.taps and not self._decoder.buffered
+            route is not None and len(data) == self._audioFrameSize and data.startswith(self._audioHeader)
+            and not self.taps and not self._decoder.pending
         ):
             # The common case of a bridged call: one whole frame of this leg's
             # own audio, bridged to the route by the built-in flow: the same
@@ -514,16 +515,22 @@ class AudioSocketProtocol(Protocol):
             # socket that was readable has been read (a whole burst of legs),
             # and costs two epoll_ctl calls per frame. What the socket does not
             # take, Twisted buffers as usual, in order.
-            sent = connection.writeSomeData(data)
-            if isinstance(sent, int):
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            else:
-                # The send found the peer gone (a reset). That error is now
-                # spent: the read that follows may see a plain end of stream,
-                # so remember it for connectionLost.
-                self._peerReset = True
+            # The socket's own send: what writeSomeData does, without its
+            # memoryview and EINTR wrapper, on the one path every frame takes.
+            try:
+                sent = connection.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    # The send found the peer gone (a reset). That error is now
+                    # spent: the read that follows may see a plain end of
+                    # stream, so remember it for connectionLost.
+                    self._peerReset = True
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.wire.write(data)
 
     def forward(self, frame: Frame) -> None:

@@ -140,18 +140,20 @@ class FrameDecoder:
     and sync is kept by their length either way.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("pending",)
 
     def __init__(self) -> None:
-        self._buffer = b""
+        #: Bytes held back waiting for the rest of a frame (an attribute, not a
+        #: property: the leg's fast path asks for it on every frame).
+        self.pending = b""
 
     @property
     def buffered(self) -> int:
-        """Bytes held back waiting for the rest of a frame."""
-        return len(self._buffer)
+        """How many bytes are held back waiting for the rest of a frame."""
+        return len(self.pending)
 
     def feed(self, data: bytes) -> list[Frame]:
-        buffer = self._buffer + data if self._buffer else data
+        buffer = self.pending + data if self.pending else data
         frames: list[Frame] = []
         offset = 0
         end = len(buffer)
@@ -163,5 +165,5 @@ class FrameDecoder:
                 break
             offset = start + length
             frames.append(Frame(kind, buffer[start:offset]))
-        self._buffer = buffer[offset:] if offset else buffer
+        self.pending = buffer[offset:] if offset else buffer
         return frames
