@@ -26,6 +26,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle, Scope, Tokens
+from audiohangup.audio import AudioFormat
 from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
@@ -118,9 +119,12 @@ class ControlAPI:
         throttle: AuthThrottle | None = None,
         clock: IReactorTime | None = None,
         streams: Streams | None = None,
+        formats: dict[Role, AudioFormat] | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
+        #: The format each role's legs carry (--visitor-audio, --resident-audio).
+        self.formats = formats or dict.fromkeys(Role, self.settings.audio)
         self.metrics = metrics
         self.recent = recent
         self.records = records
@@ -265,15 +269,18 @@ class ControlAPI:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
         role = _optional_role(request)
-        audio = self._audio_body(request)
+        legs = self._live_legs(call_id, role)
+        formats = {leg.format for leg in legs}
+        if len(formats) > 1:
+            raise ApiError(400, "mixed_formats", "the call's legs carry different formats: name a role")
+        audio = self._audio_body(request, formats.pop())
         answers = []
-        for leg in self._live_legs(call_id, role):
+        for leg in legs:
             dropped = leg.play(audio)
             answers.append({"role": leg.role, "queued_ms": leg.queued_ms, "dropped_frames": dropped})
         return _json(request, 200, {"call_id": call_id, "legs": answers})
 
-    def _audio_body(self, request: IRequest) -> bytes:
-        fmt = self.settings.audio
+    def _audio_body(self, request: IRequest, fmt: AudioFormat) -> bytes:
         media, params = _content_type(request)
         if fmt.sample_bytes == 2:
             if media != "audio/l16":
@@ -287,7 +294,7 @@ class ControlAPI:
                 raise ApiError(400, "wrong_channels", "the legs carry mono audio")
         elif media not in _G711_TYPES[fmt.name]:
             raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
-        limit = self.settings.max_play_bytes
+        limit = self.settings.max_queue_frames * fmt.frame_bytes
         audio = request.content.read(limit + 1) if request.content is not None else b""
         if len(audio) > limit:
             raise ApiError(

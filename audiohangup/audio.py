@@ -78,6 +78,9 @@ FORMATS: Final[dict[str, AudioFormat]] = {
 
 SLIN: Final = FORMATS["slin"]
 
+#: The slin format each audio kind names (kind 0x10 is slin 8 kHz unless a leg declares G.711).
+SLIN_BY_KIND: Final[dict[int, AudioFormat]] = {fmt.kind: fmt for fmt in FORMATS.values() if fmt.sample_bytes == 2}
+
 
 class FrameQueue(deque[bytes]):
     """

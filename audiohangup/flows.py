@@ -27,13 +27,17 @@ Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.logger import Logger
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
+from audiohangup.audio import SLIN_BY_KIND, AudioFormat
+from audiohangup.codecs import Transcoder
 from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
 from audiohangup.reasons import CloseReason
-from audiohangup.wire import Frame
+from audiohangup.wire import Frame, encode
 
 __all__ = ["BUILTIN_FLOWS", "BridgeFlow", "EchoFlow", "FlowFactory", "FlowLoadError", "IFlow", "SilenceFlow", "load_flow"]
 
@@ -59,18 +63,27 @@ class BridgeFlow(_QuietFlow):
     """
     Each leg hears the other one: a frame is written to the other leg as it
     arrives, one write per frame, same bytes, no queue and no tick in between.
+    Legs of different formats (a μ-law intercom and a slin16 softphone) are
+    converted, each direction keeping its resampler's state, and cut into the
+    other leg's frames.
+
+    @param conversions: counts the frames converted, by format pair (a
+        C{prometheus_client} counter with C{source} and C{target} labels).
     """
 
     log = Logger()
 
-    def __init__(self) -> None:
-        self._mismatch_logged = False
+    def __init__(self, conversions: Any = None) -> None:
+        self.conversions = conversions
+        self._converters: dict[tuple[ILeg, ILeg], _Converter] = {}
 
     def legJoined(self, session: ISession, leg: ILeg) -> None:
         self._route(session)
 
     def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
         leg.route = None
+        for pair in [pair for pair in self._converters if leg in pair]:
+            del self._converters[pair]
         self._route(session)
 
     @staticmethod
@@ -88,21 +101,44 @@ class BridgeFlow(_QuietFlow):
             legs[0].route, legs[1].route = legs[1], legs[0]
 
     def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
+        # What the frame is: the leg's declared format, or the slin rate its kind names.
+        source = leg.format if frame.kind == leg.format.kind else SLIN_BY_KIND.get(frame.kind)
+        if source is None:
+            return
         # session.legs rather than session.others(leg): no list built per frame.
         for other in session.legs.values():
             if other is leg:
                 continue
-            if frame.kind == other.format.kind:
+            if source == other.format:
                 other.forward(frame)  # which skips a leg that is no longer live
-            elif other.live and not self._mismatch_logged:
-                # Forwarding would play the audio at the wrong speed: silence is better.
-                self._mismatch_logged = True
-                self.log.warn(
-                    "{call_id} the {role} leg sends kind 0x{kind:02x} but the {other} leg "
-                    "expects 0x{expected:02x}; the {other} leg hears silence instead",
-                    call_id=session.call_id, role=leg.role, other=other.role,
-                    kind=frame.kind, expected=other.format.kind,
-                )
+            elif other.live:
+                converter = self._converters.get((leg, other))
+                if converter is None or converter.source != source:
+                    converter = self._converters[(leg, other)] = _Converter(source, other.format, self.conversions)
+                for converted in converter.convert(frame.payload):
+                    other.forwardBytes(converted)
+
+
+class _Converter:
+    """One direction of a bridge between two formats: resampler state, and the part of a frame still short."""
+
+    def __init__(self, source: AudioFormat, target: AudioFormat, conversions: Any) -> None:
+        self.source = source
+        self.target = target
+        self._transcoder = Transcoder(source, target)
+        self._pending = b""
+        self._counted = None if conversions is None else conversions.labels(source=source.name, target=target.name)
+
+    def convert(self, payload: bytes) -> list[bytes]:
+        """The target's whole frames, encoded, that this payload completes (usually one)."""
+        pending = self._pending + self._transcoder.convert(payload)
+        size = self.target.frame_bytes
+        whole = len(pending) - len(pending) % size
+        self._pending = pending[whole:]
+        if self._counted is not None:
+            self._counted.inc()
+        kind = self.target.kind
+        return [encode(kind, pending[i : i + size]) for i in range(0, whole, size)]
 
 
 @implementer(IFlow)

@@ -92,6 +92,11 @@ class Metrics:
             ["generation"], buckets=GC_BUCKETS, registry=self.collectors,
         )
         self._gcStarted = 0.0
+        self.bridge_conversions = Counter(
+            "audiohangup_bridge_conversions",
+            "Bridged frames converted between two legs' formats, by format pair.",
+            ["source", "target"], registry=self.collectors,
+        )
         self.streams_total = Counter(
             "audiohangup_streams", "Media streams over, by protocol and outcome (ended, app_closed, failed).",
             ["protocol", "outcome"], registry=self.collectors,

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -23,7 +24,7 @@ from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
-from audiohangup.flows import load_flow
+from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback
 from audiohangup.metrics import Metrics
@@ -59,6 +60,8 @@ class Config:
     webhook_ca: str | None = None
     flow: str = "bridge"
     audio: str = "slin"
+    visitor_audio: str | None = None
+    resident_audio: str | None = None
     max_queue_ms: int = 1000
     on_leg_end: str = "hangup"
     idle_timeout: float = 0.0
@@ -72,11 +75,17 @@ class Config:
     heartbeat: float = 2.0
     streams: StreamConfig = field(default_factory=StreamConfig)
 
-    def leg_settings(self) -> LegSettings:
+    def audio_of(self, role: Role) -> str:
+        """The format a role's legs carry: --visitor-audio or --resident-audio, else --audio."""
+        chosen = self.visitor_audio if role is Role.VISITOR else self.resident_audio
+        return chosen or self.audio
+
+    def leg_settings(self, role: Role | None = None) -> LegSettings:
+        """The legs' settings; of one role's legs, with that role's audio format."""
         return LegSettings(
             close_timeout=self.close_timeout,
             uuid_timeout=self.uuid_timeout,
-            audio=FORMATS[self.audio],
+            audio=FORMATS[self.audio if role is None else self.audio_of(role)],
             max_queue_ms=self.max_queue_ms,
             idle_timeout=self.idle_timeout,
             max_duration=self.max_duration,
@@ -208,10 +217,11 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     if reactor is None:
         reactor = global_reactor()
     settings = config.leg_settings()
-    registry = Registry(
-        load_flow(config.flow), end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate
-    )
+    registry = Registry(end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate)
     metrics = Metrics(registry)
+    flow = load_flow(config.flow)
+    # The built-in bridge counts the frames it converts between formats.
+    registry.flow_factory = partial(BridgeFlow, metrics.bridge_conversions) if flow is BridgeFlow else flow
     recent = RecentLegs()
     pacer = Pacer(reactor)
     webhooks = None
@@ -250,13 +260,14 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     )
     for role in Role:
         name = f"audiosocket-{role}"
-        factory = AudioSocketFactory(role, registry, settings, reactor, pacer)
+        factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer)
         endpoint = serverFromString(reactor, config.endpoint(role))
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
         Listener(name, endpoint, factory, gate).setServiceParent(service)
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
+        formats={role: FORMATS[config.audio_of(role)] for role in Role},
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
     )
     service.api = api

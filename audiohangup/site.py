@@ -154,8 +154,8 @@ class ApiSite(Site):
     def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
-        # The largest body a route takes: a /play prompt as long as a leg's queue.
-        self.max_body = max(MAX_BODY, api.settings.max_play_bytes)
+        # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
+        self.max_body = max(MAX_BODY, *(api.settings.max_queue_frames * fmt.frame_bytes for fmt in api.formats.values()))
 
     def log(self, request: http.Request) -> None:
         super().log(request)

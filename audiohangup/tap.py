@@ -185,6 +185,16 @@ class Options(usage.Options):
             _choice("--audio", FORMATS),
         ],
         [
+            "visitor-audio", None, None,
+            "The visitor legs' format, if not --audio's (a μ-law intercom, say); the bridge converts.",
+            _choice("--visitor-audio", FORMATS),
+        ],
+        [
+            "resident-audio", None, None,
+            "The resident legs' format, if not --audio's (a slin16 softphone, say); the bridge converts.",
+            _choice("--resident-audio", FORMATS),
+        ],
+        [
             "max-queue-ms", None, Config.max_queue_ms,
             "Audio a leg's outbound queue holds; when full, the oldest is dropped.",
             _milliseconds("--max-queue-ms"),
@@ -418,6 +428,8 @@ class Options(usage.Options):
             max_unsent_ms=self["max-unsent-ms"],
             flow=self["flow"],
             audio=self["audio"],
+            visitor_audio=self["visitor-audio"],
+            resident_audio=self["resident-audio"],
             max_queue_ms=self["max-queue-ms"],
             on_leg_end=self["on-leg-end"],
             idle_timeout=self["idle-timeout"],

@@ -948,7 +948,13 @@ def thirds(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+def orchestrate(args: argparse.Namespace, server: common.Server | None = None) -> dict[str, Any]:
+    """
+    One run against C{server}, not yet started; by default ``twistd -n
+    audiohangup`` with C{--server-args}. ``bench/peers.py`` passes servers
+    started otherwise (pinned to a core, or the reference servers), so they
+    are measured by the same load and the same counters.
+    """
     if args.wait_idle:
         common.wait_idle(args.wait_idle, stretch=args.idle_stretch)
     server_args = shlex.split(args.server_args)
@@ -968,7 +974,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.faults and not fault_kinds:
         raise RuntimeError("--faults needs at least one fault kind")
     mix = parse_weights(args.mix, MIX_KINDS, "--mix")
-    server = common.Server(server_args)
+    server = common.Server(server_args) if server is None else server
     workers: list[common.Worker] = []
     results: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []

@@ -186,14 +186,19 @@ class BridgeTests(SessionTestCase):
         self.tick(50)
         self.assertEqual(wire.frames(), [SLIN.silence_frame] * 50)
 
-    def test_mismatchedRatesGetSilence(self) -> None:
-        """Audio of another rate than the other leg's is not forwarded: silence is."""
+    def test_audioOfAnotherKindIsConverted(self) -> None:
+        """
+        Audio of another kind than the leg declares is converted to the other
+        leg's format (and logged once, by the leg), not played at the wrong speed.
+        """
         visitor, _ = self.leg(Role.VISITOR)
         _, resident_wire = self.leg(Role.RESIDENT)
-        wideband = encode(Kind.SLIN16, b"\x01\x00" * 320)
-        visitor.dataReceived(wideband)
-        self.tick()
-        self.assertEqual(resident_wire.frames(), [SLIN.silence_frame])
+        for _ in range(5):
+            visitor.dataReceived(encode(Kind.SLIN16, b"\x00\x10" * 320))
+        converted = resident_wire.frames()
+        self.assertTrue(converted)
+        self.assertTrue(all(frame[:3] == encode(Kind.SLIN, bytes(320))[:3] for frame in converted))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     def test_dtmfIsNotForwarded(self) -> None:
         visitor, _ = self.leg(Role.VISITOR)
