@@ -34,6 +34,7 @@ from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.recording import Recorder, RecordingError
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
 from audiohangup.streams.manager import StreamConfig, StreamError, Streams, check_fields, check_headers, check_url
@@ -120,11 +121,13 @@ class ControlAPI:
         clock: IReactorTime | None = None,
         streams: Streams | None = None,
         formats: dict[Role, AudioFormat] | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings or LegSettings()
         #: The format each role's legs carry (--visitor-audio, --resident-audio).
         self.formats = formats or dict.fromkeys(Role, self.settings.audio)
+        self.recorder = recorder
         self.metrics = metrics
         self.recent = recent
         self.records = records
@@ -269,11 +272,11 @@ class ControlAPI:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
         role = _optional_role(request)
-        legs = self._live_legs(call_id, role)
-        formats = {leg.format for leg in legs}
+        formats = {self.formats[target] for target in ([role] if role is not None else Role)}
         if len(formats) > 1:
-            raise ApiError(400, "mixed_formats", "the call's legs carry different formats: name a role")
-        audio = self._audio_body(request, formats.pop())
+            raise ApiError(400, "mixed_formats", "the roles' legs carry different formats: name a role")
+        audio = self._audio_body(request, formats.pop())  # checked before the call is looked up
+        legs = self._live_legs(call_id, role)
         answers = []
         for leg in legs:
             dropped = leg.play(audio)
@@ -492,6 +495,74 @@ class ControlAPI:
                     request.setHeader("x-audiohangup-answered-by", entry.instance_id)
                     return _json(request, 200, json.loads(answer))
         raise ApiError(404, "unknown_stream", f"call {call_id} has no stream {stream_id} open")
+
+    # Recordings
+
+    @app.route("/calls/<string:call_id>/recording", methods=["POST"])
+    @_control
+    async def start_recording(self, request: IRequest, call_id: str) -> bytes:
+        """Record a live call from now on (with --record, every call is recorded already: 409)."""
+        call_id = parse_call_id(call_id)
+        legs = [leg for leg in self.registry.call(call_id) if leg.live]
+        if not legs:
+            return await self._atOwner(request, call_id)
+        try:
+            recording = self._recorder().begin(call_id, legs)
+        except RecordingError as error:
+            raise ApiError(error.status, error.code, error.message) from None
+        return _json(request, 201, {"call_id": call_id, "recording": recording.summary()})
+
+    @app.route("/calls/<string:call_id>/recording", methods=["DELETE"])
+    @_control
+    async def stop_recording(self, request: IRequest, call_id: str) -> bytes:
+        """Stop a call's recording; the answer comes once its file is complete."""
+        call_id = parse_call_id(call_id)
+        recorder = self._recorder()
+        recording = recorder.active.get(call_id)
+        if recording is None:
+            if not self.registry.call(call_id):
+                return await self._atOwner(request, call_id)
+            raise ApiError(404, "not_recording", f"call {call_id} is not being recorded")
+        await recorder.finish(call_id)
+        return _json(request, 200, {"call_id": call_id, "recording": recording.summary()})
+
+    @app.route("/calls/<string:call_id>/recording", methods=["GET"])
+    @_read
+    async def get_recording(self, request: IRequest, call_id: str) -> Any:
+        """The call's WAV file, during the call (what is written so far) and after it."""
+        call_id = parse_call_id(call_id)
+        resource = self._recorder().resource(call_id)
+        if resource is None:
+            if not self.registry.call(call_id):
+                return await self._atOwner(request, call_id, what="recording")
+            raise ApiError(404, "no_recording", f"call {call_id} has no recording")
+        return resource
+
+    def _recorder(self) -> Recorder:
+        if self.recorder is None:
+            raise ApiError(404, "recording_off", "recording is off")
+        return self.recorder
+
+    async def _atOwner(self, request: IRequest, call_id: str, what: str = "call") -> bytes:
+        """A call not held here: its owner's answer, in a cluster; else 404."""
+        if self.cluster is not None and not _forwarded(request):
+            from audiohangup.directory import DirectoryUnavailable
+
+            try:
+                owners = await self.cluster.directory.owners(call_id)
+            except DirectoryUnavailable as error:
+                raise _redis_unavailable(error) from None
+            for entry in owners.values():
+                if entry.instance_id != self.cluster.instance_id:
+                    status, body = await self._forward(request, entry, request.uri)
+                    request.setResponseCode(status)
+                    request.setHeader("x-audiohangup-answered-by", entry.instance_id)
+                    is_wav = status == 200 and request.method == b"GET"
+                    request.setHeader("content-type", "audio/wav" if is_wav else "application/json")
+                    return body
+        if what == "recording":
+            raise ApiError(404, "no_recording", f"call {call_id} has no recording here")
+        raise _unknown_call(call_id)
 
     @app.route("/instances", methods=["GET"])
     @_read

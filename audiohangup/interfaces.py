@@ -61,6 +61,8 @@ class ILeg(Interface):
     close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
     hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
     taps: list[ILegTap] = Attribute("Told of every frame and digit the leg receives, after its flow.")
+    heard: list[ILegTap] = Attribute("Told of every frame written to the leg (C{legHeard}): what it hears.")
+    recording: str | None = Attribute("The file of its call's recording (relative to the recordings), if any.")
     streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
     route: ILeg | None = Attribute(
         "The leg the built-in bridge forwards this one's audio to, byte for byte, without a flow call per "
@@ -124,6 +126,9 @@ class ILegTap(Interface):
 
     def legDtmf(digit: str) -> None:
         """A DTMF digit arrived on the leg."""
+
+    def legHeard(data: bytes) -> None:
+        """An encoded frame was written to the leg (only taps in its C{heard} list are told)."""
 
 
 class IMediaStream(Interface):

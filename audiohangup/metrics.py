@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -97,6 +97,19 @@ class Metrics:
             "Bridged frames converted between two legs' formats, by format pair.",
             ["source", "target"], registry=self.collectors,
         )
+        self.recordings_active = Gauge(
+            "audiohangup_recordings_active", "Calls being recorded.", registry=self.collectors
+        )
+        self.recordings_written = Counter(
+            "audiohangup_recordings_written", "Recordings finished, their WAV header completed.", registry=self.collectors
+        )
+        self.recording_bytes_written = Counter(
+            "audiohangup_recording_bytes", "Audio bytes written to recordings.", registry=self.collectors
+        )
+        self.recording_dropped_frames = Counter(
+            "audiohangup_recording_dropped_frames",
+            "Frames of audio not recorded: a disk too slow or full.", registry=self.collectors,
+        )
         self.streams_total = Counter(
             "audiohangup_streams", "Media streams over, by protocol and outcome (ended, app_closed, failed).",
             ["protocol", "outcome"], registry=self.collectors,
@@ -162,6 +175,19 @@ class Metrics:
 
     def connection_refused(self, listener: str, reason: str) -> None:
         self.connections_refused.labels(listener=listener, reason=reason).inc()
+
+    def recording_started(self) -> None:
+        self.recordings_active.inc()
+
+    def recording_finished(self) -> None:
+        self.recordings_active.dec()
+        self.recordings_written.inc()
+
+    def recording_bytes(self, count: int) -> None:
+        self.recording_bytes_written.inc(count)
+
+    def recording_dropped(self, frames: int) -> None:
+        self.recording_dropped_frames.inc(frames)
 
     def stream_started(self, stream: Any) -> None:
         pass  # the gauge of active streams is read from the manager at scrape time

@@ -188,6 +188,8 @@ class AudioSocketProtocol(Protocol):
         #: What a converse media stream sends the leg: paced after queued prompts.
         self.feed: Playout | None = None
         self.taps: list[ILegTap] = []
+        self.heard: list[ILegTap] = []
+        self.recording: str | None = None
         self.streams: list[IMediaStream] = []
         #: The leg the built-in bridge forwards this one's audio to, byte for byte (see dataReceived).
         self.route: ILeg | None = None
@@ -508,6 +510,9 @@ class AudioSocketProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
         self.bytes_out += len(data)
+        if self.heard:
+            for tap in self.heard:
+                tap.legHeard(data)
         connection = self._tcp
         if connection is not None and not connection.dataBuffer and not connection._tempDataBuffer:
             # Nothing is queued ahead of this frame: send it now rather than at

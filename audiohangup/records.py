@@ -137,6 +137,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     ),
     # The leg's media streams, a JSON list of {stream_id, url, protocol, mode, outcome}.
     3: ("ALTER TABLE call_records ADD COLUMN streams TEXT",),
+    # The call's recording, relative to the recordings directory (YYYY-MM-DD/<call id>.wav).
+    4: ("ALTER TABLE call_records ADD COLUMN recording TEXT",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -144,11 +146,11 @@ _ROLES = frozenset(role.value for role in Role)
 _REASONS = frozenset({reason.value for reason in CloseReason} | {SERVER_LOST})
 _COLUMNS = (
     "id, call_id, role, peer, started_at, ended_at, reason, cause, "
-    "frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams"
+    "frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams, recording"
 )
 _END_FIELDS = (
     "ended_at", "reason", "cause", "frames_in", "frames_out", "bytes_in", "bytes_out", "dtmf", "hangup_to_close_ms",
-    "streams",
+    "streams", "recording",
 )
 _MAX_ROWID = 2**63 - 1
 _CURSOR = re.compile(r"(?P<started_at>[0-9eE.+-]+):(?P<id>[0-9]{1,19})")
@@ -399,6 +401,7 @@ class CallRecords:
             "dtmf": str(leg.dtmf),
             "hangup_to_close_ms": leg.hangup_to_close_ms,
             "streams": json.dumps([stream.record() for stream in leg.streams]) if leg.streams else None,
+            "recording": leg.recording,
         }
         self._write(leg, "end", self._db.end, row, values)
 
@@ -589,7 +592,7 @@ def _page(rows: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
 
 def _record(row: tuple[Any, ...]) -> dict[str, Any]:
     (_, call_id, role, peer, started_at, ended_at, reason, cause,
-     frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams) = row
+     frames_in, frames_out, bytes_in, bytes_out, dtmf, hangup_to_close_ms, streams, recording) = row
     return {
         "call_id": call_id,
         "role": role,
@@ -605,6 +608,7 @@ def _record(row: tuple[Any, ...]) -> dict[str, Any]:
         "dtmf": dtmf,
         "hangup_to_close_ms": hangup_to_close_ms,
         "streams": json.loads(streams) if streams else [],
+        "recording": recording,
     }
 
 

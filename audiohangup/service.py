@@ -31,6 +31,7 @@ from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.site import ApiSite
@@ -74,6 +75,18 @@ class Config:
     advertise_url: str | None = None
     heartbeat: float = 2.0
     streams: StreamConfig = field(default_factory=StreamConfig)
+    #: --record DIR (every call) sets both; --record-dir only where on-demand recordings go.
+    record_every_call: bool = False
+    record_dir: str | None = None
+    record_mix: str = "sent"
+    record_days: float = 0.0
+
+    def recordings_directory(self) -> str:
+        """Where recordings go: --record-dir, else 'recordings' beside the call records."""
+        if self.record_dir:
+            return self.record_dir
+        beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""
+        return os.path.join(beside, "recordings")
 
     def audio_of(self, role: Role) -> str:
         """The format a role's legs carry: --visitor-audio or --resident-audio, else --audio."""
@@ -122,6 +135,7 @@ class AudioHangupService(MultiService):
         cluster: Cluster | None = None,
         streams: Streams | None = None,
         metrics: Metrics | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -133,6 +147,7 @@ class AudioHangupService(MultiService):
         self.cluster = cluster
         self.streams = streams
         self.metrics = metrics
+        self.recorder = recorder
         #: What the configuration leaves open, logged once at start-up.
         self.warnings: list[str] = []
         self.api: ControlAPI | None = None
@@ -141,6 +156,8 @@ class AudioHangupService(MultiService):
     def startService(self) -> None:
         if self.metrics is not None:
             self.metrics.watchGarbageCollector()
+        if self.recorder is not None:
+            self.recorder.start()
         for warning in self.warnings:
             self.log.warn("{warning}", warning=warning)
         # Before the reactor runs, so no leg can start ahead of the store:
@@ -175,6 +192,8 @@ class AudioHangupService(MultiService):
             self.metrics.unwatchGarbageCollector()
         if self.streams is not None:
             await self.streams.stop()  # their apps get stop and a close, bounded
+        if self.recorder is not None:
+            await self.recorder.stop()  # the last audio written, the headers completed
         self.pacer.stopService()  # after the drain: live legs get their frames to the end
         if self.cluster is not None:
             await self.cluster.stop()  # session ends still need the directory
@@ -231,11 +250,19 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks)
     metrics.streams = streams
+    formats = {role: FORMATS[config.audio_of(role)] for role in Role}
+    recorder = Recorder(
+        RecordingConfig(
+            directory=config.recordings_directory(), every_call=config.record_every_call,
+            mix=Mix(config.record_mix), keep_days=config.record_days,
+        ),
+        reactor, formats, metrics=metrics,
+    )
     records = None
     if config.records != "none":
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
     # Observers in this order: a leg's streams end (and say how) before its record is written.
-    for observer in (metrics, recent, streams, records, webhooks):
+    for observer in (metrics, recent, streams, recorder, records, webhooks):
         if observer is not None:
             registry.events.add(observer)
     cluster = None
@@ -256,7 +283,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(cluster)
     service = AudioHangupService(
         registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster, streams=streams,
-        metrics=metrics,
+        metrics=metrics, recorder=recorder,
     )
     for role in Role:
         name = f"audiosocket-{role}"
@@ -267,7 +294,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats={role: FORMATS[config.audio_of(role)] for role in Role},
+        formats=formats, recorder=recorder,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
     )
     service.api = api

@@ -23,6 +23,7 @@ from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.reasons import Role
+from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
 from audiohangup.streams.manager import (
@@ -249,6 +250,24 @@ class Options(usage.Options):
             "(default: the system's trust store).",
         ],
         [
+            "record", None, None,
+            "Record every call into this directory (one stereo WAV per call: DIR/YYYY-MM-DD/<call id>.wav).",
+        ],
+        [
+            "record-dir", None, None,
+            "Where recordings started through the API go (default: 'recordings' beside the call records).",
+        ],
+        [
+            "record-mix", None, "sent",
+            "What each channel holds: what its leg sent (the voices), or what it heard.",
+            _choice("--record-mix", ("sent", "heard")),
+        ],
+        [
+            "record-days", None, 0.0,
+            "Days recordings are kept, pruned daily with the call records; 0 keeps them forever.",
+            _days("--record-days"),
+        ],
+        [
             "stream-url", None, None,
             "Stream every new leg to this ws:// or wss:// URL ({call_id} and {role} are filled in).",
         ],
@@ -357,6 +376,15 @@ class Options(usage.Options):
                 CallRecords.check_path(self["records"])
             except ValueError as error:
                 raise usage.UsageError(f"--records: {error}") from None
+        if self["record"] is not None:
+            if self["record-dir"] is not None and self["record-dir"] != self["record"]:
+                raise usage.UsageError("--record DIR sets where recordings go: give --record-dir the same, or drop it")
+            self["record-dir"] = self["record"]
+        if self["record-dir"] is not None:
+            try:
+                Recorder.check_directory(self["record-dir"])
+            except ValueError as error:
+                raise usage.UsageError(f"--record-dir: {error}") from None
         for option in ("allow", "http-allow"):
             if self[option] is not None:
                 try:
@@ -435,6 +463,10 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             max_duration=self["max-duration"],
             playout_timeout=self["playout-timeout"],
+            record_every_call=self["record"] is not None,
+            record_dir=self["record-dir"],
+            record_mix=self["record-mix"],
+            record_days=self["record-days"],
             streams=StreamConfig(
                 url=self["stream-url"],
                 roles=self["stream-roles"],

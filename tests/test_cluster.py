@@ -242,3 +242,30 @@ async def test_stream_routes_reach_the_owner(spawn: Spawn, redis_server: RedisSe
         assert (status, body["error"]["code"]) == (404, "unknown_stream")
     finally:
         await app.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recording_routes_reach_the_owner(spawn: Spawn, redis_server: RedisServer) -> None:
+    """Recording a call held by A through B: start, fetch while it runs, stop; each answered by A."""
+    import io
+    import wave
+
+    from audiohangup.wire import Kind, encode
+
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    client = await leg_on(a, "visitor", call_id, on_hangup="close")
+    await wait_listed(b, {(str(call_id), "visitor"): "a"})
+    status, body, response = await request("POST", f"{b.url}/calls/{call_id}/recording")
+    assert status == 201, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
+    for _ in range(10):
+        client.send(encode(Kind.SLIN, b"\x10\x00" * 160))
+    fetched = await treq.get(f"{b.url}/calls/{call_id}/recording", persistent=False, timeout=10)
+    assert fetched.code == 200 and fetched.headers.getRawHeaders("content-type") == ["audio/wav"]
+    with wave.open(io.BytesIO(await fetched.content())) as wav:
+        assert wav.getnchannels() == 2
+    status, body, response = await request("DELETE", f"{b.url}/calls/{call_id}/recording")
+    assert status == 200, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]

@@ -39,6 +39,9 @@ class Tap:
     def legDtmf(self, digit: str) -> None:
         pass
 
+    def legHeard(self, data: bytes) -> None:
+        pass
+
 
 class Wire(StringTransport):
     """A transport that decodes what the server wrote."""

@@ -157,6 +157,7 @@ def expected(leg: AudioSocketProtocol) -> dict[str, Any]:
             None if leg.hangup_at is None else round((leg.ended_at - leg.hangup_at) * 1000, 1)
         ),
         "streams": [stream.record() for stream in leg.streams],
+        "recording": leg.recording,
     }
 
 
@@ -314,6 +315,7 @@ async def test_row_exists_while_the_leg_is_live(tmp_path: Path, logs: LogCapture
             "dtmf": None,
             "hangup_to_close_ms": None,
             "streams": [],
+            "recording": None,
         }
         line.clock.advance(1)
         leg.hangup(HangupCause.API)
@@ -407,6 +409,7 @@ async def test_rows_left_open_are_closed_as_server_lost(tmp_path: Path, logs: Lo
             "dtmf": None,
             "hangup_to_close_ms": None,
             "streams": [],
+            "recording": None,
         }
     assert "3 call records left open by an earlier run closed as server_lost" in logs.texts()
     store = CallRecords(str(path), clock)
@@ -467,6 +470,7 @@ async def test_version_1_database_is_upgraded(tmp_path: Path, logs: LogCapture) 
         "dtmf": None,
         "hangup_to_close_ms": None,
         "streams": [],
+        "recording": None,
     }
     assert (lost["call_id"], lost["reason"]) == ("0b7c7d0e-6b0e-4e44-a3c4-0c6f1b0d2a11", SERVER_LOST)
     assert any("upgraded from version 1" in text for text in logs.texts())
@@ -478,7 +482,7 @@ async def test_version_1_database_is_upgraded(tmp_path: Path, logs: LogCapture) 
     for db in (path, fresh):
         conn = sqlite3.connect(db)
         try:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             columns = [row[1:] for row in conn.execute("PRAGMA table_info(call_records)")]
             indexes = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'"))
@@ -487,7 +491,7 @@ async def test_version_1_database_is_upgraded(tmp_path: Path, logs: LogCapture) 
             conn.close()
     assert schemas[0] == schemas[1]
     names = [column[0] for column in schemas[0][0]]
-    assert names[-3:] == ["dtmf", "hangup_to_close_ms", "streams"]
+    assert names[-4:] == ["dtmf", "hangup_to_close_ms", "streams", "recording"]
 
 
 @pytest_twisted.ensureDeferred
@@ -495,7 +499,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     """A database from a newer audiohangup is not touched, and the store is left closed."""
     path = tmp_path / "new.db"
     conn = sqlite3.connect(path)
-    conn.executescript(SCHEMA_V1 + "PRAGMA user_version = 4;")
+    conn.executescript(SCHEMA_V1 + "PRAGMA user_version = 5;")
     conn.close()
     store = CallRecords(str(path), reactor)
     with pytest.raises(SchemaTooNew):
@@ -503,7 +507,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     assert not store._pool.started
     await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
     conn.close()
 
 

@@ -60,7 +60,7 @@ async def test_records_of_finished_legs(make_server: Any, logs: LogCapture) -> N
     assert by_role["resident"]["bytes_in"] == 19 + 2 * len(SILENCE_20MS) + 4
     assert set(by_role["visitor"]) == {
         "call_id", "role", "peer", "started_at", "ended_at", "reason", "cause", "frames_in",
-        "frames_out", "bytes_in", "bytes_out", "dtmf", "hangup_to_close_ms", "streams",
+        "frames_out", "bytes_in", "bytes_out", "dtmf", "hangup_to_close_ms", "streams", "recording",
     }
 
     assert [r["role"] for r in (await get(server, f"/records?call_id={call}&role=resident"))[1]["records"]] == [

@@ -291,9 +291,12 @@ class ScopeTests(SynchronousTestCase):
     READ_ROUTES = [
         ("GET", "/calls"), ("GET", "/calls/{call}"), ("GET", "/metrics"), ("GET", "/legs/ended"),
         ("GET", "/records"), ("GET", "/instances"), ("GET", "/calls?scope=cluster"),
+        ("GET", "/calls/{call}/recording"),
     ]
     CONTROL_ROUTES = [
         ("POST", "/calls/{call}/hangup"), ("POST", "/api/hangup"), ("POST", "/calls/{call}/play"),
+        ("POST", "/calls/{call}/streams"), ("DELETE", "/calls/{call}/streams/MZ0"),
+        ("POST", "/calls/{call}/recording"), ("DELETE", "/calls/{call}/recording"),
     ]
 
     def setUp(self) -> None:
@@ -315,6 +318,8 @@ class ScopeTests(SynchronousTestCase):
         body: dict[str, Any] = {}
         if path == "/api/hangup":
             body = {"json": {"call_id": self.call}}
+        elif path.endswith("/streams"):
+            body = {"json": {"url": "ws://127.0.0.1:9/", "mode": "listen"}}
         elif path.endswith("/play"):
             body = {"data": b"\x00\x00" * 160, "headers": {**headers, "Content-Type": "audio/L16;rate=8000"}}
             headers = body.pop("headers")

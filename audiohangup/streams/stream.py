@@ -234,6 +234,9 @@ class MediaStream:
         self.counts.frames_to_app += 1
         self.counts.bytes_to_app += len(message[0])
 
+    def legHeard(self, data: bytes) -> None:
+        pass  # a stream hears what its leg sends
+
     def legDtmf(self, digit: str) -> None:
         if self.wire is not None and self.state is State.STREAMING:
             self.wire.send(self.protocol.dtmf(digit), False)

@@ -1,0 +1,262 @@
+"""
+Call recording: the WAV's channels and timeline, formats, a crash and a full
+disk, the API, retention. Real legs over loopback, the server in-process (or
+as a twistd child where only a process shows it).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+import wave
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase
+
+from audiohangup.audio import FORMATS
+from audiohangup.codecs import Transcoder, encode
+from audiohangup.recording import HEADER_BYTES, repair, wav_header
+from audiohangup.wire import Kind
+from audiohangup.wire import encode as frame
+from tests.conftest import LogCapture, Server, until
+from tests.fake_asterisk import FakeAsterisk, connect
+from tests.twistd_child import start_server
+
+ULAW, SLIN16 = FORMATS["ulaw"], FORMATS["slin16"]
+
+
+def numbered(n: int, count: int = 160) -> bytes:
+    """A slin frame whose every sample is C{n}: where it lands in the file says which it was."""
+    return struct.pack("<h", n) * count
+
+
+def read_wav(path: str | Path) -> tuple[int, np.ndarray, np.ndarray]:
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth()) == (2, 2)
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+        return wav.getframerate(), data[0::2], data[1::2]
+
+
+def ticks(channel: np.ndarray, per_tick: int = 160) -> list[int]:
+    """Each 20 ms of a channel as the one value it holds (frames are numbered), or -1 if mixed."""
+    out = []
+    for start in range(0, len(channel) - per_tick + 1, per_tick):
+        block = channel[start : start + per_tick]
+        out.append(int(block[0]) if (block == block[0]).all() else -1)
+    return out
+
+
+async def leg(server: Server, role: str, call_id: uuid.UUID) -> FakeAsterisk:
+    client = await connect(server.port(role), on_hangup="close")
+    client.send_uuid(call_id)
+    await until(lambda: server.registry.get(str(call_id), role) is not None, what=f"the {role} leg")
+    return client
+
+
+async def paced(client: FakeAsterisk, payloads: list[bytes], kind: int = Kind.SLIN) -> list[float]:
+    sent = []
+    for payload in payloads:
+        client.send(frame(kind, payload))
+        sent.append(reactor.seconds())
+        await deferLater(reactor, 0.020)
+    return sent
+
+
+async def ended(server: Server, call_id: uuid.UUID) -> None:
+    await until(lambda: not server.registry.call(str(call_id)), what="the call to end")
+    await until(lambda: str(call_id) not in server.service.recorder.active, what="the recording to stop")
+    await server.service.recorder.run(lambda: None)  # the writer thread is past the header
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_hold_each_side_in_step(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """
+    Visitor left, resident right, sample for sample; the resident joins a
+    second late and its channel is silence until then; frames sent at the
+    same moment land in the same tick on both sides (within one frame).
+    """
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path / "rec"))
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    began = reactor.seconds()
+    await paced(visitor, [numbered(1000 + n) for n in range(50)])  # one second alone
+    resident = await leg(server, "resident", call_id)
+    joined = reactor.seconds()
+    for n in range(50):  # then both at once
+        visitor.send(frame(Kind.SLIN, numbered(2000 + n)))
+        resident.send(frame(Kind.SLIN, numbered(-2000 - n)))
+        await deferLater(reactor, 0.020)
+    visitor.close()
+    await ended(server, call_id)
+    [path] = list((tmp_path / "rec").glob("*/*.wav"))
+    assert path.name == f"{call_id}.wav"
+    assert path.parent.name == datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    rate, left, right = read_wav(path)
+    assert rate == 8000
+    left_ticks, right_ticks = ticks(left), ticks(right)
+    sent_left = [v for v in left_ticks if v >= 1000]
+    assert sent_left == [1000 + n for n in range(50)] + [2000 + n for n in range(50)]  # every frame, in order
+    assert [v for v in right_ticks if v != 0] == [-2000 - n for n in range(50)]
+    # The resident's channel is silence until it joined (a second or more, however late the machine ran it).
+    first_right = next(i for i, v in enumerate(right_ticks) if v != 0)
+    assert first_right >= int((joined - began) / 0.020) - 1 >= 49
+    assert set(right_ticks[:first_right]) == {0}
+    # Frames sent together sit together.
+    for n in range(50):
+        assert abs(left_ticks.index(2000 + n) - right_ticks.index(-2000 - n)) <= 1, n
+
+
+@pytest_twisted.ensureDeferred
+async def test_mulaw_and_slin16_make_a_16k_file(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    server = await make_server(
+        record_every_call=True, record_dir=str(tmp_path), visitor_audio="ulaw", resident_audio="slin16",
+    )
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    t = np.arange(8000) / 8000
+    pcm = (6000 * np.sin(2 * math.pi * 1000 * t)).astype("<i2").tobytes()
+    ulaw = encode(pcm, ULAW)
+    frames = [ulaw[i : i + 160] for i in range(0, len(ulaw), 160)]
+    # At once: the frames fill consecutive ticks, so the channel is one unbroken conversion
+    # (paced frames would leave a silent tick wherever the sender ran late).
+    visitor.send(b"".join(frame(Kind.SLIN, f) for f in frames))
+    await until(lambda: server.registry.get(str(call_id), "visitor").frames_in == 51, what="every frame")
+    visitor.close()
+    await ended(server, call_id)
+    [path] = list(tmp_path.glob("*/*.wav"))
+    rate, left, right = read_wav(path)
+    assert rate == 16000
+    assert not right.any()  # no resident: silence
+    offline = Transcoder(ULAW, SLIN16)
+    expected = np.frombuffer(b"".join(offline.convert(f) for f in frames), dtype="<i2")
+    # Where the tone is, it is the decoded and resampled audio, up to the resampler's delay and rounding:
+    # a middle stretch of the channel matches the offline conversion at its best lag.
+    start = int(np.argmax(np.abs(left) > 1000)) + 2000
+    got = left[start : start + 8000].astype(float)
+    offset = int(np.argmax(np.abs(expected) > 1000)) + 2000
+
+    def correlation(lag: int) -> float:
+        reference = expected[offset + lag : offset + lag + len(got)].astype(float)
+        return float(np.dot(got, reference) / math.sqrt(np.dot(got, got) * np.dot(reference, reference)))
+
+    best = max(range(-40, 41), key=correlation)
+    assert correlation(best) > 0.999
+    reference = expected[offset + best : offset + best + len(got)].astype(float)
+    assert abs(np.abs(got).max() - np.abs(reference).max()) < 300
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_drops_audio_and_the_call_goes_on(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """The recording's file is /dev/full: every write fails; the call does not notice."""
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path))
+    call_id = uuid.uuid4()
+    folder = tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    folder.mkdir()
+    (folder / f"{call_id}.wav").symlink_to("/dev/full")
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(7)] * 25)
+    heard = len(visitor.frames)
+    await until(lambda: len(visitor.frames) > heard + 5, what="the call to go on")
+    metrics = server.service.metrics.collectors
+    await until(lambda: (metrics.get_sample_value("audiohangup_recording_dropped_frames_total") or 0) >= 20,
+                what="drops counted")
+    warned = [e for e in logs.events if "audio dropped, the call goes on" in e.get("log_format", "")]
+    assert len(warned) == 1 and warned[0]["call_id"] == str(call_id)
+    assert "No space left on device" in warned[0]["why"]
+    assert server.registry.get(str(call_id), "visitor").live
+    visitor.close()
+    await until(lambda: not server.registry.call(str(call_id)), what="the call to end")
+
+
+async def api(server: Server, method: str, path: str) -> tuple[int, Any, Any]:
+    response = await treq.request(method, f"{server.url}{path}", persistent=False, timeout=10)
+    content = await response.content()
+    return response.code, content, response
+
+
+@pytest_twisted.ensureDeferred
+async def test_recording_through_the_api(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    server = await make_server(record_dir=str(tmp_path / "on-demand"))
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    path = f"/calls/{call_id}/recording"
+    assert (await api(server, "GET", path))[0] == 404  # not recorded: nothing to fetch
+    status, body, _ = await api(server, "POST", path)
+    assert status == 201, body
+    assert (await api(server, "POST", path))[0] == 409
+    status, body, _ = await api(server, "GET", path)  # at once: the writer may not have opened the file yet
+    with wave.open(io.BytesIO(body)) as first:
+        assert status == 200 and first.getframerate() == 8000
+    await paced(visitor, [numbered(300)] * 25)
+    status, body, response = await api(server, "GET", path)
+    assert status == 200 and response.headers.getRawHeaders("content-type") == ["audio/wav"]
+    with wave.open(io.BytesIO(body)) as during:
+        assert during.getnframes() > 0  # what is written so far, with a header that says so
+    status, body, _ = await api(server, "DELETE", path)
+    assert status == 200, body
+    assert (await api(server, "DELETE", path))[0] == 404
+    status, body, _ = await api(server, "GET", path)
+    with wave.open(io.BytesIO(body)) as after:
+        assert after.getnframes() >= 25 * 160 - 160
+    for method in ("POST", "DELETE", "GET"):
+        assert (await api(server, method, f"/calls/{uuid.uuid4()}/recording"))[0] == 404
+    visitor.close()
+    await until(lambda: not server.registry.call(str(call_id)), what="the call to end")
+    [record] = (await server.service.records.query(call_id=str(call_id)))["records"]
+    assert record["recording"].endswith(f"/{call_id}.wav")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
+    record = tmp_path / "recordings"
+    child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    call_id = uuid.uuid4()
+    client = await connect(ports["audiosocket-visitor"], on_hangup="close")
+    client.send_uuid(call_id)
+    began = reactor.seconds()
+    for _ in range(75):
+        client.send(frame(Kind.SLIN, numbered(1234)))
+        await deferLater(reactor, 0.020)
+    lasted = reactor.seconds() - began
+    child.signal("KILL")
+    await child.exit()
+    [path] = list(record.glob("*/*.wav"))
+    assert struct.unpack_from("<I", path.read_bytes(), 40)[0] == 0  # the header never completed
+    again, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    await until(lambda: "header repaired" in again.log, what="the repair")
+    with wave.open(str(path)) as wav:
+        seconds = wav.getnframes() / wav.getframerate()
+    assert lasted - 0.5 <= seconds <= lasted + 0.1, (seconds, lasted)
+    response = await treq.get(f"http://127.0.0.1:{ports['http']}/calls/{call_id}/recording", persistent=False)
+    assert response.code == 200
+    with wave.open(io.BytesIO(await response.content())) as served:
+        assert served.getnframes() / served.getframerate() == seconds
+    again.signal("TERM")
+    await again.exit()
+
+
+class RepairTests(SynchronousTestCase):
+    def test_repairFromTheSize(self) -> None:
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "x.wav")
+        with open(path, "wb") as file:
+            file.write(wav_header(16000, 0) + b"\x01\x00" * 1001)  # an odd sample: cut off
+        self.assertEqual(repair(path), 500 / 16000)
+        with wave.open(path) as wav:
+            self.assertEqual((wav.getnframes(), wav.getframerate()), (500, 16000))
+        self.assertIsNone(repair(path))  # right now: left alone
+        self.assertEqual(os.path.getsize(path), HEADER_BYTES + 2000)
