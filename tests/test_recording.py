@@ -260,3 +260,43 @@ class RepairTests(SynchronousTestCase):
             self.assertEqual((wav.getnframes(), wav.getframerate()), (500, 16000))
         self.assertIsNone(repair(path))  # right now: left alone
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 2000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """--record-mix heard: each channel is what its leg heard, so the visitor's holds the resident's voice."""
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path), record_mix="heard")
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    resident = await leg(server, "resident", call_id)
+    for n in range(10):
+        resident.send(frame(Kind.SLIN, numbered(500 + n)))
+        await deferLater(reactor, 0.020)
+    visitor.close()
+    await ended(server, call_id)
+    [path] = list(tmp_path.glob("*/*.wav"))
+    _, left, right = read_wav(path)
+    assert [v for v in ticks(left) if v > 0] == [500 + n for n in range(10)]  # the visitor heard the resident
+    assert not [v for v in ticks(right) if v > 0]  # the resident heard silence only
+    metrics = server.service.metrics.collectors
+    assert metrics.get_sample_value("audiohangup_recordings_written_total") == 1
+    assert metrics.get_sample_value("audiohangup_recording_bytes_total") == path.stat().st_size - 44
+    assert metrics.get_sample_value("audiohangup_recordings_active") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> None:
+    """--record-days: day folders older than that go at start (and daily); newer ones stay."""
+    from audiohangup.recording import Mix, Recorder, RecordingConfig
+
+    old, recent = tmp_path / "2001-01-01", tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / f"{uuid.uuid4()}.wav").write_bytes(wav_header(8000, 0))
+    recorder = Recorder(RecordingConfig(str(tmp_path), keep_days=7, mix=Mix.SENT), reactor, {})
+    await recorder.start()
+    try:
+        assert not old.exists() and recent.exists()
+        assert next(e for e in logs.events if "older than" in e.get("log_format", ""))["count"] == 1
+    finally:
+        await recorder.stop()
