@@ -408,6 +408,35 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             self.assertFalse(listener.running, name)
             self.assertIsNone(listener.port, name)  # type: ignore[attr-defined]
 
+    def test_nothing_outlives_stop_service(self) -> None:
+        """
+        What the service starts is its own: after stopService no timer is left
+        on the reactor, the pacer is stopped, the process-wide hooks (the
+        garbage collector's callbacks, the SIGHUP handler of a tokens file) are
+        back as they were, and the recordings' thread is gone.
+        """
+        import gc
+        import signal
+        import threading
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        tokens = os.path.join(folder, "tokens")
+        with open(tokens, "w") as file:
+            file.write("read abc\n")
+        callbacks, handler = list(gc.callbacks), signal.getsignal(signal.SIGHUP)
+        threads = set(threading.enumerate())
+        service = self.start("--api-tokens-file", tokens)
+        self.assertNotEqual(list(gc.callbacks), callbacks)
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), handler)
+        self.reactor.advance(1.0)  # the recorder's flush loop runs meanwhile
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertFalse(service.pacer.running)
+        self.assertEqual(list(gc.callbacks), callbacks)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), handler)
+        self.assertEqual({t for t in threading.enumerate() if t.is_alive()} - threads, set())
+
 
 class PluginTests(SynchronousTestCase):
     def maker(self) -> IServiceMaker:
