@@ -173,11 +173,12 @@ class Playout(deque[PlayoutItem]):
             played()
 
     def drain(self) -> int:
-        """Drop every frame (barge-in) and answer every mark; return the frames dropped."""
+        """Drop every frame (barge-in, or its leg closing) and answer every mark; return the frames dropped."""
         dropped = self.frames
         marks = [item for item in self if not isinstance(item, bytes)]
         self.clear()
         self.frames = 0
+        self.dropped += dropped
         for played in marks:
             played()
         return dropped

@@ -277,7 +277,7 @@ class _StreamCollector(Collector):
 
         def total(name: str) -> int:
             ended = getattr(manager.ended_totals, name) if manager is not None else 0
-            return int(ended + sum(getattr(stream.counts, name) for stream in current))
+            return int(ended + sum(getattr(stream.totals(), name) for stream in current))
 
         active = GaugeMetricFamily("audiohangup_streams_active", "Media streams connecting, open or closing.")
         active.add_metric([], len(current))

@@ -185,11 +185,11 @@ class NativeTests(StreamTestCase):
         self.assertFalse(self.leg.feed)
         self.tick()
         self.assertEqual(self.frames(), [SLIN.silence_frame[3:]])
-        self.assertEqual(self.stream.counts.dropped_from_app, 19)
+        self.assertEqual(self.stream.totals().dropped_from_app, 19)
 
     def test_queueIsBoundedOldestDropped(self) -> None:
         self.app(b"".join(samples(v) for v in range(60)))  # 1.2 s into a 1 s queue
-        self.assertEqual(self.stream.counts.dropped_from_app, 10)
+        self.assertEqual(self.stream.totals().dropped_from_app, 10)
         self.tick()
         self.assertEqual(self.frames(), [samples(10)])
 
@@ -264,6 +264,8 @@ class NativeTests(StreamTestCase):
         self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "m"})
         self.leg.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.leg.close_reason, CloseReason.HANGUP_CLEAN)
+        self.stream.stop("the leg ended")
+        self.assertEqual(self.stream.counts.dropped_from_app, 3)  # the leg drained them first: still counted
 
 
 class ListenTests(StreamTestCase):

@@ -279,7 +279,7 @@ class Streams:
 
     def streamEnded(self, stream: MediaStream) -> None:
         self.current.pop(stream.stream_id, None)
-        self.ended_totals.add(stream.counts)
+        self.ended_totals.add(stream.totals())
         if not self.current:
             waiting, self._allOver = self._allOver, []
             for over in waiting:

@@ -111,7 +111,7 @@ class Counts:
     frames_from_app: int = 0
     bytes_from_app: int = 0
     dropped_to_app: int = 0  # the app read too slowly
-    dropped_from_app: int = 0  # its queue was full, or a clear
+    dropped_from_app: int = 0  # its queue was full, a clear, or its leg ended first
     ignored_from_app: int = 0  # listen mode
 
     def add(self, other: Counts) -> None:
@@ -170,6 +170,13 @@ class MediaStream:
             "stream_id": self.stream_id, "url": self.public_url, "protocol": self.protocol.name,
             "mode": str(self.mode), "outcome": None if self.outcome is None else str(self.outcome),
         }
+
+    def totals(self) -> Counts:
+        """What the stream counted so far, with what its feed has dropped."""
+        totals = Counts(**vars(self.counts))
+        if self._feed is not None:
+            totals.dropped_from_app += self._feed.dropped
+        return totals
 
     @property
     def live(self) -> bool:
@@ -269,7 +276,7 @@ class MediaStream:
             return
         kind = self.leg.format.kind
         self.counts.frames_from_app += len(payloads)
-        self.counts.dropped_from_app += feed.push([encode(kind, payload) for payload in payloads])
+        feed.push([encode(kind, payload) for payload in payloads])  # what it drops, it counts
 
     def _ownFeed(self) -> Playout | None:
         """The leg's feed, made ours on first use; None if the leg is not live or another stream feeds it."""
@@ -304,7 +311,7 @@ class MediaStream:
         self._pending = b""
         feed = self._ownFeed()
         if feed is not None:
-            self.counts.dropped_from_app += feed.drain()
+            feed.drain()
 
     def _hangup(self, after_playout: bool) -> None:
         self.log.info(
@@ -338,7 +345,10 @@ class MediaStream:
         if self._feed is not None:
             if self.leg.feed is self._feed:
                 self.leg.feed = None
-            self.counts.dropped_from_app += self._feed.drain()
+            self._feed.drain()
+            # Everything the feed dropped (beyond its bound, cleared, or left when
+            # the leg closed before this stream heard of it) is now this stream's.
+            self.counts.dropped_from_app += self._feed.dropped
             self._feed = None
 
     def _end(self, outcome: Outcome, reason: str) -> None:
