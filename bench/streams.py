@@ -18,16 +18,23 @@ leg, their phases spread over the 20 ms as real channels are.
 What it measures, per run:
 
 - the server's CPU (utime + stime from ``/proc``) over a steady window,
-  as % of a core: per leg, and per streamed leg (the run minus the baseline
-  of the same round, over the 2N legs);
+  as % of a core: per leg, and per streamed leg (the run minus the mean of
+  the baselines, over the 2N legs);
 - leg → app latency: the app's receive time minus the leg's send stamp;
 - app → leg latency: the leg's receive time of an echo minus the send time
   the app wrote into it (the server plays an app's audio on its 20 ms
   pacer tick, so up to one tick of this is by design);
 - the round trip, the bridge's own latency, the frames each leg got (echo,
-  bridged, silence), and the server's side: ``/metrics`` stream counters
-  and drops, RSS before, during and after, log lines that signal trouble,
-  every leg's close reason and every stream's outcome.
+  bridged, silence: echoes short of 50 per second mean the server plays the
+  app's audio slower than real time), and the server's side: ``/metrics``
+  stream counters and drops, RSS before, during and after, log lines that
+  signal trouble, every leg's close reason and every stream's outcome;
+- the CPU that processes outside the benchmark used meanwhile: a run where
+  they took over 10 % of a core is kept in the JSON but left out of the
+  summary (unless every round of that configuration was noisy).
+
+With ``--pin`` the server runs on CPU 0 and the app and the legs on the
+others, so the server has a core to itself.
 
 All times are ``time.monotonic_ns()``: CLOCK_MONOTONIC is one clock for every
 process on a Linux machine, so a stamp taken in one process can be read in
@@ -46,7 +53,7 @@ A table goes to stderr with the progress lines, one JSON object to stdout
 (as ``bench/bridge.py`` and ``bench/load.py`` do). Run from the repository
 root, with the working tree on the path (the twistd child inherits it)::
 
-    PYTHONPATH=$PWD python bench/streams.py --calls 100 --seconds 20 --repeats 2
+    PYTHONPATH=$PWD python bench/streams.py --calls 100 --seconds 20 --repeats 3 --wait-idle 1800
 
 A benchmark, not a test. It talks only to 127.0.0.1, every step is bounded in
 time, and the server and the workers are always stopped.
@@ -85,6 +92,8 @@ READY_TIMEOUT = 60.0
 STREAMS_TIMEOUT = 30.0
 #: How long the app waits, after the window, for the server to close its streams.
 APP_CLOSE_WAIT = 15.0
+#: Other processes' CPU over a run's window (% of a core) above which the run is left out of the summary.
+NOISY_OTHER = 10.0
 #: The window is cut in this many parts to show whether app → leg latency drifts.
 PARTS = 4
 
@@ -460,6 +469,7 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             return "echo"
 
         def echo_received(self, buffer: bytes, start: int, seq: int, sent: int, now: int, t0: int, t1: int) -> None:
+            """Our own frame back from the app: its round trip, and app → leg from the app's stamp."""
             if seq <= self.last_echo:
                 self.counts["echo_out_of_order"] += 1
             self.last_echo = seq
@@ -558,6 +568,16 @@ def server_args(config: str, app_port: int | None) -> list[str]:
     return args
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """
+    Keep a process, every thread of it, on C{cpus}: with --pin the server
+    gets a core of its own, so what it costs is not mixed with how much of a
+    core it could get next to the app and the legs.
+    """
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
 def measure_window(server: common.Server, t0: float, t1: float) -> dict[str, Any]:
     """Server CPU, RSS and the machine's other load over [t0, t1): the steady part of the run."""
     common.sleep_until(t0)
@@ -593,6 +613,8 @@ def run_once(args: argparse.Namespace, config: str, round_number: int) -> dict[s
                 workers.append(app)
             server = common.Server(server_args(config, app_port))
             server.start()
+            if args.pin:
+                pin(server.pid, {0})
             rss_idle = server.rss_kib()
             calls = [(index, str(uuid.uuid4())) for index in range(args.calls)]
             legs = common.Worker(os.path.abspath(__file__), 1, {
@@ -601,6 +623,9 @@ def run_once(args: argparse.Namespace, config: str, round_number: int) -> dict[s
                 "resident_port": server.ports["audiosocket-resident"],
             }, directory)
             workers.append(legs)
+            if args.pin:
+                for worker in workers:
+                    pin(worker.process.pid, set(range(1, os.cpu_count() or 2)))
             common.start_workers([legs], READY_TIMEOUT)
             if config != BASELINE:
                 wait_for(lambda: count_lines(server, STREAM_OPEN) >= legs_total, STREAMS_TIMEOUT,
@@ -729,19 +754,31 @@ def span(values: list[float | None], digits: int = 1) -> list[float] | None:
 
 
 def summarise(runs: list[dict[str, Any]], configs: list[str], legs_total: int) -> dict[str, Any]:
-    """Each configuration over its rounds: ranges, and the CPU per streamed leg against the same round's baseline."""
-    baseline = {run["round"]: run["server"]["cpu_percent"] for run in runs if run["config"] == BASELINE}
+    """
+    Each configuration over its quiet rounds (all of them if none was
+    quiet): ranges, and the CPU per streamed leg against the mean of the
+    quiet baselines (a round's own baseline may have been a noisy one).
+    """
+
+    def quiet(config: str) -> list[dict[str, Any]]:
+        mine = [run for run in runs if run["config"] == config]
+        calm = [run for run in mine if run["server"]["other_cpu_percent"] <= NOISY_OTHER]
+        return calm or mine
+
+    baselines = [run["server"]["cpu_percent"] for run in quiet(BASELINE)]
+    baseline = sum(baselines) / len(baselines)
     summary = {}
     for config in configs:
-        mine = [run for run in runs if run["config"] == config]
+        mine = quiet(config)
         cpu = [run["server"]["cpu_percent"] for run in mine]
-        extra = [run["server"]["cpu_percent"] - baseline[run["round"]] for run in mine if run["round"] in baseline]
+        extra = [c - baseline for c in cpu]
 
         def latency(direction: str, q: str, mine: list[dict[str, Any]] = mine) -> list[float] | None:
             return span([(run["latency_ms"][direction] or {}).get(q) for run in mine], 2)
 
         summary[config] = {
-            "rounds": len(mine),
+            "rounds": [run["round"] for run in mine],
+            "noisy_rounds": sorted({run["round"] for run in runs if run["config"] == config} - {run["round"] for run in mine}),
             "server_cpu_percent": span(cpu),
             "cpu_per_leg_percent": span([c / legs_total for c in cpu], 3),
             "cpu_per_streamed_leg_percent": span([e / legs_total for e in extra], 3) if config != BASELINE else None,
@@ -772,13 +809,14 @@ def table(summary: dict[str, Any]) -> str:
     def pair(figures: dict[str, Any]) -> str:
         return "-" if figures["p50"] is None else f"{r(figures['p50'])} / {r(figures['p99'])}"
 
-    head = ("config", "server CPU %", "per leg %", "per streamed leg %", "leg->app p50/p99 ms",
+    head = ("config", "rounds", "server CPU %", "per leg %", "per streamed leg %", "leg->app p50/p99 ms",
             "app->leg p50/p99 ms", "echoes/s per leg", "bridged p50/p99 ms", "app CPU %", "others %")
     rows = [head] + [
-        (config, r(s["server_cpu_percent"]), r(s["cpu_per_leg_percent"]), r(s["cpu_per_streamed_leg_percent"]),
-         pair(s["leg_to_app_ms"]), pair(s["app_to_leg_ms"]), r(s["echo_frames_per_leg_per_s"]) if config != BASELINE else "-",
-         pair(s["bridged_ms"]), r(s["app_cpu_percent"]),
-         r(s["other_cpu_percent"]))
+        (config, ",".join(str(n) for n in s["rounds"]),
+         r(s["server_cpu_percent"]), r(s["cpu_per_leg_percent"]), r(s["cpu_per_streamed_leg_percent"]),
+         pair(s["leg_to_app_ms"]), pair(s["app_to_leg_ms"]),
+         r(s["echo_frames_per_leg_per_s"]) if config != BASELINE else "-",
+         pair(s["bridged_ms"]), r(s["app_cpu_percent"]), r(s["other_cpu_percent"]))
         for config, s in summary.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -806,7 +844,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(run_once(args, config, round_number))
             time.sleep(1.0)  # the previous server's sockets and processes gone
     summary = summarise(runs, configs, legs_total)
-    log("figures (ranges over the rounds):\n" + table(summary))
+    log(f"figures (ranges over the rounds with other processes under {NOISY_OTHER:g}% of a core):\n" + table(summary))
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"nproc": os.cpu_count(), "model": cpu_model(), "python": platform.python_version()},
@@ -815,6 +853,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "pinned": args.pin,
         "summary": summary,
         "runs": runs,
         "problems": [problem for run in runs for problem in problems_of(run, legs_total)],
@@ -834,10 +873,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of every configuration, interleaved; default 2")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for the machine to be idle; default 0, no wait")
+    parser.add_argument("--pin", action="store_true",
+                        help="the server on CPU 0, the app and the legs on the other CPUs (needs 2 or more)")
     common.add_worker_option(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return args
+    if args.pin and (os.cpu_count() or 1) < 2:
+        parser.error("--pin needs at least 2 CPUs")
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not args.protocols or any(p not in PROTOCOLS for p in args.protocols):
         parser.error(f"--protocols must name {' and/or '.join(PROTOCOLS)}")
