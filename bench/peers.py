@@ -384,7 +384,10 @@ def span(values: list[Any], digits: int) -> str:
 
 
 def table(runs: list[dict[str, Any]], names: list[str], args: argparse.Namespace) -> list[str]:
-    """One row per server, ranges over the repeats; a '*' marks a server with a noisy or failed run."""
+    """
+    One row per server, ranges over its clean runs (neither noisy nor failed), as noisy runs are
+    discarded in docs/performance.rst; over every completed run, marked '*', when none was clean.
+    """
     if args.churn:
         cost = ("CPU ms/call", "cpu_ms_per_call", 2)
         tail = ("API->00 p99", "api_to_hangup_frame_p99_ms", 1)
@@ -393,14 +396,15 @@ def table(runs: list[dict[str, Any]], names: list[str], args: argparse.Namespace
         tail = ("p50 ms", "bridge_p50_ms", 2)
     columns = [cost, ("CPU %", "cpu_percent", 1), ("user %", "user_percent", 1), ("kernel %", "kernel_percent", 1),
                tail, ("p99 ms", "bridge_p99_ms", 1), (f"x {FLOOR}", "cpu_ratio_to_floor", 2)]
-    header = ["server"] + [title for title, _, _ in columns] + ["lost", "runs"]
+    header = ["server"] + [title for title, _, _ in columns] + ["lost (all runs)", "clean runs"]
     rows = [header]
     for name in names:
         mine = [run for run in runs if run["server"] == name]
         good = [run for run in mine if "error" not in run]
-        flag = "*" if any(run.get("noisy") for run in good) or len(good) < len(mine) else ""
-        row = [name + flag] + [span([run.get(key) for run in good], digits) for _, key, digits in columns]
-        row += [str(sum(run["frames_lost"] for run in good)), f"{len(good)}/{len(mine)}"]
+        clean = [run for run in good if not run["noisy"]]
+        kept, flag = (clean, "") if clean else (good, "*")
+        row = [name + flag] + [span([run.get(key) for run in kept], digits) for _, key, digits in columns]
+        row += [str(sum(run["frames_lost"] for run in good)), f"{len(clean)}/{len(mine)}"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -490,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: skipped, {why}")
     for line in table(runs, [c.name for c in found], args):
         print(line)
-    print("* = a noisy run (other processes over 10 % of a core) or a failed one; see the JSON")
+    print("ranges over the clean runs: a noisy run (other processes over 10 % of a core in the window) or a failed "
+          "one is left out; * = no clean run, all runs shown; every run is in the JSON")
     print(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/peers.py " + shlex.join(sys.argv[1:]),
