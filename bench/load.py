@@ -916,16 +916,33 @@ def settle_fds(server: common.Server, limit: float = 5.0) -> int:
 def metrics_totals(text: str) -> dict[str, Any]:
     started = ended = 0.0
     without_leg: Counter[str] = Counter()
+    gc_stats: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("audiohangup_legs_started_total"):
             started += float(line.rsplit(" ", 1)[1])
         elif line.startswith("audiohangup_legs_ended_total"):
             ended += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("audiohangup_gc_pause_seconds_"):
+            name, value = line.rsplit(" ", 1)
+            gc_stats[name] = float(value)
         elif line.startswith("audiohangup_connections_without_leg_total"):
             match = re.search(r'reason="(\w+)"', line)
             without_leg[match.group(1) if match else "?"] += float(line.rsplit(" ", 1)[1])
     return {"legs_started": int(started), "legs_ended": int(ended),
-            "connections_without_leg": {k: int(v) for k, v in without_leg.items()}}
+            "connections_without_leg": {k: int(v) for k, v in without_leg.items()},
+            "gc": gc_summary(gc_stats)}
+
+
+def gc_summary(stats: dict[str, float]) -> dict[str, Any]:
+    """Collections, seconds paused, and pauses over 10 ms, per generation (audiohangup_gc_pause_seconds)."""
+    summary: dict[str, Any] = {}
+    for generation in ("0", "1", "2"):
+        label = f'generation="{generation}"'
+        count = stats.get(f"audiohangup_gc_pause_seconds_count{{{label}}}", 0.0)
+        total = stats.get(f"audiohangup_gc_pause_seconds_sum{{{label}}}", 0.0)
+        under = stats.get(f'audiohangup_gc_pause_seconds_bucket{{{label},le="0.01"}}', count)
+        summary[generation] = {"collections": int(count), "seconds": round(total, 4), "over_10ms": int(count - under)}
+    return summary
 
 
 def thirds(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
