@@ -28,16 +28,17 @@ from werkzeug.exceptions import HTTPException
 from audiohangup.access import AuthThrottle, Scope, Tokens
 from audiohangup.audio import AudioFormat
 from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
+from audiohangup.errors import ApiError
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
-from audiohangup.recording import Recorder, RecordingError
+from audiohangup.recording import Recorder
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
-from audiohangup.streams.manager import StreamConfig, StreamError, Streams, check_fields, check_headers, check_url
+from audiohangup.streams.manager import StreamConfig, Streams, check_fields, check_headers, check_url
 from audiohangup.streams.stream import MediaStream
 
 if TYPE_CHECKING:
@@ -47,16 +48,6 @@ if TYPE_CHECKING:
 MAX_BODY = 64 * 1024
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-class ApiError(Exception):
-    """An answer other than success, with its status and a stable error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def parse_call_id(text: str) -> str:
@@ -437,12 +428,9 @@ class ControlAPI:
         for name, value in (("protocol", protocol), ("mode", mode)):
             if value is not None and not isinstance(value, str):
                 raise ApiError(400, f"bad_{name}", f"{name} must be a string")
-        try:
-            url = check_url(body.get("url"))
-            parameters = check_fields(body.get("parameters"), "parameters")
-            headers = check_headers(check_fields(body.get("headers"), "headers"))
-        except StreamError as error:
-            raise ApiError(error.status, error.code, error.message) from None
+        url = check_url(body.get("url"))
+        parameters = check_fields(body.get("parameters"), "parameters")
+        headers = check_headers(check_fields(body.get("headers"), "headers"))
         held = self.registry.call(call_id)
         mine = [leg for leg in held if role is None or leg.role is role]
         remote = await self._remoteOwners(request, call_id, role, held, mine)
@@ -451,15 +439,12 @@ class ControlAPI:
         if not mine and not remote:
             self._live_legs(call_id, role)  # raises the right 404
         mine = [leg for leg in mine if leg.live]
-        try:
-            for leg in mine:  # all or none: check every leg before opening one
-                self.streams.check(leg, url, protocol, mode)
-            opened = [
-                self.streams.open(leg, url, protocol=protocol, mode=mode, parameters=parameters, headers=headers)
-                for leg in mine
-            ]
-        except StreamError as error:
-            raise ApiError(error.status, error.code, error.message) from None
+        for leg in mine:  # all or none: check every leg before opening one
+            self.streams.check(leg, url, protocol, mode)
+        opened = [
+            self.streams.open(leg, url, protocol=protocol, mode=mode, parameters=parameters, headers=headers)
+            for leg in mine
+        ]
         answers = [_opened_view(stream) for stream in opened]
         for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]]):
             status, answer = await self._forward(request, entry, _with_query(request.uri, role=name))
@@ -506,10 +491,7 @@ class ControlAPI:
         legs = [leg for leg in self.registry.call(call_id) if leg.live]
         if not legs:
             return await self._atOwner(request, call_id)
-        try:
-            recording = self._recorder().begin(call_id, legs)
-        except RecordingError as error:
-            raise ApiError(error.status, error.code, error.message) from None
+        recording = self._recorder().begin(call_id, legs)
         return _json(request, 201, {"call_id": call_id, "recording": recording.summary()})
 
     @app.route("/calls/<string:call_id>/recording", methods=["DELETE"])

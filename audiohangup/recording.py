@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from audiohangup.audio import FORMATS, SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
+from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.wire import Frame
@@ -352,14 +353,6 @@ class RecordingConfig:
     keep_days: float = 0.0  # 0: kept forever
 
 
-class RecordingError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 @implementer(ILegObserver)
 class Recorder:
     """Every recording of this instance, their timer and their writer thread."""
@@ -427,9 +420,9 @@ class Recorder:
 
     def begin(self, call_id: str, legs: list[ILeg]) -> CallRecording:
         if self.directory is None:
-            raise RecordingError(404, "recording_off", "recording is off: start the server with --record-dir or --record")
+            raise ApiError(404, "recording_off", "recording is off: start the server with --record-dir or --record")
         if call_id in self.active:
-            raise RecordingError(409, "already_recording", f"call {call_id} is being recorded already")
+            raise ApiError(409, "already_recording", f"call {call_id} is being recorded already")
         now = self.reactor.seconds()
         day = datetime.fromtimestamp(time.time(), timezone.utc).strftime("%Y-%m-%d")
         name = f"{day}/{call_id}.wav"
@@ -447,7 +440,7 @@ class Recorder:
         """Stop a recording: what is left is written, the header completed; fires once it is on disk."""
         recording = self.active.pop(call_id, None)
         if recording is None:
-            raise RecordingError(404, "not_recording", f"call {call_id} is not being recorded")
+            raise ApiError(404, "not_recording", f"call {call_id} is not being recorded")
         for leg in list(recording.taps):
             recording.detach(leg)
         recording.flush(everything=True)

@@ -19,6 +19,7 @@ from twisted.python import usage
 from audiohangup.access import TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
+from audiohangup.errors import ApiError
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
@@ -31,7 +32,6 @@ from audiohangup.streams.manager import (
     MODES,
     PROTOCOLS,
     StreamConfig,
-    StreamError,
     check_url,
     parse_header,
 )
@@ -399,7 +399,7 @@ class Options(usage.Options):
         if self["stream-url"] is not None:
             try:
                 check_url(self["stream-url"])
-            except StreamError as error:
+            except ApiError as error:
                 raise usage.UsageError(f"--stream-url: {error.message}") from None
         try:
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))

@@ -22,11 +22,12 @@ from zope.interface import implementer
 from audiohangup.audio import FORMATS, Playout
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
+from audiohangup.errors import ApiError
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
-from audiohangup.streams.manager import StreamError, check_headers, check_url, parse_header, redact
+from audiohangup.streams.manager import check_headers, check_url, parse_header, redact
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import IStreamWire, MediaStream, Mode, Outcome, State, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
@@ -360,7 +361,7 @@ class ValidationTests(SynchronousTestCase):
         for good in ("ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x"):
             self.assertEqual(check_url(good), good)
         for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5):
-            with self.assertRaises(StreamError):
+            with self.assertRaises(ApiError):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
 
@@ -369,5 +370,5 @@ class ValidationTests(SynchronousTestCase):
         for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x"):
             with self.assertRaises(ValueError):
                 parse_header(bad)
-        with self.assertRaises(StreamError):
+        with self.assertRaises(ApiError):
             check_headers({"X-A": "line\r\nbreak"})

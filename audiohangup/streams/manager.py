@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, IReactor
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.streams import client
@@ -45,16 +46,6 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RESERVED = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "content-length"}
 
 
-class StreamError(ValueError):
-    """A stream that cannot be opened as asked: the API answers C{status} with C{code}."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class StreamConfig:
     """The --stream-* options."""
@@ -77,17 +68,17 @@ class StreamConfig:
 
 
 def check_url(template: object) -> str:
-    """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else StreamError."""
+    """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else ApiError."""
     if not isinstance(template, str) or not template:
-        raise StreamError(400, "bad_url", "the stream URL must be a ws:// or wss:// URL")
+        raise ApiError(400, "bad_url", "the stream URL must be a ws:// or wss:// URL")
     try:
         parsed = URL.from_text(fill(template, "0" * 36, "visitor"))
     except Exception as error:  # hyperlink raises several types for a URL it cannot parse
-        raise StreamError(400, "bad_url", f"the stream URL does not parse: {error}") from None
+        raise ApiError(400, "bad_url", f"the stream URL does not parse: {error}") from None
     if parsed.scheme not in ("ws", "wss") or not parsed.host:
-        raise StreamError(400, "bad_url", "the stream URL must be ws:// or wss:// with a host")
+        raise ApiError(400, "bad_url", "the stream URL must be ws:// or wss:// with a host")
     if parsed.userinfo:
-        raise StreamError(400, "bad_url", "credentials in the stream URL are not supported; use a header")
+        raise ApiError(400, "bad_url", "credentials in the stream URL are not supported; use a header")
     return template
 
 
@@ -101,22 +92,22 @@ def redact(url: str) -> str:
 
 
 def check_fields(value: object, what: str) -> dict[str, str]:
-    """A JSON object of strings (custom parameters, headers), bounded; else StreamError."""
+    """A JSON object of strings (custom parameters, headers), bounded; else ApiError."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise StreamError(400, f"bad_{what}", f"{what} must be an object of strings")
+        raise ApiError(400, f"bad_{what}", f"{what} must be an object of strings")
     if len(value) > MAX_FIELDS or any(len(k) + len(v) > MAX_FIELD_BYTES for k, v in value.items()):
-        raise StreamError(400, f"bad_{what}", f"{what}: at most {MAX_FIELDS}, each under {MAX_FIELD_BYTES} bytes")
+        raise ApiError(400, f"bad_{what}", f"{what}: at most {MAX_FIELDS}, each under {MAX_FIELD_BYTES} bytes")
     return dict(value)
 
 
 def check_headers(headers: dict[str, str]) -> dict[str, str]:
     for name, value in headers.items():
         if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
-            raise StreamError(400, "bad_headers", f"{name!r} is not a header a stream may set")
+            raise ApiError(400, "bad_headers", f"{name!r} is not a header a stream may set")
         if "\r" in value or "\n" in value:
-            raise StreamError(400, "bad_headers", f"the value of {name} holds a line break")
+            raise ApiError(400, "bad_headers", f"the value of {name} holds a line break")
     return headers
 
 
@@ -128,7 +119,7 @@ def parse_header(text: str) -> tuple[str, str]:
     header = {name.strip(): value.strip()}
     try:
         check_headers(header)
-    except StreamError as error:
+    except ApiError as error:
         raise ValueError(error.message) from None
     return name.strip(), value.strip()
 
@@ -166,7 +157,7 @@ class Streams:
         parameters: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> MediaStream:
-        """Open a stream for a live leg; StreamError says why one cannot be opened."""
+        """Open a stream for a live leg; ApiError says why one cannot be opened."""
         protocol, chosen = self.check(leg, url, protocol, mode)
         assert leg.call_id is not None
         config = self.config
@@ -200,20 +191,20 @@ class Streams:
         """What L{open} checks first, so that a request for several legs opens all or none."""
         protocol = protocol or self.config.protocol
         if protocol not in PROTOCOLS:
-            raise StreamError(400, "bad_protocol", f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+            raise ApiError(400, "bad_protocol", f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
         try:
             chosen = Mode(mode or self.config.mode)
         except ValueError:
-            raise StreamError(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, not {mode!r}") from None
+            raise ApiError(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, not {mode!r}") from None
         check_url(url)
         if not leg.live or leg.call_id is None:
-            raise StreamError(404, "no_live_leg", f"the {leg.role} leg is not live")
+            raise ApiError(404, "no_live_leg", f"the {leg.role} leg is not live")
         if len(leg.streams) >= MAX_STREAMS_PER_LEG:
-            raise StreamError(409, "too_many_streams", f"a leg has at most {MAX_STREAMS_PER_LEG} streams in its life")
+            raise ApiError(409, "too_many_streams", f"a leg has at most {MAX_STREAMS_PER_LEG} streams in its life")
         if chosen is Mode.CONVERSE and any(
             isinstance(s, MediaStream) and s.live and s.mode is Mode.CONVERSE for s in leg.streams
         ):
-            raise StreamError(409, "already_conversing", f"the {leg.role} leg has a converse stream already")
+            raise ApiError(409, "already_conversing", f"the {leg.role} leg has a converse stream already")
         return protocol, chosen
 
     def _handshakeHeaders(self, url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -254,7 +245,7 @@ class Streams:
             return
         try:
             self.open(leg, self.config.url)
-        except StreamError as error:
+        except ApiError as error:
             self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=error.message)
 
     def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
