@@ -78,3 +78,21 @@ async def test_slin16_softphone_heard_on_a_mulaw_intercom(make_server: Any, logs
     assert {len(payload) for payload in frames} == {160}  # 20 ms of μ-law each
     assert 49 <= len(frames) <= 50
     assert abs(peak_hz(decode(b"".join(frames), ULAW), 8000) - 1000) <= 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_length_slin16_frames_converted_in_step(make_server: Any, logs: LogCapture) -> None:
+    """
+    Asterisk accepts a slin payload of odd length and carries the byte, and
+    so does the bridge: the softphone's audio cut into 641-byte frames reaches
+    the intercom as whole 20 ms μ-law frames, at the pitch sent, with no
+    error (the fuzzer found the one this used to raise).
+    """
+    _, visitor, resident = await mixed(make_server)
+    pcm = tone(16000, 1.0)
+    await send_paced(resident, [frame(Kind.SLIN16, pcm[i : i + 641]) for i in range(0, len(pcm), 641)])
+    await until(lambda: len(heard(visitor, Kind.SLIN)) >= 48, what="the tone at the intercom")
+    frames = heard(visitor, Kind.SLIN)
+    assert {len(payload) for payload in frames} == {160}
+    assert abs(peak_hz(decode(b"".join(frames), ULAW), 8000) - 1000) <= 10
+    assert logs.problems() == []
