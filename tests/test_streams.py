@@ -187,6 +187,21 @@ async def test_app_hangs_the_leg_up(make_server: Any, app: App, logs: LogCapture
 
 
 @pytest_twisted.ensureDeferred
+async def test_app_hangs_the_leg_up_after_playout(make_server: Any, app: App, logs: LogCapture) -> None:
+    """Twilio's extension with afterPlayout: the app's ten queued frames reach the leg whole, then 00 00 00."""
+    _server, call_id, client, stream = await start(make_server, app)
+    marked = [g711_decode(ulaw_frame(100 * n), ULAW) for n in range(1, 11)]
+    stream.send_json(media(b"".join(ulaw_frame(100 * n) for n in range(1, 11))))
+    stream.send_json({"event": "hangup", "afterPlayout": True})
+    await client.closed
+    assert client.ended_with_single_hangup()
+    heard = [frame.payload for frame in client.frames if frame.kind == Kind.SLIN and frame.payload != slin(0)]
+    assert heard == marked
+    [ended] = await until(lambda: logs.ended(str(call_id)), what="the leg's end")
+    assert ended["cause"] == HangupCause.STREAM
+
+
+@pytest_twisted.ensureDeferred
 async def test_leg_end_sends_stop_and_closes(make_server: Any, app: App, logs: LogCapture) -> None:
     server, call_id, client, stream = await start(make_server, app)
     client.reset()
