@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections import deque
 from typing import Any
 
+from autobahn.exception import Disconnected
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
@@ -27,7 +30,9 @@ from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
-from audiohangup.streams.manager import check_headers, check_url, parse_header, redact
+from audiohangup.streams import client
+from audiohangup.streams.client import _ClientFactory, _Wire
+from audiohangup.streams.manager import StreamConfig, Streams, check_headers, check_url, parse_header, redact
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import IStreamWire, MediaStream, Mode, Outcome, State, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
@@ -88,8 +93,11 @@ class StreamTestCase(SynchronousTestCase):
         self.transport.clear()
         self.observer = Observer()
         self.stream = self.make(self.mode)
-        self.wire = FakeWire()
+        self.wire = self.openWire()
         self.stream.opened(self.wire)
+
+    def openWire(self) -> Any:
+        return FakeWire()
 
     def make(self, mode: Mode, settings: StreamSettings | None = None) -> MediaStream:
         if self.protocol == "twilio":
@@ -269,6 +277,48 @@ class NativeTests(StreamTestCase):
         self.assertEqual(self.stream.counts.dropped_from_app, 3)  # the leg drained them first: still counted
 
 
+class ClosingWebSocketTests(StreamTestCase):
+    """
+    The app's Close has arrived, the TCP connection has not gone yet: autobahn
+    refuses to send (it raises Disconnected) while the stream still streams.
+    The stream's wire drops what it sends meanwhile; nothing raises into the
+    pacer, the leg or the API.
+    """
+
+    def openWire(self) -> Any:
+        protocol = _ClientFactory(self.stream, self.clock, 10, url="ws://127.0.0.1:1/").buildProtocol(None)
+        protocol.state = WebSocketProtocol.STATE_OPEN
+        wire = _Wire(protocol, self.stream, 10)
+        wire.paused = True  # what is sent while open waits in the outbox: there is no transport here
+        return wire
+
+    def test_nothingRaisesAndTheLegStaysPaced(self) -> None:
+        observer = EventLoggingObserver()
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.app(samples(1) * 2, {"event": "mark", "name": "bye"})
+        self.wire.protocol.state = WebSocketProtocol.STATE_CLOSING  # the app's Close arrives
+        self.leg.dataReceived(encode(Kind.SLIN, samples(5)))  # media for the app
+        self.leg.dataReceived(encode(Kind.DTMF, b"4"))
+        self.tick(4)  # the app's audio plays out and its mark is answered
+        self.assertEqual(self.frames()[:2], [samples(1), samples(1)])
+        self.assertIn(self.leg, self.pacer._legs)
+        self.assertTrue(self.leg.live)
+        self.wire.resumeProducing()  # the outbox has nowhere to go
+        self.assertEqual(self.wire.outbox, deque())
+        self.stream.stop("the leg ended")  # its stop and close are dropped: the handshake is under way
+        self.assertIs(self.stream.state, State.STOPPING)
+        self.assertEqual([e for e in observer if e.get("log_failure") or e["log_level"] >= LogLevel.error], [])
+        self.tick(3)
+        self.assertIn(self.leg, self.pacer._legs)
+
+    def test_sendRaisesWithoutTheCheck(self) -> None:
+        """The premise: autobahn itself raises on a send in this state."""
+        with self.assertRaises(Disconnected):
+            self.wire.protocol.state = self.wire.protocol.STATE_CLOSING
+            self.wire.protocol.sendMessage(b"x", isBinary=True)
+
+
 class ListenTests(StreamTestCase):
     mode = Mode.LISTEN
 
@@ -279,6 +329,16 @@ class ListenTests(StreamTestCase):
         self.assertEqual(self.frames(), [SLIN.silence_frame[3:]])
         self.assertEqual(self.stream.counts.ignored_from_app, 4)
         self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "x"})
+
+    def test_aListenerCannotHangUpOrTakeTheFeed(self) -> None:
+        """A fork only hears: its hangup is ignored (counted, logged once) and its clear takes no feed."""
+        self.app({"event": "clear"}, {"event": "hangup", "after_playout": False})
+        self.app({"event": "hangup", "after_playout": True})
+        self.tick()
+        self.assertTrue(self.leg.live)
+        self.assertIsNone(self.leg.hangup_cause)
+        self.assertIsNone(self.leg.feed)  # a converse stream opened later can still speak
+        self.assertEqual(self.stream.counts.ignored_from_app, 2)
 
 
 class TwilioTests(StreamTestCase):
@@ -356,11 +416,31 @@ class PlayoutTests(SynchronousTestCase):
         self.assertEqual(playout.dropped, 1)
 
 
+class ManagerTests(StreamTestCase):
+    mode = Mode.LISTEN  # the base's stream only listens: the converse slot is free
+
+    def test_connectRaisingFailsTheStream(self) -> None:
+        """A URL the WebSocket client refuses at once: a failed stream, not one connecting for ever."""
+        def refuse(stream: MediaStream, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("invalid WebSocket URL: non-empty fragment 'token=secret'")
+
+        self.patch(client, "connect", refuse)
+        streams = Streams(StreamConfig(), self.clock)
+        first = streams.open(self.leg, "ws://app/x")
+        self.assertEqual((first.state, first.outcome), (State.FAILED, Outcome.FAILED))
+        self.assertNotIn("secret", first.reason)
+        self.assertEqual(streams.current, {})
+        self.assertNotIn(first, self.leg.taps)
+        second = streams.open(self.leg, "ws://app/y")  # the converse slot is still free: no 409
+        self.assertIs(second.state, State.FAILED)
+        self.assertTrue(self.leg.live)
+
+
 class ValidationTests(SynchronousTestCase):
     def test_urls(self) -> None:
         for good in ("ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x"):
             self.assertEqual(check_url(good), good)
-        for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5):
+        for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5, "ws://app/x#frag", "ws://app:99999/"):
             with self.assertRaises(ApiError):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")

@@ -257,6 +257,20 @@ async def test_app_down_at_start(make_server: Any, logs: LogCapture, policy: str
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_oversized_message_ends_the_stream_not_the_call(make_server: Any, app: App, logs: LogCapture) -> None:
+    """Over 1 MiB in one message: refused as it arrives, the stream failed with the reason, the leg live."""
+    server, call_id, _client, stream = await start(make_server, app, protocol="audiohangup")
+    stream.send_binary(bytes(2 * 1024 * 1024))
+    await stream.closed  # 1009 from us, or 1006 if the TCP connection went first
+    [failed] = await until(
+        lambda: [e for e in logs.events if "failed: {reason}" in e.get("log_format", "")], what="the failure"
+    )
+    assert failed["log_level"] is LogLevel.warn and "exceeds payload limit" in failed["reason"], failed["reason"]
+    leg = server.registry.get(str(call_id), Role.VISITOR)
+    assert leg.live and not leg.feed  # nothing of it was queued
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("policy", ["continue", "hangup"])
 async def test_app_gone_mid_call(make_server: Any, app: App, logs: LogCapture, policy: str) -> None:
     server, call_id, client, stream = await start(make_server, app, failure=policy)

@@ -13,6 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from hyperlink import URL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -25,7 +26,7 @@ from zope.interface import implementer
 
 from audiohangup import __version__
 from audiohangup.interfaces import IReactor
-from audiohangup.streams.messages import Message
+from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
@@ -75,7 +76,18 @@ class _Wire:
         self.media_waiting = 0
         self.closing: tuple[int, str] | None = None
 
+    def _open(self) -> bool:
+        """
+        Whether the WebSocket still takes messages. Once the app's Close has
+        arrived, autobahn refuses to send (it raises) until the TCP connection
+        is gone and the stream hears of it: what the stream sends meanwhile
+        (media, a mark played out, its stop) has nowhere to go and is dropped.
+        """
+        return bool(self.protocol.state == WebSocketProtocol.STATE_OPEN)
+
     def send(self, message: Message, media: bool) -> None:
+        if not self._open():
+            return
         payload, binary = message
         if not self.paused and not self.outbox:
             self.protocol.sendMessage(payload, isBinary=binary)
@@ -96,7 +108,9 @@ class _Wire:
 
     def close(self, code: int, reason: str) -> None:
         self.closing = (code, reason)
-        if not self.outbox:
+        if not self._open():
+            self.outbox.clear()  # the closing handshake is under way already
+        elif not self.outbox:
             self.protocol.sendClose(code, reason)
         # else: sent once the outbox is out; the close timer bounds the wait.
         self.protocol.startCloseTimer()
@@ -108,6 +122,9 @@ class _Wire:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if not self._open():
+            self.stopProducing()
+            return
         while self.outbox and not self.paused:
             payload, binary, media = self.outbox.popleft()
             if media:
@@ -233,7 +250,11 @@ def connect(
         stream, reactor, max(1, max_unsent_ms // 20),
         url=stream.url, headers=headers, useragent=f"audiohangup/{__version__}",
     )
-    factory.setProtocolOptions(closeHandshakeTimeout=CLOSE_GRACE)
+    # A message over the bound is refused as it arrives (close 1009), not
+    # gathered whole first: autobahn's default is no bound at all.
+    factory.setProtocolOptions(
+        closeHandshakeTimeout=CLOSE_GRACE, maxMessagePayloadSize=MAX_APP_MESSAGE, maxFramePayloadSize=MAX_APP_MESSAGE
+    )
     endpoint: Any = HostnameEndpoint(reactor, url.host, url.port or (443 if secure else 80), timeout=timeout)
     if secure:
         trust = trust_root if trust_root is not None else platformTrust()

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from autobahn.websocket.util import parse_url
 from hyperlink import URL
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
@@ -79,6 +80,10 @@ def check_url(template: object) -> str:
         raise ApiError(400, "bad_url", "the stream URL must be ws:// or wss:// with a host")
     if parsed.userinfo:
         raise ApiError(400, "bad_url", "credentials in the stream URL are not supported; use a header")
+    try:
+        parse_url(parsed.to_text())  # what the WebSocket client will refuse: a fragment, a port out of range
+    except ValueError as error:
+        raise ApiError(400, "bad_url", f"the stream URL is not a WebSocket URL: {error}") from None
     return template
 
 
@@ -176,15 +181,21 @@ class Streams:
         leg.streams.append(stream)
         leg.taps.append(stream)
         self.current[stream_id] = stream
-        client.connect(
-            stream, self.reactor, headers=self._handshakeHeaders(target, headers or {}),
-            timeout=config.connect_timeout, max_unsent_ms=config.max_unsent_ms, trust_root=self._trust,
-        )
         self.log.info(
             "{call_id} {role} stream {stream_id} to {url} connecting ({protocol}, {mode})",
             call_id=leg.call_id, role=leg.role, stream_id=stream_id, url=stream.public_url,
             protocol=protocol, mode=chosen,
         )
+        try:
+            client.connect(
+                stream, self.reactor, headers=self._handshakeHeaders(target, headers or {}),
+                timeout=config.connect_timeout, max_unsent_ms=config.max_unsent_ms, trust_root=self._trust,
+            )
+        except Exception as error:
+            # Not a stream left connecting for ever (it would hold the leg's
+            # converse slot): failed, with the reason, like an app that is down.
+            # Its message may quote the URL, whose query or fragment can hold a token: only its type.
+            stream.connectFailed(f"the WebSocket client refused the URL ({type(error).__name__})")
         return stream
 
     def check(self, leg: ILeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:

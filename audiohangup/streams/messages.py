@@ -17,7 +17,8 @@ from zope.interface import Attribute, Interface
 #: One WebSocket message: its payload, and whether it is binary (else UTF-8 text).
 Message = tuple[bytes, bool]
 
-#: The longest text message an application may send (a 60 s μ-law answer in base64 is about 640 kB).
+#: The longest message an application may send (a 60 s μ-law answer in base64
+#: is about 640 kB; 1 MiB of slin is 32 s at 8 kHz): a longer one ends the stream.
 MAX_APP_MESSAGE = 1 << 20
 
 

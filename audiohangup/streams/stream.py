@@ -309,11 +309,18 @@ class MediaStream:
 
     def _clear(self) -> None:
         self._pending = b""
+        if self.mode is Mode.LISTEN:
+            return  # nothing of a listener's plays (and the leg's feed is not its to take)
         feed = self._ownFeed()
         if feed is not None:
             feed.drain()
 
     def _hangup(self, after_playout: bool) -> None:
+        if self.mode is Mode.LISTEN:
+            # A fork (a transcriber, a supervisor) only hears: it cannot end the call.
+            self.counts.ignored_from_app += 1
+            self._ignore("a hangup from a listen-mode stream")
+            return
         self.log.info(
             "{call_id} {role} stream {stream_id} asks to hang up{after}",
             after=" after the queued audio" if after_playout else "", **self._fields(),
