@@ -446,13 +446,24 @@ class ControlAPI:
             for leg in mine
         ]
         answers = [_opened_view(stream) for stream in opened]
+        refused: list[dict[str, Any]] = []  # what an owner answered instead, per role
         for name, entry in sorted(remote.items(), key=lambda item: _ROLE_ORDER[item[0]]):
-            status, answer = await self._forward(request, entry, _with_query(request.uri, role=name))
+            try:
+                status, answer = await self._forward(request, entry, _with_query(request.uri, role=name))
+            except ApiError as error:  # the owner did not answer
+                refused.append({"role": name, "status": error.status, "error": error.body()})
+                continue
             if status == 201:
                 answers.extend(json.loads(answer).get("streams", []))
+            else:
+                refused.append({"role": name, "status": status, "error": _error_of(answer, status)})
         if not answers:
+            if refused:  # the owner's own refusal (409, 400, 502...), not a misleading 404
+                first = refused[0]
+                return _json(request, first["status"], {"error": first["error"]})
             raise ApiError(404, "no_live_leg", f"call {call_id} has no live leg to stream")
-        return _json(request, 201, {"call_id": call_id, "streams": answers})
+        # Some legs streamed: their ids must reach the caller, with what the other legs answered.
+        return _json(request, 201, {"call_id": call_id, "streams": answers, **({"errors": refused} if refused else {})})
 
     @app.route("/calls/<string:call_id>/streams/<string:stream_id>", methods=["DELETE"])
     @_control
@@ -653,6 +664,17 @@ def _json(request: IRequest, status: int, body: object) -> bytes:
     request.setResponseCode(status)
     request.setHeader("content-type", "application/json")
     return json.dumps(body).encode() + b"\n"
+
+
+def _error_of(answer: bytes, status: int) -> dict[str, Any]:
+    """The C{error} object of another instance's answer, or one that says what came back."""
+    try:
+        error = json.loads(answer)["error"]
+        if isinstance(error, dict):
+            return error
+    except (ValueError, KeyError, TypeError):
+        pass
+    return {"code": "owner_error", "message": f"the owner answered {status}"}
 
 
 def json_error(request: IRequest, status: int, code: str, message: str) -> bytes:

@@ -18,3 +18,7 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+    def body(self) -> dict[str, str]:
+        """The C{error} object of the answer."""
+        return {"code": self.code, "message": self.message}

@@ -240,6 +240,23 @@ async def test_stream_routes_reach_the_owner(spawn: Spawn, redis_server: RedisSe
         await until(lambda: len([c for c in app.connections if c.events("start")]) == 3, what="two more streams")
         status, body, _ = await request("DELETE", f"{b.url}/calls/{call_id}/streams/MZnothing")
         assert (status, body["error"]["code"]) == (404, "unknown_stream")
+
+        # An owner's refusal is the answer, and streams opened elsewhere still reach the caller.
+        converse = {"url": app.url("/{role}"), "mode": "converse"}
+        status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/streams", json={**converse, "role": "visitor"})
+        assert status == 201, body
+        status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/streams", json=converse)
+        assert status == 201, body  # the resident's, on B; the visitor's refused on A
+        assert [s["role"] for s in body["streams"]] == ["resident"]
+        assert [(e["role"], e["status"], e["error"]["code"]) for e in body["errors"]] == [
+            ("visitor", 409, "already_conversing")
+        ]
+        alone = uuid.uuid4()
+        await leg_on(a, "visitor", alone, on_hangup="close")
+        await wait_listed(b, {(str(alone), "visitor"): "a"})
+        assert (await request("POST", f"{b.url}/calls/{alone}/streams", json=converse))[0] == 201
+        status, body, _ = await request("POST", f"{b.url}/calls/{alone}/streams", json=converse)
+        assert (status, body["error"]["code"]) == (409, "already_conversing"), body
     finally:
         await app.close()
 
