@@ -166,6 +166,10 @@ class Tokens:
             except ValueError:
                 raise TokenFileError(f"{source}, line {number}: the scope must be read or control") from None
             tokens.append((scope, parts[1]))
+        if not tokens:
+            # No token means no check at all: an empty file (or one caught
+            # half-written by a reload) must not open the API.
+            raise TokenFileError(f"{source} holds no token; the API would be open to anyone")
         return cls(tokens)
 
     @classmethod

@@ -256,7 +256,9 @@ async def test_protected_mode_lets_a_guarded_api_start(spawn: Any, logs: LogCapt
 @pytest_twisted.ensureDeferred
 async def test_fail_closed(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
     """A store or a file the command line asks for and that cannot serve stops start-up, with the reason."""
+    (tmp_path / "empty-tokens").write_text("# every token revoked\n")
     for args, reason in [
+        (["--http", "tcp:0", "--api-tokens-file", str(tmp_path / "empty-tokens")], "holds no token"),
         (["--records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
         (["--api-tokens-file", str(tmp_path / "no-such-tokens")], "cannot be read"),
         (["--webhook", "https://example.com/hook", "--webhook-ca", str(tmp_path / "no-ca.pem")], "cannot be read"),
@@ -356,6 +358,9 @@ class ScopeTests(SynchronousTestCase):
                 Tokens.parse(f"read fine\n{broken}\n", "tokens")
             self.assertIn("tokens, line 2", str(raised.exception))
             self.assertNotIn("abc", str(raised.exception))  # never a token in a message
+        for empty in ("", "# only a comment\n\n"):  # no token would mean no check: refused
+            with self.assertRaisesRegex(TokenFileError, "holds no token"):
+                Tokens.parse(empty, "tokens")
 
 
 @pytest_twisted.ensureDeferred
