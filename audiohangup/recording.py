@@ -20,6 +20,7 @@ left is repaired at the next start (its header rewritten from its size).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -60,7 +61,8 @@ LATE_TICKS = 2
 MAX_UNWRITTEN_SECONDS = 0.5
 HEADER_BYTES = 44
 CHANNELS = (Role.VISITOR, Role.RESIDENT)
-_WAV_NAME = re.compile(r"^[0-9a-f-]{36}\.wav$")
+#: A call's recording, and a later one of the same call on the same day (-2, -3, ...).
+_WAV_NAME = re.compile(r"^(?P<call>[0-9a-f-]{36})(?:-(?P<n>[1-9][0-9]*))?\.wav$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -179,9 +181,30 @@ class _WavFile:
 
     def open(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.file = open(self.path, "wb")
-        self.file.write(wav_header(self.rate, 0))  # sizes unknown yet: repaired if we crash
-        self.file.flush()
+        # Unbuffered: what a write returns is on its way to the disk, so the
+        # header's count is what the file holds, even after a failed write.
+        file = open(self.path, "wb", buffering=0)
+        try:
+            self._append(file, wav_header(self.rate, 0))  # sizes unknown yet: repaired if we crash
+        except OSError:
+            file.close()
+            raise
+        self.file = file
+
+    @staticmethod
+    def _append(file: BinaryIO, data: bytes) -> None:
+        """All of C{data}, or an OSError with the file cut back to where it was."""
+        start = file.tell()
+        written = 0
+        try:
+            while written < len(data):
+                written += file.write(data[written:]) or 0
+        except OSError:
+            if written:  # half a batch would shift every sample after it
+                with contextlib.suppress(OSError):
+                    file.truncate(start)
+                file.seek(start)
+            raise
 
     def write(self, ticks: list[_Tick]) -> int:
         if self.file is None:
@@ -200,8 +223,7 @@ class _WavFile:
         stereo = np.empty(len(columns[0]) * 2, dtype="<i2")
         stereo[0::2], stereo[1::2] = columns
         data = stereo.tobytes()
-        self.file.write(data)
-        self.file.flush()
+        self._append(self.file, data)
         self.data_bytes += len(data)
         return len(data)
 
@@ -377,6 +399,8 @@ class Recorder:
         self.registry = registry
         #: Recordings under way, by call id.
         self.active: dict[str, CallRecording] = {}
+        #: Files named but maybe not on disk yet (the writer opens them): never given twice.
+        self._claimed: set[str] = set()
         self._pool = ThreadPool(1, 1, name="audiohangup-recordings")
         self._loop: LoopingCall | None = None
         self._pruning: IDelayedCall | None = None
@@ -425,9 +449,10 @@ class Recorder:
             raise ApiError(409, "already_recording", f"call {call_id} is being recorded already")
         now = self.reactor.seconds()
         day = datetime.fromtimestamp(time.time(), timezone.utc).strftime("%Y-%m-%d")
-        name = f"{day}/{call_id}.wav"
-        recording = CallRecording(self, call_id, os.path.join(self.directory, day, f"{call_id}.wav"), name, now)
+        name = self._freeName(day, call_id)
+        recording = CallRecording(self, call_id, os.path.join(self.directory, name), name, now)
         self.active[call_id] = recording
+        self._claimed.add(recording.path)
         for leg in legs:
             recording.attach(leg)
             leg.recording = name
@@ -435,6 +460,23 @@ class Recorder:
             self.metrics.recording_started()
         self.log.info("{call_id} recording into {name}", call_id=call_id, name=name)
         return recording
+
+    def _freeName(self, day: str, call_id: str) -> str:
+        """
+        C{DAY/<call id>.wav}; a second recording of the call that day (a
+        DELETE then a POST, a leg that came back) gets C{-2}, then C{-3}:
+        never the first one's file, which C{open} would truncate.
+        """
+        assert self.directory is not None
+        number = 1
+        while True:
+            name = f"{day}/{call_id}.wav" if number == 1 else f"{day}/{call_id}-{number}.wav"
+            path = os.path.join(self.directory, name)
+            # A regular file is a recording already; anything else there (a
+            # link to a device, say) is where the operator wants this one.
+            if path not in self._claimed and not os.path.isfile(path):
+                return name
+            number += 1
 
     def finish(self, call_id: str) -> Deferred[None]:
         """Stop a recording: what is left is written, the header completed; fires once it is on disk."""
@@ -447,6 +489,7 @@ class Recorder:
         closing = self.run(recording.file.close)
 
         def closed(result: object) -> None:
+            self._claimed.discard(recording.path)  # on disk now, or never to be: exists() says
             if isinstance(result, Failure):
                 recording._drop(0, result.getErrorMessage() or type(result.value).__name__)
             seconds = recording.flushed * TICK
@@ -474,9 +517,14 @@ class Recorder:
         if self.directory is None or not os.path.isdir(self.directory):
             return None
         for day in sorted((d for d in os.listdir(self.directory) if _DAY.match(d)), reverse=True):
-            path = os.path.join(self.directory, day, f"{call_id}.wav")
-            if os.path.isfile(path):
-                return path
+            folder = os.path.join(self.directory, day)
+            numbers = [
+                int(match["n"] or 1) for match in map(_WAV_NAME.match, os.listdir(folder))
+                if match is not None and match["call"] == call_id
+            ]
+            if numbers:  # the call's last recording of its last day
+                last = max(numbers)
+                return os.path.join(folder, f"{call_id}.wav" if last == 1 else f"{call_id}-{last}.wav")
         return None
 
     # Counting

@@ -7,6 +7,7 @@ as a twistd child where only a process shows it).
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import shutil
@@ -27,7 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
-from audiohangup.recording import HEADER_BYTES, repair, wav_header
+from audiohangup.reasons import Role
+from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
 from tests.conftest import LogCapture, Server, until
@@ -219,6 +221,36 @@ async def test_recording_through_the_api(make_server: Any, tmp_path: Path, logs:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_second_recording_of_a_call_keeps_the_first(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """POST, DELETE, POST again at once: a file of its own (-2), the first untouched; GET serves the latest."""
+    folder = tmp_path / "on-demand"
+    server = await make_server(record_dir=str(folder))
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    path = f"/calls/{call_id}/recording"
+    assert (await api(server, "POST", path))[0] == 201
+    await paced(visitor, [numbered(300)] * 10)
+    assert (await api(server, "DELETE", path))[0] == 200
+    status, body, _ = await api(server, "POST", path)
+    assert status == 201 and json.loads(body)["recording"]["file"].endswith(f"/{call_id}-2.wav"), body
+    await paced(visitor, [numbered(500)] * 10)
+    assert (await api(server, "DELETE", path))[0] == 200
+    [day] = os.listdir(folder)
+    assert sorted(os.listdir(folder / day)) == [f"{call_id}-2.wav", f"{call_id}.wav"]
+    _, first, _ = read_wav(folder / day / f"{call_id}.wav")
+    _, second, _ = read_wav(folder / day / f"{call_id}-2.wav")
+    assert 300 in ticks(first) and 500 not in ticks(first)
+    assert 500 in ticks(second) and 300 not in ticks(second)
+    status, content, _ = await api(server, "GET", path)
+    assert status == 200
+    with wave.open(io.BytesIO(content)) as wav:
+        served = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
+    assert 500 in ticks(served) and 300 not in ticks(served)
+    visitor.close()
+    await ended(server, call_id)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
     """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
     record = tmp_path / "recordings"
@@ -260,6 +292,43 @@ class RepairTests(SynchronousTestCase):
             self.assertEqual((wav.getnframes(), wav.getframerate()), (500, 16000))
         self.assertIsNone(repair(path))  # right now: left alone
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 2000)
+
+
+class FailedWriteTests(SynchronousTestCase):
+    """A write the disk takes only part of: the file is cut back, and the header never counts what is not there."""
+
+    def test_partialWriteIsUndone(self) -> None:
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "call.wav")
+        wav = _WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
+        tick = _Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
+        self.assertEqual(wav.write([tick] * 5), 5 * 640)
+        real = wav.file
+        assert real is not None
+        failures = []
+
+        class Full:
+            """The disk takes 100 bytes of the next write, then is full."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def write(self, data: bytes) -> int:
+                if not failures:
+                    failures.append(1)
+                    return real.write(data[:100])
+                raise OSError(28, "No space left on device")
+
+        wav.file = Full()
+        with self.assertRaises(OSError):
+            wav.write([tick] * 5)
+        self.assertEqual(os.path.getsize(path), HEADER_BYTES + 5 * 640)  # the 100 bytes are gone again
+        wav.file = real
+        self.assertEqual(wav.write([tick] * 5), 5 * 640)  # in step: whole ticks after whole ticks
+        self.assertEqual(wav.close(), 10 * 640)
+        rate, left, _ = read_wav(path)
+        self.assertEqual((rate, len(left)), (8000, 10 * 160))
 
 
 @pytest_twisted.ensureDeferred
