@@ -248,7 +248,10 @@ async def test_protected_mode_lets_a_guarded_api_start(spawn: Any, logs: LogCapt
     await until(lambda: child.ended is not None or "http listening on" in child.log, 20, "the API to listen")
     assert child.ended is None, child.describe()
     if extra == ["--insecure-http"]:
-        assert "--insecure-http: the API on tcp:0 takes requests without a token" in child.log
+        # Logged once the service has started, which may be after "listening".
+        warning = "--insecure-http: the API on tcp:0 takes requests without a token"
+        await until(lambda: child.ended is not None or warning in child.log, 20, "the warning")
+        assert warning in child.log, child.describe()
     child.signal("TERM")
     await child.exit()
 

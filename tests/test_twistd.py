@@ -285,7 +285,10 @@ async def test_records_of_a_killed_server_are_closed_as_server_lost(spawn: Spawn
 
     child, ports = await start_server(spawn, "--records", database)
     base = f"http://127.0.0.1:{ports['http']}"
-    assert "2 call records left open by an earlier run closed as server_lost" in child.log
+    # The store opens in a thread: the API may answer before it has logged.
+    recovered = "2 call records left open by an earlier run closed as server_lost"
+    await until(lambda: child.ended is not None or recovered in child.log, 10, "the recovery line")
+    assert recovered in child.log, child.describe()
     code, body = await get_json(f"{base}/records?reason=server_lost")
     assert code == 200
     assert sorted(record["call_id"] for record in body["records"]) == sorted(map(str, calls))
