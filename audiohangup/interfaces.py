@@ -20,7 +20,7 @@ from typing import Any
 # lets our reactor be handed to treq as it is.
 from treq._types import _ITreqReactor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorFromThreads
 from zope.interface import Attribute, Interface
 
 from audiohangup.audio import AudioFormat, FrameQueue, Playout
@@ -28,10 +28,11 @@ from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import Frame
 
 
-class IReactor(IReactorCore, IReactorFromThreads, _ITreqReactor):
+class IReactor(IReactorCore, IReactorFromThreads, IReactorFDSet, _ITreqReactor):
     """
     The reactor the service runs on, as its parts use it: listeners, timers,
-    outbound HTTP (webhooks, forwarding) and start-up/shutdown triggers.
+    outbound HTTP (webhooks, forwarding), start-up/shutdown triggers and the
+    relay's one descriptor.
     Any of Twisted's own reactors provides it.
     """
 

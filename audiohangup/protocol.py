@@ -45,6 +45,7 @@ from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
+from audiohangup.relay import Relay
 from audiohangup.session import Session
 from audiohangup.wire import (
     HANGUP_FRAME,
@@ -165,6 +166,7 @@ class AudioSocketProtocol(Protocol):
         settings: LegSettings,
         reactor: IReactorTime,
         pacer: Pacer,
+        relay: Relay | None = None,
     ) -> None:
         self.role = role
         self.registry = registry
@@ -172,6 +174,8 @@ class AudioSocketProtocol(Protocol):
         self.format = settings.audio
         self.reactor = reactor
         self.pacer = pacer
+        #: Reads this leg's socket in its pass over every leg, when the leg is plain TCP.
+        self.relay = relay
         self.state = LegState.AWAITING_UUID
         self.call_id: str | None = None
         self.session: Session | None = None
@@ -287,6 +291,8 @@ class AudioSocketProtocol(Protocol):
         # straight away when its buffer is empty; see _write.
         if isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
             self._tcp = wire
+            if self.relay is not None:
+                self.relay.adopt(self, wire)
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
@@ -318,7 +324,7 @@ class AudioSocketProtocol(Protocol):
         self._detail = f"more than {unsent} ms of audio unsent"
         if self.state is not LegState.CLOSING:
             self._beginClosing()
-        self.wire.abortConnection()
+        self._abort()
 
     def resumeProducing(self) -> None:
         pass
@@ -379,12 +385,16 @@ class AudioSocketProtocol(Protocol):
         self._peerEnd = Loss.RESET if pending or self._peerReset else Loss.CLEAN
         if self.state is LegState.AWAITING_UUID or self.state is LegState.LIVE:
             self._beginClosing()
+        if self.relay is not None:
+            self.relay.release(self, resume=False)  # Twisted read this end: it has the socket back already
         wire.loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Not used: audiohangup never half-closes its side."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.relay is not None:
+            self.relay.release(self, resume=False)
         for name in list(self._timers):
             self._cancelTimer(name)
         self.pacer.remove(self)
@@ -647,6 +657,8 @@ class AudioSocketProtocol(Protocol):
         self._decided = reason
         self._detail = detail
         self._beginClosing()
+        if self.relay is not None:
+            self.relay.release(self, resume=False)  # a closing transport reads no more
         self.wire.loseConnection()
 
     def _beginClosing(self) -> None:
@@ -657,7 +669,13 @@ class AudioSocketProtocol(Protocol):
             self.feed.drain()  # its marks are answered: that audio will never play
         for name in ("uuid", "max_duration", "playout"):
             self._cancelTimer(name)
-        self._setTimer("close", self.settings.close_timeout, self.wire.abortConnection)
+        self._setTimer("close", self.settings.close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        """Drop the connection now (Twisted reads nothing more of an aborted one: nor does the relay)."""
+        if self.relay is not None:
+            self.relay.release(self, resume=False)
+        self.wire.abortConnection()
 
     def _uuidTimedOut(self) -> None:
         self._closeFor(CloseReason.UUID_TIMEOUT, f"none within {self.settings.uuid_timeout:g} s")
@@ -734,15 +752,17 @@ class AudioSocketFactory(Factory):
         settings: LegSettings,
         reactor: IReactorTime,
         pacer: Pacer,
+        relay: Relay | None = None,
     ) -> None:
         self.role = role
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
         self.pacer = pacer
+        self.relay = relay
 
     def buildProtocol(self, addr: IAddress | None) -> AudioSocketProtocol:
-        protocol = AudioSocketProtocol(self.role, self.registry, self.settings, self.reactor, self.pacer)
+        protocol = AudioSocketProtocol(self.role, self.registry, self.settings, self.reactor, self.pacer, self.relay)
         protocol.factory = self
         return protocol
 

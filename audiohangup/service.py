@@ -34,6 +34,7 @@ from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
+from audiohangup.relay import Relay
 from audiohangup.site import ApiSite
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
@@ -130,6 +131,7 @@ class AudioHangupService(MultiService):
         reactor: IReactor,
         pacer: Pacer,
         *,
+        relay: Relay | None = None,
         records: CallRecords | None = None,
         webhooks: Webhooks | None = None,
         cluster: Cluster | None = None,
@@ -142,6 +144,7 @@ class AudioHangupService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.pacer = pacer
+        self.relay = relay
         self.records = records
         self.webhooks = webhooks
         self.cluster = cluster
@@ -170,6 +173,8 @@ class AudioHangupService(MultiService):
                 lambda failure: self.log.failure("the call directory did not start", failure)
             )
         self.pacer.startService()
+        if self.relay is not None:
+            self.relay.startService()
         super().startService()
 
     def _recordsFailed(self, failure: Failure) -> None:
@@ -195,6 +200,8 @@ class AudioHangupService(MultiService):
         if self.recorder is not None:
             await self.recorder.stop()  # the last audio written, the headers completed
         self.pacer.stopService()  # after the drain: live legs get their frames to the end
+        if self.relay is not None:
+            self.relay.stopService()  # what is left of the legs, Twisted reads again
         if self.cluster is not None:
             await self.cluster.stop()  # session ends still need the directory
             await self.cluster.directory.stop()
@@ -243,6 +250,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     registry.flow_factory = partial(BridgeFlow, metrics.bridge_conversions) if flow is BridgeFlow else flow
     recent = RecentLegs()
     pacer = Pacer(reactor)
+    relay = Relay(reactor)
     webhooks = None
     if config.webhooks:
         webhooks = Webhooks(
@@ -282,12 +290,12 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     service = AudioHangupService(
-        registry, settings, reactor, pacer, records=records, webhooks=webhooks, cluster=cluster, streams=streams,
+        registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster, streams=streams,
         metrics=metrics, recorder=recorder,
     )
     for role in Role:
         name = f"audiosocket-{role}"
-        factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer)
+        factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
         endpoint = serverFromString(reactor, config.endpoint(role))
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
         Listener(name, endpoint, factory, gate).setServiceParent(service)

@@ -162,7 +162,9 @@ async def test_reset_reported_as_a_clean_end_is_still_a_reset(
     """
     client, call_id = await start_leg(server, on_hangup="reset")
     leg = server.registry.get(call_id, Role.VISITOR)
-    # Nothing else may meet the RST first: not the reactor's read, not the pacer's send.
+    # Nothing else may meet the RST first: not the relay's read nor the reactor's, not the pacer's send.
+    assert leg.relay is not None
+    leg.relay.release(leg, resume=False)
     leg.transport.stopReading()
     leg.pacer.remove(leg)
     if hang_up_first:

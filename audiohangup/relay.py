@@ -1,0 +1,199 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+One read pass for the legs' sockets, instead of one reactor dispatch per frame.
+
+A bridged call is a frame every 20 ms on each leg, and Twisted's reactor
+wraps every read in its own dispatch (a log context, the event's checks, the
+transport's C{doRead}): at 400 legs that is 20,000 times a second, and it
+costs more than the read itself. The relay keeps the legs' descriptors in an
+epoll set of its own, whose descriptor is one reader of the reactor: one
+wakeup reads every leg that has bytes waiting, one C{recv} each, and hands
+them to the leg's C{dataReceived} as Twisted would.
+
+It takes over nothing but plain reads. An end of stream, a reset or an error
+is left unread and handed back: the transport resumes reading, so Twisted's
+own read sees it and the leg settles how it ended as ever
+(C{IHalfCloseableProtocol}, C{SO_ERROR}). Writes, timers and closing stay
+the transport's. A leg leaves the relay before it closes or aborts, and a
+relay that stops gives its legs back to Twisted.
+
+Linux only (epoll); elsewhere, or for a transport that is not a plain socket
+(TLS), Twisted reads as usual.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Protocol as TypingProtocol
+
+from twisted.application.service import Service
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: What one recv may take: several frames, when a peer got ahead.
+READ_SIZE = 65536
+
+_EPOLL = getattr(select, "epoll", None)
+_PLAIN_READ = getattr(select, "EPOLLIN", 1)
+_WATCH = _PLAIN_READ | getattr(select, "EPOLLRDHUP", 0)
+
+
+class Readable(TypingProtocol):
+    """What the relay calls on a leg: Twisted's C{IProtocol.dataReceived}."""
+
+    def dataReceived(self, data: bytes) -> None: ...
+
+
+class Reader(TypingProtocol):
+    """
+    What the relay asks of a leg's transport: the socket, reading paused and
+    resumed (a TCP transport's C{IPushProducer}), and Twisted's end.
+    """
+
+    def getHandle(self) -> socket.socket: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+def available() -> bool:
+    """Whether this platform has what the relay needs (epoll)."""
+    return _EPOLL is not None
+
+
+@implementer(IReadDescriptor)
+class Relay(Service):
+    """
+    The legs' reads, as one reader of the reactor. A service of the server:
+    started with it, stopped after its drain.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorFDSet) -> None:
+        self.reactor = reactor
+        self._poller: select.epoll | None = None
+        self._legs: dict[int, tuple[socket.socket, Readable, Reader]] = {}
+        self._fds: dict[Readable, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    def startService(self) -> None:
+        super().startService()
+        if _EPOLL is not None:
+            self._poller = _EPOLL()
+            self.reactor.addReader(self)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for leg in list(self._fds):
+            self.release(leg)
+        if self._poller is not None:
+            self.reactor.removeReader(self)
+            self._poller.close()
+            self._poller = None
+
+    def adopt(self, leg: Readable, transport: Reader) -> bool:
+        """Read C{leg}'s socket from now on; False when the relay is not running."""
+        if self._poller is None or leg in self._fds:
+            return False
+        handle = transport.getHandle()
+        fd = handle.fileno()
+        transport.pauseProducing()  # the reactor stops reading it: the relay does
+        self._poller.register(fd, _WATCH)
+        self._legs[fd] = (handle, leg, transport)
+        self._fds[leg] = fd
+        return True
+
+    def release(self, leg: Readable, resume: bool = True) -> None:
+        """
+        Stop reading C{leg}'s socket; with C{resume}, the transport reads it
+        again (if it is still open and not closing). Nothing if not adopted.
+        """
+        fd = self._fds.pop(leg, None)
+        if fd is None:
+            return
+        entry = self._legs.get(fd)
+        if entry is None or entry[1] is not leg:
+            return  # its descriptor was closed and is now another leg's: never touch that one
+        del self._legs[fd]
+        transport = entry[2]
+        if self._poller is not None:
+            try:
+                self._poller.unregister(fd)
+            except OSError:
+                pass  # already closed: the kernel dropped it from the set
+        if resume:
+            transport.resumeProducing()
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return -1 if self._poller is None else self._poller.fileno()
+
+    def logPrefix(self) -> str:
+        return "audiosocket-relay"
+
+    def doRead(self) -> None:
+        """Every leg with bytes waiting: one recv each, to its dataReceived."""
+        legs = self._legs
+        if self._poller is None or not legs:
+            return None
+        for fd, events in self._poller.poll(0, len(legs)):
+            entry = legs.get(fd)
+            if entry is None:
+                continue  # released by an earlier leg's bytes in this pass
+            handle, leg, transport = entry
+            if events != _PLAIN_READ:
+                # An end of stream, a reset, an error: unread, so that
+                # Twisted's own read sees it and the leg's end is as ever.
+                self.release(leg)
+                continue
+            try:
+                data = handle.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                # A reset that came after the poll: what the reactor does when
+                # its read fails (tcp.Connection.doRead: CONNECTION_LOST).
+                self.release(leg, resume=False)
+                self.reactor.removeWriter(transport)  # type: ignore[arg-type]
+                transport.connectionLost(Failure(ConnectionLost()))
+                continue
+            if not data:
+                self.release(leg)  # the end of stream stays: Twisted reads it again
+                continue
+            try:
+                leg.dataReceived(data)
+            except Exception:
+                # As the reactor does for a protocol that raises: that
+                # connection ends, logged; the relay's other legs go on.
+                failure = Failure()
+                self.log.failure("a leg failed on its bytes", failure)
+                self.release(leg, resume=False)
+                self.reactor.removeWriter(transport)  # type: ignore[arg-type]
+                transport.connectionLost(failure)
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor shuts down and ends every descriptor it reads or writes,
+        which does not include the ones paused for the relay: end them too.
+        """
+        legs = list(self._legs.values())
+        self._legs.clear()
+        self._fds.clear()
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
+        for _, _, transport in legs:
+            self.reactor.removeWriter(transport)  # type: ignore[arg-type]
+            transport.connectionLost(reason)

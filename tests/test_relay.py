@@ -1,0 +1,271 @@
+"""
+The relay reads the legs' sockets in one pass per wakeup. Unit tests drive it
+with real socket pairs, a memory reactor and recording transports; the
+loopback tests check that a real server's bridged legs are read by it (and
+not by the reactor), that nothing leaks, and that every way a leg ends still
+reaches Twisted (the teardown tests all run through it too).
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from audiohangup import relay as relay_module
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.relay import Relay
+from audiohangup.wire import Kind, encode
+from tests.conftest import LogCapture, Server, bridged, until
+
+pytestmark = pytest.mark.skipif(not relay_module.available(), reason="the relay needs epoll")
+
+FRAME = encode(Kind.SLIN, bytes(320))
+
+
+class Leg:
+    """What the relay hands bytes to; may raise, or act on the relay, on a frame."""
+
+    def __init__(self, on_data: Any = None) -> None:
+        self.received: list[bytes] = []
+        self.on_data = on_data
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if self.on_data is not None:
+            self.on_data()
+
+
+class Handle:
+    """A socket whose recv fails as one reset after the poll would."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+class Transport:
+    """A leg's transport as the relay uses it: its socket, reading paused and resumed, its end."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.reading = True
+        self.lost: list[Failure] = []
+
+    def getHandle(self) -> Any:
+        return self.handle
+
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if not relay_module.available():
+            self.skipTest("the relay needs epoll")
+        self.reactor = MemoryReactor()
+        self.relay = Relay(self.reactor)
+        self.relay.startService()
+        self.addCleanup(lambda: self.relay.running and self.relay.stopService())
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        return ours, peer
+
+    def adopt(self, leg: Leg | None = None, handle: Any = None) -> tuple[Leg, Transport, socket.socket]:
+        ours, peer = self.pair()
+        leg = leg or Leg()
+        transport = Transport(handle or ours)
+        self.assertTrue(self.relay.adopt(leg, transport))
+        return leg, transport, peer
+
+    def test_oneReaderForEveryLeg(self) -> None:
+        """The reactor reads one descriptor, the relay's; each adopted transport stops its own reading."""
+        self.assertEqual(self.reactor.getReaders(), [self.relay])
+        legs = [self.adopt() for _ in range(3)]
+        self.assertEqual(len(self.relay), 3)
+        self.assertFalse(any(transport.reading for _, transport, _ in legs))
+
+    def test_onePassReadsEveryLegWithBytes(self) -> None:
+        legs = [self.adopt() for _ in range(3)]
+        for index, (_, _, peer) in enumerate(legs):
+            if index != 1:
+                peer.send(FRAME + bytes([index]))
+        self.relay.doRead()
+        self.assertEqual(legs[0][0].received, [FRAME + b"\x00"])
+        self.assertEqual(legs[1][0].received, [])
+        self.assertEqual(legs[2][0].received, [FRAME + b"\x02"])
+
+    def test_endOfStreamIsLeftForTwisted(self) -> None:
+        """Bytes and an end of stream together: nothing read, the transport reads again and sees both."""
+        leg, transport, peer = self.adopt()
+        peer.send(FRAME)
+        peer.shutdown(socket.SHUT_WR)
+        self.relay.doRead()
+        self.assertEqual(leg.received, [])
+        self.assertTrue(transport.reading)
+        self.assertEqual(len(self.relay), 0)
+        self.assertEqual(transport.getHandle().recv(1000), FRAME)
+
+    def test_resetIsLeftForTwisted(self) -> None:
+        """A reset is not read either: Twisted's own read meets it and settles how the leg ended."""
+        leg, transport, peer = self.adopt()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()
+        self.relay.doRead()
+        self.assertEqual((leg.received, transport.reading, transport.lost), ([], True, []))
+
+    def test_failedReadEndsTheConnectionAsTwistedWould(self) -> None:
+        """A recv that fails after the poll: connectionLost(ConnectionLost), the other legs read on."""
+        ours, peer = self.pair()
+        broken_leg, broken, _ = self.adopt(handle=Handle(ours))
+        peer.send(FRAME)
+        other, _, other_peer = self.adopt()
+        other_peer.send(FRAME)
+        self.relay.doRead()
+        [reason] = broken.lost
+        self.assertIsInstance(reason.value, ConnectionLost)
+        self.assertFalse(broken.reading)
+        self.assertEqual(broken_leg.received, [])
+        self.assertEqual(other.received, [FRAME])
+        self.assertEqual(len(self.relay), 1)
+
+    def test_legThatRaisesEndsAloneAndIsLogged(self) -> None:
+        def fail() -> None:
+            raise ValueError("a bug")
+
+        _, transport, peer = self.adopt(Leg(on_data=fail))
+        other, _, other_peer = self.adopt()
+        peer.send(FRAME)
+        other_peer.send(FRAME)
+        self.relay.doRead()
+        [reason] = transport.lost
+        self.assertIsInstance(reason.value, ValueError)
+        self.assertEqual(other.received, [FRAME])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_legReleasedInThePassIsNotRead(self) -> None:
+        """One leg's bytes may end another (a hangup, a close): the relay reads that one no more."""
+        first, second = Leg(), Leg()
+        first.on_data = lambda: self.relay.release(second, resume=False)
+        second.on_data = lambda: self.relay.release(first, resume=False)
+        _, _, peer_one = self.adopt(first)
+        _, _, peer_two = self.adopt(second)
+        peer_one.send(FRAME)
+        peer_two.send(FRAME)
+        self.relay.doRead()
+        self.assertEqual(len(first.received) + len(second.received), 1)
+
+    def test_releaseResumesOrNot(self) -> None:
+        leg, transport, _ = self.adopt()
+        self.relay.release(leg, resume=False)
+        self.assertFalse(transport.reading)
+        self.relay.release(leg)  # no longer adopted: nothing
+        self.assertFalse(transport.reading)
+        leg, transport, _ = self.adopt()
+        self.relay.release(leg)
+        self.assertTrue(transport.reading)
+        self.assertEqual(len(self.relay), 0)
+
+    def test_descriptorReusedByAnotherLeg(self) -> None:
+        """A leg released after its descriptor went to a new leg: the new leg stays adopted."""
+        ours, peer = socket.socketpair()
+        old = Leg()
+        self.assertTrue(self.relay.adopt(old, Transport(ours)))
+        number = ours.fileno()
+        ours.close()
+        peer.close()
+        new, transport, new_peer = self.adopt()
+        if transport.getHandle().fileno() != number:
+            self.skipTest("the kernel gave the new socket another descriptor")
+        self.relay.release(old)
+        self.assertEqual(len(self.relay), 1)
+        new_peer.send(FRAME)
+        self.relay.doRead()
+        self.assertEqual(new.received, [FRAME])
+
+    def test_stopGivesTheLegsBackToTwisted(self) -> None:
+        legs = [self.adopt() for _ in range(2)]
+        self.relay.stopService()
+        self.assertTrue(all(transport.reading for _, transport, _ in legs))
+        self.assertEqual(self.reactor.getReaders(), [])
+        self.assertEqual(self.relay.fileno(), -1)
+        self.assertFalse(self.relay.adopt(Leg(), Transport(self.pair()[0])))
+
+    def test_reactorShutdownEndsThePausedTransports(self) -> None:
+        """The reactor's disconnectAll only knows what it reads or writes: the relay ends its own."""
+        legs = [self.adopt() for _ in range(2)]
+        reason = Failure(ConnectionLost())
+        self.relay.connectionLost(reason)
+        self.assertEqual([transport.lost for _, transport, _ in legs], [[reason], [reason]])
+        self.assertEqual((len(self.relay), self.relay.fileno()), (0, -1))
+
+
+# Over loopback, with the real server
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCapture) -> None:
+    """
+    Both legs of a bridged call are the relay's, not the reactor's; audio
+    crosses both ways; a hangup and the peers' close leave nothing adopted.
+    """
+    from twisted.internet import reactor
+
+    relay = server.service.relay
+    call_id, visitor, resident = await bridged(server)
+    legs = [server.registry.get(str(call_id), role) for role in Role]
+    assert len(relay) == 2
+    readers = reactor.getReaders()
+    assert relay in readers and not any(leg.transport in readers for leg in legs)
+    marks = [encode(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
+    visitor.send(marks[0])
+    resident.send(marks[1])
+    await until(lambda: marks[0] in [f.encode() for f in resident.frames], what="the visitor's frame")
+    await until(lambda: marks[1] in [f.encode() for f in visitor.frames], what="the resident's frame")
+    reasons = [await leg.hangup(HangupCause.API) for leg in legs]
+    assert set(reasons) <= {CloseReason.HANGUP_CLEAN, CloseReason.HANGUP_RESET}
+    assert len(relay) == 0 and len(server.registry) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closing_leg_keeps_being_read_until_the_peer_closes(server: Server, logs: LogCapture) -> None:
+    """After 00 00 00 the leg reads on (and discards) through the relay, then the peer's close ends it."""
+    from tests.fake_asterisk import connect
+
+    relay = server.service.relay
+    client = await connect(server.port(Role.VISITOR), on_hangup="ignore")
+    call_id = uuid.uuid4()
+    client.send_uuid(call_id)
+    await until(lambda: server.registry.get(str(call_id), Role.VISITOR), what="the leg")
+    leg = server.registry.get(str(call_id), Role.VISITOR)
+    gone = leg.hangup(HangupCause.API)
+    await until(lambda: client.hangup_frames == 1, what="00 00 00")
+    before = leg.bytes_in
+    client.send(FRAME)
+    await until(lambda: leg.bytes_in == before + len(FRAME), what="the frame sent after 00 00 00 to be read")
+    assert len(relay) == 1
+    client.close()
+    assert await gone is CloseReason.HANGUP_CLEAN
+    assert len(relay) == 0
