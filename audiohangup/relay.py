@@ -10,11 +10,12 @@ epoll set of its own, whose descriptor is one reader of the reactor: one
 wakeup reads every leg that has bytes waiting, one C{recv} each, and hands
 them to the leg's C{dataReceived} as Twisted would.
 
-It takes over nothing but plain reads. An end of stream, a reset or an error
-is left unread and handed back: the transport resumes reading, so Twisted's
-own read sees it and the leg settles how it ended as ever
-(C{IHalfCloseableProtocol}, C{SO_ERROR}). Writes, timers and closing stay
-the transport's. A leg leaves the relay before it closes or aborts, and a
+It takes over nothing but plain reads. On an end of stream, a reset or an
+error event the socket goes back to the transport, whose own read handles
+the event in the same pass, and the reactor's rules end the connection
+(C{readConnectionLost} for an end of stream, C{connectionLost} otherwise),
+so the leg settles how it ended as ever (C{IHalfCloseableProtocol},
+C{SO_ERROR}). Writes, timers and closing stay the transport's. A leg leaves the relay before it closes or aborts, and a
 relay that stops gives its legs back to Twisted.
 
 Linux only (epoll); elsewhere, or for a transport that is not a plain socket
@@ -28,8 +29,9 @@ import socket
 from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
-from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet, IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -51,7 +53,8 @@ class Readable(TypingProtocol):
 class Reader(TypingProtocol):
     """
     What the relay asks of a leg's transport: the socket, reading paused and
-    resumed (a TCP transport's C{IPushProducer}), and Twisted's end.
+    resumed (a TCP transport's C{IPushProducer}), and what the reactor calls
+    on a descriptor it reads (its read, its ends).
     """
 
     def getHandle(self) -> socket.socket: ...
@@ -61,6 +64,10 @@ class Reader(TypingProtocol):
     def resumeProducing(self) -> None: ...
 
     def connectionLost(self, reason: Failure) -> None: ...
+
+    def readConnectionLost(self, reason: Failure) -> None: ...
+
+    def doRead(self) -> object: ...
 
 
 def available() -> bool:
@@ -107,8 +114,12 @@ class Relay(Service):
             return False
         handle = transport.getHandle()
         fd = handle.fileno()
+        try:
+            self._poller.register(fd, _WATCH)
+        except OSError as error:  # out of epoll watches: Twisted reads it as ever
+            self.log.warn("{leg} read by the reactor, not the relay: {error}", leg=leg, error=error)
+            return False
         transport.pauseProducing()  # the reactor stops reading it: the relay does
-        self._poller.register(fd, _WATCH)
         self._legs[fd] = (handle, leg, transport)
         self._fds[leg] = fd
         return True
@@ -152,36 +163,54 @@ class Relay(Service):
             if entry is None:
                 continue  # released by an earlier leg's bytes in this pass
             handle, leg, transport = entry
-            if events != _PLAIN_READ:
-                # An end of stream, a reset, an error: unread, so that
-                # Twisted's own read sees it and the leg's end is as ever.
-                self.release(leg)
-                continue
+            why: object = None
             try:
-                data = handle.recv(READ_SIZE)
+                if events == _PLAIN_READ:
+                    data = handle.recv(READ_SIZE)
+                    if data:
+                        leg.dataReceived(data)
+                    else:
+                        why = CONNECTION_DONE  # the end of stream came after the poll
+                else:
+                    why = self._handBack(leg, transport, events)
             except (BlockingIOError, InterruptedError):
-                continue
+                pass
             except OSError:
-                # A reset that came after the poll: what the reactor does when
-                # its read fails (tcp.Connection.doRead: CONNECTION_LOST).
-                self.release(leg, resume=False)
-                self.reactor.removeWriter(transport)  # type: ignore[arg-type]
-                transport.connectionLost(Failure(ConnectionLost()))
-                continue
-            if not data:
-                self.release(leg)  # the end of stream stays: Twisted reads it again
-                continue
-            try:
-                leg.dataReceived(data)
-            except Exception:
-                # As the reactor does for a protocol that raises: that
-                # connection ends, logged; the relay's other legs go on.
-                failure = Failure()
-                self.log.failure("a leg failed on its bytes", failure)
-                self.release(leg, resume=False)
+                why = CONNECTION_LOST  # a reset after the poll: as tcp.Connection.doRead says
+            except BaseException:
+                # A leg that raises ends alone, logged, as the reactor does for
+                # a protocol; the relay's other legs go on.
+                why = Failure()
+                self.log.failure("{leg} failed on its bytes", why, leg=leg)
+            if why is not None:
+                self._end(leg, transport, why)
+        return None
+
+    def _handBack(self, leg: Readable, transport: Reader, events: int) -> object:
+        """
+        An end of stream, a reset or an error: the transport reads again and
+        handles the event now, as the reactor would have (not at its next
+        poll: by then the leg may have written to a closed peer, whose RST
+        would turn a clean close into a reset).
+        """
+        self.release(leg)
+        if events & _PLAIN_READ:
+            return transport.doRead()  # the bytes, or the end, as Twisted reads them
+        return CONNECTION_DONE  # HUP or ERR without IN: the reactor's verdict too
+
+    def _end(self, leg: Readable, transport: Reader, why: object) -> None:
+        """What the reactor does with a read that ended its connection (its _disconnectSelectable)."""
+        self.release(leg, resume=False)
+        self.reactor.removeReader(transport)  # type: ignore[arg-type]
+        failure = why if isinstance(why, Failure) else Failure(why)
+        try:
+            if failure.check(ConnectionDone) and IHalfCloseableDescriptor.providedBy(transport):
+                transport.readConnectionLost(failure)
+            else:
                 self.reactor.removeWriter(transport)  # type: ignore[arg-type]
                 transport.connectionLost(failure)
-        return None
+        except BaseException:
+            self.log.failure("{leg} failed as it ended", leg=leg)
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -194,6 +223,9 @@ class Relay(Service):
         if self._poller is not None:
             self._poller.close()
             self._poller = None
-        for _, _, transport in legs:
+        for _, leg, transport in legs:
             self.reactor.removeWriter(transport)  # type: ignore[arg-type]
-            transport.connectionLost(reason)
+            try:
+                transport.connectionLost(reason)
+            except BaseException:
+                self.log.failure("{leg} failed as it ended", leg=leg)

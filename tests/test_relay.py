@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableDescriptor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from audiohangup import relay as relay_module
 from audiohangup.reasons import CloseReason, HangupCause, Role
@@ -44,25 +47,49 @@ class Leg:
 
 
 class Handle:
-    """A socket whose recv fails as one reset after the poll would."""
+    """A socket whose recv meets what came after the poll: a reset, or an end of stream."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, reset: bool = True) -> None:
         self.sock = sock
+        self.reset = reset
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def recv(self, size: int) -> bytes:
-        raise ConnectionResetError(104, "Connection reset by peer")
+        if self.reset:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return b""
 
 
+@implementer(IHalfCloseableDescriptor)
 class Transport:
-    """A leg's transport as the relay uses it: its socket, reading paused and resumed, its end."""
+    """
+    A leg's transport as the relay uses it: its socket, reading paused and
+    resumed, its own read (as tcp.Connection.doRead answers) and its ends.
+    """
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.reading = True
+        self.reads: list[bytes] = []
         self.lost: list[Failure] = []
+        self.read_lost: list[Failure] = []
+
+    def doRead(self) -> object:
+        try:
+            data = self.handle.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return CONNECTION_LOST
+        if not data:
+            return CONNECTION_DONE
+        self.reads.append(data)
+        return None
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        self.read_lost.append(reason)
 
     def getHandle(self) -> Any:
         return self.handle
@@ -117,24 +144,55 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(legs[1][0].received, [])
         self.assertEqual(legs[2][0].received, [FRAME + b"\x02"])
 
-    def test_endOfStreamIsLeftForTwisted(self) -> None:
-        """Bytes and an end of stream together: nothing read, the transport reads again and sees both."""
+    def test_endOfStreamGoesToTwistedAtOnce(self) -> None:
+        """
+        Bytes and an end of stream together: the transport reads again and
+        its own read runs in the same pass (the next poll may be too late: a
+        write to the closed peer would bring a RST).
+        """
         leg, transport, peer = self.adopt()
         peer.send(FRAME)
         peer.shutdown(socket.SHUT_WR)
         self.relay.doRead()
-        self.assertEqual(leg.received, [])
+        self.assertEqual((leg.received, transport.reads), ([], [FRAME]))
         self.assertTrue(transport.reading)
         self.assertEqual(len(self.relay), 0)
-        self.assertEqual(transport.getHandle().recv(1000), FRAME)
+        self.assertEqual(self.reactor.getReaders(), [self.relay])  # a memory reactor: resumeProducing is ours
 
-    def test_resetIsLeftForTwisted(self) -> None:
-        """A reset is not read either: Twisted's own read meets it and settles how the leg ended."""
+    def test_bareEndOfStreamIsAHalfClose(self) -> None:
+        """An end of stream with nothing before it: readConnectionLost, as the reactor calls it."""
         leg, transport, peer = self.adopt()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.shutdown(socket.SHUT_WR)
+        self.relay.doRead()
+        [reason] = transport.read_lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+        self.assertEqual((leg.received, transport.lost, len(self.relay)), ([], [], 0))
+
+    def test_endOfStreamAfterThePoll(self) -> None:
+        ours, peer = self.pair()
+        _, transport, _ = self.adopt(handle=Handle(ours, reset=False))
+        peer.send(FRAME)
+        self.relay.doRead()
+        [reason] = transport.read_lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+
+    def test_resetGoesToTwistedAtOnce(self) -> None:
+        """A reset is read by the transport's own read: connectionLost(ConnectionLost), as Twisted ends it."""
+        leg, transport, peer = self.adopt()
+        transport.getHandle().send(FRAME)  # left unread: a socket closed over unread bytes resets
         peer.close()
         self.relay.doRead()
-        self.assertEqual((leg.received, transport.reading, transport.lost), ([], True, []))
+        [reason] = transport.lost
+        self.assertIsInstance(reason.value, ConnectionLost)
+        self.assertEqual((leg.received, transport.read_lost, len(self.relay)), ([], [], 0))
+
+    def test_unwatchableDescriptorIsLeftToTwisted(self) -> None:
+        """A descriptor epoll refuses (here a regular file) stays the reactor's: adopt says so."""
+        with open(__file__, "rb") as file:
+            transport = Transport(file)
+            self.assertFalse(self.relay.adopt(Leg(), transport))
+        self.assertTrue(transport.reading)
+        self.assertEqual(len(self.relay), 0)
 
     def test_failedReadEndsTheConnectionAsTwistedWould(self) -> None:
         """A recv that fails after the poll: connectionLost(ConnectionLost), the other legs read on."""
@@ -214,12 +272,21 @@ class RelayTests(SynchronousTestCase):
         self.assertFalse(self.relay.adopt(Leg(), Transport(self.pair()[0])))
 
     def test_reactorShutdownEndsThePausedTransports(self) -> None:
-        """The reactor's disconnectAll only knows what it reads or writes: the relay ends its own."""
-        legs = [self.adopt() for _ in range(2)]
+        """
+        The reactor's disconnectAll only knows what it reads or writes: the
+        relay ends its own, every one even if one of them raises.
+        """
+        legs = [self.adopt() for _ in range(3)]
+
+        def fail(reason: Failure) -> None:
+            raise ValueError("a bug")
+
+        legs[0][1].connectionLost = fail  # type: ignore[method-assign]
         reason = Failure(ConnectionLost())
         self.relay.connectionLost(reason)
-        self.assertEqual([transport.lost for _, transport, _ in legs], [[reason], [reason]])
+        self.assertEqual([transport.lost for _, transport, _ in legs[1:]], [[reason], [reason]])
         self.assertEqual((len(self.relay), self.relay.fileno()), (0, -1))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
 
 # Over loopback, with the real server
