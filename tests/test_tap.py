@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
+from audiohangup import relay as relay_module
 from audiohangup import tap
 from audiohangup.protocol import AudioSocketFactory, LegSettings
 from audiohangup.reasons import Role
@@ -429,10 +430,14 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         service = self.start("--api-tokens-file", tokens)
         self.assertNotEqual(list(gc.callbacks), callbacks)
         self.assertNotEqual(signal.getsignal(signal.SIGHUP), handler)
+        relay_reads = relay_module.available()
+        self.assertEqual(service.relay in self.reactor.getReaders(), relay_reads)
         self.reactor.advance(1.0)  # the recorder's flush loop runs meanwhile
         self.successResultOf(service.stopService())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertFalse(service.pacer.running)
+        self.assertNotIn(service.relay, self.reactor.getReaders())
+        self.assertEqual(service.relay.fileno(), -1)  # its epoll set closed
         self.assertEqual(list(gc.callbacks), callbacks)
         self.assertEqual(signal.getsignal(signal.SIGHUP), handler)
         self.assertEqual({t for t in threading.enumerate() if t.is_alive()} - threads, set())
