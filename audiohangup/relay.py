@@ -15,8 +15,9 @@ error event the socket goes back to the transport, whose own read handles
 the event in the same pass, and the reactor's rules end the connection
 (C{readConnectionLost} for an end of stream, C{connectionLost} otherwise),
 so the leg settles how it ended as ever (C{IHalfCloseableProtocol},
-C{SO_ERROR}). Writes, timers and closing stay the transport's. A leg leaves the relay before it closes or aborts, and a
-relay that stops gives its legs back to Twisted.
+C{SO_ERROR}). Writes, timers and closing stay the transport's. A leg
+leaves the relay before it closes or aborts, and a relay that stops gives
+its legs back to Twisted.
 
 Linux only (epoll); elsewhere, or for a transport that is not a plain socket
 (TLS), Twisted reads as usual.
@@ -117,7 +118,7 @@ class Relay(Service):
         try:
             self._poller.register(fd, _WATCH)
         except OSError as error:  # out of epoll watches: Twisted reads it as ever
-            self.log.warn("{leg} read by the reactor, not the relay: {error}", leg=leg, error=error)
+            self.log.warn("descriptor {fd} read by the reactor, not the relay: {error}", fd=fd, error=error)
             return False
         transport.pauseProducing()  # the reactor stops reading it: the relay does
         self._legs[fd] = (handle, leg, transport)
@@ -181,7 +182,7 @@ class Relay(Service):
                 # A leg that raises ends alone, logged, as the reactor does for
                 # a protocol; the relay's other legs go on.
                 why = Failure()
-                self.log.failure("{leg} failed on its bytes", why, leg=leg)
+                self.log.failure("a leg failed on its bytes; it ends alone (its own line names it)", why)
             if why is not None:
                 self._end(leg, transport, why)
         return None
@@ -210,7 +211,7 @@ class Relay(Service):
                 self.reactor.removeWriter(transport)  # type: ignore[arg-type]
                 transport.connectionLost(failure)
         except BaseException:
-            self.log.failure("{leg} failed as it ended", leg=leg)
+            self.log.failure("a leg failed as it ended")
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -223,9 +224,9 @@ class Relay(Service):
         if self._poller is not None:
             self._poller.close()
             self._poller = None
-        for _, leg, transport in legs:
+        for _, _, transport in legs:
             self.reactor.removeWriter(transport)  # type: ignore[arg-type]
             try:
                 transport.connectionLost(reason)
             except BaseException:
-                self.log.failure("{leg} failed as it ended", leg=leg)
+                self.log.failure("a leg failed as it ended")
