@@ -385,16 +385,13 @@ class AudioSocketProtocol(Protocol):
         self._peerEnd = Loss.RESET if pending or self._peerReset else Loss.CLEAN
         if self.state is LegState.AWAITING_UUID or self.state is LegState.LIVE:
             self._beginClosing()
-        if self.relay is not None:
-            self.relay.release(self, resume=False)  # Twisted read this end: it has the socket back already
-        wire.loseConnection()
+        self._loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Not used: audiohangup never half-closes its side."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None:
-            self.relay.release(self, resume=False)
+        self._leaveRelay()
         for name in list(self._timers):
             self._cancelTimer(name)
         self.pacer.remove(self)
@@ -657,9 +654,7 @@ class AudioSocketProtocol(Protocol):
         self._decided = reason
         self._detail = detail
         self._beginClosing()
-        if self.relay is not None:
-            self.relay.release(self, resume=False)  # a closing transport reads no more
-        self.wire.loseConnection()
+        self._loseConnection()
 
     def _beginClosing(self) -> None:
         self.state = LegState.CLOSING
@@ -671,10 +666,21 @@ class AudioSocketProtocol(Protocol):
             self._cancelTimer(name)
         self._setTimer("close", self.settings.close_timeout, self._abort)
 
-    def _abort(self) -> None:
-        """Drop the connection now (Twisted reads nothing more of an aborted one: nor does the relay)."""
+    # Closing our side. Twisted reads nothing more of a transport that is
+    # closing or aborted; nor may the relay, so the leg leaves it first.
+
+    def _leaveRelay(self) -> None:
         if self.relay is not None:
             self.relay.release(self, resume=False)
+
+    def _loseConnection(self) -> None:
+        """Close once what is buffered is written."""
+        self._leaveRelay()
+        self.wire.loseConnection()
+
+    def _abort(self) -> None:
+        """Drop the connection now."""
+        self._leaveRelay()
         self.wire.abortConnection()
 
     def _uuidTimedOut(self) -> None:
