@@ -317,6 +317,23 @@ async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCaptu
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_live_leg_keeps_its_state_in_slots(server: Server, logs: LogCapture) -> None:
+    """
+    What the relay and the pacer read of a leg, every frame and every tick,
+    is in the protocol's slots: a live, bridged leg's instance dict holds
+    only what Twisted sets on every protocol. An attribute added without a
+    slot lands in the dict, and fails here.
+    """
+    call_id, _, _ = await bridged(server)
+    legs = [server.registry.get(str(call_id), role) for role in Role]
+    for leg in legs:
+        assert leg.route is not None
+        assert set(vars(leg)) <= {"transport", "factory", "connected"}, sorted(vars(leg))
+    reasons = [await leg.hangup(HangupCause.API) for leg in legs]
+    assert set(reasons) <= {CloseReason.HANGUP_CLEAN, CloseReason.HANGUP_RESET}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_closing_leg_keeps_being_read_until_the_peer_closes(server: Server, logs: LogCapture) -> None:
     """After 00 00 00 the leg reads on (and discards) through the relay, then the peer's close ends it."""
     from tests.fake_asterisk import connect
