@@ -176,7 +176,7 @@ class AudioSocketProtocol(Protocol):
     __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
         "state", "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "idle_after",
-        "frames_out", "bytes_out", "heard", "_tcp",
+        "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
         "connected_at", "ended_at", "dtmf", "recording", "streams", "hangup_cause", "hangup_at",
         "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
@@ -238,8 +238,12 @@ class AudioSocketProtocol(Protocol):
         self.idle_after = settings.idle_timeout or math.inf
         self._after_playout: HangupCause | None = None
         self._wrong_kind_logged = False
-        #: The plain TCP connection under this leg, if it is one; see _write.
+        #: The plain TCP connection under this leg, if it is one, and its
+        #: socket, which _write sends to while the transport buffers nothing.
         self._tcp: tcp.Connection | None = None
+        self._socket: socket.socket | None = None
+        #: Bytes of ours went to the transport's buffer and may still be there.
+        self._buffered = False
         self._peerReset = False  # a reset the transport's reason may not show
         self._peerEnd: Loss | None = None  # how the peer ended its side, seen at its end of stream
 
@@ -315,6 +319,7 @@ class AudioSocketProtocol(Protocol):
         # straight away when its buffer is empty; see _write.
         if isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
             self._tcp = wire
+            self._socket = wire.socket
             if self.relay is not None:
                 self.relay.adopt(self, wire)
         self._watchBackPressure()
@@ -544,8 +549,14 @@ class AudioSocketProtocol(Protocol):
         if self.heard:
             for tap in self.heard:
                 tap.legHeard(data)
-        connection = self._tcp
-        if connection is not None and not connection.dataBuffer and not connection._tempDataBuffer:
+        sock = self._socket
+        if sock is not None and self._buffered:
+            # Only this method writes to the transport, so its buffer can hold
+            # bytes only after we gave it some: look at it only then.
+            connection = self._tcp
+            assert connection is not None
+            self._buffered = bool(connection.dataBuffer or connection._tempDataBuffer)
+        if sock is not None and not self._buffered:
             # Nothing is queued ahead of this frame: send it now rather than at
             # the reactor's next write pass, which comes only after every other
             # socket that was readable has been read (a whole burst of legs),
@@ -554,7 +565,7 @@ class AudioSocketProtocol(Protocol):
             # The socket's own send: what writeSomeData does, without its
             # memoryview and EINTR wrapper, on the one path every frame takes.
             try:
-                sent = connection.socket.send(data)
+                sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
@@ -567,6 +578,7 @@ class AudioSocketProtocol(Protocol):
             if sent == len(data):
                 return
             data = data[sent:]
+            self._buffered = True
         self.wire.write(data)
 
     def forward(self, frame: Frame) -> None:

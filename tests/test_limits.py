@@ -20,6 +20,7 @@ from twisted.logger import LogLevel
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from audiohangup.reasons import CloseReason, Role
+from audiohangup.wire import Kind, encode
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.twistd_child import start_server, wait_for_legs
@@ -103,6 +104,51 @@ async def test_slow_consumer_is_aborted(make_server: Any, logs: LogCapture) -> N
     assert len(server.registry) == 0
     client.transport.resumeProducing()
     await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_behind_a_buffer_keep_their_order(make_server: Any) -> None:
+    """
+    A peer that reads late, not too late: the bridged frames its socket did
+    not take wait in Twisted's buffer, and every frame after them waits
+    behind them until the buffer has drained (none is sent to the socket
+    ahead of them). Every bridged frame reaches it once, in order.
+    """
+    server = await make_server()
+    call_id = uuid.uuid4()
+    visitor = await connect(server.port("visitor"), on_hangup="close")
+    resident = await connect(server.port("resident"), on_hangup="close", read=False)
+    visitor.send_uuid(call_id)
+    resident.send_uuid(call_id)
+    leg = await until(lambda: server.registry.get(str(call_id), Role.RESIDENT))
+    source = await until(lambda: server.registry.get(str(call_id), Role.VISITOR))
+    sent: list[bytes] = []
+
+    def send_marked(count: int) -> int:
+        for _ in range(count):
+            number = len(sent) + 1
+            frame = encode(Kind.SLIN, number.to_bytes(4, "big") * 80)
+            sent.append(frame)
+            visitor.send(frame)
+        return len(sent)
+
+    def buffered() -> int:
+        return len(leg.transport.dataBuffer) + leg.transport._tempDataLen
+
+    # Frames until the kernel's buffers are full and Twisted's holds some
+    # (far below the slow-consumer bound: 10 frames at a time).
+    while not buffered():
+        total = send_marked(10)
+        await until(lambda: source.frames_in > total, what="the visitor's frames read")
+        assert len(sent) < 5000, "the resident's socket never filled"
+    assert leg.close_reason is None
+    behind = send_marked(10)  # these queue behind the buffer
+    await until(lambda: source.frames_in > behind, what="the frames behind the buffer read")
+    resident.transport.resumeProducing()
+    send_marked(20)  # and these while it drains
+    await until(lambda: sum(frame.encode() in sent[-1:] for frame in resident.frames) == 1, what="the last frame")
+    marked = [frame.encode() for frame in resident.frames if any(frame.payload)]
+    assert marked == sent
 
 
 @pytest_twisted.ensureDeferred
