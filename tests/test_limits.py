@@ -135,15 +135,19 @@ async def test_frames_behind_a_buffer_keep_their_order(make_server: Any) -> None
     def buffered() -> int:
         return len(leg.transport.dataBuffer) + leg.transport._tempDataLen
 
+    async def all_read() -> None:
+        count = len(sent)  # the visitor's UUID frame counts too: more than count
+        await until(lambda: source.frames_in > count, what="the visitor's frames read by the server")
+
     # Frames until the kernel's buffers are full and Twisted's holds some
     # (far below the slow-consumer bound: 10 frames at a time).
     while not buffered():
-        total = send_marked(10)
-        await until(lambda: source.frames_in > total, what="the visitor's frames read")
+        send_marked(10)
+        await all_read()
         assert len(sent) < 5000, "the resident's socket never filled"
     assert leg.close_reason is None
-    behind = send_marked(10)  # these queue behind the buffer
-    await until(lambda: source.frames_in > behind, what="the frames behind the buffer read")
+    send_marked(10)  # these queue behind the buffer
+    await all_read()
     resident.transport.resumeProducing()
     send_marked(20)  # and these while it drains
     await until(lambda: sum(frame.encode() in sent[-1:] for frame in resident.frames) == 1, what="the last frame")
