@@ -171,8 +171,8 @@ class AudioSocketProtocol(Protocol):
     # Slots: the relay and the pacer read a dozen of a leg's attributes for
     # every frame and every tick, across hundreds of legs. In slots they sit
     # in a few cache lines of the object, not in a dict of over 40 keys.
-    # The hot ones come first; Twisted's own (transport, factory) stay in
-    # the instance dict, as do a test's patches.
+    # The hot ones come first; what Twisted sets (transport, factory,
+    # connected) stays in the instance dict, as do a test's patches.
     __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
         "state", "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "idle_after",
