@@ -66,6 +66,11 @@ _WAV_NAME = re.compile(r"^(?P<call>[0-9a-f-]{36})(?:-(?P<n>[1-9][0-9]*))?\.wav$"
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+def _wav_name(call_id: str, number: int) -> str:
+    """The file name of a call's recording number C{number} of a day; what L{_WAV_NAME} reads back."""
+    return f"{call_id}.wav" if number == 1 else f"{call_id}-{number}.wav"
+
+
 class Mix(str, enum.Enum):
     """What each channel holds: what its leg C{sent} (the voices), or what it C{heard}."""
 
@@ -470,7 +475,7 @@ class Recorder:
         assert self.directory is not None
         number = 1
         while True:
-            name = f"{day}/{call_id}.wav" if number == 1 else f"{day}/{call_id}-{number}.wav"
+            name = f"{day}/{_wav_name(call_id, number)}"
             path = os.path.join(self.directory, name)
             # A regular file is a recording already; anything else there (a
             # link to a device, say) is where the operator wants this one.
@@ -523,8 +528,7 @@ class Recorder:
                 if match is not None and match["call"] == call_id
             ]
             if numbers:  # the call's last recording of its last day
-                last = max(numbers)
-                return os.path.join(folder, f"{call_id}.wav" if last == 1 else f"{call_id}-{last}.wav")
+                return os.path.join(folder, _wav_name(call_id, max(numbers)))
         return None
 
     # Counting
