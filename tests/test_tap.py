@@ -233,15 +233,13 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
 
     def test_records_file_that_is_not_sqlite(self) -> None:
         """A text file as --records fails start-up, as the other unusable stores do, not records off."""
-        folder = tempfile.mkdtemp()
+        folder = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, folder)
-        notes = os.path.join(folder, "notes.txt")
-        with open(notes, "w") as file:
-            file.write("call notes, not a database\n")
+        (folder / "notes.txt").write_text("call notes, not a database\n")
+        notes = str(folder / "notes.txt")
         self.assertUsageError(["--records", notes], f"--records: {notes} is not a SQLite database")
-        empty = os.path.join(folder, "empty.sqlite3")
-        open(empty, "w").close()
-        parse("--records", empty)  # SQLite takes 0 bytes as an empty database
+        (folder / "empty.sqlite3").touch()
+        parse("--records", str(folder / "empty.sqlite3"))  # SQLite takes 0 bytes as an empty database
 
     def test_api_token_empty(self) -> None:
         self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
