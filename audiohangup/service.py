@@ -15,7 +15,6 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,7 +25,7 @@ from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback
+from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback, server_endpoint
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings
@@ -296,7 +295,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
-        endpoint = serverFromString(reactor, config.endpoint(role))
+        endpoint = server_endpoint(reactor, config.endpoint(role))
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
         Listener(name, endpoint, factory, gate).setServiceParent(service)
     api = ControlAPI(
@@ -311,7 +310,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         None if config.http_allow is None
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
     )
-    Listener("http", serverFromString(reactor, config.http), site, http_gate).setServiceParent(service)
+    Listener("http", server_endpoint(reactor, config.http), site, http_gate).setServiceParent(service)
     if config.api_tokens_file is not None:
         TokensFile(config.api_tokens_file, api, reactor, config.api_token).setServiceParent(service)
     open_to = [role for role in Role if listens_beyond_loopback(reactor, config.endpoint(role))]

@@ -231,6 +231,16 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
             ["--http", "bogus:1"], "--http 'bogus:1' is not a valid endpoint", "bogus"
         )
 
+    def test_records_file_that_is_not_sqlite(self) -> None:
+        """A text file as --records fails start-up, as the other unusable stores do, not records off."""
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder)
+        (folder / "notes.txt").write_text("call notes, not a database\n")
+        notes = str(folder / "notes.txt")
+        self.assertUsageError(["--records", notes], f"--records: {notes} is not a SQLite database")
+        (folder / "empty.sqlite3").touch()
+        parse("--records", str(folder / "empty.sqlite3"))  # SQLite takes 0 bytes as an empty database
+
     def test_api_token_empty(self) -> None:
         self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
 
