@@ -460,6 +460,14 @@ async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, log
 
 
 class ThrottleTests(SynchronousTestCase):
+    def fail_from(self, api: ControlAPI, client: IPv4Address | IPv6Address) -> None:
+        """One request with a wrong token from C{client}: a 401."""
+        request = DummyRequest([b"calls"])
+        request.client = client
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong"])
+        with self.assertRaises(ApiError):
+            api.authorize(request, Scope.READ)
+
     def test_window(self) -> None:
         throttle = AuthThrottle(limit=20, window=60.0)
         for second in range(21):
@@ -477,11 +485,7 @@ class ThrottleTests(SynchronousTestCase):
         bound = api.throttle.max_addresses
         self.assertLess(bound, 10_000)
         for index in range(10_000):
-            request = DummyRequest([b"calls"])
-            request.client = IPv4Address("TCP", f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 4000)
-            request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong"])
-            with self.assertRaises(ApiError):
-                api.authorize(request, Scope.READ)
+            self.fail_from(api, IPv4Address("TCP", f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 4000))
         self.assertEqual(len(api.throttle), bound)
         # The newest are remembered, the oldest forgotten first.
         self.assertEqual(api.throttle.retry_after("10.0.39.15", clock.seconds()), None)
@@ -555,11 +559,7 @@ class ThrottleTests(SynchronousTestCase):
         """21 failures spread over one /64 lock the whole /64, at the request level."""
         api = ControlAPI(Registry(), api_token="right-token-0123456", clock=Clock())
         for index in range(21):
-            request = DummyRequest([b"calls"])
-            request.client = IPv6Address("TCP", f"2001:db8::{index + 1:x}", 4000)
-            request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong"])
-            with self.assertRaises(ApiError):
-                api.authorize(request, Scope.READ)
+            self.fail_from(api, IPv6Address("TCP", f"2001:db8::{index + 1:x}", 4000))
         self.assertIsNotNone(api.throttle.retry_after("2001:db8::/64", 0.0))
 
 

@@ -54,6 +54,17 @@ def parse(*args: str) -> tap.Options:
     return options
 
 
+def tokens_file(case: SynchronousTestCase) -> str:
+    """A tokens file of one good token, the user's alone, removed after the test."""
+    folder = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, folder)
+    tokens = os.path.join(folder, "tokens")
+    with open(tokens, "w") as file:
+        file.write("read abcdefghijklmnop\n")
+    os.chmod(tokens, 0o600)
+    return tokens
+
+
 def relevant(options: tap.Options) -> dict[str, object]:
     return {name: options[name] for name in OPTION_NAMES}
 
@@ -317,12 +328,7 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             self.assertIn(fragment, str(error), args)
 
     def test_security_options(self) -> None:
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        tokens = os.path.join(folder, "tokens")
-        with open(tokens, "w") as file:
-            file.write("read abcdefghijklmnop\n")
-        os.chmod(tokens, 0o600)
+        tokens = tokens_file(self)
         config = parse(
             "--allow", "10.0.0.5/32, 2001:db8::/32", "--http-allow", "127.0.0.1",
             "--on-duplicate", "replace", "--api-tokens-file", tokens,
@@ -345,11 +351,7 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
 
     def test_tokens_file_others_may_read(self) -> None:
         """A tokens file group or others may read is a usage error naming its mode, unless --insecure-files."""
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        tokens = os.path.join(folder, "tokens")
-        with open(tokens, "w") as file:
-            file.write("control abcdefghijklmnop\n")
+        tokens = tokens_file(self)
         for mode in (0o644, 0o640, 0o604):
             os.chmod(tokens, mode)
             error = self.assertRaises(usage.UsageError, parse, "--api-tokens-file", tokens)
@@ -446,12 +448,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         import signal
         import threading
 
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        tokens = os.path.join(folder, "tokens")
-        with open(tokens, "w") as file:
-            file.write("read abcdefghijklmnop\n")
-        os.chmod(tokens, 0o600)
+        tokens = tokens_file(self)
         callbacks, handler = list(gc.callbacks), signal.getsignal(signal.SIGHUP)
         threads = set(threading.enumerate())
         service = self.start("--api-tokens-file", tokens)
