@@ -51,8 +51,11 @@ class Config:
     api_token: str | None = None
     api_tokens_file: str | None = None
     insecure_http: bool = False
+    #: --insecure-files: take a tokens file that group or others can read.
+    insecure_files: bool = False
     allow: tuple[IPNetwork, ...] | None = None
     http_allow: tuple[IPNetwork, ...] | None = None
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
@@ -301,8 +304,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats=formats, recorder=recorder,
-        tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
+        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
+        tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     service.api = api
     site = ApiSite(api, reactor)
@@ -312,7 +315,9 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     )
     Listener("http", server_endpoint(reactor, config.http), site, http_gate).setServiceParent(service)
     if config.api_tokens_file is not None:
-        TokensFile(config.api_tokens_file, api, reactor, config.api_token).setServiceParent(service)
+        TokensFile(
+            config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files
+        ).setServiceParent(service)
     open_to = [role for role in Role if listens_beyond_loopback(reactor, config.endpoint(role))]
     if open_to and config.allow is None:
         service.warnings.append(
@@ -337,8 +342,11 @@ class TokensFile(Service):
 
     log = Logger()
 
-    def __init__(self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None) -> None:
+    def __init__(
+        self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False
+    ) -> None:
         self.path = path
+        self.insecure = insecure
         self.api = api
         self.reactor = reactor
         self.api_token = api_token
@@ -359,7 +367,7 @@ class TokensFile(Service):
 
     def reload(self) -> None:
         try:
-            tokens = Tokens.load(self.path)
+            tokens = Tokens.load(self.path, insecure=self.insecure)
         except TokenFileError as error:
             self.log.error("API tokens not reloaded, the old ones stay in force: {error}", error=str(error))
             return
