@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
 from audiohangup.reasons import Role
+from audiohangup import recording
 from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
@@ -160,13 +161,13 @@ async def test_mulaw_and_slin16_make_a_16k_file(make_server: Any, tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_full_disk_drops_audio_and_the_call_goes_on(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+async def test_a_full_disk_drops_audio_and_the_call_goes_on(
+    make_server: Any, tmp_path: Path, logs: LogCapture, monkeypatch: Any,
+) -> None:
     """The recording's file is /dev/full: every write fails; the call does not notice."""
+    monkeypatch.setattr(recording, "_create", lambda path: os.open("/dev/full", os.O_WRONLY))
     server = await make_server(record_every_call=True, record_dir=str(tmp_path))
     call_id = uuid.uuid4()
-    folder = tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    folder.mkdir()
-    (folder / f"{call_id}.wav").symlink_to("/dev/full")
     visitor = await leg(server, "visitor", call_id)
     await paced(visitor, [numbered(7)] * 25)
     heard = len(visitor.frames)
@@ -303,7 +304,7 @@ class FailedWriteTests(SynchronousTestCase):
         path = os.path.join(folder, "call.wav")
         wav = _WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
         tick = _Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
-        self.assertEqual(wav.write([tick] * 5), 5 * 640)
+        self.assertEqual(wav.write([tick] * 5), (5 * 640, {role: 0 for role in Role}))
         real = wav.file
         assert real is not None
         failures = []
@@ -325,7 +326,7 @@ class FailedWriteTests(SynchronousTestCase):
             wav.write([tick] * 5)
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 5 * 640)  # the 100 bytes are gone again
         wav.file = real
-        self.assertEqual(wav.write([tick] * 5), 5 * 640)  # in step: whole ticks after whole ticks
+        self.assertEqual(wav.write([tick] * 5)[0], 5 * 640)  # in step: whole ticks after whole ticks
         self.assertEqual(wav.close(), 10 * 640)
         rate, left, _ = read_wav(path)
         self.assertEqual((rate, len(left)), (8000, 10 * 160))
