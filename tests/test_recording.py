@@ -11,8 +11,10 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
+import threading
 import uuid
 import wave
 from datetime import datetime, timezone
@@ -33,6 +35,7 @@ from audiohangup import recording
 from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.twistd_child import start_server
@@ -370,3 +373,256 @@ async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> N
         assert next(e for e in logs.events if "older than" in e.get("log_format", ""))["count"] == 1
     finally:
         await recorder.stop()
+
+
+# Hostile peers and a careless disk (issue 19): bounds, links, short files, modes
+
+
+def buffered(recording: Any) -> tuple[int, int]:
+    """What a recording holds in memory: ticks filed and their bytes, on the reactor and on the writer's side."""
+    entries = [entry for channel in recording.channels.values() for entry in channel.pending.values()]
+    converters = recording.file.channels.values()
+    held = sum(len(payload) for payload, _ in entries) + sum(len(c._pending) for c in converters)
+    return len(entries) + recording.unwritten, held
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    """
+    One leg floods audio (20 ms frames and 16,000-byte ones) for two
+    seconds: what it gets ahead of the clock is dropped and counted, the
+    recorder's memory stays bounded, an unrelated call keeps its audio, and
+    the flood's WAV ends with a true header once the leg goes.
+    """
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path))
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    call_id = uuid.uuid4()
+    flood = await leg(server, "visitor", call_id)
+    flooding = server.registry.get(str(call_id), "visitor")
+    recording = server.service.recorder.active[str(call_id)]
+    burst = b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))
+    sent, most_ticks, most_bytes = 0, 0, 0
+    began = reactor.seconds()
+    while reactor.seconds() - began < 2.0:  # a second of audio every 10 ms, as fast as the server reads it
+        flood.send(burst * 2)
+        sent += 102
+        await until(lambda: flooding.frames_in >= sent, what="the flood to be read")
+        ticks_held, bytes_held = buffered(recording)
+        most_ticks, most_bytes = max(most_ticks, ticks_held), max(most_bytes, bytes_held)
+    lasted = reactor.seconds() - began
+    assert sent >= 1000  # well over 20 s of audio in 2 s
+    # At most 0.5 s ahead, 2 ticks late and a flush's 5 ticks, for each channel; a tick's bytes at most.
+    assert most_ticks <= 2 * (25 + 2 + 5 + 2), most_ticks
+    assert most_bytes <= 2 * (25 + 2 + 5 + 2) * 640 + 2 * 25 * 320, most_bytes
+    metrics = server.service.metrics.collectors
+    assert metrics.get_sample_value("audiohangup_recording_dropped_frames_total") >= sent / 2
+    assert recording.dropped >= sent / 2
+    warned = [e for e in logs.events if "faster than real time" in e.get("log_format", "")]
+    assert [(e["call_id"], e["role"]) for e in warned] == [(str(call_id), Role.VISITOR)]  # once for the leg
+    kept = await bystander.stop()
+    assert kept >= 0.95, kept
+    bystander.close()
+    flood.close()
+    await ended(server, call_id)
+    assert logs.ended(str(call_id))
+    [path] = [p for p in tmp_path.glob("*/*.wav") if p.name == f"{call_id}.wav"]
+    data = path.read_bytes()
+    assert struct.unpack_from("<I", data, 40)[0] == len(data) - HEADER_BYTES  # the final header
+    rate, left, _ = read_wav(path)
+    assert len(left) / rate <= lasted + 2.0  # the clock's time and the bound, not the 20 s sent
+
+
+class AheadTests(SynchronousTestCase):
+    """The bound on a clock: what a leg files ahead of now, tick by tick."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from audiohangup.recording import Recorder, RecordingConfig
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.recorder = Recorder(RecordingConfig(folder), self.clock, {role: FORMATS["slin"] for role in Role})
+        self.recording = self.recorder.begin(str(uuid.uuid4()), [])
+
+    def test_aLongFrameFillsTicksUpToTheBound(self) -> None:
+        slin = FORMATS["slin"]
+        self.recording.frame(Role.VISITOR, numbered(4, 8000), slin)  # 50 ticks of audio at once
+        channel = self.recording.channels[Role.VISITOR]
+        self.assertEqual(sorted(channel.pending), list(range(25)))  # half a second's ticks, 320 bytes each
+        self.assertEqual({len(payload) for payload, _ in channel.pending.values()}, {320})
+        self.assertEqual(self.recording.dropped, 25)
+        self.recording.frame(Role.VISITOR, numbered(5), slin)
+        self.assertEqual(self.recording.dropped, 26)  # still half a second ahead: dropped
+        self.clock.advance(0.1)
+        for n in range(10):
+            self.recording.frame(Role.VISITOR, numbered(n), slin)
+        self.assertEqual(max(channel.pending), 29)  # five more ticks of time, five more frames
+        self.assertEqual(self.recording.dropped, 31)
+        self.recording.frame(Role.VISITOR, numbered(6, 170), slin)  # odd bytes: one tick, all kept
+        self.recording.frame(Role.RESIDENT, numbered(7, 170), slin)
+        self.assertEqual(self.recording.channels[Role.RESIDENT].pending[5][0], numbered(7, 170))
+
+    def test_ticksHoldingMoreThanATickAreCutOnTheWritersSide(self) -> None:
+        """A frame of 1.9 ticks in every tick (each tick filed is still one tick): its excess is cut, counted."""
+        from audiohangup.recording import _ChannelConverter
+
+        converter = _ChannelConverter(8000)
+        for _ in range(200):
+            converter.tick(numbered(3, 300), FORMATS["slin"])
+        self.assertLessEqual(len(converter._pending), 25 * 320)
+        self.assertGreater(converter.dropped, 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_recording_is_found_off_the_reactor(
+    make_server: Any, tmp_path: Path, logs: LogCapture, monkeypatch: Any,
+) -> None:
+    """GET of a call the server no longer holds: found, without a directory listed on the reactor's thread."""
+    folder = tmp_path / "rec"
+    for day in ("2025-01-01", "2025-01-02"):  # other days, other calls
+        (folder / day).mkdir(parents=True)
+        for _ in range(3):
+            (folder / day / f"{uuid.uuid4()}.wav").write_bytes(wav_header(8000, 0))
+    server = await make_server(record_every_call=True, record_dir=str(folder))
+    call_id = uuid.uuid4()
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(77)] * 10)
+    visitor.close()
+    await ended(server, call_id)
+    assert not server.registry.call(str(call_id))
+    listed: list[threading.Thread] = []
+
+    def noting(real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            listed.append(threading.current_thread())
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "scandir", noting(os.scandir))
+    monkeypatch.setattr(os, "listdir", noting(os.listdir))
+    status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+    assert status == 200
+    with wave.open(io.BytesIO(body)) as wav:
+        served = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
+    assert 77 in ticks(served)
+    assert listed and threading.current_thread() not in listed
+
+
+def plant_day(folder: Path) -> Path:
+    day = folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    day.mkdir(parents=True)
+    return day
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_never_serves_a_links_target(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    folder, call_id = tmp_path / "rec", uuid.uuid4()
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(wav_header(8000, 4) + b"SECR")
+    (plant_day(folder) / f"{call_id}.wav").symlink_to(secret)
+    server = await make_server(record_dir=str(folder))
+    status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+    assert status == 404 and b"SECR" not in body, body
+    assert json.loads(body)["error"]["code"] == "no_recording"
+    assert any("symbolic link" in text and f"{call_id}.wav" in text for text in logs.texts())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_never_creates_a_file_through_a_link(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """A link where the call's file would go: the recording takes the next name, the link's target is not made."""
+    folder, call_id = tmp_path / "rec", uuid.uuid4()
+    target = tmp_path / "elsewhere.wav"
+    day = plant_day(folder)
+    (day / f"{call_id}.wav").symlink_to(target)
+    server = await make_server(record_every_call=True, record_dir=str(folder))
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(8)] * 10)
+    visitor.close()
+    await ended(server, call_id)
+    assert not target.exists()
+    assert (day / f"{call_id}-2.wav").is_file() and not (day / f"{call_id}-2.wav").is_symlink()
+    assert 8 in ticks(read_wav(day / f"{call_id}-2.wav")[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_day_folder_that_is_a_link_is_not_written_through(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    folder, elsewhere, call_id = tmp_path / "rec", tmp_path / "elsewhere", uuid.uuid4()
+    elsewhere.mkdir()
+    folder.mkdir()
+    (folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")).symlink_to(elsewhere)
+    server = await make_server(record_every_call=True, record_dir=str(folder))
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(8)] * 10)
+    visitor.close()
+    await ended(server, call_id)
+    assert list(elsewhere.iterdir()) == []
+    assert any("audio dropped" in text and str(call_id) in text for text in logs.texts())
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_do_not_stop_the_start_up_repair(tmp_path: Path, logs: LogCapture) -> None:
+    """A dangling link first, a link to a stale WAV elsewhere, then a crashed recording: skipped, untouched, repaired."""
+    from audiohangup.recording import Mix, Recorder, RecordingConfig
+
+    day = plant_day(tmp_path / "rec")
+    (day / "00000000-0000-0000-0000-000000000000.wav").symlink_to(tmp_path / "nowhere.wav")
+    outside = tmp_path / "outside.wav"
+    stale = wav_header(8000, 0) + numbered(1)
+    outside.write_bytes(stale)
+    (day / "11111111-1111-1111-1111-111111111111.wav").symlink_to(outside)
+    crashed = day / "ffffffff-ffff-ffff-ffff-ffffffffffff.wav"
+    crashed.write_bytes(wav_header(8000, 0) + numbered(2, 320))
+    recorder = Recorder(RecordingConfig(str(tmp_path / "rec"), mix=Mix.SENT), reactor, {})
+    await recorder.start()
+    try:
+        with wave.open(str(crashed)) as wav:
+            assert wav.getnframes() == 160
+        assert outside.read_bytes() == stale
+        assert not (tmp_path / "nowhere.wav").exists()
+        skipped = [e["name"] for e in logs.events if "symbolic link" in e.get("log_format", "")]
+        assert sorted(skipped) == [f"{day.name}/00000000-0000-0000-0000-000000000000.wav",
+                                   f"{day.name}/11111111-1111-1111-1111-111111111111.wav"]
+    finally:
+        await recorder.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_wav_is_served_as_what_it_holds(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """What a crash right after opening leaves (0 bytes, part of a header), or a header gone bad: never a 500."""
+    folder = tmp_path / "rec"
+    day = plant_day(folder)
+    server = await make_server(record_dir=str(folder))
+    for content, frames in ((b"", 0), (b"RIFF\x00\x00", 0), (b"\x00" * HEADER_BYTES + numbered(3, 320), 160)):
+        call_id = uuid.uuid4()
+        (day / f"{call_id}.wav").write_bytes(content)
+        status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+        assert status == 200, body
+        assert len(body) == HEADER_BYTES + frames * 4
+        with wave.open(io.BytesIO(body)) as wav:
+            assert (wav.getnframes(), wav.getframerate(), wav.getnchannels()) == (frames, 8000, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_recordings_are_private_whatever_the_umask(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """Under umask 022: the folders the server makes are 0700, the WAV 0600."""
+    folder = tmp_path / "new" / "rec"
+    previous = os.umask(0o022)
+    try:
+        server = await make_server(record_every_call=True, record_dir=str(folder))
+        call_id = uuid.uuid4()
+        visitor = await leg(server, "visitor", call_id)
+        await paced(visitor, [numbered(8)] * 10)
+        visitor.close()
+        await ended(server, call_id)
+    finally:
+        os.umask(previous)
+    [path] = list(folder.glob("*/*.wav"))
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "new", folder, path.parent, path)}
+    assert modes == {tmp_path / "new": 0o700, folder: 0o700, path.parent: 0o700, path: 0o600}
