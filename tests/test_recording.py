@@ -28,10 +28,10 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
+from audiohangup import recording
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
 from audiohangup.reasons import Role
-from audiohangup import recording
 from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
@@ -408,7 +408,7 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
     while reactor.seconds() - began < 2.0:  # a second of audio every 10 ms, as fast as the server reads it
         flood.send(burst * 2)
         sent += 102
-        await until(lambda: flooding.frames_in >= sent, what="the flood to be read")
+        await until(lambda sent=sent: flooding.frames_in >= sent, what="the flood to be read")
         ticks_held, bytes_held = buffered(recording)
         most_ticks, most_bytes = max(most_ticks, ticks_held), max(most_bytes, bytes_held)
     lasted = reactor.seconds() - began
