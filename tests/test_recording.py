@@ -378,6 +378,22 @@ async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> N
 # Hostile peers and a careless disk (issue 19): bounds, links, short files, modes
 
 
+async def record_a_call(make_server: Any, folder: Path, call_id: uuid.UUID, value: int = 8) -> Server:
+    """A server recording every call into C{folder}, and one call of a visitor's ten frames of C{value}, ended."""
+    server: Server = await make_server(record_every_call=True, record_dir=str(folder))
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(value)] * 10)
+    visitor.close()
+    await ended(server, call_id)
+    return server
+
+
+def plant_day(folder: Path) -> Path:
+    day = folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    day.mkdir(parents=True)
+    return day
+
+
 def buffered(recording: Any) -> tuple[int, int]:
     """What a recording holds in memory: ticks filed and their bytes, on the reactor and on the writer's side."""
     entries = [entry for channel in recording.channels.values() for entry in channel.pending.values()]
@@ -488,12 +504,8 @@ async def test_a_finished_recording_is_found_off_the_reactor(
         (folder / day).mkdir(parents=True)
         for _ in range(3):
             (folder / day / f"{uuid.uuid4()}.wav").write_bytes(wav_header(8000, 0))
-    server = await make_server(record_every_call=True, record_dir=str(folder))
     call_id = uuid.uuid4()
-    visitor = await leg(server, "visitor", call_id)
-    await paced(visitor, [numbered(77)] * 10)
-    visitor.close()
-    await ended(server, call_id)
+    server = await record_a_call(make_server, folder, call_id, 77)
     assert not server.registry.call(str(call_id))
     listed: list[threading.Thread] = []
 
@@ -511,12 +523,6 @@ async def test_a_finished_recording_is_found_off_the_reactor(
         served = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
     assert 77 in ticks(served)
     assert listed and threading.current_thread() not in listed
-
-
-def plant_day(folder: Path) -> Path:
-    day = folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    day.mkdir(parents=True)
-    return day
 
 
 @pytest_twisted.ensureDeferred
@@ -539,11 +545,7 @@ async def test_the_server_never_creates_a_file_through_a_link(make_server: Any, 
     target = tmp_path / "elsewhere.wav"
     day = plant_day(folder)
     (day / f"{call_id}.wav").symlink_to(target)
-    server = await make_server(record_every_call=True, record_dir=str(folder))
-    visitor = await leg(server, "visitor", call_id)
-    await paced(visitor, [numbered(8)] * 10)
-    visitor.close()
-    await ended(server, call_id)
+    await record_a_call(make_server, folder, call_id)
     assert not target.exists()
     assert (day / f"{call_id}-2.wav").is_file() and not (day / f"{call_id}-2.wav").is_symlink()
     assert 8 in ticks(read_wav(day / f"{call_id}-2.wav")[1])
@@ -557,11 +559,7 @@ async def test_a_day_folder_that_is_a_link_is_not_written_through(
     elsewhere.mkdir()
     folder.mkdir()
     (folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")).symlink_to(elsewhere)
-    server = await make_server(record_every_call=True, record_dir=str(folder))
-    visitor = await leg(server, "visitor", call_id)
-    await paced(visitor, [numbered(8)] * 10)
-    visitor.close()
-    await ended(server, call_id)
+    await record_a_call(make_server, folder, call_id)
     assert list(elsewhere.iterdir()) == []
     assert any("audio dropped" in text and str(call_id) in text for text in logs.texts())
 
@@ -615,12 +613,7 @@ async def test_recordings_are_private_whatever_the_umask(make_server: Any, tmp_p
     folder = tmp_path / "new" / "rec"
     previous = os.umask(0o022)
     try:
-        server = await make_server(record_every_call=True, record_dir=str(folder))
-        call_id = uuid.uuid4()
-        visitor = await leg(server, "visitor", call_id)
-        await paced(visitor, [numbered(8)] * 10)
-        visitor.close()
-        await ended(server, call_id)
+        await record_a_call(make_server, folder, uuid.uuid4())
     finally:
         os.umask(previous)
     [path] = list(folder.glob("*/*.wav"))
