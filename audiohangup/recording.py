@@ -363,7 +363,7 @@ class CallRecording:
         self.path = path
         self.name = name
         self.started = started
-        self.rate = max(fmt.rate for fmt in recorder.formats.values())
+        self.rate = recorder.rate
         self.channels = {role: _Channel() for role in CHANNELS}
         self.file = _WavFile(path, self.rate, recorder.formats)
         self.flushed = 0  # ticks before this one went to the writer
@@ -512,6 +512,8 @@ class Recorder:
         self.mix = config.mix
         self.reactor = reactor
         self.formats = formats
+        #: A recording's sample rate: the highest of the legs'.
+        self.rate = max((fmt.rate for fmt in formats.values()), default=8000)
         self.metrics = metrics
         self.registry = registry
         #: Recordings under way, by call id.
@@ -519,7 +521,7 @@ class Recorder:
         #: Files named but maybe not on disk yet (the writer opens them): never given twice.
         self._claimed: set[str] = set()
         self._pool = ThreadPool(1, 1, name="audiohangup-recordings")
-        #: Finding a finished recording on disk: off the reactor, and never ahead of the writer's work.
+        #: Finding a finished recording on disk: off the reactor, and never in the way of the writer's work.
         self._lookups = ThreadPool(1, 1, name="audiohangup-recording-lookups")
         self._loop: LoopingCall | None = None
         self._pruning: IDelayedCall | None = None
@@ -634,12 +636,11 @@ class Recorder:
             return succeed(WavResource(recording.path, recording.rate))
         if self.directory is None:
             return succeed(None)
-        rate = max((fmt.rate for fmt in self.formats.values()), default=8000)
 
         def found(result: tuple[str | None, list[str]]) -> WavResource | None:
             path, links = result
             self._skipped(links)
-            return None if path is None else WavResource(path, rate)
+            return None if path is None else WavResource(path, self.rate)
 
         return deferToThreadPool(self.reactor, self._lookups, _last_recording, self.directory, call_id).addCallback(found)
 
@@ -696,7 +697,6 @@ class Recorder:
         failed: list[tuple[str, str]] = []
         links: list[str] = []
         removed = self._prune()
-        rate = max((fmt.rate for fmt in self.formats.values()), default=8000)
         for day in _days(self.directory, links):
             for entry in sorted(os.scandir(os.path.join(self.directory, day)), key=lambda entry: entry.name):
                 name = f"{day}/{entry.name}"
@@ -706,7 +706,7 @@ class Recorder:
                     links.append(name)
                     continue
                 try:
-                    seconds = repair(entry.path, rate)
+                    seconds = repair(entry.path, self.rate)
                 except OSError as error:
                     failed.append((name, error.strerror or str(error)))
                     continue

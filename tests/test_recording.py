@@ -607,6 +607,28 @@ async def test_a_short_wav_is_served_as_what_it_holds(make_server: Any, tmp_path
             assert (wav.getnframes(), wav.getframerate(), wav.getnchannels()) == (frames, 8000, 2)
 
 
+class SwappedForALinkTests(SynchronousTestCase):
+    """A recording found, then a link put in its place before the answer: a 404 JSON, not the link's target."""
+
+    def test_linkIsNotServed(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from audiohangup.recording import WavResource
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        secret = os.path.join(folder, "secret")
+        with open(secret, "wb") as file:
+            file.write(wav_header(8000, 4) + b"SECR")
+        os.mkdir(os.path.join(folder, "day"))
+        os.symlink(secret, os.path.join(folder, "day", "call.wav"))
+        request = DummyRequest([b""])
+        body = WavResource(os.path.join(folder, "day", "call.wav"), 8000).render_GET(request)
+        self.assertEqual(request.responseCode, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "no_recording")
+        self.assertEqual(b"".join(request.written), b"")
+
+
 @pytest_twisted.ensureDeferred
 async def test_recordings_are_private_whatever_the_umask(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
     """Under umask 022: the folders the server makes are 0700, the WAV 0600."""
