@@ -450,6 +450,27 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
     assert len(left) / rate <= lasted + 2.0  # the clock's time and the bound, not the 20 s sent
 
 
+@pytest_twisted.ensureDeferred
+async def test_sigterm_during_a_flood_finishes_the_wav(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """The server told to stop while a recorded leg floods it: it exits, and the WAV has its final header."""
+    record = tmp_path / "recordings"
+    child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    call_id = uuid.uuid4()
+    client = await connect(ports["audiosocket-visitor"], on_hangup="close")
+    client.send_uuid(call_id)
+    burst = b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))
+    began = reactor.seconds()
+    while reactor.seconds() - began < 1.0:  # about 100 s of audio in a second
+        client.send(burst * 2)
+        await deferLater(reactor, 0.01)
+    child.signal("TERM")
+    await child.exit()
+    [path] = list(record.glob("*/*.wav"))
+    data = path.read_bytes()
+    assert struct.unpack_from("<I", data, 40)[0] == len(data) - HEADER_BYTES
+    assert "faster than real time" in child.log
+
+
 class AheadTests(SynchronousTestCase):
     """The bound on a clock: what a leg files ahead of now, tick by tick."""
 
