@@ -636,15 +636,13 @@ class SwappedForALinkTests(SynchronousTestCase):
 
         from audiohangup.recording import WavResource
 
-        folder = tempfile.mkdtemp()
+        folder = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, folder)
-        secret = os.path.join(folder, "secret")
-        with open(secret, "wb") as file:
-            file.write(wav_header(8000, 4) + b"SECR")
-        os.mkdir(os.path.join(folder, "day"))
-        os.symlink(secret, os.path.join(folder, "day", "call.wav"))
+        (folder / "secret").write_bytes(wav_header(8000, 4) + b"SECR")
+        (folder / "day").mkdir()
+        (folder / "day" / "call.wav").symlink_to(folder / "secret")
         request = DummyRequest([b""])
-        body = WavResource(os.path.join(folder, "day", "call.wav"), 8000).render_GET(request)
+        body = WavResource(str(folder / "day" / "call.wav"), 8000).render_GET(request)
         self.assertEqual(request.responseCode, 404)
         self.assertEqual(json.loads(body)["error"]["code"], "no_recording")
         self.assertEqual(b"".join(request.written), b"")
