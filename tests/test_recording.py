@@ -254,14 +254,20 @@ async def test_a_second_recording_of_a_call_keeps_the_first(make_server: Any, tm
     await ended(server, call_id)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
-    """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
-    record = tmp_path / "recordings"
+async def recording_child(spawn: Any, record: Path) -> tuple[Any, dict[str, int], FakeAsterisk, uuid.UUID]:
+    """A twistd child recording every call into C{record}, its ports, and a visitor leg of a new call."""
     child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
     call_id = uuid.uuid4()
     client = await connect(ports["audiosocket-visitor"], on_hangup="close")
     client.send_uuid(call_id)
+    return child, ports, client, call_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
+    record = tmp_path / "recordings"
+    child, ports, client, call_id = await recording_child(spawn, record)
     began = reactor.seconds()
     for _ in range(75):
         client.send(frame(Kind.SLIN, numbered(1234)))
@@ -394,6 +400,10 @@ def plant_day(folder: Path) -> Path:
     return day
 
 
+#: A second of audio in 102 frames: fifty of 20 ms, one of 16,000 bytes (half a second), twice.
+FLOOD = (b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))) * 2
+
+
 def buffered(recording: Any) -> tuple[int, int]:
     """What a recording holds in memory: ticks filed and their bytes, on the reactor and on the writer's side."""
     entries = [entry for channel in recording.channels.values() for entry in channel.pending.values()]
@@ -418,11 +428,10 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
     flood = await leg(server, "visitor", call_id)
     flooding = server.registry.get(str(call_id), "visitor")
     recording = server.service.recorder.active[str(call_id)]
-    burst = b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))
     sent, most_ticks, most_bytes = 0, 0, 0
     began = reactor.seconds()
     while reactor.seconds() - began < 2.0:  # a second of audio every 10 ms, as fast as the server reads it
-        flood.send(burst * 2)
+        flood.send(FLOOD)
         sent += 102
         await until(lambda sent=sent: flooding.frames_in >= sent, what="the flood to be read")
         ticks_held, bytes_held = buffered(recording)
@@ -454,14 +463,10 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
 async def test_sigterm_during_a_flood_finishes_the_wav(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
     """The server told to stop while a recorded leg floods it: it exits, and the WAV has its final header."""
     record = tmp_path / "recordings"
-    child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
-    call_id = uuid.uuid4()
-    client = await connect(ports["audiosocket-visitor"], on_hangup="close")
-    client.send_uuid(call_id)
-    burst = b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))
+    child, _, client, _ = await recording_child(spawn, record)
     began = reactor.seconds()
     while reactor.seconds() - began < 1.0:  # about 100 s of audio in a second
-        client.send(burst * 2)
+        client.send(FLOOD)
         await deferLater(reactor, 0.01)
     child.signal("TERM")
     await child.exit()
