@@ -559,7 +559,7 @@ class ControlAPI:
     async def get_recording(self, request: IRequest, call_id: str) -> Any:
         """The call's WAV file, during the call (what is written so far) and after it."""
         call_id = parse_call_id(call_id)
-        resource = self._recorder().resource(call_id)
+        resource = await self._recorder().find(call_id)
         if resource is None:
             if not self.registry.call(call_id):
                 return await self._atOwner(request, call_id, what="recording")

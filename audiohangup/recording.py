@@ -7,21 +7,33 @@ lands in the tick it arrived in (a second one in the same tick goes to the
 next), and a tick in which a leg sent nothing (not joined yet, gone, silent)
 is silence there, so the channels stay in step for the whole call.
 
-The reactor only files frames under their tick. Every 100 ms the ticks that
-are over go, as a batch, to one writer thread of the recorder's own, which
-converts them (G.711 decoded, resampled to the file's rate, the higher of the
-legs'), interleaves and appends them, and flushes: at most about 0.3 s of a
-call's audio waits in memory. A disk that is slow or full drops audio,
-counted and logged once per call, and never delays or ends a call.
+The reactor only files frames under their tick (a frame longer than a tick
+fills as many ticks as it holds). Every 100 ms the ticks that are over go,
+as a batch, to one writer thread of the recorder's own, which converts them
+(G.711 decoded, resampled to the file's rate, the higher of the legs'),
+interleaves and appends them, and flushes. A leg cannot run the recording
+ahead of the clock: audio more than L{MAX_AHEAD_SECONDS} ahead is dropped and
+counted, as a jitter buffer past its C{jbmaxsize} would, so a call holds at
+most about a second of audio in memory whatever its legs send. A disk that
+is slow or full drops audio, counted and logged once per call, and never
+delays or ends a call.
 
 A WAV's header says its size only once the recording stops; a file a crash
 left is repaired at the next start (its header rewritten from its size).
+
+The folders and files the recorder makes are the owner's only (0700, 0600:
+a call's audio is private), and it never follows a symbolic link in the
+record directory: a file is created with C{O_EXCL}/C{O_NOFOLLOW} in a day
+folder opened with C{O_NOFOLLOW}, and a link found there is skipped with a
+warning, never served nor repaired. Looking a finished recording up touches
+the disk on a thread of its own, never on the reactor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import re
 import shutil
@@ -33,7 +45,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO
 
 import numpy as np
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -59,6 +71,15 @@ FLUSH_INTERVAL = 0.1
 LATE_TICKS = 2
 #: Audio of one call waiting for the writer beyond which new audio is dropped.
 MAX_UNWRITTEN_SECONDS = 0.5
+#: How far ahead of the clock a leg's audio may be filed: a burst after a
+#: half-second stall (a TCP retransmission, a busy Asterisk) still lands
+#: whole; beyond it a leg is sending faster than real time and what runs
+#: over is dropped (Asterisk's jitter buffer defaults to 200 ms, up to 1 s).
+MAX_AHEAD_SECONDS = 0.5
+MAX_AHEAD_TICKS = round(MAX_AHEAD_SECONDS / TICK)
+#: The recorder's files and folders: the owner's only, whatever the umask.
+FILE_MODE = 0o600
+FOLDER_MODE = 0o700
 HEADER_BYTES = 44
 CHANNELS = (Role.VISITOR, Role.RESIDENT)
 #: A call's recording, and a later one of the same call on the same day (-2, -3, ...).
@@ -94,35 +115,79 @@ def wav_header(rate: int, data_bytes: int, channels: int = 2) -> bytes:
     )
 
 
-def wav_data_bytes(path: str, channels: int = 2) -> int:
-    """The whole samples a WAV file on disk holds, in bytes, whatever its header says."""
-    size = os.path.getsize(path) - HEADER_BYTES
-    return max(0, size - size % (channels * 2))
+def wav_data_bytes(size: int, channels: int = 2) -> int:
+    """The whole samples a WAV file of C{size} bytes holds, in bytes, whatever its header says."""
+    data = size - HEADER_BYTES
+    return max(0, data - data % (channels * 2))
 
 
-def wav_rate(header: bytes) -> int:
+def wav_rate(header: bytes) -> int | None:
+    """The sample rate a WAV header says, or None if C{header} is not a whole one (a file a crash cut short)."""
+    if len(header) < HEADER_BYTES or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return None
     rate: int = struct.unpack_from("<I", header, 24)[0]
-    return rate
+    return rate or None
 
 
-def repair(path: str) -> float | None:
+def repair(path: str, rate: int = 0) -> float | None:
     """
     Rewrite a WAV header whose sizes disagree with the file (a recording a
     crash cut short): return the seconds of audio it holds, or None if the
-    header was right. A partial last sample is cut off.
+    header was right. A partial last sample is cut off; a file cut within
+    its header holds no audio and becomes an empty WAV at C{rate} (if given).
+    A link is not followed (an OSError).
     """
-    with open(path, "r+b") as file:
+    with os.fdopen(_open_in_folder(path, os.O_RDWR), "r+b") as file:
         header = file.read(HEADER_BYTES)
-        if len(header) < HEADER_BYTES or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        if len(header) < HEADER_BYTES and rate:
+            file.seek(0)
+            file.write(wav_header(rate, 0))
+            file.truncate(HEADER_BYTES)
+            return 0.0
+        header_rate = wav_rate(header)
+        if header_rate is None:
             return None
-        data = wav_data_bytes(path)
+        data = wav_data_bytes(os.fstat(file.fileno()).st_size)
         if struct.unpack_from("<I", header, 40)[0] == data and struct.unpack_from("<I", header, 4)[0] == 36 + data:
             return None
-        rate = wav_rate(header)
         file.seek(0)
-        file.write(wav_header(rate, data))
+        file.write(wav_header(header_rate, data))
         file.truncate(HEADER_BYTES + data)
-    return data / (rate * 4) if rate else 0.0
+    return data / (header_rate * 4)
+
+
+# Files: no link followed, the owner's only
+
+
+def _open_in_folder(path: str, flags: int) -> int:
+    """
+    A descriptor for C{path} that follows a link in neither of its last two
+    parts (the day folder, the file): where one is, an OSError (C{ELOOP}).
+    """
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        return os.open(os.path.basename(path), flags | os.O_NOFOLLOW, FILE_MODE, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _create(path: str) -> int:
+    """A new recording's file, 0600: never one already there (C{O_EXCL}), nor a link's target."""
+    fd = _open_in_folder(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    os.fchmod(fd, FILE_MODE)  # an odd umask may have taken the owner's bits too
+    return fd
+
+
+def _make_folders(path: str) -> None:
+    """C{path} and its missing parents, each made 0700; one already there is left as it is."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        _make_folders(parent)
+    try:
+        os.mkdir(path, FOLDER_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, FOLDER_MODE)
 
 
 # The writer thread's side
@@ -138,17 +203,26 @@ class _ChannelConverter:
         self._source: AudioFormat | None = None
         self._pending = b""
         self._primed = False
+        #: Ticks of audio cut off because more than L{MAX_AHEAD_SECONDS} of it waited.
+        self.dropped = 0
 
     def tick(self, payload: bytes, fmt: AudioFormat) -> bytes:
         """
         One tick of the file's samples for this channel (16-bit, mono). A
         resampler gives a sample more or less from one call to the next and
         holds some back at the start: silence is written until half a tick
-        more than a tick is waiting, and that lead absorbs the jitter.
+        more than a tick is waiting, and that lead absorbs the jitter. Ticks
+        that each hold more than a tick's audio (a leg sending 1.5 ticks'
+        worth per frame, faster than real time) pile up: past
+        L{MAX_AHEAD_TICKS}, the excess is cut off.
         """
         if self._transcoder is None or fmt != self._source:
             self._transcoder, self._source = Transcoder(fmt, self.target), fmt
         self._pending += self._transcoder.convert(payload)
+        excess = len(self._pending) - self.per_tick * MAX_AHEAD_TICKS
+        if excess > 0:
+            self._pending = self._pending[: len(self._pending) - excess]
+            self.dropped += -(-excess // self.per_tick)
         if not self._primed:
             if len(self._pending) < self.per_tick * 3 // 2:
                 return bytes(self.per_tick)
@@ -182,19 +256,19 @@ class _WavFile:
         self.silence = silence
         self.channels = {role: _ChannelConverter(rate) for role in CHANNELS}
         self.file: BinaryIO | None = None
+        self.headed = False
         self.data_bytes = 0
 
     def open(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        # Unbuffered: what a write returns is on its way to the disk, so the
-        # header's count is what the file holds, even after a failed write.
-        file = open(self.path, "wb", buffering=0)
-        try:
-            self._append(file, wav_header(self.rate, 0))  # sizes unknown yet: repaired if we crash
-        except OSError:
-            file.close()
-            raise
-        self.file = file
+        """Create the file (once) and write its header (until that is done)."""
+        if self.file is None:
+            _make_folders(os.path.dirname(self.path))
+            # Unbuffered: what a write returns is on its way to the disk, so the
+            # header's count is what the file holds, even after a failed write.
+            self.file = os.fdopen(_create(self.path), "wb", buffering=0)
+        if not self.headed:
+            self._append(self.file, wav_header(self.rate, 0))  # sizes unknown yet: repaired if we crash
+            self.headed = True
 
     @staticmethod
     def _append(file: BinaryIO, data: bytes) -> None:
@@ -211,10 +285,11 @@ class _WavFile:
                 file.seek(start)
             raise
 
-    def write(self, ticks: list[_Tick]) -> int:
-        if self.file is None:
-            self.open()
+    def write(self, ticks: list[_Tick]) -> tuple[int, dict[Role, int]]:
+        """Append C{ticks}: the bytes written, and each channel's ticks of audio cut off as too far ahead."""
+        self.open()
         assert self.file is not None
+        before = {role: converter.dropped for role, converter in self.channels.items()}
         columns = []
         for role in CHANNELS:
             converter = self.channels[role]
@@ -230,18 +305,18 @@ class _WavFile:
         data = stereo.tobytes()
         self._append(self.file, data)
         self.data_bytes += len(data)
-        return len(data)
+        return len(data), {role: converter.dropped - before[role] for role, converter in self.channels.items()}
 
     def close(self) -> int:
         """Complete the header and close; the bytes of audio written."""
-        if self.file is None:
-            self.open()
-        assert self.file is not None
         try:
+            self.open()
+            assert self.file is not None
             self.file.seek(0)
             self.file.write(wav_header(self.rate, self.data_bytes))
         finally:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
         return self.data_bytes
 
 
@@ -252,6 +327,8 @@ class _WavFile:
 class _Channel:
     pending: dict[int, tuple[bytes, AudioFormat]] = field(default_factory=dict)
     next: int = 0
+    #: Whether its leg was told (in the log) that it runs ahead of the clock.
+    warned: bool = False
 
 
 @implementer(ILegTap)
@@ -286,7 +363,7 @@ class CallRecording:
         self.path = path
         self.name = name
         self.started = started
-        self.rate = max(fmt.rate for fmt in recorder.formats.values())
+        self.rate = recorder.rate
         self.channels = {role: _Channel() for role in CHANNELS}
         self.file = _WavFile(path, self.rate, recorder.formats)
         self.flushed = 0  # ticks before this one went to the writer
@@ -301,14 +378,45 @@ class CallRecording:
         return int((self.recorder.reactor.seconds() - self.started) / TICK)
 
     def frame(self, role: Role, payload: bytes, fmt: AudioFormat) -> None:
+        """
+        File a frame under the next free tick of its channel, a tick's worth
+        of audio per tick (the last one takes the odd bytes); what would land
+        L{MAX_AHEAD_TICKS} or more ahead of now is dropped.
+        """
         channel = self.channels[role]
-        index = max(self._index(), channel.next, self.flushed)
-        channel.pending[index] = (payload, fmt)
-        channel.next = index + 1
+        now = self._index()
+        index = max(now, channel.next, self.flushed)
+        size = fmt.frame_bytes
+        pieces = max(1, len(payload) // size)
+        kept = min(pieces, now + MAX_AHEAD_TICKS - index)
+        if kept < pieces:
+            self._ahead(role, channel, pieces - max(kept, 0))
+            if kept <= 0:
+                return
+        if pieces == 1:
+            channel.pending[index] = (payload, fmt)
+        else:
+            for n in range(kept):
+                end = len(payload) if n == pieces - 1 else (n + 1) * size
+                channel.pending[index + n] = (payload[n * size : end], fmt)
+        channel.next = index + kept
+
+    def _ahead(self, role: Role, channel: _Channel, frames: int) -> None:
+        """A leg sends faster than real time: its audio past the bound is dropped, counted, logged once per leg."""
+        self.dropped += frames
+        self.recorder.droppedFrames(frames)
+        if not channel.warned:
+            channel.warned = True
+            self.recorder.log.warn(
+                "{call_id} recording {name}: the {role} leg sends audio faster than real time;"
+                " what runs over {seconds:g} s ahead is dropped (logged once per leg)",
+                call_id=self.call_id, name=self.name, role=role, seconds=MAX_AHEAD_SECONDS,
+            )
 
     def attach(self, leg: ILeg) -> None:
         if leg in self.taps:
             return
+        self.channels[leg.role].warned = False
         tap = self.taps[leg] = _Tap(self, leg.role, leg.format)
         if self.recorder.mix is Mix.HEARD:
             leg.heard.append(tap)
@@ -343,14 +451,18 @@ class CallRecording:
         done = self.recorder.run(self.file.write, ticks)
         done.addBoth(self._written, ticks)
 
-    def _written(self, result: int | Failure, ticks: list[_Tick]) -> None:
+    def _written(self, result: tuple[int, dict[Role, int]] | Failure, ticks: list[_Tick]) -> None:
         self.unwritten -= len(ticks)
         if isinstance(result, Failure):
             lost = sum(1 for tick in ticks for entry in tick.payloads.values() if entry is not None)
             self._drop(lost, result.getErrorMessage() or type(result.value).__name__)
-        else:
-            self.bytes += result
-            self.recorder.wrote(result)
+            return
+        written, cut = result
+        self.bytes += written
+        self.recorder.wrote(written)
+        for role, frames in cut.items():
+            if frames:
+                self._ahead(role, self.channels[role], frames)
 
     def _drop(self, frames: int, why: str) -> None:
         self.dropped += frames
@@ -400,6 +512,8 @@ class Recorder:
         self.mix = config.mix
         self.reactor = reactor
         self.formats = formats
+        #: A recording's sample rate: the highest of the legs'.
+        self.rate = max((fmt.rate for fmt in formats.values()), default=8000)
         self.metrics = metrics
         self.registry = registry
         #: Recordings under way, by call id.
@@ -407,6 +521,8 @@ class Recorder:
         #: Files named but maybe not on disk yet (the writer opens them): never given twice.
         self._claimed: set[str] = set()
         self._pool = ThreadPool(1, 1, name="audiohangup-recordings")
+        #: Finding a finished recording on disk: off the reactor, and never in the way of the writer's work.
+        self._lookups = ThreadPool(1, 1, name="audiohangup-recording-lookups")
         self._loop: LoopingCall | None = None
         self._pruning: IDelayedCall | None = None
 
@@ -415,6 +531,7 @@ class Recorder:
     def start(self) -> Deferred[Any]:
         """Start the writer thread; repair what a crash left, and prune; then flush every 100 ms."""
         self._pool.start()
+        self._lookups.start()
         self._loop = LoopingCall(self._flushAll)
         self._loop.clock = self.reactor
         self._loop.start(FLUSH_INTERVAL, now=False)
@@ -437,6 +554,8 @@ class Recorder:
                 self.log.failure("{call_id} recording could not be finished", call_id=call_id)
         if self._pool.started:
             self._pool.stop()
+        if self._lookups.started:
+            self._lookups.stop()
 
     def run(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, work, *args)
@@ -477,9 +596,8 @@ class Recorder:
         while True:
             name = f"{day}/{_wav_name(call_id, number)}"
             path = os.path.join(self.directory, name)
-            # A regular file is a recording already; anything else there (a
-            # link to a device, say) is where the operator wants this one.
-            if path not in self._claimed and not os.path.isfile(path):
+            # Anything there (a recording, a link: never followed) is not ours to write.
+            if path not in self._claimed and not os.path.lexists(path):
                 return name
             number += 1
 
@@ -507,29 +625,28 @@ class Recorder:
 
         return closing.addBoth(closed)
 
-    def resource(self, call_id: str) -> WavResource | None:
-        """The file of a call's recording as a resource, live or done (the newest day first), or None."""
+    def find(self, call_id: str) -> Deferred[WavResource | None]:
+        """
+        The file of a call's recording as a resource, live or done (the
+        newest day first), or None; the disk is searched on a thread of its
+        own, as a year of day folders is no work for the reactor.
+        """
         recording = self.active.get(call_id)
         if recording is not None:
-            return WavResource(recording.path, recording.rate)
-        path = self._done(call_id)
-        if path is None:
-            return None
-        with open(path, "rb") as file:
-            return WavResource(path, wav_rate(file.read(HEADER_BYTES)))
+            return succeed(WavResource(recording.path, recording.rate))
+        if self.directory is None:
+            return succeed(None)
 
-    def _done(self, call_id: str) -> str | None:
-        if self.directory is None or not os.path.isdir(self.directory):
-            return None
-        for day in sorted((d for d in os.listdir(self.directory) if _DAY.match(d)), reverse=True):
-            folder = os.path.join(self.directory, day)
-            numbers = [
-                int(match["n"] or 1) for match in map(_WAV_NAME.match, os.listdir(folder))
-                if match is not None and match["call"] == call_id
-            ]
-            if numbers:  # the call's last recording of its last day
-                return os.path.join(folder, _wav_name(call_id, max(numbers)))
-        return None
+        def found(result: tuple[str | None, list[str]]) -> WavResource | None:
+            path, links = result
+            self._skipped(links)
+            return None if path is None else WavResource(path, self.rate)
+
+        return deferToThreadPool(self.reactor, self._lookups, _last_recording, self.directory, call_id).addCallback(found)
+
+    def _skipped(self, links: list[str]) -> None:
+        for name in links:
+            self.log.warn("{name} in the record directory is a symbolic link: skipped, never followed", name=name)
 
     # Counting
 
@@ -569,40 +686,56 @@ class Recorder:
 
     # Start-up repairs and retention (on the writer thread)
 
-    def _tidy(self) -> tuple[list[tuple[str, float]], int]:
-        """Repair every WAV a crash left; delete the days older than --record-days."""
+    def _tidy(self) -> tuple[list[tuple[str, float]], list[tuple[str, str]], list[str], int]:
+        """
+        Repair every WAV a crash left; delete the days older than
+        --record-days. A link is skipped, a file that cannot be repaired
+        noted: neither stops the others.
+        """
         assert self.directory is not None
-        repaired = []
+        repaired: list[tuple[str, float]] = []
+        failed: list[tuple[str, str]] = []
+        links: list[str] = []
         removed = self._prune()
-        if os.path.isdir(self.directory):
-            for day in sorted(d for d in os.listdir(self.directory) if _DAY.match(d)):
-                folder = os.path.join(self.directory, day)
-                for name in sorted(os.listdir(folder)):
-                    if _WAV_NAME.match(name):
-                        seconds = repair(os.path.join(folder, name))
-                        if seconds is not None:
-                            repaired.append((f"{day}/{name}", seconds))
-        return repaired, removed
+        for day in _days(self.directory, links):
+            for entry in sorted(os.scandir(os.path.join(self.directory, day)), key=lambda entry: entry.name):
+                name = f"{day}/{entry.name}"
+                if not _WAV_NAME.match(entry.name):
+                    continue
+                if entry.is_symlink():
+                    links.append(name)
+                    continue
+                try:
+                    seconds = repair(entry.path, self.rate)
+                except OSError as error:
+                    failed.append((name, error.strerror or str(error)))
+                    continue
+                if seconds is not None:
+                    repaired.append((name, seconds))
+        return repaired, failed, links, removed
 
     def _prune(self) -> int:
-        if not self.config.keep_days or self.directory is None or not os.path.isdir(self.directory):
+        if not self.config.keep_days or self.directory is None:
             return 0
         cutoff = (datetime.now(timezone.utc) - timedelta(days=self.config.keep_days)).strftime("%Y-%m-%d")
         removed = 0
-        for day in os.listdir(self.directory):
-            if _DAY.match(day) and day < cutoff:
+        for day in _days(self.directory, []):
+            if day < cutoff:
                 folder = os.path.join(self.directory, day)
                 removed += sum(1 for name in os.listdir(folder) if name.endswith(".wav"))
                 shutil.rmtree(folder, ignore_errors=True)
         return removed
 
-    def _tidied(self, result: tuple[list[tuple[str, float]], int]) -> None:
-        repaired, removed = result
+    def _tidied(self, result: tuple[list[tuple[str, float]], list[tuple[str, str]], list[str], int]) -> None:
+        repaired, failed, links, removed = result
         for name, seconds in repaired:
             self.log.warn(
                 "recording {name} was left open by an earlier run: header repaired, {seconds:.2f} s kept",
                 name=name, seconds=seconds,
             )
+        for name, why in failed:
+            self.log.warn("recording {name} could not be checked: {why}", name=name, why=why)
+        self._skipped(links)
         self._pruned(removed)
         if self.config.keep_days:
             self._schedulePrune()
@@ -639,6 +772,45 @@ async def _done() -> None:
     return None
 
 
+def _days(directory: str, links: list[str]) -> list[str]:
+    """The day folders of the record directory, oldest first; links among them are added to C{links}, not followed."""
+    if not os.path.isdir(directory):
+        return []
+    days = []
+    for entry in os.scandir(directory):
+        if _DAY.match(entry.name):
+            if entry.is_symlink():
+                links.append(entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                days.append(entry.name)
+    return sorted(days)
+
+
+def _last_recording(directory: str, call_id: str) -> tuple[str | None, list[str]]:
+    """
+    The path of a call's last recording (its highest number on its last
+    day), and the links found on the way (skipped). Off the reactor: a day
+    without the call's first file costs one C{lstat}, a year of days one
+    listing of the directory and a few hundred of those.
+    """
+    links: list[str] = []
+    for day in reversed(_days(directory, links)):
+        folder = os.path.join(directory, day)
+        if not os.path.lexists(os.path.join(folder, _wav_name(call_id, 1))):
+            continue
+        numbers = []
+        for entry in os.scandir(folder):
+            match = _WAV_NAME.match(entry.name)
+            if match is not None and match["call"] == call_id:
+                if entry.is_symlink():
+                    links.append(f"{day}/{entry.name}")
+                elif entry.is_file(follow_symlinks=False):
+                    numbers.append(int(match["n"] or 1))
+        if numbers:
+            return os.path.join(folder, _wav_name(call_id, max(numbers))), links
+    return None, links
+
+
 # Serving a recording
 
 
@@ -663,7 +835,8 @@ class _Limited:
 class WavResource(Resource):
     """
     A recording as C{audio/wav}: a header true to what the file holds now
-    (a live recording's own says nothing yet), then its data, streamed.
+    (a live recording's own says nothing yet, a crash may have cut it short),
+    then its data, streamed.
     """
 
     isLeaf = True
@@ -671,18 +844,25 @@ class WavResource(Resource):
     def __init__(self, path: str, rate: int) -> None:
         super().__init__()
         self.path = path
-        self.rate = rate  # for a recording whose file the writer has not opened yet
+        self.rate = rate  # for a file whose header is not there (yet): what the recorder writes
 
     def render_GET(self, request: Any) -> Any:
-        request.setHeader(b"content-type", b"audio/wav")
         try:
-            file = open(self.path, "rb")  # closed when the transfer ends
+            file = os.fdopen(_open_in_folder(self.path, os.O_RDONLY), "rb")  # closed when the transfer ends
         except FileNotFoundError:  # just started: nothing written yet
+            request.setHeader(b"content-type", b"audio/wav")
             return wav_header(self.rate, 0)
+        except OSError as error:  # a link put where the recording was since it was found: not followed
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            message = f"{os.path.basename(self.path)} cannot be read: {error.strerror or error}"
+            return json.dumps({"error": {"code": "no_recording", "message": message}}).encode()
         header = file.read(HEADER_BYTES)
-        data = wav_data_bytes(self.path)
+        data = wav_data_bytes(os.fstat(file.fileno()).st_size)
+        request.setHeader(b"content-type", b"audio/wav")
         request.setHeader(b"content-length", str(HEADER_BYTES + data).encode())
-        request.write(wav_header(wav_rate(header), data))
+        request.write(wav_header(wav_rate(header) or self.rate, data))
+        file.seek(HEADER_BYTES)
         limited = _Limited(file, data)
         done = FileSender().beginFileTransfer(limited, request)
 

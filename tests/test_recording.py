@@ -11,8 +11,10 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
+import threading
 import uuid
 import wave
 from datetime import datetime, timezone
@@ -26,12 +28,14 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
+from audiohangup import recording
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
 from audiohangup.reasons import Role
 from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.twistd_child import start_server
@@ -160,13 +164,13 @@ async def test_mulaw_and_slin16_make_a_16k_file(make_server: Any, tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_full_disk_drops_audio_and_the_call_goes_on(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+async def test_a_full_disk_drops_audio_and_the_call_goes_on(
+    make_server: Any, tmp_path: Path, logs: LogCapture, monkeypatch: Any,
+) -> None:
     """The recording's file is /dev/full: every write fails; the call does not notice."""
+    monkeypatch.setattr(recording, "_create", lambda path: os.open("/dev/full", os.O_WRONLY))
     server = await make_server(record_every_call=True, record_dir=str(tmp_path))
     call_id = uuid.uuid4()
-    folder = tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    folder.mkdir()
-    (folder / f"{call_id}.wav").symlink_to("/dev/full")
     visitor = await leg(server, "visitor", call_id)
     await paced(visitor, [numbered(7)] * 25)
     heard = len(visitor.frames)
@@ -250,14 +254,20 @@ async def test_a_second_recording_of_a_call_keeps_the_first(make_server: Any, tm
     await ended(server, call_id)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
-    """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
-    record = tmp_path / "recordings"
+async def recording_child(spawn: Any, record: Path) -> tuple[Any, dict[str, int], FakeAsterisk, uuid.UUID]:
+    """A twistd child recording every call into C{record}, its ports, and a visitor leg of a new call."""
     child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
     call_id = uuid.uuid4()
     client = await connect(ports["audiosocket-visitor"], on_hangup="close")
     client.send_uuid(call_id)
+    return child, ports, client, call_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """SIGKILL mid-call: the next start rewrites the header; what was written is kept and plays."""
+    record = tmp_path / "recordings"
+    child, ports, client, call_id = await recording_child(spawn, record)
     began = reactor.seconds()
     for _ in range(75):
         client.send(frame(Kind.SLIN, numbered(1234)))
@@ -303,7 +313,7 @@ class FailedWriteTests(SynchronousTestCase):
         path = os.path.join(folder, "call.wav")
         wav = _WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
         tick = _Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
-        self.assertEqual(wav.write([tick] * 5), 5 * 640)
+        self.assertEqual(wav.write([tick] * 5), (5 * 640, {role: 0 for role in Role}))
         real = wav.file
         assert real is not None
         failures = []
@@ -325,7 +335,7 @@ class FailedWriteTests(SynchronousTestCase):
             wav.write([tick] * 5)
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 5 * 640)  # the 100 bytes are gone again
         wav.file = real
-        self.assertEqual(wav.write([tick] * 5), 5 * 640)  # in step: whole ticks after whole ticks
+        self.assertEqual(wav.write([tick] * 5)[0], 5 * 640)  # in step: whole ticks after whole ticks
         self.assertEqual(wav.close(), 10 * 640)
         rate, left, _ = read_wav(path)
         self.assertEqual((rate, len(left)), (8000, 10 * 160))
@@ -369,3 +379,289 @@ async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> N
         assert next(e for e in logs.events if "older than" in e.get("log_format", ""))["count"] == 1
     finally:
         await recorder.stop()
+
+
+# Hostile peers and a careless disk (issue 19): bounds, links, short files, modes
+
+
+async def record_a_call(make_server: Any, folder: Path, call_id: uuid.UUID, value: int = 8) -> Server:
+    """A server recording every call into C{folder}, and one call of a visitor's ten frames of C{value}, ended."""
+    server: Server = await make_server(record_every_call=True, record_dir=str(folder))
+    visitor = await leg(server, "visitor", call_id)
+    await paced(visitor, [numbered(value)] * 10)
+    visitor.close()
+    await ended(server, call_id)
+    return server
+
+
+def plant_day(folder: Path) -> Path:
+    day = folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    day.mkdir(parents=True)
+    return day
+
+
+#: A second of audio in 102 frames: fifty of 20 ms, one of 16,000 bytes (half a second), twice.
+FLOOD = (b"".join(frame(Kind.SLIN, numbered(n)) for n in range(50)) + frame(Kind.SLIN, numbered(9, 8000))) * 2
+
+
+def buffered(recording: Any) -> tuple[int, int]:
+    """What a recording holds in memory: ticks filed and their bytes, on the reactor and on the writer's side."""
+    entries = [entry for channel in recording.channels.values() for entry in channel.pending.values()]
+    converters = recording.file.channels.values()
+    held = sum(len(payload) for payload, _ in entries) + sum(len(c._pending) for c in converters)
+    return len(entries) + recording.unwritten, held
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    """
+    One leg floods audio (20 ms frames and 16,000-byte ones) for two
+    seconds: what it gets ahead of the clock is dropped and counted, the
+    recorder's memory stays bounded, an unrelated call keeps its audio, and
+    the flood's WAV ends with a true header once the leg goes.
+    """
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path))
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    call_id = uuid.uuid4()
+    flood = await leg(server, "visitor", call_id)
+    flooding = server.registry.get(str(call_id), "visitor")
+    recording = server.service.recorder.active[str(call_id)]
+    sent, most_ticks, most_bytes = 0, 0, 0
+    began = reactor.seconds()
+    while reactor.seconds() - began < 2.0:  # a second of audio every 10 ms, as fast as the server reads it
+        flood.send(FLOOD)
+        sent += 102
+        await until(lambda sent=sent: flooding.frames_in >= sent, what="the flood to be read")
+        ticks_held, bytes_held = buffered(recording)
+        most_ticks, most_bytes = max(most_ticks, ticks_held), max(most_bytes, bytes_held)
+    lasted = reactor.seconds() - began
+    assert sent >= 1000  # well over 20 s of audio in 2 s
+    # At most 0.5 s ahead, 2 ticks late and a flush's 5 ticks, for each channel; a tick's bytes at most.
+    assert most_ticks <= 2 * (25 + 2 + 5 + 2), most_ticks
+    assert most_bytes <= 2 * (25 + 2 + 5 + 2) * 640 + 2 * 25 * 320, most_bytes
+    metrics = server.service.metrics.collectors
+    assert metrics.get_sample_value("audiohangup_recording_dropped_frames_total") >= sent / 2
+    assert recording.dropped >= sent / 2
+    warned = [e for e in logs.events if "faster than real time" in e.get("log_format", "")]
+    assert [(e["call_id"], e["role"]) for e in warned] == [(str(call_id), Role.VISITOR)]  # once for the leg
+    kept = await bystander.stop()
+    assert kept >= 0.95, kept
+    bystander.close()
+    flood.close()
+    await ended(server, call_id)
+    assert logs.ended(str(call_id))
+    [path] = [p for p in tmp_path.glob("*/*.wav") if p.name == f"{call_id}.wav"]
+    data = path.read_bytes()
+    assert struct.unpack_from("<I", data, 40)[0] == len(data) - HEADER_BYTES  # the final header
+    rate, left, _ = read_wav(path)
+    assert len(left) / rate <= lasted + 2.0  # the clock's time and the bound, not the 20 s sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_during_a_flood_finishes_the_wav(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """The server told to stop while a recorded leg floods it: it exits, and the WAV has its final header."""
+    record = tmp_path / "recordings"
+    child, _, client, _ = await recording_child(spawn, record)
+    began = reactor.seconds()
+    while reactor.seconds() - began < 1.0:  # about 100 s of audio in a second
+        client.send(FLOOD)
+        await deferLater(reactor, 0.01)
+    child.signal("TERM")
+    await child.exit()
+    [path] = list(record.glob("*/*.wav"))
+    data = path.read_bytes()
+    assert struct.unpack_from("<I", data, 40)[0] == len(data) - HEADER_BYTES
+    assert "faster than real time" in child.log
+
+
+class AheadTests(SynchronousTestCase):
+    """The bound on a clock: what a leg files ahead of now, tick by tick."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from audiohangup.recording import Recorder, RecordingConfig
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.recorder = Recorder(RecordingConfig(folder), self.clock, {role: FORMATS["slin"] for role in Role})
+        self.recording = self.recorder.begin(str(uuid.uuid4()), [])
+
+    def test_aLongFrameFillsTicksUpToTheBound(self) -> None:
+        slin = FORMATS["slin"]
+        self.recording.frame(Role.VISITOR, numbered(4, 8000), slin)  # 50 ticks of audio at once
+        channel = self.recording.channels[Role.VISITOR]
+        self.assertEqual(sorted(channel.pending), list(range(25)))  # half a second's ticks, 320 bytes each
+        self.assertEqual({len(payload) for payload, _ in channel.pending.values()}, {320})
+        self.assertEqual(self.recording.dropped, 25)
+        self.recording.frame(Role.VISITOR, numbered(5), slin)
+        self.assertEqual(self.recording.dropped, 26)  # still half a second ahead: dropped
+        self.clock.advance(0.1)
+        for n in range(10):
+            self.recording.frame(Role.VISITOR, numbered(n), slin)
+        self.assertEqual(max(channel.pending), 29)  # five more ticks of time, five more frames
+        self.assertEqual(self.recording.dropped, 31)
+        self.recording.frame(Role.VISITOR, numbered(6, 170), slin)  # odd bytes: one tick, all kept
+        self.recording.frame(Role.RESIDENT, numbered(7, 170), slin)
+        self.assertEqual(self.recording.channels[Role.RESIDENT].pending[5][0], numbered(7, 170))
+
+    def test_ticksHoldingMoreThanATickAreCutOnTheWritersSide(self) -> None:
+        """A frame of 1.9 ticks in every tick (each tick filed is still one tick): its excess is cut, counted."""
+        from audiohangup.recording import _ChannelConverter
+
+        converter = _ChannelConverter(8000)
+        for _ in range(200):
+            converter.tick(numbered(3, 300), FORMATS["slin"])
+        self.assertLessEqual(len(converter._pending), 25 * 320)
+        self.assertGreater(converter.dropped, 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_recording_is_found_off_the_reactor(
+    make_server: Any, tmp_path: Path, logs: LogCapture, monkeypatch: Any,
+) -> None:
+    """GET of a call the server no longer holds: found, without a directory listed on the reactor's thread."""
+    folder = tmp_path / "rec"
+    for day in ("2025-01-01", "2025-01-02"):  # other days, other calls
+        (folder / day).mkdir(parents=True)
+        for _ in range(3):
+            (folder / day / f"{uuid.uuid4()}.wav").write_bytes(wav_header(8000, 0))
+    call_id = uuid.uuid4()
+    server = await record_a_call(make_server, folder, call_id, 77)
+    assert not server.registry.call(str(call_id))
+    listed: list[threading.Thread] = []
+
+    def noting(real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            listed.append(threading.current_thread())
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "scandir", noting(os.scandir))
+    monkeypatch.setattr(os, "listdir", noting(os.listdir))
+    status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+    assert status == 200
+    with wave.open(io.BytesIO(body)) as wav:
+        served = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
+    assert 77 in ticks(served)
+    assert listed and threading.current_thread() not in listed
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_never_serves_a_links_target(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    folder, call_id = tmp_path / "rec", uuid.uuid4()
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(wav_header(8000, 4) + b"SECR")
+    (plant_day(folder) / f"{call_id}.wav").symlink_to(secret)
+    server = await make_server(record_dir=str(folder))
+    status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+    assert status == 404 and b"SECR" not in body, body
+    assert json.loads(body)["error"]["code"] == "no_recording"
+    assert any("symbolic link" in text and f"{call_id}.wav" in text for text in logs.texts())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_never_creates_a_file_through_a_link(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """A link where the call's file would go: the recording takes the next name, the link's target is not made."""
+    folder, call_id = tmp_path / "rec", uuid.uuid4()
+    target = tmp_path / "elsewhere.wav"
+    day = plant_day(folder)
+    (day / f"{call_id}.wav").symlink_to(target)
+    await record_a_call(make_server, folder, call_id)
+    assert not target.exists()
+    assert (day / f"{call_id}-2.wav").is_file() and not (day / f"{call_id}-2.wav").is_symlink()
+    assert 8 in ticks(read_wav(day / f"{call_id}-2.wav")[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_day_folder_that_is_a_link_is_not_written_through(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    folder, elsewhere, call_id = tmp_path / "rec", tmp_path / "elsewhere", uuid.uuid4()
+    elsewhere.mkdir()
+    folder.mkdir()
+    (folder / datetime.now(timezone.utc).strftime("%Y-%m-%d")).symlink_to(elsewhere)
+    await record_a_call(make_server, folder, call_id)
+    assert list(elsewhere.iterdir()) == []
+    assert any("audio dropped" in text and str(call_id) in text for text in logs.texts())
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_do_not_stop_the_start_up_repair(tmp_path: Path, logs: LogCapture) -> None:
+    """A dangling link first, a link to a stale WAV elsewhere, then a crashed recording: skipped, untouched, repaired."""
+    from audiohangup.recording import Mix, Recorder, RecordingConfig
+
+    day = plant_day(tmp_path / "rec")
+    (day / "00000000-0000-0000-0000-000000000000.wav").symlink_to(tmp_path / "nowhere.wav")
+    outside = tmp_path / "outside.wav"
+    stale = wav_header(8000, 0) + numbered(1)
+    outside.write_bytes(stale)
+    (day / "11111111-1111-1111-1111-111111111111.wav").symlink_to(outside)
+    crashed = day / "ffffffff-ffff-ffff-ffff-ffffffffffff.wav"
+    crashed.write_bytes(wav_header(8000, 0) + numbered(2, 320))
+    recorder = Recorder(RecordingConfig(str(tmp_path / "rec"), mix=Mix.SENT), reactor, {})
+    await recorder.start()
+    try:
+        with wave.open(str(crashed)) as wav:
+            assert wav.getnframes() == 160
+        assert outside.read_bytes() == stale
+        assert not (tmp_path / "nowhere.wav").exists()
+        skipped = [e["name"] for e in logs.events if "symbolic link" in e.get("log_format", "")]
+        assert sorted(skipped) == [f"{day.name}/00000000-0000-0000-0000-000000000000.wav",
+                                   f"{day.name}/11111111-1111-1111-1111-111111111111.wav"]
+    finally:
+        await recorder.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_wav_is_served_as_what_it_holds(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """What a crash right after opening leaves (0 bytes, part of a header), or a header gone bad: never a 500."""
+    folder = tmp_path / "rec"
+    day = plant_day(folder)
+    server = await make_server(record_dir=str(folder))
+    for content, frames in ((b"", 0), (b"RIFF\x00\x00", 0), (b"\x00" * HEADER_BYTES + numbered(3, 320), 160)):
+        call_id = uuid.uuid4()
+        (day / f"{call_id}.wav").write_bytes(content)
+        status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+        assert status == 200, body
+        assert len(body) == HEADER_BYTES + frames * 4
+        with wave.open(io.BytesIO(body)) as wav:
+            assert (wav.getnframes(), wav.getframerate(), wav.getnchannels()) == (frames, 8000, 2)
+
+
+class SwappedForALinkTests(SynchronousTestCase):
+    """A recording found, then a link put in its place before the answer: a 404 JSON, not the link's target."""
+
+    def test_linkIsNotServed(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from audiohangup.recording import WavResource
+
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder)
+        (folder / "secret").write_bytes(wav_header(8000, 4) + b"SECR")
+        (folder / "day").mkdir()
+        (folder / "day" / "call.wav").symlink_to(folder / "secret")
+        request = DummyRequest([b""])
+        body = WavResource(str(folder / "day" / "call.wav"), 8000).render_GET(request)
+        self.assertEqual(request.responseCode, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "no_recording")
+        self.assertEqual(b"".join(request.written), b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_recordings_are_private_whatever_the_umask(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
+    """Under umask 022: the folders the server makes are 0700, the WAV 0600."""
+    folder = tmp_path / "new" / "rec"
+    previous = os.umask(0o022)
+    try:
+        await record_a_call(make_server, folder, uuid.uuid4())
+    finally:
+        os.umask(previous)
+    [path] = list(folder.glob("*/*.wav"))
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "new", folder, path.parent, path)}
+    assert modes == {tmp_path / "new": 0o700, folder: 0o700, path.parent: 0o700, path: 0o600}
