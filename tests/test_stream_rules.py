@@ -530,17 +530,52 @@ class ManagerTests(StreamTestCase):
 
 class ValidationTests(SynchronousTestCase):
     def test_urls(self) -> None:
-        for good in ("ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x"):
+        for good in (
+            "ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x", "ws://[::1]:9/a%20b?q=1&r=(2)",
+        ):
             self.assertEqual(check_url(good), good)
         for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5, "ws://app/x#frag", "ws://app:99999/"):
             with self.assertRaises(ApiError):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
 
+    def test_urlsAreStrict(self) -> None:
+        """Nothing that could end up mangled into the handshake's request line: whitespace, controls, non-ASCII."""
+        for bad in (
+            "ws://app/a b", "ws://app/x HTTP/1.1\r\nX-Evil: 1", "ws://app/x\n", " ws://app/x", "ws://app/\x00",
+            "ws://app/\t", "ws://app/\x7f", "ws://app/é", "ws://app/{other}", "ws://app/%zz", "ws://app/50%",
+            "ws://ap p/", "ftp://app/",
+        ):
+            with self.assertRaises(ApiError) as raised:
+                check_url(bad)
+            self.assertEqual(raised.exception.code, "bad_url", bad)
+
     def test_headers(self) -> None:
         self.assertEqual(parse_header("Authorization: Bearer abc"), ("Authorization", "Bearer abc"))
-        for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x"):
+        self.assertEqual(parse_header("X-Tab: a\tb"), ("X-Tab", "a\tb"))
+        for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x", "X-A: a\x00b", "X-A: a\x1bb"):
             with self.assertRaises(ValueError):
                 parse_header(bad)
-        with self.assertRaises(ApiError):
-            check_headers({"X-A": "line\r\nbreak"})
+        for headers in (
+            {"X-A": "line\r\nbreak"}, {"X-A\n": "x"}, {"X-A\r\nX-B": "x"}, {"": "x"}, {"X-A": "nul\x00"},
+            {"X-A": "esc\x1b"}, {"X-A": "del\x7f"}, {"X-A": "a\nb"}, {"X-A": "x", "x-a": "y"},
+            {"user-agent": "x"}, {"x-audiohangup-SIGNATURE": "t=1,sha256=00"}, {"X-Audiohangup-Timestamp": "1"},
+        ):
+            with self.assertRaises(ApiError) as raised:
+                check_headers(headers)
+            self.assertEqual(raised.exception.code, "bad_headers", headers)
+        self.assertEqual(check_headers({"X-A": "tab\tok é"}), {"X-A": "tab\tok é"})
+
+    def test_configuredHeadersAreNotDoubled(self) -> None:
+        """A header the configuration sets cannot come again from the API, in any case: refused, not merged."""
+        streams = Streams(StreamConfig(headers=(("Authorization", "Bearer operator"),), secret="k"), Clock())
+        for name in ("Authorization", "authorization", "AUTHORIZATION", "x-audiohangup-signature"):
+            with self.assertRaises(ApiError) as raised:
+                streams.check_headers({name: "Bearer caller"})
+            self.assertEqual(raised.exception.code, "bad_headers")
+        self.assertEqual(streams.check_headers({"X-Caller": "c"}), {"X-Caller": "c"})
+        sent = streams._handshakeHeaders("ws://app/x", {"X-Caller": "c"})
+        self.assertEqual(
+            sorted(name.lower() for name in sent),
+            ["authorization", "x-audiohangup-signature", "x-audiohangup-timestamp", "x-caller"],
+        )

@@ -486,6 +486,9 @@ async def test_stream_route_errors(server: Server, app: App, logs: LogCapture) -
         ({"url": app.url(), "mode": "shout"}, "bad_mode"),
         ({"url": app.url(), "parameters": {"a": 1}}, "bad_parameters"),
         ({"url": app.url(), "headers": {"Host": "evil"}}, "bad_headers"),
+        ({"url": app.url(), "headers": {"x-audiohangup-signature": "t=1,sha256=00"}}, "bad_headers"),
+        ({"url": app.url(), "headers": {"X-A\n": "x"}}, "bad_headers"),
+        ({"url": app.url("/a b")}, "bad_url"),
         ({"url": app.url(), "role": "caller"}, "bad_role"),
         ({"url": app.url(), "extra": 1}, "unknown_field"),
     ]:
