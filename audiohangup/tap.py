@@ -16,6 +16,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from audiohangup import credentials
 from audiohangup.access import TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
@@ -38,6 +39,8 @@ from audiohangup.streams.manager import (
 from audiohangup.webhooks import Webhooks, trust_root
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
+WEBHOOK_SECRET_ENVIRONMENT = "AUDIOHANGUP_WEBHOOK_SECRET"
+STREAM_SECRET_ENVIRONMENT = "AUDIOHANGUP_STREAM_SECRET"
 
 
 def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
@@ -173,7 +176,12 @@ class Options(usage.Options):
         ],
         [
             "webhook-secret", None, None,
-            "Key of the X-Audiohangup-Signature header (HMAC-SHA256 of the body).",
+            f"Key of the X-Audiohangup-Signature header (HMAC-SHA256 of the body) "
+            f"(default: ${WEBHOOK_SECRET_ENVIRONMENT}, else none; prefer --webhook-secret-file).",
+        ],
+        [
+            "webhook-secret-file", None, None,
+            "File holding --webhook-secret (a trailing newline is ignored): kept off the command line.",
         ],
         [
             "flow", None, Config.flow,
@@ -307,7 +315,12 @@ class Options(usage.Options):
         ],
         [
             "stream-secret", None, None,
-            "Key of the X-Audiohangup-Signature header of every stream's WebSocket handshake.",
+            f"Key of the X-Audiohangup-Signature header of every stream's WebSocket handshake "
+            f"(default: ${STREAM_SECRET_ENVIRONMENT}, else none; prefer --stream-secret-file).",
+        ],
+        [
+            "stream-secret-file", None, None,
+            "File holding --stream-secret (a trailing newline is ignored): kept off the command line.",
         ],
         [
             "stream-ca", None, None,
@@ -328,10 +341,41 @@ class Options(usage.Options):
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
+        self._streamHeader("--stream-header", header, lambda value: value)
+
+    def opt_stream_header_file(self, header: str) -> None:
+        """'NAME: PATH': a --stream-header whose value is read from PATH (a trailing newline is ignored)."""
+        self._streamHeader("--stream-header-file", header, credentials.from_file)
+
+    def opt_stream_header_env(self, header: str) -> None:
+        """'NAME: VARIABLE': a --stream-header whose value is the environment variable's."""
+        self._streamHeader("--stream-header-env", header, credentials.from_environment)
+
+    def _streamHeader(self, option: str, header: str, value_of: Callable[[str], str]) -> None:
+        """A header for every stream's handshake, its value as given or read from where it names; each name once."""
         try:
-            self["stream-header"].append(parse_header(header))
+            name, where = parse_header(header)
+            name, value = parse_header(f"{name}: {value_of(where)}")
         except ValueError as error:
-            raise usage.UsageError(f"--stream-header: {error}") from None
+            raise usage.UsageError(f"{option}: {error}") from None
+        if any(name.lower() == given.lower() for given, _ in self["stream-header"]):
+            raise usage.UsageError(f"{option}: {name} is given twice (header names are case-insensitive)")
+        self["stream-header"].append((name, value))
+
+    def _secret(self, name: str, environment: str) -> None:
+        """--NAME as given, or read from --NAME-file, else from $ENVIRONMENT if set; never empty."""
+        given, path = self[name], self[f"{name}-file"]
+        try:
+            if path is not None:
+                if given is not None:
+                    raise ValueError(f"give --{name} or --{name}-file, not both")
+                self[name] = credentials.from_file(path)
+            elif given is None and os.environ.get(environment):
+                self[name] = credentials.from_environment(environment)
+        except ValueError as error:
+            raise usage.UsageError(f"--{name}{'-file' if path else ''}: {error}") from None
+        if self[name] is not None and not self[name]:
+            raise usage.UsageError(f"--{name} must not be empty")
 
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
@@ -349,6 +393,8 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+        self._secret("webhook-secret", WEBHOOK_SECRET_ENVIRONMENT)
+        self._secret("stream-secret", STREAM_SECRET_ENVIRONMENT)
         try:
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:
@@ -405,8 +451,6 @@ class Options(usage.Options):
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
         except ValueError:
             raise usage.UsageError("--stream-roles must name visitor, resident or both, comma-separated") from None
-        if self["stream-secret"] is not None and not self["stream-secret"]:
-            raise usage.UsageError("--stream-secret must not be empty")
         for option in ("webhook-ca", "stream-ca"):
             if self[option] is not None:
                 try:
