@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import math
+import os
+import stat
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,6 +57,20 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    An address as Twisted or X-Forwarded-For gives it, or None: an IPv6 zone
+    dropped, a dual-stack socket's IPv4-mapped client as the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(text.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 @dataclass(frozen=True)
 class SourceACL:
     """The networks a listener accepts connections from; None accepts every source."""
@@ -67,13 +84,8 @@ class SourceACL:
         """
         if self.networks is None or host is None:
             return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # a dual-stack socket's IPv4 client
-        return any(address in network for network in self.networks)
+        address = _ip(host)
+        return address is not None and any(address in network for network in self.networks)
 
 
 def is_loopback(host: str) -> bool:
@@ -110,6 +122,15 @@ class LogOncePer:
 
 
 # Tokens
+
+
+#: The shortest token taken: 16 random characters are beyond guessing at the
+#: throttle's pace, whatever the number of sources.
+MIN_TOKEN_LENGTH = 16
+
+
+#: Why a token is refused for its length (never the token, nor its length).
+SHORT_TOKEN = f"a token must be at least {MIN_TOKEN_LENGTH} characters"
 
 
 class TokenFileError(Exception):
@@ -150,21 +171,28 @@ class Tokens:
     @classmethod
     def parse(cls, text: str, source: str = "tokens file") -> Tokens:
         """
-        One C{SCOPE TOKEN} per line, C{#} starts a comment. An error names the
+        One C{SCOPE TOKEN} per line; a line whose first character (after
+        blanks) is C{#} is a comment, so a C{#} inside a token is part of it.
+        A token shorter than L{MIN_TOKEN_LENGTH} is refused. An error names the
         line, never what is on it.
         """
         tokens: list[tuple[Scope, str]] = []
         for number, line in enumerate(text.splitlines(), start=1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
+            line = line.strip()
+            if not line or line.startswith("#"):
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise TokenFileError(f"{source}, line {number}: expected 'SCOPE TOKEN' (scope read or control)")
+                raise TokenFileError(
+                    f"{source}, line {number}: expected 'SCOPE TOKEN' (scope read or control; "
+                    "# starts a comment only at the start of a line)"
+                )
             try:
                 scope = Scope(parts[0].lower())
             except ValueError:
                 raise TokenFileError(f"{source}, line {number}: the scope must be read or control") from None
+            if len(parts[1]) < MIN_TOKEN_LENGTH:
+                raise TokenFileError(f"{source}, line {number}: {SHORT_TOKEN}")
             tokens.append((scope, parts[1]))
         if not tokens:
             # No token means no check at all: an empty file (or one caught
@@ -173,9 +201,19 @@ class Tokens:
         return cls(tokens)
 
     @classmethod
-    def load(cls, path: str) -> Tokens:
+    def load(cls, path: str, *, insecure: bool = False) -> Tokens:
+        """
+        The tokens of a file only its owner can read or write (mode 0600 or
+        stricter), unless C{insecure} (--insecure-files) says others may.
+        """
         try:
             with open(path, encoding="utf-8") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                if mode & 0o077 and not insecure:
+                    raise TokenFileError(
+                        f"{path}: mode {stat.S_IMODE(mode):04o} lets group or others at the tokens: "
+                        "chmod 600 it (or pass --insecure-files)"
+                    )
                 text = file.read()
         except (OSError, UnicodeDecodeError) as error:
             why = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
@@ -191,40 +229,105 @@ class Tokens:
 # Failed authentication
 
 
+def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNetwork, ...] = ()) -> str:
+    """
+    The source failed authentications are counted against. The peer, or, when
+    the peer is a trusted proxy, the right-most C{X-Forwarded-For} hop that is
+    not one (the left of it is whatever the client wrote). Every loopback
+    address is one host; IPv6 counts by /64, what one host or site gets.
+    """
+    address = _ip(peer)
+    if address is None:
+        return peer
+    if any(address in network for network in trusted):
+        hops = [hop for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            found = _ip(hop)
+            if found is None:
+                break  # not an address: no proxy of ours wrote it
+            address = found
+            if not any(address in network for network in trusted):
+                break
+    if address.is_loopback:
+        return "loopback"
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class AuthThrottle:
     """
-    More than C{limit} failed authentications from one address within
-    C{window} seconds: that address waits until the window has passed. The
-    table of addresses is bounded; the address seen least recently goes first.
+    More than C{limit} failed authentications from one source within
+    C{window} seconds: that source waits until the window has passed.
+
+    The table is bounded: a new source takes the place of the least recent
+    one that is not locked, so failures from many others never free a locked
+    source early. When every entry is locked, the sources not in the table
+    share one more entry: together they get C{limit} failures a window, so
+    guesses stay bounded even then, at the price of those sources waiting
+    (at most one window after the table frees up).
     """
 
     def __init__(self, limit: int = 20, window: float = 60.0, max_addresses: int = 4096) -> None:
         self.limit = limit
         self.window = window
         self.max_addresses = max_addresses
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        #: Sources not locked, least recent first: the failure times of each.
+        self._counting: OrderedDict[str, deque[float]] = OrderedDict()
+        #: Locked sources: until when, and their failure times.
+        self._locked: dict[str, tuple[float, deque[float]]] = {}
+        self._unlocks: list[tuple[float, str]] = []  # a heap of (until, source)
+        self._overflow: deque[float] = deque(maxlen=limit + 1)
 
     def __len__(self) -> int:
-        return len(self._failures)
+        return len(self._counting) + len(self._locked)
 
-    def failed(self, address: str, now: float) -> None:
-        times = self._failures.get(address)
+    def __contains__(self, source: str) -> bool:
+        return source in self._counting or source in self._locked
+
+    def failed(self, source: str, now: float) -> None:
+        self._unlock(now)
+        if source in self._locked:
+            return  # refused before authentication until then; nothing to add
+        times = self._counting.get(source)
         if times is None:
-            times = self._failures[address] = deque(maxlen=self.limit + 1)
+            if len(self) >= self.max_addresses:
+                if not self._counting:
+                    self._overflow.append(now)
+                    return
+                self._counting.popitem(last=False)
+            times = self._counting[source] = deque(maxlen=self.limit + 1)
+        self._counting.move_to_end(source)
         times.append(now)
-        self._failures.move_to_end(address)
-        while len(self._failures) > self.max_addresses:
-            self._failures.popitem(last=False)
+        until = self._until(times, now)
+        if until is not None:
+            del self._counting[source]
+            self._locked[source] = (until, times)
+            heapq.heappush(self._unlocks, (until, source))
 
-    def retry_after(self, address: str, now: float) -> float | None:
-        """Seconds until C{address} may try again, or None if it may now."""
-        times = self._failures.get(address)
-        if times is None or len(times) <= self.limit:
+    def retry_after(self, source: str, now: float) -> float | None:
+        """Seconds until C{source} may try again, or None if it may now."""
+        self._unlock(now)
+        locked = self._locked.get(source)
+        if locked is not None:
+            return locked[0] - now
+        if source in self._counting:
             return None
-        left = times[0] + self.window - now
-        if left <= 0:
+        until = self._until(self._overflow, now)
+        return None if until is None else until - now
+
+    def _until(self, times: deque[float], now: float) -> float | None:
+        """When a source with these failures may try again, if it must wait."""
+        if len(times) <= self.limit or times[0] + self.window <= now:
             return None
-        return left
+        return times[0] + self.window
+
+    def _unlock(self, now: float) -> None:
+        """Locks that have run out: back among the counting sources, with their failures."""
+        while self._unlocks and self._unlocks[0][0] <= now:
+            _, source = heapq.heappop(self._unlocks)
+            _, times = self._locked.pop(source)
+            self._counting[source] = times
 
     @staticmethod
     def header(seconds: float) -> str:

@@ -25,9 +25,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.access import AuthThrottle, Scope, Tokens
+from audiohangup.access import AuthThrottle, IPNetwork, Scope, Tokens, source_key
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, Cluster, OwnerUnreachable
+from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, SIGNATURE, Cluster, OwnerUnreachable
 from audiohangup.errors import ApiError
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
@@ -73,6 +73,7 @@ def _requires(scope: Scope) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         def check(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
             self.authorize(request, scope)
+            self.check_forwarded(request)
             return handler(self, request, *args, **kwargs)
 
         return cast(Handler, check)
@@ -82,11 +83,6 @@ def _requires(scope: Scope) -> Callable[[Handler], Handler]:
 
 _read = _requires(Scope.READ)
 _control = _requires(Scope.CONTROL)
-
-
-def client_host(request: IRequest) -> str:
-    """The client's address as throttling counts it (a UNIX socket's clients are one)."""
-    return str(getattr(request.getClientAddress(), "host", "unix"))
 
 
 class ControlAPI:
@@ -109,6 +105,7 @@ class ControlAPI:
         cluster: Cluster | None = None,
         tokens: Tokens | None = None,
         throttle: AuthThrottle | None = None,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
         clock: IReactorTime | None = None,
         streams: Streams | None = None,
         formats: dict[Role, AudioFormat] | None = None,
@@ -126,6 +123,8 @@ class ControlAPI:
         #: Every token the API takes; replaced whole when the tokens file is re-read.
         self.tokens = (tokens or Tokens()) + Tokens([(Scope.CONTROL, api_token)] if api_token else [])
         self.throttle = throttle if throttle is not None else AuthThrottle()
+        #: Proxies whose X-Forwarded-For names the client the throttle counts (--trusted-proxies).
+        self.trusted_proxies = trusted_proxies
         self.clock = clock if clock is not None else _wall_clock()
         self.streams = streams if streams is not None else Streams(StreamConfig(), cast(Any, self.clock))
 
@@ -141,11 +140,47 @@ class ControlAPI:
         scheme, _, given = (_header(request, "authorization") or "").partition(" ")
         scope = tokens.scope_of(given.strip()) if scheme.lower() == "bearer" else None
         if scope is None:
-            self.throttle.failed(client_host(request), self.clock.seconds())
+            source = self.throttle_source(request)
+            if source is not None:
+                self.throttle.failed(source, self.clock.seconds())
             request.setHeader("www-authenticate", 'Bearer realm="audiohangup"')
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
         if not scope.covers(needed):
             raise ApiError(403, "forbidden", f"this route needs a {needed} token; the one given has {scope} scope")
+
+    def throttle_source(self, request: IRequest) -> str | None:
+        """
+        What failed authentications are counted against (L{source_key}); None
+        for a UNIX socket's client, never throttled: the socket's file mode
+        already says who may connect, and every client there has one address.
+        """
+        host = getattr(request.getClientAddress(), "host", None)
+        if not isinstance(host, str):
+            return None
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        return source_key(host, [value.decode("latin-1") for value in forwarded], self.trusted_proxies)
+
+    def check_forwarded(self, request: IRequest) -> None:
+        """
+        A request that says another instance forwarded it must prove it (a
+        signature under --api-token): else a client could pass its hangup off
+        as a session's end, or keep it from reaching the owner. 403 if not.
+        """
+        by = _header(request, FORWARDED_BY)
+        if by is None:
+            return
+        if self.cluster is None:
+            raise ApiError(403, "bad_forwarding", f"{FORWARDED_BY}: this instance runs alone (no --redis)")
+        request.content.seek(0)
+        body = request.content.read()
+        request.content.seek(0)
+        if not self.cluster.verified(
+            by, _header(request, SIGNATURE), request.method, request.uri, _header(request, CAUSE) or "", body
+        ):
+            raise ApiError(
+                403, "bad_forwarding",
+                f"{FORWARDED_BY} is taken only from another instance of this cluster, signed with its --api-token",
+            )
 
     # Routes
 

@@ -7,11 +7,16 @@ still ends together.
 
 A forwarded request carries C{X-Audiohangup-Forwarded-By}: an instance never
 forwards such a request again, so a stale directory entry cannot make two
-instances bounce a request between them.
+instances bounce a request between them. It also carries
+C{X-Audiohangup-Forwarded-Signature}, the HMAC under the instances' own
+control token (--api-token) of who forwarded what, when and with which cause:
+only a request that carries a good one is taken as forwarded, so a client
+cannot mark its own hangup as a session's end.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import treq
@@ -22,6 +27,7 @@ from zope.interface import implementer
 
 from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.reasons import HangupCause
+from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
     from audiohangup.directory import Directory
@@ -31,6 +37,15 @@ FORWARDED_BY = "X-Audiohangup-Forwarded-By"
 #: On a forwarded hangup: the cause to record (C{session} when a session ends across instances).
 CAUSE = "X-Audiohangup-Cause"
 FORWARDABLE_CAUSES = {HangupCause.API.value, HangupCause.SESSION.value}
+#: C{t=<unix seconds>,sha256=<hex>}, as a webhook's signature, over L{_forwarded_fields}.
+SIGNATURE = "X-Audiohangup-Forwarded-Signature"
+
+
+def _forwarded_fields(instance_id: str, method: bytes, path: bytes, cause: str, body: bytes) -> bytes:
+    """What a forwarding signature covers: all a replay could otherwise change."""
+    return b"\n".join(
+        [instance_id.encode(), method, path, cause.encode(), hashlib.sha256(body).hexdigest().encode()]
+    )
 
 
 class OwnerUnreachable(Exception):
@@ -75,6 +90,9 @@ class Cluster:
         """Send a request on to another instance; its status and body, or L{OwnerUnreachable}."""
         sent: dict[bytes | str, bytes | str] = {name: value for name, value in headers.items()}
         sent[FORWARDED_BY] = self.instance_id
+        if self.api_token:
+            fields = _forwarded_fields(self.instance_id, method, path, headers.get(CAUSE, ""), body)
+            sent[SIGNATURE] = sign(self.api_token, fields, int(self.reactor.seconds()))
         target = url.rstrip("/") + path.decode("latin-1")
         try:
             response = await treq.request(
@@ -85,6 +103,15 @@ class Cluster:
         except Exception as error:  # treq reports many failure types; all mean "no answer"
             raise OwnerUnreachable(instance_id, url, str(error) or type(error).__name__) from None
         return response.code, content
+
+    def verified(
+        self, instance_id: str, signature: str | None, method: bytes, path: bytes, cause: str, body: bytes
+    ) -> bool:
+        """Whether another instance of this cluster forwarded this request, as it says (within 5 minutes)."""
+        if not self.api_token:
+            return False
+        fields = _forwarded_fields(instance_id, method, path, cause, body)
+        return verify(self.api_token, fields, signature, now=self.reactor.seconds())
 
     async def stop(self) -> None:
         """Let session ends under way reach the other instances (bounded), then close the pool."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
@@ -29,6 +29,9 @@ from zope.interface import implementer
 from audiohangup.access import LogOncePer, SourceACL, is_loopback
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import describe_address
+
+#: The mode of a UNIX socket whose endpoint string gives no C{mode=}: owner and group.
+UNIX_SOCKET_MODE = 0o660
 
 
 class Listener(StreamServerEndpointService):
@@ -150,3 +153,16 @@ def listens_beyond_loopback(reactor: object, description: str) -> bool:
     if not isinstance(interface, str):
         return True
     return not is_loopback(interface)
+
+
+def server_endpoint(reactor: object, description: str) -> IStreamServerEndpoint:
+    """
+    C{serverFromString}, except that a C{unix:} endpoint without C{mode=} is
+    made L{UNIX_SOCKET_MODE}, not Twisted's 0666: a client of a UNIX socket
+    counts as loopback (the API asks it no token), so the socket file's mode
+    is all that keeps other local users out.
+    """
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, UNIXServerEndpoint) and "mode" not in _parse(description)[1]:
+        endpoint = serverFromString(reactor, f"{description}:mode={UNIX_SOCKET_MODE:o}")
+    return endpoint

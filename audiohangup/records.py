@@ -108,6 +108,9 @@ PRUNE_INTERVAL = 86400.0
 #: Seconds a statement waits for another connection's lock ("database is locked").
 BUSY_TIMEOUT = 5.0
 
+#: The first bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
 #: For each version, the statements that bring the version before it up to it.
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -207,7 +210,9 @@ class CallRecords:
         """
         Raise a ValueError naming why the store cannot live at C{path}: its
         directory is missing or not writable (SQLite writes its journal there),
-        or the file is there and not writable. Start-up fails closed on it.
+        or the file is there and not writable, or not a SQLite database (the
+        store would open it, fail, and run without records). Start-up fails
+        closed on it.
         """
         if path == ":memory:":
             return
@@ -218,6 +223,14 @@ class CallRecords:
             raise ValueError(f"the directory {folder} is not writable")
         if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK)):
             raise ValueError(f"{path} is not a file this process can read and write")
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as file:
+                    head = file.read(len(SQLITE_HEADER))
+            except OSError as error:
+                raise ValueError(f"{path} cannot be read: {error.strerror or error}") from None
+            if head and head != SQLITE_HEADER:  # 0 bytes is an empty database to SQLite
+                raise ValueError(f"{path} is not a SQLite database")
 
     def __init__(
         self, path: str, reactor: Any, *, keep_days: float = 30.0, metrics: Metrics | None = None
@@ -277,6 +290,7 @@ class CallRecords:
         )
         if journal != "wal" and self.path != ":memory:":
             self.log.warn("call records in {path}: journal mode is {journal}, not wal", path=self.path, journal=journal)
+        self._warnIfShared()
         if recovered:
             self.log.info(
                 "{count} call records left open by an earlier run closed as server_lost", count=recovered
@@ -289,6 +303,18 @@ class CallRecords:
         if IReactorCore.providedBy(self.reactor):
             self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._reactorShutdown)
         return recovered
+
+    def _warnIfShared(self) -> None:
+        """A store an earlier version (or the operator) left open to others is kept so, but said once."""
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+        except OSError:
+            return  # ":memory:", or gone: nothing to say
+        if mode & 0o077:
+            self.log.warn(
+                "call records in {path} are mode {mode:04o}: others can read live call ids; chmod 600 it",
+                path=self.path, mode=mode,
+            )
 
     def close(self) -> Deferred[None]:
         """
@@ -636,6 +662,8 @@ class _Database:
         @return: the journal mode, the version upgraded from (C{None} if
             none was needed), the rows recovered and the rows pruned.
         """
+        if self.path != ":memory:":
+            _create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         try:
             journal = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
@@ -690,6 +718,22 @@ class _Database:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
+
+
+def _create_private(path: str) -> None:
+    """
+    Create the database file 0600 whatever the umask, unless it exists:
+    SQLite gives its C{-wal} and C{-shm} the main file's mode, and the rows
+    hold live call ids, which let a local user join a call.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return  # an existing store keeps the mode its owner gave it
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have taken bits off 0600, never added them
+    finally:
+        os.close(fd)
 
 
 def _prune(conn: sqlite3.Connection, cutoff: float) -> int:

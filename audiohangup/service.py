@@ -15,7 +15,6 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,7 +25,7 @@ from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback
+from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback, server_endpoint
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings
@@ -52,8 +51,11 @@ class Config:
     api_token: str | None = None
     api_tokens_file: str | None = None
     insecure_http: bool = False
+    #: --insecure-files: take a tokens file that group or others can read.
+    insecure_files: bool = False
     allow: tuple[IPNetwork, ...] | None = None
     http_allow: tuple[IPNetwork, ...] | None = None
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
@@ -296,14 +298,14 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
-        endpoint = serverFromString(reactor, config.endpoint(role))
+        endpoint = server_endpoint(reactor, config.endpoint(role))
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
         Listener(name, endpoint, factory, gate).setServiceParent(service)
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats=formats, recorder=recorder,
-        tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file),
+        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
+        tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     service.api = api
     site = ApiSite(api, reactor)
@@ -311,9 +313,11 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         None if config.http_allow is None
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
     )
-    Listener("http", serverFromString(reactor, config.http), site, http_gate).setServiceParent(service)
+    Listener("http", server_endpoint(reactor, config.http), site, http_gate).setServiceParent(service)
     if config.api_tokens_file is not None:
-        TokensFile(config.api_tokens_file, api, reactor, config.api_token).setServiceParent(service)
+        TokensFile(
+            config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files
+        ).setServiceParent(service)
     open_to = [role for role in Role if listens_beyond_loopback(reactor, config.endpoint(role))]
     if open_to and config.allow is None:
         service.warnings.append(
@@ -338,8 +342,11 @@ class TokensFile(Service):
 
     log = Logger()
 
-    def __init__(self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None) -> None:
+    def __init__(
+        self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False
+    ) -> None:
         self.path = path
+        self.insecure = insecure
         self.api = api
         self.reactor = reactor
         self.api_token = api_token
@@ -360,7 +367,7 @@ class TokensFile(Service):
 
     def reload(self) -> None:
         try:
-            tokens = Tokens.load(self.path)
+            tokens = Tokens.load(self.path, insecure=self.insecure)
         except TokenFileError as error:
             self.log.error("API tokens not reloaded, the old ones stay in force: {error}", error=str(error))
             return

@@ -20,7 +20,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle
-from audiohangup.api import MAX_BODY, ControlAPI, client_host, json_error
+from audiohangup.api import MAX_BODY, ControlAPI, json_error
 
 
 def route_template(app: Klein, request: http.Request) -> str:
@@ -74,18 +74,28 @@ class _BoundedRequest(Request):
             self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
             return
         api = self.apiSite.api
-        if self.path != b"/health":
-            host = client_host(self)
-            wait = api.throttle.retry_after(host, api.clock.seconds())
+        source = api.throttle_source(self) if self.path != b"/health" else None
+        if source is not None:
+            wait = api.throttle.retry_after(source, api.clock.seconds())
             if wait is not None:
                 self.setHeader("retry-after", AuthThrottle.header(wait))
                 self._answerEarly(
                     429, "too_many_failures",
-                    f"more than {api.throttle.limit} failed authentications from {host} within "
+                    f"more than {api.throttle.limit} failed authentications from {source} within "
                     f"{api.throttle.window:g} s; try again in {AuthThrottle.header(wait)} s",
                 )
                 return
         super().process()
+
+    def getRequestHostname(self) -> bytes:
+        """
+        The Host header's name, as Twisted has it; without one (HTTP/1.0) on a
+        UNIX socket, which has no host name of its own, C{localhost}.
+        """
+        if self.getHeader(b"host") is None and not isinstance(getattr(self.getHost(), "host", None), str):
+            return b"localhost"
+        name: bytes = super().getRequestHostname()
+        return name
 
     def _answerEarly(self, status: int, code: str, message: str) -> None:
         """A JSON error before routing; the site still counts it."""

@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from audiohangup import credentials
-from audiohangup.access import TokenFileError, Tokens, parse_networks
+from audiohangup.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
 from audiohangup.errors import ApiError
@@ -247,6 +247,11 @@ class Options(usage.Options):
             "Sources the HTTP API accepts, CIDR[,CIDR...]; others are closed at once (default: every source).",
         ],
         [
+            "trusted-proxies", None, None,
+            "Proxies in front of the API, CIDR[,CIDR...]: the throttle on failed authentication counts "
+            "the client their X-Forwarded-For names (default: none, the peer's own address).",
+        ],
+        [
             "on-duplicate", None, Config.on_duplicate,
             "A connection naming the call id and role of a live leg: refuse it (00 00 00, reason "
             "duplicate) or let it replace the live leg.",
@@ -332,6 +337,10 @@ class Options(usage.Options):
             "insecure-http", None,
             "Let the API listen beyond loopback without a token (something else must guard it).",
         ],
+        [
+            "insecure-files", None,
+            "Take an --api-tokens-file that group or others may read (default: refused; chmod 600 it).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -410,10 +419,10 @@ class Options(usage.Options):
                 raise usage.UsageError("--advertise-url is required with --redis: other instances forward to it")
             if not self["advertise-url"].startswith(("http://", "https://")):
                 raise usage.UsageError("--advertise-url must be an http:// or https:// URL")
-            if self["api-tokens-file"] is not None and self["api-token"] is None and not os.environ.get(TOKEN_ENVIRONMENT):
+            if self["api-token"] is None and not os.environ.get(TOKEN_ENVIRONMENT):
                 raise usage.UsageError(
-                    "--redis with --api-tokens-file needs --api-token too: it is the control token the "
-                    "instances use between themselves (the same on every instance)"
+                    "--redis needs --api-token: it is the control token the instances use between themselves "
+                    "(the same on every instance), and the key that proves a request was forwarded by one of them"
                 )
         if not self["records"]:
             raise usage.UsageError("--records needs a file path, or 'none'")
@@ -431,7 +440,7 @@ class Options(usage.Options):
                 Recorder.check_directory(self["record-dir"])
             except ValueError as error:
                 raise usage.UsageError(f"--record-dir: {error}") from None
-        for option in ("allow", "http-allow"):
+        for option in ("allow", "http-allow", "trusted-proxies"):
             if self[option] is not None:
                 try:
                     self[option] = parse_networks(self[option])
@@ -439,7 +448,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{option}: {error}") from None
         if self["api-tokens-file"] is not None:
             try:
-                Tokens.load(self["api-tokens-file"])
+                Tokens.load(self["api-tokens-file"], insecure=bool(self["insecure-files"]))
             except TokenFileError as error:
                 raise usage.UsageError(f"--api-tokens-file: {error}") from None
         if self["stream-url"] is not None:
@@ -465,6 +474,8 @@ class Options(usage.Options):
             self["api-token"] = os.environ.get(TOKEN_ENVIRONMENT) or None
         elif not self["api-token"]:
             raise usage.UsageError("--api-token must not be empty")
+        if self["api-token"] is not None and len(self["api-token"]) < MIN_TOKEN_LENGTH:
+            raise usage.UsageError(f"--api-token (or ${TOKEN_ENVIRONMENT}): {SHORT_TOKEN}")
         tokened = self["api-token"] is not None or self["api-tokens-file"] is not None
         if not tokened and not self["insecure-http"] and listens_beyond_loopback(reactor, self["http"]):
             raise usage.UsageError(
@@ -486,6 +497,8 @@ class Options(usage.Options):
             insecure_http=bool(self["insecure-http"]),
             allow=self["allow"],
             http_allow=self["http-allow"],
+            trusted_proxies=self["trusted-proxies"] or (),
+            insecure_files=bool(self["insecure-files"]),
             on_duplicate=self["on-duplicate"],
             webhook_ca=self["webhook-ca"],
             records=self["records"],

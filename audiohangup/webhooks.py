@@ -28,7 +28,8 @@ while different calls are delivered concurrently (bounded). A 2xx is
 C{delivered}; another 4xx than 408/429 (or a 1xx/3xx) is C{rejected} and not
 retried; a connection error, a timeout, a 5xx, 408 or 429 is retried with
 exponential backoff (C{retried}) up to C{max_attempts} attempts, then dropped
-(C{failed}). Events beyond C{max_queue} held at once are dropped
+(C{failed}). A response whose head passes 64 KiB or 100 lines is a failed
+attempt too, its connection aborted (L{audiohangup.httpclient}). Events beyond C{max_queue} held at once are dropped
 (C{overflow}). Drops are logged at warn, at most about once per
 L{LOG_INTERVAL} per kind, with a count of the ones not logged.
 """
@@ -59,6 +60,7 @@ from zope.interface import implementer
 
 from audiohangup import __version__
 from audiohangup.events import ILegObserver
+from audiohangup.httpclient import BoundedPool
 from audiohangup.protocol import iso_time
 
 if TYPE_CHECKING:
@@ -273,7 +275,8 @@ class Webhooks:
     @param max_queue: events held at once (queued, in flight or waiting for a
         retry; an event counts once per URL); beyond it new events are dropped.
     @param pool: an C{HTTPConnectionPool} to use (and not close); by default
-        one of our own, closed by L{stop}.
+        a L{BoundedPool} of our own (receivers' response heads bounded),
+        closed by L{stop}.
     @param max_concurrent: requests in flight at once, over every URL.
     """
 
@@ -322,7 +325,7 @@ class Webhooks:
         self.max_concurrent = max_concurrent
         self._owns_pool = pool is None
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = BoundedPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_concurrent
         self.pool = pool
         policy = BrowserLikePolicyForHTTPS(trustRoot=None if ca is None else trust_root(ca))

@@ -59,6 +59,7 @@ with harness.instrumented(__name__):
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
+    from audiohangup.access import AuthThrottle, Scope, Tokens
     from audiohangup.api import ControlAPI
     from audiohangup.audio import FORMATS
     from audiohangup.events import RecentLegs
@@ -74,7 +75,7 @@ with harness.instrumented(__name__):
 CALL = "0b8a1f9e-5c2d-4e3f-8a7b-6c5d4e3f2a1b"
 LONE = "7d6c5b4a-3f2e-4d1c-9b0a-f9e8d7c6b5a4"
 UNKNOWN = "11111111-2222-4333-8444-555555555555"
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-of-the-fuzzer"
 
 #: Issues found by this target, tolerated only when named in FUZZ_HTTP_TOLERATE.
 KNOWN_ISSUES = {
@@ -96,7 +97,7 @@ KNOWN_ISSUES = {
 TOLERATED = {name for name in os.environ.get("FUZZ_HTTP_TOLERATE", "").split(",") if name}
 assert TOLERATED <= KNOWN_ISSUES, f"unknown names in FUZZ_HTTP_TOLERATE: {TOLERATED - KNOWN_ISSUES}"
 
-DOCUMENTED_STATUSES = {200, 400, 401, 404, 405, 413}
+DOCUMENTED_STATUSES = {200, 400, 401, 403, 404, 405, 413}
 
 SETTINGS = [
     LegSettings(),  # slin, audio/L16;rate=8000
@@ -456,7 +457,8 @@ def TestOneInput(data: bytes) -> None:
     world = World(settings)
     API.registry = world.registry
     API.settings = settings
-    API._token = TOKEN.encode() if flags & 0x10 else None
+    API.tokens = Tokens([(Scope.CONTROL, TOKEN)]) if flags & 0x10 else Tokens()
+    API.throttle = AuthThrottle()  # each input starts with no failures on record
     if flags & 0x20:
         world.legs[2][0].hangup(HangupCause.API)  # the lone leg is already closing
     for _ in range(1 + (flags >> 6) % 3):

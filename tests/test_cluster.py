@@ -19,6 +19,9 @@ from tests.twistd_child import Child, Spawn, settle, start_server
 
 HEARTBEAT = 0.3
 TTL = 3 * HEARTBEAT
+#: The control token the instances share (--redis needs one): what signs what they forward.
+TOKEN = "cluster-token-0123456789"
+AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @dataclass
@@ -40,13 +43,15 @@ async def instance(spawn: Spawn, redis: RedisServer, name: str) -> Instance:
     child, ports = await start_server(
         spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--records", "none",
         "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
-        "--heartbeat", str(HEARTBEAT),
+        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN,
     )
     return Instance(name, child, ports)
 
 
-async def request(method: str, url: str, **kwargs: Any) -> tuple[int, Any, Any]:
-    response = await treq.request(method, url, persistent=False, timeout=10, **kwargs)
+async def request(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> tuple[int, Any, Any]:
+    response = await treq.request(
+        method, url, persistent=False, timeout=10, headers={**AUTHORIZED, **(headers or {})}, **kwargs
+    )
     return response.code, await response.json(), response
 
 
@@ -126,6 +131,31 @@ async def test_session_across_instances_ends_together(spawn: Spawn, redis_server
     assert resident.ended_with_single_hangup()
     await until(lambda: f"{call_id} resident hangup sent (cause session)" in b.child.log, what="B's hangup line")
     await until(lambda: f"{call_id} resident leg ended: hangup_clean" in b.child.log, what="B's end line")
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_forwarding_is_refused_in_a_cluster(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    The cluster's headers with the control token but no signature of an
+    instance (or a wrong one): 403, the leg untouched; what B forwards to A
+    (signed) is taken, and a hangup ends with the cause it says.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    client = await leg_on(a, "visitor", call_id, on_hangup="close")
+    await wait_listed(b, {(str(call_id), "visitor"): "a"})
+    hangup = f"{a.url}/calls/{call_id}/hangup?role=visitor"
+    for extra in ({}, {"X-Audiohangup-Forwarded-Signature": "t=1700000000,sha256=" + "0" * 64}):
+        status, body, _ = await request(
+            "POST", hangup, headers={"X-Audiohangup-Forwarded-By": "b", "X-Audiohangup-Cause": "session", **extra}
+        )
+        assert (status, body["error"]["code"]) == (403, "bad_forwarding"), body
+    assert client.hangup_frames == 0
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor")
+    assert (status, body["legs"][0]["result"]) == (200, "hangup_sent"), body
+    await settle(client.closed, "the leg on A to close")
+    await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, what="A's hangup line")
 
 
 @pytest_twisted.ensureDeferred
@@ -279,7 +309,7 @@ async def test_recording_routes_reach_the_owner(spawn: Spawn, redis_server: Redi
     assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
     for _ in range(10):
         client.send(encode(Kind.SLIN, b"\x10\x00" * 160))
-    fetched = await treq.get(f"{b.url}/calls/{call_id}/recording", persistent=False, timeout=10)
+    fetched = await treq.get(f"{b.url}/calls/{call_id}/recording", headers=AUTHORIZED, persistent=False, timeout=10)
     assert fetched.code == 200 and fetched.headers.getRawHeaders("content-type") == ["audio/wav"]
     with wave.open(io.BytesIO(await fetched.content())) as wav:
         assert wav.getnchannels() == 2

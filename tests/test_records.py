@@ -13,7 +13,9 @@ C{tmp_path}.
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -492,6 +494,34 @@ async def test_version_1_database_is_upgraded(tmp_path: Path, logs: LogCapture) 
     assert schemas[0] == schemas[1]
     names = [column[0] for column in schemas[0][0]]
     assert names[-4:] == ["dtmf", "hangup_to_close_ms", "streams", "recording"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_are_private_whatever_the_umask(tmp_path: Path, logs: LogCapture) -> None:
+    """Under umask 022 the store, its -wal and its -shm are 0600: the rows hold live call ids."""
+    previous = os.umask(0o022)
+    try:
+        async with opened(tmp_path / "records.db") as store:
+            Line(store).ended()
+            await store.query()
+            modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    finally:
+        os.umask(previous)
+    assert modes == {"records.db": 0o600, "records.db-wal": 0o600, "records.db-shm": 0o600}
+    assert not [event for event in logs.events if event.get("log_level") is LogLevel.warn]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_others_can_read_is_warned_of(tmp_path: Path, logs: LogCapture) -> None:
+    """One an earlier version left 0644 keeps its mode (the operator's to change) and is named at open."""
+    path = tmp_path / "records.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o644)
+    async with opened(path):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    [warned] = [event for event in logs.events if event.get("log_level") is LogLevel.warn]
+    assert "chmod 600" in warned["log_format"] and warned["mode"] == 0o644
 
 
 @pytest_twisted.ensureDeferred

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -19,7 +19,7 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
@@ -30,7 +30,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
-from audiohangup.access import AuthThrottle, Scope, SourceACL, TokenFileError, Tokens, is_loopback, parse_networks
+from audiohangup.access import (
+    AuthThrottle,
+    Scope,
+    SourceACL,
+    TokenFileError,
+    Tokens,
+    is_loopback,
+    parse_networks,
+)
 from audiohangup.api import ApiError, ControlAPI
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
@@ -242,7 +250,7 @@ async def test_protected_mode(spawn: Any, logs: LogCapture) -> None:
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("extra", [["--insecure-http"], ["--api-token", "t0ken"]])
+@pytest.mark.parametrize("extra", [["--insecure-http"], ["--api-token", "t0ken-t0ken-t0ken"]])
 async def test_protected_mode_lets_a_guarded_api_start(spawn: Any, logs: LogCapture, extra: list[str]) -> None:
     child = run_twistd(spawn, "--http=tcp:0", *extra)
     await until(lambda: child.ended is not None or "http listening on" in child.log, 20, "the API to listen")
@@ -260,8 +268,12 @@ async def test_protected_mode_lets_a_guarded_api_start(spawn: Any, logs: LogCapt
 async def test_fail_closed(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
     """A store or a file the command line asks for and that cannot serve stops start-up, with the reason."""
     (tmp_path / "empty-tokens").write_text("# every token revoked\n")
+    (tmp_path / "empty-tokens").chmod(0o600)
+    (tmp_path / "open-tokens").write_text("control abcdefghijklmnopq\n")
+    (tmp_path / "open-tokens").chmod(0o644)
     for args, reason in [
         (["--http", "tcp:0", "--api-tokens-file", str(tmp_path / "empty-tokens")], "holds no token"),
+        (["--api-tokens-file", str(tmp_path / "open-tokens")], "mode 0644 lets group or others at the tokens"),
         (["--records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
         (["--api-tokens-file", str(tmp_path / "no-such-tokens")], "cannot be read"),
         (["--webhook", "https://example.com/hook", "--webhook-ca", str(tmp_path / "no-ca.pem")], "cannot be read"),
@@ -351,26 +363,67 @@ class ScopeTests(SynchronousTestCase):
         self.assertEqual(self.status("GET", "/health", None)[0], 200)
 
     def test_tokensFile(self) -> None:
-        tokens = Tokens.parse("# comment\nread abc\n\nCONTROL def  # trailing\n")
+        tokens = Tokens.parse(
+            "# comment\nread abcdefghijklmnop\n\n  # indented comment\nCONTROL Zq#9f3k-0123456789\n", "tokens"
+        )
         self.assertEqual(tokens.counts(), {"read": 1, "control": 1})
-        self.assertIs(tokens.scope_of("abc"), Scope.READ)
-        self.assertIs(tokens.scope_of("def"), Scope.CONTROL)
-        self.assertIsNone(tokens.scope_of("ab"))
-        for broken in ("read", "write abc", "read abc extra"):
+        self.assertIs(tokens.scope_of("abcdefghijklmnop"), Scope.READ)
+        # A # inside a token is part of it: the token is not cut down to "Zq".
+        self.assertIs(tokens.scope_of("Zq#9f3k-0123456789"), Scope.CONTROL)
+        self.assertIsNone(tokens.scope_of("Zq"))
+        for broken in ("read", "write abcdefghijklmnop", "read abcdefghijklmnop extra",
+                       "read abcdefghijklmnop # a comment after a token"):
             with self.assertRaises(TokenFileError) as raised:
-                Tokens.parse(f"read fine\n{broken}\n", "tokens")
+                Tokens.parse(f"read fine-fine-fine-fine\n{broken}\n", "tokens")
             self.assertIn("tokens, line 2", str(raised.exception))
-            self.assertNotIn("abc", str(raised.exception))  # never a token in a message
+            self.assertNotIn("abcdefghijklmnop", str(raised.exception))  # never a token in a message
         for empty in ("", "# only a comment\n\n"):  # no token would mean no check: refused
             with self.assertRaisesRegex(TokenFileError, "holds no token"):
                 Tokens.parse(empty, "tokens")
 
+    def test_shortTokens(self) -> None:
+        """A token under 16 characters is refused with its line, never itself."""
+        for short in ("x", "Zq", "fifteen-chars.."):
+            with self.assertRaises(TokenFileError) as raised:
+                Tokens.parse(f"# tokens\ncontrol sixteen-chars-ok\nread {short}\n", "tokens")
+            message = str(raised.exception)
+            self.assertIn("tokens, line 3: a token must be at least 16 characters", message)
+            self.assertNotIn(short, message.replace("tokens", ""))
+        self.assertTrue(Tokens.parse("read sixteen-chars-ok\n"))
+
+    def test_tokensFileMode(self) -> None:
+        """A tokens file group or others may read is refused, naming its mode, unless insecure is given."""
+        import os
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "tokens")
+        with open(path, "w") as file:
+            file.write("control abcdefghijklmnop\n")
+        for mode in (0o644, 0o660, 0o602, 0o700 | 0o004):
+            os.chmod(path, mode)
+            with self.assertRaises(TokenFileError) as raised:
+                Tokens.load(path)
+            self.assertIn(f"mode {mode & 0o777:04o}", str(raised.exception))
+            self.assertNotIn("abcdefghijklmnop", str(raised.exception))
+            self.assertIs(Tokens.load(path, insecure=True).scope_of("abcdefghijklmnop"), Scope.CONTROL)
+        for mode in (0o600, 0o400):
+            os.chmod(path, mode)
+            self.assertIs(Tokens.load(path).scope_of("abcdefghijklmnop"), Scope.CONTROL)
+
 
 @pytest_twisted.ensureDeferred
 async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, logs: LogCapture) -> None:
-    """A token added works, one removed gets 401, a broken file keeps the old ones; never a token in the log."""
+    """
+    A token added works, one removed gets 401, a broken file or one others
+    may read keeps the old ones; never a token in the log.
+    """
+    first, second, third = "first-token-0123456", "second-token-012345", "third-token-0123456"
     tokens = tmp_path / "tokens"
-    tokens.write_text("read first-token\n")
+    tokens.write_text(f"read {first}\n")
+    tokens.chmod(0o600)
     child, ports = await start_server(spawn, "--api-tokens-file", str(tokens))
     base = f"http://127.0.0.1:{ports['http']}"
 
@@ -379,19 +432,25 @@ async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, log
         await response.content()
         return response.code
 
-    assert await status("first-token") == 200
-    assert await status("second-token") == 401
-    tokens.write_text("# rotated\nread second-token\ncontrol third-token\n")
+    assert await status(first) == 200
+    assert await status(second) == 401
+    tokens.write_text(f"# rotated\nread {second}\ncontrol {third}\n")
     child.signal("HUP")
     await until(lambda: "API tokens reloaded" in child.log, 10, "the reload")
     assert "1 read, 1 control" in child.log
-    assert await status("second-token") == 200
-    assert await status("first-token") == 401
+    assert await status(second) == 200
+    assert await status(first) == 401
     tokens.write_text("read\n")
     child.signal("HUP")
     await until(lambda: "API tokens not reloaded" in child.log, 10, "the refused reload")
-    assert await status("second-token") == 200
-    for secret in ("first-token", "second-token", "third-token"):
+    assert await status(second) == 200
+    tokens.write_text(f"read {first}\n")
+    tokens.chmod(0o644)
+    child.signal("HUP")
+    await until(lambda: "mode 0644 lets group or others" in child.log, 10, "the reload refused for the mode")
+    assert await status(second) == 200
+    assert await status(first) == 401
+    for secret in (first, second, third):
         assert secret not in child.output
     child.signal("TERM")
     await child.exit()
@@ -401,6 +460,14 @@ async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, log
 
 
 class ThrottleTests(SynchronousTestCase):
+    def fail_from(self, api: ControlAPI, client: IPv4Address | IPv6Address) -> None:
+        """One request with a wrong token from C{client}: a 401."""
+        request = DummyRequest([b"calls"])
+        request.client = client
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong"])
+        with self.assertRaises(ApiError):
+            api.authorize(request, Scope.READ)
+
     def test_window(self) -> None:
         throttle = AuthThrottle(limit=20, window=60.0)
         for second in range(21):
@@ -418,27 +485,103 @@ class ThrottleTests(SynchronousTestCase):
         bound = api.throttle.max_addresses
         self.assertLess(bound, 10_000)
         for index in range(10_000):
-            request = DummyRequest([b"calls"])
-            request.client = IPv4Address("TCP", f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 4000)
-            request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong"])
-            with self.assertRaises(ApiError):
-                api.authorize(request, Scope.READ)
+            self.fail_from(api, IPv4Address("TCP", f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 4000))
         self.assertEqual(len(api.throttle), bound)
         # The newest are remembered, the oldest forgotten first.
         self.assertEqual(api.throttle.retry_after("10.0.39.15", clock.seconds()), None)
-        self.assertIn("10.0.39.15", api.throttle._failures)
-        self.assertNotIn("10.0.0.0", api.throttle._failures)
+        self.assertIn("10.0.39.15", api.throttle)
+        self.assertNotIn("10.0.0.0", api.throttle)
+
+    def test_lockedSourceIsNeverEvicted(self) -> None:
+        """
+        A locked source stays locked while 10,000 others fail once each (the
+        issue's way around the throttle: evict the locked entry).
+        """
+        throttle = AuthThrottle(limit=20, window=60.0, max_addresses=64)
+        for _ in range(21):
+            throttle.failed("192.0.2.1", 0.0)
+        for index in range(10_000):
+            throttle.failed(f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 1.0)
+            self.assertLessEqual(len(throttle), 64)
+        self.assertEqual(throttle.retry_after("192.0.2.1", 1.0), 59.0)
+        self.assertIsNone(throttle.retry_after("192.0.2.1", 60.0))  # until the window has passed
+
+    def test_everyEntryLocked(self) -> None:
+        """
+        A table full of locked sources: the sources outside it share one
+        budget of 20 failures, so guesses stay bounded; known sources keep theirs.
+        """
+        throttle = AuthThrottle(limit=20, window=60.0, max_addresses=3)
+        for source in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            for _ in range(21):
+                throttle.failed(source, 0.0)
+        for index in range(20):
+            throttle.failed(f"198.51.100.{index}", 1.0)
+            self.assertIsNone(throttle.retry_after("203.0.113.1", 1.0), index)
+        throttle.failed("198.51.100.99", 2.0)
+        self.assertEqual(len(throttle), 3)
+        self.assertEqual(throttle.retry_after("203.0.113.1", 2.0), 59.0)  # any new source waits
+        self.assertEqual(throttle.retry_after("192.0.2.2", 2.0), 58.0)  # the locked ones still are
+        # The locks run out: the table frees up, and the shared budget at most a window later.
+        self.assertIsNone(throttle.retry_after("192.0.2.2", 60.0))
+        throttle.failed("203.0.113.1", 60.0)
+        self.assertIn("203.0.113.1", throttle)
+        self.assertIsNone(throttle.retry_after("203.0.113.1", 60.0))
+        self.assertIsNone(throttle.retry_after("203.0.113.2", 61.0))
+
+    def test_sourceKey(self) -> None:
+        """IPv6 by /64, loopback as one host, IPv4-mapped as IPv4, X-Forwarded-For only from a trusted proxy."""
+        from audiohangup.access import source_key
+
+        self.assertEqual(source_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(source_key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64")
+        self.assertEqual(source_key("2001:db8:1:3::1"), "2001:db8:1:3::/64")
+        self.assertEqual(source_key("fe80::1%eth0"), "fe80::/64")
+        for loopback in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"):
+            self.assertEqual(source_key(loopback), "loopback", loopback)
+        self.assertEqual(source_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(source_key("192.0.2.7", ["198.51.100.1"]), "192.0.2.7")  # not a proxy of ours
+        proxies = parse_networks("10.0.0.0/8, 2001:db8:ffff::/48")
+        for forwarded, expected in [
+            ([], "10.0.0.1"),  # the proxy's own request
+            (["198.51.100.7"], "198.51.100.7"),
+            (["203.0.113.9, 198.51.100.7"], "198.51.100.7"),  # the client wrote the left one
+            (["203.0.113.9", "198.51.100.7, 10.0.0.2"], "198.51.100.7"),  # two proxies, two headers
+            (["2001:db8:5::1"], "2001:db8:5::/64"),
+            (["2001:db8:ffff::9, 10.0.0.3"], "2001:db8:ffff::/64"),  # every hop ours: the left-most
+            (["not-an-address, 10.0.0.3"], "10.0.0.3"),  # garbage left of our proxies: the last proxy
+            ([" 198.51.100.8 ,10.0.0.3 "], "198.51.100.8"),
+        ]:
+            self.assertEqual(source_key("10.0.0.1", forwarded, proxies), expected, forwarded)
+        self.assertEqual(source_key("192.0.2.7", ["198.51.100.7"], proxies), "192.0.2.7")
+
+    def test_sameSiteIPv6SharesALock(self) -> None:
+        """21 failures spread over one /64 lock the whole /64, at the request level."""
+        api = ControlAPI(Registry(), api_token="right-token-0123456", clock=Clock())
+        for index in range(21):
+            self.fail_from(api, IPv6Address("TCP", f"2001:db8::{index + 1:x}", 4000))
+        self.assertIsNotNone(api.throttle.retry_after("2001:db8::/64", 0.0))
+
+
+async def fail_21_times(url: str, **headers: str) -> None:
+    for attempt in range(21):
+        response = await treq.get(
+            f"{url}/calls", headers={"Authorization": "Bearer wrong", **headers}, persistent=False
+        )
+        assert response.code == 401, attempt
+        await response.content()
 
 
 @pytest_twisted.ensureDeferred
 async def test_failed_authentication_is_throttled(make_server: Any, logs: LogCapture) -> None:
-    """21 bad tokens from one address, then 429 with Retry-After; /health answers; another address is unaffected."""
+    """
+    21 bad tokens from one host, then 429 with Retry-After, even with the
+    right token (see the README); /health answers; every loopback address
+    is the same host (127.0.0.2 is no way around it).
+    """
     server = await make_server(api_token="right-token")
     port = server.service.getServiceNamed("http").port.getHost().port
-    for attempt in range(21):
-        response = await treq.get(f"{server.url}/calls", headers={"Authorization": "Bearer wrong"}, persistent=False)
-        assert response.code == 401, attempt
-        await response.content()
+    await fail_21_times(server.url)
     response = await treq.get(f"{server.url}/calls", headers={"Authorization": "Bearer right-token"}, persistent=False)
     assert response.code == 429
     retry = int(response.headers.getRawHeaders("retry-after")[0])
@@ -449,7 +592,159 @@ async def test_failed_authentication_is_throttled(make_server: Any, logs: LogCap
     await health.content()
     other = await raw(port, "127.0.0.2", b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer right-token\r\n"
                                          b"Connection: close\r\n\r\n")
-    assert other.received.startswith(b"HTTP/1.1 200 ")
+    assert other.received.startswith(b"HTTP/1.1 429 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_throttle_behind_a_trusted_proxy(make_server: Any, logs: LogCapture) -> None:
+    """
+    Behind --trusted-proxies the client its X-Forwarded-For names is
+    throttled, not the proxy: one client's failures lock it alone, and what
+    it writes into the header itself does not get it out.
+    """
+    server = await make_server(api_token="right-token", trusted_proxies=parse_networks("127.0.0.1"))
+    right = {"Authorization": "Bearer right-token"}
+
+    async def code(forwarded: str) -> int:
+        response = await treq.get(f"{server.url}/calls", headers={**right, "X-Forwarded-For": forwarded},
+                                  persistent=False)
+        await response.content()
+        return response.code
+
+    await fail_21_times(server.url, **{"X-Forwarded-For": "198.51.100.7"})
+    assert await code("198.51.100.7") == 429
+    assert await code("203.0.113.1, 198.51.100.7") == 429  # a spoofed hop left of the proxy's changes nothing
+    assert await code("198.51.100.8") == 200  # another client of the same proxy
+    assert await code("198.51.100.7, 198.51.100.8") == 200  # what the proxy wrote is what counts
+    untrusted = await make_server(api_token="right-token")  # no --trusted-proxies: the header is not believed
+    await fail_21_times(untrusted.url, **{"X-Forwarded-For": "198.51.100.7"})
+    response = await treq.get(f"{untrusted.url}/calls", headers={**right, "X-Forwarded-For": "198.51.100.8"},
+                              persistent=False)
+    assert response.code == 429
+    await response.content()
+
+
+def unix_socket_path() -> str:
+    """A short path for a UNIX socket (107 bytes at most), in a folder of its own."""
+    import tempfile
+
+    return f"{tempfile.mkdtemp(prefix='ah-', dir='/tmp')}/api.sock"
+
+
+async def over_unix(path: str, request: bytes) -> bytes:
+    """Send C{request} on a new connection to the UNIX socket, and read to the end."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+
+    client = await connectProtocol(UNIXClientEndpoint(reactor, path), RawClient(request))
+    await client.closed.addTimeout(10, reactor)
+    return client.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_api_is_not_throttled(make_server: Any, logs: LogCapture) -> None:
+    """
+    Every client of a UNIX socket has the same (no) address: 21 failures
+    there must not lock every one of them out. The socket's file mode says
+    who may connect; the throttle leaves it be.
+    """
+    path = unix_socket_path()
+    server = await make_server(http=f"unix:{path}", api_token="right-token")
+    for attempt in range(25):
+        answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                                       b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 401 "), (attempt, answer)
+    answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer right-token\r\n"
+                                   b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert len(server.api.throttle) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_http10_without_host_on_a_unix_socket(make_server: Any, logs: LogCapture) -> None:
+    """
+    HTTP/1.0 needs no Host header, and a UNIX socket has no host name:
+    answered as any request (it was a 500 with a critical traceback).
+    """
+    path = unix_socket_path()
+    await make_server(http=f"unix:{path}", api_token="right-token")
+    for request, status in [
+        (b"GET /health HTTP/1.0\r\n\r\n", b"200"),
+        (b"GET /calls HTTP/1.0\r\nAuthorization: Bearer right-token\r\n\r\n", b"200"),
+        (b"GET /calls HTTP/1.0\r\n\r\n", b"401"),
+        (b"GET /nowhere HTTP/1.0\r\n\r\n", b"404"),
+    ]:
+        answer = await over_unix(path, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 " + status + b" "), (request, answer)
+        assert b"content-type: application/json" in head.lower(), answer
+        json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_forwarding_is_refused(make_server: Any, logs: LogCapture) -> None:
+    """
+    On a standalone instance, a control token's holder cannot pass its
+    hangup off as a session's end with the cluster's headers: 403, and the
+    call is untouched; without them the hangup is an API hangup.
+    """
+    server = await make_server(api_token="right-token")
+    call_id, visitor, resident = await bridged(server)
+    forged = {"Authorization": "Bearer right-token", "X-Audiohangup-Forwarded-By": "b",
+              "X-Audiohangup-Cause": "session"}
+    response = await treq.post(f"{server.url}/calls/{call_id}/hangup", headers=forged, persistent=False)
+    assert response.code == 403
+    assert (await response.json())["error"]["code"] == "bad_forwarding"
+    assert len(server.registry) == 2 and visitor.hangup_frames == resident.hangup_frames == 0
+    response = await treq.post(f"{server.url}/calls/{call_id}/hangup?wait=true",
+                               headers={"Authorization": "Bearer right-token", "X-Audiohangup-Cause": "session"},
+                               persistent=False)
+    assert response.code == 200
+    await response.content()
+    await until(lambda: len(logs.ended(str(call_id))) == 2, what="both legs to end")
+    assert {event["cause"] for event in logs.ended(str(call_id))} == {"api"}
+
+
+class ForwardingSignatureTests(SynchronousTestCase):
+    """What one instance signs, another of the same cluster (same --api-token) takes; nothing else does."""
+
+    def test_signature(self) -> None:
+        from audiohangup.cluster import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
+
+        sent: dict[str, Any] = {}
+
+        class Directory:
+            instance_id = "a"
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+
+        def cluster(token: str | None) -> Cluster:
+            return Cluster(Directory(), cast(Any, clock), api_token=token)  # type: ignore[arg-type]
+
+        sender = cluster("cluster-token-0123")
+        import treq as treq_module
+
+        def request(method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+            sent.update(kwargs["headers"])
+            return Deferred()
+
+        self.patch(treq_module, "request", request)
+        Deferred.fromCoroutine(
+            sender.forward("http://b", "b", b"POST", b"/calls/x/hangup?role=visitor", b"", {CAUSE: "session"})
+        )
+        self.assertEqual(sent[FORWARDED_BY], "a")
+        args = ("a", sent[SIGNATURE], b"POST", b"/calls/x/hangup?role=visitor", "session", b"")
+        self.assertTrue(cluster("cluster-token-0123").verified(*args))
+        self.assertFalse(cluster("another-token-0123").verified(*args))
+        self.assertFalse(cluster(None).verified(*args))
+        receiver = cluster("cluster-token-0123")
+        for changed in [
+            ("b", *args[1:]), (*args[:2], b"DELETE", *args[3:]), (*args[:3], b"/calls/y/hangup?role=visitor", *args[4:]),
+            (*args[:4], "api", b""), (*args[:5], b"{}"), (args[0], None, *args[2:]), (args[0], "t=1,sha256=00", *args[2:]),
+        ]:
+            self.assertFalse(receiver.verified(*changed), changed)
+        clock.advance(301)  # a replay later than five minutes
+        self.assertFalse(receiver.verified(*args))
 
 
 # 6. TLS

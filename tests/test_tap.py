@@ -54,6 +54,17 @@ def parse(*args: str) -> tap.Options:
     return options
 
 
+def tokens_file(case: SynchronousTestCase) -> str:
+    """A tokens file of one good token, the user's alone, removed after the test."""
+    folder = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, folder)
+    tokens = os.path.join(folder, "tokens")
+    with open(tokens, "w") as file:
+        file.write("read abcdefghijklmnop\n")
+    os.chmod(tokens, 0o600)
+    return tokens
+
+
 def relevant(options: tap.Options) -> dict[str, object]:
     return {name: options[name] for name in OPTION_NAMES}
 
@@ -135,7 +146,7 @@ class OptionsParsingTests(EnvironmentMixin, SynchronousTestCase):
         self.assertEqual([options[name] for name in ("visitor", "resident", "http")], [loopback] * 3)
 
     def test_api_token(self) -> None:
-        self.assertEqual(parse("--api-token", "s3cret")["api-token"], "s3cret")
+        self.assertEqual(parse("--api-token", "s3cret-s3cret-s3cret")["api-token"], "s3cret-s3cret-s3cret")
 
     def test_every_option_into_config(self) -> None:
         options = parse(
@@ -144,7 +155,7 @@ class OptionsParsingTests(EnvironmentMixin, SynchronousTestCase):
             "--http", "tcp:3:interface=127.0.0.1",
             "--close-timeout", "0.25",
             "--uuid-timeout", "1.5",
-            "--api-token", "t",
+            "--api-token", "t" * 16,
         )
         self.assertEqual(
             options.config(),
@@ -154,19 +165,19 @@ class OptionsParsingTests(EnvironmentMixin, SynchronousTestCase):
                 http="tcp:3:interface=127.0.0.1",
                 close_timeout=0.25,
                 uuid_timeout=1.5,
-                api_token="t",
+                api_token="t" * 16,
             ),
         )
 
 
 class ApiTokenEnvironmentTests(EnvironmentMixin, SynchronousTestCase):
     def test_environment_token_used_without_option(self) -> None:
-        self.useToken("from-env")
-        self.assertEqual(parse()["api-token"], "from-env")
+        self.useToken("from-the-environment")
+        self.assertEqual(parse()["api-token"], "from-the-environment")
 
     def test_option_wins_over_environment(self) -> None:
-        self.useToken("from-env")
-        self.assertEqual(parse("--api-token", "from-option")["api-token"], "from-option")
+        self.useToken("from-the-environment")
+        self.assertEqual(parse("--api-token", "from-the-option-too")["api-token"], "from-the-option-too")
 
     def test_empty_environment_token_means_none(self) -> None:
         self.useToken("")
@@ -231,6 +242,16 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
             ["--http", "bogus:1"], "--http 'bogus:1' is not a valid endpoint", "bogus"
         )
 
+    def test_records_file_that_is_not_sqlite(self) -> None:
+        """A text file as --records fails start-up, as the other unusable stores do, not records off."""
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder)
+        (folder / "notes.txt").write_text("call notes, not a database\n")
+        notes = str(folder / "notes.txt")
+        self.assertUsageError(["--records", notes], f"--records: {notes} is not a SQLite database")
+        (folder / "empty.sqlite3").touch()
+        parse("--records", str(folder / "empty.sqlite3"))  # SQLite takes 0 bytes as an empty database
+
     def test_api_token_empty(self) -> None:
         self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
 
@@ -238,6 +259,13 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
         """An explicitly empty token is an error even when the environment has one."""
         self.useToken("from-env")
         self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
+
+    def test_api_token_too_short(self) -> None:
+        """A token shorter than 16 characters is a usage error, from the option or the environment."""
+        self.assertUsageError(["--api-token", "fifteen-chars.."], "--api-token", "at least 16 characters")
+        self.useToken("tiny-secret")
+        error = self.assertUsageError([], "$AUDIOHANGUP_API_TOKEN", "at least 16 characters")
+        self.assertNotIn("tiny-secret", error)
 
     def test_unknown_option(self) -> None:
         self.assertUsageError(["--no-such-option"], "no-such-option")
@@ -265,7 +293,7 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
     def test_cluster_options(self) -> None:
         config = parse(
             "--redis", "unix:///run/redis.sock", "--advertise-url", "http://10.0.0.5:8080",
-            "--instance-id", "ah-1", "--heartbeat", "0.5",
+            "--instance-id", "ah-1", "--heartbeat", "0.5", "--api-token", "cluster-token-0123",
         ).config()
         self.assertEqual(
             (config.redis, config.advertise_url, config.instance_id, config.heartbeat),
@@ -303,37 +331,47 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--records", "/no/such/directory/calls.sqlite3"], "--records: the directory /no/such/directory"),
             (["--api-tokens-file", "/no/such/tokens"], "--api-tokens-file: /no/such/tokens: cannot be read"),
             (["--webhook-ca", "/no/such/ca.pem"], "--webhook-ca: /no/such/ca.pem: cannot be read"),
-            (
-                ["--redis", "redis://h:1", "--advertise-url", "http://a:8080", "--api-tokens-file", __file__],
-                "needs --api-token too",
-            ),
+            (["--redis", "redis://h:1", "--advertise-url", "http://a:8080"], "--redis needs --api-token"),
+            (["--trusted-proxies", "10.0.0.0/8,proxy"], "--trusted-proxies: 'proxy' is not"),
         ]:
             error = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(fragment, str(error), args)
 
     def test_security_options(self) -> None:
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        tokens = os.path.join(folder, "tokens")
-        with open(tokens, "w") as file:
-            file.write("read abc\n")
+        tokens = tokens_file(self)
         config = parse(
             "--allow", "10.0.0.5/32, 2001:db8::/32", "--http-allow", "127.0.0.1",
             "--on-duplicate", "replace", "--api-tokens-file", tokens,
-            "--http", "tcp:8080", "--insecure-http",
+            "--http", "tcp:8080", "--insecure-http", "--trusted-proxies", "10.1.0.0/16,2001:db8::1",
         ).config()
+        self.assertEqual([str(n) for n in config.trusted_proxies], ["10.1.0.0/16", "2001:db8::1/128"])
         self.assertEqual([str(n) for n in config.allow or ()], ["10.0.0.5/32", "2001:db8::/32"])
         self.assertEqual([str(n) for n in config.http_allow or ()], ["127.0.0.1/32"])
         self.assertEqual((config.on_duplicate, config.api_tokens_file, config.insecure_http), ("replace", tokens, True))
         defaults = parse().config()
         self.assertEqual(
-            (defaults.allow, defaults.http_allow, defaults.on_duplicate, defaults.insecure_http),
-            (None, None, "refuse", False),
+            (defaults.allow, defaults.http_allow, defaults.on_duplicate, defaults.insecure_http,
+             defaults.trusted_proxies, defaults.insecure_files),
+            (None, None, "refuse", False, (), False),
         )
         # Beyond loopback is fine with a token, or on a UNIX socket.
-        parse("--http", "tcp:8080", "--api-token", "t")
+        parse("--http", "tcp:8080", "--api-token", "t" * 16)
         parse("--http", "tcp:8080", "--api-tokens-file", tokens)
         parse("--http", "unix:/tmp/audiohangup-api.sock")
+
+    def test_tokens_file_others_may_read(self) -> None:
+        """A tokens file group or others may read is a usage error naming its mode, unless --insecure-files."""
+        tokens = tokens_file(self)
+        for mode in (0o644, 0o640, 0o604):
+            os.chmod(tokens, mode)
+            error = self.assertRaises(usage.UsageError, parse, "--api-tokens-file", tokens)
+            self.assertIn(f"mode {mode:04o}", str(error))
+            self.assertIn("--insecure-files", str(error))
+            self.assertNotIn("abcdefghijklmnop", str(error))
+            config = parse("--api-tokens-file", tokens, "--insecure-files").config()
+            self.assertTrue(config.insecure_files)
+        os.chmod(tokens, 0o600)
+        self.assertFalse(parse("--api-tokens-file", tokens).config().insecure_files)
 
 
 class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
@@ -420,11 +458,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         import signal
         import threading
 
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        tokens = os.path.join(folder, "tokens")
-        with open(tokens, "w") as file:
-            file.write("read abc\n")
+        tokens = tokens_file(self)
         callbacks, handler = list(gc.callbacks), signal.getsignal(signal.SIGHUP)
         threads = set(threading.enumerate())
         service = self.start("--api-tokens-file", tokens)

@@ -27,14 +27,17 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTPClientParser
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from audiohangup.httpclient import MAX_HEAD_BYTES
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
@@ -42,6 +45,7 @@ from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.webhooks import Webhooks, sign, trust_root, verify
 from audiohangup.wire import HANGUP_FRAME, encode_uuid
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, until
 from tests.fake_asterisk import connect
 from tests.tls import SelfSigned, self_signed
@@ -653,3 +657,89 @@ def test_a_ca_file_that_cannot_serve_is_refused(tmp_path: Any) -> None:
     for name, reason in [("missing.pem", "cannot be read"), ("empty.pem", "holds no PEM certificate")]:
         with pytest.raises(ValueError, match=reason):
             trust_root(str(tmp_path / name))
+
+
+# Hostile receivers
+
+
+class EndlessHead(Protocol):
+    """
+    A receiver that answers 200, then sends header lines for as long as it is
+    read (as fast as the socket takes them), stopping at L{CAP} so that a
+    client without a bound still ends, by its timeout.
+    """
+
+    CAP = 4 * 1024 * 1024
+
+    def __init__(self, line: int) -> None:
+        self.line = b"X-Flood: " + b"x" * line + b"\r\n"
+        self.sent = 0
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, False)  # resumeProducing each time the buffer drains
+
+    def resumeProducing(self) -> None:
+        if self.sent == 0:
+            self.transport.write(b"HTTP/1.1 200 OK\r\n")
+        if self.sent < self.CAP:
+            chunk = self.line * max(1, 16384 // len(self.line))
+            self.sent += len(chunk)
+            self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+
+
+@pytest.mark.parametrize(("line", "bound"), [(1000, "65536 bytes"), (2, "100 lines")])
+@pytest_twisted.ensureDeferred
+async def test_a_receiver_sending_headers_forever_is_cut_off(
+    make_server: Any, logs: LogCapture, monkeypatch: pytest.MonkeyPatch, line: int, bound: str
+) -> None:
+    """
+    Eleven events in flight to a receiver whose response head never ends
+    (long header lines, or many short ones): each attempt fails with the bound
+    it passed, its connection is aborted after at most 64 KiB were parsed, the
+    drop is logged once and counted, and a live call keeps its audio.
+    """
+    fed: dict[int, int] = {}  # bytes Twisted's response parser was given, per parser
+    parse = HTTPClientParser.dataReceived
+
+    def counting(parser: HTTPClientParser, data: bytes) -> None:
+        fed[id(parser)] = fed.get(id(parser), 0) + len(data)
+        parse(parser, data)
+
+    monkeypatch.setattr(HTTPClientParser, "dataReceived", counting)
+    receivers: list[EndlessHead] = []
+
+    def receiver() -> EndlessHead:
+        receivers.append(EndlessHead(line))
+        return receivers[-1]
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(receiver))
+    try:
+        server = await make_server(webhooks=(f"http://127.0.0.1:{port.getHost().port}/hook",))
+        webhooks, metrics = server.service.webhooks, server.service.metrics
+        webhooks.max_attempts = 1  # each event is dropped at its first failure: logged, counted
+        bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+        for _ in range(10):
+            webhooks.event("flood", str(uuid.uuid4()), None, {})
+        await until(lambda: count(metrics, "failed") >= 12, timeout=15, what="the bystander's two and ten more")
+        kept = await bystander.stop()
+        bystander.close()
+        assert kept >= 0.95
+        await until(lambda: all(r.lost for r in receivers), what="every receiver connection closed")
+        assert len(receivers) >= 12  # a connection per attempt: an aborted one is not reused
+        assert all(r.sent < EndlessHead.CAP for r in receivers)  # cut off, long before its end
+        assert 0 < max(fed.values()) <= MAX_HEAD_BYTES
+        assert count(metrics, "delivered") == 0
+        [warned] = warnings(logs, "dropped after")  # one line; the rest are counted for the summary
+        assert warned["why"] == f"ResponseFailed: ResponseHeadTooLarge: the response head passed {bound}"
+    finally:
+        await port.stopListening()
+        for r in receivers:
+            if not r.lost:
+                r.transport.abortConnection()
