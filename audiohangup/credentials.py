@@ -9,18 +9,27 @@ Errors name the file or the variable, never what it holds.
 from __future__ import annotations
 
 import os
+import stat
 
 #: A secret file longer than this is not a secret file (a wrong path, say).
 MAX_SECRET_BYTES = 64 * 1024
 
 
-def from_file(path: str) -> str:
+def from_file(path: str, *, insecure: bool = False) -> str:
     """
     The secret in C{path}: its text without the trailing newline an editor or
-    C{echo} leaves; ValueError if it cannot be read, or is empty.
+    C{echo} leaves; ValueError if it cannot be read, is empty, or group or
+    others may read or write it (as a tokens file) unless C{insecure}
+    (--insecure-files) says they may.
     """
     try:
         with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o077 and not insecure:
+                raise ValueError(
+                    f"{path}: mode {stat.S_IMODE(mode):04o} lets group or others at the secret: "
+                    "chmod 600 it (or pass --insecure-files)"
+                )
             data = file.read(MAX_SECRET_BYTES + 1)
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror or error}") from None

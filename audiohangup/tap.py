@@ -339,7 +339,7 @@ class Options(usage.Options):
         ],
         [
             "insecure-files", None,
-            "Take an --api-tokens-file that group or others may read (default: refused; chmod 600 it).",
+            "Take an --api-tokens-file or a secret file that group or others may read (default: refused; chmod 600 it).",
         ],
     ]
 
@@ -347,29 +347,36 @@ class Options(usage.Options):
         super().__init__()
         self["webhook"] = []
         self["stream-header"] = []
+        self._headerSources: list[tuple[str, str]] = []  # (option, its argument), read in postOptions
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
-        self._streamHeader("--stream-header", header, lambda value: value)
+        self._headerSources.append(("--stream-header", header))
 
     def opt_stream_header_file(self, header: str) -> None:
         """'NAME: PATH': a --stream-header whose value is read from PATH (a trailing newline is ignored)."""
-        self._streamHeader("--stream-header-file", header, credentials.from_file)
+        self._headerSources.append(("--stream-header-file", header))
 
     def opt_stream_header_env(self, header: str) -> None:
         """'NAME: VARIABLE': a --stream-header whose value is the environment variable's."""
-        self._streamHeader("--stream-header-env", header, credentials.from_environment)
+        self._headerSources.append(("--stream-header-env", header))
 
-    def _streamHeader(self, option: str, header: str, value_of: Callable[[str], str]) -> None:
-        """A header for every stream's handshake, its value as given or read from where it names; each name once."""
-        try:
-            name, where = parse_header(header)
-            name, value = parse_header(f"{name}: {value_of(where)}")
-        except ValueError as error:
-            raise usage.UsageError(f"{option}: {error}") from None
-        if any(name.lower() == given.lower() for given, _ in self["stream-header"]):
-            raise usage.UsageError(f"{option}: {name} is given twice (header names are case-insensitive)")
-        self["stream-header"].append((name, value))
+    def _streamHeaders(self) -> None:
+        """The handshake headers, in order, their values as given or read from where they name; each name once."""
+        read: dict[str, Callable[[str], str]] = {
+            "--stream-header": lambda value: value,
+            "--stream-header-file": lambda path: credentials.from_file(path, insecure=bool(self["insecure-files"])),
+            "--stream-header-env": credentials.from_environment,
+        }
+        for option, header in self._headerSources:
+            try:
+                name, where = parse_header(header)
+                name, value = parse_header(f"{name}: {read[option](where)}")
+            except ValueError as error:
+                raise usage.UsageError(f"{option}: {error}") from None
+            if any(name.lower() == given.lower() for given, _ in self["stream-header"]):
+                raise usage.UsageError(f"{option}: {name} is given twice (header names are case-insensitive)")
+            self["stream-header"].append((name, value))
 
     def _secret(self, name: str, environment: str) -> None:
         """--NAME as given, or read from --NAME-file, else from $ENVIRONMENT if set; never empty."""
@@ -378,7 +385,7 @@ class Options(usage.Options):
             if path is not None:
                 if given is not None:
                     raise ValueError(f"give --{name} or --{name}-file, not both")
-                self[name] = credentials.from_file(path)
+                self[name] = credentials.from_file(path, insecure=bool(self["insecure-files"]))
             elif given is None and os.environ.get(environment):
                 self[name] = credentials.from_environment(environment)
         except ValueError as error:
@@ -404,6 +411,7 @@ class Options(usage.Options):
                 ) from None
         self._secret("webhook-secret", WEBHOOK_SECRET_ENVIRONMENT)
         self._secret("stream-secret", STREAM_SECRET_ENVIRONMENT)
+        self._streamHeaders()
         try:
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:

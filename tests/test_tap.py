@@ -529,9 +529,10 @@ class SecretSourcesTests(SynchronousTestCase):
         }
         self.patch(os, "environ", self.environ)  # type: ignore[attr-defined]
 
-    def secretFile(self, text: str, name: str = "secret") -> str:
+    def secretFile(self, text: str, name: str = "secret", mode: int = 0o600) -> str:
         path = self.folder / name
         path.write_text(text)
+        path.chmod(mode)
         return str(path)
 
     def assertUsageError(self, args: list[str], *fragments: str, never: str = "") -> None:
@@ -584,6 +585,17 @@ class SecretSourcesTests(SynchronousTestCase):
             (["--stream-header-env", "Authorization"], ("a header is NAME: VALUE",)),
         ]:
             self.assertUsageError(args, *fragments, never="s3cret")
+
+    def test_aFileOthersMayReadIsRefused(self) -> None:
+        """As a tokens file: chmod 600, or --insecure-files says others may read it."""
+        shared = self.secretFile("s3cret\n", "shared", mode=0o644)
+        for option, argument in [
+            ("--webhook-secret-file", shared), ("--stream-secret-file", shared),
+            ("--stream-header-file", f"Authorization: {shared}"),
+        ]:
+            self.assertUsageError([option, argument], f"{option}: {shared}: mode 0644", "--insecure-files", never="s3cret")
+        config = parse("--stream-header-file", f"Authorization: {shared}", "--insecure-files").config()
+        self.assertEqual(config.streams.headers, (("Authorization", "s3cret"),))  # the flag after the file: still seen
 
     def test_aHeaderOnceInAnyCase(self) -> None:
         self.environ["APP_TOKEN"] = "Bearer s3cret"
