@@ -38,7 +38,7 @@ from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Recorder
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
-from audiohangup.streams.manager import StreamConfig, Streams, check_fields, check_headers, check_url
+from audiohangup.streams.manager import StreamConfig, Streams, check_fields, check_url
 from audiohangup.streams.stream import MediaStream
 
 if TYPE_CHECKING:
@@ -465,7 +465,7 @@ class ControlAPI:
                 raise ApiError(400, f"bad_{name}", f"{name} must be a string")
         url = check_url(body.get("url"))
         parameters = check_fields(body.get("parameters"), "parameters")
-        headers = check_headers(check_fields(body.get("headers"), "headers"))
+        headers = self.streams.check_headers(check_fields(body.get("headers"), "headers"))
         held = self.registry.call(call_id)
         mine = [leg for leg in held if role is None or leg.role is role]
         remote = await self._remoteOwners(request, call_id, role, held, mine)

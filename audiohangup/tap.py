@@ -16,6 +16,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from audiohangup import credentials
 from audiohangup.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
@@ -38,6 +39,8 @@ from audiohangup.streams.manager import (
 from audiohangup.webhooks import Webhooks, trust_root
 
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
+WEBHOOK_SECRET_ENVIRONMENT = "AUDIOHANGUP_WEBHOOK_SECRET"
+STREAM_SECRET_ENVIRONMENT = "AUDIOHANGUP_STREAM_SECRET"
 
 
 def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
@@ -173,7 +176,12 @@ class Options(usage.Options):
         ],
         [
             "webhook-secret", None, None,
-            "Key of the X-Audiohangup-Signature header (HMAC-SHA256 of the body).",
+            f"Key of the X-Audiohangup-Signature header (HMAC-SHA256 of the body) "
+            f"(default: ${WEBHOOK_SECRET_ENVIRONMENT}, else none; prefer --webhook-secret-file).",
+        ],
+        [
+            "webhook-secret-file", None, None,
+            "File holding --webhook-secret (a trailing newline is ignored): kept off the command line.",
         ],
         [
             "flow", None, Config.flow,
@@ -312,7 +320,12 @@ class Options(usage.Options):
         ],
         [
             "stream-secret", None, None,
-            "Key of the X-Audiohangup-Signature header of every stream's WebSocket handshake.",
+            f"Key of the X-Audiohangup-Signature header of every stream's WebSocket handshake "
+            f"(default: ${STREAM_SECRET_ENVIRONMENT}, else none; prefer --stream-secret-file).",
+        ],
+        [
+            "stream-secret-file", None, None,
+            "File holding --stream-secret (a trailing newline is ignored): kept off the command line.",
         ],
         [
             "stream-ca", None, None,
@@ -326,7 +339,7 @@ class Options(usage.Options):
         ],
         [
             "insecure-files", None,
-            "Take an --api-tokens-file that group or others may read (default: refused; chmod 600 it).",
+            "Take an --api-tokens-file or a secret file that group or others may read (default: refused; chmod 600 it).",
         ],
     ]
 
@@ -334,13 +347,51 @@ class Options(usage.Options):
         super().__init__()
         self["webhook"] = []
         self["stream-header"] = []
+        self._headerSources: list[tuple[str, str]] = []  # (option, its argument), read in postOptions
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
+        self._headerSources.append(("--stream-header", header))
+
+    def opt_stream_header_file(self, header: str) -> None:
+        """'NAME: PATH': a --stream-header whose value is read from PATH (a trailing newline is ignored)."""
+        self._headerSources.append(("--stream-header-file", header))
+
+    def opt_stream_header_env(self, header: str) -> None:
+        """'NAME: VARIABLE': a --stream-header whose value is the environment variable's."""
+        self._headerSources.append(("--stream-header-env", header))
+
+    def _streamHeaders(self) -> None:
+        """The handshake headers, in order, their values as given or read from where they name; each name once."""
+        read: dict[str, Callable[[str], str]] = {
+            "--stream-header": lambda value: value,
+            "--stream-header-file": lambda path: credentials.from_file(path, insecure=bool(self["insecure-files"])),
+            "--stream-header-env": credentials.from_environment,
+        }
+        for option, header in self._headerSources:
+            try:
+                name, where = parse_header(header)
+                name, value = parse_header(f"{name}: {read[option](where)}")
+            except ValueError as error:
+                raise usage.UsageError(f"{option}: {error}") from None
+            if any(name.lower() == given.lower() for given, _ in self["stream-header"]):
+                raise usage.UsageError(f"{option}: {name} is given twice (header names are case-insensitive)")
+            self["stream-header"].append((name, value))
+
+    def _secret(self, name: str, environment: str) -> None:
+        """--NAME as given, or read from --NAME-file, else from $ENVIRONMENT if set; never empty."""
+        given, path = self[name], self[f"{name}-file"]
         try:
-            self["stream-header"].append(parse_header(header))
+            if path is not None:
+                if given is not None:
+                    raise ValueError(f"give --{name} or --{name}-file, not both")
+                self[name] = credentials.from_file(path, insecure=bool(self["insecure-files"]))
+            elif given is None and os.environ.get(environment):
+                self[name] = credentials.from_environment(environment)
         except ValueError as error:
-            raise usage.UsageError(f"--stream-header: {error}") from None
+            raise usage.UsageError(f"--{name}{'-file' if path else ''}: {error}") from None
+        if self[name] is not None and not self[name]:
+            raise usage.UsageError(f"--{name} must not be empty")
 
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
@@ -358,6 +409,9 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+        self._secret("webhook-secret", WEBHOOK_SECRET_ENVIRONMENT)
+        self._secret("stream-secret", STREAM_SECRET_ENVIRONMENT)
+        self._streamHeaders()
         try:
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:
@@ -414,8 +468,6 @@ class Options(usage.Options):
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
         except ValueError:
             raise usage.UsageError("--stream-roles must name visitor, resident or both, comma-separated") from None
-        if self["stream-secret"] is not None and not self["stream-secret"]:
-            raise usage.UsageError("--stream-secret must not be empty")
         for option in ("webhook-ca", "stream-ca"):
             if self[option] is not None:
                 try:

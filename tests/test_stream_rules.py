@@ -277,6 +277,98 @@ class NativeTests(StreamTestCase):
         self.assertEqual(self.stream.counts.dropped_from_app, 3)  # the leg drained them first: still counted
 
 
+class MarkBoundTests(StreamTestCase):
+    """What a mark can make us hold: its name (at most 256 bytes), and how many wait for their audio."""
+
+    def test_longNameIsIgnored(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.app({"event": "mark", "name": "x" * 257}, {"event": "mark", "name": "é" * 129})  # 258 bytes
+        self.app({"event": "mark", "name": "\ud800" * 300})  # a lone surrogate JSON allows: no UnicodeError
+        self.assertNotIn("mark", self.wire.events())
+        [warned] = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertIn("a mark name over 256 bytes", formatEvent(warned))
+        self.app({"event": "mark", "name": "y" * 256})
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "y" * 256})
+        self.assertIs(self.stream.state, State.STREAMING)
+
+    def test_marksWaitingForAudioAreBounded(self) -> None:
+        """A full queue's worth (50 frames here, at least 64): the marks beyond it are ignored, the rest answered."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.app(samples(1))
+        self.app(*({"event": "mark", "name": f"m{n}"} for n in range(100)))
+        self.assertEqual(self.stream.settings.max_marks_waiting, 64)
+        self.assertEqual(len(self.leg.feed or ()), 1 + 64)
+        self.assertTrue([e for e in events if "a mark beyond 64 waiting" in formatEvent(e)])
+        self.tick(2)
+        self.assertEqual([m["name"] for m in self.wire.json() if m["event"] == "mark"], [f"m{n}" for n in range(64)])
+        self.app(samples(2), {"event": "mark", "name": "again"})  # answered marks free their places
+        self.tick(2)
+        self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "again"})
+
+
+class OutboxTests(StreamTestCase):
+    """
+    An app that does not read: its socket's buffer is full, the transport has
+    paused the wire, and what the stream sends waits in the wire's outbox.
+    Media is dropped oldest first; control messages are not, and fail the
+    stream once more than 1 MiB of them wait.
+    """
+
+    mode = Mode.LISTEN  # marks answered at once: each mark is an answer waiting
+    settings = StreamSettings(max_queue_ms=1000, failure="hangup")
+
+    def openWire(self) -> Any:
+        self.socket = StringTransport()
+        protocol = _ClientFactory(self.stream, self.clock, 10, url="ws://127.0.0.1:1/").buildProtocol(None)
+        protocol.makeConnection(self.socket)
+        protocol.state = WebSocketProtocol.STATE_OPEN
+        wire = protocol.wire = _Wire(protocol, self.stream, 10)
+        self.socket.registerProducer(wire, True)
+        wire.pauseProducing()  # the app does not read
+        self.socket.clear()
+        return wire
+
+    def test_mediaIsDroppedOldestFirst(self) -> None:
+        for value in range(25):
+            self.leg.dataReceived(encode(Kind.SLIN, samples(value)))
+        self.assertEqual(self.wire.media_waiting, 10)
+        self.assertEqual(self.stream.counts.dropped_to_app, 15)
+        self.assertEqual(self.wire.bytes_waiting, sum(len(payload) for payload, _, _ in self.wire.outbox))
+        self.assertIs(self.stream.state, State.STREAMING)
+
+    def test_controlMessagesFailTheStreamPastTheirBound(self) -> None:
+        name = "n" * 256
+        answer = len(json.dumps({"event": "mark", "name": name}, separators=(",", ":")))
+        start = self.wire.control_waiting
+        fits = (client.MAX_CONTROL_UNSENT - start) // answer
+        highest = 0
+        for _ in range(fits):
+            self.app({"event": "mark", "name": name})
+            highest = max(highest, self.wire.bytes_waiting)
+        self.assertIs(self.stream.state, State.STREAMING)
+        self.assertLessEqual(highest, client.MAX_CONTROL_UNSENT)
+        self.app({"event": "mark", "name": name})  # one more: over the bound
+        self.assertEqual((self.stream.state, self.stream.outcome), (State.FAILED, Outcome.FAILED))
+        self.assertTrue(self.stream.reason.startswith("slow_app: the app does not read"), self.stream.reason)
+        self.assertEqual((self.wire.outbox, self.wire.bytes_waiting), (deque(), 0))
+        self.assertTrue(self.socket.disconnecting)  # dropped, not a closing handshake it would not read
+        self.assertEqual(self.observer.ended, [self.stream])
+        self.assertEqual(self.leg.hangup_cause, HangupCause.STREAM)  # --stream-failure hangup
+        self.app({"event": "mark", "name": name})  # after it: nothing held, nothing raised
+        self.assertEqual(self.wire.outbox, deque())
+
+    def test_onePongForManyPings(self) -> None:
+        """RFC 6455 5.5.3: while paused, only the latest ping is kept, and answered once writing resumes."""
+        for n in range(1000):
+            self.wire.protocol.onPing(b"%d" % n)
+        self.assertEqual((self.socket.value(), self.wire.ping), (b"", b"999"))
+        self.wire.resumeProducing()
+        written = self.socket.value()
+        self.assertEqual(written[:2], b"\x8a\x83")  # one pong: masked, 3 bytes (b"999")
+        self.assertEqual(written[9:10], b"\x81")  # then the outbox: the start message
+        self.assertIsNone(self.wire.ping)
+
+
 class ClosingWebSocketTests(StreamTestCase):
     """
     The app's Close has arrived, the TCP connection has not gone yet: autobahn
@@ -438,17 +530,52 @@ class ManagerTests(StreamTestCase):
 
 class ValidationTests(SynchronousTestCase):
     def test_urls(self) -> None:
-        for good in ("ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x"):
+        for good in (
+            "ws://app:8080/s/{call_id}/{role}", "wss://app.example/stream?token=x", "ws://[::1]:9/a%20b?q=1&r=(2)",
+        ):
             self.assertEqual(check_url(good), good)
         for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5, "ws://app/x#frag", "ws://app:99999/"):
             with self.assertRaises(ApiError):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
 
+    def test_urlsAreStrict(self) -> None:
+        """Nothing that could end up mangled into the handshake's request line: whitespace, controls, non-ASCII."""
+        for bad in (
+            "ws://app/a b", "ws://app/x HTTP/1.1\r\nX-Evil: 1", "ws://app/x\n", " ws://app/x", "ws://app/\x00",
+            "ws://app/\t", "ws://app/\x7f", "ws://app/é", "ws://app/{other}", "ws://app/%zz", "ws://app/50%",
+            "ws://ap p/", "ftp://app/",
+        ):
+            with self.assertRaises(ApiError) as raised:
+                check_url(bad)
+            self.assertEqual(raised.exception.code, "bad_url", bad)
+
     def test_headers(self) -> None:
         self.assertEqual(parse_header("Authorization: Bearer abc"), ("Authorization", "Bearer abc"))
-        for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x"):
+        self.assertEqual(parse_header("X-Tab: a\tb"), ("X-Tab", "a\tb"))
+        for bad in ("no colon", "Bad Name: x", "Host: evil", "Sec-WebSocket-Key: x", "X-A: a\x00b", "X-A: a\x1bb"):
             with self.assertRaises(ValueError):
                 parse_header(bad)
-        with self.assertRaises(ApiError):
-            check_headers({"X-A": "line\r\nbreak"})
+        for headers in (
+            {"X-A": "line\r\nbreak"}, {"X-A\n": "x"}, {"X-A\r\nX-B": "x"}, {"": "x"}, {"X-A": "nul\x00"},
+            {"X-A": "esc\x1b"}, {"X-A": "del\x7f"}, {"X-A": "a\nb"}, {"X-A": "x", "x-a": "y"},
+            {"user-agent": "x"}, {"x-audiohangup-SIGNATURE": "t=1,sha256=00"}, {"X-Audiohangup-Timestamp": "1"},
+        ):
+            with self.assertRaises(ApiError) as raised:
+                check_headers(headers)
+            self.assertEqual(raised.exception.code, "bad_headers", headers)
+        self.assertEqual(check_headers({"X-A": "tab\tok é"}), {"X-A": "tab\tok é"})
+
+    def test_configuredHeadersAreNotDoubled(self) -> None:
+        """A header the configuration sets cannot come again from the API, in any case: refused, not merged."""
+        streams = Streams(StreamConfig(headers=(("Authorization", "Bearer operator"),), secret="k"), Clock())
+        for name in ("Authorization", "authorization", "AUTHORIZATION", "x-audiohangup-signature"):
+            with self.assertRaises(ApiError) as raised:
+                streams.check_headers({name: "Bearer caller"})
+            self.assertEqual(raised.exception.code, "bad_headers")
+        self.assertEqual(streams.check_headers({"X-Caller": "c"}), {"X-Caller": "c"})
+        sent = streams._handshakeHeaders("ws://app/x", {"X-Caller": "c"})
+        self.assertEqual(
+            sorted(name.lower() for name in sent),
+            ["authorization", "x-audiohangup-signature", "x-audiohangup-timestamp", "x-caller"],
+        )

@@ -23,9 +23,11 @@ from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.streams import client as stream_client
 from audiohangup.streams.manager import StreamConfig
 from audiohangup.webhooks import verify
 from audiohangup.wire import Kind, encode
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, bridged, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.redis_server import free_port
@@ -312,6 +314,89 @@ async def test_app_that_never_reads_is_bounded(make_server: Any, logs: LogCaptur
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("mode", ["converse", "listen"])
+async def test_mark_flood_from_an_app_that_never_reads(
+    server: Server, logs: LogCapture, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """
+    An app that stops reading and sends marks, a few with names of almost
+    1 MiB and thousands at the longest name allowed: the long ones are
+    ignored, the answers waiting for it stay under 1 MiB, and past it the
+    stream fails (slow_app); the leg goes on, and an unrelated call keeps
+    its audio meanwhile.
+    """
+    bound = 1 << 20  # stream_client.MAX_CONTROL_UNSENT, as documented
+    peak = [0]
+    original = stream_client._Wire.send
+
+    def measured(wire: Any, message: Any, media: bool) -> None:
+        original(wire, message, media)
+        waiting = sum(len(payload) for payload, _, _ in wire.outbox)
+        peak[0] = max(peak[0], waiting)
+
+    monkeypatch.setattr(stream_client._Wire, "send", measured)
+    app = await App().listen(receive_buffer=4096)
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    try:
+        call_id = uuid.uuid4()
+        attacked = await connect(server.port("visitor"), on_hangup="close")
+        attacked.send_uuid(call_id)
+        await until(lambda: server.registry.get(str(call_id), Role.VISITOR), what="the leg")
+        status, _ = await api(server, "POST", f"/calls/{call_id}/streams", json={"url": app.url(), "mode": mode})
+        assert status == 201
+        await until(lambda: app.connections and app.connections[0].events("start"), what="the stream")
+        stream = app.connections[0]
+        stream.stop_reading()
+        huge = {"event": "mark", "mark": {"name": "x" * 1_000_000}}
+        longest = {"event": "mark", "mark": {"name": "y" * 256}}
+        for n in range(6000):
+            stream.send_json(huge if n % 500 == 0 else longest)
+        failed = await until(
+            lambda: [e for e in logs.events if "failed: {reason}" in e.get("log_format", "")], timeout=20,
+            what="the stream to fail",
+        )
+        assert failed[0]["reason"].startswith("slow_app: the app does not read"), failed[0]["reason"]
+        assert 0 < peak[0] <= bound
+        assert server.registry.get(str(call_id), Role.VISITOR).live
+        assert [e for e in logs.events if "a mark name over 256 bytes" in e.get("why", "")]
+        kept = await bystander.stop()
+        assert kept >= 0.95, kept
+    finally:
+        bystander.close()
+        await app.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_handshake_answer_is_bounded(make_server: Any, logs: LogCapture) -> None:
+    """An 'app' that answers the handshake with megabytes of headers: the stream fails at 64 KiB, the leg goes on."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Endless(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Pad: " + b"a" * 100 + b"\r\n")
+            for _ in range(64):
+                self.transport.write((b"X-Pad: " + b"a" * 1000 + b"\r\n") * 64)  # 4 MiB, no blank line
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Endless))
+    try:
+        server = await make_server(
+            streams=StreamConfig(url=f"ws://127.0.0.1:{port.getHost().port}/x", connect_timeout=60.0)
+        )
+        call_id = uuid.uuid4()
+        client = await connect(server.port("visitor"), on_hangup="close")
+        client.send_uuid(call_id)
+        [failed] = await until(
+            lambda: [e for e in logs.events if "failed: {reason}" in e.get("log_format", "")], timeout=20,
+            what="the failure",
+        )
+        assert "handshake is over 65536 bytes" in failed["reason"], failed["reason"]
+        assert server.registry.get(str(call_id), Role.VISITOR).live
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wss_is_verified(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
     certificate = self_signed(tmp_path)
     app = await App().listen(tls=certificate)
@@ -401,6 +486,9 @@ async def test_stream_route_errors(server: Server, app: App, logs: LogCapture) -
         ({"url": app.url(), "mode": "shout"}, "bad_mode"),
         ({"url": app.url(), "parameters": {"a": 1}}, "bad_parameters"),
         ({"url": app.url(), "headers": {"Host": "evil"}}, "bad_headers"),
+        ({"url": app.url(), "headers": {"x-audiohangup-signature": "t=1,sha256=00"}}, "bad_headers"),
+        ({"url": app.url(), "headers": {"X-A\n": "x"}}, "bad_headers"),
+        ({"url": app.url("/a b")}, "bad_url"),
         ({"url": app.url(), "role": "caller"}, "bad_role"),
         ({"url": app.url(), "extra": 1}, "unknown_field"),
     ]:

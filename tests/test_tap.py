@@ -511,3 +511,95 @@ class LayoutTests(SynchronousTestCase):
 
     def test_no_twisted_plugins_package(self) -> None:
         self.assertFalse((REPOSITORY / "twisted" / "plugins" / "__init__.py").exists())
+
+
+class SecretSourcesTests(SynchronousTestCase):
+    """
+    Every secret can stay off the command line (which every local user reads
+    in /proc/PID/cmdline): from a file, or from the environment. A source that
+    cannot serve is a usage error naming it, never what it holds.
+    """
+
+    def setUp(self) -> None:
+        self.folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.environ = {
+            key: value for key, value in os.environ.items()
+            if key not in (tap.TOKEN_ENVIRONMENT, tap.WEBHOOK_SECRET_ENVIRONMENT, tap.STREAM_SECRET_ENVIRONMENT)
+        }
+        self.patch(os, "environ", self.environ)  # type: ignore[attr-defined]
+
+    def secretFile(self, text: str, name: str = "secret", mode: int = 0o600) -> str:
+        path = self.folder / name
+        path.write_text(text)
+        path.chmod(mode)
+        return str(path)
+
+    def assertUsageError(self, args: list[str], *fragments: str, never: str = "") -> None:
+        message = str(self.assertRaises(usage.UsageError, parse, *args))
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        if never:
+            self.assertNotIn(never, message)
+
+    def test_secretsFromFiles(self) -> None:
+        config = parse(
+            "--webhook", "https://hooks.example/x", "--webhook-secret-file", self.secretFile("hook-key\n", "hook"),
+            "--stream-secret-file", self.secretFile("stream-key\r\n", "stream"),
+        ).config()
+        self.assertEqual((config.webhook_secret, config.streams.secret), ("hook-key", "stream-key"))
+
+    def test_secretsFromTheEnvironment(self) -> None:
+        self.environ.update({tap.WEBHOOK_SECRET_ENVIRONMENT: "hook-env", tap.STREAM_SECRET_ENVIRONMENT: "stream-env"})
+        config = parse().config()
+        self.assertEqual((config.webhook_secret, config.streams.secret), ("hook-env", "stream-env"))
+        given = parse("--stream-secret-file", self.secretFile("from-file")).config()  # an option wins
+        self.assertEqual(given.streams.secret, "from-file")
+        self.environ[tap.STREAM_SECRET_ENVIRONMENT] = ""  # empty: as if unset
+        self.assertIsNone(parse().config().streams.secret)
+
+    def test_headersFromAFileOrTheEnvironment(self) -> None:
+        self.environ["APP_TOKEN"] = "Bearer from-env"
+        config = parse(
+            "--stream-header-file", f"Authorization: {self.secretFile('Bearer from-file' + chr(10))}",
+            "--stream-header-env", "X-App-Token: APP_TOKEN",
+            "--stream-header", "X-Site: gate",
+        ).config()
+        self.assertEqual(
+            config.streams.headers,
+            (("Authorization", "Bearer from-file"), ("X-App-Token", "Bearer from-env"), ("X-Site", "gate")),
+        )
+
+    def test_sourcesThatCannotServe(self) -> None:
+        missing = str(self.folder / "missing")
+        empty = self.secretFile("\n", "empty")
+        nul = self.secretFile("Bearer s3cret\0x\n", "nul")
+        for args, fragments in [
+            (["--webhook-secret-file", missing], ("--webhook-secret-file: cannot read", missing)),
+            (["--stream-secret-file", str(self.folder)], ("--stream-secret-file: cannot read", str(self.folder))),
+            (["--stream-secret-file", empty], ("--stream-secret-file:", "is empty")),
+            (["--stream-secret", "x", "--stream-secret-file", empty], ("not both",)),
+            (["--stream-header-file", f"Authorization: {missing}"], ("--stream-header-file: cannot read", missing)),
+            (["--stream-header-file", f"Authorization: {nul}"], ("the value of Authorization holds a control character",)),
+            (["--stream-header-env", "Authorization: NO_SUCH_VARIABLE"], ("$NO_SUCH_VARIABLE is not set",)),
+            (["--stream-header-env", "Authorization"], ("a header is NAME: VALUE",)),
+        ]:
+            self.assertUsageError(args, *fragments, never="s3cret")
+
+    def test_aFileOthersMayReadIsRefused(self) -> None:
+        """As a tokens file: chmod 600, or --insecure-files says others may read it."""
+        shared = self.secretFile("s3cret\n", "shared", mode=0o644)
+        for option, argument in [
+            ("--webhook-secret-file", shared), ("--stream-secret-file", shared),
+            ("--stream-header-file", f"Authorization: {shared}"),
+        ]:
+            self.assertUsageError([option, argument], f"{option}: {shared}: mode 0644", "--insecure-files", never="s3cret")
+        config = parse("--stream-header-file", f"Authorization: {shared}", "--insecure-files").config()
+        self.assertEqual(config.streams.headers, (("Authorization", "s3cret"),))  # the flag after the file: still seen
+
+    def test_aHeaderOnceInAnyCase(self) -> None:
+        self.environ["APP_TOKEN"] = "Bearer s3cret"
+        self.assertUsageError(
+            ["--stream-header", "Authorization: Bearer a", "--stream-header-env", "authorization: APP_TOKEN"],
+            "--stream-header-env: authorization is given twice", never="s3cret",
+        )

@@ -37,6 +37,15 @@ from audiohangup.streams.stream import IStreamWire, MediaStream
 SEND_BUFFER = 16 * 1024
 #: After our close, how long the application has to read what is left and answer.
 CLOSE_GRACE = 2.0
+#: Control messages (marks answered, DTMF, the start and stop) that may wait
+#: for an application that does not read. They are never dropped (an app
+#: waits for its marks), so past this the stream fails (C{slow_app}). 1 MiB,
+#: the largest message an app may send us: thousands of mark answers (a name
+#: is at most 256 bytes), which an app that reads at all never leaves unread.
+MAX_CONTROL_UNSENT = 1 << 20
+#: The application's answer to the WebSocket handshake (its status line and
+#: headers): autobahn gathers it whole, unbounded, before it parses it.
+MAX_HANDSHAKE = 64 * 1024
 
 
 class _QuietAutobahnLog:
@@ -63,8 +72,10 @@ def _drop(*args: object, **kwargs: object) -> None:
 class _Wire:
     """
     The open WebSocket as a stream sees it. The transport pauses it when its
-    buffer is full; meanwhile messages wait here, and media beyond the bound
-    is dropped oldest first. Control messages (start, marks, stop) are kept.
+    buffer is full; meanwhile messages wait here, bounded in bytes: media
+    beyond C{max_media} frames is dropped oldest first, and control messages
+    (start, marks, DTMF, stop), which are never dropped, fail the stream
+    (C{slow_app}) once more than L{MAX_CONTROL_UNSENT} bytes of them wait.
     """
 
     def __init__(self, protocol: _ClientProtocol, stream: MediaStream, max_media: int) -> None:
@@ -74,7 +85,10 @@ class _Wire:
         self.paused = False
         self.outbox: deque[tuple[bytes, bool, bool]] = deque()
         self.media_waiting = 0
+        self.bytes_waiting = 0  # media and control: what the outbox holds
+        self.control_waiting = 0
         self.closing: tuple[int, str] | None = None
+        self.ping: bytes | None = None  # the app's latest ping, answered once we may write again
 
     def _open(self) -> bool:
         """
@@ -93,23 +107,40 @@ class _Wire:
             self.protocol.sendMessage(payload, isBinary=binary)
             return
         self.outbox.append((payload, binary, media))
+        self.bytes_waiting += len(payload)
         if media:
             self.media_waiting += 1
             if self.media_waiting > self.max_media:
                 self._dropOldestMedia()
+        else:
+            self.control_waiting += len(payload)
+            if self.control_waiting > MAX_CONTROL_UNSENT:
+                self._giveUp()
 
     def _dropOldestMedia(self) -> None:
-        for index, (_, _, media) in enumerate(self.outbox):
+        for index, (payload, _, media) in enumerate(self.outbox):
             if media:
                 del self.outbox[index]
                 self.media_waiting -= 1
+                self.bytes_waiting -= len(payload)
                 self.stream.counts.dropped_to_app += 1
                 return
+
+    def _giveUp(self) -> None:
+        """The app does not read and what waits for it is not media we may drop: the stream fails."""
+        waiting = self.control_waiting
+        self.stopProducing()
+        self.closing = None
+        self.protocol.dropConnection(abort=True)  # first: what the stream sends as it ends goes nowhere
+        self.stream.fail(
+            f"slow_app: the app does not read ({waiting} bytes of control messages unsent, "
+            f"over {MAX_CONTROL_UNSENT})"
+        )
 
     def close(self, code: int, reason: str) -> None:
         self.closing = (code, reason)
         if not self._open():
-            self.outbox.clear()  # the closing handshake is under way already
+            self.stopProducing()  # the closing handshake is under way already
         elif not self.outbox:
             self.protocol.sendClose(code, reason)
         # else: sent once the outbox is out; the close timer bounds the wait.
@@ -125,10 +156,16 @@ class _Wire:
         if not self._open():
             self.stopProducing()
             return
+        if self.ping is not None:
+            ping, self.ping = self.ping, None
+            self.protocol.sendPong(ping)
         while self.outbox and not self.paused:
             payload, binary, media = self.outbox.popleft()
+            self.bytes_waiting -= len(payload)
             if media:
                 self.media_waiting -= 1
+            else:
+                self.control_waiting -= len(payload)
             self.protocol.sendMessage(payload, isBinary=binary)
         if not self.outbox and self.closing is not None:
             code, reason = self.closing
@@ -137,7 +174,8 @@ class _Wire:
 
     def stopProducing(self) -> None:
         self.outbox.clear()
-        self.media_waiting = 0
+        self.media_waiting = self.bytes_waiting = self.control_waiting = 0
+        self.ping = None
 
 
 class _ClientProtocol(WebSocketClientProtocol):
@@ -160,6 +198,25 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.stream.messageReceived(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        """
+        A pong per ping while the app reads would pile up under a paused
+        transport: RFC 6455 (5.5.3) lets us answer only the latest ping, once
+        we may write again.
+        """
+        wire = self.wire
+        if wire is not None and (wire.paused or wire.outbox):
+            wire.ping = payload  # at most 125 bytes
+            return
+        super().onPing(payload)
+
+    def processHandshake(self) -> None:
+        if len(self.data) > MAX_HANDSHAKE and self.data.find(b"\r\n\r\n", 0, MAX_HANDSHAKE) < 0:
+            self.factory.failed(f"the app's answer to the WebSocket handshake is over {MAX_HANDSHAKE} bytes")
+            self.dropConnection(abort=True)
+            return
+        super().processHandshake()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._closeTimer is not None and self._closeTimer.active():

@@ -42,9 +42,21 @@ MAX_FIELD_BYTES = 1024
 SIGNATURE_HEADER = "X-Audiohangup-Signature"
 TIMESTAMP_HEADER = "X-Audiohangup-Timestamp"
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-#: Headers the WebSocket handshake sets itself.
-_RESERVED = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "content-length"}
+#: A header name is an RFC 9110 token (5.1, 5.6.2), all of it (C{fullmatch}).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: What a header value may not hold: control characters (RFC 9110 5.5: NUL,
+#: CR and LF never; the other C0 and DEL neither), but for HTAB.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Headers the handshake sets itself (autobahn, and the signature): never a second time, in any case.
+_RESERVED = {
+    "host", "upgrade", "connection", "content-length", "transfer-encoding", "user-agent", "pragma", "cache-control",
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions",
+    SIGNATURE_HEADER.lower(), TIMESTAMP_HEADER.lower(),
+}
+#: A stream URL holds only what RFC 3986 allows (ASCII letters, digits and
+#: its delimiters; C{%} only before two hex digits): no whitespace or control
+#: character that would end up in the request line.
+_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,15 @@ def check_url(template: object) -> str:
     """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else ApiError."""
     if not isinstance(template, str) or not template:
         raise ApiError(400, "bad_url", "the stream URL must be a ws:// or wss:// URL")
+    filled = fill(template, "0" * 36, "visitor")
+    if not _URL.fullmatch(filled):
+        raise ApiError(
+            400, "bad_url",
+            "the stream URL holds a character a URL may not (whitespace, a control character, "
+            "or one to percent-encode)",
+        )
     try:
-        parsed = URL.from_text(fill(template, "0" * 36, "visitor"))
+        parsed = URL.from_text(filled)
     except Exception as error:  # hyperlink raises several types for a URL it cannot parse
         raise ApiError(400, "bad_url", f"the stream URL does not parse: {error}") from None
     if parsed.scheme not in ("ws", "wss") or not parsed.host:
@@ -108,11 +127,16 @@ def check_fields(value: object, what: str) -> dict[str, str]:
 
 
 def check_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Headers a stream's handshake may carry: token names, each once in any case, values without controls."""
+    seen: set[str] = set()
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED:
             raise ApiError(400, "bad_headers", f"{name!r} is not a header a stream may set")
-        if "\r" in value or "\n" in value:
-            raise ApiError(400, "bad_headers", f"the value of {name} holds a line break")
+        if name.lower() in seen:
+            raise ApiError(400, "bad_headers", f"{name} is given twice (header names are case-insensitive)")
+        seen.add(name.lower())
+        if _CONTROL.search(value):
+            raise ApiError(400, "bad_headers", f"the value of {name} holds a control character")
     return headers
 
 
@@ -217,6 +241,21 @@ class Streams:
         ):
             raise ApiError(409, "already_conversing", f"the {leg.role} leg has a converse stream already")
         return protocol, chosen
+
+    def check_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """
+        A request's headers for its streams (L{check_headers}), none of them
+        one the configuration sets (--stream-header), in any case: refused,
+        not merged, so that neither replaces the other unseen (an API caller
+        cannot swap the operator's credential, and is told its own would not
+        be sent).
+        """
+        check_headers(headers)
+        configured = {name.lower() for name, _ in self.config.headers}
+        for name in headers:
+            if name.lower() in configured:
+                raise ApiError(400, "bad_headers", f"{name} is set by the server's configuration (--stream-header)")
+        return headers
 
     def _handshakeHeaders(self, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = {**dict(self.config.headers), **extra}

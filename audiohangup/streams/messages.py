@@ -21,6 +21,12 @@ Message = tuple[bytes, bool]
 #: is about 640 kB; 1 MiB of slin is 32 s at 8 kHz): a longer one ends the stream.
 MAX_APP_MESSAGE = 1 << 20
 
+#: The longest mark name an application may give, in UTF-8 bytes. A name is
+#: a label (Twilio's examples, Pipecat's ids: a few dozen characters), and we
+#: hold it until its audio has played and then send it back: a longer one is
+#: refused (ignored, logged), or an app could make us hold its megabytes.
+MAX_MARK_NAME = 256
+
 
 class BadMessage(ValueError):
     """An application's message that is not one of the protocol's; the text says why (never its content)."""
@@ -109,4 +115,6 @@ def mark_name(mark: object) -> str:
     name = mark.get("name") if isinstance(mark, dict) else None
     if not isinstance(name, str) or not name:
         raise BadMessage("a mark without a name")
+    if len(name) > MAX_MARK_NAME or len(name.encode("utf-8", "surrogatepass")) > MAX_MARK_NAME:
+        raise BadMessage(f"a mark name over {MAX_MARK_NAME} bytes")
     return name

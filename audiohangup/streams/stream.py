@@ -101,6 +101,11 @@ class StreamSettings:
     def max_queue_frames(self) -> int:
         return max(1, self.max_queue_ms // 20)
 
+    @property
+    def max_marks_waiting(self) -> int:
+        """Marks waiting for their audio: one a frame of a full queue (at least 64), each name bounded."""
+        return max(64, self.max_queue_frames)
+
 
 @dataclass
 class Counts:
@@ -150,6 +155,7 @@ class MediaStream:
         self._pending = b""  # the app's audio short of a whole frame
         self._feed: Playout | None = None
         self._badMessageLogged = False
+        self._marksWaiting = 0  # marks in the feed, waiting for the audio before them
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -299,9 +305,17 @@ class MediaStream:
             self._flushPending()
             feed = self._ownFeed()
             if feed is not None:
-                feed.mark(lambda: self._sendMark(name))
+                if self._marksWaiting >= self.settings.max_marks_waiting:
+                    self._ignore(f"a mark beyond {self.settings.max_marks_waiting} waiting for their audio")
+                    return
+                self._marksWaiting += 1
+                feed.mark(lambda: self._markPlayed(name))
                 return
         self._sendMark(name)  # nothing of the app's is queued: played at once
+
+    def _markPlayed(self, name: str) -> None:
+        self._marksWaiting -= 1
+        self._sendMark(name)
 
     def _sendMark(self, name: str) -> None:
         if self.wire is not None and self.state is State.STREAMING:
@@ -332,6 +346,11 @@ class MediaStream:
             self.leg.hangup(HangupCause.STREAM)
 
     # Ending
+
+    def fail(self, reason: str) -> None:
+        """The wire gave up on the app (it stopped reading) and dropped the connection: failed."""
+        if self.state is State.STREAMING:
+            self._end(Outcome.FAILED, reason)
 
     def stop(self, reason: str) -> None:
         """End the stream from our side: C{stop}, then a close with code 1000. The leg stays."""
