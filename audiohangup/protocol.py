@@ -61,6 +61,12 @@ from audiohangup.wire import (
 #: Digits kept per leg: enough for any PIN or menu path, bounded for a hostile peer.
 MAX_DTMF_DIGITS = 64
 
+#: DTMF digits logged at info per leg and second. A person keys a few a
+#: second, and Q.24 tones (40 ms at least, 40 ms apart) come at most 12.5 a
+#: second; a flood beyond this is counted (audiohangup_dtmf_total), not
+#: logged, so it cannot write more log than it sends.
+DTMF_LOG_PER_SECOND = 10
+
 
 @dataclass(frozen=True)
 class LegSettings:
@@ -178,8 +184,8 @@ class AudioSocketProtocol(Protocol):
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
-        "connected_at", "ended_at", "dtmf", "recording", "streams", "hangup_cause", "hangup_at",
-        "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
+        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfSecond", "_dtmfLogged", "recording", "streams",
+        "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
         "_wrong_kind_logged", "_peerReset", "_peerEnd",
     )
 
@@ -212,6 +218,10 @@ class AudioSocketProtocol(Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.dtmf = ""
+        self.dtmf_count = 0
+        #: When the second of DTMF logging began, and the digits logged in it.
+        self._dtmfSecond = -math.inf
+        self._dtmfLogged = 0
         self.queue = FrameQueue(settings.max_queue_frames)
         #: What a converse media stream sends the leg: paced after queued prompts.
         self.feed: Playout | None = None
@@ -495,11 +505,28 @@ class AudioSocketProtocol(Protocol):
 
     def _dtmfReceived(self, digit: str) -> None:
         self.dtmf = (self.dtmf + digit)[-MAX_DTMF_DIGITS:]
-        self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
+        self.dtmf_count += 1
+        self._logDtmf(digit)
         assert self.session is not None
         self.session.dtmfReceived(self, digit)
         if self.taps:
             self._tell("legDtmf", digit)
+
+    def _logDtmf(self, digit: str) -> None:
+        """Each digit at info, up to L{DTMF_LOG_PER_SECOND} a second; then one warning for the rest of it."""
+        now = self.reactor.seconds()
+        if now - self._dtmfSecond >= 1.0:
+            self._dtmfSecond = now
+            self._dtmfLogged = 0
+        self._dtmfLogged += 1
+        if self._dtmfLogged <= DTMF_LOG_PER_SECOND:
+            self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
+        elif self._dtmfLogged == DTMF_LOG_PER_SECOND + 1:
+            self.log.warn(
+                "{call_id} {role} sends over {limit} DTMF digits a second: the rest of this second's "
+                "are counted (audiohangup_dtmf_total), not logged",
+                limit=DTMF_LOG_PER_SECOND, **self._fields(),
+            )
 
     def _tell(self, event: str, *args: object) -> None:
         """Tell every tap; one tap's bug is logged and reaches neither the leg nor the others."""

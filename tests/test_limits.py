@@ -21,6 +21,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.wire import Kind, encode
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.twistd_child import start_server, wait_for_legs
@@ -62,6 +63,37 @@ async def test_over_capacity(make_server: Any, logs: LogCapture) -> None:
     for client in (held[1], again):
         client.close()
     await until(lambda: not server.registry.connections())
+
+
+@pytest_twisted.ensureDeferred
+async def test_dtmf_flood_is_counted_not_logged(make_server: Any, logs: LogCapture) -> None:
+    """
+    A leg sending DTMF frames as fast as it can writes a bounded log (a few
+    lines per second of flood, not one per frame), and the metric counts
+    every digit. A bystander call meanwhile keeps its audio.
+    """
+    from audiohangup.protocol import DTMF_LOG_PER_SECOND
+
+    server = await make_server()
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    flood = 50_000
+    call_id = uuid.uuid4()
+    client = await connect(server.port("visitor"), on_hangup="close")
+    client.send_uuid(call_id)
+    leg = await until(lambda: server.registry.get(str(call_id), Role.VISITOR), what="the flooding leg")
+    started = reactor.seconds()
+    for _ in range(flood // 1000):
+        client.send(encode(Kind.DTMF, b"7") * 1000)
+    await until(lambda: leg.dtmf_count == flood, timeout=30, what="every digit read")
+    seconds = reactor.seconds() - started
+    assert await metric(server, "audiohangup_dtmf_total") == flood
+    lines = [e for e in logs.events if "DTMF" in e.get("log_format", "") and e.get("call_id") == str(call_id)]
+    # Each second of flood (and the one it began in) at most its info lines and one warning.
+    assert 0 < len(lines) <= (DTMF_LOG_PER_SECOND + 1) * (int(seconds) + 2), (len(lines), seconds)
+    assert await bystander.stop() >= 0.95
+    bystander.close()
+    client.close()
+    await until(lambda: not server.registry.connections(), what="every connection to go")
 
 
 class NotReading(FakeAsterisk):

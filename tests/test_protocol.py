@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
+from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegSettings, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
@@ -245,6 +245,25 @@ class FrameTests(LegTestCase):
         self.assertEqual(leg.dtmf, "1#")
         self.assertIs(leg.state, LegState.LIVE)
         self.assertEqual(leg.frames_in, 6)
+
+    def test_dtmfFloodIsCountedNotLogged(self) -> None:
+        """
+        Each digit is logged at info up to DTMF_LOG_PER_SECOND a second per
+        leg, then one warning; the rest of that second is only counted.
+        """
+        leg, _ = self.live()
+        digits = [e for e in self.events if "DTMF" in e.get("log_format", "")]
+        leg.dataReceived(encode(Kind.DTMF, b"5") * 1000)
+        logged = [e for e in self.events if "DTMF" in e.get("log_format", "")][len(digits):]
+        self.assertEqual(
+            [e["log_level"] for e in logged], [LogLevel.info] * DTMF_LOG_PER_SECOND + [LogLevel.warn]
+        )
+        self.clock.advance(1.0)
+        leg.dataReceived(encode(Kind.DTMF, b"#"))
+        last = [e for e in self.events if "DTMF" in e.get("log_format", "")][-1]
+        self.assertEqual((last["log_level"], last["digit"]), (LogLevel.info, "#"))
+        self.assertEqual(leg.dtmf_count, 1001)
+        self.assertEqual(len(leg.dtmf), 64)
 
     def test_countsBothWays(self) -> None:
         leg, _transport = self.live()
