@@ -89,6 +89,9 @@ class ILeg(Interface):
     def hangup(cause: HangupCause) -> Deferred[CloseReason]:
         """Send C{00 00 00} once and close, bounded; fires with the close reason once gone."""
 
+    def crowdOut(detail: str) -> None:
+        """Close a connection still without its UUID, as C{too_many_pending}: a newer one needs its place."""
+
     def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
         """Hang up once the queued audio has played (bounded by the playout timeout)."""
 
