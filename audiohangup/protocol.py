@@ -358,11 +358,11 @@ class AudioSocketProtocol(Protocol):
         """
         Count the connection in, or refuse it as C{over_capacity}. Asterisk
         sends its UUID at once, so a connection still waiting for it is the
-        likeliest to be junk: the oldest one makes way for a newcomer, past
-        C{--max-pending-per-source} the source's own, at C{--max-legs} that
-        of the source with the most (see L{audiohangup.registry.PendingConnections}), rather than
-        let connections without a UUID keep real legs out. Only legs and
-        connections already closing refuse a newcomer.
+        likeliest to be junk: the oldest one makes way for a newcomer (past
+        C{--max-pending-per-source}, the source's own; at C{--max-legs}, that
+        of the source with the most: see L{audiohangup.registry.PendingConnections})
+        rather than let connections without a UUID keep real legs out. Only
+        legs and connections already closing refuse a newcomer.
         """
         registry, settings = self.registry, self.settings
         if registry.connection_count >= settings.max_legs:
@@ -587,8 +587,8 @@ class AudioSocketProtocol(Protocol):
             self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
         elif self._dtmfLogged == DTMF_LOG_PER_SECOND + 1:
             self.log.warn(
-                "{call_id} {role} sends over {limit} DTMF digits a second: the rest of this second's "
-                "are counted (audiohangup_dtmf_total), not logged",
+                "{call_id} {role} sends over {limit} DTMF digits a second: more this second are "
+                "counted (audiohangup_dtmf_total), not logged",
                 limit=DTMF_LOG_PER_SECOND, **self._fields(),
             )
 

@@ -48,7 +48,7 @@ class PendingConnections:
         self._source[connection] = source
         waiting = self._from.setdefault(source, {})
         waiting[connection] = None
-        self._resize(source, len(waiting))
+        self._move(source, len(waiting) - 1, len(waiting))
 
     def discard(self, connection: ILeg) -> None:
         """It sent its UUID, or it is closing. Idempotent."""
@@ -59,11 +59,10 @@ class PendingConnections:
         del waiting[connection]
         if not waiting:
             del self._from[source]
-        self._resize(source, len(waiting), grew=False)
+        self._move(source, len(waiting) + 1, len(waiting))
 
-    def _resize(self, source: str | None, size: int, grew: bool = True) -> None:
-        """Move C{source} to the bucket of its new C{size}, one more or one less than before."""
-        old = size - 1 if grew else size + 1
+    def _move(self, source: str | None, old: int, size: int) -> None:
+        """Move C{source} from the bucket of its C{old} count to that of its new C{size} (one more or less)."""
         if old:
             bucket = self._sized[old]
             del bucket[source]
