@@ -58,6 +58,7 @@ class ILeg(Interface):
     bytes_in: int = Attribute("Bytes received.")
     bytes_out: int = Attribute("Bytes written.")
     dtmf: str = Attribute("The last DTMF digits received, oldest first.")
+    dtmf_count: int = Attribute("DTMF digits received.")
     hangup_cause: HangupCause | None = Attribute("Why we sent C{00 00 00}; None if we did not.")
     close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
     hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
@@ -87,6 +88,9 @@ class ILeg(Interface):
 
     def hangup(cause: HangupCause) -> Deferred[CloseReason]:
         """Send C{00 00 00} once and close, bounded; fires with the close reason once gone."""
+
+    def crowdOut(detail: str) -> None:
+        """Close a connection still without its UUID, as C{too_many_pending}: a newer one needs its place."""
 
     def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
         """Hang up once the queued audio has played (bounded by the playout timeout)."""

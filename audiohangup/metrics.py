@@ -37,7 +37,7 @@ GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 #: From a reset right after our hangup (sub-millisecond) to the 2 s abort.
 HANGUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
 
-_LEG_COUNTERS = ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped_frames")
+_LEG_COUNTERS = ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped_frames", "dtmf")
 
 
 @implementer(ILegObserver)
@@ -212,6 +212,7 @@ def _leg_counters(leg: ILeg) -> dict[str, int]:
         "bytes_in": leg.bytes_in,
         "bytes_out": leg.bytes_out,
         "dropped_frames": leg.queue.dropped,
+        "dtmf": leg.dtmf_count,
     }
 
 
@@ -224,6 +225,7 @@ class _LegCollector(Collector):
         "bytes_in": ("audiohangup_bytes_received", "Bytes received from legs."),
         "bytes_out": ("audiohangup_bytes_sent", "Bytes sent to legs."),
         "dropped_frames": ("audiohangup_audio_dropped_frames", "Outbound audio frames dropped from full queues."),
+        "dtmf": ("audiohangup_dtmf", "DTMF digits received from legs (each one, logged or not)."),
     }
 
     def __init__(self, metrics: Metrics) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import ipaddress
 import math
 import socket
 import uuid
@@ -61,6 +62,12 @@ from audiohangup.wire import (
 #: Digits kept per leg: enough for any PIN or menu path, bounded for a hostile peer.
 MAX_DTMF_DIGITS = 64
 
+#: DTMF digits logged at info per leg and second. A person keys a few a
+#: second, and Q.24 tones (40 ms at least, 40 ms apart) come at most 12.5 a
+#: second; a flood beyond this is counted (audiohangup_dtmf_total), not
+#: logged, so it cannot write more log than it sends.
+DTMF_LOG_PER_SECOND = 10
+
 
 @dataclass(frozen=True)
 class LegSettings:
@@ -75,6 +82,8 @@ class LegSettings:
     playout_timeout: float = 10.0
     max_legs: int = 2000
     max_unsent_ms: int = 2000
+    #: Connections without their UUID yet from one source (0: no cap); see L{source_of}.
+    max_pending_per_source: int = 32
 
     @property
     def max_queue_frames(self) -> int:
@@ -121,6 +130,26 @@ def describe_address(address: IAddress) -> str:
         name = address.name
         return f"unix:{name.decode() if isinstance(name, bytes) else name}" if name else "unix"
     return str(address)
+
+
+def source_of(address: IAddress) -> str | None:
+    """
+    The source a connection counts under for L{LegSettings.max_pending_per_source}:
+    its IPv4 address (a dual-stack socket's IPv4 client too), or its IPv6 /64,
+    which one host usually holds whole. None for a UNIX socket, whose file's
+    mode says who may connect.
+    """
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return None
+    try:
+        ip = ipaddress.ip_address(address.host.split("%", 1)[0])  # drop an IPv6 zone
+    except ValueError:
+        return address.host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @runtime_checkable
@@ -178,8 +207,8 @@ class AudioSocketProtocol(Protocol):
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
-        "connected_at", "ended_at", "dtmf", "recording", "streams", "hangup_cause", "hangup_at",
-        "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
+        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfSecond", "_dtmfLogged", "recording", "streams",
+        "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
         "_wrong_kind_logged", "_peerReset", "_peerEnd",
     )
 
@@ -212,6 +241,10 @@ class AudioSocketProtocol(Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.dtmf = ""
+        self.dtmf_count = 0
+        #: When the second of DTMF logging began, and the digits logged in it.
+        self._dtmfSecond = -math.inf
+        self._dtmfLogged = 0
         self.queue = FrameQueue(settings.max_queue_frames)
         #: What a converse media stream sends the leg: paced after queued prompts.
         self.feed: Playout | None = None
@@ -304,14 +337,10 @@ class AudioSocketProtocol(Protocol):
     def connectionMade(self) -> None:
         self.connected_at = self.last_frame_at = self.reactor.seconds()
         wire = self.wire
-        self.peer = describe_address(wire.getPeer())
-        if self.registry.connection_count >= self.settings.max_legs:
-            self._closeFor(
-                CloseReason.OVER_CAPACITY,
-                f"{self.registry.connection_count} connections open, --max-legs {self.settings.max_legs}",
-            )
+        address = wire.getPeer()
+        self.peer = describe_address(address)
+        if not self._admitted(source_of(address)):
             return
-        self.registry.connected(self)
         if ITCPTransport.providedBy(wire):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             wire.setTcpNoDelay(True)
@@ -324,6 +353,51 @@ class AudioSocketProtocol(Protocol):
                 self.relay.adopt(self, wire)
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
+
+    def _admitted(self, source: str | None) -> bool:
+        """
+        Count the connection in, or refuse it as C{over_capacity}. Asterisk
+        sends its UUID at once, so a connection still waiting for it is the
+        likeliest to be junk: the oldest one makes way for a newcomer (past
+        C{--max-pending-per-source}, the source's own; at C{--max-legs}, that
+        of the source with the most: see L{audiohangup.registry.PendingConnections})
+        rather than let connections without a UUID keep real legs out. Only
+        legs and connections already closing refuse a newcomer.
+        """
+        registry, settings = self.registry, self.settings
+        if registry.connection_count >= settings.max_legs:
+            oldest = registry.pending.oldest_of_most()
+            if oldest is None:
+                self._closeFor(
+                    CloseReason.OVER_CAPACITY,
+                    f"{registry.connection_count} connections open, --max-legs {settings.max_legs}",
+                )
+                return False
+            self._crowd(oldest, "--max-legs", f"--max-legs {settings.max_legs} connections are open")
+        registry.connected(self, source)
+        cap = settings.max_pending_per_source
+        if source is not None and cap and registry.pending.count(source) > cap:
+            oldest = registry.pending.oldest(source)
+            assert oldest is not None, "this connection is pending from the source"
+            self._crowd(oldest, source, f"over --max-pending-per-source {cap} connections without a UUID from {source}")
+        return True
+
+    def _crowd(self, oldest: ILeg, key: str, detail: str) -> None:
+        """Close C{oldest} (pending) for this newcomer; logged once a minute per source or for --max-legs."""
+        waited = self.connected_at - oldest.connected_at
+        oldest.crowdOut(f"{detail}; it waited {waited:.3f} s")
+        if self.registry.pending.logNow(key, self.connected_at):
+            self.log.warn(
+                "{role}: {detail}: the oldest connection without a UUID is closed for each new one "
+                "(reason too_many_pending, counted in audiohangup_connections_without_leg_total; logged "
+                "once a minute per source)",
+                detail=detail, role=self.role,
+            )
+
+    def crowdOut(self, detail: str) -> None:
+        """Close this connection, still without its UUID: a newer one needs its place."""
+        if self.state is AWAITING_UUID:
+            self._closeFor(CloseReason.TOO_MANY_PENDING, detail)
 
     def _watchBackPressure(self) -> None:
         """
@@ -495,11 +569,28 @@ class AudioSocketProtocol(Protocol):
 
     def _dtmfReceived(self, digit: str) -> None:
         self.dtmf = (self.dtmf + digit)[-MAX_DTMF_DIGITS:]
-        self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
+        self.dtmf_count += 1
+        self._logDtmf(digit)
         assert self.session is not None
         self.session.dtmfReceived(self, digit)
         if self.taps:
             self._tell("legDtmf", digit)
+
+    def _logDtmf(self, digit: str) -> None:
+        """Each digit at info, up to L{DTMF_LOG_PER_SECOND} a second; then one warning for the rest of it."""
+        now = self.reactor.seconds()
+        if now - self._dtmfSecond >= 1.0:
+            self._dtmfSecond = now
+            self._dtmfLogged = 0
+        self._dtmfLogged += 1
+        if self._dtmfLogged <= DTMF_LOG_PER_SECOND:
+            self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
+        elif self._dtmfLogged == DTMF_LOG_PER_SECOND + 1:
+            self.log.warn(
+                "{call_id} {role} sends over {limit} DTMF digits a second: more this second are "
+                "counted (audiohangup_dtmf_total), not logged",
+                limit=DTMF_LOG_PER_SECOND, **self._fields(),
+            )
 
     def _tell(self, event: str, *args: object) -> None:
         """Tell every tap; one tap's bug is logged and reaches neither the leg nor the others."""
@@ -513,6 +604,7 @@ class AudioSocketProtocol(Protocol):
 
     def _start(self, call_id: str) -> None:
         self._cancelTimer("uuid")
+        self.registry.pending.discard(self)
         self.call_id = call_id
         holder = self.registry.holder(call_id, self.role)
         if holder is not None:
@@ -694,6 +786,7 @@ class AudioSocketProtocol(Protocol):
 
     def _beginClosing(self) -> None:
         self.state = CLOSING
+        self.registry.pending.discard(self)
         self.pacer.remove(self)
         self.queue.clear()
         if self.feed is not None:

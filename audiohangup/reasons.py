@@ -78,6 +78,12 @@ class CloseReason(_Named):
     PROTOCOL_ERROR = ("protocol_error", LogLevel.warn, "frame out of order or malformed")
     UUID_TIMEOUT = ("uuid_timeout", LogLevel.warn, "no UUID frame in time")
     OVER_CAPACITY = ("over_capacity", LogLevel.warn, "refused: the server holds --max-legs connections")
+    #: At debug, one line per connection: the crowding is logged once a minute per source instead.
+    TOO_MANY_PENDING = (
+        "too_many_pending",
+        LogLevel.debug,
+        "closed without a UUID: the oldest waiting, and newer connections needed its place",
+    )
     DUPLICATE = (
         "duplicate", LogLevel.warn, "refused: a live leg already holds this call id and role (--on-duplicate refuse)"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
+from audiohangup.access import LogOncePer
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
 from audiohangup.interfaces import FlowFactory, ILeg
@@ -20,6 +21,70 @@ LegKey = tuple[str, Role]
 
 #: What a second connection naming a live leg's (call id, role) gets.
 OnDuplicate = Literal["refuse", "replace"]
+
+
+class PendingConnections:
+    """
+    Connections still without their UUID, oldest first, by source (None:
+    UNIX sockets). When there are too many, the one to close is the oldest
+    of a source past its cap or, at C{--max-legs}, the oldest of the source
+    with the most: a flood from one address, or a few, crowds out its own
+    connections, never a real leg in the moment between its connect and
+    its UUID. O(1) each: sources are kept in buckets by their count.
+    """
+
+    def __init__(self) -> None:
+        self._source: dict[ILeg, str | None] = {}
+        self._from: dict[str | None, dict[ILeg, None]] = {}
+        self._sized: dict[int, dict[str | None, None]] = {}
+        self._most = 0
+        #: When to log that a source's (or --max-legs') connections are being crowded out.
+        self.logNow = LogOncePer(60.0)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def add(self, connection: ILeg, source: str | None) -> None:
+        self._source[connection] = source
+        waiting = self._from.setdefault(source, {})
+        waiting[connection] = None
+        self._move(source, len(waiting) - 1, len(waiting))
+
+    def discard(self, connection: ILeg) -> None:
+        """It sent its UUID, or it is closing. Idempotent."""
+        if connection not in self._source:
+            return
+        source = self._source.pop(connection)
+        waiting = self._from[source]
+        del waiting[connection]
+        if not waiting:
+            del self._from[source]
+        self._move(source, len(waiting) + 1, len(waiting))
+
+    def _move(self, source: str | None, old: int, size: int) -> None:
+        """Move C{source} from the bucket of its C{old} count to that of its new C{size} (one more or less)."""
+        if old:
+            bucket = self._sized[old]
+            del bucket[source]
+            if not bucket:
+                del self._sized[old]
+        if size:
+            self._sized.setdefault(size, {})[source] = None
+        if size > self._most or (old == self._most and old not in self._sized):
+            self._most = size
+
+    def count(self, source: str | None) -> int:
+        return len(self._from.get(source, ()))
+
+    def oldest(self, source: str | None) -> ILeg | None:
+        """The connection of C{source} that has waited longest."""
+        return next(iter(self._from.get(source, ())), None)
+
+    def oldest_of_most(self) -> ILeg | None:
+        """The oldest connection of the source with the most pending; None if none is."""
+        if not self._most:
+            return None
+        return self.oldest(next(iter(self._sized[self._most])))
 
 
 class Registry:
@@ -41,9 +106,13 @@ class Registry:
         #: The session each leg joined (a replaced leg stays until it is gone).
         self._members: dict[ILeg, Session] = {}
         self._legs = 0
+        #: Connections still without their UUID (see L{connected}).
+        self.pending = PendingConnections()
 
-    def connected(self, connection: ILeg) -> None:
+    def connected(self, connection: ILeg, source: str | None = None) -> None:
+        """A new connection from C{source}, pending until it sends its UUID or closes."""
         self._connections.add(connection)
+        self.pending.add(connection, source)
 
     def holder(self, call_id: str, role: Role) -> ILeg | None:
         """
@@ -76,6 +145,7 @@ class Registry:
     def disconnected(self, connection: ILeg) -> None:
         """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
+        self.pending.discard(connection)
         session = self._members.pop(connection, None)
         if session is None:  # no UUID, or refused as a duplicate
             self.events.connectionEnded(connection)

@@ -72,6 +72,7 @@ class Config:
     max_duration: float = 0.0
     playout_timeout: float = 10.0
     max_legs: int = 2000
+    max_pending_per_source: int = 32
     max_unsent_ms: int = 2000
     redis: str | None = None
     instance_id: str = ""
@@ -107,6 +108,7 @@ class Config:
             max_duration=self.max_duration,
             playout_timeout=self.playout_timeout,
             max_legs=self.max_legs,
+            max_pending_per_source=self.max_pending_per_source,
             max_unsent_ms=self.max_unsent_ms,
         )
 

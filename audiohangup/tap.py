@@ -143,6 +143,12 @@ class Options(usage.Options):
             _whole("--max-legs", low=1),
         ],
         [
+            "max-pending-per-source", None, Config.max_pending_per_source,
+            "Connections without a UUID yet from one address (IPv6: one /64); past it the oldest is "
+            "closed (reason too_many_pending). 0: no cap.",
+            _whole("--max-pending-per-source", low=0),
+        ],
+        [
             "max-unsent-ms", None, Config.max_unsent_ms,
             "Audio a leg may leave unsent before it is aborted as a slow consumer.",
             _milliseconds("--max-unsent-ms"),
@@ -518,6 +524,7 @@ class Options(usage.Options):
             advertise_url=self["advertise-url"],
             heartbeat=self["heartbeat"],
             max_legs=self["max-legs"],
+            max_pending_per_source=self["max-pending-per-source"],
             max_unsent_ms=self["max-unsent-ms"],
             flow=self["flow"],
             audio=self["audio"],

@@ -205,6 +205,8 @@ class Server:
         self.argv = [
             str(self.twistd), "-n", "--pidfile=", "audiohangup",
             "--visitor", LOOPBACK, "--resident", LOOPBACK, "--http", LOOPBACK,
+            # Every connection comes from 127.0.0.1, many at once: no per-source cap.
+            "--max-pending-per-source", "0",
         ] + list(extra_args or [])
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}

@@ -9,18 +9,26 @@ import os
 import resource
 import socket
 import uuid
+from collections import Counter
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.logger import LogLevel
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.wire import Kind, encode
+from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.twistd_child import start_server, wait_for_legs
@@ -62,6 +70,136 @@ async def test_over_capacity(make_server: Any, logs: LogCapture) -> None:
     for client in (held[1], again):
         client.close()
     await until(lambda: not server.registry.connections())
+
+
+class Pending(Protocol):
+    """A connection that never sends its UUID; the attack opens another each time one ends."""
+
+    def __init__(self, attack: PendingFlood) -> None:
+        self.attack = attack
+
+    def connectionMade(self) -> None:
+        self.attack.open.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.attack.open.discard(self)
+        self.attack.ended += 1
+        self.attack.later()
+
+
+class PendingFlood:
+    """
+    One client, from 127.0.0.2, keeping C{width} connections without a UUID
+    open to both AudioSocket ports, and reopening each one that ends.
+    """
+
+    def __init__(self, ports: list[int], width: int) -> None:
+        self.ports = ports
+        self.open: set[Pending] = set()
+        self.attempts: list[Deferred[Any]] = []
+        self.ended = 0
+        self.running = True
+        for _ in range(width):
+            self.later()
+
+    def later(self) -> None:
+        if self.running:
+            self.attempts.append(deferLater(reactor, 0.05, self._connect))
+
+    def _connect(self) -> None:
+        if not self.running:
+            return
+        port = self.ports[len(self.attempts) % len(self.ports)]
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+        attempt = connectProtocol(endpoint, Pending(self))
+        attempt.addErrback(lambda failure: self.later())  # refused or reset at once: again
+        self.attempts.append(attempt)
+
+    async def stop(self) -> None:
+        self.running = False
+        for attempt in self.attempts:
+            attempt.addErrback(lambda failure: None)
+        await gatherResults(self.attempts)
+        for connection in list(self.open):
+            connection.transport.abortConnection()
+
+
+@pytest.mark.parametrize("per_source", [8, 0])
+@pytest_twisted.ensureDeferred
+async def test_connections_without_uuid_keep_no_real_leg_out(
+    make_server: Any, logs: LogCapture, per_source: int
+) -> None:
+    """
+    One client holding more connections without a UUID than --max-legs: past
+    --max-pending-per-source (or, without that cap, at --max-legs) its oldest
+    make way for each newcomer, so every real leg from another address is
+    accepted, none refused as over_capacity, and a bystander call keeps its
+    audio. The crowding is logged once, and counted.
+    """
+    server = await make_server(max_legs=20, max_pending_per_source=per_source)
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    flood = PendingFlood([server.port("visitor"), server.port("resident")], width=40)
+    await until(lambda: flood.ended > 40, timeout=30, what="the flood to be crowding")
+    served = 0
+    for _ in range(10):
+        client = await connect(server.port("resident"), on_hangup="close")
+        client.send_uuid(uuid.uuid4())
+        await until(lambda c=client: c.frames or c.closed.called, what="a frame or a close")
+        served += bool(client.frames)
+        if not client.closed.called:
+            client.close()
+        await client.closed
+    kept = await bystander.stop()
+    await flood.stop()
+    bystander.close()
+    await until(lambda: not server.registry.connections(), what="every connection to go")
+    ours = [e for e in logs.ended() if e["peer"].startswith("127.0.0.1:")]
+    assert served == 10, "\n".join(formatEvent(e) for e in ours)
+    assert [e for e in logs.ended() if e["reason"] is CloseReason.OVER_CAPACITY] == []
+    assert kept >= 0.95
+    crowded = [e for e in logs.ended() if e["reason"] is CloseReason.TOO_MANY_PENDING]
+    assert crowded and {e["log_level"] for e in crowded} == {LogLevel.debug}
+    assert {e["peer"].split(":")[0] for e in crowded} == {"127.0.0.2"}
+    # Once a minute per source (and for --max-legs, which the flood's first burst may reach).
+    warnings = [
+        formatEvent(e) for e in logs.events if "the oldest connection without a UUID" in e.get("log_format", "")
+    ]
+    keys = Counter(key for text in warnings for key in ("--max-pending-per-source 8", "--max-legs 20") if key in text)
+    assert len(warnings) == sum(keys.values()) and max(keys.values()) == 1, warnings
+    assert ("--max-pending-per-source 8" if per_source else "--max-legs 20") in keys
+    counted = await metric(server, "audiohangup_connections_without_leg_total", reason="too_many_pending")
+    assert counted == len(crowded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dtmf_flood_is_counted_not_logged(make_server: Any, logs: LogCapture) -> None:
+    """
+    A leg sending DTMF frames as fast as it can writes a bounded log (a few
+    lines per second of flood, not one per frame), and the metric counts
+    every digit. A bystander call meanwhile keeps its audio.
+    """
+    from audiohangup.protocol import DTMF_LOG_PER_SECOND
+
+    server = await make_server()
+    bystander = await Bystander.start(server.port("visitor"), server.port("resident"), server.registry)
+    flood = 50_000
+    call_id = uuid.uuid4()
+    client = await connect(server.port("visitor"), on_hangup="close")
+    client.send_uuid(call_id)
+    leg = await until(lambda: server.registry.get(str(call_id), Role.VISITOR), what="the flooding leg")
+    started = reactor.seconds()
+    for _ in range(flood // 1000):
+        client.send(encode(Kind.DTMF, b"7") * 1000)
+    await until(lambda: leg.dtmf_count == flood, timeout=30, what="every digit read")
+    seconds = reactor.seconds() - started
+    assert await metric(server, "audiohangup_dtmf_total") == flood
+    lines = [e for e in logs.events if "DTMF" in e.get("log_format", "") and e.get("call_id") == str(call_id)]
+    # Each second of flood (and the one it began in) at most its info lines and one warning.
+    assert 0 < len(lines) <= (DTMF_LOG_PER_SECOND + 1) * (int(seconds) + 2), (len(lines), seconds)
+    assert await bystander.stop() >= 0.95
+    bystander.close()
+    client.close()
+    await until(lambda: not server.registry.connections(), what="every connection to go")
 
 
 class NotReading(FakeAsterisk):

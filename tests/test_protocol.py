@@ -9,10 +9,13 @@ from __future__ import annotations
 import errno
 import socket
 import uuid
+from collections import Counter
 
-from twisted.internet.address import IPv4Address
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import ISystemHandle
+from twisted.internet.interfaces import IAddress, ISystemHandle
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -21,9 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
+from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegSettings, LegState, source_of
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
-from audiohangup.registry import Registry
+from audiohangup.registry import PendingConnections, Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
 
 CALL = uuid.UUID("6f5c1279-b34f-4bdf-ba44-24b178d09a80")
@@ -246,6 +249,25 @@ class FrameTests(LegTestCase):
         self.assertIs(leg.state, LegState.LIVE)
         self.assertEqual(leg.frames_in, 6)
 
+    def test_dtmfFloodIsCountedNotLogged(self) -> None:
+        """
+        Each digit is logged at info up to DTMF_LOG_PER_SECOND a second per
+        leg, then one warning; the rest of that second is only counted.
+        """
+        leg, _ = self.live()
+        digits = [e for e in self.events if "DTMF" in e.get("log_format", "")]
+        leg.dataReceived(encode(Kind.DTMF, b"5") * 1000)
+        logged = [e for e in self.events if "DTMF" in e.get("log_format", "")][len(digits):]
+        self.assertEqual(
+            [e["log_level"] for e in logged], [LogLevel.info] * DTMF_LOG_PER_SECOND + [LogLevel.warn]
+        )
+        self.clock.advance(1.0)
+        leg.dataReceived(encode(Kind.DTMF, b"#"))
+        last = [e for e in self.events if "DTMF" in e.get("log_format", "")][-1]
+        self.assertEqual((last["log_level"], last["digit"]), (LogLevel.info, "#"))
+        self.assertEqual(leg.dtmf_count, 1001)
+        self.assertEqual(len(leg.dtmf), 64)
+
     def test_countsBothWays(self) -> None:
         leg, _transport = self.live()
         leg.dataReceived(AUDIO * 3)
@@ -441,3 +463,103 @@ class ClassifyTests(SynchronousTestCase):
         )
         for name in ("hangup_clean", "hangup_reset", "hangup_timeout", "peer_closed", "peer_hangup"):
             self.assertIs(CloseReason(name).level, LogLevel.info)
+
+
+class PendingTests(LegTestCase):
+    """Connections without a UUID: capped per source, and making way at --max-legs."""
+
+    def connectFrom(self, address: IAddress) -> tuple[AudioSocketProtocol, StringTransport]:
+        leg = AudioSocketProtocol(Role.VISITOR, self.registry, self.settings, self.clock, self.pacer)
+        transport = StringTransport(peerAddress=address)
+        leg.makeConnection(transport)
+        self.clock.advance(0.01)
+        return leg, transport
+
+    def test_sources(self) -> None:
+        """An IPv4 address, an IPv6 /64 (a mapped IPv4 client as IPv4), no source for a UNIX socket."""
+        self.assertEqual(source_of(IPv4Address("TCP", "10.0.0.5", 1)), "10.0.0.5")
+        self.assertEqual(source_of(IPv6Address("TCP", "2001:db8:1:2:3::9", 1)), "2001:db8:1:2::/64")
+        self.assertEqual(source_of(IPv6Address("TCP", "fe80::1%eth0", 1)), "fe80::/64")
+        self.assertEqual(source_of(IPv6Address("TCP", "::ffff:10.0.0.5", 1)), "10.0.0.5")
+        self.assertIsNone(source_of(UNIXAddress(b"/run/a.sock")))
+
+    def test_oldestOfASourceMakesWay(self) -> None:
+        """
+        Past the cap, the source's oldest pending connection is closed as
+        too_many_pending (at debug, the crowding at warn once a minute);
+        other sources and connections that sent their UUID are untouched.
+        """
+        self.settings = LegSettings(max_pending_per_source=3)
+        other, _ = self.connectFrom(IPv6Address("TCP", "2001:db8:0:1::1", 1))  # another /64
+        live, _ = self.connectFrom(IPv4Address("TCP", "10.0.0.9", 1))
+        live.dataReceived(encode_uuid(CALL))
+        flood = [self.connectFrom(IPv6Address("TCP", f"2001:db8:0:0:{n}::1", 2)) for n in range(6)]
+        closed = [leg for leg, transport in flood if transport.disconnecting]
+        self.assertEqual(closed, [leg for leg, _ in flood[:3]])
+        self.assertFalse(other.transport.disconnecting)
+        self.assertIs(live.state, LegState.LIVE)
+        for leg in closed:
+            leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([e["log_level"] for e in self.ended()], [LogLevel.debug] * 3)
+        self.assertEqual({e["reason"] for e in self.ended()}, {CloseReason.TOO_MANY_PENDING})
+        self.assertIn("--max-pending-per-source 3", self.ended()[0]["detail"])
+        warned = [e for e in self.events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(len(warned), 1)
+        self.assertEqual(warned[0]["detail"], "over --max-pending-per-source 3 connections without a UUID from 2001:db8::/64")
+        self.assertEqual(self.registry.pending.count("2001:db8::/64"), 3)
+
+    def test_unixSourcesAreNotCapped(self) -> None:
+        self.settings = LegSettings(max_pending_per_source=1)
+        legs = [self.connectFrom(UNIXAddress(None)) for _ in range(3)]
+        self.assertFalse(any(transport.disconnecting for _, transport in legs))
+
+    def test_atMaxLegsTheSourceWithTheMostMakesWay(self) -> None:
+        """At --max-legs a newcomer takes the place of the oldest pending connection of the busiest source."""
+        self.settings = LegSettings(max_legs=4, max_pending_per_source=0)
+        real, _ = self.connectFrom(IPv4Address("TCP", "10.0.0.9", 1))
+        flood = [self.connectFrom(IPv4Address("TCP", "10.0.0.66", n)) for n in range(3)]
+        _, transport = self.connectFrom(IPv4Address("TCP", "10.0.0.7", 1))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual([leg.transport.disconnecting for leg, _ in flood], [True, False, False])
+        self.assertFalse(real.transport.disconnecting)
+        self.assertIn("--max-legs 4 connections are open", flood[0][0]._detail)
+
+    def test_overCapacityWithoutPending(self) -> None:
+        """Only legs (and closing connections) refuse a newcomer."""
+        self.settings = LegSettings(max_legs=2)
+        for _ in range(2):
+            leg, _ = self.connectFrom(IPv4Address("TCP", "10.0.0.9", 1))
+            leg.dataReceived(encode_uuid(uuid.uuid4()))
+        refused, transport = self.connectFrom(IPv4Address("TCP", "10.0.0.9", 1))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(refused._decided, CloseReason.OVER_CAPACITY)
+
+
+class PendingConnectionsTests(SynchronousTestCase):
+    @given(st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=60))
+    def test_oldestOfMost(self, steps: list[tuple[bool, int]]) -> None:
+        """The busiest source's oldest, in O(1), matches a count over every source."""
+        pending = PendingConnections()
+        held: list[tuple[object, str | None]] = []
+        for add, n in steps:
+            source = None if n == 3 else f"s{n}"
+            if add or not held:
+                connection = object()
+                pending.add(connection, source)  # type: ignore[arg-type]
+                held.append((connection, source))
+            else:
+                connection, _ = held.pop(n % len(held))
+                pending.discard(connection)  # type: ignore[arg-type]
+                pending.discard(connection)  # type: ignore[arg-type]
+            counts = Counter(source for _, source in held)
+            most = max(counts.values(), default=0)
+            expected = [c for c, s in held if counts[s] == most]
+            self.assertEqual(len(pending), len(held))
+            found = pending.oldest_of_most()
+            if most:
+                source = pending._source[found]  # type: ignore[index]
+                self.assertEqual(counts[source], most)
+                self.assertIs(found, next(c for c, s in held if s == source))
+                self.assertIn(found, expected)
+            else:
+                self.assertIsNone(found)

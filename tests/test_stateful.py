@@ -12,7 +12,8 @@ invariants after every step:
 - L{LegMachine}: several legs on C{StringTransport}s sharing one C{Clock}, one
   L{Pacer} and one L{Registry}, fed random bytes and frames (call ids from a
   small pool, so legs share sessions and replace each other) in random
-  chunks, hung up, played to, timed out, refused over C{--max-legs}, paused
+  chunks, hung up, played to, timed out, refused over C{--max-legs} (or
+  making the oldest connection without a UUID make way), paused
   by their transport (a slow consumer) and lost (clean, reset, aborted) in
   any order, as a real transport would deliver it: C{connectionLost} once,
   and always eventually after C{loseConnection} or C{abortConnection}. No
@@ -296,6 +297,7 @@ class Conn:
         self.close_reason: CloseReason | None = None
         self.pending = b""  # bytes sent by the peer, not delivered yet
         self.refused = False  # over --max-legs when it connected
+        self.crowded = False  # still without a UUID when a newcomer at --max-legs took its place
         self.duplicate = False  # its UUID named a live leg's key, and duplicates are refused
         self.stopped_reading = False  # the transport paused it (a slow consumer)
 
@@ -384,6 +386,8 @@ class LegMachine(RuleBasedStateMachine):
         assert conn.close_reason is not CloseReason.INTERNAL_ERROR
         if conn.refused:
             assert conn.close_reason is CloseReason.OVER_CAPACITY, conn.close_reason
+        elif conn.crowded:
+            assert conn.close_reason is CloseReason.TOO_MANY_PENDING, conn.close_reason
         elif conn.stopped_reading:
             # A decision wins over our hangup: the peer did not even take that.
             assert conn.close_reason is CloseReason.SLOW_CONSUMER, conn.close_reason
@@ -409,12 +413,19 @@ class LegMachine(RuleBasedStateMachine):
     def connect(self, role: Role, first: bytes | None, points: list[int]) -> None:
         """A new connection; mostly its UUID follows at once (in random chunks)."""
         assert self.registry is not None
+        counted = [c for c in self._open() if not c.refused]
+        # At --max-legs the oldest connection still without a UUID makes way (of the source
+        # with the most: here all share one); without one, the newcomer is refused.
+        pending = [c for c in counted if c.leg.state is LegState.AWAITING_UUID]
+        full = len(counted) >= self.settings.max_legs
         leg = AudioSocketProtocol(role, self.registry, self.settings, self.clock, self.pacer)
         wire = Wire(40000 + len(self.conns))
         leg.makeConnection(wire)
         conn = Conn(leg, wire)
-        counted = [c for c in self._open() if not c.refused]
-        conn.refused = len(counted) >= self.settings.max_legs
+        conn.refused = full and not pending
+        if full and pending:
+            pending[0].crowded = True
+            assert pending[0].leg.state is LegState.CLOSING and pending[0].wire.disconnecting, pending[0]
         self.conns.append(conn)
         if conn.refused:
             # Refused at once: nothing written, closed, not counted.
@@ -590,6 +601,9 @@ class LegMachine(RuleBasedStateMachine):
         counted = {conn.leg for conn in self._open() if not conn.refused}
         assert set(registry.connections()) == counted
         assert len(registry.connections()) == registry.connection_count == len(counted)
+        waiting = [conn.leg for conn in self._open() if not conn.refused and conn.leg.state is LegState.AWAITING_UUID]
+        assert len(registry.pending) == len(waiting)
+        assert registry.pending.oldest_of_most() is (waiting[0] if waiting else None)  # one source
         # Every leg that is LIVE is its key's registered leg.
         for conn in self._open():
             if conn.leg.state is LegState.LIVE:
