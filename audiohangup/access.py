@@ -250,9 +250,24 @@ def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNe
                 break
     if address.is_loopback:
         return "loopback"
+    return _host_of(address)
+
+
+def _host_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An IPv4 address, or an IPv6 address's /64: what one host or site holds whole."""
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+def host_of(peer: str) -> str:
+    """
+    The host a connection from C{peer} (an address as Twisted gives it)
+    counts under: its IPv4 address (a dual-stack socket's IPv4 client too),
+    or its IPv6 /64. Unlike L{source_key}, loopback addresses stay apart.
+    """
+    address = _ip(peer)
+    return peer if address is None else _host_of(address)
 
 
 class AuthThrottle:

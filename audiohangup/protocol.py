@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import ipaddress
 import math
 import socket
 import uuid
@@ -41,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
+from audiohangup.access import host_of
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import Pacer
@@ -134,22 +134,12 @@ def describe_address(address: IAddress) -> str:
 
 def source_of(address: IAddress) -> str | None:
     """
-    The source a connection counts under for L{LegSettings.max_pending_per_source}:
-    its IPv4 address (a dual-stack socket's IPv4 client too), or its IPv6 /64,
-    which one host usually holds whole. None for a UNIX socket, whose file's
-    mode says who may connect.
+    The source a connection counts under for L{LegSettings.max_pending_per_source}
+    (L{audiohangup.access.host_of}); None for a UNIX socket, whose file's mode says who may connect.
     """
     if not isinstance(address, (IPv4Address, IPv6Address)):
         return None
-    try:
-        ip = ipaddress.ip_address(address.host.split("%", 1)[0])  # drop an IPv6 zone
-    except ValueError:
-        return address.host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return host_of(address.host)
 
 
 @runtime_checkable
