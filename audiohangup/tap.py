@@ -239,6 +239,26 @@ class Options(usage.Options):
             "Sources the HTTP API accepts, CIDR[,CIDR...]; others are closed at once (default: every source).",
         ],
         [
+            "http-head-timeout", None, Config.http_head_timeout,
+            "Seconds a request's head may take to arrive (from the connection, or its first byte); then 408.",
+            _seconds("--http-head-timeout"),
+        ],
+        [
+            "http-body-timeout", None, Config.http_body_timeout,
+            "Seconds a request's body may take to arrive after its head; then 408.",
+            _seconds("--http-body-timeout"),
+        ],
+        [
+            "http-max-connections", None, Config.http_max_connections,
+            "API connections held at most; a newcomer closes the oldest still sending its request, else is refused.",
+            _whole("--http-max-connections", low=1),
+        ],
+        [
+            "http-max-per-source", None, Config.http_max_per_source,
+            "API connections held at most from one address (IPv6: one /64), the same way; UNIX sockets: no cap.",
+            _whole("--http-max-per-source", low=1),
+        ],
+        [
             "on-duplicate", None, Config.on_duplicate,
             "A connection naming the call id and role of a live leg: refuse it (00 00 00, reason "
             "duplicate) or let it replace the live leg.",
@@ -442,6 +462,10 @@ class Options(usage.Options):
             insecure_http=bool(self["insecure-http"]),
             allow=self["allow"],
             http_allow=self["http-allow"],
+            http_head_timeout=self["http-head-timeout"],
+            http_body_timeout=self["http-body-timeout"],
+            http_max_connections=self["http-max-connections"],
+            http_max_per_source=self["http-max-per-source"],
             on_duplicate=self["on-duplicate"],
             webhook_ca=self["webhook-ca"],
             records=self["records"],
