@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
@@ -25,6 +26,7 @@ from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
+from audiohangup.hosts import ServedHosts
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import ConnectionCap, Listener, SourceGate, descriptor_warning, listens_beyond_loopback
 from audiohangup.metrics import Metrics
@@ -58,6 +60,8 @@ class Config:
     http_body_timeout: float = 30.0
     http_max_connections: int = 256
     http_max_per_source: int = 64
+    #: Names the API answers to beside localhost and IP addresses (--http-host).
+    http_hosts: tuple[str, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
@@ -313,6 +317,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     site = ApiSite(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
         cap=ConnectionCap("http", config.http_max_connections, config.http_max_per_source, reactor, metrics),
+        hosts=ServedHosts(served_names(config)),
     )
     http_gate = (
         None if config.http_allow is None
@@ -337,6 +342,12 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             if not api.tokens else "--insecure-http is given but tokens are configured: the API still requires them"
         )
     return service
+
+
+def served_names(config: Config) -> tuple[str, ...]:
+    """The names the API answers to: --http-host's, and the one the other instances reach it at."""
+    advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
+    return (*config.http_hosts, *([advertised] if advertised else []))
 
 
 #: Descriptors beside the legs and the API's: listeners, the records (and -wal, -shm), Redis, webhooks, logs.

@@ -3,7 +3,8 @@
 The API's HTTP site, around the Klein resource: request bodies bounded (413
 before a handler runs), each request's head and body bounded in time (408),
 connections capped in total and per source, an address that failed
-authentication too often answered 429 on every route but C{/health}, and
+authentication too often answered 429 on every route but C{/health}, a Host
+it does not serve or a cross-site change refused (L{audiohangup.hosts}), and
 every request counted by route template and status.
 """
 
@@ -24,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle, LogOncePer
 from audiohangup.api import MAX_BODY, ControlAPI, client_host, json_error
+from audiohangup.hosts import ServedHosts
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
 
 
@@ -78,6 +80,8 @@ class _BoundedRequest(Request):
             self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
             return
         api = self.apiSite.api
+        if self.path != b"/health" and self._offSite():
+            return
         if self.path != b"/health":
             host = client_host(self)
             wait = api.throttle.retry_after(host, api.clock.seconds())
@@ -90,6 +94,23 @@ class _BoundedRequest(Request):
                 )
                 return
         super().process()
+
+    def _offSite(self) -> bool:
+        """A Host the API does not serve (421), or a cross-site change (403): answered here."""
+        headers = self.requestHeaders
+        origin = headers.getRawHeaders(b"origin")
+        content_type = headers.getRawHeaders(b"content-type")
+        refusal = self.apiSite.hosts.refusal(
+            self.method.decode("latin-1"),
+            [value.decode("latin-1") for value in headers.getRawHeaders(b"host", [])],
+            origin[-1].decode("latin-1") if origin else None,
+            content_type[-1].decode("latin-1").split(";", 1)[0].strip().lower() if content_type else "",
+            self.isSecure(),
+        )
+        if refusal is None:
+            return False
+        self._answerEarly(refusal.status, refusal.code, refusal.message)
+        return True
 
     def _answerEarly(self, status: int, code: str, message: str) -> None:
         """A JSON error before routing; the site still counts it."""
@@ -266,12 +287,14 @@ class ApiSite(Site):
         cap: ConnectionCap | None = None,
         head_timeout: float = 10.0,
         body_timeout: float = 30.0,
+        hosts: ServedHosts | None = None,
     ) -> None:
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
         self.cap = cap
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
+        self.hosts = hosts if hosts is not None else ServedHosts()
         self._logNow = LogOncePer(60.0)
         # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
         self.max_body = max(MAX_BODY, *(api.settings.max_queue_frames * fmt.frame_bytes for fmt in api.formats.values()))

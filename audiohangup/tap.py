@@ -21,6 +21,7 @@ from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
 from audiohangup.errors import ApiError
 from audiohangup.flows import FlowLoadError, load_flow
+from audiohangup.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.reasons import Role
@@ -345,6 +346,7 @@ class Options(usage.Options):
         super().__init__()
         self["webhook"] = []
         self["stream-header"] = []
+        self["http-host"] = []
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
@@ -352,6 +354,13 @@ class Options(usage.Options):
             self["stream-header"].append(parse_header(header))
         except ValueError as error:
             raise usage.UsageError(f"--stream-header: {error}") from None
+
+    def opt_http_host(self, names: str) -> None:
+        """A name the API answers to beside localhost and IP addresses (NAME[,NAME...]; repeat for more)."""
+        try:
+            self["http-host"].extend(check_name(name) for name in names.split(",") if name.strip())
+        except ValueError as error:
+            raise usage.UsageError(f"--http-host: {error}") from None
 
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
@@ -466,6 +475,7 @@ class Options(usage.Options):
             http_body_timeout=self["http-body-timeout"],
             http_max_connections=self["http-max-connections"],
             http_max_per_source=self["http-max-per-source"],
+            http_hosts=tuple(self["http-host"]),
             on_duplicate=self["on-duplicate"],
             webhook_ca=self["webhook-ca"],
             records=self["records"],

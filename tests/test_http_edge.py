@@ -23,13 +23,17 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from audiohangup.api import ControlAPI
+from audiohangup.hosts import ServedHosts, check_name
 from audiohangup.listeners import ConnectionCap, descriptor_warning, source_key
 from audiohangup.metrics import Metrics
 from audiohangup.registry import Registry
+from audiohangup.service import Config, served_names
 from audiohangup.site import ApiSite
+from audiohangup.tap import Options
 from audiohangup.wire import Kind, encode
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
@@ -330,3 +334,135 @@ async def test_slow_clients_cannot_lock_out_asterisk_or_health(make_server: Any,
     visitor.close()
     resident.close()
     await until(lambda: len(server.registry) == 0, what="the legs to end")
+
+
+# Host and Origin (DNS rebinding, cross-site requests)
+
+
+class HostCheckTests(SynchronousTestCase):
+    hosts = ServedHosts(["calls.example.com"])
+
+    def refusal(
+        self, method: str = "GET", host: str | None = "localhost:8080", origin: str | None = None,
+        media: str = "", secure: bool = False,
+    ) -> str | None:
+        error = self.hosts.refusal(method, [] if host is None else [host], origin, media, secure)
+        return None if error is None else f"{error.status} {error.code}"
+
+    def test_servedHosts(self) -> None:
+        for host in (
+            "localhost", "localhost:8080", "LocalHost:1", "127.0.0.1", "127.0.0.1:8080", "[::1]", "[::1]:8080",
+            "10.0.0.2:8080", "calls.example.com", "calls.example.com:443", None,
+        ):
+            self.assertIsNone(self.refusal(host=host), host)
+
+    def test_foreignHosts(self) -> None:
+        for host in ("attacker.example", "attacker.example:8080", "localhost.attacker.example", "", "a b", "x@localhost"):
+            self.assertEqual(self.refusal(host=host), "421 bad_host", host)
+        self.assertEqual(
+            self.hosts.refusal("GET", ["localhost", "attacker.example"], None, "", False).status, 400  # type: ignore[union-attr]
+        )
+
+    def test_crossSiteChanges(self) -> None:
+        for origin in ("http://attacker.example", "http://localhost:3000", "https://localhost:8080", "null", "x"):
+            self.assertEqual(self.refusal("POST", origin=origin), "403 cross_site", origin)
+        for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            self.assertEqual(self.refusal("POST", media=media), "403 cross_site", media)
+            self.assertEqual(self.refusal("DELETE", media=media), "403 cross_site", media)
+        self.assertIsNone(self.refusal("GET", origin="http://attacker.example", media="text/plain"))
+
+    def test_ownChanges(self) -> None:
+        """The page itself, curl and the other instances of a cluster."""
+        self.assertIsNone(self.refusal("POST", origin="http://localhost:8080"))
+        self.assertIsNone(self.refusal("POST", host="localhost", origin="http://localhost"))
+        self.assertIsNone(self.refusal("POST", host="localhost:8443", origin="https://localhost:8443", secure=True))
+        self.assertIsNone(self.refusal("POST", host="127.0.0.1:8080", origin="https://calls.example.com"))
+        for media in ("", "application/json", "application/merge-patch+json", "audio/l16", "audio/pcmu"):
+            self.assertIsNone(self.refusal("POST", media=media), media)
+
+    def test_names(self) -> None:
+        self.assertEqual(check_name(" Calls.Example.COM "), "calls.example.com")
+        for bad in ("", "http://x", "x:80", "a b", "x/", "-x"):
+            with self.assertRaises(ValueError):
+                check_name(bad)
+
+    def test_advertisedNameIsServed(self) -> None:
+        config = Config(http_hosts=("calls.example.com",), advertise_url="http://node-a.internal:8080/")
+        self.assertEqual(served_names(config), ("calls.example.com", "node-a.internal"))
+        self.assertEqual(served_names(Config()), ())
+
+    def test_option(self) -> None:
+        options = Options()
+        options.parseOptions(["--http-host", "a.example, B.example", "--http-host", "c"])
+        self.assertEqual(options.config().http_hosts, ("a.example", "b.example", "c"))
+        with self.assertRaises(UsageError):
+            Options().parseOptions(["--http-host", "http://a.example"])
+
+    def test_site(self) -> None:
+        """Refused before routing, as JSON; /health answers whatever the Host; HTTP/1.0 without Host is served."""
+        site = _site(Clock())
+        for request, status, code in (
+            (b"GET /calls HTTP/1.1\r\nHost: attacker.example:8080\r\n\r\n", b"421", b'"bad_host"'),
+            (b"POST /api/hangup HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+             b"403", b'"cross_site"'),
+            (b"GET /health HTTP/1.1\r\nHost: attacker.example\r\n\r\n", b"200", b'"ok"'),
+            (b"GET /calls HTTP/1.0\r\n\r\n", b"200", b'"calls"'),
+        ):
+            connection = _Connection(site)
+            connection.send(request)
+            self.assertEqual(connection.answer.split(b" ")[1], status, connection.answer)
+            self.assertIn(b"application/json", connection.answer)
+            self.assertIn(code, connection.answer)
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """One request on its own connection; everything the server sent back until it closed."""
+
+    class Client(Protocol):
+        def __init__(self) -> None:
+            self.received = b""
+            self.closed = False
+
+        def connectionMade(self) -> None:
+            self.transport.write(request)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            self.closed = True
+
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
+    await until(lambda: client.closed, what="the answer")
+    return client.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_rebound_name_and_cross_site_posts_are_refused(make_server: Any, logs: LogCapture) -> None:
+    """
+    The tokenless loopback default: a page on a rebound name cannot read the
+    calls, a cross-site text/plain or empty POST with a foreign Origin cannot
+    hang one up; curl's POST (no Origin, no body) and a --http-host name can.
+    """
+    server: Server = await make_server(http_hosts=("audiohangup.internal",))
+    port = server.service.getServiceNamed("http").port.getHost().port
+    visitor, resident = await _new_call(server)
+    [call_id] = server.registry.calls()
+    rebound = await _exchange(port, f"GET /calls HTTP/1.1\r\nHost: attacker.example:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert rebound.startswith(b"HTTP/1.1 421 ") and b"bad_host" in rebound and call_id.encode() not in rebound
+    hangup = f"POST /calls/{call_id}/hangup HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    for extra in (
+        "Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+        "Origin: http://attacker.example\r\nContent-Length: 0\r\n\r\n",
+        f"Origin: http://127.0.0.1:{port + 1}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+    ):
+        answer = await _exchange(port, (hangup + extra).encode())
+        assert answer.startswith(b"HTTP/1.1 403 ") and b"cross_site" in answer, answer
+    assert len(server.registry.call(call_id)) == 2 and visitor.hangup_frames == 0
+    named = await treq.get(f"http://127.0.0.1:{port}/calls", headers={"Host": "audiohangup.internal"}, persistent=False)
+    assert named.code == 200 and call_id in (await named.text())
+    served = await treq.post(f"{server.url}/calls/{call_id}/hangup?role=visitor", persistent=False)
+    assert served.code == 200, await served.text()
+    await visitor.hangup_received
+    resident.close()
+    await until(lambda: len(server.registry) == 0, what="the call to end")
