@@ -12,8 +12,9 @@ site asks and answers.
   must not be cross-site. A browser sends a cross-site POST without asking
   first (a CORS preflight) only with a form or C{text/plain} body, or none,
   and it then always names the page in C{Origin}. So: an C{Origin} must be
-  this server's own (or a C{--http-host} name); without one, the body must be
-  JSON or the audio C{/play} takes, types no page can send without asking.
+  this server's own (or a C{--http-host} name), else 403; without one, the
+  body type must be JSON or the audio C{/play} takes, types no page can send
+  without asking, else 400 (as the routes answer a wrong type anyway).
   curl and other instances of the cluster send neither C{Origin} nor a form
   type: they are served as before.
 """
@@ -99,9 +100,9 @@ class ServedHosts:
             return ApiError(403, "cross_site", f"a {method} from the page of {origin[:100]!r} is not taken")
         if media and media not in _UNSENDABLE_CROSS_SITE and not media.endswith("+json"):
             return ApiError(
-                403, "cross_site",
-                f"a {method} with a {media} body is what any web page can send: send application/json "
-                "(or the audio /play takes)",
+                400, "bad_content_type",
+                f"send the body as application/json (or the audio /play takes), not {media[:100]}: "
+                f"a {method} of that type is what any web page can send",
             )
         return None
 

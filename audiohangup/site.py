@@ -41,6 +41,15 @@ def route_template(app: Klein, request: http.Request) -> str:
 
 
 
+def _json_answer(status: bytes, code: str, message: str) -> bytes:
+    """A whole JSON error response that closes the connection, for when no request can answer."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status, len(body), body)
+    )
+
+
 #: How long a refused request's sender may keep sending before it is cut off.
 _LINGER_SECONDS = 2.0
 
@@ -145,14 +154,10 @@ class _BoundedRequest(Request):
     def _refuse(self) -> None:
         self._refused = True
         site = self.apiSite
-        body = json.dumps(
-            {"error": {"code": "body_too_large", "message": f"the body exceeds {site.max_body} bytes"}}
-        ).encode() + b"\n"
         transport = self.channel.transport
         assert transport is not None, "a request's channel is connected until it is answered"
         transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            _json_answer(b"413 Content Too Large", "body_too_large", f"the body exceeds {site.max_body} bytes")
         )
         # Closing at once with the body still arriving would make the kernel
         # reset the connection and the client could lose the answer: close our
@@ -165,15 +170,6 @@ class _BoundedRequest(Request):
             transport.loseConnection()
         if site.api.metrics is not None:
             site.api.metrics.http_request("unrouted", "-", 413)
-
-
-def _json_answer(status: bytes, code: str, message: str) -> bytes:
-    """A whole JSON error response that closes the connection, for when no request can answer."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
-    return (
-        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-        % (status, len(body), body)
-    )
 
 
 class _ApiChannel(http.HTTPChannel):

@@ -367,8 +367,8 @@ class HostCheckTests(SynchronousTestCase):
         for origin in ("http://attacker.example", "http://localhost:3000", "https://localhost:8080", "null", "x"):
             self.assertEqual(self.refusal("POST", origin=origin), "403 cross_site", origin)
         for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
-            self.assertEqual(self.refusal("POST", media=media), "403 cross_site", media)
-            self.assertEqual(self.refusal("DELETE", media=media), "403 cross_site", media)
+            self.assertEqual(self.refusal("POST", media=media), "400 bad_content_type", media)
+            self.assertEqual(self.refusal("DELETE", media=media), "400 bad_content_type", media)
         self.assertIsNone(self.refusal("GET", origin="http://attacker.example", media="text/plain"))
 
     def test_ownChanges(self) -> None:
@@ -404,7 +404,7 @@ class HostCheckTests(SynchronousTestCase):
         for request, status, code in (
             (b"GET /calls HTTP/1.1\r\nHost: attacker.example:8080\r\n\r\n", b"421", b'"bad_host"'),
             (b"POST /api/hangup HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
-             b"403", b'"cross_site"'),
+             b"400", b'"bad_content_type"'),
             (b"GET /health HTTP/1.1\r\nHost: attacker.example\r\n\r\n", b"200", b'"ok"'),
             (b"GET /calls HTTP/1.0\r\n\r\n", b"200", b'"calls"'),
         ):
@@ -451,13 +451,14 @@ async def test_rebound_name_and_cross_site_posts_are_refused(make_server: Any, l
     rebound = await _exchange(port, f"GET /calls HTTP/1.1\r\nHost: attacker.example:{port}\r\nConnection: close\r\n\r\n".encode())
     assert rebound.startswith(b"HTTP/1.1 421 ") and b"bad_host" in rebound and call_id.encode() not in rebound
     hangup = f"POST /calls/{call_id}/hangup HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-    for extra in (
-        "Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
-        "Origin: http://attacker.example\r\nContent-Length: 0\r\n\r\n",
-        f"Origin: http://127.0.0.1:{port + 1}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+    for extra, status, code in (
+        ("Content-Type: text/plain\r\nContent-Length: 0\r\n\r\n", b"400", b"bad_content_type"),
+        ("Origin: http://attacker.example\r\nContent-Length: 0\r\n\r\n", b"403", b"cross_site"),
+        (f"Origin: http://127.0.0.1:{port + 1}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+         b"403", b"cross_site"),
     ):
         answer = await _exchange(port, (hangup + extra).encode())
-        assert answer.startswith(b"HTTP/1.1 403 ") and b"cross_site" in answer, answer
+        assert answer.startswith(b"HTTP/1.1 " + status) and code in answer, answer
     assert len(server.registry.call(call_id)) == 2 and visitor.hangup_frames == 0
     named = await treq.get(f"http://127.0.0.1:{port}/calls", headers={"Host": "audiohangup.internal"}, persistent=False)
     assert named.code == 200 and call_id in (await named.text())
