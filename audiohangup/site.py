@@ -231,10 +231,9 @@ class _ApiChannel(http.HTTPChannel):
         transport = self.transport
         if transport is None:
             self._evicted = True  # not connected yet: closed as it is
-        elif ITCPTransport.providedBy(transport):
-            transport.abortConnection()
         else:
-            transport.loseConnection()
+            # TCP and TLS can abort (a TLS close would wait for a peer that may never read).
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
     def _startDeadline(self, seconds: float, part: str) -> None:
         self._deadline = self.site.reactor.callLater(seconds, self._timedOut, seconds, part)
