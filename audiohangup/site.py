@@ -105,7 +105,7 @@ class _BoundedRequest(Request):
         super().process()
 
     def _offSite(self) -> bool:
-        """A Host the API does not serve (421), or a cross-site change (403): answered here."""
+        """A Host the API does not serve (421), or a change another site's page could send (403, 400): answered here."""
         headers = self.requestHeaders
         origin = headers.getRawHeaders(b"origin")
         content_type = headers.getRawHeaders(b"content-type")
