@@ -260,14 +260,18 @@ def _host_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(address)
 
 
-def host_of(peer: str) -> str:
+def source_of(address: object) -> str | None:
     """
-    The host a connection from C{peer} (an address as Twisted gives it)
-    counts under: its IPv4 address (a dual-stack socket's IPv4 client too),
+    The source a connection counts under for the caps on connections (an
+    C{IAddress}): its IPv4 address (a dual-stack socket's IPv4 client too),
     or its IPv6 /64. Unlike L{source_key}, loopback addresses stay apart.
+    None for a UNIX socket, whose file's mode already says who may connect.
     """
-    address = _ip(peer)
-    return peer if address is None else _host_of(address)
+    host = getattr(address, "host", None)  # IPv4Address, IPv6Address; a UNIXAddress has none
+    if not isinstance(host, str):
+        return None
+    ip = _ip(host)
+    return host if ip is None else _host_of(ip)
 
 
 class AuthThrottle:

@@ -10,6 +10,9 @@ flood cannot flood the log.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
@@ -26,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.access import LogOncePer, SourceACL, is_loopback
+from audiohangup.access import LogOncePer, SourceACL, is_loopback, source_of
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import describe_address
 
@@ -137,6 +140,158 @@ class GatedFactory:
     def logPrefix(self) -> str:
         prefix = getattr(self.factory, "logPrefix", None)
         return str(prefix()) if callable(prefix) else type(self.factory).__name__
+
+
+class Slot:
+    """
+    One admitted connection's place under a L{ConnectionCap}. It is
+    I{waiting} (evictable) until its request has arrived whole, busy while
+    the server works for it, waiting again between keep-alive requests.
+    """
+
+    __slots__ = ("cap", "evict", "held", "source")
+
+    def __init__(self, cap: ConnectionCap, source: str | None, evict: Callable[[], None]) -> None:
+        self.cap = cap
+        self.source = source
+        self.evict = evict
+        self.held = True
+
+    def busy(self) -> None:
+        self.cap._unqueue(self)
+
+    def waiting(self) -> None:
+        if self.held:
+            self.cap._queue(self)
+
+    def release(self) -> None:
+        """The connection is gone (or going): its place is free. Idempotent."""
+        if self.held:
+            self.held = False
+            self.cap._release(self)
+
+
+class ConnectionCap:
+    """
+    At most C{total} connections on one listener and C{per_source} from one
+    source (L{source_of}). A newcomer over either cap takes the place of the
+    connection of that source (or, over the total, of any source) that has
+    waited longest without sending a whole request, which is closed; a
+    slow client therefore cannot starve a newcomer, even one from its own
+    address. Only when every place is busy with a request is it refused.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, listener: str, total: int, per_source: int, clock: IReactorTime, metrics: Metrics | None = None
+    ) -> None:
+        self.listener = listener
+        self.total = total
+        self.per_source = per_source
+        self.clock = clock
+        self.metrics = metrics
+        self.held = 0
+        self._perSource: dict[str | None, int] = {}
+        #: Waiting slots, the one that has waited longest first, overall and per source.
+        self._waiting: OrderedDict[Slot, None] = OrderedDict()
+        self._waitingFrom: dict[str | None, OrderedDict[Slot, None]] = {}
+        self._logNow = LogOncePer(60.0)
+
+    def admit(self, address: IAddress | None, evict: Callable[[], None]) -> Slot | None:
+        """A slot for a new connection from C{address} (made room for if need be), or None: refuse it."""
+        source = source_of(address)
+        if source is not None and self._perSource.get(source, 0) >= self.per_source:
+            if not self._evictOldest(self._waitingFrom.get(source), source, "per_source"):
+                return None
+        if self.held >= self.total and not self._evictOldest(self._waiting, source, "total"):
+            return None
+        slot = Slot(self, source, evict)
+        self.held += 1
+        self._perSource[source] = self._perSource.get(source, 0) + 1
+        self._queue(slot)
+        return slot
+
+    def _evictOldest(self, waiting: OrderedDict[Slot, None] | None, source: str | None, cap: str) -> bool:
+        if not waiting:
+            self._count("over_capacity", source, cap)
+            return False
+        oldest = next(iter(waiting))
+        oldest.release()
+        oldest.evict()
+        self._count("evicted", source, cap)
+        return True
+
+    def _count(self, reason: str, source: str | None, cap: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_refused(self.listener, reason)
+        if self._logNow(f"{source}-{reason}", self.clock.seconds()):
+            limit = f"{self.per_source} from {source}" if cap == "per_source" else f"{self.total} in all"
+            what = (
+                "the oldest one still sending its request closed to make room"
+                if reason == "evicted" else "a new one refused: every place is busy with a request"
+            )
+            self.log.warn(
+                "{listener}: {limit} connections: {what} (logged once a minute per source)",
+                listener=self.listener, limit=limit, what=what,
+            )
+
+    def _queue(self, slot: Slot) -> None:
+        self._waiting[slot] = None
+        self._waitingFrom.setdefault(slot.source, OrderedDict())[slot] = None
+
+    def _unqueue(self, slot: Slot) -> None:
+        self._waiting.pop(slot, None)
+        mine = self._waitingFrom.get(slot.source)
+        if mine is not None:
+            mine.pop(slot, None)
+            if not mine:
+                del self._waitingFrom[slot.source]
+
+    def _release(self, slot: Slot) -> None:
+        self._unqueue(slot)
+        self.held -= 1
+        left = self._perSource[slot.source] - 1
+        if left:
+            self._perSource[slot.source] = left
+        else:
+            del self._perSource[slot.source]
+
+
+def descriptor_warning(
+    needed: int,
+    what: str,
+    getrlimit: Callable[[int], tuple[int, int]] | None = None,
+    setrlimit: Callable[[int, tuple[int, int]], None] | None = None,
+) -> str | None:
+    """
+    Make sure the process may open C{needed} descriptors: raise the soft
+    limit (up to the hard one) if it is lower. A warning naming the numbers
+    if the limit stays below C{needed} (C{what} says what it is made of),
+    else None. A peer past the limit would make accepts fail with EMFILE:
+    Asterisk's new legs and C{/health} would be the first to go.
+    """
+    import resource
+
+    getrlimit = getrlimit or resource.getrlimit
+    setrlimit = setrlimit or resource.setrlimit
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft == infinite or soft >= needed:
+        return None
+    target = needed if hard == infinite else min(needed, hard)
+    if target > soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    if target >= needed:
+        return None
+    return (
+        f"the open files limit is {target} (hard limit {'unlimited' if hard == infinite else hard}), "
+        f"below the {needed} this configuration may hold ({what}): past it, new AudioSocket legs "
+        "and API connections fail. Raise it (systemd LimitNOFILE=, ulimit -n) or lower --max-legs"
+    )
 
 
 def listens_beyond_loopback(reactor: object, description: str) -> bool:

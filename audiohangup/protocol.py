@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from audiohangup.access import host_of
+from audiohangup.access import source_of
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import Pacer
@@ -82,7 +82,7 @@ class LegSettings:
     playout_timeout: float = 10.0
     max_legs: int = 2000
     max_unsent_ms: int = 2000
-    #: Connections without their UUID yet from one source (0: no cap); see L{source_of}.
+    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.access.source_of}.
     max_pending_per_source: int = 32
 
     @property
@@ -130,16 +130,6 @@ def describe_address(address: IAddress) -> str:
         name = address.name
         return f"unix:{name.decode() if isinstance(name, bytes) else name}" if name else "unix"
     return str(address)
-
-
-def source_of(address: IAddress) -> str | None:
-    """
-    The source a connection counts under for L{LegSettings.max_pending_per_source}
-    (L{audiohangup.access.host_of}); None for a UNIX socket, whose file's mode says who may connect.
-    """
-    if not isinstance(address, (IPv4Address, IPv6Address)):
-        return None
-    return host_of(address.host)
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
@@ -24,8 +25,9 @@ from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
+from audiohangup.hosts import ServedHosts
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import Listener, SourceGate, listens_beyond_loopback, server_endpoint
+from audiohangup.listeners import ConnectionCap, Listener, SourceGate, descriptor_warning, listens_beyond_loopback, server_endpoint
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings
@@ -56,6 +58,12 @@ class Config:
     allow: tuple[IPNetwork, ...] | None = None
     http_allow: tuple[IPNetwork, ...] | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    http_head_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_connections: int = 256
+    http_max_per_source: int = 64
+    #: Names the API answers to beside localhost and IP addresses (--http-host).
+    http_hosts: tuple[str, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
@@ -310,7 +318,11 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     service.api = api
-    site = ApiSite(api, reactor)
+    site = ApiSite(
+        api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
+        cap=ConnectionCap("http", config.http_max_connections, config.http_max_per_source, reactor, metrics),
+        hosts=ServedHosts(served_names(config)),
+    )
     http_gate = (
         None if config.http_allow is None
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
@@ -327,12 +339,36 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             "anyone who can reach them and knows a call id can join that call; set --allow to the "
             "addresses of your Asterisk servers"
         )
+    warning = descriptor_warning(*descriptors_needed(config))
+    if warning is not None:
+        service.warnings.append(warning)
     if config.insecure_http:
         service.warnings.append(
             f"--insecure-http: the API on {config.http} takes requests without a token"
             if not api.tokens else "--insecure-http is given but tokens are configured: the API still requires them"
         )
     return service
+
+
+def served_names(config: Config) -> tuple[str, ...]:
+    """The names the API answers to: --http-host's, and the one the other instances reach it at."""
+    advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
+    return (*config.http_hosts, *([advertised] if advertised else []))
+
+
+#: Descriptors beside the legs and the API's: listeners, the records (and -wal, -shm), Redis, webhooks, logs.
+DESCRIPTOR_MARGIN = 64
+
+
+def descriptors_needed(config: Config) -> tuple[int, str]:
+    """The descriptors this configuration may hold at once, and what they are made of."""
+    parts = [(config.max_legs, "--max-legs"), (config.http_max_connections, "--http-max-connections")]
+    if config.streams.url is not None:
+        parts.append((config.max_legs, "a stream per leg"))
+    if config.record_every_call:
+        parts.append(((config.max_legs + 1) // 2, "a recording per call"))
+    parts.append((DESCRIPTOR_MARGIN, "spare"))
+    return sum(n for n, _ in parts), " + ".join(f"{n} {what}" for n, what in parts)
 
 
 class TokensFile(Service):

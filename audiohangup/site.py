@@ -1,9 +1,11 @@
 # -*- test-case-name: tests.test_api -*-
 """
 The API's HTTP site, around the Klein resource: request bodies bounded (413
-before a handler runs), an address that failed authentication too often
-answered 429 on every route but C{/health}, and every request counted by
-route template and status.
+before a handler runs), each request's head and body bounded in time (408),
+connections capped in total and per source, an address that failed
+authentication too often answered 429 on every route but C{/health}, a Host
+it does not serve or a cross-site change refused (L{audiohangup.hosts}), and
+every request counted by route template and status.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.access import AuthThrottle
+from audiohangup.access import AuthThrottle, LogOncePer
 from audiohangup.api import MAX_BODY, ControlAPI, json_error
+from audiohangup.hosts import ServedHosts
+from audiohangup.listeners import ConnectionCap, Slot, _Refused
 
 
 def route_template(app: Klein, request: http.Request) -> str:
@@ -33,6 +39,15 @@ def route_template(app: Klein, request: http.Request) -> str:
         return "unmatched"
     return str(rule.rule)
 
+
+
+def _json_answer(status: bytes, code: str, message: str) -> bytes:
+    """A whole JSON error response that closes the connection, for when no request can answer."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status, len(body), body)
+    )
 
 
 #: How long a refused request's sender may keep sending before it is cut off.
@@ -74,6 +89,8 @@ class _BoundedRequest(Request):
             self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
             return
         api = self.apiSite.api
+        if self.path != b"/health" and self._offSite():
+            return
         source = api.throttle_source(self) if self.path != b"/health" else None
         if source is not None:
             wait = api.throttle.retry_after(source, api.clock.seconds())
@@ -96,6 +113,23 @@ class _BoundedRequest(Request):
             return b"localhost"
         name: bytes = super().getRequestHostname()
         return name
+
+    def _offSite(self) -> bool:
+        """A Host the API does not serve (421), or a change another site's page could send (403, 400): answered here."""
+        headers = self.requestHeaders
+        origin = headers.getRawHeaders(b"origin")
+        content_type = headers.getRawHeaders(b"content-type")
+        refusal = self.apiSite.hosts.refusal(
+            self.method.decode("latin-1"),
+            [value.decode("latin-1") for value in headers.getRawHeaders(b"host", [])],
+            origin[-1].decode("latin-1") if origin else None,
+            content_type[-1].decode("latin-1").split(";", 1)[0].strip().lower() if content_type else "",
+            self.isSecure(),
+        )
+        if refusal is None:
+            return False
+        self._answerEarly(refusal.status, refusal.code, refusal.message)
+        return True
 
     def _answerEarly(self, status: int, code: str, message: str) -> None:
         """A JSON error before routing; the site still counts it."""
@@ -130,14 +164,10 @@ class _BoundedRequest(Request):
     def _refuse(self) -> None:
         self._refused = True
         site = self.apiSite
-        body = json.dumps(
-            {"error": {"code": "body_too_large", "message": f"the body exceeds {site.max_body} bytes"}}
-        ).encode() + b"\n"
         transport = self.channel.transport
         assert transport is not None, "a request's channel is connected until it is answered"
         transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            _json_answer(b"413 Content Too Large", "body_too_large", f"the body exceeds {site.max_body} bytes")
         )
         # Closing at once with the body still arriving would make the kernel
         # reset the connection and the client could lose the answer: close our
@@ -152,20 +182,149 @@ class _BoundedRequest(Request):
             site.api.metrics.http_request("unrouted", "-", 413)
 
 
+class _ApiChannel(http.HTTPChannel):
+    """
+    An HTTP connection whose every request must arrive in time: its head
+    within the site's C{head_timeout} of the connection (on a kept-alive
+    one, of the request's first byte), its body within C{body_timeout} of
+    the head, else 408 and the connection closed. Twisted's own timeout is
+    an idle one that each byte resets: a client sending a byte every few
+    seconds held its descriptor for ever. It also tells the site's
+    L{ConnectionCap} when its request has arrived whole (no longer evictable)
+    and when it waits for the next one.
+    """
+
+    site: ApiSite
+    slot: Slot | None = None
+    _deadline: IDelayedCall | None = None
+    _expired = False
+    _evicted = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self._evicted:
+            self.evict()
+            return
+        self._startDeadline(self.site.head_timeout, "head")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and data and not self._handlingRequest and not self._expired:
+            self._startDeadline(self.site.head_timeout, "head")  # a kept-alive connection's next request
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        self._cancelDeadline()
+        if self.length != 0:
+            self._startDeadline(self.site.body_timeout, "body")
+
+    def allContentReceived(self) -> None:
+        self._cancelDeadline()
+        if self.slot is not None:
+            self.slot.busy()
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        # Before the next pipelined request, if any, is read (and makes it busy again).
+        if self.slot is not None:
+            self.slot.waiting()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelDeadline()
+        if self.slot is not None:
+            self.slot.release()
+        super().connectionLost(reason)
+
+    def evict(self) -> None:
+        """Closed to make room under the cap: it has not sent a whole request, so nothing is owed."""
+        transport = self.transport
+        if transport is None:
+            self._evicted = True  # not connected yet: closed as it is
+        else:
+            # TCP and TLS can abort (a TLS close would wait for a peer that may never read).
+            getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def _startDeadline(self, seconds: float, part: str) -> None:
+        self._deadline = self.site.reactor.callLater(seconds, self._timedOut, seconds, part)
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _timedOut(self, seconds: float, part: str) -> None:
+        self._deadline = None
+        self._expired = True
+        site = self.site
+        transport = self.transport
+        assert transport is not None, "a deadline is cancelled when the connection is lost"
+        transport.write(_json_answer(
+            b"408 Request Timeout", "request_timeout", f"the request {part} did not arrive within {seconds:g} s"
+        ))
+        self.loseConnection()
+        # A client that does not let the answer go gets the same bounded end as Twisted's idle timeout gives.
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        site.timedOut(transport.getPeer(), part)
+
+
 #: Methods counted by name; any other is "other", so a client cannot add label values.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class ApiSite(Site):
-    """The API's Site: bounds request bodies, and counts requests by route template and status."""
+    """
+    The API's Site: bounds request bodies and the time a request takes to
+    arrive, caps its connections (with C{cap}), and counts requests by route
+    template and status.
+    """
 
     requestFactory = _BoundedRequest
+    # Plain HTTP/1.1 channels: the deadlines and the cap live in them.
+    protocol = _ApiChannel  # type: ignore[assignment]
+    logger = Logger()
 
-    def __init__(self, api: ControlAPI, reactor: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        api: ControlAPI,
+        reactor: IReactorTime | None = None,
+        *,
+        cap: ConnectionCap | None = None,
+        head_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        hosts: ServedHosts | None = None,
+    ) -> None:
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
+        self.cap = cap
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.hosts = hosts if hosts is not None else ServedHosts()
+        self._logNow = LogOncePer(60.0)
         # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
         self.max_body = max(MAX_BODY, *(api.settings.max_queue_frames * fmt.frame_bytes for fmt in api.formats.values()))
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
+        channel = super().buildProtocol(addr)
+        assert isinstance(channel, _ApiChannel), "ApiSite.protocol makes them"
+        if self.cap is None:
+            return channel
+        slot = self.cap.admit(addr, channel.evict)
+        if slot is None:
+            return _Refused()
+        channel.slot = slot
+        return channel
+
+    def timedOut(self, peer: IAddress, part: str) -> None:
+        """A request that did not arrive in time: counted, and logged once a minute per source."""
+        if self.api.metrics is not None:
+            self.api.metrics.http_request("unrouted", "-", 408)
+        source = str(getattr(peer, "host", "unix"))
+        if self._logNow(source, self.reactor.seconds()):
+            self.logger.info(
+                "http: a request {part} from {source} did not arrive in time: 408 "
+                "(logged once a minute per source)", part=part, source=source,
+            )
 
     def log(self, request: http.Request) -> None:
         super().log(request)

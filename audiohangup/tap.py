@@ -22,6 +22,7 @@ from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
 from audiohangup.errors import ApiError
 from audiohangup.flows import FlowLoadError, load_flow
+from audiohangup.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.reasons import Role
@@ -258,6 +259,26 @@ class Options(usage.Options):
             "the client their X-Forwarded-For names (default: none, the peer's own address).",
         ],
         [
+            "http-head-timeout", None, Config.http_head_timeout,
+            "Seconds a request's head may take to arrive (from the connection, or its first byte); then 408.",
+            _seconds("--http-head-timeout"),
+        ],
+        [
+            "http-body-timeout", None, Config.http_body_timeout,
+            "Seconds a request's body may take to arrive after its head; then 408.",
+            _seconds("--http-body-timeout"),
+        ],
+        [
+            "http-max-connections", None, Config.http_max_connections,
+            "API connections held at most; a newcomer closes the oldest still sending its request, else is refused.",
+            _whole("--http-max-connections", low=1),
+        ],
+        [
+            "http-max-per-source", None, Config.http_max_per_source,
+            "API connections held at most from one address (IPv6: one /64), the same way; UNIX sockets: no cap.",
+            _whole("--http-max-per-source", low=1),
+        ],
+        [
             "on-duplicate", None, Config.on_duplicate,
             "A connection naming the call id and role of a live leg: refuse it (00 00 00, reason "
             "duplicate) or let it replace the live leg.",
@@ -354,6 +375,7 @@ class Options(usage.Options):
         self["webhook"] = []
         self["stream-header"] = []
         self._headerSources: list[tuple[str, str]] = []  # (option, its argument), read in postOptions
+        self["http-host"] = []
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
@@ -398,6 +420,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{name}{'-file' if path else ''}: {error}") from None
         if self[name] is not None and not self[name]:
             raise usage.UsageError(f"--{name} must not be empty")
+
+    def opt_http_host(self, names: str) -> None:
+        """A name the API answers to beside localhost and IP addresses (NAME[,NAME...]; repeat for more)."""
+        try:
+            self["http-host"].extend(check_name(name) for name in names.split(",") if name.strip())
+        except ValueError as error:
+            raise usage.UsageError(f"--http-host: {error}") from None
 
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
@@ -513,6 +542,11 @@ class Options(usage.Options):
             http_allow=self["http-allow"],
             trusted_proxies=self["trusted-proxies"] or (),
             insecure_files=bool(self["insecure-files"]),
+            http_head_timeout=self["http-head-timeout"],
+            http_body_timeout=self["http-body-timeout"],
+            http_max_connections=self["http-max-connections"],
+            http_max_per_source=self["http-max-per-source"],
+            http_hosts=tuple(self["http-host"]),
             on_duplicate=self["on-duplicate"],
             webhook_ca=self["webhook-ca"],
             records=self["records"],

@@ -52,6 +52,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # A name of "another site" that resolves to loopback, as a DNS rebinding would make it.
+    "--host-resolver-rules=MAP rebound.test 127.0.0.1",
 ]
 TOKEN = "t0ken"
 
@@ -283,3 +285,57 @@ async def test_page_asks_for_the_token(logs: LogCapture, make_server: Any, brows
     await browser.run(lambda: page.click("#forget-token"))
     await browser.run(lambda: expect(form).to_be_visible())
     await browser.run(lambda: expect(page.locator("#forget-token")).to_be_hidden())
+
+
+ATTACK_PAGE = """<!doctype html><title>another site</title>
+<form id="form" method="post" enctype="text/plain" action="{api}/calls/{call_id}/hangup"></form>
+<script>
+fetch("{api}/calls/{call_id}/hangup?role=visitor", {{method: "POST", mode: "no-cors"}})
+  .finally(() => document.getElementById("form").submit());
+</script>"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_sites_cannot_use_a_loopback_api(logs: LogCapture, make_server: Any, browser: Browser) -> None:
+    """
+    The tokenless loopback default, in a real browser: a page of another site
+    (another port) POSTs to hang a call up, without a body as a no-cors fetch
+    and as an empty text/plain form; a page on a name rebound to 127.0.0.1
+    reads the calls. Both are refused, and the call goes on.
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from twisted.web.static import Data
+
+    server = await make_server()
+    call_id = str(uuid.uuid4())
+    fake = await leg(server, "visitor", call_id)
+    await until(lambda: len(server.registry) == 1, what="the live leg")
+    api_port = server.service.getServiceNamed("http").port.getHost().port
+    page_html = ATTACK_PAGE.format(api=server.url, call_id=call_id).encode()
+    root = Resource()
+    root.putChild(b"", Data(page_html, "text/html"))
+    attacker = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
+    try:
+        metrics = server.service.api.metrics.collectors
+        route = "/calls/<string:call_id>/hangup"
+
+        def answered(status: str) -> float:
+            return metrics.get_sample_value(
+                "audiohangup_http_requests_total", {"route": route, "method": "POST", "status": status}
+            ) or 0.0
+
+        await browser.run(lambda: browser.open(f"http://127.0.0.1:{attacker.getHost().port}/"))
+        await until(lambda: sum(map(answered, ("200", "403", "404"))) >= 2, timeout=10, what="both POSTs to arrive")
+        assert (answered("403"), answered("200")) == (2, 0)
+        assert len(server.registry) == 1 and not fake.closed.called
+
+        rebound = await browser.run(lambda: browser.open(f"http://rebound.test:{api_port}/"))
+        text = await browser.run(lambda: rebound.evaluate("fetch('/calls').then(r => r.status + ' ' + r.text())"))
+        read = await browser.run(lambda: rebound.evaluate("fetch('/calls').then(r => r.text())"))
+        assert text.startswith("421") and "bad_host" in read and call_id not in read, (text, read)
+    finally:
+        await attacker.stopListening()
+    fake.close()
+    await until(lambda: len(server.registry) == 0, what="the leg to end")

@@ -590,7 +590,7 @@ async def test_failed_authentication_is_throttled(make_server: Any, logs: LogCap
     health = await treq.get(f"{server.url}/health", persistent=False)
     assert health.code == 200
     await health.content()
-    other = await raw(port, "127.0.0.2", b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer right-token\r\n"
+    other = await raw(port, "127.0.0.2", b"GET /calls HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer right-token\r\n"
                                          b"Connection: close\r\n\r\n")
     assert other.received.startswith(b"HTTP/1.1 429 ")
 
