@@ -11,6 +11,7 @@ every request counted by route template and status.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -50,6 +51,9 @@ def _json_answer(status: bytes, code: str, message: str) -> bytes:
     )
 
 
+#: What a Host header may hold (RFC 9110's uri-host and port are visible ASCII).
+_HOST_BYTES = re.compile(rb"[!-~]*")
+
 #: How long a refused request's sender may keep sending before it is cut off.
 _LINGER_SECONDS = 2.0
 
@@ -87,6 +91,10 @@ class _BoundedRequest(Request):
             unquote_to_bytes(self.path).decode("utf-8")
         except UnicodeDecodeError:
             self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
+            return
+        if any(not _HOST_BYTES.fullmatch(host) for host in self.requestHeaders.getRawHeaders(b"host", [])):
+            # Even for /health, which takes any name: routing would fail on it with an HTML 400.
+            self._answerEarly(400, "bad_host", "the Host header is not a host name (visible ASCII only)")
             return
         api = self.apiSite.api
         if self.path != b"/health" and self._offSite():

@@ -97,7 +97,7 @@ KNOWN_ISSUES = {
 TOLERATED = {name for name in os.environ.get("FUZZ_HTTP_TOLERATE", "").split(",") if name}
 assert TOLERATED <= KNOWN_ISSUES, f"unknown names in FUZZ_HTTP_TOLERATE: {TOLERATED - KNOWN_ISSUES}"
 
-DOCUMENTED_STATUSES = {200, 400, 401, 403, 404, 405, 413}
+DOCUMENTED_STATUSES = {200, 400, 401, 403, 404, 405, 413, 421}
 
 SETTINGS = [
     LegSettings(),  # slin, audio/L16;rate=8000
@@ -162,6 +162,9 @@ AUTHORIZATIONS = [None, "Bearer " + TOKEN, "bearer  " + TOKEN + " ", "Bearer wro
 #: The headers one instance of a cluster adds when it forwards a request.
 FORWARDED = [None, None, "instance-b"]
 CAUSES = [None, "api", "session", "shutdown", "SESSION"]
+#: Host and Origin headers: served, foreign (DNS rebinding, another site's page) and malformed.
+HOSTS: list[str | None] = [None, None, "localhost:8080", "127.0.0.1", "[::1]:8080", "rebound.example", "a b", ""]
+ORIGINS: list[str | None] = [None, None, "http://localhost", "http://rebound.example", "null"]
 
 JSON_VALUES: list[Any] = [
     "visitor", "resident", "Visitor", "", None, 0, 1.5, True, [], {}, ["visitor"], {"role": "visitor"},
@@ -465,7 +468,7 @@ def TestOneInput(data: bytes) -> None:
         method = reader.pick(METHODS)
         path = _path(reader)
         query = _query(reader)
-        url = "http://api" + path + ("?" + query if query else "")
+        url = "http://localhost" + path + ("?" + query if query else "")
         headers: dict[str, list[str | bytes]] = {}
         content_type = _header(reader, CONTENT_TYPES)
         if content_type is not None:
@@ -478,6 +481,11 @@ def TestOneInput(data: bytes) -> None:
             headers["X-Audiohangup-Forwarded-By"] = [forwarded]
         if cause is not None:
             headers["X-Audiohangup-Cause"] = [cause]
+        host, origin = _header(reader, HOSTS), _header(reader, ORIGINS)
+        if host is not None:
+            headers["Host"] = [host]
+        if origin is not None:
+            headers["Origin"] = [origin]
         body = _body(reader)
         try:
             pending = world.stub.request(method, url, headers=headers, data=body, allow_redirects=False)
