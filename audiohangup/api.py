@@ -695,8 +695,12 @@ def _unknown_call(call_id: str) -> ApiError:
     return ApiError(404, "unknown_call", f"no live leg has call id {call_id}")
 
 
+#: Reason phrases Twisted's table lacks (it would send "Unknown Status").
+_PHRASES = {421: b"Misdirected Request"}
+
+
 def _json(request: IRequest, status: int, body: object) -> bytes:
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     request.setHeader("content-type", "application/json")
     return json.dumps(body).encode() + b"\n"
 

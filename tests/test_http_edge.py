@@ -452,7 +452,7 @@ async def test_rebound_name_and_cross_site_posts_are_refused(make_server: Any, l
     visitor, resident = await _new_call(server)
     [call_id] = server.registry.calls()
     rebound = await _exchange(port, f"GET /calls HTTP/1.1\r\nHost: attacker.example:{port}\r\nConnection: close\r\n\r\n".encode())
-    assert rebound.startswith(b"HTTP/1.1 421 ") and b"bad_host" in rebound and call_id.encode() not in rebound
+    assert rebound.startswith(b"HTTP/1.1 421 Misdirected Request\r\n") and b"bad_host" in rebound and call_id.encode() not in rebound
     hangup = f"POST /calls/{call_id}/hangup HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
     for extra, status, code in (
         ("Content-Type: text/plain\r\nContent-Length: 0\r\n\r\n", b"400", b"bad_content_type"),

@@ -650,10 +650,10 @@ async def test_unix_socket_api_is_not_throttled(make_server: Any, logs: LogCaptu
     path = unix_socket_path()
     server = await make_server(http=f"unix:{path}", api_token="right-token")
     for attempt in range(25):
-        answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n"
                                        b"Connection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 401 "), (attempt, answer)
-    answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer right-token\r\n"
+    answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer right-token\r\n"
                                    b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert len(server.api.throttle) == 0
