@@ -92,6 +92,13 @@ class ILeg(Interface):
     def crowdOut(detail: str) -> None:
         """Close a connection still without its UUID, as C{too_many_pending}: a newer one needs its place."""
 
+    def bytesWaiting() -> bool:
+        """
+        Whether bytes wait unread in the kernel for this connection: after a
+        stall, a UUID the reactor has not read yet, so not a connection to
+        crowd out.
+        """
+
     def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
         """Hang up once the queued audio has played (bounded by the playout timeout)."""
 

@@ -357,9 +357,10 @@ class AudioSocketProtocol(Protocol):
         registry.connected(self, source)
         cap = settings.max_pending_per_source
         if source is not None and cap and registry.pending.count(source) > cap:
+            # None: every one has its bytes waiting, to be read in this pass; they are no flood.
             oldest = registry.pending.oldest(source)
-            assert oldest is not None, "this connection is pending from the source"
-            self._crowd(oldest, source, f"over --max-pending-per-source {cap} connections without a UUID from {source}")
+            if oldest is not None:
+                self._crowd(oldest, source, f"over --max-pending-per-source {cap} connections without a UUID from {source}")
         return True
 
     def _crowd(self, oldest: ILeg, key: str, detail: str) -> None:
@@ -373,6 +374,15 @@ class AudioSocketProtocol(Protocol):
                 "once a minute per source)",
                 detail=detail, role=self.role,
             )
+
+    def bytesWaiting(self) -> bool:
+        handle = _socket_of(self.wire)
+        if not isinstance(handle, socket.socket):
+            return False  # TLS (its bytes say nothing yet) or a test transport
+        try:
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waits (EAGAIN), or an error the next read will find
+            return False
 
     def crowdOut(self, detail: str) -> None:
         """Close this connection, still without its UUID: a newer one needs its place."""

@@ -77,11 +77,16 @@ class PendingConnections:
         return len(self._from.get(source, ()))
 
     def oldest(self, source: str | None) -> ILeg | None:
-        """The connection of C{source} that has waited longest."""
-        return next(iter(self._from.get(source, ())), None)
+        """
+        The connection of C{source} that has waited longest, passing over any
+        whose bytes wait unread (L{ILeg.bytesWaiting}): the reactor accepts a
+        batch of connections before it reads any, so after a stall a burst of
+        real legs would otherwise crowd out each other with their UUIDs in hand.
+        """
+        return next((each for each in self._from.get(source, ()) if not each.bytesWaiting()), None)
 
     def oldest_of_most(self) -> ILeg | None:
-        """The oldest connection of the source with the most pending; None if none is."""
+        """The oldest connection (as L{oldest}) of the source with the most pending; None if none is."""
         if not self._most:
             return None
         return self.oldest(next(iter(self._sized[self._most])))

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from audiohangup.reasons import CloseReason, Role
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode, encode_uuid
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
@@ -169,6 +169,31 @@ async def test_connections_without_uuid_keep_no_real_leg_out(
     assert ("--max-pending-per-source 8" if per_source else "--max-legs 20") in keys
     counted = await metric(server, "audiohangup_connections_without_leg_total", reason="too_many_pending")
     assert counted == len(crowded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_real_legs_after_a_stall_is_not_crowded_out(make_server: Any, logs: LogCapture) -> None:
+    """
+    Twenty legs from one address connect and send their UUID while the
+    reactor is busy (this test holds it: loopback connects complete in the
+    kernel's backlog). The reactor then accepts them in one batch before it
+    reads any, so each looks pending when the next arrives; with their UUIDs
+    waiting they are no flood, and none is closed for being over
+    --max-pending-per-source.
+    """
+    server = await make_server(max_pending_per_source=4)
+    sockets = []
+    try:
+        for _ in range(20):
+            client = socket.create_connection(("127.0.0.1", server.port("visitor")))
+            client.sendall(encode_uuid(uuid.uuid4()))
+            sockets.append(client)
+        await until(lambda: len(server.registry) == 20, what="twenty legs")
+        assert [e for e in logs.ended() if e["reason"] is CloseReason.TOO_MANY_PENDING] == []
+    finally:
+        for client in sockets:
+            client.close()
+    await until(lambda: not server.registry.connections(), what="every connection to go")
 
 
 @pytest_twisted.ensureDeferred

@@ -536,16 +536,42 @@ class PendingTests(LegTestCase):
         self.assertEqual(refused._decided, CloseReason.OVER_CAPACITY)
 
 
+class _Pending:
+    """A connection without its UUID, as L{PendingConnections} sees one."""
+
+    def __init__(self, waiting: bool = False) -> None:
+        self.waiting = waiting
+
+    def bytesWaiting(self) -> bool:
+        return self.waiting
+
+
 class PendingConnectionsTests(SynchronousTestCase):
+    def test_bytesWaitingAreNotTheOldest(self) -> None:
+        """
+        A connection whose bytes (its UUID, after a stall) wait unread is
+        passed over: it is about to be a leg. With every one of them so,
+        there is none to close.
+        """
+        pending = PendingConnections()
+        speaking, quiet = _Pending(waiting=True), _Pending()
+        for connection in (speaking, quiet):
+            pending.add(connection, "10.0.0.5")  # type: ignore[arg-type]
+        self.assertIs(pending.oldest("10.0.0.5"), quiet)
+        self.assertIs(pending.oldest_of_most(), quiet)
+        quiet.waiting = True
+        self.assertIsNone(pending.oldest("10.0.0.5"))
+        self.assertIsNone(pending.oldest_of_most())
+
     @given(st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=60))
     def test_oldestOfMost(self, steps: list[tuple[bool, int]]) -> None:
         """The busiest source's oldest, in O(1), matches a count over every source."""
         pending = PendingConnections()
-        held: list[tuple[object, str | None]] = []
+        held: list[tuple[_Pending, str | None]] = []
         for add, n in steps:
             source = None if n == 3 else f"s{n}"
             if add or not held:
-                connection = object()
+                connection = _Pending()
                 pending.add(connection, source)  # type: ignore[arg-type]
                 held.append((connection, source))
             else:
