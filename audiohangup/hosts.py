@@ -66,10 +66,17 @@ def _is_address(name: str) -> bool:
 
 
 class ServedHosts:
-    """The names the API answers to: C{localhost}, every IP address, and C{names} (C{--http-host}, the advertise URL's)."""
+    """
+    The names the API answers to: C{localhost}, every IP address, and
+    C{names} (C{--http-host}, the advertise URL's). Of these, C{origins}
+    (C{--http-host}'s; all of C{names} if not given) are pages whose changes
+    are taken whatever their scheme and port (a reverse proxy's public
+    name); any other page must be the API's own: scheme, name and port.
+    """
 
-    def __init__(self, names: Iterable[str] = ()) -> None:
+    def __init__(self, names: Iterable[str] = (), origins: Iterable[str] | None = None) -> None:
         self.names = frozenset(name.lower() for name in names)
+        self.origins = self.names if origins is None else frozenset(name.lower() for name in origins)
 
     def serves(self, name: str) -> bool:
         return name == "localhost" or name in self.names or _is_address(name)
@@ -115,7 +122,7 @@ class ServedHosts:
             return False
         if parts.scheme not in ("http", "https") or not name:
             return False  # "null" (a sandboxed or file: page) among them
-        if name in self.names:
+        if name in self.origins:
             return True
         if authority is None:
             return False

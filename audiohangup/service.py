@@ -321,7 +321,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     site = ApiSite(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
         cap=ConnectionCap("http", config.http_max_connections, config.http_max_per_source, reactor, metrics),
-        hosts=ServedHosts(served_names(config)),
+        hosts=ServedHosts(served_names(config), origins=config.http_hosts),
     )
     http_gate = (
         None if config.http_allow is None

@@ -123,7 +123,14 @@ class _BoundedRequest(Request):
         return name
 
     def _offSite(self) -> bool:
-        """A Host the API does not serve (421), or a change another site's page could send (403, 400): answered here."""
+        """
+        A Host the API does not serve (421), or a change another site's page
+        could send (403, 400): answered here. Not on a UNIX socket, which no
+        page can reach and whose clients name any host (curl's C{unix},
+        requests-unixsocket's quoted path): its file's mode says who may connect.
+        """
+        if not isinstance(getattr(self.getHost(), "host", None), str):
+            return False
         headers = self.requestHeaders
         origin = headers.getRawHeaders(b"origin")
         content_type = headers.getRawHeaders(b"content-type")

@@ -392,6 +392,17 @@ class HostCheckTests(SynchronousTestCase):
         self.assertEqual(served_names(config), ("calls.example.com", "node-a.internal"))
         self.assertEqual(served_names(Config()), ())
 
+    def test_advertisedNameIsNoOriginOnAnyPort(self) -> None:
+        """
+        The advertise URL's name is served, but a page there is the API's own
+        only on its scheme and port: another service on that host is another site.
+        """
+        hosts = ServedHosts(["calls.example.com", "node-a.internal"], origins=["calls.example.com"])
+        own = hosts.refusal("POST", ["node-a.internal:8080"], "http://node-a.internal:8080", "", False)
+        other = hosts.refusal("POST", ["node-a.internal:8080"], "http://node-a.internal:3000", "", False)
+        proxied = hosts.refusal("POST", ["node-a.internal:8080"], "https://calls.example.com", "", False)
+        self.assertEqual((own, other and other.code, proxied), (None, "cross_site", None))
+
     def test_option(self) -> None:
         options = Options()
         options.parseOptions(["--http-host", "a.example, B.example", "--http-host", "c"])

@@ -678,6 +678,12 @@ async def test_http10_without_host_on_a_unix_socket(make_server: Any, logs: LogC
         assert head.startswith(b"HTTP/1.0 " + status + b" "), (request, answer)
         assert b"content-type: application/json" in head.lower(), answer
         json.loads(body)
+    # UNIX-socket clients name any host (curl's "unix", requests-unixsocket's quoted path): no
+    # page can reach the socket, so no name is refused there.
+    for host in (b"unix", b"%2Ftmp%2Fah%2Fapi.sock", b"docker"):
+        answer = await over_unix(path, b"GET /calls HTTP/1.1\r\nHost: " + host + b"\r\n"
+                                       b"Authorization: Bearer right-token\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), (host, answer)
 
 
 @pytest_twisted.ensureDeferred
