@@ -258,18 +258,16 @@ class ConnectionCap:
             del self._perSource[slot.source]
 
 
-def descriptor_warning(
+def descriptor_limit(
     needed: int,
-    what: str,
     getrlimit: Callable[[int], tuple[int, int]] | None = None,
     setrlimit: Callable[[int, tuple[int, int]], None] | None = None,
-) -> str | None:
+) -> tuple[int, int | None]:
     """
     Make sure the process may open C{needed} descriptors: raise the soft
-    limit (up to the hard one) if it is lower. A warning naming the numbers
-    if the limit stays below C{needed} (C{what} says what it is made of),
-    else None. A peer past the limit would make accepts fail with EMFILE:
-    Asterisk's new legs and C{/health} would be the first to go.
+    limit (up to the hard one) if it is lower. The limit then in force
+    (C{needed} if it is at least that, or unlimited) and the hard limit
+    (None: unlimited).
     """
     import resource
 
@@ -277,21 +275,16 @@ def descriptor_warning(
     setrlimit = setrlimit or resource.setrlimit
     soft, hard = getrlimit(resource.RLIMIT_NOFILE)
     infinite = resource.RLIM_INFINITY
+    ceiling = None if hard == infinite else hard
     if soft == infinite or soft >= needed:
-        return None
-    target = needed if hard == infinite else min(needed, hard)
+        return needed, ceiling
+    target = needed if ceiling is None else min(needed, ceiling)
     if target > soft:
         try:
             setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             target = soft
-    if target >= needed:
-        return None
-    return (
-        f"the open files limit is {target} (hard limit {'unlimited' if hard == infinite else hard}), "
-        f"below the {needed} this configuration may hold ({what}): past it, new AudioSocket legs "
-        "and API connections fail. Raise it (systemd LimitNOFILE=, ulimit -n) or lower --max-legs"
-    )
+    return target, ceiling
 
 
 def listens_beyond_loopback(reactor: object, description: str) -> bool:

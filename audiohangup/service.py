@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -27,7 +28,14 @@ from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.hosts import ServedHosts
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import ConnectionCap, Listener, SourceGate, descriptor_warning, listens_beyond_loopback, server_endpoint
+from audiohangup.listeners import (
+    ConnectionCap,
+    Listener,
+    SourceGate,
+    descriptor_limit,
+    listens_beyond_loopback,
+    server_endpoint,
+)
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory, LegSettings
@@ -254,6 +262,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     """Wire the listeners and the API onto one reactor and one registry."""
     if reactor is None:
         reactor = global_reactor()
+    config, descriptors = fit_descriptors(config)
     settings = config.leg_settings()
     registry = Registry(end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate)
     metrics = Metrics(registry)
@@ -339,9 +348,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             "anyone who can reach them and knows a call id can join that call; set --allow to the "
             "addresses of your Asterisk servers"
         )
-    warning = descriptor_warning(*descriptors_needed(config))
-    if warning is not None:
-        service.warnings.append(warning)
+    if descriptors is not None:
+        service.warnings.append(descriptors)
     if config.insecure_http:
         service.warnings.append(
             f"--insecure-http: the API on {config.http} takes requests without a token"
@@ -369,6 +377,30 @@ def descriptors_needed(config: Config) -> tuple[int, str]:
         parts.append(((config.max_legs + 1) // 2, "a recording per call"))
     parts.append((DESCRIPTOR_MARGIN, "spare"))
     return sum(n for n, _ in parts), " + ".join(f"{n} {what}" for n, what in parts)
+
+
+def fit_descriptors(
+    config: Config, limit: Callable[[int], tuple[int, int | None]] = descriptor_limit
+) -> tuple[Config, str | None]:
+    """
+    The configuration whose descriptors fit the open files limit, raised up to
+    the hard limit if need be, and a warning if it had to change. Past the
+    limit accepts fail with EMFILE, and Asterisk's new legs and C{/health}
+    are the first to go; so when the limit cannot be raised, C{--max-legs} is
+    lowered to what fits beside the API's connections and the spare, where a
+    flood meets C{over_capacity} and C{too_many_pending} instead.
+    """
+    needed, what = descriptors_needed(config)
+    allowed, hard = limit(needed)
+    if allowed >= needed:
+        return config, None
+    per_leg = 1 + (config.streams.url is not None) + 0.5 * config.record_every_call
+    fits = max(1, int((allowed - config.http_max_connections - DESCRIPTOR_MARGIN) / per_leg))
+    return replace(config, max_legs=min(fits, config.max_legs)), (
+        f"the open files limit is {allowed} (hard limit {'unlimited' if hard is None else hard}), below the "
+        f"{needed} this configuration may hold ({what}): --max-legs is lowered to {min(fits, config.max_legs)}, "
+        "which fits. Raise the limit (systemd LimitNOFILE=, ulimit -n) for more"
+    )
 
 
 class TokensFile(Service):

@@ -29,11 +29,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from audiohangup.access import source_of
 from audiohangup.api import ControlAPI
 from audiohangup.hosts import ServedHosts, check_name
-from audiohangup.listeners import ConnectionCap, descriptor_warning
+from audiohangup.listeners import ConnectionCap, descriptor_limit
 from audiohangup.metrics import Metrics
 from audiohangup.registry import Registry
-from audiohangup.service import Config, served_names
+from audiohangup.service import Config, fit_descriptors, served_names
 from audiohangup.site import ApiSite
+from audiohangup.streams.manager import StreamConfig
 from audiohangup.tap import Options
 from audiohangup.wire import Kind, encode
 from tests.bystander import Bystander
@@ -212,7 +213,7 @@ class CapTests(SynchronousTestCase):
 
 
 class DescriptorTests(SynchronousTestCase):
-    def check(self, soft: int, hard: int, needed: int = 2320, settable: bool = True) -> tuple[str | None, list[Any]]:
+    def check(self, soft: int, hard: int, needed: int = 2320, settable: bool = True) -> tuple[tuple[int, int | None], list[Any]]:
         calls: list[Any] = []
 
         def setrlimit(which: int, limits: tuple[int, int]) -> None:
@@ -220,30 +221,39 @@ class DescriptorTests(SynchronousTestCase):
                 raise ValueError("not allowed")
             calls.append((which, limits))
 
-        warning = descriptor_warning(needed, "2000 --max-legs + ...", lambda which: (soft, hard), setrlimit)
-        return warning, calls
+        return descriptor_limit(needed, lambda which: (soft, hard), setrlimit), calls
 
     def test_raisedToWhatIsNeeded(self) -> None:
-        self.assertEqual(self.check(1024, 524288), (None, [(resource.RLIMIT_NOFILE, (2320, 524288))]))
+        self.assertEqual(self.check(1024, 524288), ((2320, 524288), [(resource.RLIMIT_NOFILE, (2320, 524288))]))
         self.assertEqual(
             self.check(1024, resource.RLIM_INFINITY),
-            (None, [(resource.RLIMIT_NOFILE, (2320, resource.RLIM_INFINITY))]),
+            ((2320, None), [(resource.RLIMIT_NOFILE, (2320, resource.RLIM_INFINITY))]),
         )
 
     def test_enoughAlready(self) -> None:
-        self.assertEqual(self.check(4096, 4096), (None, []))
+        self.assertEqual(self.check(4096, 4096), ((2320, 4096), []))
 
     def test_hardLimitTooLow(self) -> None:
-        warning, calls = self.check(512, 1024)
-        self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (1024, 1024))])
-        assert warning is not None
-        self.assertIn("limit is 1024 (hard limit 1024), below the 2320", warning)
-        self.assertIn("--max-legs", warning)
+        self.assertEqual(self.check(512, 1024), ((1024, 1024), [(resource.RLIMIT_NOFILE, (1024, 1024))]))
 
     def test_notAllowedToRaise(self) -> None:
-        warning, _ = self.check(1024, 4096, settable=False)
+        self.assertEqual(self.check(1024, 4096, settable=False), ((1024, 4096), []))
+
+    def test_maxLegsFitTheLimit(self) -> None:
+        """
+        A limit that cannot be raised lowers --max-legs to what fits beside the
+        API's connections and the spare, so a flood of connections meets
+        over_capacity and too_many_pending, never EMFILE; the warning names the numbers.
+        """
+        config, warning = fit_descriptors(Config(), lambda needed: (1024, 1024))
+        self.assertEqual(config.max_legs, 1024 - 256 - 64)
         assert warning is not None
-        self.assertIn("limit is 1024 (hard limit 4096)", warning)
+        self.assertIn("limit is 1024 (hard limit 1024), below the 2320", warning)
+        self.assertIn("--max-legs is lowered to 704", warning)
+        streamed, _ = fit_descriptors(Config(streams=StreamConfig(url="ws://127.0.0.1/x")), lambda needed: (1024, None))
+        self.assertEqual(streamed.max_legs, (1024 - 256 - 64) // 2)
+        same, none = fit_descriptors(Config(max_legs=100), lambda needed: (needed, None))
+        self.assertEqual((same.max_legs, none), (100, None))
 
 
 # Real sockets

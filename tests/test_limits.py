@@ -364,6 +364,43 @@ async def test_http_bodies_and_types(make_server: Any, logs: LogCapture) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_max_legs_fit_the_descriptor_limit(spawn: Any) -> None:
+    """
+    Under a hard open files limit of 400, --max-legs (2000) is lowered at
+    start-up to what fits, with a warning: 420 connections without a UUID
+    from 14 addresses (each under --max-pending-per-source) then crowd each
+    other out at --max-legs instead of exhausting the descriptors, and a real
+    leg is still served and /health answers.
+    """
+    child, ports = await start_server(
+        spawn, "--records", "none", "--http-max-connections", "64", prefix=("prlimit", "--nofile=400:400")
+    )
+    assert "--max-legs is lowered to 272" in child.log, child.describe()
+    flood = []
+    try:
+        for source in range(2, 16):
+            for _ in range(30):
+                client = socket.socket()
+                client.bind((f"127.0.0.{source}", 0))
+                client.connect(("127.0.0.1", ports["audiosocket-visitor"]))
+                flood.append(client)
+        leg = await connect(ports["audiosocket-resident"], on_hangup="close")
+        leg.send_uuid(uuid.uuid4())
+        await until(lambda: leg.frames or leg.closed.called, what="a frame or a close")
+        assert leg.frames, child.describe()
+        await wait_for_legs(f"http://127.0.0.1:{ports['http']}", 1)
+        assert "EMFILE" not in child.log, child.describe()
+        assert "too_many_pending" in child.log or "--max-legs 272" in child.log, child.describe()
+        leg.close()
+    finally:
+        for client in flood:
+            client.close()
+    child.signal("TERM")
+    await child.exit()
+    assert "Traceback" not in child.output, child.describe()
+
+
+@pytest_twisted.ensureDeferred
 async def test_out_of_file_descriptors(spawn: Any, logs: LogCapture) -> None:
     """
     EMFILE: the server logs it, keeps its live legs going, refuses what it

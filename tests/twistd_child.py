@@ -104,18 +104,19 @@ def listening_ports(text: str) -> dict[str, int]:
     return {name: int(port) for name, port in LISTENING.findall(text)}
 
 
-async def start_server(spawn: Spawn, *extra: str) -> tuple[Child, dict[str, int]]:
+async def start_server(spawn: Spawn, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[Child, dict[str, int]]:
     """
     Run C{twistd -n audiohangup} on loopback ports; wait until all three
-    listen and the API answers.
+    listen and the API answers. C{prefix} runs it under a wrapper (C{prlimit ...}).
 
     The "listening on" lines come from C{privilegedStartService}, before
     twistd runs its reactor and installs its SIGTERM handler: a SIGTERM
     right after them kills the child without an orderly shutdown. An answer
     from C{/health} proves the reactor runs, so the child is ready.
     """
+    command = (*prefix, twistd_script())  # prefix: a wrapper such as prlimit
     child = spawn(
-        twistd_script(), "-n", "--pidfile=", "audiohangup",
+        command[0], *command[1:], "-n", "--pidfile=", "audiohangup",
         "--visitor", LOOPBACK, "--resident", LOOPBACK, "--http", LOOPBACK,
         "--close-timeout", "1", *extra,
     )
