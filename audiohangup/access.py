@@ -19,6 +19,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from audiohangup.credentials import exposed
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -203,16 +205,17 @@ class Tokens:
     @classmethod
     def load(cls, path: str, *, insecure: bool = False) -> Tokens:
         """
-        The tokens of a file only its owner can read or write (mode 0600 or
-        stricter), unless C{insecure} (--insecure-files) says others may.
+        The tokens of a file that others cannot read nor its group write
+        (0600, or 0640; L{audiohangup.credentials.exposed}), unless C{insecure}
+        (--insecure-files) says they may.
         """
         try:
             with open(path, encoding="utf-8") as file:
                 mode = os.fstat(file.fileno()).st_mode
-                if mode & 0o077 and not insecure:
+                if exposed(mode) and not insecure:
                     raise TokenFileError(
-                        f"{path}: mode {stat.S_IMODE(mode):04o} lets group or others at the tokens: "
-                        "chmod 600 it (or pass --insecure-files)"
+                        f"{path}: mode {stat.S_IMODE(mode):04o} lets others read the tokens or its group "
+                        "write them: chmod 600 (or 640) it, or pass --insecure-files"
                     )
                 text = file.read()
         except (OSError, UnicodeDecodeError) as error:

@@ -15,20 +15,30 @@ import stat
 MAX_SECRET_BYTES = 64 * 1024
 
 
+def exposed(mode: int) -> bool:
+    """
+    Whether a secret file's C{mode} lets others at it: anyone at all (the
+    last octal digit), or its group writing it. A group may read it (0640,
+    C{root:audiohangup}, as PostgreSQL and OpenSSH allow their keys): a group
+    is the operator's own choice of who else shares the secret.
+    """
+    return bool(mode & 0o027)
+
+
 def from_file(path: str, *, insecure: bool = False) -> str:
     """
     The secret in C{path}: its text without the trailing newline an editor or
-    C{echo} leaves; ValueError if it cannot be read, is empty, or group or
-    others may read or write it (as a tokens file) unless C{insecure}
-    (--insecure-files) says they may.
+    C{echo} leaves; ValueError if it cannot be read, is empty, or is
+    L{exposed} (as a tokens file) unless C{insecure} (--insecure-files) says
+    it may be.
     """
     try:
         with open(path, "rb") as file:
             mode = os.fstat(file.fileno()).st_mode
-            if mode & 0o077 and not insecure:
+            if exposed(mode) and not insecure:
                 raise ValueError(
-                    f"{path}: mode {stat.S_IMODE(mode):04o} lets group or others at the secret: "
-                    "chmod 600 it (or pass --insecure-files)"
+                    f"{path}: mode {stat.S_IMODE(mode):04o} lets others read it or its group write it: "
+                    "chmod 600 (or 640) it, or pass --insecure-files"
                 )
             data = file.read(MAX_SECRET_BYTES + 1)
     except OSError as error:

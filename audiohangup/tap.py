@@ -366,7 +366,8 @@ class Options(usage.Options):
         ],
         [
             "insecure-files", None,
-            "Take an --api-tokens-file or a secret file that group or others may read (default: refused; chmod 600 it).",
+            "Take an --api-tokens-file or a secret file that others may read or its group write "
+            "(default: refused; chmod 600, or 640 for a group that only reads).",
         ],
     ]
 

@@ -360,9 +360,9 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
         parse("--http", "unix:/tmp/audiohangup-api.sock")
 
     def test_tokens_file_others_may_read(self) -> None:
-        """A tokens file group or others may read is a usage error naming its mode, unless --insecure-files."""
+        """A tokens file others may read (or its group write) is a usage error naming its mode, unless --insecure-files."""
         tokens = tokens_file(self)
-        for mode in (0o644, 0o640, 0o604):
+        for mode in (0o644, 0o660, 0o604):
             os.chmod(tokens, mode)
             error = self.assertRaises(usage.UsageError, parse, "--api-tokens-file", tokens)
             self.assertIn(f"mode {mode:04o}", str(error))
@@ -596,6 +596,8 @@ class SecretSourcesTests(SynchronousTestCase):
             self.assertUsageError([option, argument], f"{option}: {shared}: mode 0644", "--insecure-files", never="s3cret")
         config = parse("--stream-header-file", f"Authorization: {shared}", "--insecure-files").config()
         self.assertEqual(config.streams.headers, (("Authorization", "s3cret"),))  # the flag after the file: still seen
+        os.chmod(shared, 0o640)  # a group that may only read: the operator's choice
+        self.assertEqual(parse("--webhook-secret-file", shared).config().webhook_secret, "s3cret")
 
     def test_aHeaderOnceInAnyCase(self) -> None:
         self.environ["APP_TOKEN"] = "Bearer s3cret"
