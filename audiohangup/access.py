@@ -245,7 +245,7 @@ def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNe
     if any(address in network for network in trusted):
         hops = [hop for value in forwarded_for for hop in value.split(",")]
         for hop in reversed(hops):
-            found = _ip(hop)
+            found = _ip(_without_port(hop))
             if found is None:
                 break  # not an address: no proxy of ours wrote it
             address = found
@@ -254,6 +254,16 @@ def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNe
     if address.is_loopback:
         return "loopback"
     return _host_of(address)
+
+
+def _without_port(hop: str) -> str:
+    """An X-Forwarded-For hop without the port some proxies add (C{1.2.3.4:5678}, C{[2001:db8::1]:5678})."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
 
 
 def _host_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

@@ -54,7 +54,10 @@ def _split_authority(value: str) -> tuple[str, int | None] | None:
         return None
     if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
         return None
-    return name.lower(), port
+    name = name.lower()
+    if not (_NAME.fullmatch(name) or _is_address(name)):
+        return None
+    return name, port
 
 
 def _is_address(name: str) -> bool:
@@ -94,7 +97,9 @@ class ServedHosts:
         authority = None
         if hosts:
             authority = _split_authority(hosts[0])
-            if authority is None or not self.serves(authority[0]):
+            if authority is None:
+                return ApiError(400, "bad_host", f"{hosts[0][:100]!r} is not a host name with an optional port")
+            if not self.serves(authority[0]):
                 return ApiError(
                     421, "bad_host",
                     f"this server does not answer to {hosts[0][:100]!r}; name it with --http-host if it should",

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.access import LogOncePer, SourceACL, is_loopback, source_of
+from audiohangup.access import IPNetwork, LogOncePer, SourceACL, is_loopback, source_of
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import describe_address
 
@@ -179,14 +179,18 @@ class ConnectionCap:
     waited longest without sending a whole request, which is closed; a
     slow client therefore cannot starve a newcomer, even one from its own
     address. Only when every place is busy with a request is it refused.
+    The C{uncapped} networks (C{--trusted-proxies}) speak for many clients
+    each: only the total caps them.
     """
 
     log = Logger()
 
     def __init__(
-        self, listener: str, total: int, per_source: int, clock: IReactorTime, metrics: Metrics | None = None
+        self, listener: str, total: int, per_source: int, clock: IReactorTime, metrics: Metrics | None = None,
+        uncapped: tuple[IPNetwork, ...] = (),
     ) -> None:
         self.listener = listener
+        self.uncapped = SourceACL(uncapped) if uncapped else None
         self.total = total
         self.per_source = per_source
         self.clock = clock
@@ -201,6 +205,8 @@ class ConnectionCap:
     def admit(self, address: IAddress | None, evict: Callable[[], None]) -> Slot | None:
         """A slot for a new connection from C{address} (made room for if need be), or None: refuse it."""
         source = source_of(address)
+        if self.uncapped is not None and self.uncapped.allows(getattr(address, "host", None)):
+            source = None
         if source is not None and self._perSource.get(source, 0) >= self.per_source:
             if not self._evictOldest(self._waitingFrom.get(source), source, "per_source"):
                 return None

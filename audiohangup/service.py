@@ -329,7 +329,10 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     service.api = api
     site = ApiSite(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
-        cap=ConnectionCap("http", config.http_max_connections, config.http_max_per_source, reactor, metrics),
+        cap=ConnectionCap(
+            "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,
+            uncapped=config.trusted_proxies,
+        ),
         hosts=ServedHosts(served_names(config), origins=config.http_hosts),
     )
     http_gate = (

@@ -24,7 +24,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.access import AuthThrottle, LogOncePer
+from audiohangup.access import AuthThrottle, LogOncePer, source_of
 from audiohangup.api import MAX_BODY, ControlAPI, json_error
 from audiohangup.hosts import ServedHosts
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
@@ -334,7 +334,7 @@ class ApiSite(Site):
         """A request that did not arrive in time: counted, and logged once a minute per source."""
         if self.api.metrics is not None:
             self.api.metrics.http_request("unrouted", "-", 408)
-        source = str(getattr(peer, "host", "unix"))
+        source = source_of(peer) or "unix"  # by /64, so hopping addresses in one is one line a minute
         if self._logNow(source, self.reactor.seconds()):
             self.logger.info(
                 "http: a request {part} from {source} did not arrive in time: 408 "

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.access import source_of
+from audiohangup.access import parse_networks, source_of
 from audiohangup.api import ControlAPI
 from audiohangup.hosts import ServedHosts, check_name
 from audiohangup.listeners import ConnectionCap, descriptor_limit
@@ -183,6 +183,19 @@ class CapTests(SynchronousTestCase):
         self.admit(cap, "10.0.0.4", "d", evicted)
         self.assertEqual(evicted, ["b"])
         self.assertEqual(cap.held, 3)
+
+    def test_trustedProxiesAreNotCappedPerSource(self) -> None:
+        """A proxy of --trusted-proxies speaks for many clients: only the total caps it."""
+        cap = ConnectionCap("http", 3, 1, Clock(), uncapped=parse_networks("10.0.0.7/32"))
+        evicted: list[str] = []
+        for name in "abc":
+            self.assertIsNotNone(self.admit(cap, "10.0.0.7", name, evicted))
+        self.assertEqual(evicted, [])
+        self.admit(cap, "10.0.0.7", "d", evicted)
+        self.assertEqual(evicted, ["a"])
+        self.admit(cap, "10.0.0.8", "e", evicted)
+        self.admit(cap, "10.0.0.8", "f", evicted)
+        self.assertEqual(evicted, ["a", "b", "e"])
 
     def test_unixClientsAreNotCappedPerSource(self) -> None:
         cap, evicted = _cap(total=3, per_source=1)
@@ -368,8 +381,11 @@ class HostCheckTests(SynchronousTestCase):
             self.assertIsNone(self.refusal(host=host), host)
 
     def test_foreignHosts(self) -> None:
-        for host in ("attacker.example", "attacker.example:8080", "localhost.attacker.example", "", "a b", "x@localhost"):
+        for host in ("attacker.example", "attacker.example:8080", "localhost.attacker.example"):
             self.assertEqual(self.refusal(host=host), "421 bad_host", host)
+        # Not a name at all: a bad request (RFC 9110), not a misdirected one.
+        for host in ("", "a b", "x@localhost", "localhost:abc", "localhost/x"):
+            self.assertEqual(self.refusal(host=host), "400 bad_host", host)
         self.assertEqual(
             self.hosts.refusal("GET", ["localhost", "attacker.example"], None, "", False).status, 400  # type: ignore[union-attr]
         )

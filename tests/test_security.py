@@ -555,6 +555,9 @@ class ThrottleTests(SynchronousTestCase):
         ]:
             self.assertEqual(source_key("10.0.0.1", forwarded, proxies), expected, forwarded)
         self.assertEqual(source_key("192.0.2.7", ["198.51.100.7"], proxies), "192.0.2.7")
+        # A hop with the port some proxies add (Azure's front door) is still its address.
+        self.assertEqual(source_key("10.0.0.1", ["198.51.100.7:5678"], proxies), "198.51.100.7")
+        self.assertEqual(source_key("10.0.0.1", ["[2001:db8:5::1]:5678"], proxies), "2001:db8:5::/64")
 
     def test_sameSiteIPv6SharesALock(self) -> None:
         """21 failures spread over one /64 lock the whole /64, at the request level."""
