@@ -35,7 +35,7 @@ from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
 from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
-from audiohangup.recording import Recorder
+from audiohangup.recording import Recorder, RecorderStopped
 from audiohangup.records import BadQuery, CallRecords
 from audiohangup.registry import Registry
 from audiohangup.streams.manager import StreamConfig, Streams, check_fields, check_url
@@ -559,7 +559,10 @@ class ControlAPI:
     async def get_recording(self, request: IRequest, call_id: str) -> Any:
         """The call's WAV file, during the call (what is written so far) and after it."""
         call_id = parse_call_id(call_id)
-        resource = await self._recorder().find(call_id)
+        try:
+            resource = await self._recorder().find(call_id)
+        except RecorderStopped as error:  # its lookups' thread is going: the file may well be there
+            raise ApiError(503, "shutting_down", str(error)) from None
         if resource is None:
             if not self.registry.call(call_id):
                 return await self._atOwner(request, call_id, what="recording")

@@ -2,16 +2,18 @@
 """
 Call recording: one stereo WAV per call, visitor left, resident right.
 
-Both channels share one 20 ms timeline from the recording's start: a frame
-lands in the tick it arrived in (a second one in the same tick goes to the
-next), and a tick in which a leg sent nothing (not joined yet, gone, silent)
-is silence there, so the channels stay in step for the whole call.
+Both channels share one 20 ms timeline from the recording's start. A
+channel's audio is filed by its duration, not by frames: a frame fills what
+is left of the channel's current tick, then the ticks after it, never one
+before the tick it arrived in; so frames of any length (Asterisk may send 10
+or 30 ms) sent in real time keep pace with the clock. A tick in which a leg
+sent nothing (not joined yet, gone, silent), or the rest of one it left
+part-filled, is silence there, so the channels stay in step for the whole call.
 
-The reactor only files frames under their tick (a frame longer than a tick
-fills as many ticks as it holds). Every 100 ms the ticks that are over go,
-as a batch, to one writer thread of the recorder's own, which converts them
-(G.711 decoded, resampled to the file's rate, the higher of the legs'),
-interleaves and appends them, and flushes. A leg cannot run the recording
+The reactor only files audio under its ticks. Every 100 ms the ticks that
+are over go, as a batch, to one writer thread of the recorder's own, which
+converts them (G.711 decoded, resampled to the file's rate, the higher of
+the legs'), interleaves and appends them, and flushes. A leg cannot run the recording
 ahead of the clock: audio more than L{MAX_AHEAD_SECONDS} ahead is dropped and
 counted, as a jitter buffer past its C{jbmaxsize} would, so a call holds at
 most about a second of audio in memory whatever its legs send. A disk that
@@ -26,7 +28,9 @@ a call's audio is private), and it never follows a symbolic link in the
 record directory: a file is created with C{O_EXCL}/C{O_NOFOLLOW} in a day
 folder opened with C{O_NOFOLLOW}, and a link found there is skipped with a
 warning, never served nor repaired. Looking a finished recording up touches
-the disk on a thread of its own, never on the reactor.
+the disk on a thread of its own, never on the reactor; once the recorder
+stops, a lookup is refused at once (L{RecorderStopped}), as that thread is
+going: a request is never left waiting on a thread that will not run it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO
 
 import numpy as np
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -85,6 +89,10 @@ CHANNELS = (Role.VISITOR, Role.RESIDENT)
 #: A call's recording, and a later one of the same call on the same day (-2, -3, ...).
 _WAV_NAME = re.compile(r"^(?P<call>[0-9a-f-]{36})(?:-(?P<n>[1-9][0-9]*))?\.wav$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class RecorderStopped(RuntimeError):
+    """The recorder is stopping (the server shuts down): a recording cannot be looked up now, only later."""
 
 
 def _wav_name(call_id: str, number: int) -> str:
@@ -203,26 +211,21 @@ class _ChannelConverter:
         self._source: AudioFormat | None = None
         self._pending = b""
         self._primed = False
-        #: Ticks of audio cut off because more than L{MAX_AHEAD_SECONDS} of it waited.
-        self.dropped = 0
 
     def tick(self, payload: bytes, fmt: AudioFormat) -> bytes:
         """
-        One tick of the file's samples for this channel (16-bit, mono). A
-        resampler gives a sample more or less from one call to the next and
-        holds some back at the start: silence is written until half a tick
-        more than a tick is waiting, and that lead absorbs the jitter. Ticks
-        that each hold more than a tick's audio (a leg sending 1.5 ticks'
-        worth per frame, faster than real time) pile up: past
-        L{MAX_AHEAD_TICKS}, the excess is cut off.
+        One tick of the file's samples for this channel (16-bit, mono), from
+        one tick of C{payload} (the reactor files no more in a tick; a part
+        filled one is padded with silence). A resampler gives a sample more
+        or less from one call to the next and holds some back at the start:
+        silence is written until half a tick more than a tick is waiting, and
+        that lead absorbs the jitter.
         """
+        if len(payload) < fmt.frame_bytes:  # the rest of a tick its leg left part-filled: silence
+            payload += fmt.silence_frame[3 + len(payload) :]
         if self._transcoder is None or fmt != self._source:
             self._transcoder, self._source = Transcoder(fmt, self.target), fmt
         self._pending += self._transcoder.convert(payload)
-        excess = len(self._pending) - self.per_tick * MAX_AHEAD_TICKS
-        if excess > 0:
-            self._pending = self._pending[: len(self._pending) - excess]
-            self.dropped += -(-excess // self.per_tick)
         if not self._primed:
             if len(self._pending) < self.per_tick * 3 // 2:
                 return bytes(self.per_tick)
@@ -285,11 +288,10 @@ class _WavFile:
                 file.seek(start)
             raise
 
-    def write(self, ticks: list[_Tick]) -> tuple[int, dict[Role, int]]:
-        """Append C{ticks}: the bytes written, and each channel's ticks of audio cut off as too far ahead."""
+    def write(self, ticks: list[_Tick]) -> int:
+        """Append C{ticks}: the bytes written."""
         self.open()
         assert self.file is not None
-        before = {role: converter.dropped for role, converter in self.channels.items()}
         columns = []
         for role in CHANNELS:
             converter = self.channels[role]
@@ -305,7 +307,7 @@ class _WavFile:
         data = stereo.tobytes()
         self._append(self.file, data)
         self.data_bytes += len(data)
-        return len(data), {role: converter.dropped - before[role] for role, converter in self.channels.items()}
+        return len(data)
 
     def close(self) -> int:
         """Complete the header and close; the bytes of audio written."""
@@ -325,8 +327,11 @@ class _WavFile:
 
 @dataclass
 class _Channel:
+    #: Each tick's audio: a tick's bytes at most, fewer in one left part-filled.
     pending: dict[int, tuple[bytes, AudioFormat]] = field(default_factory=dict)
+    #: The tick its audio goes on in, and the bytes already there (fewer than a tick's).
     next: int = 0
+    filled: int = 0
     #: Whether its leg was told (in the log) that it runs ahead of the clock.
     warned: bool = False
 
@@ -379,27 +384,35 @@ class CallRecording:
 
     def frame(self, role: Role, payload: bytes, fmt: AudioFormat) -> None:
         """
-        File a frame under the next free tick of its channel, a tick's worth
-        of audio per tick (the last one takes the odd bytes); what would land
-        L{MAX_AHEAD_TICKS} or more ahead of now is dropped.
+        File a frame's audio by its duration: it fills what is left of its
+        channel's current tick, then the ticks after, a tick's bytes each,
+        never a tick before now (a channel that fell behind, a tick already
+        written, is left as it is). What would land L{MAX_AHEAD_TICKS} or
+        more ahead of now is dropped, counted in ticks' worth (one at least).
         """
         channel = self.channels[role]
         now = self._index()
-        index = max(now, channel.next, self.flushed)
         size = fmt.frame_bytes
-        pieces = max(1, len(payload) // size)
-        kept = min(pieces, now + MAX_AHEAD_TICKS - index)
-        if kept < pieces:
-            self._ahead(role, channel, pieces - max(kept, 0))
-            if kept <= 0:
+        index, filled = channel.next, channel.filled
+        if index < max(now, self.flushed):
+            index, filled = max(now, self.flushed), 0
+        elif filled and channel.pending[index][1] != fmt:  # another format: a tick of its own
+            index, filled = index + 1, 0
+        room = (now + MAX_AHEAD_TICKS - index) * size - filled
+        if room < len(payload):
+            self._ahead(role, channel, -(-(len(payload) - max(room, 0)) // size))
+            if room <= 0:
                 return
-        if pieces == 1:
-            channel.pending[index] = (payload, fmt)
-        else:
-            for n in range(kept):
-                end = len(payload) if n == pieces - 1 else (n + 1) * size
-                channel.pending[index + n] = (payload[n * size : end], fmt)
-        channel.next = index + kept
+            payload = payload[:room]
+        offset = 0
+        while offset < len(payload):
+            piece = payload[offset : offset + size - filled]
+            channel.pending[index] = (channel.pending[index][0] + piece, fmt) if filled else (piece, fmt)
+            offset += len(piece)
+            filled += len(piece)
+            if filled == size:
+                index, filled = index + 1, 0
+        channel.next, channel.filled = index, filled
 
     def _ahead(self, role: Role, channel: _Channel, frames: int) -> None:
         """A leg sends faster than real time: its audio past the bound is dropped, counted, logged once per leg."""
@@ -433,7 +446,7 @@ class CallRecording:
     def flush(self, everything: bool = False) -> None:
         """Hand the ticks that are over to the writer (all of them when stopping)."""
         if everything:  # to the last frame filed, even one a burst pushed past now
-            upto = max(self._index() + 1, *(channel.next for channel in self.channels.values()))
+            upto = max(self._index() + 1, *(channel.next + (channel.filled > 0) for channel in self.channels.values()))
         else:
             upto = self._index() - LATE_TICKS + 1
         if upto <= self.flushed:
@@ -451,18 +464,14 @@ class CallRecording:
         done = self.recorder.run(self.file.write, ticks)
         done.addBoth(self._written, ticks)
 
-    def _written(self, result: tuple[int, dict[Role, int]] | Failure, ticks: list[_Tick]) -> None:
+    def _written(self, result: int | Failure, ticks: list[_Tick]) -> None:
         self.unwritten -= len(ticks)
         if isinstance(result, Failure):
             lost = sum(1 for tick in ticks for entry in tick.payloads.values() if entry is not None)
             self._drop(lost, result.getErrorMessage() or type(result.value).__name__)
             return
-        written, cut = result
-        self.bytes += written
-        self.recorder.wrote(written)
-        for role, frames in cut.items():
-            if frames:
-                self._ahead(role, self.channels[role], frames)
+        self.bytes += result
+        self.recorder.wrote(result)
 
     def _drop(self, frames: int, why: str) -> None:
         self.dropped += frames
@@ -525,6 +534,7 @@ class Recorder:
         self._lookups = ThreadPool(1, 1, name="audiohangup-recording-lookups")
         self._loop: LoopingCall | None = None
         self._pruning: IDelayedCall | None = None
+        self._stopping = False
 
     # Life
 
@@ -542,7 +552,12 @@ class Recorder:
         return self.run(self._tidy).addCallback(self._tidied).addErrback(self._tidyFailed)
 
     async def stop(self) -> None:
-        """Finish every recording (headers completed), then stop the thread."""
+        """
+        Finish every recording (headers completed), then stop the threads,
+        each once it is idle: the reactor never waits on a join (a lookup
+        scanning a year of folders, a prune deleting one) but on a Deferred.
+        """
+        self._stopping = True  # lookups from now on are refused, not queued behind the end
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._pruning is not None and self._pruning.active():
@@ -552,10 +567,10 @@ class Recorder:
                 await self.finish(call_id)
             except Exception:
                 self.log.failure("{call_id} recording could not be finished", call_id=call_id)
-        if self._pool.started:
-            self._pool.stop()
-        if self._lookups.started:
-            self._lookups.stop()
+        for pool in (self._pool, self._lookups):
+            if pool.started:
+                await deferToThreadPool(self.reactor, pool, lambda: None)  # what was queued is done
+                pool.stop()  # idle now: the join is at once
 
     def run(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, work, *args)
@@ -629,13 +644,16 @@ class Recorder:
         """
         The file of a call's recording as a resource, live or done (the
         newest day first), or None; the disk is searched on a thread of its
-        own, as a year of day folders is no work for the reactor.
+        own, as a year of day folders is no work for the reactor. Once the
+        recorder stops, a L{RecorderStopped} at once: that thread is going.
         """
         recording = self.active.get(call_id)
         if recording is not None:
             return succeed(WavResource(recording.path, recording.rate))
         if self.directory is None:
             return succeed(None)
+        if self._stopping:
+            return fail(RecorderStopped("the server is shutting down: ask again once it is back"))
 
         def found(result: tuple[str | None, list[str]]) -> WavResource | None:
             path, links = result

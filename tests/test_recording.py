@@ -22,17 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from audiohangup import recording
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
 from audiohangup.reasons import Role
-from audiohangup.recording import HEADER_BYTES, _Tick, _WavFile, repair, wav_header
+from audiohangup.recording import (
+    HEADER_BYTES,
+    MAX_AHEAD_TICKS,
+    Recorder,
+    RecorderStopped,
+    RecordingConfig,
+    _Tick,
+    _WavFile,
+    repair,
+    wav_header,
+)
 from audiohangup.wire import Kind
 from audiohangup.wire import encode as frame
 from tests.bystander import Bystander
@@ -313,7 +326,7 @@ class FailedWriteTests(SynchronousTestCase):
         path = os.path.join(folder, "call.wav")
         wav = _WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
         tick = _Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
-        self.assertEqual(wav.write([tick] * 5), (5 * 640, {role: 0 for role in Role}))
+        self.assertEqual(wav.write([tick] * 5), 5 * 640)
         real = wav.file
         assert real is not None
         failures = []
@@ -335,7 +348,7 @@ class FailedWriteTests(SynchronousTestCase):
             wav.write([tick] * 5)
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 5 * 640)  # the 100 bytes are gone again
         wav.file = real
-        self.assertEqual(wav.write([tick] * 5)[0], 5 * 640)  # in step: whole ticks after whole ticks
+        self.assertEqual(wav.write([tick] * 5), 5 * 640)  # in step: whole ticks after whole ticks
         self.assertEqual(wav.close(), 10 * 640)
         rate, left, _ = read_wav(path)
         self.assertEqual((rate, len(left)), (8000, 10 * 160))
@@ -477,19 +490,23 @@ async def test_sigterm_during_a_flood_finishes_the_wav(spawn: Any, tmp_path: Pat
 
 
 class AheadTests(SynchronousTestCase):
-    """The bound on a clock: what a leg files ahead of now, tick by tick."""
+    """The bound on a clock: what a leg files ahead of now, tick by tick; audio filed by its duration."""
 
     def setUp(self) -> None:
-        from twisted.internet.task import Clock
-
-        from audiohangup.recording import Recorder, RecordingConfig
-
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
         self.clock = Clock()
         self.clock.advance(1000)
-        self.recorder = Recorder(RecordingConfig(folder), self.clock, {role: FORMATS["slin"] for role in Role})
+        self.recorder, self.events = self.recorder_on_the_clock()
         self.recording = self.recorder.begin(str(uuid.uuid4()), [])
+
+    def recorder_on_the_clock(self) -> tuple[Recorder, list[dict[str, Any]]]:
+        """A recorder on C{self.clock} whose writer's work is done at once, and what it logs."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        recorder = Recorder(RecordingConfig(folder), self.clock, {role: FORMATS["slin"] for role in Role})
+        recorder.run = lambda work, *args: succeed(work(*args))  # type: ignore[method-assign]
+        events: list[dict[str, Any]] = []
+        recorder.log = Logger(observer=events.append)
+        return recorder, events
 
     def test_aLongFrameFillsTicksUpToTheBound(self) -> None:
         slin = FORMATS["slin"]
@@ -505,19 +522,96 @@ class AheadTests(SynchronousTestCase):
             self.recording.frame(Role.VISITOR, numbered(n), slin)
         self.assertEqual(max(channel.pending), 29)  # five more ticks of time, five more frames
         self.assertEqual(self.recording.dropped, 31)
-        self.recording.frame(Role.VISITOR, numbered(6, 170), slin)  # odd bytes: one tick, all kept
-        self.recording.frame(Role.RESIDENT, numbered(7, 170), slin)
-        self.assertEqual(self.recording.channels[Role.RESIDENT].pending[5][0], numbered(7, 170))
+        self.recording.frame(Role.RESIDENT, numbered(7, 170), slin)  # a tick and a bit: the bit begins the next
+        resident = self.recording.channels[Role.RESIDENT].pending
+        self.assertEqual((resident[5][0], resident[6][0]), (numbered(7, 160), numbered(7, 10)))
 
-    def test_ticksHoldingMoreThanATickAreCutOnTheWritersSide(self) -> None:
-        """A frame of 1.9 ticks in every tick (each tick filed is still one tick): its excess is cut, counted."""
-        from audiohangup.recording import _ChannelConverter
+    def test_realTimeFramesOfAnyLengthAreRecordedWhole(self) -> None:
+        """
+        Two seconds of 10, 20 and 30 ms frames, each sent as its time comes:
+        none dropped, no warning, and the WAV holds every sample, in order,
+        without a gap (the ticks filled by duration, not one a frame).
+        """
+        for milliseconds in (10, 20, 30):
+            recorder, events = self.recorder_on_the_clock()
+            call_id = str(uuid.uuid4())
+            recording = recorder.begin(call_id, [])
+            samples = 8 * milliseconds
+            ramp = np.arange(1, 16001, dtype="<i2")  # every sample its own value, none silence
+            for start in range(0, len(ramp), samples):
+                recording.frame(Role.VISITOR, ramp[start : start + samples].tobytes(), FORMATS["slin"])
+                self.clock.advance(milliseconds / 1000)
+                if round(self.clock.seconds() * 1000) % 100 < milliseconds:
+                    recording.flush()  # as the recorder's loop does every 100 ms
+            self.clock.advance(0.1)  # what the resampler's lead holds back is written too
+            recorder.finish(call_id)
+            self.assertEqual(recording.dropped, 0, milliseconds)
+            self.assertEqual([e for e in events if "faster than real time" in e["log_format"]], [], milliseconds)
+            _, left, _ = read_wav(recording.path)
+            sound = np.flatnonzero(left)
+            self.assertEqual(left[sound[0] : sound[-1] + 1].tolist(), ramp.tolist(), milliseconds)
 
-        converter = _ChannelConverter(8000)
-        for _ in range(200):
-            converter.tick(numbered(3, 300), FORMATS["slin"])
-        self.assertLessEqual(len(converter._pending), 25 * 320)
-        self.assertGreater(converter.dropped, 100)
+    def test_aTickLeftPartFilledIsSilenceAfterItsAudio(self) -> None:
+        """A 10 ms frame, then the next one a tick late: the first tick's other 10 ms are silence."""
+        self.recording.frame(Role.VISITOR, numbered(5, 80), FORMATS["slin"])
+        self.clock.advance(0.03)
+        self.recording.frame(Role.VISITOR, numbered(6), FORMATS["slin"])
+        self.clock.advance(0.1)
+        self.recorder.finish(self.recording.call_id)
+        _, left, _ = read_wav(self.recording.path)
+        start = int(np.flatnonzero(left)[0])
+        self.assertEqual(left[start : start + 400].tolist(), [5] * 80 + [0] * 80 + [6] * 160 + [0] * 80)
+
+    def test_tenMillisecondFramesTwiceTooFastAreBounded(self) -> None:
+        """Four seconds of audio in two: half a second of it is ahead of the clock at most, the rest dropped."""
+        channel = self.recording.channels[Role.VISITOR]
+        for _ in range(400):
+            self.recording.frame(Role.VISITOR, numbered(3, 80), FORMATS["slin"])
+            self.clock.advance(0.005)
+            self.assertLess(max(channel.pending), self.recording._index() + MAX_AHEAD_TICKS)
+        self.recording.frame(Role.VISITOR, numbered(3, 80), FORMATS["slin"])
+        kept = sum(len(payload) for payload, _ in channel.pending.values()) // 160
+        self.assertEqual((channel.next, channel.filled), (self.recording._index() + MAX_AHEAD_TICKS, 0))  # full
+        self.assertEqual(self.recording.dropped, 401 - kept)  # each frame dropped counted once
+        self.assertGreaterEqual(self.recording.dropped, 400 - 2 * (100 + MAX_AHEAD_TICKS))
+        warned = [e for e in self.events if "faster than real time" in e["log_format"]]
+        self.assertEqual([e["role"] for e in warned], [Role.VISITOR])
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_of_10_20_and_30_ms_in_real_time_are_recorded_whole(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    """
+    Three calls over loopback, each sending 1.5 s of audio in frames of its
+    own length as their time comes: every sample in its WAV, in order, none
+    dropped, no warning (a late frame may leave silence before it).
+    """
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path))
+    calls = {milliseconds: uuid.uuid4() for milliseconds in (10, 20, 30)}
+    clients = {milliseconds: await leg(server, "visitor", call_id) for milliseconds, call_id in calls.items()}
+    ramp = np.arange(1, 12001, dtype="<i2")  # every sample its own value, none silence
+
+    async def send(milliseconds: int) -> None:
+        samples = 8 * milliseconds
+        for start in range(0, len(ramp), samples):
+            clients[milliseconds].send(frame(Kind.SLIN, ramp[start : start + samples].tobytes()))
+            await deferLater(reactor, milliseconds / 1000)
+
+    await gatherResults([Deferred.fromCoroutine(send(milliseconds)) for milliseconds in calls])
+    for milliseconds, call_id in calls.items():
+        recording = server.service.recorder.active[str(call_id)]
+        channel = recording.channels[Role.VISITOR]
+        await until(lambda r=recording, c=channel: r._index() > c.next + 2, what="the resampler's lead to be pushed out")
+        clients[milliseconds].close()
+        await ended(server, call_id)
+    assert not [text for text in logs.texts() if "faster than real time" in text]
+    done = {e["call_id"]: e["dropped"] for e in logs.events if "done:" in e.get("log_format", "")}
+    assert done == {str(call_id): 0 for call_id in calls.values()}
+    for milliseconds, call_id in calls.items():
+        [path] = list(tmp_path.glob(f"*/{call_id}.wav"))
+        _, left, _ = read_wav(path)
+        assert left[left != 0].tolist() == ramp.tolist(), milliseconds
 
 
 @pytest_twisted.ensureDeferred
@@ -665,3 +759,56 @@ async def test_recordings_are_private_whatever_the_umask(make_server: Any, tmp_p
     [path] = list(folder.glob("*/*.wav"))
     modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "new", folder, path.parent, path)}
     assert modes == {tmp_path / "new": 0o700, folder: 0o700, path.parent: 0o700, path: 0o600}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lookup_once_the_recorder_stops_is_a_503_at_once(
+    make_server: Any, tmp_path: Path, logs: LogCapture,
+) -> None:
+    """
+    Shutting down, a kept-alive API connection asks for a finished
+    recording after the recorder stopped: a JSON 503 C{shutting_down} (the
+    file may well be there: not a 404), never a request left waiting on a
+    lookup thread that is gone.
+    """
+    call_id = uuid.uuid4()
+    server = await record_a_call(make_server, tmp_path / "rec", call_id)
+    await server.service.recorder.stop()
+    status, body, _ = await api(server, "GET", f"/calls/{call_id}/recording")
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down", body
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_waits_for_a_lookup_without_blocking_the_reactor(
+    tmp_path: Path, logs: LogCapture, monkeypatch: Any,
+) -> None:
+    """A lookup scans the disk when the recorder stops: stop() awaits it while the reactor runs; new ones are refused."""
+    scanning, release = threading.Event(), threading.Event()
+    safety = threading.Timer(10.0, release.set)  # the scan ends even where stop() joins its thread on the reactor
+
+    def scan(directory: str, call_id: str) -> tuple[None, list[str]]:
+        scanning.set()
+        release.wait()
+        return None, []
+
+    monkeypatch.setattr(recording, "_last_recording", scan)
+    recorder = Recorder(RecordingConfig(str(tmp_path)), reactor, {})
+    await recorder.start()
+    looking = recorder.find(str(uuid.uuid4()))
+    await until(scanning.is_set, what="the scan")
+    safety.start()
+    try:
+        stopping = Deferred.fromCoroutine(recorder.stop())
+        assert not stopping.called
+        await deferLater(reactor, 0.01)  # the reactor turns meanwhile
+        assert not stopping.called
+        refused = recorder.find(str(uuid.uuid4()))
+        assert refused.called  # at once, not queued behind the end
+        with pytest.raises(RecorderStopped):
+            await refused
+        release.set()
+        await stopping
+        assert await looking is None
+    finally:
+        safety.cancel()
+        release.set()
