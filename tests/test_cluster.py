@@ -330,8 +330,11 @@ async def raw_get(port: int, target: str) -> tuple[bytes, bytes]:
                 f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode("latin-1")
             )
             data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass  # a cut answer: what came before the reset is returned
             return data
 
     head, _, body = (await threads.deferToThread(get)).partition(b"\r\n\r\n")
@@ -371,6 +374,8 @@ class FakeOwner:
         self.answer, self.endless = answer, endless
         self.lost: Deferred[None] = Deferred()
         self.sent = 0
+        #: Close the connection once the answer is out.
+        self.close_after_answer = False
 
     async def listen(self) -> int:
         from twisted.internet import reactor
@@ -387,7 +392,9 @@ class FakeOwner:
                 self.received += data
                 if b"\r\n\r\n" in self.received and not owner.sent:
                     self.send(owner.answer)
-                    if owner.endless:
+                    if owner.close_after_answer:
+                        self.transport.loseConnection()
+                    elif owner.endless:
                         self.more()
 
             def send(self, data: bytes) -> None:
@@ -446,3 +453,36 @@ async def test_an_owner_answering_without_end_is_cut_off(spawn: Spawn, redis_ser
         finally:
             await evil.directory.stop()
             await fake.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recording_the_owner_breaks_off(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    A recording is passed on as it comes: one the owner cuts short is cut (a
+    reset) for the client too, never ended as if whole; one announced over 4 GiB is a 502;
+    neither leaves a traceback in B's log.
+    """
+    b = await instance(spawn, redis_server, "b")
+    for fake, expected in [
+        (FakeOwner(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\nRIFF",
+                   endless=b""), "cut"),
+        (FakeOwner(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: 5000000000\r\n\r\nRIFF",
+                   endless=b"\0" * 1024), "too large"),
+    ]:
+        call_id = uuid.uuid4()
+        evil = await owned_by_fake(redis_server, fake, call_id)
+        try:
+            await wait_listed(b, {(str(call_id), "visitor"): "evil"})
+            if expected == "cut":
+                fake.close_after_answer = True
+            head, body = await raw_get(b.ports["http"], f"/calls/{call_id}/recording")
+            if expected == "cut":
+                assert len(body) < 100000, head
+            else:
+                assert head.split(b" ")[1] == b"502" and b"owner_answer_too_large" in body, (head, body)
+                await settle(fake.lost, "B to cut the fake owner off")
+        finally:
+            await evil.directory.stop()
+            await fake.port.stopListening()
+    await until(lambda: "recording from instance evil cut short" in b.child.log, what="the cut logged")
+    assert "Traceback" not in b.child.log and "Unhandled" not in b.child.log, b.child.log
