@@ -20,14 +20,25 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle, IPNetwork, Scope, Tokens, source_key
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster import CAUSE, FORWARDABLE_CAUSES, FORWARDED_BY, SIGNATURE, Cluster, OwnerUnreachable
+from audiohangup.cluster import (
+    CAUSE,
+    FORWARDABLE_CAUSES,
+    FORWARDED_BY,
+    MAX_WAV_BYTES,
+    SIGNATURE,
+    Cluster,
+    OwnerAnswerTooLarge,
+    OwnerUnreachable,
+)
 from audiohangup.errors import ApiError
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
@@ -430,6 +441,15 @@ class ControlAPI:
 
     async def _forward(self, request: IRequest, entry: LegEntry, path: bytes) -> tuple[int, bytes]:
         assert self.cluster is not None
+        response = await self._send(request, entry, path)
+        try:
+            return response.code, await self.cluster.read(response, entry.instance_id, entry.url)
+        except OwnerUnreachable as error:
+            raise _owner_error(error) from None
+
+    async def _send(self, request: IRequest, entry: LegEntry, path: bytes) -> Any:
+        """The owner's response to this request, its body yet to read; a 502 ApiError if it did not answer."""
+        assert self.cluster is not None
         request.content.seek(0)
         headers = {
             name: value
@@ -437,9 +457,43 @@ class ControlAPI:
             if (value := _header(request, name.lower())) is not None
         }
         try:
-            return await self.cluster.forward(entry.url, entry.instance_id, request.method, path, request.content.read(), headers)
+            return await self.cluster.send(
+                entry.url, entry.instance_id, request.method, path, request.content.read(), headers
+            )
         except OwnerUnreachable as error:
-            raise ApiError(502, "owner_unreachable", str(error)) from None
+            raise _owner_error(error) from None
+
+    async def _relayRecording(self, request: IRequest, entry: LegEntry) -> bytes:
+        """The owner's WAV, passed on as it comes (a recording can be far larger than any answer read whole)."""
+        assert self.cluster is not None
+        response = await self._send(request, entry, request.uri)
+        if response.code != 200:
+            try:
+                body = await self.cluster.read(response, entry.instance_id, entry.url)
+            except OwnerUnreachable as error:
+                raise _owner_error(error) from None
+            request.setResponseCode(response.code)
+            request.setHeader("x-audiohangup-answered-by", entry.instance_id)
+            request.setHeader("content-type", "application/json")
+            return body
+        length = response.length if isinstance(response.length, int) else None
+        if length is not None and length > MAX_WAV_BYTES:
+            response.deliverBody(_Discard())
+            raise _owner_error(OwnerAnswerTooLarge(
+                entry.instance_id, entry.url, f"a recording of {length} bytes, over {MAX_WAV_BYTES}"
+            ))
+        request.setHeader("x-audiohangup-answered-by", entry.instance_id)
+        request.setHeader("content-type", "audio/wav")
+        if length is not None:
+            request.setHeader("content-length", str(length))
+        try:
+            await self.cluster.pipe(response, cast(Request, request), entry.instance_id, entry.url)
+        except OwnerUnreachable as error:
+            # Part of the WAV is out: the only honest end is a cut connection.
+            self.log.warn("recording from instance {instance} cut short: {error}",
+                          instance=entry.instance_id, error=str(error))
+            request.channel.transport.abortConnection()  # type: ignore[attr-defined]
+        return b""
 
     async def _relay(self, request: IRequest, entry: LegEntry, path: bytes) -> bytes:
         status, body = await self._forward(request, entry, path)
@@ -585,6 +639,8 @@ class ControlAPI:
                 raise _redis_unavailable(error) from None
             for entry in owners.values():
                 if entry.instance_id != self.cluster.instance_id:
+                    if what == "recording" and request.method == b"GET":
+                        return await self._relayRecording(request, entry)
                     status, body = await self._forward(request, entry, request.uri)
                     request.setResponseCode(status)
                     request.setHeader("x-audiohangup-answered-by", entry.instance_id)
@@ -668,6 +724,19 @@ def _header(request: IRequest, name: str) -> str | None:
     """A request header as text, whatever its bytes (latin-1 never fails to decode)."""
     values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
     return values[-1].decode("latin-1") if values else None
+
+
+def _owner_error(error: OwnerUnreachable) -> ApiError:
+    """502, naming the owner: it did not answer, or answered more than is read."""
+    code = "owner_answer_too_large" if isinstance(error, OwnerAnswerTooLarge) else "owner_unreachable"
+    return ApiError(502, code, str(error))
+
+
+class _Discard(Protocol):
+    """Drops a response body that will not be read (the connection goes with it)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
 
 
 def _redis_unavailable(error: Exception) -> ApiError:

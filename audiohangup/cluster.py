@@ -11,20 +11,34 @@ instances bounce a request between them. It also carries
 C{X-Audiohangup-Forwarded-Signature}, the HMAC under the instances' own
 control token (--api-token) of who forwarded what, when and with which cause:
 only a request that carries a good one is taken as forwarded, so a client
-cannot mark its own hangup as a session's end.
+cannot mark its own hangup as a session's end. What is signed is the
+request target exactly as it goes on the wire (treq and Twisted's agent
+percent-encode some characters and drop an empty query or a fragment), so the
+owner checks the bytes it receives.
+
+An owner's answer is read through a L{BoundedPool} (its head bounded) and up
+to L{MAX_ANSWER_BYTES}: a broken or hostile peer cannot grow this instance's
+memory without bound; past either the request fails with L{OwnerUnreachable}.
+A recording (a WAV) is not read whole: L{Cluster.stream} passes it on as it
+comes, under backpressure, up to L{MAX_WAV_BYTES}.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import treq
+from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+from twisted.python.failure import Failure
+from twisted.web.client import URI, ResponseDone
+from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
+from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.reasons import HangupCause
 from audiohangup.webhooks import sign, verify
@@ -39,6 +53,13 @@ CAUSE = "X-Audiohangup-Cause"
 FORWARDABLE_CAUSES = {HangupCause.API.value, HangupCause.SESSION.value}
 #: C{t=<unix seconds>,sha256=<hex>}, as a webhook's signature, over L{_forwarded_fields}.
 SIGNATURE = "X-Audiohangup-Forwarded-Signature"
+#: Bytes of a forwarded JSON answer read at most. The largest real one (the
+#: streams opened on a call's legs, one call's view) is a few KiB: GET
+#: /calls?scope=cluster, the one listing that grows with the cluster, is read
+#: from Redis, never forwarded.
+MAX_ANSWER_BYTES = 64 * 1024
+#: Bytes of a forwarded recording passed on at most: a WAV's sizes are 32-bit.
+MAX_WAV_BYTES = 2**32 - 1
 
 
 def _forwarded_fields(instance_id: str, method: bytes, path: bytes, cause: str, body: bytes) -> bytes:
@@ -48,6 +69,16 @@ def _forwarded_fields(instance_id: str, method: bytes, path: bytes, cause: str, 
     )
 
 
+def wire_target(url: str, path: bytes) -> tuple[EncodedURL, bytes]:
+    """
+    The URL treq is given for C{path} at C{url}, and the request target it
+    sends (what the owner sees as C{request.uri}): treq encodes the URL with
+    hyperlink, the agent sends its origin form.
+    """
+    target = EncodedURL.from_text(url.rstrip("/") + path.decode("latin-1"))
+    return target, URI.fromBytes(target.to_uri().to_text().encode("ascii")).originForm
+
+
 class OwnerUnreachable(Exception):
     """The instance that owns a leg did not answer."""
 
@@ -55,6 +86,85 @@ class OwnerUnreachable(Exception):
         super().__init__(f"instance {instance_id} at {url} did not answer: {why}")
         self.instance_id = instance_id
         self.url = url
+
+
+class OwnerAnswerTooLarge(OwnerUnreachable):
+    """The instance that owns a leg answered with more than this instance reads."""
+
+    def __init__(self, instance_id: str, url: str, why: str) -> None:
+        Exception.__init__(self, f"instance {instance_id} at {url} answered too much: {why}")
+        self.instance_id = instance_id
+        self.url = url
+
+
+class AnswerTooLarge(Exception):
+    """A response body passed its bound."""
+
+
+def _why(error: BaseException) -> str:
+    """What went wrong, from inside Twisted's C{ResponseFailed} and its kin (they hold a list of failures)."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_why(reason.value) for reason in reasons)
+    return str(error) or type(error).__name__
+
+
+class _Collect(Protocol):
+    """A response body, read up to a bound: past it the connection is dropped, and C{done} fails."""
+
+    transport: Any
+
+    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+        self.limit, self.done = limit, done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.transport.stopProducing()
+            self.done.errback(AnswerTooLarge(f"its body passed {self.limit} bytes"))
+            return
+        self.deliver(data)
+
+    def deliver(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.result())
+        else:
+            self.done.errback(reason)
+
+    def result(self) -> Any:
+        return b"".join(self.parts)
+
+
+class _Pipe(_Collect):
+    """A response body written on to a request as it comes, the request's client pacing the owner."""
+
+    def __init__(self, request: Request, limit: int, done: Deferred[None]) -> None:
+        super().__init__(limit, cast("Deferred[bytes]", done))
+        self.request = request
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        # A client that goes away stops the owner's answer too.
+        self.request.notifyFinish().addErrback(lambda _: self.transport.stopProducing())
+
+    def deliver(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.request.unregisterProducer()
+        super().connectionLost(reason)
+
+    def result(self) -> None:
+        return None
 
 
 @implementer(ILegObserver)
@@ -77,7 +187,7 @@ class Cluster:
         self.api_token = api_token
         self.end_with_leg = end_with_leg
         self.timeout = timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = BoundedPool(reactor, persistent=True)
         self._pending: set[Deferred[Any]] = set()
 
     @property
@@ -88,21 +198,57 @@ class Cluster:
         self, url: str, instance_id: str, method: bytes, path: bytes, body: bytes, headers: dict[str, str]
     ) -> tuple[int, bytes]:
         """Send a request on to another instance; its status and body, or L{OwnerUnreachable}."""
+        response = await self.send(url, instance_id, method, path, body, headers)
+        return response.code, await self.read(response, instance_id, url)
+
+    async def send(
+        self, url: str, instance_id: str, method: bytes, path: bytes, body: bytes, headers: dict[str, str]
+    ) -> Any:
+        """Send a request on to another instance; its response, whose body is yet to read, or L{OwnerUnreachable}."""
         sent: dict[bytes | str, bytes | str] = {name: value for name, value in headers.items()}
         sent[FORWARDED_BY] = self.instance_id
-        if self.api_token:
-            fields = _forwarded_fields(self.instance_id, method, path, headers.get(CAUSE, ""), body)
-            sent[SIGNATURE] = sign(self.api_token, fields, int(self.reactor.seconds()))
-        target = url.rstrip("/") + path.decode("latin-1")
         try:
-            response = await treq.request(
+            target, uri = wire_target(url, path)
+        except ValueError as error:  # hyperlink's URLParseError: a URL the directory should not hold
+            raise OwnerUnreachable(instance_id, url, f"cannot make a URL of it: {error}") from None
+        if self.api_token:
+            fields = _forwarded_fields(self.instance_id, method, uri, headers.get(CAUSE, ""), body)
+            sent[SIGNATURE] = sign(self.api_token, fields, int(self.reactor.seconds()))
+        try:
+            return await treq.request(
                 method.decode(), target, data=body or None, headers=sent, timeout=self.timeout,
                 pool=self.pool, reactor=self.reactor, allow_redirects=False,
             )
-            content = await response.content()
         except Exception as error:  # treq reports many failure types; all mean "no answer"
-            raise OwnerUnreachable(instance_id, url, str(error) or type(error).__name__) from None
-        return response.code, content
+            raise OwnerUnreachable(instance_id, url, _why(error)) from None
+
+    async def read(self, response: Any, instance_id: str, url: str) -> bytes:
+        """An owner's answer, up to L{MAX_ANSWER_BYTES} within the timeout; L{OwnerUnreachable} if not."""
+        collector = _Collect(MAX_ANSWER_BYTES, Deferred(lambda _: collector.transport.stopProducing()))
+        response.deliverBody(collector)
+        # Within the forwarding timeout: an owner that trickles its answer holds this request no longer.
+        collector.done.addTimeout(self.timeout, self.reactor)
+        try:
+            return await collector.done
+        except AnswerTooLarge as error:
+            raise OwnerAnswerTooLarge(instance_id, url, str(error)) from None
+        except Exception as error:
+            raise OwnerUnreachable(instance_id, url, _why(error)) from None
+
+    async def pipe(self, response: Any, request: Request, instance_id: str, url: str) -> None:
+        """
+        Pass an owner's recording on to C{request} as it comes, under
+        backpressure, up to L{MAX_WAV_BYTES}; L{OwnerUnreachable} if it breaks
+        off or passes that (what was passed on is then cut short).
+        """
+        done: Deferred[None] = Deferred()
+        response.deliverBody(_Pipe(request, MAX_WAV_BYTES, done))
+        try:
+            await done
+        except AnswerTooLarge as error:
+            raise OwnerAnswerTooLarge(instance_id, url, str(error)) from None
+        except Exception as error:
+            raise OwnerUnreachable(instance_id, url, _why(error)) from None
 
     def verified(
         self, instance_id: str, signature: str | None, method: bytes, path: bytes, cause: str, body: bytes

@@ -76,7 +76,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -381,6 +381,8 @@ class Directory:
     @param prefix: the first part of every key.
     @param timeout: seconds Redis has to answer a command (and to accept a
         connection) before the connection is dropped and made again.
+    @param password: the AUTH password, when it is kept out of the URL
+        (--redis-password-file, $AUDIOHANGUP_REDIS_PASSWORD).
     """
 
     log = Logger()
@@ -396,6 +398,7 @@ class Directory:
         heartbeat: float = 2.0,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = 1.0,
+        password: str | None = None,
     ) -> None:
         if not instance_id or not instance_id.isprintable() or any(c.isspace() for c in instance_id):
             raise ValueError(f"instance id {instance_id!r} must be a non-empty name without spaces")
@@ -406,6 +409,10 @@ class Directory:
         if not prefix:
             raise ValueError("the key prefix must not be empty")
         self.address = parse_redis_url(redis_url)
+        if password is not None:
+            if self.address.password is not None:
+                raise ValueError("the Redis password is given twice (in the URL and apart from it)")
+            self.address = replace(self.address, password=password)
         self.redis = self.address.describe()
         self.instance_id = instance_id
         self.advertise_url = advertise_url

@@ -91,6 +91,8 @@ class Config:
     max_pending_per_source: int = 32
     max_unsent_ms: int = 2000
     redis: str | None = None
+    #: AUTH password for --redis from a file or the environment (never in the URL too).
+    redis_password: str | None = field(default=None, repr=False)
     instance_id: str = ""
     advertise_url: str | None = None
     heartbeat: float = 2.0
@@ -301,7 +303,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(
             config.redis, instance_id, config.advertise_url or "", registry, reactor,
-            heartbeat=config.heartbeat,
+            heartbeat=config.heartbeat, password=config.redis_password,
         )
         cluster = Cluster(
             directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg,

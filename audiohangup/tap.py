@@ -42,6 +42,7 @@ from audiohangup.webhooks import Webhooks, trust_root
 TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
 WEBHOOK_SECRET_ENVIRONMENT = "AUDIOHANGUP_WEBHOOK_SECRET"
 STREAM_SECRET_ENVIRONMENT = "AUDIOHANGUP_STREAM_SECRET"
+REDIS_PASSWORD_ENVIRONMENT = "AUDIOHANGUP_REDIS_PASSWORD"
 
 
 def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
@@ -157,7 +158,12 @@ class Options(usage.Options):
         [
             "redis", None, None,
             "Redis URL (redis://host:port/db or unix:///path) of the call directory shared "
-            "by several instances; without it this instance runs alone.",
+            "by several instances; without it this instance runs alone. Its password is best given "
+            f"by --redis-password-file or ${REDIS_PASSWORD_ENVIRONMENT}, not in the URL (on the command line).",
+        ],
+        [
+            "redis-password-file", None, None,
+            "File holding the Redis password (AUTH; a trailing newline is ignored): kept off the command line.",
         ],
         [
             "instance-id", None, None,
@@ -422,6 +428,21 @@ class Options(usage.Options):
         if self[name] is not None and not self[name]:
             raise usage.UsageError(f"--{name} must not be empty")
 
+    def _redisPassword(self, in_url: bool) -> None:
+        """The Redis password from --redis-password-file, else $AUDIOHANGUP_REDIS_PASSWORD; one place only."""
+        path = self["redis-password-file"]
+        self["redis-password"] = None
+        try:
+            if path is not None:
+                self["redis-password"] = credentials.from_file(path, insecure=bool(self["insecure-files"]))
+            elif os.environ.get(REDIS_PASSWORD_ENVIRONMENT):
+                self["redis-password"] = credentials.from_environment(REDIS_PASSWORD_ENVIRONMENT)
+        except ValueError as error:
+            raise usage.UsageError(f"--redis-password-file: {error}") from None
+        if in_url and self["redis-password"] is not None:
+            given = "--redis-password-file" if path is not None else f"${REDIS_PASSWORD_ENVIRONMENT}"
+            raise usage.UsageError(f"--redis: the URL holds a password and {given} gives one too: give it once")
+
     def opt_http_host(self, names: str) -> None:
         """A name the API answers to beside localhost and IP addresses (NAME[,NAME...]; repeat for more)."""
         try:
@@ -452,13 +473,16 @@ class Options(usage.Options):
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:
             raise usage.UsageError(f"--webhook: {error}") from None
+        if self["redis"] is None and self["redis-password-file"] is not None:
+            raise usage.UsageError("--redis-password-file needs --redis")
         if self["redis"] is not None:
             try:
-                parse_redis_url(self["redis"])
+                address = parse_redis_url(self["redis"])
             except ValueError as error:
                 raise usage.UsageError(
                     f"--redis must be a redis://host:port/db or unix:///path URL: {error}"
                 ) from None
+            self._redisPassword(address.password is not None)
             if not self["advertise-url"]:
                 raise usage.UsageError("--advertise-url is required with --redis: other instances forward to it")
             if not self["advertise-url"].startswith(("http://", "https://")):
@@ -555,6 +579,7 @@ class Options(usage.Options):
             webhooks=tuple(self["webhook"]),
             webhook_secret=self["webhook-secret"],
             redis=self["redis"],
+            redis_password=self.get("redis-password"),
             instance_id=self["instance-id"] or "",
             advertise_url=self["advertise-url"],
             heartbeat=self["heartbeat"],

@@ -316,3 +316,173 @@ async def test_recording_routes_reach_the_owner(spawn: Spawn, redis_server: Redi
     status, body, response = await request("DELETE", f"{b.url}/calls/{call_id}/recording")
     assert status == 200, body
     assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
+
+
+async def raw_get(port: int, target: str) -> tuple[bytes, bytes]:
+    """GET C{target} exactly as given (treq would re-encode it), over HTTP/1.0 (no chunks): the head and body."""
+    import socket
+
+    from twisted.internet import threads
+
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode("latin-1")
+            )
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass  # a cut answer: what came before the reset is returned
+            return data
+
+    head, _, body = (await threads.deferToThread(get)).partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_targets_are_signed_as_sent(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    A request target that treq re-encodes on its way to the owner (an empty
+    query dropped, | { } ^ " percent-encoded) is signed as it is sent, so the
+    owner takes it; and the recording comes through B whole.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id = uuid.uuid4()
+    await leg_on(a, "visitor", call_id, on_hangup="close")
+    await wait_listed(b, {(str(call_id), "visitor"): "a"})
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/recording")
+    assert status == 201, body
+    for query in ["", "?", "?x=a|b", '?x={"^"}&y=%7c']:
+        head, body = await raw_get(b.ports["http"], f"/calls/{call_id}/recording{query}")
+        assert head.split(b" ")[1] == b"200", (query, head, body[:300])
+        assert b"\r\nx-audiohangup-answered-by: a" in head.lower() and body.startswith(b"RIFF"), (query, head)
+
+
+class FakeOwner:
+    """
+    A raw HTTP server on loopback standing for a broken or hostile instance:
+    after a request's head it sends C{answer}, then, if C{endless}, that
+    line again and again until the client goes.
+    """
+
+    def __init__(self, answer: bytes, endless: bytes = b"") -> None:
+        from twisted.internet.defer import Deferred
+
+        self.answer, self.endless = answer, endless
+        self.lost: Deferred[None] = Deferred()
+        self.sent = 0
+        #: Close the connection once the answer is out.
+        self.close_after_answer = False
+
+    async def listen(self) -> int:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        owner = self
+
+        class Answer(Protocol):
+            received = b""
+            connected_ = True
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+                if b"\r\n\r\n" in self.received and not owner.sent:
+                    self.send(owner.answer)
+                    if owner.close_after_answer:
+                        self.transport.loseConnection()
+                    elif owner.endless:
+                        self.more()
+
+            def send(self, data: bytes) -> None:
+                owner.sent += len(data)
+                self.transport.write(data)
+
+            def more(self) -> None:
+                if self.connected_:
+                    self.send(owner.endless * (16384 // len(owner.endless)))
+                    reactor.callLater(0, self.more)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.connected_ = False
+                if not owner.lost.called:
+                    owner.lost.callback(None)
+
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Answer))
+        return int(self.port.getHost().port)
+
+
+async def owned_by_fake(redis_server: RedisServer, fake: FakeOwner, call_id: uuid.UUID) -> Any:
+    """A directory entry naming C{fake}, instance "evil", the owner of C{call_id}'s visitor."""
+    from audiohangup.directory import DEFAULT_PREFIX
+    from tests.test_directory import Cluster as Directories
+
+    directories = Directories(redis_server)
+    evil = await directories.started(
+        "evil", url=f"http://127.0.0.1:{await fake.listen()}", prefix=DEFAULT_PREFIX, heartbeat=HEARTBEAT
+    )
+    evil.leg(call_id)
+    return evil
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_answering_without_end_is_cut_off(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    An owner that sends header lines without end, or a body over 64 KiB, is
+    cut off: B answers 502 naming it, having read a bounded part.
+    """
+    b = await instance(spawn, redis_server, "b")
+    for fake, method, code, why in [
+        (FakeOwner(b"HTTP/1.1 200 OK\r\n", endless=b"X-Junk: " + b"j" * 90 + b"\r\n"),
+         "GET", "owner_unreachable", "head passed"),
+        (FakeOwner(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", endless=b"[" * 1024),
+         "POST", "owner_answer_too_large", "passed 65536 bytes"),
+    ]:
+        call_id = uuid.uuid4()
+        evil = await owned_by_fake(redis_server, fake, call_id)
+        try:
+            await wait_listed(b, {(str(call_id), "visitor"): "evil"})
+            status, body, _ = await request(method, f"{b.url}/calls/{call_id}/recording")
+            assert status == 502 and body["error"]["code"] == code, (status, body)
+            assert "instance evil at http://127.0.0.1:" in body["error"]["message"], body
+            assert why in body["error"]["message"], body
+            await settle(fake.lost, "B to cut the fake owner off")
+        finally:
+            await evil.directory.stop()
+            await fake.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recording_the_owner_breaks_off(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    A recording is passed on as it comes: one the owner cuts short is cut (a
+    reset) for the client too, never ended as if whole; one announced over 4 GiB is a 502;
+    neither leaves a traceback in B's log.
+    """
+    b = await instance(spawn, redis_server, "b")
+    for fake, expected in [
+        (FakeOwner(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\nRIFF",
+                   endless=b""), "cut"),
+        (FakeOwner(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: 5000000000\r\n\r\nRIFF",
+                   endless=b"\0" * 1024), "too large"),
+    ]:
+        call_id = uuid.uuid4()
+        evil = await owned_by_fake(redis_server, fake, call_id)
+        try:
+            await wait_listed(b, {(str(call_id), "visitor"): "evil"})
+            if expected == "cut":
+                fake.close_after_answer = True
+            head, body = await raw_get(b.ports["http"], f"/calls/{call_id}/recording")
+            if expected == "cut":
+                assert len(body) < 100000, head
+            else:
+                assert head.split(b" ")[1] == b"502" and b"owner_answer_too_large" in body, (head, body)
+                await settle(fake.lost, "B to cut the fake owner off")
+        finally:
+            await evil.directory.stop()
+            await fake.port.stopListening()
+    await until(lambda: "recording from instance evil cut short" in b.child.log, what="the cut logged")
+    assert "Traceback" not in b.child.log and "Unhandled" not in b.child.log, b.child.log

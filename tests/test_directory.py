@@ -609,6 +609,19 @@ async def test_a_redis_wanting_a_password(cluster: Cluster, logs: LogCapture) ->
     await a.directory.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_redis_password_apart_from_the_url(cluster: Cluster, logs: LogCapture) -> None:
+    """The password from --redis-password-file or the environment authenticates as one in the URL would."""
+    raw = await cluster.raw()
+    await raw.execute_command("CONFIG", "SET", "requirepass", "s3cret")
+    a = await cluster.started("a", redis_url=f"redis://127.0.0.1:{cluster.redis.port}/3", password="s3cret")
+    a.leg(uuid.uuid4())
+    assert len(await eventually(a.directory.legs)) == 1
+    with pytest.raises(ValueError, match="given twice") as raised:
+        cluster.instance("b", redis_url=f"redis://:s3cret@127.0.0.1:{cluster.redis.port}", password="s3cret")
+    assert "s3cret" not in str(raised.value)
+
+
 async def _start_unavailable(instance: Instance) -> Instance:
     await instance.directory.start()
     assert not instance.directory.available

@@ -525,7 +525,10 @@ class SecretSourcesTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.folder)
         self.environ = {
             key: value for key, value in os.environ.items()
-            if key not in (tap.TOKEN_ENVIRONMENT, tap.WEBHOOK_SECRET_ENVIRONMENT, tap.STREAM_SECRET_ENVIRONMENT)
+            if key not in (
+                tap.TOKEN_ENVIRONMENT, tap.WEBHOOK_SECRET_ENVIRONMENT, tap.STREAM_SECRET_ENVIRONMENT,
+                "AUDIOHANGUP_REDIS_PASSWORD",
+            )
         }
         self.patch(os, "environ", self.environ)  # type: ignore[attr-defined]
 
@@ -605,3 +608,26 @@ class SecretSourcesTests(SynchronousTestCase):
             ["--stream-header", "Authorization: Bearer a", "--stream-header-env", "authorization: APP_TOKEN"],
             "--stream-header-env: authorization is given twice", never="s3cret",
         )
+
+    def test_redisPasswordOffTheCommandLine(self) -> None:
+        """The Redis password from a file or $AUDIOHANGUP_REDIS_PASSWORD, never beside one in the URL."""
+        cluster = ["--redis", "redis://127.0.0.1:6379/2", "--advertise-url", "http://a:8080", "--api-token", "t" * 16]
+        config = parse(*cluster, "--redis-password-file", self.secretFile("r3dis\n")).config()
+        self.assertEqual((config.redis, config.redis_password), ("redis://127.0.0.1:6379/2", "r3dis"))
+        self.assertNotIn("r3dis", repr(config))
+        self.environ["AUDIOHANGUP_REDIS_PASSWORD"] = "r3dis-env"
+        self.assertEqual(parse(*cluster).config().redis_password, "r3dis-env")
+        self.assertIsNone(parse().config().redis_password)  # no --redis: no password wanted
+        in_url = ["--redis", "redis://:r3dis@127.0.0.1:6379", *cluster[2:]]
+        self.assertUsageError(in_url, "$AUDIOHANGUP_REDIS_PASSWORD gives one too", never="r3dis")
+        del self.environ["AUDIOHANGUP_REDIS_PASSWORD"]
+        self.assertEqual(parse(*in_url).config().redis_password, None)  # the URL's alone: still taken
+        shared = self.secretFile("r3dis\n", "shared", mode=0o640)
+        for args, fragments in [
+            ([*in_url, "--redis-password-file", self.secretFile("x")], ("--redis-password-file gives one too",)),
+            ([*cluster, "--redis-password-file", shared], ("--redis-password-file:", "mode 0640", "--insecure-files")),
+            ([*cluster, "--redis-password-file", str(self.folder / "missing")], ("--redis-password-file: cannot read",)),
+            (["--redis-password-file", self.secretFile("x")], ("--redis-password-file needs --redis",)),
+        ]:
+            self.assertUsageError(args, *fragments, never="r3dis")
+        self.assertEqual(parse(*cluster, "--redis-password-file", shared, "--insecure-files").config().redis_password, "r3dis")
