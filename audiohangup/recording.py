@@ -535,6 +535,9 @@ class Recorder:
         self._loop: LoopingCall | None = None
         self._pruning: IDelayedCall | None = None
         self._stopping = False
+        #: Work handed to each pool (by name) and not yet done, and who waits for it to be none.
+        self._busy: dict[str, int] = {}
+        self._idle: dict[str, list[Deferred[None]]] = {}
 
     # Life
 
@@ -569,11 +572,29 @@ class Recorder:
                 self.log.failure("{call_id} recording could not be finished", call_id=call_id)
         for pool in (self._pool, self._lookups):
             if pool.started:
-                await deferToThreadPool(self.reactor, pool, lambda: None)  # what was queued is done
+                if self._busy.get(pool.name or ""):
+                    idle: Deferred[None] = Deferred()
+                    self._idle.setdefault(pool.name or "", []).append(idle)
+                    await idle  # what was queued is done
                 pool.stop()  # idle now: the join is at once
 
     def run(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self.reactor, self._pool, work, *args)
+        return self._dispatch(self._pool, work, *args)
+
+    def _dispatch(self, pool: ThreadPool, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """C{work} on C{pool}, counted, so that L{stop} waits for it without joining a busy thread."""
+        name = pool.name or ""
+        self._busy[name] = self._busy.get(name, 0) + 1
+
+        def done(result: Any) -> Any:
+            self._busy[name] -= 1
+            if not self._busy[name]:
+                for idle in self._idle.pop(name, []):
+                    # Next turn: the caller's own callbacks on this work run first.
+                    self.reactor.callLater(0, idle.callback, None)
+            return result
+
+        return deferToThreadPool(self.reactor, pool, work, *args).addBoth(done)
 
     def _flushAll(self) -> None:
         for recording in list(self.active.values()):
@@ -660,7 +681,7 @@ class Recorder:
             self._skipped(links)
             return None if path is None else WavResource(path, self.rate)
 
-        return deferToThreadPool(self.reactor, self._lookups, _last_recording, self.directory, call_id).addCallback(found)
+        return self._dispatch(self._lookups, _last_recording, self.directory, call_id).addCallback(found)
 
     def _skipped(self, links: list[str]) -> None:
         for name in links:

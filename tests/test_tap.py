@@ -622,10 +622,10 @@ class SecretSourcesTests(SynchronousTestCase):
         self.assertUsageError(in_url, "$AUDIOHANGUP_REDIS_PASSWORD gives one too", never="r3dis")
         del self.environ["AUDIOHANGUP_REDIS_PASSWORD"]
         self.assertEqual(parse(*in_url).config().redis_password, None)  # the URL's alone: still taken
-        shared = self.secretFile("r3dis\n", "shared", mode=0o640)
+        shared = self.secretFile("r3dis\n", "shared", mode=0o644)
         for args, fragments in [
             ([*in_url, "--redis-password-file", self.secretFile("x")], ("--redis-password-file gives one too",)),
-            ([*cluster, "--redis-password-file", shared], ("--redis-password-file:", "mode 0640", "--insecure-files")),
+            ([*cluster, "--redis-password-file", shared], ("--redis-password-file:", "mode 0644", "--insecure-files")),
             ([*cluster, "--redis-password-file", str(self.folder / "missing")], ("--redis-password-file: cannot read",)),
             (["--redis-password-file", self.secretFile("x")], ("--redis-password-file needs --redis",)),
         ]:
