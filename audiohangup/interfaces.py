@@ -113,7 +113,7 @@ class ILeg(Interface):
 class IPacedLeg(ILeg):
     """
     A leg as the shared pacer sees it. The pacer decides the common case (a
-    bridged leg, nothing queued or fed, not idle) from these attributes
+    bridged leg, nothing queued, fed or held, not idle) from these attributes
     alone, and calls C{paceTick} for any other leg.
     """
 

@@ -46,9 +46,10 @@ class Pacer(Service):
     leg, and stopping the service stops the loop and forgets every leg.
 
     Each tick visits every leg, so the common case, a bridged leg with
-    nothing queued and not idle, is decided here from three of the leg's
-    attributes (C{forwarded_at}, C{queue}, C{last_frame_at} against
-    C{idle_after}) without a call; any other leg gets C{paceTick}.
+    nothing queued, fed or held and not idle, on an on-time tick, is decided
+    here from the leg's attributes (C{forwarded_at}, C{queue}, C{feed},
+    C{held}, C{last_frame_at} against C{idle_after}) without a call; any
+    other leg gets C{paceTick}.
     """
 
     log = Logger()
