@@ -455,6 +455,23 @@ class MixTests(TimelineTests):
         self.tick()
         self.assertEqual(self.frames(), [samples(32767), samples(-32768)])
 
+    def test_g711Leg(self) -> None:
+        """A u-law leg: the app's frame and the bridge's are decoded, summed and encoded back."""
+        ulaw = FORMATS["ulaw"]
+        leg = AudioSocketProtocol(Role.RESIDENT, self.registry, LegSettings(audio=ulaw), self.clock, self.pacer)
+        transport = StringTransport()
+        leg.makeConnection(transport)
+        leg.dataReceived(encode_uuid(uuid.uuid4()))
+        leg.feed = Playout(50, mix=True)
+        leg.feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        leg.forwardBytes(encode(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
+        transport.clear()
+        self.tick()
+        [frame] = FrameDecoder().feed(transport.value())
+        heard = g711_decode(frame.payload, ulaw)
+        self.assertEqual(len(frame.payload), 160)
+        self.assertTrue(all(abs(int.from_bytes(heard[i : i + 2], "little", signed=True) - 4000) < 200 for i in range(0, 320, 2)))
+
 
 class OutboxTests(StreamTestCase):
     """
