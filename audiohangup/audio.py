@@ -108,6 +108,14 @@ class FrameQueue(deque[bytes]):
         self.extend(frames)  # the deque drops from the old end itself
         return overflow
 
+    def skip(self, count: int) -> int:
+        """Drop up to C{count} frames from the head (they were due and missed); return how many."""
+        skipped = min(count, len(self))
+        for _ in range(skipped):
+            self.popleft()
+        self.dropped += skipped
+        return skipped
+
 
 #: An entry of a L{Playout}: an encoded frame, or a mark (called once the
 #: frames queued before it have been written to the leg, or dropped).
@@ -126,9 +134,11 @@ class Playout(deque[PlayoutItem]):
     been written (L{settle}), so the pacer finds a frame or nothing.
     """
 
-    def __init__(self, max_frames: int) -> None:
+    def __init__(self, max_frames: int, mix: bool = False) -> None:
         super().__init__()
         self.max_frames = max_frames
+        #: C{--stream-audio mix}: its frames are summed with the bridge's, not played instead of them.
+        self.mix = mix
         self.frames = 0
         self.dropped = 0
 
@@ -164,6 +174,15 @@ class Playout(deque[PlayoutItem]):
         assert isinstance(frame, bytes)
         self.frames -= 1
         return frame
+
+    def skip(self, count: int) -> int:
+        """Drop up to C{count} frames from the head (due and missed), answering the marks among them."""
+        skipped = 0
+        while skipped < count and self.next_frame() is not None:
+            skipped += 1
+        self.settle()
+        self.dropped += skipped
+        return skipped
 
     def settle(self) -> None:
         """Answer the marks at the head: the audio before them is out."""

@@ -33,7 +33,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-__all__ = ["Transcoder", "decode", "encode"]
+__all__ = ["Transcoder", "decode", "encode", "mix"]
 
 #: audioop works in the machine's byte order; AudioSocket's slin is little-endian.
 _SWAP: Final = sys.byteorder != "little"
@@ -147,3 +147,17 @@ class Transcoder:
         self._taken += len(samples)
         self._given += len(out)
         return out.astype("<i2").tobytes()
+
+
+def mix(first: bytes, second: bytes, fmt: AudioFormat) -> bytes:
+    """
+    Two payloads of C{fmt}, of one length, summed sample by sample and
+    saturated at the 16-bit limits (a clip, never a wrap-around's crack):
+    slin as is, G.711 through linear PCM and back.
+    """
+    one, other = decode(first, fmt), decode(second, fmt)
+    if _SWAP:
+        summed = audioop.byteswap(audioop.add(audioop.byteswap(one, 2), audioop.byteswap(other, 2), 2), 2)
+    else:
+        summed = audioop.add(one, other, 2)
+    return encode(summed, fmt)

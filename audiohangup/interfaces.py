@@ -12,6 +12,7 @@ Ground level: this module imports only pure modules (wire, audio, reasons).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +76,11 @@ class ILeg(Interface):
     )
 
     def forward(frame: Frame) -> None:
-        """Bridge a frame from another leg: written at once, unless queued audio has the floor."""
+        """
+        Bridge a frame from another leg: written at once if nothing was written
+        in this tick's slot, else held for the next tick (or dropped: queued
+        audio, and the app's audio under C{--stream-audio floor}, have the floor).
+        """
 
     def forwardBytes(data: bytes) -> None:
         """L{forward} for one frame still encoded: the bytes as they arrived on the other leg."""
@@ -115,16 +120,17 @@ class ILeg(Interface):
 class IPacedLeg(ILeg):
     """
     A leg as the shared pacer sees it. The pacer decides the common case (a
-    bridged leg, nothing queued or fed, not idle) from these attributes
+    bridged leg, nothing queued, fed or held, not idle) from these attributes
     alone, and calls C{paceTick} for any other leg.
     """
 
     forwarded_at: float = Attribute("When audio was last bridged to it (reactor seconds).")
     last_frame_at: float = Attribute("When its peer last sent a frame (reactor seconds).")
     idle_after: float = Attribute("Seconds without a frame before the idle hangup (inf: never).")
+    held: deque[bytes] = Attribute("Bridged frames held for the next tick: its slot had a frame already.")
 
-    def paceTick(now: float, bridged_since: float) -> None:
-        """One 20 ms tick: the idle check, then at most one frame."""
+    def paceTick(now: float, bridged_since: float, missed: int) -> None:
+        """One 20 ms tick: the idle check, then at most one frame; C{missed} slots were skipped before it."""
 
 
 class ILegTap(Interface):

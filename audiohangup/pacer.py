@@ -10,6 +10,12 @@ legs (thousands of legs are one timer, not thousands); its deadlines come from
 its start time, so it does not drift, and a late tick runs once and skips the
 missed ones instead of bursting.
 
+A leg's timeline follows the clock, not the frames it has: the slots a late
+tick missed (a GC pause, a stopped process) are told to each leg, which drops
+the audio that was due in them rather than play it late for the rest of the
+call (see L{audiohangup.protocol.AudioSocketProtocol.paceTick}). Each tick
+starts a new slot (L{Pacer.slot}); a leg writes at most one frame in a slot.
+
 The pacer belongs to one service: it is started and stopped with it, and a
 stopped pacer holds no leg and no timer.
 """
@@ -28,6 +34,11 @@ from audiohangup.interfaces import IPacedLeg
 #: so a bridge's own jitter does not make the pacer slip in extra frames.
 BRIDGE_GRACE = 1.5
 
+#: Ticks after a late one during which a leg still drops the audio due in
+#: the missed slots: what was sent during a stall may be read only after the
+#: late tick (a GC pause in the middle of a pass), a little later.
+CATCH_UP_TICKS = 5
+
 
 class Pacer(Service):
     """
@@ -35,9 +46,10 @@ class Pacer(Service):
     leg, and stopping the service stops the loop and forgets every leg.
 
     Each tick visits every leg, so the common case, a bridged leg with
-    nothing queued and not idle, is decided here from three of the leg's
-    attributes (C{forwarded_at}, C{queue}, C{last_frame_at} against
-    C{idle_after}) without a call; any other leg gets C{paceTick}.
+    nothing queued, fed or held and not idle, on an on-time tick, is decided
+    here from the leg's attributes (C{forwarded_at}, C{queue}, C{feed},
+    C{held}, C{last_frame_at} against C{idle_after}) without a call; any
+    other leg gets C{paceTick}.
     """
 
     log = Logger()
@@ -47,6 +59,10 @@ class Pacer(Service):
         self.interval = interval
         self.ticks = 0
         self.late_ticks = 0
+        #: Slots late ticks skipped: each leg dropped the audio due in them.
+        self.missed_slots = 0
+        #: The current slot: intervals since the first start, late ticks' missed ones included; never goes back.
+        self.slot = 0
         self._intervals = 0  # intervals elapsed since the loop started
         self._legs: dict[IPacedLeg, None] = {}
         self._loop = self._newLoop()
@@ -89,16 +105,19 @@ class Pacer(Service):
         assert self._loop.starttime is not None
         due = self._loop.starttime + (self._intervals + 1) * self.interval
         self._intervals += count
+        self.slot += count
+        missed = count - 1
+        self.missed_slots += missed
         bridged_since = due - self.interval * BRIDGE_GRACE
         now = self.clock.seconds()
         for leg in list(self._legs):
             if (
-                leg.forwarded_at >= bridged_since and not leg.queue and not leg.feed
-                and now - leg.last_frame_at < leg.idle_after
+                leg.forwarded_at >= bridged_since and not leg.queue and not leg.feed and not leg.held
+                and not missed and now - leg.last_frame_at < leg.idle_after
             ):
-                continue  # bridged lately, nothing queued or fed, not idle: nothing to do
+                continue  # bridged lately, nothing queued, fed or held, on time, not idle: nothing to do
             try:
-                leg.paceTick(now, bridged_since)
+                leg.paceTick(now, bridged_since, missed)
             except Exception:
                 # One leg's failure must not stop the tick for every other leg.
                 self.log.failure("{call_id} {role} pacing failed", call_id=leg.call_id, role=leg.role)

@@ -16,6 +16,7 @@ import errno
 import math
 import socket
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,8 +43,9 @@ from zope.interface import Attribute, implementer
 
 from audiohangup.access import source_of
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
+from audiohangup.codecs import mix
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
-from audiohangup.pacer import Pacer
+from audiohangup.pacer import CATCH_UP_TICKS, Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
 from audiohangup.relay import Relay
@@ -67,6 +69,16 @@ MAX_DTMF_DIGITS = 64
 #: second; a flood beyond this is counted (audiohangup_dtmf_total), not
 #: logged, so it cannot write more log than it sends.
 DTMF_LOG_PER_SECOND = 10
+
+#: Bridged frames a leg holds for its next ticks while its slots are the
+#: pacer's (its app or a prompt spoke lately); beyond it the oldest goes, so
+#: the bridge is never more than this many frames behind.
+BRIDGE_HOLD = 2
+
+#: Ticks after the last frame of a prompt or an app during which bridged
+#: frames keep to the ticks: an app that stutters (a frame every other tick)
+#: must not let the bridge slip extra frames in between its own.
+SPOKEN_TICKS = 10
 
 
 @dataclass(frozen=True)
@@ -184,12 +196,12 @@ class AudioSocketProtocol(Protocol):
     # connected) stays in the instance dict, as do a test's patches.
     __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
         "state", "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
-        "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "idle_after",
+        "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "written_in", "held", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
         "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfSecond", "_dtmfLogged", "recording", "streams",
         "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
-        "_wrong_kind_logged", "_peerReset", "_peerEnd",
+        "_wrong_kind_logged", "_peerReset", "_peerEnd", "_late", "_lateUntil", "_spokenIn",
     )
 
     def __init__(
@@ -247,6 +259,15 @@ class AudioSocketProtocol(Protocol):
         self._waiting: list[Deferred[CloseReason]] = []
         #: When audio was last bridged to this leg; the pacer sends no silence soon after.
         self.forwarded_at = -math.inf
+        #: The pacer's slot this leg last had a frame written in: one frame a slot, whatever feeds it.
+        self.written_in = -1
+        #: Bridged frames whose slot had a frame already, for the next ticks.
+        self.held: deque[bytes] = deque(maxlen=BRIDGE_HOLD)
+        #: The slot of the last queued or fed frame (a prompt's, an app's).
+        self._spokenIn = -SPOKEN_TICKS - 1
+        #: Frames due in slots a late tick missed and not yet dropped, until slot C{_lateUntil}.
+        self._late = 0
+        self._lateUntil = 0
         #: Seconds without a frame from the peer before the idle hangup (inf: never).
         self.idle_after = settings.idle_timeout or math.inf
         self._after_playout: HangupCause | None = None
@@ -665,16 +686,29 @@ class AudioSocketProtocol(Protocol):
 
     def forward(self, frame: Frame) -> None:
         """
-        Bridge a frame from another leg: written at once, one write, same bytes.
-        Queued audio (a prompt, an application's speech) has the floor;
-        forwarded audio waits for no tick.
+        Bridge a frame from another leg: written at once, one write, same
+        bytes. While a prompt or an app speaks to the leg (and for
+        L{SPOKEN_TICKS} after), its slots are the pacer's: a bridged frame
+        in a slot that had its frame waits for the next tick. Queued audio
+        (a prompt) has the floor, and so has an app's speech under
+        C{--stream-audio floor}: the bridged frame is dropped; under C{mix}
+        it waits to be summed with the app's.
         """
         self.forwardBytes(frame.encode())
 
     def forwardBytes(self, data: bytes) -> None:
         """L{forward} for a frame still encoded, as it arrived on the other leg."""
-        if self.state is LIVE and not self.queue and not self.feed:
-            self._write(data)
+        if self.state is LIVE:
+            slot = self.pacer.slot
+            if not self.queue and not self.feed and (
+                self.written_in != slot or slot - self._spokenIn > SPOKEN_TICKS
+            ):
+                # A bridge alone is paced by the other leg's Asterisk: what
+                # it sends goes through as it comes, a burst included.
+                self._write(data)
+                self.written_in = slot
+            elif not self.queue and (not self.feed or self.feed.mix):
+                self.held.append(data)
             self.forwarded_at = self.reactor.seconds()
 
     def queueFrames(self, frames: list[bytes]) -> int:
@@ -694,26 +728,82 @@ class AudioSocketProtocol(Protocol):
     def queued_ms(self) -> int:
         return round(len(self.queue) * FRAME_SECONDS * 1000)
 
-    def paceTick(self, now: float, bridged_since: float) -> None:
+    def paceTick(self, now: float, bridged_since: float, missed: int = 0) -> None:
         """
-        The pacer's 20 ms tick: the idle check, then at most one frame, queued
-        audio first, else silence unless audio was bridged here since
-        C{bridged_since}.
+        The pacer's 20 ms tick: the idle check, then at most one frame:
+        queued audio first, then the app's (summed with a held bridged frame
+        under C{--stream-audio mix}), then a held bridged frame, else silence
+        unless audio was bridged here since C{bridged_since}.
+
+        After C{missed} slots without a tick, the audio due in them is
+        dropped, not played late: see L{_catchUp}.
         """
         if self.state is not LIVE:
             return
         if now - self.last_frame_at >= self.idle_after:
             self.hangup(HangupCause.IDLE_TIMEOUT)
             return
+        if missed or self._late:
+            self._catchUp(missed)
+        held, feed = self.held, self.feed
+        frame: bytes | None = None
         if self.queue:
-            self._write(self.queue.popleft())
-        elif self.feed and (frame := self.feed.next_frame()) is not None:
+            frame = self.queue.popleft()
+            held.clear()  # a prompt has the floor
+            self._spokenIn = self.pacer.slot
+        elif feed and (frame := feed.next_frame()) is not None:
+            self._spokenIn = self.pacer.slot
+            if not feed.mix:
+                held.clear()  # the app has the floor
+            elif held:
+                frame = self._mixed(frame, held.popleft())
+        else:
+            if self._late:
+                self._late += 1  # while catching up, this slot's audio is late too: it comes after the tick
+            if held:
+                frame = held.popleft()
+            elif self.forwarded_at < bridged_since:
+                frame = self.format.silence_frame
+        if frame is not None:
             self._write(frame)
-            self.feed.settle()  # the marks after it: that audio is out
-        elif self.forwarded_at < bridged_since:
-            self._write(self.format.silence_frame)
+            self.written_in = self.pacer.slot
+            if feed:
+                feed.settle()  # the marks after it: that audio is out
         if self._after_playout is not None and not self.queue and not self.feed:
             self.hangup(self._after_playout)
+
+    def _catchUp(self, missed: int) -> None:
+        """
+        Drop the audio that was due in the C{missed} slots, oldest first:
+        queued, the app's, then held bridged frames. Asterisk plays each frame
+        as it comes, so played late it would be a standing delay (or, sent
+        in a burst, fast audio); the stall was heard as a gap either way.
+        What was sent during the stall may be read only after this tick, so
+        the count not yet dropped stays due for L{CATCH_UP_TICKS} ticks,
+        with one more for each tick in them that finds nothing queued or fed.
+        Audio sent ahead of time (a sentence in one message) loses only the
+        frames of the missed slots: the rest still plays a frame a tick.
+        """
+        slot = self.pacer.slot
+        if missed:
+            self._late += missed
+            self._lateUntil = slot + CATCH_UP_TICKS
+        elif slot > self._lateUntil:
+            self._late = 0
+            return
+        late = self._late - self.queue.skip(self._late)
+        if late and self.feed:
+            late -= self.feed.skip(late)
+        while late and self.held:
+            self.held.popleft()
+            late -= 1
+        self._late = late
+
+    def _mixed(self, app: bytes, bridged: bytes) -> bytes:
+        """The app's frame and a bridged one, summed; the app's alone if they differ in size or kind."""
+        if len(app) != len(bridged) or app[:3] != bridged[:3]:
+            return app
+        return app[:3] + mix(app[3:], bridged[3:], self.format)
 
     # Ending a leg
 
@@ -779,6 +869,7 @@ class AudioSocketProtocol(Protocol):
         self.registry.pending.discard(self)
         self.pacer.remove(self)
         self.queue.clear()
+        self.held.clear()
         if self.feed is not None:
             self.feed.drain()  # its marks are answered: that audio will never play
         for name in ("uuid", "max_duration", "playout"):

@@ -30,6 +30,7 @@ from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
 from audiohangup.streams.manager import (
+    AUDIO_POLICIES,
     FAILURE_POLICIES,
     MODES,
     PROTOCOLS,
@@ -332,6 +333,12 @@ class Options(usage.Options):
             _choice("--stream-mode", MODES),
         ],
         [
+            "stream-audio", None, StreamConfig.audio,
+            "What a bridged leg hears while its app speaks: floor (the app instead of the bridge) "
+            "or mix (both, summed).",
+            _choice("--stream-audio", AUDIO_POLICIES),
+        ],
+        [
             "stream-connect-timeout", None, StreamConfig.connect_timeout,
             "Seconds an app has to accept a stream's WebSocket.",
             _seconds("--stream-connect-timeout"),
@@ -604,6 +611,7 @@ class Options(usage.Options):
                 roles=self["stream-roles"],
                 protocol=self["stream-protocol"],
                 mode=self["stream-mode"],
+                audio=self["stream-audio"],
                 connect_timeout=self["stream-connect-timeout"],
                 failure=self["stream-failure"],
                 max_unsent_ms=self["stream-max-unsent-ms"],

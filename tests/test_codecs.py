@@ -34,7 +34,7 @@ import numpy.typing as npt
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from audiohangup.audio import FORMATS, AudioFormat
-from audiohangup.codecs import Transcoder, decode, encode
+from audiohangup.codecs import Transcoder, decode, encode, mix
 from audiohangup.wire import Kind
 
 ULAW = FORMATS["ulaw"]
@@ -412,6 +412,30 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(same.convert(b"\x05"), b"")
         self.assertEqual(same.flush(), b"")
         self.assertEqual(same.convert(b"\x06\x07"), b"\x06\x07")  # a new stream: the held byte is gone
+
+
+class MixTests(SynchronousTestCase):
+    """C{--stream-audio mix}: two payloads summed with saturation, in the leg's own format."""
+
+    def test_slinAtAnyRate(self) -> None:
+        for name in ("slin", "slin16", "slin48"):
+            fmt = FORMATS[name]
+            count = fmt.frame_bytes // 2
+            one = np.full(count, 20000, "<i2").tobytes()
+            other = np.array([1000, -30000, 20000, -1] * (count // 4), "<i2").tobytes()
+            summed = np.frombuffer(mix(one, other, fmt), "<i2")
+            self.assertEqual(list(summed[:4]), [21000, -10000, 32767, 19999])  # 40000 clips, never wraps
+
+    def test_g711ThroughLinear(self) -> None:
+        for name in ("ulaw", "alaw"):
+            fmt = FORMATS[name]
+            one = encode(np.full(160, 8000, "<i2").tobytes(), fmt)
+            other = encode(np.full(160, -3000, "<i2").tobytes(), fmt)
+            summed = np.frombuffer(decode(mix(one, other, fmt), fmt), "<i2")
+            self.assertEqual(len(mix(one, other, fmt)), 160)
+            self.assertTrue(np.all(np.abs(summed - 5000) < 300), summed[:4])  # within G.711's step there
+            silence = bytes([fmt.silence_byte]) * 160
+            self.assertEqual(mix(one, silence, fmt), one)
 
 
 class ShortcutTests(SynchronousTestCase):

@@ -306,6 +306,173 @@ class MarkBoundTests(StreamTestCase):
         self.assertEqual(self.wire.json()[-1], {"event": "mark", "name": "again"})
 
 
+class TimelineTests(StreamTestCase):
+    """
+    One timeline per leg: whatever feeds it, a leg gets one frame a tick; after
+    a stall the audio that was due is dropped, and the leg is on time again.
+    The app's audio here takes the floor (the default, C{--stream-audio floor}).
+    """
+
+    settings = StreamSettings(max_queue_ms=10000)
+
+    def tick(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.clock.advance(0.020 + 1e-9)  # a hair past each tick: float sums never fall short of one
+
+    def bridged(self, value: int) -> None:
+        """A frame bridged to the leg from its other leg, as the route delivers it."""
+        self.leg.forwardBytes(encode(Kind.SLIN, samples(value)))
+
+    def slots(self, ticks: int, app_every: int | None = None) -> list[list[bytes]]:
+        """
+        C{ticks} ticks, the bridge sending a frame 7 ms into each slot and the
+        app one every C{app_every} ticks 13 ms into it; what each slot wrote.
+        """
+        slots = []
+        for n in range(ticks):
+            self.clock.advance(0.007)
+            self.bridged(2000)
+            self.clock.advance(0.006)
+            if app_every is not None and n % app_every == 0:
+                self.app(samples(1000))
+            self.clock.advance(0.007 + 1e-9)  # the tick (a hair past it: float sums)
+            slots.append(self.frames())
+        return slots
+
+    def test_appAtHalfRealTimeAndTheBridgeOneFrameASlot(self) -> None:
+        """
+        An app at half real time: its frame plays at the tick after it, the
+        bridge's in the other slots; the bridged frame of a slot the app's
+        frame had waits for the next tick, and is dropped if the app has a
+        frame then. Never two frames in a slot (there were three in two).
+        """
+        slots = self.slots(100, app_every=2)
+        self.assertEqual([len(written) for written in slots[1:]], [1] * 99)
+        heard = [written[0] for written in slots[1:]]
+        self.assertEqual(heard[:4], [samples(2000), samples(1000)] * 2)
+        self.assertEqual(heard.count(samples(1000)), 49)  # the first one went before slots[1]
+
+    def test_appInBursts(self) -> None:
+        """Ten frames at once, then a pause, over a live bridge: one frame a tick throughout."""
+        for _ in range(3):
+            self.app(samples(1000) * 10)
+            slots = self.slots(20)
+            self.assertEqual([len(written) for written in slots], [1] * 20)
+            self.assertEqual([written[0] for written in slots[:10]], [samples(1000)] * 10)
+            self.assertEqual({written[0] for written in slots[11:]}, {samples(2000)})
+
+    def test_bridgeBurstIsHeldToTheTicks(self) -> None:
+        """
+        Three bridged frames in a slot that had the app's frame: held for the
+        next ticks, the newest two (a bridge at most two frames behind).
+        Long after the app's last frame, the bridge goes through as it comes.
+        """
+        self.app(samples(9))
+        self.tick()
+        self.assertEqual(self.frames(), [samples(9)])
+        for value in (1, 2, 3):
+            self.bridged(value)
+        self.assertEqual(self.frames(), [])
+        self.tick()
+        self.assertEqual(self.frames(), [samples(2)])
+        self.tick()
+        self.assertEqual(self.frames(), [samples(3)])
+        self.tick(10)  # SPOKEN_TICKS
+        self.frames()
+        for value in (4, 5, 6):
+            self.bridged(value)
+        self.assertEqual(self.frames(), [samples(4), samples(5), samples(6)])
+
+    def test_lateTickDropsWhatWasDue(self) -> None:
+        """
+        Three seconds in one message play a frame a tick; a 300 ms stall drops
+        the 14 frames due in the slots it missed, and the rest plays on time:
+        the sentence ends when it would have without the stall.
+        """
+        self.app(b"".join(samples(n) for n in range(1, 151)))
+        self.tick(10)
+        self.assertEqual(self.frames(), [samples(n) for n in range(1, 11)])
+        self.clock.advance(0.300)  # the ticks due in the next 300 ms run once, at its end
+        self.assertEqual(self.pacer.late_ticks, 1)
+        self.assertEqual(self.frames(), [samples(25)])  # 11 to 24 were due in the missed slots
+        self.tick(125)
+        self.assertEqual(self.frames(), [samples(n) for n in range(26, 151)])
+        self.assertEqual(self.stream.totals().dropped_from_app, 14)
+
+    def test_stallOfARealTimeAppIsCaughtUp(self) -> None:
+        """
+        An app speaking in real time: what it sent during the stall is read
+        only after the late tick, and is dropped then; the leg's delay is
+        back to a frame.
+        """
+        self.app(samples(1))
+        for n in range(2, 12):
+            self.tick()
+            self.app(samples(n))
+        self.assertEqual(len(self.leg.feed or ()), 1)
+        self.frames()
+        self.clock.advance(0.300)
+        self.app(b"".join(samples(n) for n in range(12, 27)))  # the 15 frames of the stall, read late
+        self.tick()
+        # 11 to 24 were due in the stall, 25 at the late tick, which had nothing to play: silence.
+        self.assertEqual(self.frames(), [SLIN.silence_frame[3:], samples(26)])
+        self.assertEqual(len(self.leg.feed or ()), 0)
+
+    def test_catchUpEndsAfterAFewTicks(self) -> None:
+        """Audio that comes well after a stall is not late: a sentence sent then plays whole."""
+        self.clock.advance(0.300)
+        self.tick(5)  # CATCH_UP_TICKS
+        self.frames()
+        self.app(b"".join(samples(n) for n in range(1, 21)))
+        self.tick(20)
+        self.assertEqual(self.frames(), [samples(n) for n in range(1, 21)])
+
+
+class MixTests(TimelineTests):
+    """C{--stream-audio mix}: the app's frame and the bridge's are summed, each slot one frame."""
+
+    settings = StreamSettings(max_queue_ms=10000, audio="mix")
+
+    def test_appAtHalfRealTimeAndTheBridgeOneFrameASlot(self) -> None:
+        slots = self.slots(100, app_every=2)
+        self.assertEqual([len(written) for written in slots[1:]], [1] * 99)
+        heard = [written[0] for written in slots[1:]]
+        self.assertEqual(heard[:4], [samples(2000), samples(3000)] * 2)  # every bridged frame heard
+
+    def test_appInBursts(self) -> None:
+        for _ in range(3):
+            self.app(samples(1000) * 10)
+            slots = self.slots(20)
+            self.assertEqual([len(written) for written in slots], [1] * 20)
+            self.assertEqual([written[0] for written in slots[1:10]], [samples(3000)] * 9)
+            self.assertEqual({written[0] for written in slots[11:]}, {samples(2000)})
+
+    def test_sumSaturates(self) -> None:
+        self.app(samples(30000) + samples(-30000))
+        self.bridged(30000)  # the app has audio: held for the tick
+        self.tick()
+        self.bridged(-30000)
+        self.tick()
+        self.assertEqual(self.frames(), [samples(32767), samples(-32768)])
+
+    def test_g711Leg(self) -> None:
+        """A u-law leg: the app's frame and the bridge's are decoded, summed and encoded back."""
+        ulaw = FORMATS["ulaw"]
+        leg = AudioSocketProtocol(Role.RESIDENT, self.registry, LegSettings(audio=ulaw), self.clock, self.pacer)
+        transport = StringTransport()
+        leg.makeConnection(transport)
+        leg.dataReceived(encode_uuid(uuid.uuid4()))
+        leg.feed = Playout(50, mix=True)
+        leg.feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        leg.forwardBytes(encode(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
+        transport.clear()
+        self.tick()
+        [frame] = FrameDecoder().feed(transport.value())
+        heard = g711_decode(frame.payload, ulaw)
+        self.assertEqual(len(frame.payload), 160)
+        self.assertTrue(all(abs(int.from_bytes(heard[i : i + 2], "little", signed=True) - 4000) < 200 for i in range(0, 320, 2)))
+
+
 class OutboxTests(StreamTestCase):
     """
     An app that does not read: its socket's buffer is full, the transport has

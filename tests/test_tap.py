@@ -195,6 +195,12 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
             self.assertIn(fragment, message)
         return message
 
+    def test_stream_audio(self) -> None:
+        """floor (the default) or mix, into the streams' settings; anything else is a usage error."""
+        self.assertEqual(parse().config().streams.settings.audio, "floor")
+        self.assertEqual(parse("--stream-audio", "mix").config().streams.settings.audio, "mix")
+        self.assertUsageError(["--stream-audio", "loud"], "--stream-audio")
+
     def test_close_timeout_not_a_number(self) -> None:
         self.assertUsageError(
             ["--close-timeout", "abc"], "--close-timeout must be a number of seconds, not 'abc'"

@@ -32,6 +32,8 @@ from audiohangup.streams.twilio import TwilioProtocol
 PROTOCOLS = ("twilio", "audiohangup")
 MODES = tuple(mode.value for mode in Mode)
 FAILURE_POLICIES = ("continue", "hangup")
+#: What a bridged leg hears while its app speaks: the app alone, or both summed.
+AUDIO_POLICIES = ("floor", "mix")
 
 #: Streams one leg may have over its life (live or ended): bounds what a leg keeps of them.
 MAX_STREAMS_PER_LEG = 16
@@ -69,6 +71,7 @@ class StreamConfig:
     mode: str = "converse"
     connect_timeout: float = 5.0
     failure: str = "continue"
+    audio: str = "floor"
     max_unsent_ms: int = 2000
     max_queue_ms: int = 60000
     headers: tuple[tuple[str, str], ...] = ()
@@ -77,7 +80,9 @@ class StreamConfig:
     settings: StreamSettings = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "settings", StreamSettings(max_queue_ms=self.max_queue_ms, failure=self.failure))
+        object.__setattr__(self, "settings", StreamSettings(
+            max_queue_ms=self.max_queue_ms, failure=self.failure, audio=self.audio,
+        ))
 
 
 def check_url(template: object) -> str:

@@ -96,6 +96,7 @@ class StreamSettings:
 
     max_queue_ms: int = 60000
     failure: str = "continue"  # or "hangup": a failed stream hangs its leg up
+    audio: str = "floor"  # or "mix": a bridged leg hears the app and the bridge summed
 
     @property
     def max_queue_frames(self) -> int:
@@ -289,7 +290,7 @@ class MediaStream:
         if not self.leg.live:
             return None
         if self._feed is None and self.leg.feed is None:
-            self._feed = self.leg.feed = Playout(self.settings.max_queue_frames)
+            self._feed = self.leg.feed = Playout(self.settings.max_queue_frames, mix=self.settings.audio == "mix")
         return self._feed if self.leg.feed is self._feed else None
 
     def _flushPending(self) -> None:
