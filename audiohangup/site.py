@@ -92,9 +92,9 @@ class _BoundedRequest(Request):
         except UnicodeDecodeError:
             self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
             return
-        if any(not _HOST_BYTES.fullmatch(host) for host in self.requestHeaders.getRawHeaders(b"host", [])):
-            # Even for /health, which takes any name: routing would fail on it with an HTML 400.
-            self._answerEarly(400, "bad_host", "the Host header is not a host name (visible ASCII only)")
+        if not self._routableHost():
+            # Even for /health, which takes any name: routing would fail on it with a 500 or an HTML 400.
+            self._answerEarly(400, "bad_host", "the Host header is not a host name")
             return
         api = self.apiSite.api
         if self.path != b"/health" and self._offSite():
@@ -111,6 +111,20 @@ class _BoundedRequest(Request):
                 )
                 return
         super().process()
+
+    def _routableHost(self) -> bool:
+        """
+        Whether routing can take the Host: visible ASCII, and a name that IDNA
+        encodes (werkzeug's C{Map.bind} raises C{BadHost} on C{.>}, which
+        Twisted answers with a 500).
+        """
+        if any(not _HOST_BYTES.fullmatch(host) for host in self.requestHeaders.getRawHeaders(b"host", [])):
+            return False
+        try:
+            self.getRequestHostname().decode("ascii").lower().encode("idna")
+        except UnicodeError:
+            return False
+        return True
 
     def getRequestHostname(self) -> bytes:
         """

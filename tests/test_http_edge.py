@@ -447,6 +447,8 @@ class HostCheckTests(SynchronousTestCase):
             (b"GET /calls HTTP/1.0\r\n\r\n", b"200", b'"calls"'),
             # Found by fuzz/fuzz_http.py: routing answered this one an HTML 400.
             (b"GET /health HTTP/1.1\r\nHost: \xff\x83\r\n\r\n", b"400", b'"bad_host"'),
+            # And this one a 500 with werkzeug's BadHost traceback (an empty IDNA label).
+            (b"PATCH /health HTTP/1.1\r\nHost: .>\r\n\r\n", b"400", b'"bad_host"'),
         ):
             connection = _Connection(site)
             connection.send(request)
