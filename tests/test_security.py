@@ -273,7 +273,7 @@ async def test_fail_closed(spawn: Any, tmp_path: Path, logs: LogCapture) -> None
     (tmp_path / "open-tokens").chmod(0o644)
     for args, reason in [
         (["--http", "tcp:0", "--api-tokens-file", str(tmp_path / "empty-tokens")], "holds no token"),
-        (["--api-tokens-file", str(tmp_path / "open-tokens")], "mode 0644 lets group or others at the tokens"),
+        (["--api-tokens-file", str(tmp_path / "open-tokens")], "mode 0644 lets others read the tokens"),
         (["--records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
         (["--api-tokens-file", str(tmp_path / "no-such-tokens")], "cannot be read"),
         (["--webhook", "https://example.com/hook", "--webhook-ca", str(tmp_path / "no-ca.pem")], "cannot be read"),
@@ -448,7 +448,7 @@ async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, log
     tokens.write_text(f"read {first}\n")
     tokens.chmod(0o644)
     child.signal("HUP")
-    await until(lambda: "mode 0644 lets group or others" in child.log, 10, "the reload refused for the mode")
+    await until(lambda: "mode 0644 lets others read the tokens" in child.log, 10, "the reload refused for the mode")
     assert await status(second) == 200
     assert await status(first) == 401
     for secret in (first, second, third):
