@@ -9,6 +9,7 @@ for an application that reads too slowly (the oldest is dropped, counted).
 from __future__ import annotations
 
 import socket
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -255,7 +256,7 @@ class _ClientProtocol(WebSocketClientProtocol):
         """
         if self.current_frame is None and not self.inside_message:
             data = self.data
-            found = whole_data_frame(data, self.maxMessagePayloadSize)
+            found = whole_data_frame(data, self.maxMessagePayloadSize or sys.maxsize)  # 0: unbounded
             if found is not None:
                 opcode, start, end = found
                 payload = data[start:end]

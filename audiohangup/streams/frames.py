@@ -24,6 +24,7 @@ BINARY = 0x2
 
 _FIN = 0x80
 _MASKED = 0x80
+_TINY = struct.Struct("!BB")
 _SHORT = struct.Struct("!BBH")  # 126: a 16-bit length follows
 _LONG = struct.Struct("!BBQ")  # 127: a 64-bit length follows
 
@@ -53,24 +54,20 @@ class MaskKeys:
 def mask(payload: bytes, key: bytes) -> bytes:
     """C{payload} XOR the repeated 4-byte C{key}: one big-integer XOR, about 1 µs for 300 bytes."""
     size = len(payload)
-    if not size:
-        return b""
     stream = key * (size // 4 + 1)
-    if len(stream) != size:
-        stream = stream[:size]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(size, "little")
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream[:size], "little")).to_bytes(size, "little")
 
 
 def client_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
     """One whole masked frame from a client: FIN, no extension bits, C{key} as its mask."""
     size = len(payload)
     if size < 126:
-        head = bytes((_FIN | opcode, _MASKED | size))
+        head = _TINY.pack(_FIN | opcode, _MASKED | size)
     elif size < 0x10000:
         head = _SHORT.pack(_FIN | opcode, _MASKED | 126, size)
     else:
         head = _LONG.pack(_FIN | opcode, _MASKED | 127, size)
-    return head + key + mask(payload, key)
+    return b"".join((head, key, mask(payload, key)))
 
 
 def whole_data_frame(data: bytes, limit: int) -> tuple[int, int, int] | None:
