@@ -412,6 +412,30 @@ async def test_the_stream_socket_is_not_nagled(make_server: Any, app: App) -> No
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("end", ["app_closes", "app_vanishes", "leg_ends"])
+async def test_the_relay_reads_a_stream_until_it_ends(make_server: Any, app: App, logs: LogCapture, end: str) -> None:
+    """A stream's socket is read with the legs' (one wakeup for all), and leaves the relay however it ends."""
+    server, call_id, client, connection = await start(make_server, app, protocol="audiohangup")
+    relay = server.service.relay
+    [leg] = server.registry.call(str(call_id))
+    [stream] = [tap for tap in leg.taps if isinstance(tap, MediaStream)]
+    protocol = stream.wire.protocol
+    assert protocol in relay._fds
+    connection.send_binary(slin(7))
+    await until(lambda: slin(7) in [f.payload for f in client.frames], what="the app's audio at the leg")
+    if end == "app_closes":
+        connection.close()
+    elif end == "app_vanishes":
+        connection.vanish()
+    else:
+        client.reset()
+    await until(lambda: not server.service.streams.current, what="the stream's end")
+    assert protocol not in relay._fds
+    assert str(stream.outcome) == {"app_closes": "app_closed", "app_vanishes": "failed", "leg_ends": "ended"}[end]
+    assert [e for e in logs.events if e.get("log_failure") or e["log_level"] >= LogLevel.error] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_wss_is_verified(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
     certificate = self_signed(tmp_path)
     app = await App().listen(tls=certificate)

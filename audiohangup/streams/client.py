@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from zope.interface import implementer
 
 from audiohangup import __version__
 from audiohangup.interfaces import IReactor
+from audiohangup.relay import Relay
 from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, whole_data_frame
 from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
@@ -194,9 +196,11 @@ class _ClientProtocol(WebSocketClientProtocol):
     wire: _Wire | None = None
     _closeTimer: IDelayedCall | None = None
     #: The plain TCP connection under the WebSocket (not TLS), which
-    #: sendDataFrame sends to directly while Twisted buffers nothing.
+    #: sendDataFrame sends to directly while Twisted buffers nothing, and
+    #: the legs' relay reads (one wakeup for every socket with bytes waiting).
     _tcp: tcp.Connection | None = None
     _socket: socket.socket | None = None
+    _relay: Relay | None = None
 
     def connectionMade(self) -> None:
         self._keys = MaskKeys()
@@ -213,6 +217,9 @@ class _ClientProtocol(WebSocketClientProtocol):
         if isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
             self._tcp = transport
             self._socket = transport.socket
+            relay = factory.relay
+            if relay is not None and relay.adopt(self, transport):
+                self._relay = relay
         self.wire = _Wire(self, factory.stream, factory.max_media)
         transport.registerProducer(self.wire, True)
         factory.stream.opened(self.wire)
@@ -248,6 +255,19 @@ class _ClientProtocol(WebSocketClientProtocol):
     def dataReceived(self, data: bytes) -> None:
         # autobahn's would first build the arguments of a debug line that is dropped.
         self._dataReceived(data)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        self._leaveRelay()  # the relay reads no socket that is closing: Twisted's rules end it
+        super()._closeConnection(abort)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._leaveRelay()
+        super().connectionLost(reason)
+
+    def _leaveRelay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.release(self, resume=False)
 
     def processData(self) -> bool:
         """
@@ -307,11 +327,14 @@ class _ClientProtocol(WebSocketClientProtocol):
 class _ClientFactory(WebSocketClientFactory):
     # autobahn's factory derives from Twisted's without naming its protocol type.
     protocol = _ClientProtocol  # type: ignore[assignment]
-    def __init__(self, stream: MediaStream, reactor: IReactor, max_media: int, **kwargs: Any) -> None:
+    def __init__(
+        self, stream: MediaStream, reactor: IReactor, max_media: int, relay: Relay | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.stream = stream
         self.reactor = reactor
         self.max_media = max_media
+        self.relay = relay
         self.opened = False
         self.reported = False
         self.timer: IDelayedCall | None = None
@@ -373,6 +396,7 @@ def connect(
     timeout: float,
     max_unsent_ms: int,
     trust_root: IOpenSSLTrustRoot | None = None,
+    relay: Relay | None = None,
 ) -> None:
     """
     Open the stream's WebSocket; the stream hears of the outcome: C{opened}
@@ -383,7 +407,7 @@ def connect(
     url = URL.from_text(stream.url)
     secure = url.scheme == "wss"
     factory = _ClientFactory(
-        stream, reactor, max(1, max_unsent_ms // 20),
+        stream, reactor, max(1, max_unsent_ms // 20), None if secure else relay,
         url=stream.url, headers=headers, useragent=f"audiohangup/{__version__}",
     )
     # A message over the bound is refused as it arrives (close 1009), not
