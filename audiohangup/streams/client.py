@@ -73,6 +73,9 @@ def _drop(*args: object, **kwargs: object) -> None:
     pass
 
 
+_OPEN = WebSocketProtocol.STATE_OPEN
+
+
 @implementer(IStreamWire, IPushProducer)
 class _Wire:
     """
@@ -102,14 +105,15 @@ class _Wire:
         is gone and the stream hears of it: what the stream sends meanwhile
         (media, a mark played out, its stop) has nowhere to go and is dropped.
         """
-        return bool(self.protocol.state == WebSocketProtocol.STATE_OPEN)
+        return bool(self.protocol.state == _OPEN)
 
     def send(self, message: Message, media: bool) -> None:
-        if not self._open():
+        protocol = self.protocol
+        if protocol.state != _OPEN:  # self._open(), inline: every frame's path
             return
         payload, binary = message
         if not self.paused and not self.outbox:
-            self.protocol.sendDataFrame(payload, binary)
+            protocol.sendDataFrame(payload, binary)
             return
         self.outbox.append((payload, binary, media))
         self.bytes_waiting += len(payload)
