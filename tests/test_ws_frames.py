@@ -8,8 +8,10 @@ reading of RFC 6455 here, and over loopback against autobahn's server
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, mas
 from audiohangup.streams.messages import text
 from audiohangup.streams.twilio import TwilioProtocol
 from tests.conftest import until
-from tests.tls import self_signed
+from tests.tls import SelfSigned, self_signed
 from tests.ws_app import App
 
 SIZES = (0, 1, 125, 126, 65535, 65536)
@@ -157,69 +159,62 @@ def payloads() -> list[tuple[bytes, bool]]:
     return [(b"t" * size, False) for size in SIZES] + [(os.urandom(size), True) for size in SIZES]
 
 
-@pytest_twisted.async_yield_fixture
-async def app() -> Any:
-    made = App()
-    yield await made.listen()
-    await made.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_autobahn_accepts_our_frames_on_plain_tcp(app: App) -> None:
-    stream = await open_stream(app)
-    protocol = stream.wire.protocol
-    sock = protocol.transport.getHandle()
-    assert protocol._socket is sock  # sent straight to the socket
-    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    sent = payloads()
-    for payload, binary in sent:
-        stream.wire.send((payload, binary), False)
-    connection = app.connections[0]
-    await until(lambda: len(connection.messages) >= len(sent), what="every frame at the app")
-    assert [(m.payload, m.binary) for m in connection.messages] == sent
-    assert not connection.closed.called
-
-
-@pytest_twisted.ensureDeferred
-async def test_autobahn_accepts_our_frames_over_tls(tmp_path: Path) -> None:
-    certificate = self_signed(tmp_path)
-    app = await App().listen(tls=certificate)
+@contextlib.asynccontextmanager
+async def listening(tls: SelfSigned | None = None) -> AsyncIterator[App]:
+    app = await App().listen(tls=tls)
     try:
-        stream = await open_stream(app, trust=Certificate.loadPEM(certificate.pem))
-        assert stream.wire.protocol._socket is None  # through the TLS transport
+        yield app
+    finally:
+        await app.close()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("tls", [False, True])
+async def test_autobahn_accepts_our_frames(tmp_path: Path, tls: bool) -> None:
+    """On plain TCP straight to the socket (with TCP_NODELAY), under TLS through its transport."""
+    certificate = self_signed(tmp_path) if tls else None
+    async with listening(certificate) as app:
+        stream = await open_stream(app, trust=Certificate.loadPEM(certificate.pem) if certificate else None)
+        protocol = stream.wire.protocol
+        if tls:
+            assert protocol._socket is None
+        else:
+            sock = protocol.transport.getHandle()
+            assert protocol._socket is sock
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         sent = payloads()
         for payload, binary in sent:
             stream.wire.send((payload, binary), False)
         connection = app.connections[0]
         await until(lambda: len(connection.messages) >= len(sent), what="every frame at the app")
         assert [(m.payload, m.binary) for m in connection.messages] == sent
-    finally:
-        await app.close()
+        assert not connection.closed.called
 
 
 @pytest_twisted.ensureDeferred
-async def test_we_read_what_autobahn_sends(app: App) -> None:
-    stream = await open_stream(app)
-    connection = app.connections[0]
-    sent = payloads()
-    for payload, binary in sent:
-        connection.protocol.sendMessage(payload, isBinary=binary)
-    # autobahn's own path: a fragmented message, a ping in between, non-ASCII text.
-    connection.protocol.sendMessage(b"f" * 1000, isBinary=False, fragmentSize=300)
-    connection.protocol.sendPing(b"are you there")
-    connection.protocol.sendMessage("¿ça va? ☎".encode(), isBinary=False)
-    sent += [(b"f" * 1000, False), ("¿ça va? ☎".encode(), False)]
-    await until(lambda: len(stream.messages) >= len(sent), what="every message at the stream")
-    assert stream.messages == sent
-    assert stream.ended is None
+async def test_we_read_what_autobahn_sends() -> None:
+    async with listening() as app:
+        stream = await open_stream(app)
+        connection = app.connections[0]
+        sent = payloads()
+        for payload, binary in sent:
+            connection.protocol.sendMessage(payload, isBinary=binary)
+        # autobahn's own path: a fragmented message, a ping in between, non-ASCII text.
+        connection.protocol.sendMessage(b"f" * 1000, isBinary=False, fragmentSize=300)
+        connection.protocol.sendPing(b"are you there")
+        connection.protocol.sendMessage("¿ça va? ☎".encode(), isBinary=False)
+        sent += [(b"f" * 1000, False), ("¿ça va? ☎".encode(), False)]
+        await until(lambda: len(stream.messages) >= len(sent), what="every message at the stream")
+        assert stream.messages == sent
+        assert stream.ended is None
 
 
 @pytest_twisted.ensureDeferred
-async def test_text_that_is_not_utf8_ends_the_stream_as_autobahn_would(app: App) -> None:
-    stream = await open_stream(app)
-    connection = app.connections[0]
-    connection.protocol.sendFrame(opcode=1, payload=b'{"event":"\xff"}')
-    await until(lambda: stream.ended is not None, what="the stream's end")
+async def test_text_that_is_not_utf8_ends_the_stream_as_autobahn_would() -> None:
+    async with listening() as app:
+        stream = await open_stream(app)
+        app.connections[0].protocol.sendFrame(opcode=1, payload=b'{"event":"\xff"}')
+        await until(lambda: stream.ended is not None, what="the stream's end")
     assert stream.messages == []
     clean, _code, reason = stream.ended
     assert not clean and "invalid UTF-8" in reason  # autobahn drops the connection (it fails by drop)
