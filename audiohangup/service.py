@@ -279,7 +279,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         webhooks = Webhooks(
             list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
         )
-    streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks)
+    streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
     metrics.streams = streams
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
     recorder = Recorder(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from audiohangup.codecs import encode as g711_encode
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.streams import client as stream_client
 from audiohangup.streams.manager import StreamConfig
+from audiohangup.streams.stream import MediaStream
 from audiohangup.webhooks import verify
 from audiohangup.wire import Kind, encode
 from tests.bystander import Bystander
@@ -394,6 +396,43 @@ async def test_endless_handshake_answer_is_bounded(make_server: Any, logs: LogCa
         assert server.registry.get(str(call_id), Role.VISITOR).live
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_socket_is_not_nagled(make_server: Any, app: App) -> None:
+    """
+    TCP_NODELAY on the stream's connection: with Nagle, a write waits for the
+    app's delayed ACK, and every frame from the app was about 40 ms late.
+    """
+    server, call_id, _client, _stream = await start(make_server, app)
+    [leg] = server.registry.call(str(call_id))
+    [stream] = [tap for tap in leg.taps if isinstance(tap, MediaStream)]
+    sock = stream.wire.protocol.transport.getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("end", ["app_closes", "app_vanishes", "leg_ends"])
+async def test_the_relay_reads_a_stream_until_it_ends(make_server: Any, app: App, logs: LogCapture, end: str) -> None:
+    """A stream's socket is read with the legs' (one wakeup for all), and leaves the relay however it ends."""
+    server, call_id, client, connection = await start(make_server, app, protocol="audiohangup")
+    relay = server.service.relay
+    [leg] = server.registry.call(str(call_id))
+    [stream] = [tap for tap in leg.taps if isinstance(tap, MediaStream)]
+    protocol = stream.wire.protocol
+    assert protocol in relay._fds
+    connection.send_binary(slin(7))
+    await until(lambda: slin(7) in [f.payload for f in client.frames], what="the app's audio at the leg")
+    if end == "app_closes":
+        connection.close()
+    elif end == "app_vanishes":
+        connection.vanish()
+    else:
+        client.reset()
+    await until(lambda: not server.service.streams.current, what="the stream's end")
+    assert protocol not in relay._fds
+    assert str(stream.outcome) == {"app_closes": "app_closed", "app_vanishes": "failed", "leg_ends": "ended"}[end]
+    assert [e for e in logs.events if e.get("log_failure") or e["log_level"] >= LogLevel.error] == []
 
 
 @pytest_twisted.ensureDeferred

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, IReactor
 from audiohangup.reasons import HangupCause, Role
+from audiohangup.relay import Relay
 from audiohangup.streams import client
 from audiohangup.streams.messages import IStreamProtocol
 from audiohangup.streams.native import AudiohangupProtocol
@@ -163,7 +164,8 @@ class Streams:
     log = Logger()
 
     def __init__(
-        self, config: StreamConfig, reactor: IReactor, *, metrics: Any = None, webhooks: Any = None
+        self, config: StreamConfig, reactor: IReactor, *, metrics: Any = None, webhooks: Any = None,
+        relay: Relay | None = None,
     ) -> None:
         from audiohangup.webhooks import sign, trust_root
 
@@ -171,6 +173,8 @@ class Streams:
         self.reactor = reactor
         self.metrics = metrics
         self.webhooks = webhooks
+        #: Reads the streams' sockets with the legs' (plain TCP only), not the reactor.
+        self.relay = relay
         self._sign = sign
         self._trust = None if config.ca is None else trust_root(config.ca)
         #: Streams not over yet (connecting, open, or closing), by id.
@@ -219,6 +223,7 @@ class Streams:
             client.connect(
                 stream, self.reactor, headers=self._handshakeHeaders(target, headers or {}),
                 timeout=config.connect_timeout, max_unsent_ms=config.max_unsent_ms, trust_root=self._trust,
+                relay=self.relay,
             )
         except Exception as error:
             # Not a stream left connecting for ever (it would hold the leg's

@@ -102,7 +102,9 @@ def json_object(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_APP_MESSAGE:
         raise BadMessage(f"a text message over {MAX_APP_MESSAGE} bytes")
     try:
-        body = json.loads(payload)
+        # What json.loads does with bytes, without its encoding detection
+        # (half its cost) when the start shows UTF-8: every app's usual message.
+        body = json.loads(payload.decode("utf-8", "surrogatepass") if payload[:2] == b'{"' else payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadMessage("a text message that is not JSON") from None
     if not isinstance(body, dict):

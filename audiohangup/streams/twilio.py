@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 from zope.interface import implementer
@@ -60,6 +61,13 @@ class TwilioProtocol:
         self._began = clock.seconds()
         self._toApp = Transcoder(leg_format, MULAW_8K)
         self._fromApp = Transcoder(MULAW_8K, leg_format)
+        # A media message, 50 a second: what text() makes of its fields, from
+        # a template (a fifth of json.dumps's cost), the stream's id escaped once.
+        self._mediaTemplate = (
+            b'{"event":"media","sequenceNumber":"%d","streamSid":'
+            + json.dumps(stream_sid).encode("utf-8").replace(b"%", b"%%")
+            + b',"media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
+        )
 
     def _message(self, event: str, **fields: Any) -> Message:
         self._sequence += 1
@@ -83,17 +91,11 @@ class TwilioProtocol:
         ]
 
     def media(self, payload: bytes) -> Message:
+        self._sequence += 1
         self._chunk += 1
         milliseconds = round((self.clock.seconds() - self._began) * 1000)
-        return self._message(
-            "media",
-            media={
-                "track": "inbound",
-                "chunk": str(self._chunk),
-                "timestamp": str(milliseconds),
-                "payload": base64.b64encode(self._toApp.convert(payload)).decode("ascii"),
-            },
-        )
+        encoded = binascii.b2a_base64(self._toApp.convert(payload), newline=False)
+        return self._mediaTemplate % (self._sequence, self._chunk, milliseconds, encoded), False
 
     def dtmf(self, digit: str) -> Message:
         return self._message("dtmf", dtmf={"track": "inbound_track", "digit": digit})
