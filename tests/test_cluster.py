@@ -452,6 +452,7 @@ async def test_an_owner_answering_without_end_is_cut_off(spawn: Spawn, redis_ser
             await settle(fake.lost, "B to cut the fake owner off")
         finally:
             await evil.directory.stop()
+            evil.pacer.stopService()  # its stand-in leg's ticks must not outlive the test
             await fake.port.stopListening()
 
 
@@ -483,6 +484,7 @@ async def test_a_recording_the_owner_breaks_off(spawn: Spawn, redis_server: Redi
                 await settle(fake.lost, "B to cut the fake owner off")
         finally:
             await evil.directory.stop()
+            evil.pacer.stopService()  # its stand-in leg's ticks must not outlive the test
             await fake.port.stopListening()
     await until(lambda: "recording from instance evil cut short" in b.child.log, what="the cut logged")
     assert "Traceback" not in b.child.log and "Unhandled" not in b.child.log, b.child.log
