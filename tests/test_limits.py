@@ -372,8 +372,10 @@ async def test_max_legs_fit_the_descriptor_limit(spawn: Any) -> None:
     other out at --max-legs instead of exhausting the descriptors, and a real
     leg is still served and /health answers.
     """
+    # A long --uuid-timeout: however slowly a busy machine lets the flood in, it is all held at once.
     child, ports = await start_server(
-        spawn, "--records", "none", "--http-max-connections", "64", prefix=("prlimit", "--nofile=400:400")
+        spawn, "--records", "none", "--http-max-connections", "64", "--uuid-timeout", "60",
+        prefix=("prlimit", "--nofile=400:400"),
     )
     assert "--max-legs is lowered to 272" in child.log, child.describe()
     flood = []
