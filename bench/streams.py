@@ -1,44 +1,56 @@
 #!/usr/bin/env python3
 """
-Media streams benchmark for audiohangup: N bridged calls, both legs streamed
-in converse mode to a local app that echoes what it hears.
+Media streams side by side: audiohangup's ``--stream-url`` beside the
+reference server ``../shared/bench/peers/asyncio_streams.py`` (asyncio and
+the ``websockets`` library, the design it replaces), under one load: N
+one-leg calls, each leg streamed in converse mode to a local app that echoes
+what it hears. ``--bridged`` streams both legs of N bridged calls instead
+(audiohangup only: the reference has no bridge), where a leg has two feeds,
+its partner and the app.
 
-For each configuration in turn, interleaved over ``--repeats`` rounds:
+As ``bench/peers.py`` does: every run is a fresh server process pinned alone
+to ``--server-cpu`` with ``taskset``; this process, the echo app (a process
+of its own, so its CPU is not the server's) and one process of fake Asterisk
+legs run on ``--load-cpu``. The servers take turns for every load, the order
+rotating each round. A server that cannot run (no ``asyncio_streams.py``, no
+interpreter with ``websockets``: ``--asyncio-python``) is skipped with a line
+that says so. audiohangup runs as ``twistd -n audiohangup --records none``
+(``common.Server``: what ``pip install .`` installed, or the tree on
+``PYTHONPATH``).
 
-- ``baseline``: the same calls without streams (bridged audio only);
-- ``twilio`` and ``audiohangup``: ``--stream-url`` on an echo app,
-  ``--stream-protocol`` that protocol, ``--stream-mode converse``.
-
-it starts ``twistd -n audiohangup --records none`` (``common.Server``: no
-call records, which are not what is measured), an echo app in a process of
-its own (so its CPU is not the server's, and the app is reported apart), and
-one process of fake Asterisk legs, which send a stamped 20 ms slin frame per
-leg, their phases spread over the 20 ms as real channels are.
+A run: the legs connect, send their UUID, wait until every stream is open,
+then send a stamped 20 ms slin frame each, their phases spread over the 20 ms
+as real channels are; after ``--warmup`` the window of ``--seconds`` is
+measured; then the server is stopped (``SIGSTOP``) for ``--stall-ms`` and
+resumed (``SIGCONT``), and the legs go on for 3 s more.
 
 What it measures, per run:
 
-- the server's CPU (utime + stime from ``/proc``) over a steady window,
-  as % of a core: per leg, and per streamed leg (the run minus the mean of
-  the baselines, over the 2N legs);
+- the server's CPU (utime and stime from ``/proc``) over the window, as % of
+  a core and per 100 calls, user and kernel;
 - leg → app latency: the app's receive time minus the leg's send stamp;
 - app → leg latency: the leg's receive time of an echo minus the send time
-  the app wrote into it (the server plays an app's audio on its 20 ms
-  pacer tick, so up to one tick of this is by design);
-- the round trip, the bridge's own latency, the frames each leg got (echo,
-  bridged, silence: echoes short of 50 per second mean the server plays the
-  app's audio slower than real time), and the server's side: ``/metrics``
-  stream counters and drops, RSS before, during and after, log lines that
-  signal trouble, every leg's close reason and every stream's outcome;
-- the CPU that processes outside the benchmark used meanwhile: a run where
-  they took over 10 % of a core is kept in the JSON but left out of the
-  summary (unless every round of that configuration was noisy).
-
-With ``--pin`` the server runs on CPU 0 and the app and the legs on the
-others, so the server has a core to itself.
+  the app wrote into it (the server plays an app's audio on its 20 ms tick,
+  so up to one tick of this is by design);
+- the frames each leg got per second over the window, and the most it got in
+  any 100 ms (one timeline per leg: 50 ± 1 frames/s, never more than 6 in
+  100 ms), and both again from the resume on;
+- the app → leg delay (p50) of what the app sent in a second before the
+  stall, and from 1.5 to 2.5 s after the resume: a playout that follows the
+  clock is back at its earlier level by then; a late tick that plays one
+  frame and skips the missed ones keeps the stall's 300 ms for good;
+- the frames each leg got by kind (echo, bridged, silence), the echoes
+  missing, the server's side (audiohangup only: ``/metrics`` stream counters
+  and drops, close reasons, RSS), log lines that signal trouble, and the CPU
+  that processes outside the benchmark used meanwhile: a run where they took
+  over 10 % of a core is left out of the table (all runs shown, marked
+  ``*``, if none was quiet); every run is in the JSON.
 
 All times are ``time.monotonic_ns()``: CLOCK_MONOTONIC is one clock for every
 process on a Linux machine, so a stamp taken in one process can be read in
-another.
+another. The legs' own reads are part of what they measure: a busy load core
+makes frames arrive in bunches (the worst 100 ms) and late (the latencies);
+``client.tick_lag_ms`` and the app's CPU in the JSON tell.
 
 The stamps must survive μ-law: with ``twilio`` the server converts the
 leg's slin to μ-law for the app and the app's μ-law back to slin. So each
@@ -47,16 +59,22 @@ stamp byte is carried by two samples, each the decoded value of a μ-law code
 exactly (checked at start against ``audiohangup.codecs``). The leg writes
 its stamp (call, role, sequence, send time) into samples 0-31; the app
 echoes the frame as it came, except samples 32-49, where it writes its own
-send time; the rest is silence.
+send time; the rest is silence. The app sets ``TCP_NODELAY``, as asyncio
+does (``--app-nagle``: autobahn's default, Nagle on).
 
-A table goes to stderr with the progress lines, one JSON object to stdout
-(as ``bench/bridge.py`` and ``bench/load.py`` do). Run from the repository
-root, with the working tree on the path (the twistd child inherits it)::
+The table (reST, to paste) goes to stdout, then one JSON line with every
+run; progress goes to stderr. Run from the repository root, with the working
+tree on the path (the twistd child inherits it)::
 
-    PYTHONPATH=$PWD python bench/streams.py --calls 100 --seconds 20 --repeats 3 --wait-idle 1800
+    python -m venv /tmp/streams-venv && /tmp/streams-venv/bin/pip install websockets
+    PYTHONPATH=$PWD python bench/streams.py --asyncio-python /tmp/streams-venv/bin/python
+    PYTHONPATH=$PWD python bench/streams.py --calls 10,50,100 --protocol twilio,audiohangup --repeats 2 \\
+        --asyncio-python /tmp/streams-venv/bin/python
+    PYTHONPATH=$PWD python bench/streams.py --bridged --calls 10,50
 
 A benchmark, not a test. It talks only to 127.0.0.1, every step is bounded in
-time, and the server and the workers are always stopped.
+time, and the servers and the workers are always stopped (a stopped server
+is resumed first).
 """
 
 from __future__ import annotations
@@ -642,7 +660,7 @@ def asyncio_contender(args: argparse.Namespace) -> Contender | str:
         return "it has no bridge (one-leg calls only: drop --bridged)"
     script = args.peers_dir / "asyncio_streams.py"
     if not script.is_file():
-        return f"no {script}"
+        return f"no {script} (give --peers-dir)"
     python = args.asyncio_python or sys.executable
     try:
         check = subprocess.run([python, "-c", "import websockets, audioop"], capture_output=True, timeout=60)
