@@ -748,17 +748,37 @@ def timing(args: argparse.Namespace) -> dict[str, float]:
             "drain": args.drain, "budget": budget}
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """
+    How long the threads of C{pid} have waited, runnable, for a CPU (the
+    second field of C{/proc/PID/task/TID/schedstat}): on a shared core, what
+    other work took from the server.
+    """
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def measure_window(server: common.Server, t0: float, t1: float) -> dict[str, Any]:
     """Server CPU, RSS and the machine's other load over [t0, t1): the steady part of the run."""
     common.sleep_until(t0)
     wall0, user0, system0 = time.monotonic(), *server.cpu_split()
+    waited0 = runqueue_wait_seconds(server.pid)
     table0 = load.process_cpu_table()
     rss0 = server.rss_kib()
     wakeups = common.probe_wakeups(t1)
     wall1, user1, system1 = time.monotonic(), *server.cpu_split()
+    waited1 = runqueue_wait_seconds(server.pid)
     table1 = load.process_cpu_table()
     wall = wall1 - wall0
     return {
+        "cpu_seconds": round(user1 - user0 + system1 - system0, 3),
+        "runqueue_wait_percent": round(100.0 * (waited1 - waited0) / wall, 1),
         "cpu_percent": round(100.0 * (user1 - user0 + system1 - system0) / wall, 1),
         "user_percent": round(100.0 * (user1 - user0) / wall, 1),
         "system_percent": round(100.0 * (system1 - system0) / wall, 1),
@@ -995,10 +1015,10 @@ def table(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     processes under NOISY_OTHER % of a core); over every completed run,
     marked '*', when none was clean. A reST simple table, to paste.
     """
-    header = [["calls", "server", "CPU %", "per 100", "user /", "leg → app", "app → leg", "frames/s", "worst",
-               "stall: app → leg", "after stall:", "clean"],
-              ["", "", "", "calls", "kernel %", "p50 / p99 ms", "p50 / p99 ms", "per leg", "/100 ms",
-               "p50 before → after", "worst /100 ms", "runs"]]
+    header = [["calls", "server", "CPU %", "per 100", "user /", "µs per", "waited", "leg → app", "app → leg",
+               "frames/s", "worst", "stall: app → leg", "after stall:", "clean"],
+              ["", "", "", "calls", "kernel %", "frame pair", "%", "p50 / p99 ms", "p50 / p99 ms", "per leg",
+               "/100 ms", "p50 before → after", "worst /100 ms", "runs"]]
     rows = []
     for calls in args.calls:
         for protocol in args.protocols:
@@ -1017,6 +1037,7 @@ def table(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
                     str(calls), f"{name}{flag}" + (f" {protocol}" if len(args.protocols) > 1 else ""),
                     s("server", "cpu_percent"), s("cpu_per_100_calls"),
                     f"{s('server', 'user_percent')} / {s('server', 'system_percent')}",
+                    s("us_per_frame_pair"), s("server", "runqueue_wait_percent"),
                     f"{s('latency_ms', 'leg_to_app', 'p50', digits=1)} / {s('latency_ms', 'leg_to_app', 'p99')}",
                     f"{s('latency_ms', 'app_to_leg', 'p50')} / {s('latency_ms', 'app_to_leg', 'p99')}",
                     span(frames, 1), s("timeline", "worst_100ms"),
@@ -1045,7 +1066,8 @@ def measure(args: argparse.Namespace, contender: Contender, calls: int, protocol
             ) -> dict[str, Any]:
     """One run, labelled; a failed run is kept with its error, and the rounds go on."""
     run: dict[str, Any] = {"name": contender.name, "protocol": protocol, "calls": calls,
-                           "legs": calls * (2 if args.bridged else 1), "round": round_number}
+                           "legs": calls * (2 if args.bridged else 1), "round": round_number,
+                           "window_seconds": args.seconds}
     try:
         run.update(run_once(args, contender, calls, protocol, round_number))
     except (RuntimeError, OSError) as error:
@@ -1053,7 +1075,21 @@ def measure(args: argparse.Namespace, contender: Contender, calls: int, protocol
         run["error"] = str(error)
         return run
     run["cpu_per_100_calls"] = round(run["server"]["cpu_percent"] * 100.0 / calls, 1)
+    run["us_per_frame_pair"] = us_per_frame_pair(run)
     return run
+
+
+def us_per_frame_pair(run: dict[str, Any]) -> float | None:
+    """
+    The server's CPU over the window per frame pair it moved (one to the
+    app, one played to a leg): the frames the app got of those the legs
+    sent in the window, and the frames the legs got in it. A starved server
+    moves fewer frames, so this holds where CPU % and latency do not.
+    """
+    frames = run["latency_ms"]["leg_to_app"]["samples"] + sum(
+        run["frames_per_leg_per_s"][what] for what in ("echo", "bridged", "silence", "other")
+    ) * run["legs"] * run["window_seconds"]
+    return round(2e6 * run["server"]["cpu_seconds"] / frames, 1) if frames else None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
