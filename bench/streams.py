@@ -118,6 +118,8 @@ STREAMS_TIMEOUT = 30.0
 APP_CLOSE_WAIT = 15.0
 #: Other processes' CPU over a run's window (% of a core) above which the run is left out of the summary.
 NOISY_OTHER = 10.0
+#: The share of the window the server waited, runnable, for its core, above which the run is left out too.
+NOISY_WAIT = 10.0
 #: The window is cut in this many parts to show whether app → leg latency drifts.
 PARTS = 4
 #: The span in which a leg's worst count of frames is taken: more than 6 in it is two feeds, or a burst.
@@ -1012,8 +1014,9 @@ def pick(run: dict[str, Any], *path: str) -> Any:
 def table(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     """
     One row per load and server, ranges over its clean runs (completed, other
-    processes under NOISY_OTHER % of a core); over every completed run,
-    marked '*', when none was clean. A reST simple table, to paste.
+    processes under NOISY_OTHER % of a core, the server waiting for its core
+    under NOISY_WAIT % of the time); over every completed run, marked '*',
+    when none was clean. A reST simple table, to paste.
     """
     header = [["calls", "server", "CPU %", "per 100", "user /", "µs per", "waited", "leg → app", "app → leg",
                "frames/s", "worst", "stall: app → leg", "after stall:", "clean"],
@@ -1026,7 +1029,8 @@ def table(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
                 mine = [run for run in runs if run["calls"] == calls and run["protocol"] == protocol
                         and run["name"] == name]
                 good = [run for run in mine if "error" not in run]
-                clean = [run for run in good if run["server"]["other_cpu_percent"] <= NOISY_OTHER]
+                clean = [run for run in good if run["server"]["other_cpu_percent"] <= NOISY_OTHER
+                         and run["server"]["runqueue_wait_percent"] <= NOISY_WAIT]
                 kept, flag = (clean, "") if clean else (good, "*")
 
                 def s(*path: str, digits: int = 0, kept: list[dict[str, Any]] = kept) -> str:
@@ -1188,8 +1192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: skipped, {why}")
     for line in table(runs, args):
         print(line)
-    print(f"ranges over the clean runs (other processes under {NOISY_OTHER:g} % of a core in the window; "
-          "* = none was clean, every completed run shown); every run is in the JSON line below")
+    print(f"ranges over the clean runs (other processes under {NOISY_OTHER:g} % of a core in the window, the server "
+          f"waiting for its core under {NOISY_WAIT:g} % of it); * = none was clean, every completed run shown; "
+          "every run is in the JSON line below")
     print(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/streams.py " + shlex.join(sys.argv[1:] if argv is None else argv),
