@@ -27,7 +27,10 @@ resumed (``SIGCONT``), and the legs go on for 3 s more.
 What it measures, per run:
 
 - the server's CPU (utime and stime from ``/proc``) over the window, as % of
-  a core and per 100 calls, user and kernel;
+  a core and per 100 calls, user and kernel, and per frame pair it moved
+  (one to the app, one played to a leg): a starved server moves fewer, so
+  this holds where the others do not; and how long it waited, runnable,
+  for its core (``schedstat``): what other work on a shared machine took;
 - leg → app latency: the app's receive time minus the leg's send stamp;
 - app → leg latency: the leg's receive time of an echo minus the send time
   the app wrote into it (the server plays an app's audio on its 20 ms tick,
@@ -43,8 +46,9 @@ What it measures, per run:
   missing, the server's side (audiohangup only: ``/metrics`` stream counters
   and drops, close reasons, RSS), log lines that signal trouble, and the CPU
   that processes outside the benchmark used meanwhile: a run where they took
-  over 10 % of a core is left out of the table (all runs shown, marked
-  ``*``, if none was quiet); every run is in the JSON.
+  over 10 % of a core, or where the server waited over 10 % of the window,
+  is left out of the table (all runs shown, marked ``*``, if none was
+  quiet); every run is in the JSON.
 
 All times are ``time.monotonic_ns()``: CLOCK_MONOTONIC is one clock for every
 process on a Linux machine, so a stamp taken in one process can be read in
