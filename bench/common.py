@@ -235,11 +235,15 @@ class Server:
             line = line.rstrip("\n")
             with self._lock:
                 self.lines.append(line)
-            match = LISTENING.search(line)
-            if match:
-                self.ports[match.group(1)] = int(match.group(2))
-                if len(self.ports) == 3:
-                    self.listening.set()
+            self.line_read(line)
+
+    def line_read(self, line: str) -> None:
+        """A line of the log, kept: its three ``listening on`` lines give the ports and say it is ready."""
+        match = LISTENING.search(line)
+        if match:
+            self.ports[match.group(1)] = int(match.group(2))
+            if len(self.ports) == 3:
+                self.listening.set()
 
     def tail(self, count: int = 30) -> str:
         with self._lock:

@@ -1,44 +1,60 @@
 #!/usr/bin/env python3
 """
-Media streams benchmark for audiohangup: N bridged calls, both legs streamed
-in converse mode to a local app that echoes what it hears.
+Media streams side by side: audiohangup's ``--stream-url`` beside the
+reference server ``../shared/bench/peers/asyncio_streams.py`` (asyncio and
+the ``websockets`` library, the design it replaces), under one load: N
+one-leg calls, each leg streamed in converse mode to a local app that echoes
+what it hears. ``--bridged`` streams both legs of N bridged calls instead
+(audiohangup only: the reference has no bridge), where a leg has two feeds,
+its partner and the app.
 
-For each configuration in turn, interleaved over ``--repeats`` rounds:
+As ``bench/peers.py`` does: every run is a fresh server process pinned alone
+to ``--server-cpu`` with ``taskset``; this process, the echo app (a process
+of its own, so its CPU is not the server's) and one process of fake Asterisk
+legs run on ``--load-cpu``. The servers take turns for every load, the order
+rotating each round. A server that cannot run (no ``asyncio_streams.py``, no
+interpreter with ``websockets``: ``--asyncio-python``) is skipped with a line
+that says so. audiohangup runs as ``twistd -n audiohangup --records none``
+(``common.Server``: what ``pip install .`` installed, or the tree on
+``PYTHONPATH``).
 
-- ``baseline``: the same calls without streams (bridged audio only);
-- ``twilio`` and ``audiohangup``: ``--stream-url`` on an echo app,
-  ``--stream-protocol`` that protocol, ``--stream-mode converse``.
-
-it starts ``twistd -n audiohangup --records none`` (``common.Server``: no
-call records, which are not what is measured), an echo app in a process of
-its own (so its CPU is not the server's, and the app is reported apart), and
-one process of fake Asterisk legs, which send a stamped 20 ms slin frame per
-leg, their phases spread over the 20 ms as real channels are.
+A run: the legs connect, send their UUID, wait until every stream is open,
+then send a stamped 20 ms slin frame each, their phases spread over the 20 ms
+as real channels are; after ``--warmup`` the window of ``--seconds`` is
+measured; then the server is stopped (``SIGSTOP``) for ``--stall-ms`` and
+resumed (``SIGCONT``), and the legs go on for 3 s more.
 
 What it measures, per run:
 
-- the server's CPU (utime + stime from ``/proc``) over a steady window,
-  as % of a core: per leg, and per streamed leg (the run minus the mean of
-  the baselines, over the 2N legs);
+- the server's CPU (utime and stime from ``/proc``) over the window, as % of
+  a core and per 100 calls, user and kernel, and per frame pair it moved
+  (one to the app, one played to a leg): a starved server moves fewer, so
+  this holds where the others do not; and how long it waited, runnable,
+  for its core (``schedstat``): what other work on a shared machine took;
 - leg → app latency: the app's receive time minus the leg's send stamp;
 - app → leg latency: the leg's receive time of an echo minus the send time
-  the app wrote into it (the server plays an app's audio on its 20 ms
-  pacer tick, so up to one tick of this is by design);
-- the round trip, the bridge's own latency, the frames each leg got (echo,
-  bridged, silence: echoes short of 50 per second mean the server plays the
-  app's audio slower than real time), and the server's side: ``/metrics``
-  stream counters and drops, RSS before, during and after, log lines that
-  signal trouble, every leg's close reason and every stream's outcome;
-- the CPU that processes outside the benchmark used meanwhile: a run where
-  they took over 10 % of a core is kept in the JSON but left out of the
-  summary (unless every round of that configuration was noisy).
-
-With ``--pin`` the server runs on CPU 0 and the app and the legs on the
-others, so the server has a core to itself.
+  the app wrote into it (the server plays an app's audio on its 20 ms tick,
+  so up to one tick of this is by design);
+- the frames each leg got per second over the window, and the most it got in
+  any 100 ms (one timeline per leg: 50 ± 1 frames/s, never more than 6 in
+  100 ms), and both again from the resume on;
+- the app → leg delay (p50) of what the app sent in a second before the
+  stall, and from 1.5 to 2.5 s after the resume: a playout that follows the
+  clock is back at its earlier level by then; a late tick that plays one
+  frame and skips the missed ones keeps the stall's 300 ms for good;
+- the frames each leg got by kind (echo, bridged, silence), the echoes
+  missing, the server's side (audiohangup only: ``/metrics`` stream counters
+  and drops, close reasons, RSS), log lines that signal trouble, and the CPU
+  that processes outside the benchmark used meanwhile: a run where they took
+  over 10 % of a core, or where the server waited over 10 % of the window,
+  is left out of the table (all runs shown, marked ``*``, if none was
+  quiet); every run is in the JSON.
 
 All times are ``time.monotonic_ns()``: CLOCK_MONOTONIC is one clock for every
 process on a Linux machine, so a stamp taken in one process can be read in
-another.
+another. The legs' own reads are part of what they measure: a busy load core
+makes frames arrive in bunches (the worst 100 ms) and late (the latencies);
+``client.tick_lag_ms`` and the app's CPU in the JSON tell.
 
 The stamps must survive μ-law: with ``twilio`` the server converts the
 leg's slin to μ-law for the app and the app's μ-law back to slin. So each
@@ -47,16 +63,22 @@ stamp byte is carried by two samples, each the decoded value of a μ-law code
 exactly (checked at start against ``audiohangup.codecs``). The leg writes
 its stamp (call, role, sequence, send time) into samples 0-31; the app
 echoes the frame as it came, except samples 32-49, where it writes its own
-send time; the rest is silence.
+send time; the rest is silence. The app sets ``TCP_NODELAY``, as asyncio
+does (``--app-nagle``: autobahn's default, Nagle on).
 
-A table goes to stderr with the progress lines, one JSON object to stdout
-(as ``bench/bridge.py`` and ``bench/load.py`` do). Run from the repository
-root, with the working tree on the path (the twistd child inherits it)::
+The table (reST, to paste) goes to stdout, then one JSON line with every
+run; progress goes to stderr. Run from the repository root, with the working
+tree on the path (the twistd child inherits it)::
 
-    PYTHONPATH=$PWD python bench/streams.py --calls 100 --seconds 20 --repeats 3 --wait-idle 1800
+    python -m venv /tmp/streams-venv && /tmp/streams-venv/bin/pip install websockets
+    PYTHONPATH=$PWD python bench/streams.py --asyncio-python /tmp/streams-venv/bin/python
+    PYTHONPATH=$PWD python bench/streams.py --calls 10,50,100 --protocol twilio,audiohangup --repeats 2 \\
+        --asyncio-python /tmp/streams-venv/bin/python
+    PYTHONPATH=$PWD python bench/streams.py --bridged --calls 10,50
 
 A benchmark, not a test. It talks only to 127.0.0.1, every step is bounded in
-time, and the server and the workers are always stopped.
+time, and the servers and the workers are always stopped (a stopped server
+is resumed first).
 """
 
 from __future__ import annotations
@@ -68,12 +90,18 @@ import json
 import os
 import platform
 import re
+import shlex
+import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # This script's directory holds common.py; its parent, audiohangup (for the codecs).
@@ -82,20 +110,32 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common
 import load  # for process_cpu_table and others_cpu_seconds: the CPU of processes not ours
+import peers  # for free_ports, pinned and pin_cores: the servers pinned as bench/peers.py pins them
 from common import FRAME_SECONDS, PAYLOAD_BYTES, ROLES, log
 
 common.set_log_name("streams")
 
 PROTOCOLS = ("twilio", "audiohangup")
-BASELINE = "baseline"
 READY_TIMEOUT = 60.0
 STREAMS_TIMEOUT = 30.0
 #: How long the app waits, after the window, for the server to close its streams.
 APP_CLOSE_WAIT = 15.0
 #: Other processes' CPU over a run's window (% of a core) above which the run is left out of the summary.
 NOISY_OTHER = 10.0
+#: The share of the window the server waited, runnable, for its core, above which the run is left out too.
+NOISY_WAIT = 10.0
 #: The window is cut in this many parts to show whether app → leg latency drifts.
 PARTS = 4
+#: The span in which a leg's worst count of frames is taken: more than 6 in it is two feeds, or a burst.
+WORST_WINDOW_NS = 100_000_000
+#: After the stall: the app → leg delay is read from AFTER_STALL to AFTER_STALL + STALL_SPAN seconds after the
+#: resume (the issue's "back within 30 ms of its earlier level 1.5 s after"), the level before over STALL_SPAN.
+AFTER_STALL = 1.5
+STALL_SPAN = 1.0
+#: The level before the stall is read up to this long before the stop (a frame sent just before it is held by it).
+BEFORE_STALL_GAP_NS = 100_000_000
+#: Sending goes on this long after the resume: the after-stall span, and time for its echoes to arrive.
+STALL_TAIL = AFTER_STALL + STALL_SPAN + 0.5
 
 # ---------------------------------------------------------------------------
 # Stamps that survive μ-law
@@ -162,12 +202,37 @@ class Stamps:
 
 
 class StampedRun(common.WorkerRun):
-    """A worker's run with its window [t0, t1) also in monotonic ns, to compare with stamps; empty until GO."""
+    """
+    A worker's run with its steady window [t0, t1) in monotonic ns, to
+    compare with stamps, and the end of sending (after the stall and its
+    tail, if there is one); empty until GO.
+    """
 
-    t0_ns = t1_ns = 1 << 62
+    t0_ns = t1_ns = end_ns = 1 << 62
 
     def started(self, now: float) -> None:
-        self.t0_ns, self.t1_ns = int(self.t0 * 1e9), int(self.t1 * 1e9)
+        self.t0_ns = int(self.t0 * 1e9)
+        self.t1_ns = int((self.t0 + self.cfg["steady"]) * 1e9)
+        self.end_ns = int(self.t1 * 1e9)
+
+
+def worst_in_window(times: list[int], width: int) -> int:
+    """The most of the sorted C{times} that fall in any half-open span C{width} long (0 if none)."""
+    worst = first = 0
+    for last, now in enumerate(times):
+        while now - times[first] >= width:
+            first += 1
+        worst = max(worst, last - first + 1)
+    return worst
+
+
+def timeline(arrivals: list[int], start: int, stop: int) -> tuple[float, int]:
+    """
+    A leg's frames per second over [start, stop) (ns), and the most it got in
+    any 100 ms of it: one timeline per leg means 50 and 5 (6 with jitter).
+    """
+    inside = [t for t in arrivals if start <= t < stop]
+    return round(len(inside) * 1e9 / (stop - start), 2), worst_in_window(inside, WORST_WINDOW_NS)
 
 
 # ---------------------------------------------------------------------------
@@ -255,6 +320,13 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
     class EchoProtocol(WebSocketServerProtocol):
         streaming = False
 
+        def connectionMade(self) -> None:
+            # An app that answers at once, as asyncio's transports (websockets) do: no Nagle on our side,
+            # unless asked for (autobahn's default), to see what an app's Nagle costs.
+            if not cfg["app_nagle"]:
+                self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+            super().connectionMade()
+
         def onOpen(self) -> None:
             self.streaming = True
             app.opened += 1
@@ -304,10 +376,11 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
 
 def legs_main(cfg: dict[str, Any], result_path: str) -> int:
     """
-    Two legs per call, each sending a stamped slin frame every 20 ms, their
-    phases spread over 20 slots of 1 ms; each leg sorts what it gets back
-    into its own echoes (app → leg latency), its partner's bridged frames,
-    and the server's silence.
+    One leg per call (two with --bridged), each sending a stamped slin frame
+    every 20 ms, their phases spread over 20 slots of 1 ms; each leg sorts
+    what it gets back into its own echoes (app → leg latency), its partner's
+    bridged frames, and the server's silence, and notes when every frame
+    came (frames per second, the worst 100 ms, before and after the stall).
     """
     from twisted.internet import reactor
     from twisted.internet.defer import DeferredSemaphore, gatherResults
@@ -331,6 +404,8 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             self.round_trip_us: list[int] = []
             self.bridged_us: list[int] = []
             self.tick_lag_us: list[int] = []
+            #: (app's send time, app → leg µs) of echoes the app sent from a second before the stall on.
+            self.stall_pairs: list[tuple[int, int]] = []
             self.lost: Counter[str] = Counter()
             self.closed = 0
 
@@ -338,7 +413,7 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             semaphore = DeferredSemaphore(common.CONNECT_CONCURRENCY)
             waits = []
             for index, call_id in cfg["calls"]:
-                for role_id, port in enumerate((cfg["visitor_port"], cfg["resident_port"])):
+                for role_id, port in enumerate(cfg["ports"]):
                     leg = Leg(self, index, role_id, uuid.UUID(call_id))
                     self.legs.append(leg)
                     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
@@ -401,6 +476,9 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             counts: Counter[str] = Counter()
             for leg in self.legs:
                 counts.update(leg.counts)
+            steady = [timeline(leg.arrivals, self.t0_ns, self.t1_ns) for leg in self.legs]
+            resume = self.t1_ns + int(cfg["stall"] * 1e9)
+            after = [timeline(leg.arrivals, resume, self.end_ns) for leg in self.legs] if cfg["stall"] else []
             with open(result_path, "w") as f:
                 json.dump({
                     "errors": self.errors,
@@ -411,6 +489,11 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
                     "round_trip_us": self.round_trip_us,
                     "bridged_us": self.bridged_us,
                     "tick_lag_us": self.tick_lag_us,
+                    "frames_per_s": [per_s for per_s, _ in steady],
+                    "worst_100ms": [worst for _, worst in steady],
+                    "after_stall_frames_per_s": [per_s for per_s, _ in after],
+                    "after_stall_worst_100ms": [worst for _, worst in after],
+                    "stall_pairs": self.stall_pairs,
                     "lost_during_run": dict(self.lost),
                 }, f)
 
@@ -423,6 +506,8 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             self.gone = False
             self.seq = 0
             self.last_echo = -1
+            #: When every audio frame came, from t0 to the end of sending.
+            self.arrivals: list[int] = []
             #: sent_window, echoed_window: frames sent in the window and their echoes;
             #: echo, bridged, silence, other: frames received in the window, by kind.
             self.counts: Counter[str] = Counter()
@@ -444,10 +529,13 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
             now = monotonic_ns()
             t0, t1 = self.run.t0_ns, self.run.t1_ns
             in_window = t0 <= now < t1
+            timed = t0 <= now < self.run.end_ns
             for kind, length, buffer, start in self.frames(data):
                 what = self.frame_received(kind, length, buffer, start, now, t0, t1)
                 if in_window:
                     self.counts[what] += 1
+                if timed and what != "hangup":
+                    self.arrivals.append(now)
 
         def frame_received(self, kind: int, length: int, buffer: bytes, start: int, now: int, t0: int, t1: int) -> str:
             """Sort one frame, note its latency; return what it was."""
@@ -481,9 +569,13 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
                 self.counts["echo_without_app_stamp"] += 1
                 return
             magic, app_sent = APP_STAMP.unpack(app)
-            if magic == APP_MAGIC and t0 <= app_sent < t1:
+            if magic != APP_MAGIC:
+                return
+            if t0 <= app_sent < t1:
                 part = (app_sent - t0) * PARTS // (t1 - t0)
                 self.run.app_to_leg_us[part].append((now - app_sent) // 1000)
+            if cfg["stall"] and app_sent >= t1 - int(STALL_SPAN * 1e9) - BEFORE_STALL_GAP_NS:
+                self.run.stall_pairs.append((app_sent, (now - app_sent) // 1000))
 
         def heard_first_frame(self) -> None:
             self.run.leg_heard()
@@ -507,14 +599,103 @@ def worker_main(config_path: str, result_path: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Orchestrator: one run
+# Orchestrator: the servers
 # ---------------------------------------------------------------------------
 
 STREAM_OPEN = re.compile(r" stream MZ[0-9a-f]+ to \S+ open \(")
+#: asyncio_streams.py's line for an open stream (at --log-level INFO).
+PEER_STREAM_OPEN = re.compile(r": stream to \S+ open$")
 STREAM_ENDED = re.compile(r" stream MZ[0-9a-f]+ ended \((\w+)\)")
 STREAM_FAILED = re.compile(r" stream MZ[0-9a-f]+ to \S+ failed: (.*)$")
-TROUBLE = ("Traceback", "Unhandled", " failed", " ignored ", "not opened", "did not close")
+TROUBLE = ("Traceback", "Unhandled", " failed", " ignored ", "not opened", "did not close", "went away")
 METRIC_LINE = re.compile(r"^(audiohangup_stream\w*)(\{[^}]*\})? (\S+)$")
+
+
+class StreamsPeer(common.Server):
+    """
+    asyncio_streams.py as the benchmark sees audiohangup: one AudioSocket
+    port (the legs' visitor port), ready at its ``listening on`` line; it
+    has no HTTP API, so no /health, /metrics or close reasons.
+    """
+
+    def __init__(self, argv: list[str], port: int) -> None:
+        super().__init__()
+        self.argv = argv
+        self.ports = {"audiosocket-visitor": port}
+
+    def line_read(self, line: str) -> None:
+        if " listening on " in line:
+            self.listening.set()
+
+    def health_legs(self) -> int | None:
+        return None
+
+
+@dataclass
+class Contender:
+    """A server to measure: a fresh one for a protocol and an app URL, and how it says a stream is open."""
+
+    name: str
+    make: Callable[[str, str], common.Server]
+    stream_open: re.Pattern[str]
+    audiohangup: bool = False
+
+
+def audiohangup_contender(args: argparse.Namespace) -> Contender:
+    """twistd -n audiohangup (common.Server: ephemeral loopback ports, --records none) streaming every leg."""
+
+    def make(protocol: str, url: str) -> common.Server:
+        extra = ["--records", "none", "--stream-url", url, "--stream-protocol", protocol, "--stream-mode", "converse"]
+        if not args.bridged:
+            extra += ["--stream-roles", "visitor"]
+        server = common.Server(extra + shlex.split(args.audiohangup_args))
+        server.argv = peers.pinned(server.argv, args.server_cpu)
+        return server
+
+    return Contender("audiohangup", make, STREAM_OPEN, audiohangup=True)
+
+
+def asyncio_contender(args: argparse.Namespace) -> Contender | str:
+    """asyncio_streams.py under an interpreter that has websockets, or why it is skipped."""
+    if args.bridged:
+        return "it has no bridge (one-leg calls only: drop --bridged)"
+    script = args.peers_dir / "asyncio_streams.py"
+    if not script.is_file():
+        return f"no {script} (give --peers-dir)"
+    python = args.asyncio_python or sys.executable
+    try:
+        check = subprocess.run([python, "-c", "import websockets, audioop"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"{python} cannot be run: {error}"
+    if check.returncode != 0:
+        return (f"{python} cannot import websockets (give --asyncio-python, the python of a venv that has it: "
+                "python -m venv /tmp/streams-venv && /tmp/streams-venv/bin/pip install websockets)")
+
+    def make(protocol: str, url: str) -> common.Server:
+        port = peers.free_ports(1)[0]
+        argv = [python, str(script), "--host", "127.0.0.1", "--port", str(port), "--url", url,
+                "--protocol", protocol, "--log-level", "INFO"]
+        return StreamsPeer(peers.pinned(argv, args.server_cpu), port)
+
+    return Contender("asyncio", make, PEER_STREAM_OPEN)
+
+
+def contenders(args: argparse.Namespace) -> tuple[list[Contender], dict[str, str]]:
+    """The servers asked for that can run here, and a reason for each that cannot."""
+    found: list[Contender] = []
+    skipped: dict[str, str] = {}
+    for name in args.servers:
+        entry = audiohangup_contender(args) if name == "audiohangup" else asyncio_contender(args)
+        if isinstance(entry, str):
+            skipped[name] = entry
+        else:
+            found.append(entry)
+    return found, skipped
+
+
+# ---------------------------------------------------------------------------
+# Orchestrator: one run
+# ---------------------------------------------------------------------------
 
 
 def stream_metrics(text: str) -> dict[str, float]:
@@ -548,47 +729,57 @@ def start_app(args: argparse.Namespace, directory: str) -> tuple[common.Worker, 
     """The echo app's process, listening; its port."""
     port_file = os.path.join(directory, "app.port")
     app = common.Worker(os.path.abspath(__file__), 0, {
-        "kind": "app", "port_file": port_file, **timing(args),
+        "kind": "app", "port_file": port_file, "app_nagle": args.app_nagle, **timing(args),
     }, directory)
     app.wait_ready(time.monotonic() + READY_TIMEOUT)
     with open(port_file) as f:
         return app, int(f.read())
 
 
+def sending_seconds(args: argparse.Namespace) -> float:
+    """How long the legs send after the warm-up: the steady window, then the stall and its tail."""
+    return float(args.seconds) + (args.stall + STALL_TAIL if args.stall else 0.0)
+
+
 def timing(args: argparse.Namespace) -> dict[str, float]:
     """What every worker needs of the run's timeline, and a budget that bounds it."""
-    budget = READY_TIMEOUT + STREAMS_TIMEOUT + args.warmup + args.seconds + args.drain + APP_CLOSE_WAIT + 30.0
-    return {"warmup": args.warmup, "seconds": args.seconds, "drain": args.drain, "budget": budget}
+    seconds = sending_seconds(args)
+    budget = READY_TIMEOUT + STREAMS_TIMEOUT + args.warmup + seconds + args.drain + APP_CLOSE_WAIT + 30.0
+    return {"warmup": args.warmup, "seconds": seconds, "steady": args.seconds, "stall": args.stall,
+            "drain": args.drain, "budget": budget}
 
 
-def server_args(config: str, app_port: int | None) -> list[str]:
-    args = ["--records", "none"]
-    if config != BASELINE:
-        args += ["--stream-url", f"ws://127.0.0.1:{app_port}/echo", "--stream-protocol", config, "--stream-mode", "converse"]
-    return args
-
-
-def pin(pid: int, cpus: set[int]) -> None:
+def runqueue_wait_seconds(pid: int) -> float:
     """
-    Keep a process, every thread of it, on C{cpus}: with --pin the server
-    gets a core of its own, so what it costs is not mixed with how much of a
-    core it could get next to the app and the legs.
+    How long the threads of C{pid} have waited, runnable, for a CPU (the
+    second field of C{/proc/PID/task/TID/schedstat}): on a shared core, what
+    other work took from the server.
     """
+    total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(task), cpus)
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def measure_window(server: common.Server, t0: float, t1: float) -> dict[str, Any]:
     """Server CPU, RSS and the machine's other load over [t0, t1): the steady part of the run."""
     common.sleep_until(t0)
     wall0, user0, system0 = time.monotonic(), *server.cpu_split()
+    waited0 = runqueue_wait_seconds(server.pid)
     table0 = load.process_cpu_table()
     rss0 = server.rss_kib()
     wakeups = common.probe_wakeups(t1)
     wall1, user1, system1 = time.monotonic(), *server.cpu_split()
+    waited1 = runqueue_wait_seconds(server.pid)
     table1 = load.process_cpu_table()
     wall = wall1 - wall0
     return {
+        "cpu_seconds": round(user1 - user0 + system1 - system0, 3),
+        "runqueue_wait_percent": round(100.0 * (waited1 - waited0) / wall, 1),
         "cpu_percent": round(100.0 * (user1 - user0 + system1 - system0) / wall, 1),
         "user_percent": round(100.0 * (user1 - user0) / wall, 1),
         "system_percent": round(100.0 * (system1 - system0) / wall, 1),
@@ -599,61 +790,103 @@ def measure_window(server: common.Server, t0: float, t1: float) -> dict[str, Any
     }
 
 
-def run_once(args: argparse.Namespace, config: str, round_number: int) -> dict[str, Any]:
-    """One configuration, one round: app (unless baseline), server, legs; the window measured; all stopped."""
-    legs_total = 2 * args.calls
+def stall(pid: int, seconds: float) -> tuple[int, int]:
+    """
+    Stop the server for C{seconds} (SIGSTOP, SIGCONT: what a long GC pause,
+    a slow disk or a noisy neighbour do to it); when it stopped and resumed,
+    in monotonic ns, the clock of the stamps.
+    """
+    stopped = time.monotonic_ns()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic_ns()
+    return stopped, resumed
+
+
+def stall_figures(pairs: list[list[int]], stopped: int, resumed: int) -> dict[str, Any]:
+    """
+    app → leg delay (ms) of what the app sent in a second before the stop
+    (ending 100 ms before it, as what was sent just before is caught by the
+    stop), and from 1.5 s to 2.5 s after the resume: a leg whose playout
+    follows the clock is back at its earlier level by then; the worst in between.
+    """
+    span_ns = int(STALL_SPAN * 1e9)
+    after_from = resumed + int(AFTER_STALL * 1e9)
+    before_to = stopped - BEFORE_STALL_GAP_NS
+    before = [us for sent, us in pairs if before_to - span_ns <= sent < before_to]
+    after = [us for sent, us in pairs if after_from <= sent < after_from + span_ns]
+    between = [us for sent, us in pairs if stopped <= sent < after_from]
+    return {
+        "stopped_ms": round((resumed - stopped) / 1e6, 1),
+        "before": common.summary_ms(before),
+        "after": common.summary_ms(after),
+        "worst_between_ms": common.ms_from_us(max(between)) if between else None,
+    }
+
+
+def run_once(args: argparse.Namespace, contender: Contender, calls: int, protocol: str,
+             round_number: int) -> dict[str, Any]:
+    """One server, one load, one round: app, server, legs; the window measured, the stall; all stopped."""
+    legs_total = calls * (2 if args.bridged else 1)
     workers: list[common.Worker] = []
     server: common.Server | None = None
     exit_code = None
+    stall_times = None
+    metrics_window: dict[str, float] = {}
+    metrics_end: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as directory:
         try:
-            app_port = None
-            if config != BASELINE:
-                app, app_port = start_app(args, directory)
-                workers.append(app)
-            server = common.Server(server_args(config, app_port))
+            app, app_port = start_app(args, directory)
+            workers.append(app)
+            server = contender.make(protocol, f"ws://127.0.0.1:{app_port}/echo")
+            log(f"{contender.name}: {shlex.join(server.argv)}")
             server.start()
-            if args.pin:
-                pin(server.pid, {0})
             rss_idle = server.rss_kib()
-            calls = [(index, str(uuid.uuid4())) for index in range(args.calls)]
+            ports = [server.ports["audiosocket-visitor"]]
+            if args.bridged:
+                ports.append(server.ports["audiosocket-resident"])
             legs = common.Worker(os.path.abspath(__file__), 1, {
-                "kind": "legs", "calls": calls, **timing(args),
-                "visitor_port": server.ports["audiosocket-visitor"],
-                "resident_port": server.ports["audiosocket-resident"],
+                "kind": "legs", "calls": [(index, str(uuid.uuid4())) for index in range(calls)],
+                "ports": ports, **timing(args),
             }, directory)
             workers.append(legs)
-            if args.pin:
-                for worker in workers:
-                    pin(worker.process.pid, set(range(1, os.cpu_count() or 2)))
             common.start_workers([legs], READY_TIMEOUT)
-            if config != BASELINE:
-                wait_for(lambda: count_lines(server, STREAM_OPEN) >= legs_total, STREAMS_TIMEOUT,
-                         f"{legs_total} streams open")
-            if server.health_legs() != legs_total:
+            wait_for(lambda: count_lines(server, contender.stream_open) >= legs_total, STREAMS_TIMEOUT,
+                     f"{legs_total} streams open")
+            if contender.audiohangup and server.health_legs() != legs_total:
                 raise RuntimeError(f"the server reports {server.health_legs()} legs, not {legs_total}")
             start = common.go_workers(workers)
-            log(f"{config} round {round_number}: {legs_total} legs live, {args.warmup:g} s warm-up, {args.seconds:g} s measured")
-            window = measure_window(server, start + args.warmup, start + args.warmup + args.seconds)
-            metrics_window = stream_metrics(server.get("/metrics").decode())
-            results = {("app" if w is not legs else "legs"): w.result(args.drain + APP_CLOSE_WAIT + 30.0) for w in workers}
-            wait_for(lambda: count_lines(server, common.LEG_ENDED) >= legs_total, 10.0, "every leg ended")
-            if config != BASELINE:
+            t0 = start + args.warmup
+            log(f"{contender.name} {protocol}, {calls} calls, round {round_number}: {legs_total} legs live, "
+                f"{args.warmup:g} s warm-up, {args.seconds:g} s measured"
+                + (f", then a {args.stall * 1000:g} ms stall" if args.stall else ""))
+            window = measure_window(server, t0, t0 + args.seconds)
+            if contender.audiohangup:
+                metrics_window = stream_metrics(server.get("/metrics").decode())
+            if args.stall:
+                stall_times = stall(server.pid, args.stall)
+            results = {("app" if w is not legs else "legs"): w.result(sending_seconds(args) + args.drain
+                                                                       + APP_CLOSE_WAIT + 30.0) for w in workers}
+            if contender.audiohangup:
+                wait_for(lambda: count_lines(server, common.LEG_ENDED) >= legs_total, 10.0, "every leg ended")
                 wait_for(lambda: stream_metrics(server.get("/metrics").decode()).get("audiohangup_streams_active") == 0,
                          10.0, "every stream over")
-            metrics_end = stream_metrics(server.get("/metrics").decode())
+                metrics_end = stream_metrics(server.get("/metrics").decode())
             rss_after = server.rss_kib()
             server_died = server.process.poll() if server.process is not None else None
         finally:
+            if server is not None and server.process is not None and server.process.poll() is None:
+                os.kill(server.pid, signal.SIGCONT)  # never leave it stopped
             for worker in workers:
                 worker.stop()
             if server is not None:
                 exit_code = server.stop()
     common.raise_worker_errors(list(results.values()))
     lines = server.log_lines()
-    return {
-        "config": config,
-        "round": round_number,
+    run = {
         "server": {
             **window,
             "rss_idle_mib": mib(rss_idle),
@@ -669,35 +902,47 @@ def run_once(args: argparse.Namespace, config: str, round_number: int) -> dict[s
         "metrics_end": metrics_end,
         **summarise_workers(args, results),
     }
+    if stall_times is not None:
+        run["stall"] = stall_figures(results["legs"]["stall_pairs"], *stall_times)
+    return run
 
 
 def summarise_workers(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     """Latencies, frame counts and the workers' own CPU, from what the workers wrote."""
     legs = results["legs"]
-    app = results.get("app")
+    app = results["app"]
     counts = Counter(legs["counts"])
     per_leg_s = legs["legs"] * args.seconds
     app_to_leg = [us for part in legs["app_to_leg_us"] for us in part]
 
-    def cpu_percent(result: dict[str, Any] | None) -> float | None:
-        cpu = result and result["cpu"]
+    def cpu_percent(result: dict[str, Any]) -> float | None:
+        cpu = result["cpu"]
         return round(100.0 * cpu["cpu_s"] / cpu["wall_s"], 1) if cpu else None
+
+    def low_high(values: list[float]) -> list[float] | None:
+        return [min(values), max(values)] if values else None
 
     return {
         "latency_ms": {
-            "leg_to_app": common.summary_ms(app["leg_to_app_us"]) if app else None,
-            "app_to_leg": common.summary_ms(app_to_leg) if app else None,
-            "app_to_leg_p50_by_part": [common.summary_ms(part)["p50"] for part in legs["app_to_leg_us"]] if app else None,
-            "round_trip": common.summary_ms(legs["round_trip_us"]) if app else None,
+            "leg_to_app": common.summary_ms(app["leg_to_app_us"]),
+            "app_to_leg": common.summary_ms(app_to_leg),
+            "app_to_leg_p50_by_part": [common.summary_ms(part)["p50"] for part in legs["app_to_leg_us"]],
+            "round_trip": common.summary_ms(legs["round_trip_us"]),
             "bridged": common.summary_ms(legs["bridged_us"]),
         },
         "frames_per_leg_per_s": {
             what: round(counts[what] / per_leg_s, 2) for what in ("echo", "bridged", "silence", "other", "hangup")
         },
+        "timeline": {
+            "frames_per_s": low_high(legs["frames_per_s"]),
+            "worst_100ms": max(legs["worst_100ms"], default=None),
+            "after_stall_frames_per_s": low_high(legs["after_stall_frames_per_s"]),
+            "after_stall_worst_100ms": max(legs["after_stall_worst_100ms"], default=None),
+        },
         "echo": {
             "sent_in_window": counts["sent_window"],
             "echoed": counts["echoed_window"],
-            "missing": counts["sent_window"] - counts["echoed_window"] if app else None,
+            "missing": counts["sent_window"] - counts["echoed_window"],
             "out_of_order": counts["echo_out_of_order"],
             "without_app_stamp": counts["echo_without_app_stamp"],
         },
@@ -706,7 +951,7 @@ def summarise_workers(args: argparse.Namespace, results: dict[str, Any]) -> dict
             "tick_lag_ms": {k: v for k, v in common.summary_ms(legs["tick_lag_us"]).items() if k in ("p50", "p99", "max")},
             "legs_lost_during_run": legs["lost_during_run"],
         },
-        "app": None if app is None else {
+        "app": {
             "cpu_percent": cpu_percent(app),
             "streams_opened": app["opened"],
             "media_received": app["media"],
@@ -718,14 +963,11 @@ def summarise_workers(args: argparse.Namespace, results: dict[str, Any]) -> dict
     }
 
 
-# ---------------------------------------------------------------------------
-# Orchestrator: the rounds, the summary, the table
-# ---------------------------------------------------------------------------
-
-
-def problems_of(run: dict[str, Any], legs_total: int) -> list[str]:
+def problems_of(run: dict[str, Any]) -> list[str]:
     """What makes a run's figures wrong or the server's behaviour suspect."""
-    name = f"{run['config']} round {run['round']}"
+    name = f"{run['name']} {run['calls']} calls round {run['round']}"
+    if "error" in run:
+        return [f"{name}: {run['error']}"]
     found = []
     server = run["server"]
     if server["died_during_run"] is not None:
@@ -738,89 +980,84 @@ def problems_of(run: dict[str, Any], legs_total: int) -> list[str]:
         found.append(f"{name}: {len(server['trouble_lines'])}+ trouble lines in the server log")
     if server["streams_failed"]:
         found.append(f"{name}: streams failed: {server['streams_failed']}")
-    dropped = {k: v for k, v in run["metrics_end"].items() if k.startswith("audiohangup_stream_dropped") and v}
+    # The app's audio dropped is what a stall or a late tick costs (or, at the end, the delay left queued):
+    # the stall figures say it. What the app was not sent is a problem.
+    dropped = {k: v for k, v in run["metrics_end"].items()
+               if k.startswith("audiohangup_stream_dropped") and "from_app" not in k and v}
     if dropped:
         found.append(f"{name}: stream frames dropped: {dropped}")
-    app = run["app"]
-    if app is not None and app["streams_opened"] != legs_total:
-        found.append(f"{name}: the app saw {app['streams_opened']} streams, not {legs_total}")
+    if run["app"]["streams_opened"] != run["legs"]:
+        found.append(f"{name}: the app saw {run['app']['streams_opened']} streams, not {run['legs']}")
     return found
 
 
-def span(values: list[float | None], digits: int = 1) -> list[float] | None:
-    """[min, max] of a figure over the rounds, None if it was never measured."""
+# ---------------------------------------------------------------------------
+# Orchestrator: the rounds and the table
+# ---------------------------------------------------------------------------
+
+
+def span(values: list[Any], digits: int = 0) -> str:
+    """min-max of what the rounds gave (one value when they agree), '-' when none."""
     present = [v for v in values if v is not None]
-    return [round(min(present), digits), round(max(present), digits)] if present else None
+    if not present:
+        return "-"
+    low, high = f"{min(present):.{digits}f}", f"{max(present):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
 
 
-def summarise(runs: list[dict[str, Any]], configs: list[str], legs_total: int) -> dict[str, Any]:
+def pick(run: dict[str, Any], *path: str) -> Any:
+    """A figure deep in a run, None where a step is missing."""
+    value: Any = run
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def table(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     """
-    Each configuration over its quiet rounds (all of them if none was
-    quiet): ranges, and the CPU per streamed leg against the mean of the
-    quiet baselines (a round's own baseline may have been a noisy one).
+    One row per load and server, ranges over its clean runs (completed, other
+    processes under NOISY_OTHER % of a core, the server waiting for its core
+    under NOISY_WAIT % of the time); over every completed run, marked '*',
+    when none was clean. A reST simple table, to paste.
     """
+    header = [["calls", "server", "CPU %", "per 100", "user /", "µs per", "waited", "leg → app", "app → leg",
+               "frames/s", "worst", "stall: app → leg", "after stall:", "clean"],
+              ["", "", "", "calls", "kernel %", "frame pair", "%", "p50 / p99 ms", "p50 / p99 ms", "per leg",
+               "/100 ms", "p50 before → after", "worst /100 ms", "runs"]]
+    rows = []
+    for calls in args.calls:
+        for protocol in args.protocols:
+            for name in dict.fromkeys(run["name"] for run in runs):
+                mine = [run for run in runs if run["calls"] == calls and run["protocol"] == protocol
+                        and run["name"] == name]
+                good = [run for run in mine if "error" not in run]
+                clean = [run for run in good if run["server"]["other_cpu_percent"] <= NOISY_OTHER
+                         and run["server"]["runqueue_wait_percent"] <= NOISY_WAIT]
+                kept, flag = (clean, "") if clean else (good, "*")
 
-    def quiet(config: str) -> list[dict[str, Any]]:
-        mine = [run for run in runs if run["config"] == config]
-        calm = [run for run in mine if run["server"]["other_cpu_percent"] <= NOISY_OTHER]
-        return calm or mine
+                def s(*path: str, digits: int = 0, kept: list[dict[str, Any]] = kept) -> str:
+                    return span([pick(run, *path) for run in kept], digits)
 
-    baselines = [run["server"]["cpu_percent"] for run in quiet(BASELINE)]
-    baseline = sum(baselines) / len(baselines)
-    summary = {}
-    for config in configs:
-        mine = quiet(config)
-        cpu = [run["server"]["cpu_percent"] for run in mine]
-        extra = [c - baseline for c in cpu]
+                frames = [v for run in kept for v in (pick(run, "timeline", "frames_per_s") or [])]
+                rows.append([
+                    str(calls), f"{name}{flag}" + (f" {protocol}" if len(args.protocols) > 1 else ""),
+                    s("server", "cpu_percent"), s("cpu_per_100_calls"),
+                    f"{s('server', 'user_percent')} / {s('server', 'system_percent')}",
+                    s("us_per_frame_pair"), s("server", "runqueue_wait_percent"),
+                    f"{s('latency_ms', 'leg_to_app', 'p50', digits=1)} / {s('latency_ms', 'leg_to_app', 'p99')}",
+                    f"{s('latency_ms', 'app_to_leg', 'p50')} / {s('latency_ms', 'app_to_leg', 'p99')}",
+                    span(frames, 1), s("timeline", "worst_100ms"),
+                    f"{s('stall', 'before', 'p50')} → {s('stall', 'after', 'p50')}" if args.stall else "-",
+                    s("timeline", "after_stall_worst_100ms") if args.stall else "-",
+                    f"{len(clean)}/{len(mine)}",
+                ])
+    widths = [max(len(row[i]) for row in header + rows) for i in range(len(header[0]))]
+    rule = "  ".join("=" * width for width in widths)
 
-        def latency(direction: str, q: str, mine: list[dict[str, Any]] = mine) -> list[float] | None:
-            return span([(run["latency_ms"][direction] or {}).get(q) for run in mine], 2)
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
 
-        summary[config] = {
-            "rounds": [run["round"] for run in mine],
-            "noisy_rounds": sorted({run["round"] for run in runs if run["config"] == config} - {run["round"] for run in mine}),
-            "server_cpu_percent": span(cpu),
-            "cpu_per_leg_percent": span([c / legs_total for c in cpu], 3),
-            "cpu_per_streamed_leg_percent": span([e / legs_total for e in extra], 3) if config != BASELINE else None,
-            "cpu_per_streamed_leg_us_per_frame": (
-                span([e / 100.0 / legs_total * FRAME_SECONDS * 1e6 for e in extra], 1) if config != BASELINE else None
-            ),
-            "leg_to_app_ms": {"p50": latency("leg_to_app", "p50"), "p99": latency("leg_to_app", "p99")},
-            "app_to_leg_ms": {"p50": latency("app_to_leg", "p50"), "p99": latency("app_to_leg", "p99")},
-            "bridged_ms": {"p50": latency("bridged", "p50"), "p99": latency("bridged", "p99")},
-            "echo_frames_per_leg_per_s": span([run["frames_per_leg_per_s"]["echo"] for run in mine], 2),
-            "app_cpu_percent": span([(run["app"] or {}).get("cpu_percent") for run in mine]),
-            "client_cpu_percent": span([run["client"]["cpu_percent"] for run in mine]),
-            "other_cpu_percent": span([run["server"]["other_cpu_percent"] for run in mine]),
-            "rss_t1_mib": span([run["server"]["rss_t1_mib"] for run in mine]),
-        }
-    return summary
-
-
-def table(summary: dict[str, Any]) -> str:
-    """The summary as a fixed-width table for the terminal: ranges over the rounds."""
-
-    def r(value: list[float] | None) -> str:
-        if value is None:
-            return "-"
-        low, high = value
-        return f"{low:g}" if low == high else f"{low:g}-{high:g}"
-
-    def pair(figures: dict[str, Any]) -> str:
-        return "-" if figures["p50"] is None else f"{r(figures['p50'])} / {r(figures['p99'])}"
-
-    head = ("config", "rounds", "server CPU %", "per leg %", "per streamed leg %", "leg->app p50/p99 ms",
-            "app->leg p50/p99 ms", "echoes/s per leg", "bridged p50/p99 ms", "app CPU %", "others %")
-    rows = [head] + [
-        (config, ",".join(str(n) for n in s["rounds"]),
-         r(s["server_cpu_percent"]), r(s["cpu_per_leg_percent"]), r(s["cpu_per_streamed_leg_percent"]),
-         pair(s["leg_to_app_ms"]), pair(s["app_to_leg_ms"]),
-         r(s["echo_frames_per_leg_per_s"]) if config != BASELINE else "-",
-         pair(s["bridged_ms"]), r(s["app_cpu_percent"]), r(s["other_cpu_percent"]))
-        for config, s in summary.items()
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
+    return [rule, *map(line, header), rule, *map(line, rows), rule]
 
 
 def cpu_model() -> str | None:
@@ -831,80 +1068,147 @@ def cpu_model() -> str | None:
     return None
 
 
-def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
-    configs = [BASELINE, *args.protocols]
-    legs_total = 2 * args.calls
-    runs = []
-    for round_number in range(1, args.repeats + 1):
-        # Interleaved, and rotated each round, so drift in the machine's load falls on every configuration.
-        shift = (round_number - 1) % len(configs)
-        for config in configs[shift:] + configs[:shift]:
-            if args.wait_idle:
-                common.wait_idle(args.wait_idle)
-            runs.append(run_once(args, config, round_number))
-            time.sleep(1.0)  # the previous server's sockets and processes gone
-    summary = summarise(runs, configs, legs_total)
-    log(f"figures (ranges over the rounds with other processes under {NOISY_OTHER:g}% of a core):\n" + table(summary))
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"nproc": os.cpu_count(), "model": cpu_model(), "python": platform.python_version()},
-        "calls": args.calls,
-        "legs": legs_total,
-        "seconds": args.seconds,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "pinned": args.pin,
-        "summary": summary,
-        "runs": runs,
-        "problems": [problem for run in runs for problem in problems_of(run, legs_total)],
-    }
+def measure(args: argparse.Namespace, contender: Contender, calls: int, protocol: str, round_number: int
+            ) -> dict[str, Any]:
+    """One run, labelled; a failed run is kept with its error, and the rounds go on."""
+    run: dict[str, Any] = {"name": contender.name, "protocol": protocol, "calls": calls,
+                           "legs": calls * (2 if args.bridged else 1), "round": round_number,
+                           "window_seconds": args.seconds}
+    try:
+        run.update(run_once(args, contender, calls, protocol, round_number))
+    except (RuntimeError, OSError) as error:
+        log(f"{contender.name} {protocol}, {calls} calls: run failed: {error}")
+        run["error"] = str(error)
+        return run
+    run["cpu_per_100_calls"] = round(run["server"]["cpu_percent"] * 100.0 / calls, 1)
+    run["us_per_frame_pair"] = us_per_frame_pair(run)
+    return run
+
+
+def us_per_frame_pair(run: dict[str, Any]) -> float | None:
+    """
+    The server's CPU over the window per frame pair it moved (one to the
+    app, one played to a leg): the frames the app got of those the legs
+    sent in the window, and the frames the legs got in it. A starved server
+    moves fewer frames, so this holds where CPU % and latency do not.
+    """
+    frames = run["latency_ms"]["leg_to_app"]["samples"] + sum(
+        run["frames_per_leg_per_s"][what] for what in ("echo", "bridged", "silence", "other")
+    ) * run["legs"] * run["window_seconds"]
+    return round(2e6 * run["server"]["cpu_seconds"] / frames, 1) if frames else None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="CPU and latency of media streams (converse mode, echo app) against the same calls without streams.",
+        description="audiohangup's media streams beside asyncio_streams.py: N calls streamed in converse mode "
+                    "to an echo app, the server pinned alone to a core, interleaved rounds.",
     )
-    parser.add_argument("--calls", type=int, default=100, help="bridged calls, 2 legs each; default 100")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds after the warm-up; default 20")
+    parser.add_argument("--calls", default="10,50,100,200",
+                        help="comma-separated loads, in calls (one leg each; two with --bridged); default 10,50,100,200")
+    parser.add_argument("--servers", default="audiohangup,asyncio",
+                        help="comma-separated, of audiohangup, asyncio; default both")
+    parser.add_argument("--protocol", default="twilio",
+                        help=f"comma-separated, of {', '.join(PROTOCOLS)}; default twilio")
+    parser.add_argument("--bridged", action="store_true",
+                        help="bridged calls, both legs streamed (audiohangup only: the asyncio peer has no bridge)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds after the warm-up; default 10")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of sending before measuring; default 3")
-    parser.add_argument("--drain", type=float, default=1.0, help="seconds for echoes in flight after the window; default 1")
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS),
-                        help=f"comma-separated, of {', '.join(PROTOCOLS)}; default both (a baseline always runs)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of every configuration, interleaved; default 2")
+    parser.add_argument("--stall-ms", type=float, default=300.0,
+                        help="after the window, SIGSTOP the server this long, then SIGCONT (0: no stall); default 300")
+    parser.add_argument("--drain", type=float, default=1.0, help="seconds for echoes in flight after sending; default 1")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over every server and load, interleaved; default 2")
+    parser.add_argument("--app-nagle", action="store_true",
+                        help="leave Nagle's algorithm on in the echo app (autobahn's default); default off, as in "
+                             "asyncio and websockets")
+    parser.add_argument("--peers-dir", type=Path, default=peers.PEERS_DIR,
+                        help=f"where asyncio_streams.py is; default {peers.PEERS_DIR}")
+    parser.add_argument("--asyncio-python", metavar="PYTHON",
+                        help="interpreter with websockets for asyncio_streams.py; default this one")
+    parser.add_argument("--audiohangup-args", default="",
+                        help='extra twistd audiohangup options, one string, e.g. "--stream-max-queue-ms 2000"')
+    parser.add_argument("--server-cpu", type=int, default=1, help="core the servers run on; default 1")
+    parser.add_argument("--load-cpu", type=int, default=0, help="core the legs and the app run on; default 0")
+    parser.add_argument("--no-pin", action="store_true", help="pin nothing")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for the machine to be idle; default 0, no wait")
-    parser.add_argument("--pin", action="store_true",
-                        help="the server on CPU 0, the app and the legs on the other CPUs (needs 2 or more)")
     common.add_worker_option(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    if args.pin and (os.cpu_count() or 1) < 2:
-        parser.error("--pin needs at least 2 CPUs")
-    args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    if not args.protocols or any(p not in PROTOCOLS for p in args.protocols):
-        parser.error(f"--protocols must name {' and/or '.join(PROTOCOLS)}")
-    if not 1 <= args.calls <= 2000:
+    try:
+        args.calls = [int(n) for n in args.calls.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--calls must be numbers, comma-separated")
+    args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    args.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    if not args.calls or any(not 1 <= n <= 2000 for n in args.calls):
         parser.error("--calls must be between 1 and 2000")
+    if not args.servers or set(args.servers) - {"audiohangup", "asyncio"}:
+        parser.error("--servers must name audiohangup and/or asyncio")
+    if not args.protocols or any(p not in PROTOCOLS for p in args.protocols):
+        parser.error(f"--protocol must name {' and/or '.join(PROTOCOLS)}")
     if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60 or not 0.1 <= args.drain <= 30:
         parser.error("--seconds must be within 1..600, --warmup 0..60, --drain 0.1..30")
+    if not 0 <= args.stall_ms <= 5000 or (args.stall_ms and args.seconds < STALL_SPAN):
+        parser.error(f"--stall-ms must be within 0..5000, and needs --seconds of {STALL_SPAN:g} or more")
     if not 1 <= args.repeats <= 20:
         parser.error("--repeats must be between 1 and 20")
+    args.stall = args.stall_ms / 1000.0
     return args
-
-
-def suspect(result: dict[str, Any]) -> str | None:
-    """A warning when other processes took enough of the machine to make the CPU figures suspect."""
-    noisy = [run for run in result["runs"] if run["server"]["other_cpu_percent"] > 20]
-    if noisy:
-        worst = max(run["server"]["other_cpu_percent"] for run in noisy)
-        return f"warning: other processes used up to {worst:.0f}% of a core in {len(noisy)} runs; the figures are suspect"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return common.run_script(args, worker_main, orchestrate, "the server's CPU and memory", suspect)
+    if args.worker:
+        return worker_main(*args.worker)
+    if not os.path.exists("/proc/self/stat"):
+        raise SystemExit("needs Linux /proc for the servers' CPU")
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    pinning = peers.pin_cores(args)
+    found, skipped = contenders(args)
+    for name, why in skipped.items():
+        log(f"{name} skipped: {why}")
+    if not found:
+        log("no server to measure")
+        return 1
+    runs = []
+    for round_number in range(1, args.repeats + 1):
+        for calls in args.calls:
+            for protocol in args.protocols:
+                # Interleaved, the order rotated each round, so drift in the machine's load falls on every server.
+                shift = (round_number - 1) % len(found)
+                for contender in found[shift:] + found[:shift]:
+                    if args.wait_idle:
+                        common.wait_idle(args.wait_idle)
+                    runs.append(measure(args, contender, calls, protocol, round_number))
+                    time.sleep(1.0)  # the previous server's sockets and processes gone
+    problems = [problem for run in runs for problem in problems_of(run)]
+    kind = "bridged calls, both legs" if args.bridged else "one-leg calls"
+    print(f"{kind} streamed in converse mode to an echo app ({', '.join(args.protocols)}); {args.seconds:g} s "
+          f"window; {args.repeats} round(s), ranges min-max; {pinning}")
+    for name, why in skipped.items():
+        print(f"{name}: skipped, {why}")
+    for line in table(runs, args):
+        print(line)
+    print(f"ranges over the clean runs (other processes under {NOISY_OTHER:g} % of a core in the window, the server "
+          f"waiting for its core under {NOISY_WAIT:g} % of it); * = none was clean, every completed run shown; "
+          "every run is in the JSON line below")
+    print(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/streams.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": {"nproc": os.cpu_count(), "model": cpu_model(), "python": platform.python_version()},
+        "pinning": pinning,
+        "skipped": skipped,
+        "runs": runs,
+        "problems": problems,
+    }))
+    for problem in problems:
+        log(f"problem: {problem}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
