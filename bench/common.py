@@ -640,3 +640,12 @@ def run_script(
     for problem in result["problems"]:
         log(f"problem: {problem}")
     return 1 if result["problems"] else 0
+
+
+def cannot_import(python: str, modules: str) -> str | None:
+    """Why C{python} cannot import C{modules} ("a, b"), or None if it can: a reference server's interpreter check."""
+    try:
+        check = subprocess.run([python, "-c", f"import {modules}"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"{python} cannot be run: {error}"
+    return None if check.returncode == 0 else f"{python} cannot import {modules}"

@@ -183,12 +183,9 @@ def find_asyncio(args: argparse.Namespace) -> Contender | str:
     if not script.is_file():
         return f"no {script}"
     python = args.asyncio_python or sys.executable
-    try:
-        check = subprocess.run([python, "-c", "import aiohttp"], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"{python} cannot be run: {error}"
-    if check.returncode != 0:
-        return f"{python} cannot import aiohttp (give --asyncio-python, the python of a venv that has it)"
+    why = common.cannot_import(python, "aiohttp")
+    if why is not None:
+        return f"{why} (give --asyncio-python, the python of a venv that has it)"
     return reference("asyncio", [python, str(script)], args.server_cpu)
 
 

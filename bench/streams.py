@@ -93,7 +93,6 @@ import re
 import shlex
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -663,12 +662,9 @@ def asyncio_contender(args: argparse.Namespace) -> Contender | str:
     if not script.is_file():
         return f"no {script} (give --peers-dir)"
     python = args.asyncio_python or sys.executable
-    try:
-        check = subprocess.run([python, "-c", "import websockets, audioop"], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"{python} cannot be run: {error}"
-    if check.returncode != 0:
-        return (f"{python} cannot import websockets (give --asyncio-python, the python of a venv that has it: "
+    why = common.cannot_import(python, "websockets, audioop")
+    if why is not None:
+        return (f"{why} (give --asyncio-python, the python of a venv that has websockets: "
                 "python -m venv /tmp/streams-venv && /tmp/streams-venv/bin/pip install websockets)")
 
     def make(protocol: str, url: str) -> common.Server:
