@@ -117,10 +117,13 @@ class Metrics:
         self._ended_totals = dict.fromkeys(_LEG_COUNTERS, 0)
         #: The media streams manager, once wired: its streams are summed at scrape time.
         self.streams: Any = None
+        #: The shared 20 ms tick, once wired: its counts are read at scrape time.
+        self.pacer: Any = None
         for role in Role:
             self.legs_started.labels(role=role.value)
         self.collectors.register(_LegCollector(self))
         self.collectors.register(_StreamCollector(self))
+        self.collectors.register(_PacerCollector(self))
 
     def watchGarbageCollector(self) -> None:
         """Time every collection (gc.callbacks is the process's: L{unwatchGarbageCollector} on stop)."""
@@ -293,3 +296,28 @@ class _StreamCollector(Collector):
             "audiohangup_stream_ignored_frames", "Audio from apps on listen streams, not played.",
             value=total("ignored_from_app"),
         )
+
+
+class _PacerCollector(Collector):
+    """
+    The shared tick: how often it ran, how often late, and the 20 ms slots
+    late ticks missed, whose audio was dropped rather than played late: the
+    stalls (GC pauses, a busy or stopped process) a caller heard as gaps.
+    """
+
+    _COUNTS = (
+        ("ticks", "audiohangup_pacer_ticks", "Ticks of the shared 20 ms pacer."),
+        ("late_ticks", "audiohangup_pacer_late_ticks", "Ticks that ran a slot or more late."),
+        ("missed_slots", "audiohangup_pacer_missed_slots", "20 ms slots late ticks missed (their audio dropped)."),
+    )
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        pacer = self.metrics.pacer
+        for attribute, metric, text in self._COUNTS:
+            yield CounterMetricFamily(metric, text, value=getattr(pacer, attribute, 0))

@@ -281,6 +281,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
     metrics.streams = streams
+    metrics.pacer = pacer
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
     recorder = Recorder(
         RecordingConfig(

@@ -66,6 +66,7 @@ async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
     assert value(live, "audiohangup_legs", role="resident") == 1
     assert value(live, "audiohangup_legs_started_total", role="visitor") == 7
     assert value(live, "audiohangup_frames_received_total") >= 11
+    assert value(live, "audiohangup_pacer_ticks_total") >= 1  # the service's own pacer, wired
 
     await reset_leg.hangup(HangupCause.API)
     await clean_leg.hangup(HangupCause.API)
@@ -205,3 +206,34 @@ async def test_garbage_collector_pauses_are_timed_while_the_service_runs(make_se
     assert metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_sum", {"generation": "2"}) > 0
     await server.service.stopService()
     assert metrics._gcCallback not in gc.callbacks
+
+
+def test_missed_slots_are_counted() -> None:
+    """
+    A tick the reactor runs 100 ms late is one late tick and four missed
+    slots, whose audio the legs dropped: a stall a caller heard as a gap.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from audiohangup.metrics import Metrics
+    from audiohangup.pacer import Pacer
+    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.registry import Registry
+    from audiohangup.wire import encode_uuid
+
+    registry = Registry()
+    metrics = Metrics(registry)
+    clock = Clock()
+    metrics.pacer = pacer = Pacer(clock)
+    leg = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(), clock, pacer)
+    leg.makeConnection(StringTransport())
+    leg.dataReceived(encode_uuid(uuid.uuid4()))
+    clock.pump([0.02] * 5 + [0.1])
+
+    def sample(name: str) -> float:
+        return metrics.collectors.get_sample_value(name)
+
+    assert (sample("audiohangup_pacer_ticks_total"), sample("audiohangup_pacer_late_ticks_total")) == (6, 1)
+    assert sample("audiohangup_pacer_missed_slots_total") == 4
+    pacer.stopService()
