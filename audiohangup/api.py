@@ -440,10 +440,14 @@ class ControlAPI:
         }
 
     async def _forward(self, request: IRequest, entry: LegEntry, path: bytes) -> tuple[int, bytes]:
-        assert self.cluster is not None
         response = await self._send(request, entry, path)
+        return response.code, await self._readAnswer(response, entry)
+
+    async def _readAnswer(self, response: Any, entry: LegEntry) -> bytes:
+        """An owner's answer, read whole (bounded); a 502 ApiError if it broke off or passed the bound."""
+        assert self.cluster is not None
         try:
-            return response.code, await self.cluster.read(response, entry.instance_id, entry.url)
+            return await self.cluster.read(response, entry.instance_id, entry.url)
         except OwnerUnreachable as error:
             raise _owner_error(error) from None
 
@@ -468,14 +472,7 @@ class ControlAPI:
         assert self.cluster is not None
         response = await self._send(request, entry, request.uri)
         if response.code != 200:
-            try:
-                body = await self.cluster.read(response, entry.instance_id, entry.url)
-            except OwnerUnreachable as error:
-                raise _owner_error(error) from None
-            request.setResponseCode(response.code)
-            request.setHeader("x-audiohangup-answered-by", entry.instance_id)
-            request.setHeader("content-type", "application/json")
-            return body
+            return self._answered(request, entry, response.code, await self._readAnswer(response, entry))
         length = response.length if isinstance(response.length, int) else None
         if length is not None and length > MAX_WAV_BYTES:
             response.deliverBody(_Discard())
@@ -496,7 +493,11 @@ class ControlAPI:
         return b""
 
     async def _relay(self, request: IRequest, entry: LegEntry, path: bytes) -> bytes:
-        status, body = await self._forward(request, entry, path)
+        return self._answered(request, entry, *await self._forward(request, entry, path))
+
+    @staticmethod
+    def _answered(request: IRequest, entry: LegEntry, status: int, body: bytes) -> bytes:
+        """The owner's JSON answer as this request's, saying who answered."""
         request.setResponseCode(status)
         request.setHeader("content-type", "application/json")
         request.setHeader("x-audiohangup-answered-by", entry.instance_id)
@@ -640,13 +641,8 @@ class ControlAPI:
             for entry in owners.values():
                 if entry.instance_id != self.cluster.instance_id:
                     if what == "recording" and request.method == b"GET":
-                        return await self._relayRecording(request, entry)
-                    status, body = await self._forward(request, entry, request.uri)
-                    request.setResponseCode(status)
-                    request.setHeader("x-audiohangup-answered-by", entry.instance_id)
-                    is_wav = status == 200 and request.method == b"GET"
-                    request.setHeader("content-type", "audio/wav" if is_wav else "application/json")
-                    return body
+                        return await self._relayRecording(request, entry)  # a WAV, passed on as it comes
+                    return await self._relay(request, entry, request.uri)
         if what == "recording":
             raise ApiError(404, "no_recording", f"call {call_id} has no recording here")
         raise _unknown_call(call_id)

@@ -109,6 +109,16 @@ def _why(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+async def _owned(done: Deferred[Any], instance_id: str, url: str) -> Any:
+    """What reading an owner's answer gave, its failure as L{OwnerAnswerTooLarge} or L{OwnerUnreachable}."""
+    try:
+        return await done
+    except AnswerTooLarge as error:
+        raise OwnerAnswerTooLarge(instance_id, url, str(error)) from None
+    except Exception as error:
+        raise OwnerUnreachable(instance_id, url, _why(error)) from None
+
+
 class _Collect(Protocol):
     """A response body, read up to a bound: past it the connection is dropped, and C{done} fails."""
 
@@ -228,12 +238,8 @@ class Cluster:
         response.deliverBody(collector)
         # Within the forwarding timeout: an owner that trickles its answer holds this request no longer.
         collector.done.addTimeout(self.timeout, self.reactor)
-        try:
-            return await collector.done
-        except AnswerTooLarge as error:
-            raise OwnerAnswerTooLarge(instance_id, url, str(error)) from None
-        except Exception as error:
-            raise OwnerUnreachable(instance_id, url, _why(error)) from None
+        body: bytes = await _owned(collector.done, instance_id, url)
+        return body
 
     async def pipe(self, response: Any, request: Request, instance_id: str, url: str) -> None:
         """
@@ -243,12 +249,7 @@ class Cluster:
         """
         done: Deferred[None] = Deferred()
         response.deliverBody(_Pipe(request, MAX_WAV_BYTES, done))
-        try:
-            await done
-        except AnswerTooLarge as error:
-            raise OwnerAnswerTooLarge(instance_id, url, str(error)) from None
-        except Exception as error:
-            raise OwnerUnreachable(instance_id, url, _why(error)) from None
+        await _owned(done, instance_id, url)
 
     def verified(
         self, instance_id: str, signature: str | None, method: bytes, path: bytes, cause: str, body: bytes
