@@ -96,21 +96,24 @@ class _BoundedRequest(Request):
             # Even for /health, which takes any name: routing would fail on it with a 500 or an HTML 400.
             self._answerEarly(400, "bad_host", "the Host header is not a host name")
             return
-        api = self.apiSite.api
-        if self.path != b"/health" and self._offSite():
+        if self.path != b"/health" and (self._offSite() or self._throttled()):
             return
-        source = api.throttle_source(self) if self.path != b"/health" else None
-        if source is not None:
-            wait = api.throttle.retry_after(source, api.clock.seconds())
-            if wait is not None:
-                self.setHeader("retry-after", AuthThrottle.header(wait))
-                self._answerEarly(
-                    429, "too_many_failures",
-                    f"more than {api.throttle.limit} failed authentications from {source} within "
-                    f"{api.throttle.window:g} s; try again in {AuthThrottle.header(wait)} s",
-                )
-                return
         super().process()
+
+    def _throttled(self) -> bool:
+        """A source that failed authentication too often: answered 429 here."""
+        api = self.apiSite.api
+        source = api.throttle_source(self)
+        wait = None if source is None else api.throttle.retry_after(source, api.clock.seconds())
+        if wait is None:
+            return False
+        self.setHeader("retry-after", AuthThrottle.header(wait))
+        self._answerEarly(
+            429, "too_many_failures",
+            f"more than {api.throttle.limit} failed authentications from {source} within "
+            f"{api.throttle.window:g} s; try again in {AuthThrottle.header(wait)} s",
+        )
+        return True
 
     def _routableHost(self) -> bool:
         """
@@ -126,12 +129,16 @@ class _BoundedRequest(Request):
             return False
         return True
 
+    def _overUnix(self) -> bool:
+        """Whether the request came over a UNIX socket (whose address has no host)."""
+        return not isinstance(getattr(self.getHost(), "host", None), str)
+
     def getRequestHostname(self) -> bytes:
         """
         The Host header's name, as Twisted has it; without one (HTTP/1.0) on a
         UNIX socket, which has no host name of its own, C{localhost}.
         """
-        if self.getHeader(b"host") is None and not isinstance(getattr(self.getHost(), "host", None), str):
+        if self.getHeader(b"host") is None and self._overUnix():
             return b"localhost"
         name: bytes = super().getRequestHostname()
         return name
@@ -143,7 +150,7 @@ class _BoundedRequest(Request):
         page can reach and whose clients name any host (curl's C{unix},
         requests-unixsocket's quoted path): its file's mode says who may connect.
         """
-        if not isinstance(getattr(self.getHost(), "host", None), str):
+        if self._overUnix():
             return False
         headers = self.requestHeaders
         origin = headers.getRawHeaders(b"origin")
