@@ -407,7 +407,7 @@ class Options(usage.Options):
         """The handshake headers, in order, their values as given or read from where they name; each name once."""
         read: dict[str, Callable[[str], str]] = {
             "--stream-header": lambda value: value,
-            "--stream-header-file": lambda path: credentials.from_file(path, insecure=bool(self["insecure-files"])),
+            "--stream-header-file": self._fromFile,
             "--stream-header-env": credentials.from_environment,
         }
         for option, header in self._headerSources:
@@ -424,26 +424,32 @@ class Options(usage.Options):
         """--NAME as given, or read from --NAME-file, else from $ENVIRONMENT if set; never empty."""
         given, path = self[name], self[f"{name}-file"]
         try:
-            if path is not None:
-                if given is not None:
-                    raise ValueError(f"give --{name} or --{name}-file, not both")
-                self[name] = credentials.from_file(path, insecure=bool(self["insecure-files"]))
-            elif given is None and os.environ.get(environment):
-                self[name] = credentials.from_environment(environment)
+            if path is not None and given is not None:
+                raise ValueError(f"give --{name} or --{name}-file, not both")
+            if given is None:
+                self[name] = self._fileOrEnvironment(path, environment)
         except ValueError as error:
             raise usage.UsageError(f"--{name}{'-file' if path else ''}: {error}") from None
         if self[name] is not None and not self[name]:
             raise usage.UsageError(f"--{name} must not be empty")
 
+    def _fromFile(self, path: str) -> str:
+        """A secret file's text, as private as --insecure-files asks (L{credentials.from_file})."""
+        return credentials.from_file(path, insecure=bool(self["insecure-files"]))
+
+    def _fileOrEnvironment(self, path: str | None, environment: str) -> str | None:
+        """The secret in C{path} if given, else in C{$environment} if set (not empty), else None."""
+        if path is not None:
+            return self._fromFile(path)
+        if os.environ.get(environment):
+            return credentials.from_environment(environment)
+        return None
+
     def _redisPassword(self, in_url: bool) -> None:
         """The Redis password from --redis-password-file, else $AUDIOHANGUP_REDIS_PASSWORD; one place only."""
         path = self["redis-password-file"]
-        self["redis-password"] = None
         try:
-            if path is not None:
-                self["redis-password"] = credentials.from_file(path, insecure=bool(self["insecure-files"]))
-            elif os.environ.get(REDIS_PASSWORD_ENVIRONMENT):
-                self["redis-password"] = credentials.from_environment(REDIS_PASSWORD_ENVIRONMENT)
+            self["redis-password"] = self._fileOrEnvironment(path, REDIS_PASSWORD_ENVIRONMENT)
         except ValueError as error:
             raise usage.UsageError(f"--redis-password-file: {error}") from None
         if in_url and self["redis-password"] is not None:
