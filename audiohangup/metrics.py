@@ -219,7 +219,17 @@ def _leg_counters(leg: ILeg) -> dict[str, int]:
     }
 
 
-class _LegCollector(Collector):
+class _OnScrape(Collector):
+    """A collector of what the service keeps itself, read from L{Metrics} when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily, on scrape only
+
+
+class _LegCollector(_OnScrape):
     """Live legs by role, and per-frame totals: ended legs' plus live legs' own counters."""
 
     _HELP = {
@@ -230,12 +240,6 @@ class _LegCollector(Collector):
         "dropped_frames": ("audiohangup_audio_dropped_frames", "Outbound audio frames dropped from full queues."),
         "dtmf": ("audiohangup_dtmf", "DTMF digits received from legs (each one, logged or not)."),
     }
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())  # collected lazily, on scrape only
 
     def collect(self) -> Iterator[Metric]:
         legs = list(self.metrics.registry)
@@ -253,7 +257,7 @@ class _LegCollector(Collector):
             yield CounterMetricFamily(metric, text, value=totals[name])
 
 
-class _StreamCollector(Collector):
+class _StreamCollector(_OnScrape):
     """
     Media streams: how many are active, and frames, bytes and drops each way,
     the ended streams' totals plus the live ones' own counters.
@@ -269,12 +273,6 @@ class _StreamCollector(Collector):
             "dropped_to_app", "dropped_from_app",
         ),
     )
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())
 
     def collect(self) -> Iterator[Metric]:
         manager = self.metrics.streams
@@ -298,7 +296,7 @@ class _StreamCollector(Collector):
         )
 
 
-class _PacerCollector(Collector):
+class _PacerCollector(_OnScrape):
     """
     The shared tick: how often it ran, how often late, and the 20 ms slots
     late ticks missed, whose audio was dropped rather than played late: the
@@ -310,12 +308,6 @@ class _PacerCollector(Collector):
         ("late_ticks", "audiohangup_pacer_late_ticks", "Ticks that ran a slot or more late."),
         ("missed_slots", "audiohangup_pacer_missed_slots", "20 ms slots late ticks missed (their audio dropped)."),
     )
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())
 
     def collect(self) -> Iterator[Metric]:
         pacer = self.metrics.pacer
