@@ -47,7 +47,7 @@ from audiohangup.recording import (
     wav_header,
 )
 from audiohangup.wire import Kind
-from audiohangup.wire import encode as frame
+from audiohangup.wire import encode_frame as frame
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect

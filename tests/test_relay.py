@@ -25,12 +25,12 @@ from zope.interface import implementer
 from audiohangup import relay as relay_module
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.relay import Relay
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode_frame
 from tests.conftest import LogCapture, Server, bridged, until
 
 pytestmark = pytest.mark.skipif(not relay_module.available(), reason="the relay needs epoll")
 
-FRAME = encode(Kind.SLIN, bytes(320))
+FRAME = encode_frame(Kind.SLIN, bytes(320))
 
 
 class Leg:
@@ -306,7 +306,7 @@ async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCaptu
     assert len(relay) == 2
     readers = reactor.getReaders()
     assert relay in readers and not any(leg.transport in readers for leg in legs)
-    marks = [encode(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
+    marks = [encode_frame(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
     visitor.send(marks[0])
     resident.send(marks[1])
     await until(lambda: marks[0] in [f.encode() for f in resident.frames], what="the visitor's frame")

@@ -35,7 +35,7 @@ from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
-from audiohangup.streams.stream import IStreamWire, MediaStream
+from audiohangup.streams.stream import IStreamWebSocket, MediaStream
 
 #: Kernel and Twisted buffering of a stream's socket: small, so what waits
 #: for a slow application is mostly in our own bounded queue.
@@ -76,8 +76,8 @@ def _drop(*args: object, **kwargs: object) -> None:
 _OPEN = WebSocketProtocol.STATE_OPEN
 
 
-@implementer(IStreamWire, IPushProducer)
-class _Wire:
+@implementer(IStreamWebSocket, IPushProducer)
+class _StreamWebSocket:
     """
     The open WebSocket as a stream sees it. The transport pauses it when its
     buffer is full; meanwhile messages wait here, bounded in bytes: media
@@ -197,7 +197,7 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     log = _QuietAutobahnLog()
     factory: _ClientFactory
-    wire: _Wire | None = None
+    websocket: _StreamWebSocket | None = None
     _closeTimer: IDelayedCall | None = None
     #: The plain TCP connection under the WebSocket (not TLS), which
     #: sendDataFrame sends to directly while Twisted buffers nothing, and
@@ -224,9 +224,9 @@ class _ClientProtocol(WebSocketClientProtocol):
             relay = factory.relay
             if relay is not None and relay.adopt(self, transport):
                 self._relay = relay
-        self.wire = _Wire(self, factory.stream, factory.max_media)
-        transport.registerProducer(self.wire, True)
-        factory.stream.opened(self.wire)
+        self.websocket = _StreamWebSocket(self, factory.stream, factory.max_media)
+        transport.registerProducer(self.websocket, True)
+        factory.stream.opened(self.websocket)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.stream.messageReceived(payload, isBinary)
@@ -301,9 +301,9 @@ class _ClientProtocol(WebSocketClientProtocol):
         transport: RFC 6455 (5.5.3) lets us answer only the latest ping, once
         we may write again.
         """
-        wire = self.wire
-        if wire is not None and (wire.paused or wire.outbox):
-            wire.ping = payload  # at most 125 bytes
+        websocket = self.websocket
+        if websocket is not None and (websocket.paused or websocket.outbox):
+            websocket.ping = payload  # at most 125 bytes
             return
         super().onPing(payload)
 
@@ -404,7 +404,7 @@ def connect(
 ) -> None:
     """
     Open the stream's WebSocket; the stream hears of the outcome: C{opened}
-    with its wire, or C{connectFailed} with the reason. The whole of it (TCP,
+    with its L{_StreamWebSocket}, or C{connectFailed} with the reason. The whole of it (TCP,
     TLS, the WebSocket handshake) is bounded by C{timeout}, and a stream
     stopped meanwhile is closed as soon as it opens.
     """

@@ -201,15 +201,15 @@ class Streams:
         config = self.config
         target = fill(url, leg.call_id, str(leg.role))
         stream_id = "MZ" + uuid.uuid4().hex
-        wire_protocol: IStreamProtocol
+        stream_protocol: IStreamProtocol
         if protocol == "twilio":
             # The leg's role travels with the parameters, in Twilio's customParameters.
             custom = {"role": str(leg.role), **(parameters or {})}
-            wire_protocol = TwilioProtocol(stream_id, leg.call_id, leg.format, custom, self.reactor)
+            stream_protocol = TwilioProtocol(stream_id, leg.call_id, leg.format, custom, self.reactor)
         else:
-            wire_protocol = AudiohangupProtocol(stream_id, leg.call_id, str(leg.role), leg.format, parameters or {})
+            stream_protocol = AudiohangupProtocol(stream_id, leg.call_id, str(leg.role), leg.format, parameters or {})
         stream = MediaStream(
-            leg, stream_id, target, redact(target), wire_protocol, chosen, config.settings, self
+            leg, stream_id, target, redact(target), stream_protocol, chosen, config.settings, self
         )
         leg.streams.append(stream)
         leg.taps.append(stream)
