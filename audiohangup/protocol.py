@@ -48,7 +48,7 @@ from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import CATCH_UP_TICKS, Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
-from audiohangup.relay import Relay
+from audiohangup.relay import Relay, fast_paths
 from audiohangup.session import Session
 from audiohangup.wire import (
     HANGUP_FRAME,
@@ -346,8 +346,9 @@ class AudioSocketProtocol(Protocol):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             wire.setTcpNoDelay(True)
         # A plain TCP transport (not TLS, not a test double) can take a frame
-        # straight away when its buffer is empty; see _write.
-        if isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
+        # straight away when its buffer is empty; see _write. Unless the fast
+        # paths are off (AUDIOHANGUP_FAST_PATHS=off): then Twisted writes and reads.
+        if fast_paths() and isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
             self._tcp = wire
             self._socket = wire.socket
             if self.relay is not None:

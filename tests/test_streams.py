@@ -20,6 +20,7 @@ import treq
 from twisted.internet import reactor
 from twisted.logger import LogLevel
 
+from audiohangup import relay as relay_module
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
@@ -411,6 +412,7 @@ async def test_the_stream_socket_is_not_nagled(make_server: Any, app: App) -> No
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+@pytest.mark.skipif(not relay_module.available(), reason="the relay needs epoll and the fast paths on")
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("end", ["app_closes", "app_vanishes", "leg_ends"])
 async def test_the_relay_reads_a_stream_until_it_ends(make_server: Any, app: App, logs: LogCapture, end: str) -> None:

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from audiohangup import __version__
 from audiohangup.interfaces import IReactor
-from audiohangup.relay import Relay
+from audiohangup.relay import Relay, fast_paths
 from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, whole_data_frame
 from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
@@ -201,7 +201,8 @@ class _ClientProtocol(WebSocketClientProtocol):
     _closeTimer: IDelayedCall | None = None
     #: The plain TCP connection under the WebSocket (not TLS), which
     #: sendDataFrame sends to directly while Twisted buffers nothing, and
-    #: the legs' relay reads (one wakeup for every socket with bytes waiting).
+    #: the legs' relay reads (one wakeup for every socket with bytes waiting);
+    #: neither with AUDIOHANGUP_FAST_PATHS=off (see L{audiohangup.relay}).
     _tcp: tcp.Connection | None = None
     _socket: socket.socket | None = None
     _relay: Relay | None = None
@@ -218,7 +219,7 @@ class _ClientProtocol(WebSocketClientProtocol):
         transport = self.transport
         assert IConsumer.providedBy(transport), "a TCP or TLS transport"
         _tune_socket(transport)
-        if isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
+        if fast_paths() and isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
             self._tcp = transport
             self._socket = transport.socket
             relay = factory.relay
