@@ -7,7 +7,6 @@ the HTTP site ask, and do the closing, counting and logging themselves.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import heapq
 import hmac
@@ -20,18 +19,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from audiohangup.credentials import exposed
+from audiohangup.reasons import StrEnum
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class Scope(str, enum.Enum):
+class Scope(StrEnum):
     """What a token may do: C{read} every GET, C{control} everything."""
 
     READ = "read"
     CONTROL = "control"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
     def covers(self, needed: Scope) -> bool:
         return self is Scope.CONTROL or needed is Scope.READ

@@ -21,7 +21,8 @@ from typing import Final
 from audiohangup.wire import Kind, encode_frame
 
 #: The AudioSocket cadence: one frame every 20 ms.
-FRAME_SECONDS: Final = 0.020
+FRAME_MS: Final = 20
+FRAME_SECONDS: Final = FRAME_MS / 1000
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ the leg ended (see L{audiohangup.reasons}) and logs it once.
 
 from __future__ import annotations
 
-import enum
 import errno
 import math
 import socket
@@ -46,7 +45,7 @@ from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Play
 from audiohangup.codecs import mix
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
 from audiohangup.pacer import CATCH_UP_TICKS, Pacer
-from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
+from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, StrEnum, classify, loss_of
 from audiohangup.registry import LegKey, Registry
 from audiohangup.relay import Relay, fast_paths
 from audiohangup.session import Session
@@ -113,14 +112,11 @@ class LegSettings:
         return frames * len(self.audio.silence_frame)
 
 
-class LegState(str, enum.Enum):
+class LegState(StrEnum):
     AWAITING_UUID = "awaiting_uuid"
     LIVE = "live"
     CLOSING = "closing"
     CLOSED = "closed"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 # The states as module names for the checks every frame makes: on CPython

@@ -36,7 +36,6 @@ going: a request is never left waiting on a thread that will not run it.
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import re
@@ -61,14 +60,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from audiohangup.audio import FORMATS, SLIN_BY_KIND, AudioFormat
+from audiohangup.audio import FORMATS, FRAME_SECONDS, SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
 from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
-from audiohangup.reasons import HangupCause, Role
+from audiohangup.reasons import HangupCause, Role, StrEnum
 from audiohangup.wire import Frame
 
-TICK = 0.020
+TICK = FRAME_SECONDS
 #: How often the ticks that are over go to the writer.
 FLUSH_INTERVAL = 0.1
 #: A tick is over (no frame can still land in it) this many ticks after it began.
@@ -100,14 +99,11 @@ def _wav_name(call_id: str, number: int) -> str:
     return f"{call_id}.wav" if number == 1 else f"{call_id}-{number}.wav"
 
 
-class Mix(str, enum.Enum):
+class Mix(StrEnum):
     """What each channel holds: what its leg C{sent} (the voices), or what it C{heard}."""
 
     SENT = "sent"
     HEARD = "heard"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 # WAV files

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup import __version__
+from audiohangup.audio import FRAME_MS
 from audiohangup.interfaces import IReactor
 from audiohangup.relay import Relay, fast_paths
 from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, whole_data_frame
@@ -412,7 +413,7 @@ def connect(
     url = URL.from_text(stream.url)
     secure = url.scheme == "wss"
     factory = _ClientFactory(
-        stream, reactor, max(1, max_unsent_ms // 20), None if secure else relay,
+        stream, reactor, max(1, max_unsent_ms // FRAME_MS), None if secure else relay,
         url=stream.url, headers=headers, useragent=f"audiohangup/{__version__}",
     )
     # A message over the bound is refused as it arrives (close 1009), not

@@ -29,6 +29,7 @@ from audiohangup.streams.messages import IStreamProtocol
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import Counts, IStreamObserver, MediaStream, Mode, Outcome, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
+from audiohangup.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 PROTOCOLS = ("twilio", "audiohangup")
 MODES = tuple(mode.value for mode in Mode)
@@ -41,9 +42,6 @@ MAX_STREAMS_PER_LEG = 16
 #: Custom parameters and headers a stream may carry, and their size.
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 1024
-
-SIGNATURE_HEADER = "X-Audiohangup-Signature"
-TIMESTAMP_HEADER = "X-Audiohangup-Timestamp"
 
 #: A header name is an RFC 9110 token (5.1, 5.6.2), all of it (C{fullmatch}).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

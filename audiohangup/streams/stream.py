@@ -12,16 +12,15 @@ sent when, what is dropped, how it ends) is tested without one.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from audiohangup.audio import Playout
+from audiohangup.audio import FRAME_MS, Playout
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream
-from audiohangup.reasons import HangupCause
+from audiohangup.reasons import HangupCause, StrEnum
 from audiohangup.streams.messages import (
     AppAudio,
     AppClear,
@@ -38,36 +37,27 @@ NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 
 
-class Mode(str, enum.Enum):
+class Mode(StrEnum):
     """C{converse}: the app hears the leg and speaks to it; C{listen}: it only hears."""
 
     CONVERSE = "converse"
     LISTEN = "listen"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class State(str, enum.Enum):
+class State(StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
     STOPPING = "stopping"
     ENDED = "ended"
     FAILED = "failed"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class Outcome(str, enum.Enum):
+class Outcome(StrEnum):
     """How a stream ended, as metrics, records and webhooks name it."""
 
     ENDED = "ended"  # we ended it: its leg ended, or a DELETE
     APP_CLOSED = "app_closed"  # the application closed it
     FAILED = "failed"  # no application, or it went away without closing
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 class IStreamWebSocket(Interface):
@@ -100,7 +90,7 @@ class StreamSettings:
 
     @property
     def max_queue_frames(self) -> int:
-        return max(1, self.max_queue_ms // 20)
+        return max(1, self.max_queue_ms // FRAME_MS)
 
     @property
     def max_marks_waiting(self) -> int:
