@@ -28,6 +28,58 @@ def test_every_package_is_listed_in_setup_cfg() -> None:
     assert "twisted.plugins" in listed
 
 
+def _declared() -> set[str]:
+    """The distributions setup.cfg's install_requires names, normalized."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = (line.strip() for line in config["options"]["install_requires"].splitlines())
+    return {canonicalize_name(Requirement(line).name) for line in lines if line and not line.startswith("#")}
+
+
+def _imported() -> set[str]:
+    """The modules the installed code imports (absolute imports, anywhere in a module)."""
+    import ast
+
+    modules: set[str] = set()
+    for path in [*(ROOT / "audiohangup").rglob("*.py"), *(ROOT / "twisted" / "plugins").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module)
+    return modules
+
+
+def test_every_import_is_declared() -> None:
+    """
+    What our code imports is in install_requires, not merely brought by a
+    library that may stop bringing it (werkzeug, hyperlink, zope.interface).
+    """
+    import sys
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    owners = packages_distributions()
+    needed: dict[str, str] = {}
+    for module in _imported():
+        parts = module.split(".")
+        if parts[0] in sys.stdlib_module_names or parts[0] == "audiohangup":
+            continue
+        # A top-level name several distributions share (twisted: Twisted and
+        # the plugins others drop in; zope: a namespace) is the one it names.
+        candidates = [canonicalize_name(name) for name in owners.get(parts[0], [])]
+        named = [name for name in candidates if name in {canonicalize_name(parts[0]), canonicalize_name(".".join(parts[:2]))}]
+        assert named or len(candidates) == 1, f"which distribution ships {module}? {candidates}"
+        needed[(named or candidates)[0]] = module
+    missing = {name: module for name, module in needed.items() if name not in _declared()}
+    assert missing == {}, "add these to install_requires in setup.cfg"
+    assert {"werkzeug", "hyperlink", "zope-interface", "twisted"} <= set(needed)
+
+
 def test_the_version_is_written_once() -> None:
     """
     C{audiohangup.__version__} is the version: setup.cfg reads it from there,
