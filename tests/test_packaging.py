@@ -106,3 +106,24 @@ def test_the_version_is_written_once() -> None:
     assert released, "NEWS.rst has no release title"
     assert released == sorted(released, reverse=True)
     assert released[0] <= version
+
+
+def test_every_newsfragment_has_a_known_type() -> None:
+    """
+    A fragment is C{<name>.<type>} of a type pyproject.toml names: towncrier
+    would leave a misspelt one (C{x.features}) out of NEWS.rst without a word.
+    """
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    towncrier = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["towncrier"]
+    types = {entry["directory"] for entry in towncrier["type"]}
+    assert types == {"feature", "bugfix", "removal", "deprecation", "doc", "misc"}
+    directory = ROOT / towncrier["directory"]
+    ours = {"README.rst", Path(towncrier["template"]).name}
+    for path in directory.iterdir():
+        if path.name in ours:
+            continue
+        parts = path.name.split(".")
+        if parts[-1].isdigit():  # x.feature.2: towncrier's counter
+            parts.pop()
+        assert len(parts) > 1 and parts[-1] in types, f"{path.name}: name it <short-name>.<type>, a type of {sorted(types)}"
+        assert path.read_text(encoding="utf-8").strip(), f"{path.name} says nothing"
