@@ -100,29 +100,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class LogOncePer:
-    """
-    Says whether to log about a key now: once per C{interval} per key, with
-    a bounded table (the oldest key is forgotten first), so a flood from one
-    source is one line a minute and a spray from many cannot grow memory.
-    """
-
-    def __init__(self, interval: float = 60.0, max_keys: int = 4096) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last: OrderedDict[str, float] = OrderedDict()
-
-    def __call__(self, key: str, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self.max_keys:
-            self._last.popitem(last=False)
-        return True
-
-
 # Tokens
 
 

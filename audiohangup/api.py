@@ -28,7 +28,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle, IPNetwork, Scope, Tokens, source_key
-from audiohangup.audio import AudioFormat
+from audiohangup.audio import AudioFormat, LegSettings
 from audiohangup.cluster import (
     CAUSE,
     FORWARDABLE_CAUSES,
@@ -44,7 +44,6 @@ from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
-from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Recorder, RecorderStopped
 from audiohangup.records import BadQuery, CallRecords
@@ -334,7 +333,7 @@ class ControlAPI:
                 raise ApiError(400, "wrong_channels", "the legs carry mono audio")
         elif media not in _G711_TYPES[fmt.name]:
             raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
-        limit = self.settings.max_queue_frames * fmt.frame_bytes
+        limit = self.settings.max_play_bytes(fmt)
         audio = request.content.read(limit + 1) if request.content is not None else b""
         if len(audio) > limit:
             raise ApiError(

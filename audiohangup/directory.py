@@ -90,8 +90,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
-from audiohangup.protocol import iso_time
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from audiohangup.interfaces import ILeg, ILegObserver
 from audiohangup.reasons import HangupCause
 
-__all__ = ["ILegObserver", "LegEvents", "RecentLegs"]
+__all__ = ["LegEvents", "RecentLegs"]
 
 
 @implementer(ILegObserver)

@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
 if TYPE_CHECKING:

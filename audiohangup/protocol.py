@@ -18,13 +18,10 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, cast, runtime_checkable
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -42,9 +39,10 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
 from audiohangup.access import source_of
-from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
+from audiohangup.audio import FRAME_SECONDS, FrameQueue, LegSettings, Playout
 from audiohangup.codecs import mix
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
+from audiohangup.logs import LogLimit, describe_address, iso_time
 from audiohangup.pacer import CATCH_UP_TICKS, Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
@@ -81,38 +79,6 @@ BRIDGE_HOLD = 2
 SPOKEN_TICKS = 10
 
 
-@dataclass(frozen=True)
-class LegSettings:
-    """What every leg shares: its audio format, queue bound and timeouts (0 is off)."""
-
-    close_timeout: float = 2.0
-    uuid_timeout: float = 5.0
-    audio: AudioFormat = SLIN
-    max_queue_ms: int = 1000
-    idle_timeout: float = 0.0
-    max_duration: float = 0.0
-    playout_timeout: float = 10.0
-    max_legs: int = 2000
-    max_unsent_ms: int = 2000
-    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.access.source_of}.
-    max_pending_per_source: int = 32
-
-    @property
-    def max_queue_frames(self) -> int:
-        return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
-
-    @property
-    def max_play_bytes(self) -> int:
-        """The longest raw audio a leg's queue holds whole: what /play accepts."""
-        return self.max_queue_frames * self.audio.frame_bytes
-
-    @property
-    def max_unsent_bytes(self) -> int:
-        """Outbound bytes a leg may leave unsent before it counts as a slow consumer."""
-        frames = max(1, int(self.max_unsent_ms / (FRAME_SECONDS * 1000)))
-        return frames * len(self.audio.silence_frame)
-
-
 class LegState(str, enum.Enum):
     AWAITING_UUID = "awaiting_uuid"
     LIVE = "live"
@@ -132,18 +98,6 @@ CLOSING = LegState.CLOSING
 CLOSED = LegState.CLOSED
 
 
-def describe_address(address: IAddress) -> str:
-    """C{host:port}, C{[v6]:port} or C{unix:path}: short enough for every log line."""
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}" if name else "unix"
-    return str(address)
-
-
 @runtime_checkable
 class SocketOptions(TypingProtocol):
     """What a leg asks of the socket under its transport."""
@@ -160,10 +114,6 @@ def _socket_of(transport: object) -> SocketOptions | None:
         if isinstance(handle, SocketOptions):
             return handle
     return None
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class ILegTransport(ITCPTransport, IConsumer):
@@ -199,7 +149,7 @@ class AudioSocketProtocol(Protocol):
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "written_in", "held", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
-        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfSecond", "_dtmfLogged", "recording", "streams",
+        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfLog", "recording", "streams",
         "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
         "_wrong_kind_logged", "_peerReset", "_peerEnd", "_late", "_lateUntil", "_spokenIn",
     )
@@ -234,9 +184,8 @@ class AudioSocketProtocol(Protocol):
         self.bytes_out = 0
         self.dtmf = ""
         self.dtmf_count = 0
-        #: When the second of DTMF logging began, and the digits logged in it.
-        self._dtmfSecond = -math.inf
-        self._dtmfLogged = 0
+        #: The digits logged in the current second; made at the first digit (most legs have none).
+        self._dtmfLog: LogLimit | None = None
         self.queue = FrameQueue(settings.max_queue_frames)
         #: What a converse media stream sends the leg: paced after queued prompts.
         self.feed: Playout | None = None
@@ -589,14 +538,12 @@ class AudioSocketProtocol(Protocol):
 
     def _logDtmf(self, digit: str) -> None:
         """Each digit at info, up to L{DTMF_LOG_PER_SECOND} a second; then one warning for the rest of it."""
-        now = self.reactor.seconds()
-        if now - self._dtmfSecond >= 1.0:
-            self._dtmfSecond = now
-            self._dtmfLogged = 0
-        self._dtmfLogged += 1
-        if self._dtmfLogged <= DTMF_LOG_PER_SECOND:
+        if self._dtmfLog is None:
+            self._dtmfLog = LogLimit(1.0, burst=DTMF_LOG_PER_SECOND)
+        logged = self._dtmfLog.count("", self.reactor.seconds())
+        if logged <= DTMF_LOG_PER_SECOND:
             self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
-        elif self._dtmfLogged == DTMF_LOG_PER_SECOND + 1:
+        elif logged == DTMF_LOG_PER_SECOND + 1:
             self.log.warn(
                 "{call_id} {role} sends over {limit} DTMF digits a second: more this second are "
                 "counted (audiohangup_dtmf_total), not logged",

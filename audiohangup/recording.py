@@ -65,6 +65,7 @@ from audiohangup.audio import FORMATS, SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
 from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
+from audiohangup.logs import iso_time
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.wire import Frame
 
@@ -484,11 +485,7 @@ class CallRecording:
             )
 
     def summary(self) -> dict[str, Any]:
-        return {"file": self.name, "started_at": _iso(self.started), "dropped_frames": self.dropped}
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+        return {"file": self.name, "started_at": iso_time(self.started), "dropped_frames": self.dropped}
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
-from audiohangup.protocol import iso_time
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, Role
 
 if TYPE_CHECKING:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
-from audiohangup.access import LogOncePer
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
 from audiohangup.interfaces import FlowFactory, ILeg
+from audiohangup.logs import LogLimit
 from audiohangup.reasons import Role
 from audiohangup.session import Session
 
@@ -39,7 +39,7 @@ class PendingConnections:
         self._sized: dict[int, dict[str | None, None]] = {}
         self._most = 0
         #: When to log that a source's (or --max-legs') connections are being crowded out.
-        self.logNow = LogOncePer(60.0)
+        self.logNow = LogLimit(60.0)
 
     def __len__(self) -> int:
         return len(self._source)

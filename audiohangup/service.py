@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
 from audiohangup.api import ControlAPI
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
@@ -38,7 +38,7 @@ from audiohangup.listeners import (
 )
 from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords

@@ -24,10 +24,11 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.access import AuthThrottle, LogOncePer, source_of
+from audiohangup.access import AuthThrottle, source_of
 from audiohangup.api import MAX_BODY, ControlAPI, json_error
 from audiohangup.hosts import ServedHosts
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
+from audiohangup.logs import LogLimit
 
 
 def route_template(app: Klein, request: http.Request) -> str:
@@ -336,9 +337,9 @@ class ApiSite(Site):
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.hosts = hosts if hosts is not None else ServedHosts()
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
         # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
-        self.max_body = max(MAX_BODY, *(api.settings.max_queue_frames * fmt.frame_bytes for fmt in api.formats.values()))
+        self.max_body = max(MAX_BODY, *(api.settings.max_play_bytes(fmt) for fmt in api.formats.values()))
 
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         channel = super().buildProtocol(addr)

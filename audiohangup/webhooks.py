@@ -59,9 +59,9 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from audiohangup import __version__
-from audiohangup.events import ILegObserver
 from audiohangup.httpclient import BoundedPool
-from audiohangup.protocol import iso_time
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import WarningCount, iso_time, redact
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
@@ -155,12 +155,6 @@ def trust_root(path: str) -> IOpenSSLTrustRoot:
         raise ValueError(f"{path}: a certificate does not load: {error}") from None
 
 
-def _redact(url: str) -> str:
-    """The URL for logs: no query string or fragment, which may hold a token."""
-    parsed = EncodedURL.from_text(url)
-    return parsed.replace(query=(), fragment="").to_text()
-
-
 def _check_url(url: str) -> None:
     try:
         parsed = EncodedURL.from_text(url)
@@ -169,7 +163,7 @@ def _check_url(url: str) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"webhook URL {url!r} must be http:// or https:// with a host")
     if parsed.userinfo:
-        raise ValueError(f"webhook URL {_redact(url)!r}: credentials in the URL are not supported")
+        raise ValueError(f"webhook URL {redact(url)!r}: credentials in the URL are not supported")
 
 
 @dataclass
@@ -223,38 +217,6 @@ class _Drain(Protocol):
     def _cancel(self, done: Deferred[None]) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
-
-
-class _Throttle:
-    """Warn lines about one kind of drop: the first at once, then a count at most once per interval."""
-
-    def __init__(self, owner: Webhooks, summary: str) -> None:
-        self.owner = owner
-        self.summary = summary
-        self.last: float | None = None
-        self.suppressed = 0
-        self.timer: IDelayedCall | None = None
-
-    def warn(self, text: str, **fields: Any) -> None:
-        reactor = self.owner.reactor
-        now = reactor.seconds()
-        if self.last is None or now - self.last >= LOG_INTERVAL:
-            self.last = now
-            self.owner.log.warn(text, **fields)
-            return
-        self.suppressed += 1
-        if self.timer is None:
-            self.timer = reactor.callLater(max(0.0, self.last + LOG_INTERVAL - now), self.flush)
-
-    def flush(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-        if self.suppressed:
-            self.owner.log.warn(self.summary, count=self.suppressed, interval=LOG_INTERVAL)
-            self.suppressed = 0
-            self.last = self.owner.reactor.seconds()
 
 
 @implementer(ILegObserver)
@@ -330,7 +292,7 @@ class Webhooks:
         self.pool = pool
         policy = BrowserLikePolicyForHTTPS(trustRoot=None if ca is None else trust_root(ca))
         self.agent = Agent(reactor, contextFactory=policy, pool=pool)
-        self._names = {url: _redact(url) for url in self.urls}
+        self._names = {url: redact(url) for url in self.urls}
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._ready: deque[_Queue] = deque()
         self._active = 0
@@ -344,12 +306,17 @@ class Webhooks:
         self._stop_done = False  # ... and the pool is closed: stop() has fired
         self._stop_waiters: list[Deferred[None]] | None = None
         self._throttles = {
-            OVERFLOW: _Throttle(self, "{count} more webhook events dropped, queue full, in the last {interval:g} s"),
-            FAILED: _Throttle(
-                self, "{count} more webhook events dropped after failed attempts in the last {interval:g} s"
+            OVERFLOW: WarningCount(
+                self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
-            REJECTED: _Throttle(
-                self, "{count} more webhook events rejected by their receiver in the last {interval:g} s"
+            FAILED: WarningCount(
+                self.log, reactor,
+                "{count} more webhook events dropped after failed attempts in the last {interval:g} s", LOG_INTERVAL,
+            ),
+            REJECTED: WarningCount(
+                self.log, reactor, "{count} more webhook events rejected by their receiver in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
         }
 

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from audiohangup import directory as directory_module
+from audiohangup.audio import LegSettings
 from audiohangup.directory import (
     Directory,
     DirectoryUnavailable,
@@ -39,9 +40,10 @@ from audiohangup.directory import (
     RedisAddress,
     parse_redis_url,
 )
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, iso_time
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import Role
 from audiohangup.registry import Registry
 from audiohangup.wire import encode_uuid

@@ -15,10 +15,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from audiohangup.audio import FORMATS, SLIN, FrameQueue
+from audiohangup.audio import FORMATS, SLIN, FrameQueue, LegSettings
 from audiohangup.flows import BUILTIN_FLOWS, EchoFlow, FlowLoadError, IFlow, SilenceFlow, load_flow
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.session import Session

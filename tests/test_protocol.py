@@ -24,8 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from audiohangup.access import source_of
+from audiohangup.audio import LegSettings
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegSettings, LegState
+from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import PendingConnections, Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid

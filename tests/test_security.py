@@ -40,8 +40,9 @@ from audiohangup.access import (
     parse_networks,
 )
 from audiohangup.api import ApiError, ControlAPI
+from audiohangup.audio import LegSettings
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid

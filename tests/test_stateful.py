@@ -50,10 +50,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.flows import BUILTIN_FLOWS
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
+from audiohangup.protocol import AudioSocketProtocol, LegState
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.wire import (

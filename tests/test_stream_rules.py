@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from audiohangup.audio import FORMATS, Playout
+from audiohangup.audio import FORMATS, LegSettings, Playout
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
 from audiohangup.errors import ApiError
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.streams import client

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, IReactor
+from audiohangup.logs import redact
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.relay import Relay
 from audiohangup.streams import client
@@ -114,11 +115,6 @@ def check_url(template: object) -> str:
 
 def fill(template: str, call_id: str, role: str) -> str:
     return template.replace("{call_id}", call_id).replace("{role}", role)
-
-
-def redact(url: str) -> str:
-    """The URL for logs, the API and the records: no query string or fragment, which may hold a token."""
-    return URL.from_text(url).replace(query=(), fragment="").to_text()
 
 
 def check_fields(value: object, what: str) -> dict[str, str]:
