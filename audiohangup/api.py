@@ -41,7 +41,8 @@ from audiohangup.cluster import (
 )
 from audiohangup.errors import ApiError
 from audiohangup.events import RecentLegs
-from audiohangup.interfaces import ILeg
+from audiohangup.interfaces import IServerLeg
+from audiohangup.logs import iso_time
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.metrics import Metrics
 from audiohangup.reasons import HangupCause, Role
@@ -347,7 +348,7 @@ class ControlAPI:
             raise ApiError(400, "bad_audio_length", f"{len(audio)} bytes is not a whole number of 16-bit samples")
         return audio
 
-    def _live_legs(self, call_id: str, role: Role | None) -> list[ILeg]:
+    def _live_legs(self, call_id: str, role: Role | None) -> list[IServerLeg]:
         """The call's legs, or one role's; 404 when there are none."""
         legs = self.registry.call(call_id)
         if not legs:
@@ -409,8 +410,8 @@ class ControlAPI:
         request: IRequest,
         call_id: str,
         role: Role | None,
-        held: list[ILeg],
-        mine: list[ILeg],
+        held: list[IServerLeg],
+        mine: list[IServerLeg],
     ) -> dict[str, LegEntry]:
         """
         The owners, on other instances, of the legs this request names and
@@ -708,8 +709,26 @@ def _body_or_query_role(request: IRequest, body: dict[str, Any]) -> Role | None:
     return None if role is None else parse_role(role)
 
 
-def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:
-    return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
+def _call_view(call_id: str, legs: list[IServerLeg]) -> dict[str, Any]:
+    return {"call_id": call_id, "legs": [leg_view(leg) for leg in legs]}
+
+
+def leg_view(leg: IServerLeg) -> dict[str, Any]:
+    """What the HTTP API shows of a live leg."""
+    return {
+        "role": leg.role,
+        "state": leg.state,
+        "peer": leg.peer,
+        "connected_at": iso_time(leg.connected_at),
+        "frames_in": leg.frames_in,
+        "frames_out": leg.frames_out,
+        "bytes_in": leg.bytes_in,
+        "bytes_out": leg.bytes_out,
+        "queued_ms": leg.queued_ms,
+        "dropped_frames": leg.queue.dropped,
+        "dtmf": leg.dtmf,
+        "streams": [stream.snapshot() for stream in leg.streams],
+    }
 
 
 _ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}

@@ -95,7 +95,7 @@ from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
     from audiohangup.registry import Registry
 
@@ -452,7 +452,7 @@ class Directory:
         return f"{self.prefix}:instance:{instance_id}"
 
     @staticmethod
-    def _token(leg: ILeg) -> str:
+    def _token(leg: IServerLeg) -> str:
         return f"{leg.connected_at:.6f}"
 
     # Life cycle
@@ -693,10 +693,10 @@ class Directory:
 
     # Writing
 
-    def _live(self) -> list[ILeg]:
+    def _live(self) -> list[IServerLeg]:
         return [leg for leg in self.registry if leg.call_id is not None]
 
-    def _legArgs(self, legs: Iterable[ILeg]) -> tuple[list[str], list[str]]:
+    def _legArgs(self, legs: Iterable[IServerLeg]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for leg in legs:
@@ -706,7 +706,7 @@ class Directory:
             args += [leg.call_id, role, iso_time(leg.connected_at), self._token(leg)]
         return keys, args
 
-    def _put(self, conn: _RedisProtocol, legs: Iterable[ILeg], *, claim: bool,
+    def _put(self, conn: _RedisProtocol, legs: Iterable[IServerLeg], *, claim: bool,
              presence: bool) -> Deferred[Any]:
         keys, args = self._legArgs(legs)
         head = [str(int(self.ttl * 1000)), self.instance_id, self.advertise_url, "claim" if claim else "refresh"]
@@ -792,7 +792,7 @@ class Directory:
 
     # ILegObserver: these only start a write, and never raise.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         try:
             conn = self._conn
             if conn is None or self._state != "running" or leg.call_id is None:
@@ -803,7 +803,7 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: registering the leg failed", call_id=leg.call_id)
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         try:
             conn = self._conn
             if conn is None or self._state != "running" or leg.call_id is None:
@@ -818,13 +818,13 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: removing the leg failed", call_id=leg.call_id)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # Queries

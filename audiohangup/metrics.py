@@ -26,7 +26,7 @@ from audiohangup.interfaces import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -145,13 +145,13 @@ class Metrics:
 
     # ILegObserver
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self.legs_started.labels(role=leg.role.value).inc()
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         self.hangups_sent.labels(cause=cause.value).inc()
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         assert leg.close_reason is not None
         cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
@@ -159,14 +159,14 @@ class Metrics:
             self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
         self._addEnded(leg)
 
-    def _addEnded(self, connection: ILeg) -> None:
+    def _addEnded(self, connection: IServerLeg) -> None:
         for name, value in _leg_counters(connection).items():
             self._ended_totals[name] += value
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
         self._addEnded(connection)
@@ -208,7 +208,7 @@ class Metrics:
         self.records_failed.inc()
 
 
-def _leg_counters(leg: ILeg) -> dict[str, int]:
+def _leg_counters(leg: IServerLeg) -> dict[str, int]:
     return {
         "frames_in": leg.frames_in,
         "frames_out": leg.frames_out,

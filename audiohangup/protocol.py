@@ -41,8 +41,8 @@ from zope.interface import Attribute, implementer
 from audiohangup.access import source_of
 from audiohangup.audio import FRAME_SECONDS, FrameQueue, LegSettings, Playout
 from audiohangup.codecs import mix
-from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
-from audiohangup.logs import LogLimit, describe_address, iso_time
+from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IServerLeg
+from audiohangup.logs import LogLimit, describe_address
 from audiohangup.pacer import CATCH_UP_TICKS, Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
 from audiohangup.registry import LegKey, Registry
@@ -333,7 +333,7 @@ class AudioSocketProtocol(Protocol):
                 self._crowd(oldest, source, f"over --max-pending-per-source {cap} connections without a UUID from {source}")
         return True
 
-    def _crowd(self, oldest: ILeg, key: str, detail: str) -> None:
+    def _crowd(self, oldest: IServerLeg, key: str, detail: str) -> None:
         """Close C{oldest} (pending) for this newcomer; logged once a minute per source or for --max-legs."""
         waited = self.connected_at - oldest.connected_at
         oldest.crowdOut(f"{detail}; it waited {waited:.3f} s")
@@ -658,6 +658,10 @@ class AudioSocketProtocol(Protocol):
                 self.held.append(data)
             self.forwarded_at = self.reactor.seconds()
 
+    def bridgeTo(self, other: ILeg | None) -> None:
+        """Forward this leg's own whole frames to C{other} as they come (see L{dataReceived}); None: through the flow."""
+        self.route = other
+
     def queueFrames(self, frames: list[bytes]) -> int:
         """Queue encoded frames for the pacer; return how many old ones were dropped."""
         if self.state is not LIVE:
@@ -751,6 +755,29 @@ class AudioSocketProtocol(Protocol):
         if len(app) != len(bridged) or app[:3] != bridged[:3]:
             return app
         return app[:3] + mix(app[3:], bridged[3:], self.format)
+
+    # What the server's parts attach to a leg: they never write its attributes.
+
+    def addTap(self, tap: ILegTap, heard: bool = False) -> None:
+        (self.heard if heard else self.taps).append(tap)
+
+    def removeTap(self, tap: ILegTap) -> None:
+        for taps in (self.taps, self.heard):
+            if tap in taps:
+                taps.remove(tap)
+
+    def attachFeed(self, feed: Playout) -> None:
+        self.feed = feed
+
+    def detachFeed(self, feed: Playout) -> None:
+        if self.feed is feed:
+            self.feed = None
+
+    def addStream(self, stream: IMediaStream) -> None:
+        self.streams.append(stream)
+
+    def setRecording(self, name: str) -> None:
+        self.recording = name
 
     # Ending a leg
 
@@ -870,37 +897,6 @@ class AudioSocketProtocol(Protocol):
             self.log.failure(text, failure=failure, **fields)
         else:
             self.log.emit(reason.level, text, **fields)
-
-    def summary(self) -> dict[str, Any]:
-        """How an ended leg went, as the API and the live page show it."""
-        ended = self.ended_at if self.ended_at is not None else self.reactor.seconds()
-        return {
-            "call_id": self.call_id,
-            "role": self.role,
-            "reason": self.close_reason,
-            "cause": self.hangup_cause,
-            "peer": self.peer,
-            "started_at": iso_time(self.connected_at),
-            "ended_at": iso_time(ended),
-            "duration": round(ended - self.connected_at, 3),
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        """What the HTTP API shows of a live leg."""
-        return {
-            "role": self.role,
-            "state": self.state,
-            "peer": self.peer,
-            "connected_at": iso_time(self.connected_at),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "queued_ms": self.queued_ms,
-            "dropped_frames": self.queue.dropped,
-            "dtmf": self.dtmf,
-            "streams": [stream.snapshot() for stream in self.streams],
-        }
 
 
 class AudioSocketFactory(Factory):

@@ -59,6 +59,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from audiohangup import __version__
+from audiohangup.events import counts_as_leg
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver
 from audiohangup.logs import WarningCount, iso_time, redact
@@ -66,7 +67,7 @@ from audiohangup.logs import WarningCount, iso_time, redact
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.metrics import Metrics
     from audiohangup.reasons import HangupCause
 
@@ -327,27 +328,27 @@ class Webhooks:
 
     # ILegObserver: these only enqueue, and never raise.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self._event("leg_started", leg)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass  # not an event receivers are told of; leg_ended carries the cause
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         self._event("leg_ended", leg)
 
     def callEnded(self, call_id: str) -> None:
         self._event("call_ended", None, call_id)
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         """
         A connection without a UUID sends no event (no call id); one refused
         as a duplicate is a C{leg_ended} with its reason, and no C{leg_started}.
         """
-        if connection.call_id is not None:
+        if counts_as_leg(connection):
             self._event("leg_ended", connection)
 
-    def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
+    def _event(self, event: str, leg: IServerLeg | None, call_id: str | None = None) -> None:
         fields: dict[str, Any] = {}
         role = None
         if leg is not None:

@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from audiohangup.access import source_of
+from audiohangup.api import leg_view
 from audiohangup.audio import LegSettings
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegState
@@ -274,7 +275,7 @@ class FrameTests(LegTestCase):
         leg, _transport = self.live()
         leg.dataReceived(AUDIO * 3)
         self.assertTrue(leg.send(AUDIO))
-        snapshot = leg.snapshot()
+        snapshot = leg_view(leg)
         self.assertEqual(
             (snapshot["frames_in"], snapshot["bytes_in"], snapshot["frames_out"], snapshot["bytes_out"]),
             (4, 19 + 3 * len(AUDIO), 1, len(AUDIO)),

@@ -107,8 +107,8 @@ class StreamTestCase(SynchronousTestCase):
         stream = MediaStream(
             self.leg, "MZ1", "ws://app/x?k=1", "ws://app/x", wire, mode, settings or self.settings, self.observer
         )
-        self.leg.taps.append(stream)
-        self.leg.streams.append(stream)
+        self.leg.addTap(stream)
+        self.leg.addStream(stream)
         return stream
 
     def frames(self) -> list[bytes]:
@@ -462,8 +462,9 @@ class MixTests(TimelineTests):
         transport = StringTransport()
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(uuid.uuid4()))
-        leg.feed = Playout(50, mix=True)
-        leg.feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        feed = Playout(50, mix=True)
+        leg.attachFeed(feed)
+        feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
         leg.forwardBytes(encode(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
         transport.clear()
         self.tick()

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.errors import ApiError
-from audiohangup.interfaces import ILeg, ILegObserver, IReactor
+from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
 from audiohangup.logs import redact
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.relay import Relay
@@ -183,7 +183,7 @@ class Streams:
 
     def open(
         self,
-        leg: ILeg,
+        leg: IServerLeg,
         url: str,
         *,
         protocol: str | None = None,
@@ -207,8 +207,8 @@ class Streams:
         stream = MediaStream(
             leg, stream_id, target, redact(target), wire_protocol, chosen, config.settings, self
         )
-        leg.streams.append(stream)
-        leg.taps.append(stream)
+        leg.addStream(stream)
+        leg.addTap(stream)
         self.current[stream_id] = stream
         self.log.info(
             "{call_id} {role} stream {stream_id} to {url} connecting ({protocol}, {mode})",
@@ -228,7 +228,7 @@ class Streams:
             stream.connectFailed(f"the WebSocket client refused the URL ({type(error).__name__})")
         return stream
 
-    def check(self, leg: ILeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
+    def check(self, leg: IServerLeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
         """What L{open} checks first, so that a request for several legs opens all or none."""
         protocol = protocol or self.config.protocol
         if protocol not in PROTOCOLS:
@@ -277,7 +277,7 @@ class Streams:
         stream = self.current.get(stream_id)
         return stream if stream is not None and stream.leg.call_id == call_id else None
 
-    def of(self, legs: Iterable[ILeg]) -> list[MediaStream]:
+    def of(self, legs: Iterable[IServerLeg]) -> list[MediaStream]:
         return [s for leg in legs for s in leg.streams if isinstance(s, MediaStream)]
 
     async def stop(self) -> None:
@@ -296,7 +296,7 @@ class Streams:
 
     # ILegObserver
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         if self.config.url is None or leg.role not in self.config.roles:
             return
         try:
@@ -304,17 +304,17 @@ class Streams:
         except ApiError as error:
             self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=error.message)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         for stream in self.of([leg]):
             stream.stop("the leg ended")
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # IStreamObserver
