@@ -334,7 +334,7 @@ class ControlAPI:
                 raise ApiError(400, "wrong_channels", "the legs carry mono audio")
         elif media not in _G711_TYPES[fmt.name]:
             raise ApiError(400, "bad_content_type", f"send the audio as {fmt.content_type}, not {media or 'nothing'}")
-        limit = self.settings.max_play_bytes(fmt)
+        limit = self.settings.maxPlayBytes(fmt)
         audio = request.content.read(limit + 1) if request.content is not None else b""
         if len(audio) > limit:
             raise ApiError(

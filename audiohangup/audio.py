@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_audio -*-
+# -*- test-case-name: tests.test_flows,tests.test_stream_rules,tests.test_codecs -*-
 """
 Audio formats a leg can carry, the settings every leg shares (its format,
 queue bound and timeouts), and the bounded queues of frames waiting to be
@@ -100,7 +100,7 @@ class LegSettings:
     def max_queue_frames(self) -> int:
         return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
 
-    def max_play_bytes(self, fmt: AudioFormat) -> int:
+    def maxPlayBytes(self, fmt: AudioFormat) -> int:
         """The longest raw audio in C{fmt} a leg's queue holds whole: what /play accepts."""
         return self.max_queue_frames * fmt.frame_bytes
 
@@ -194,7 +194,7 @@ class Playout(deque[PlayoutItem]):
         else:
             played()
 
-    def next_frame(self) -> bytes | None:
+    def nextFrame(self) -> bytes | None:
         """The next frame for the leg, answering the marks at the head first."""
         self.settle()
         if not self:
@@ -207,7 +207,7 @@ class Playout(deque[PlayoutItem]):
     def skip(self, count: int) -> int:
         """Drop up to C{count} frames from the head (due and missed), answering the marks among them."""
         skipped = 0
-        while skipped < count and self.next_frame() is not None:
+        while skipped < count and self.nextFrame() is not None:
             skipped += 1
         self.settle()
         self.dropped += skipped

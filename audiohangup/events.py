@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_events -*-
+# -*- test-case-name: tests.test_api,tests.test_records,tests.test_webhooks -*-
 """
 Leg lifecycle events, for whoever records or reports them (metrics, call
 records, webhooks). Observers are told synchronously on the reactor and must

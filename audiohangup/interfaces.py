@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_wiring,tests.test_flows -*-
 """
 What the parts of audiohangup may use of each other, as zope interfaces.
 

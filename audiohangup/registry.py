@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.test_protocol,tests.test_stateful -*-
 """
 Which legs are live: a leg is keyed by (call id, role), and the legs sharing a
 call id form a L{Session}. No I/O: the protocol registers a leg when its UUID
@@ -7,7 +7,7 @@ arrives and the registry forgets it in C{connectionLost}, whatever the path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from audiohangup.events import LegEvents
@@ -85,7 +85,7 @@ class PendingConnections:
         """
         return next((each for each in self._from.get(source, ()) if not each.bytesWaiting()), None)
 
-    def oldest_of_most(self) -> IServerLeg | None:
+    def oldestOfMost(self) -> IServerLeg | None:
         """The oldest connection (as L{oldest}) of the source with the most pending; None if none is."""
         if not self._most:
             return None
@@ -118,6 +118,37 @@ class Registry:
         """A new connection from C{source}, pending until it sends its UUID or closes."""
         self._connections.add(connection)
         self.pending.add(connection, source)
+
+    def admit(
+        self,
+        connection: IServerLeg,
+        source: str | None,
+        max_legs: int,
+        max_pending: int,
+        crowd: Callable[[IServerLeg, str, str], None],
+    ) -> str | None:
+        """
+        Count a new connection in, or say why it is refused (C{over_capacity}).
+        Asterisk sends its UUID at once, so a connection still waiting for it
+        is the likeliest to be junk: the oldest one makes way for a newcomer
+        (past C{--max-pending-per-source}, the source's own; at C{--max-legs},
+        that of the source with the most: see L{PendingConnections}) rather
+        than let connections without a UUID keep real legs out. Only legs and
+        connections already closing refuse a newcomer. C{crowd} closes the
+        oldest, with the key its log line is limited by and why.
+        """
+        if self.connection_count >= max_legs:
+            oldest = self.pending.oldestOfMost()
+            if oldest is None:
+                return f"{self.connection_count} connections open, --max-legs {max_legs}"
+            crowd(oldest, "--max-legs", f"--max-legs {max_legs} connections are open")
+        self.connected(connection, source)
+        if source is not None and max_pending and self.pending.count(source) > max_pending:
+            # None: every one has its bytes waiting, to be read in this pass; they are no flood.
+            oldest = self.pending.oldest(source)
+            if oldest is not None:
+                crowd(oldest, source, f"over --max-pending-per-source {max_pending} connections without a UUID from {source}")
+        return None
 
     def holder(self, call_id: str, role: Role) -> IServerLeg | None:
         """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_session -*-
+# -*- test-case-name: tests.test_flows -*-
 """
 A session: the live legs sharing a call id, and the flow that runs them.
 

@@ -339,7 +339,7 @@ class ApiSite(Site):
         self.hosts = hosts if hosts is not None else ServedHosts()
         self._logNow = LogLimit(60.0)
         # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
-        self.max_body = max(MAX_BODY, *(api.settings.max_play_bytes(fmt) for fmt in api.formats.values()))
+        self.max_body = max(MAX_BODY, *(api.settings.maxPlayBytes(fmt) for fmt in api.formats.values()))
 
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         channel = super().buildProtocol(addr)

@@ -27,8 +27,8 @@ from audiohangup.access import source_of
 from audiohangup.api import leg_view
 from audiohangup.audio import LegSettings
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegState
-from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
+from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol
+from audiohangup.reasons import CloseReason, HangupCause, LegState, Loss, Role, classify, loss_of
 from audiohangup.registry import PendingConnections, Registry
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
 
@@ -560,10 +560,10 @@ class PendingConnectionsTests(SynchronousTestCase):
         for connection in (speaking, quiet):
             pending.add(connection, "10.0.0.5")  # type: ignore[arg-type]
         self.assertIs(pending.oldest("10.0.0.5"), quiet)
-        self.assertIs(pending.oldest_of_most(), quiet)
+        self.assertIs(pending.oldestOfMost(), quiet)
         quiet.waiting = True
         self.assertIsNone(pending.oldest("10.0.0.5"))
-        self.assertIsNone(pending.oldest_of_most())
+        self.assertIsNone(pending.oldestOfMost())
 
     @given(st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=60))
     def test_oldestOfMost(self, steps: list[tuple[bool, int]]) -> None:
@@ -584,7 +584,7 @@ class PendingConnectionsTests(SynchronousTestCase):
             most = max(counts.values(), default=0)
             expected = [c for c, s in held if counts[s] == most]
             self.assertEqual(len(pending), len(held))
-            found = pending.oldest_of_most()
+            found = pending.oldestOfMost()
             if most:
                 source = pending._source[found]  # type: ignore[index]
                 self.assertEqual(counts[source], most)

@@ -672,7 +672,7 @@ class PlayoutTests(SynchronousTestCase):
         playout.mark(lambda: answered.append("after 1"))
         self.assertEqual(playout.push([b"2", b"3"]), 1)  # 1 dropped: its mark answered
         self.assertEqual(answered, ["empty", "after 1"])
-        self.assertEqual((playout.next_frame(), playout.next_frame(), playout.next_frame()), (b"2", b"3", None))
+        self.assertEqual((playout.nextFrame(), playout.nextFrame(), playout.nextFrame()), (b"2", b"3", None))
         self.assertEqual(playout.dropped, 1)
 
 
