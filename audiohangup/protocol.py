@@ -79,14 +79,14 @@ class AudioSocketProtocol(LegTeardown, Protocol):
     # in a few cache lines of the object, not in a dict of over 40 keys.
     # The hot ones come first; what Twisted sets (transport, factory,
     # connected) stays in the instance dict, as do a test's patches.
+    # (LegTeardown's slots, its state, come first.)
     __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
-        "state", "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
+        "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "written_in", "held", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
-        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfLog", "recording", "streams",
-        "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
-        "_wrong_kind_logged", "_peerReset", "_peerEnd", "timeline",
+        "connected_at", "dtmf", "dtmf_count", "_dtmfLog", "recording", "streams",
+        "_wrong_kind_logged", "timeline",
     )
 
     def __init__(

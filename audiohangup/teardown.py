@@ -81,16 +81,31 @@ class ILegTransport(ITCPTransport, IConsumer):
 class LegTeardown:
     """
     The hangup and the teardown of a leg: mixed into the leg's protocol,
-    which keeps the state below (in its slots) and writes its frames.
+    which sets its state up and writes its frames.
     """
 
-    __slots__ = ()
+    # Its own state, first in the leg's layout: every frame checks C{state}.
+    __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
+        "state", "_peerReset", "hangup_cause", "hangup_at", "close_reason", "ended_at",
+        "_decided", "_detail", "_timers", "_waiting", "_after_playout", "_peerEnd",
+    )
 
-    log: ClassVar[Logger]
-
-    # The leg's own state, which its protocol keeps.
-    transport: ITransport | None
     state: LegState
+    hangup_cause: HangupCause | None
+    hangup_at: float | None
+    close_reason: CloseReason | None
+    ended_at: float | None
+    _decided: CloseReason | None
+    _detail: str
+    _timers: dict[str, IDelayedCall]
+    _waiting: list[Deferred[CloseReason]]
+    _after_playout: HangupCause | None
+    _peerReset: bool
+    _peerEnd: Loss | None
+
+    # What it uses of the leg, which its protocol keeps.
+    log: ClassVar[Logger]
+    transport: ITransport | None
     role: Role
     call_id: str | None
     peer: str
@@ -103,17 +118,6 @@ class LegTeardown:
     held: deque[bytes]
     feed: Playout | None
     connected_at: float
-    ended_at: float | None
-    hangup_cause: HangupCause | None
-    hangup_at: float | None
-    close_reason: CloseReason | None
-    _decided: CloseReason | None
-    _detail: str
-    _timers: dict[str, IDelayedCall]
-    _waiting: list[Deferred[CloseReason]]
-    _after_playout: HangupCause | None
-    _peerReset: bool
-    _peerEnd: Loss | None
 
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
