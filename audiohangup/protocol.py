@@ -747,12 +747,14 @@ class AudioSocketProtocol(Protocol):
             self._catchUp(missed)
         held, feed = self.held, self.feed
         frame: bytes | None = None
+        fed = False  # a frame of the app's goes out
         if self.queue:
             frame = self.queue.popleft()
             held.clear()  # a prompt has the floor
             self._spokenIn = self.pacer.slot
         elif feed and (frame := feed.next_frame()) is not None:
             self._spokenIn = self.pacer.slot
+            fed = True
             if not feed.mix:
                 held.clear()  # the app has the floor
             elif held:
@@ -769,6 +771,8 @@ class AudioSocketProtocol(Protocol):
             self.written_in = self.pacer.slot
             if feed:
                 feed.settle()  # the marks after it: that audio is out
+        if feed is not None:
+            feed.paced(self.pacer.slot, fed)
         if self._after_playout is not None and not self.queue and not self.feed:
             self.hangup(self._after_playout)
 

@@ -427,6 +427,61 @@ class TimelineTests(StreamTestCase):
         self.tick(20)
         self.assertEqual(self.frames(), [samples(n) for n in range(1, 21)])
 
+    def realTime(self, values: range, at: float = 0.013) -> list[list[bytes]]:
+        """The app sends a frame C{at} into each slot, as a real-time stream does; what each slot wrote."""
+        slots = []
+        for value in values:
+            self.clock.advance(at)
+            self.app(samples(value))
+            self.clock.advance(0.020 - at + 1e-9)
+            slots.append(self.frames())
+        return slots
+
+    def test_standingQueueOfARealTimeAppIsTrimmed(self) -> None:
+        """
+        A real-time app whose first six frames came at once keeps six queued
+        for good: each frame waits six ticks more than it needs. After a
+        window that never ran out, the six are dropped: its frames play at
+        the tick after they come, one frame a tick throughout.
+        """
+        self.app(b"".join(samples(n) for n in range(1, 7)))
+        slots = self.realTime(range(7, 107))
+        self.assertEqual([len(written) for written in slots], [1] * 100)
+        feed = self.leg.feed
+        assert feed is not None
+        self.assertEqual(feed.trimmed, 6)
+        self.assertEqual(slots[-10:], [[samples(n)] for n in range(97, 107)])  # each in the slot it came
+        self.assertEqual(self.stream.totals().dropped_from_app, 6)
+
+    def test_audioAheadOfRealTimeIsNotTrimmed(self) -> None:
+        """A sentence streamed in 20 ms messages twice as fast as it plays: every frame plays, in order."""
+        for n in range(1, 101, 2):
+            self.clock.advance(0.013)
+            self.app(samples(n))
+            self.app(samples(n + 1))
+            self.clock.advance(0.007 + 1e-9)
+        self.tick(60)
+        played = [frame for frame in self.frames() if frame != SLIN.silence_frame[3:]]
+        self.assertEqual(played, [samples(n) for n in range(1, 101)])
+
+    def test_anAppOnThePacersPhaseKeepsACushion(self) -> None:
+        """
+        An app whose frames come on the tick, now just before it, now just
+        after: trimmed to none, it runs out again, so from then on one frame
+        stays queued and nothing more is trimmed.
+        """
+        self.app(samples(1))
+        late = {40, 110, 180, 250}  # these come a hair after their tick
+        for n in range(2, 300):
+            at = 0.0205 if n in late else 0.0195
+            self.clock.advance(at)
+            self.app(samples(n))
+            self.clock.advance(0.020 - at + 1e-9)
+        feed = self.leg.feed
+        assert feed is not None
+        self.assertEqual(feed.cushion, 1)
+        self.assertEqual(feed.trimmed, 1)  # the one trim that found the phase: never again
+
 
 class MixTests(TimelineTests):
     """C{--stream-audio mix}: the app's frame and the bridge's are summed, each slot one frame."""
