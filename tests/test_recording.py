@@ -270,7 +270,7 @@ async def test_a_second_recording_of_a_call_keeps_the_first(make_server: Any, tm
 
 async def recording_child(spawn: Any, record: Path) -> tuple[Any, dict[str, int], FakeAsterisk, uuid.UUID]:
     """A twistd child recording every call into C{record}, its ports, and a visitor leg of a new call."""
-    child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    child, ports = await start_server(spawn, "--record-every-call", "--recordings-dir", str(record), "--call-records", "none")
     call_id = uuid.uuid4()
     client = await connect(ports["audiosocket-visitor"], on_hangup="close")
     client.send_uuid(call_id)
@@ -291,7 +291,7 @@ async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Pa
     await child.exit()
     [path] = list(record.glob("*/*.wav"))
     assert struct.unpack_from("<I", path.read_bytes(), 40)[0] == 0  # the header never completed
-    again, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    again, ports = await start_server(spawn, "--record-every-call", "--recordings-dir", str(record), "--call-records", "none")
     await until(lambda: "header repaired" in again.log, what="the repair")
     with wave.open(str(path)) as wav:
         seconds = wav.getnframes() / wav.getframerate()
@@ -369,7 +369,7 @@ class FailedWriteTests(SynchronousTestCase):
 
 @pytest_twisted.ensureDeferred
 async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
-    """--record-mix heard: each channel is what its leg heard, so the visitor's holds the resident's voice."""
+    """--recordings-mix heard: each channel is what its leg heard, so the visitor's holds the resident's voice."""
     server = await make_server(record_every_call=True, record_dir=str(tmp_path), record_mix="heard")
     call_id = uuid.uuid4()
     visitor = await leg(server, "visitor", call_id)
@@ -391,7 +391,7 @@ async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> None:
-    """--record-days: day folders older than that go at start (and daily); newer ones stay."""
+    """--recordings-days: day folders older than that go at start (and daily); newer ones stay."""
     from audiohangup.recording import Mix, Recorder, RecordingConfig
 
     old, recent = tmp_path / "2001-01-01", tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")

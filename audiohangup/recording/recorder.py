@@ -262,10 +262,10 @@ def _iso(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """The --record* options."""
+    """The --recordings-* options and --record-every-call."""
 
     directory: str | None = None  # where recordings go; None: not on
-    every_call: bool = False  # --record DIR: every call, from its first leg's UUID
+    every_call: bool = False  # --record-every-call: every call, from its first leg's UUID
     mix: Mix = Mix.SENT
     keep_days: float = 0.0  # 0: kept forever
 
@@ -371,7 +371,7 @@ class Recorder:
 
     def begin(self, call_id: str, legs: list[ILeg]) -> CallRecording:
         if self.directory is None:
-            raise ApiError(404, "recording_off", "recording is off: start the server with --record-dir or --record")
+            raise ApiError(404, "recording_off", "recording is off: start the server with --recordings-dir")
         if call_id in self.active:
             raise ApiError(409, "already_recording", f"call {call_id} is being recorded already")
         now = self.reactor.seconds()
@@ -495,7 +495,7 @@ class Recorder:
     def _tidy(self) -> tuple[list[tuple[str, float]], list[tuple[str, str]], list[str], int]:
         """
         Repair every WAV a crash left; delete the days older than
-        --record-days. A link is skipped, a file that cannot be repaired
+        --recordings-days. A link is skipped, a file that cannot be repaired
         noted: neither stops the others.
         """
         assert self.directory is not None
