@@ -14,7 +14,6 @@ import Recorder} goes on working.
 """
 
 from audiohangup.recording.recorder import (
-    MAX_AHEAD_SECONDS,
     MAX_AHEAD_TICKS,
     CallRecording,
     Mix,
@@ -24,13 +23,10 @@ from audiohangup.recording.recorder import (
 )
 from audiohangup.recording.resource import WavResource
 from audiohangup.recording.wav import HEADER_BYTES, repair, wav_data_bytes, wav_header, wav_rate
-from audiohangup.recording.writer import TICK
 
 __all__ = [
     "HEADER_BYTES",
-    "MAX_AHEAD_SECONDS",
     "MAX_AHEAD_TICKS",
-    "TICK",
     "CallRecording",
     "Mix",
     "Recorder",

@@ -14,12 +14,12 @@ part-filled, is silence there, so the channels stay in step for the whole call.
 The reactor only files audio under its ticks. Every 100 ms the ticks that
 are over go, as a batch, to one writer thread of the recorder's own, which
 converts them (G.711 decoded, resampled to the file's rate, the higher of
-the legs'), interleaves and appends them, and flushes (L{writer}). A leg cannot run the recording
-ahead of the clock: audio more than L{MAX_AHEAD_SECONDS} ahead is dropped and
-counted, as a jitter buffer past its C{jbmaxsize} would, so a call holds at
-most about a second of audio in memory whatever its legs send. A disk that
-is slow or full drops audio, counted and logged once per call, and never
-delays or ends a call.
+the legs'), interleaves and appends them, and flushes (L{writer}). A leg
+cannot run the recording ahead of the clock: audio more than
+L{MAX_AHEAD_SECONDS} ahead is dropped and counted, as a jitter buffer past
+its C{jbmaxsize} would, so a call holds at most about a second of audio in
+memory whatever its legs send. A disk that is slow or full drops audio,
+counted and logged once per call, and never delays or ends a call.
 
 A WAV's header says its size only once the recording stops; a file a crash
 left is repaired at the next start (its header rewritten from its size:
@@ -27,10 +27,11 @@ L{wav.repair}).
 
 The folders and files the recorder makes are the owner's only, and it never
 follows a symbolic link in the record directory (L{layout}); a link found
-there is skipped with a warning, never served nor repaired. Looking a finished recording up touches
-the disk on a thread of its own, never on the reactor; once the recorder
-stops, a lookup is refused at once (L{RecorderStopped}), as that thread is
-going: a request is never left waiting on a thread that will not run it.
+there is skipped with a warning, never served nor repaired. Looking a
+finished recording up touches the disk on a thread of its own, never on the
+reactor; once the recorder stops, a lookup is refused at once
+(L{RecorderStopped}), as that thread is going: a request is never left
+waiting on a thread that will not run it.
 """
 
 from __future__ import annotations
