@@ -73,6 +73,7 @@ class Config:
     #: Names the API answers to beside localhost and IP addresses (--http-host).
     http_hosts: tuple[str, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
+    #: The call records, SQLite rows (--call-records, --call-records-days): not the recordings below.
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
     webhooks: tuple[str, ...] = ()
@@ -97,14 +98,14 @@ class Config:
     advertise_url: str | None = None
     heartbeat: float = 2.0
     streams: StreamConfig = field(default_factory=StreamConfig)
-    #: --record DIR (every call) sets both; --record-dir only where on-demand recordings go.
+    #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False
     record_dir: str | None = None
     record_mix: str = "sent"
     record_days: float = 0.0
 
     def recordings_directory(self) -> str:
-        """Where recordings go: --record-dir, else 'recordings' beside the call records."""
+        """Where recordings go: --recordings-dir, else 'recordings' beside the call records."""
         if self.record_dir:
             return self.record_dir
         beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""

@@ -14,7 +14,7 @@ of its own, so its CPU is not the server's) and one process of fake Asterisk
 legs run on ``--load-cpu``. The servers take turns for every load, the order
 rotating each round. A server that cannot run (no ``asyncio_streams.py``, no
 interpreter with ``websockets``: ``--asyncio-python``) is skipped with a line
-that says so. audiohangup runs as ``twistd -n audiohangup --records none``
+that says so. audiohangup runs as ``twistd -n audiohangup --call-records none``
 (``common.Server``: what ``pip install .`` installed, or the tree on
 ``PYTHONPATH``).
 
@@ -757,10 +757,10 @@ class Contender:
 
 
 def audiohangup_contender(args: argparse.Namespace) -> Contender:
-    """twistd -n audiohangup (common.Server: ephemeral loopback ports, --records none) streaming every leg."""
+    """twistd -n audiohangup (common.Server: ephemeral loopback ports, --call-records none) streaming every leg."""
 
     def make(protocol: str, url: str) -> common.Server:
-        extra = ["--records", "none", "--stream-url", url, "--stream-protocol", protocol, "--stream-mode", "converse"]
+        extra = ["--call-records", "none", "--stream-url", url, "--stream-protocol", protocol, "--stream-mode", "converse"]
         if not args.bridged:
             extra += ["--stream-roles", "visitor"]
         server = common.Server(extra + shlex.split(args.audiohangup_args))

@@ -274,7 +274,7 @@ async def test_fail_closed(spawn: Any, tmp_path: Path, logs: LogCapture) -> None
     for args, reason in [
         (["--http", "tcp:0", "--api-tokens-file", str(tmp_path / "empty-tokens")], "holds no token"),
         (["--api-tokens-file", str(tmp_path / "open-tokens")], "mode 0644 lets others read the tokens"),
-        (["--records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
+        (["--call-records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
         (["--api-tokens-file", str(tmp_path / "no-such-tokens")], "cannot be read"),
         (["--webhook", "https://example.com/hook", "--webhook-ca", str(tmp_path / "no-ca.pem")], "cannot be read"),
     ]:
