@@ -63,7 +63,6 @@ from zope.interface import implementer
 
 from audiohangup.audio import FORMATS, SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
-from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.wire import Frame
@@ -93,6 +92,24 @@ _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 class RecorderStopped(RuntimeError):
     """The recorder is stopping (the server shuts down): a recording cannot be looked up now, only later."""
+
+
+class RecordingOff(Exception):
+    """No recording directory is configured: no call can be recorded."""
+
+
+class AlreadyRecording(Exception):
+    """The call is being recorded already (with --record, every call is)."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"call {call_id} is being recorded already")
+
+
+class NotRecording(LookupError):
+    """The call is not being recorded."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"call {call_id} is not being recorded")
 
 
 def _wav_name(call_id: str, number: int) -> str:
@@ -604,9 +621,9 @@ class Recorder:
 
     def begin(self, call_id: str, legs: list[ILeg]) -> CallRecording:
         if self.directory is None:
-            raise ApiError(404, "recording_off", "recording is off: start the server with --record-dir or --record")
+            raise RecordingOff("recording is off: start the server with --record-dir or --record")
         if call_id in self.active:
-            raise ApiError(409, "already_recording", f"call {call_id} is being recorded already")
+            raise AlreadyRecording(call_id)
         now = self.reactor.seconds()
         day = datetime.fromtimestamp(time.time(), timezone.utc).strftime("%Y-%m-%d")
         name = self._freeName(day, call_id)
@@ -641,7 +658,7 @@ class Recorder:
         """Stop a recording: what is left is written, the header completed; fires once it is on disk."""
         recording = self.active.pop(call_id, None)
         if recording is None:
-            raise ApiError(404, "not_recording", f"call {call_id} is not being recorded")
+            raise NotRecording(call_id)
         for leg in list(recording.taps):
             recording.detach(leg)
         recording.flush(everything=True)

@@ -59,17 +59,17 @@ with harness.instrumented(__name__):
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
-    from audiohangup.access import AuthThrottle, Scope, Tokens
-    from audiohangup.api import ControlAPI
     from audiohangup.audio import FORMATS
     from audiohangup.events import RecentLegs
+    from audiohangup.http.access import AuthThrottle, Scope, Tokens
+    from audiohangup.http.api import ControlAPI
+    from audiohangup.http.site import ApiSite
     from audiohangup.metrics import Metrics
     from audiohangup.pacer import Pacer
     from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
     from audiohangup.reasons import CloseReason, HangupCause, Role
     from audiohangup.records import CallRecords
     from audiohangup.registry import Registry
-    from audiohangup.site import ApiSite
     from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_uuid
 
 CALL = "0b8a1f9e-5c2d-4e3f-8a7b-6c5d4e3f2a1b"
@@ -254,7 +254,7 @@ class World:
         # StubTreq would build.
         self.stub = StubTreq(RESOURCE)
         agent = self.stub._agent
-        agent._serverFactory = ApiSite(API, reactor=agent._memoryReactor)
+        agent._serverFactory = ApiSite.forAPI(API, reactor=agent._memoryReactor)
         self.clock = Clock()
         self.pacer = Pacer(self.clock)
         self.registry = Registry()

@@ -21,8 +21,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
+from audiohangup.http.api import ControlAPI
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import HangupCause, Role
