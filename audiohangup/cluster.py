@@ -468,7 +468,7 @@ class Forwarder:
         return gatherResults([
             Deferred.fromCoroutine(self._reply(request, name, entry))
             for name, entry in sorted(owners.items(), key=lambda item: _ROLE_ORDER[item[0]])
-        ])
+        ], consumeErrors=True)
 
     async def _reply(self, request: IRequest, role: str, entry: LegEntry) -> Reply:
         try:
