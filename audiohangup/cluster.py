@@ -366,7 +366,8 @@ def _with_query(uri: bytes, **params: str) -> bytes:
     return urlunsplit(("", "", parts.path, urlencode(query), "")).encode("latin-1")
 
 
-_ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
+#: Roles in their order (visitor first): how the legs of a call are listed and answered.
+ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
 
 
 class _Discard(Protocol):
@@ -467,7 +468,7 @@ class Forwarder:
         """
         return gatherResults([
             Deferred.fromCoroutine(self._reply(request, name, entry))
-            for name, entry in sorted(owners.items(), key=lambda item: _ROLE_ORDER[item[0]])
+            for name, entry in sorted(owners.items(), key=lambda item: ROLE_ORDER[item[0]])
         ], consumeErrors=True)
 
     async def _reply(self, request: IRequest, role: str, entry: LegEntry) -> Reply:

@@ -27,7 +27,16 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster import ANSWERED_BY, FORWARDED_BY, Cluster, Forwarder, Reply, forwarded, forwarded_cause
+from audiohangup.cluster import (
+    ANSWERED_BY,
+    FORWARDED_BY,
+    ROLE_ORDER,
+    Cluster,
+    Forwarder,
+    Reply,
+    forwarded,
+    forwarded_cause,
+)
 from audiohangup.events import RecentLegs
 from audiohangup.http.access import AuthThrottle, Scope, Tokens
 from audiohangup.http.answers import json_answer, json_error, static_file
@@ -224,7 +233,7 @@ class ControlAPI:
             raise ApiError(400, "bad_scope", f"scope must be local or cluster, not {scope!r}")
         entries = await self._cluster().directory.legs()
         grouped: dict[str, list[dict[str, Any]]] = {}
-        for entry in sorted(entries, key=lambda e: (e.call_id, _ROLE_ORDER.get(e.role, 9))):
+        for entry in sorted(entries, key=lambda e: (e.call_id, ROLE_ORDER.get(e.role, 9))):
             leg = asdict(entry)
             grouped.setdefault(leg.pop("call_id"), []).append(leg)
         return json_answer(request, 200, {"calls": [{"call_id": c, "legs": legs} for c, legs in grouped.items()]})
@@ -505,8 +514,6 @@ def _opened_view(stream: MediaStream) -> dict[str, Any]:
 def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:
     return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
 
-
-_ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
 
 
 def _refused(reply: Reply) -> dict[str, Any]:
