@@ -41,7 +41,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from audiohangup.access import source_of
 from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
 from audiohangup.codecs import mix
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
@@ -50,6 +49,7 @@ from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, 
 from audiohangup.registry import LegKey, Registry
 from audiohangup.relay import Relay
 from audiohangup.session import Session
+from audiohangup.sources import source_of
 from audiohangup.wire import (
     HANGUP_FRAME,
     HEADER,
@@ -94,7 +94,7 @@ class LegSettings:
     playout_timeout: float = 10.0
     max_legs: int = 2000
     max_unsent_ms: int = 2000
-    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.access.source_of}.
+    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.sources.source_of}.
     max_pending_per_source: int = 32
 
     @property

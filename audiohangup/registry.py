@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
-from audiohangup.access import LogOncePer
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
 from audiohangup.interfaces import FlowFactory, ILeg
 from audiohangup.reasons import Role
 from audiohangup.session import Session
+from audiohangup.sources import LogOncePer
 
 LegKey = tuple[str, Role]
 

@@ -20,13 +20,14 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
-from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
-from audiohangup.hosts import ServedHosts
+from audiohangup.http.access import Scope, TokenFileError, Tokens
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.hosts import ServedHosts
+from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import (
     ConnectionCap,
@@ -44,7 +45,7 @@ from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
-from audiohangup.site import ApiSite
+from audiohangup.sources import IPNetwork, SourceACL
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -331,7 +332,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     service.api = api
-    site = ApiSite(
+    site = ApiSite.forAPI(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
         cap=ConnectionCap(
             "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,

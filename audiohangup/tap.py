@@ -18,23 +18,24 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from audiohangup import credentials
-from audiohangup.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
 from audiohangup.directory import parse_redis_url
-from audiohangup.errors import ApiError
 from audiohangup.flows import FlowLoadError, load_flow
-from audiohangup.hosts import check_name
+from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
+from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.reasons import Role
 from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
+from audiohangup.sources import parse_networks
 from audiohangup.streams.manager import (
     AUDIO_POLICIES,
     FAILURE_POLICIES,
     MODES,
     PROTOCOLS,
+    BadStreamURL,
     StreamConfig,
     check_url,
     parse_header,
@@ -575,8 +576,8 @@ class Options(usage.Options):
         if self["stream-url"] is not None:
             try:
                 check_url(self["stream-url"])
-            except ApiError as error:
-                raise usage.UsageError(f"--stream-url: {error.message}") from None
+            except BadStreamURL as error:
+                raise usage.UsageError(f"--stream-url: {error}") from None
         try:
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
         except ValueError:

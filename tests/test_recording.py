@@ -746,7 +746,7 @@ class SwappedForALinkTests(SynchronousTestCase):
     def test_linkIsNotServed(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from audiohangup.recording import WavResource
+        from audiohangup.http.wav import WavResource
 
         folder = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, folder)

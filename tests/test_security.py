@@ -30,20 +30,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
-from audiohangup.access import (
-    AuthThrottle,
-    Scope,
-    SourceACL,
-    TokenFileError,
-    Tokens,
-    is_loopback,
-    parse_networks,
-)
-from audiohangup.api import ApiError, ControlAPI
+from audiohangup.http.access import AuthThrottle, Scope, TokenFileError, Tokens
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.errors import ApiError
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
+from audiohangup.sources import SourceACL, is_loopback, parse_networks
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
 from tests.conftest import LogCapture, Server, bridged, until
 from tests.fake_asterisk import FakeAsterisk, connect
@@ -532,7 +526,7 @@ class ThrottleTests(SynchronousTestCase):
 
     def test_sourceKey(self) -> None:
         """IPv6 by /64, loopback as one host, IPv4-mapped as IPv4, X-Forwarded-For only from a trusted proxy."""
-        from audiohangup.access import source_key
+        from audiohangup.http.access import source_key
 
         self.assertEqual(source_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
         self.assertEqual(source_key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64")

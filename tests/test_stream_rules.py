@@ -25,14 +25,23 @@ from zope.interface import implementer
 from audiohangup.audio import FORMATS, Playout
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
-from audiohangup.errors import ApiError
+from audiohangup.http.errors import refusal
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol, LegSettings
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.streams import client
 from audiohangup.streams.client import _ClientFactory, _Wire
-from audiohangup.streams.manager import StreamConfig, Streams, check_headers, check_url, parse_header, redact
+from audiohangup.streams.manager import (
+    BadStreamField,
+    BadStreamURL,
+    StreamConfig,
+    Streams,
+    check_headers,
+    check_url,
+    parse_header,
+    redact,
+)
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import IStreamWire, MediaStream, Mode, Outcome, State, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
@@ -750,6 +759,12 @@ class ManagerTests(StreamTestCase):
         self.assertTrue(self.leg.live)
 
 
+def _code(error: Exception) -> str | None:
+    """The error code the API answers C{error} with (its one table)."""
+    answer = refusal(error)
+    return None if answer is None else answer.code
+
+
 class ValidationTests(SynchronousTestCase):
     def test_urls(self) -> None:
         for good in (
@@ -757,7 +772,7 @@ class ValidationTests(SynchronousTestCase):
         ):
             self.assertEqual(check_url(good), good)
         for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5, "ws://app/x#frag", "ws://app:99999/"):
-            with self.assertRaises(ApiError):
+            with self.assertRaises(BadStreamURL):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
 
@@ -768,9 +783,9 @@ class ValidationTests(SynchronousTestCase):
             "ws://app/\t", "ws://app/\x7f", "ws://app/é", "ws://app/{other}", "ws://app/%zz", "ws://app/50%",
             "ws://ap p/", "ftp://app/",
         ):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamURL) as raised:
                 check_url(bad)
-            self.assertEqual(raised.exception.code, "bad_url", bad)
+            self.assertEqual(_code(raised.exception), "bad_url", bad)
 
     def test_headers(self) -> None:
         self.assertEqual(parse_header("Authorization: Bearer abc"), ("Authorization", "Bearer abc"))
@@ -783,18 +798,18 @@ class ValidationTests(SynchronousTestCase):
             {"X-A": "esc\x1b"}, {"X-A": "del\x7f"}, {"X-A": "a\nb"}, {"X-A": "x", "x-a": "y"},
             {"user-agent": "x"}, {"x-audiohangup-SIGNATURE": "t=1,sha256=00"}, {"X-Audiohangup-Timestamp": "1"},
         ):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamField) as raised:
                 check_headers(headers)
-            self.assertEqual(raised.exception.code, "bad_headers", headers)
+            self.assertEqual(_code(raised.exception), "bad_headers", headers)
         self.assertEqual(check_headers({"X-A": "tab\tok é"}), {"X-A": "tab\tok é"})
 
     def test_configuredHeadersAreNotDoubled(self) -> None:
         """A header the configuration sets cannot come again from the API, in any case: refused, not merged."""
         streams = Streams(StreamConfig(headers=(("Authorization", "Bearer operator"),), secret="k"), Clock())
         for name in ("Authorization", "authorization", "AUTHORIZATION", "x-audiohangup-signature"):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamField) as raised:
                 streams.check_headers({name: "Bearer caller"})
-            self.assertEqual(raised.exception.code, "bad_headers")
+            self.assertEqual(_code(raised.exception), "bad_headers")
         self.assertEqual(streams.check_headers({"X-Caller": "c"}), {"X-Caller": "c"})
         sent = streams._handshakeHeaders("ws://app/x", {"X-Caller": "c"})
         self.assertEqual(

@@ -55,11 +55,9 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
-from audiohangup.errors import ApiError
 from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
-from audiohangup.recording.resource import WavResource
 from audiohangup.recording.wav import repair
 from audiohangup.recording.writer import CHANNELS, TICK, Tick, WavFile
 from audiohangup.wire import Frame
@@ -80,6 +78,32 @@ MAX_AHEAD_TICKS = round(MAX_AHEAD_SECONDS / TICK)
 
 class RecorderStopped(RuntimeError):
     """The recorder is stopping (the server shuts down): a recording cannot be looked up now, only later."""
+
+
+class RecordingOff(Exception):
+    """No recording directory is configured: no call can be recorded."""
+
+
+class AlreadyRecording(Exception):
+    """The call is being recorded already (with --record-every-call, every call is)."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"call {call_id} is being recorded already")
+
+
+class NotRecording(LookupError):
+    """The call is not being recorded."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"call {call_id} is not being recorded")
+
+
+@dataclass(frozen=True)
+class FoundRecording:
+    """A call's recording on disk: its path, and the sample rate its header may not say yet (a live file)."""
+
+    path: str
+    rate: int
 
 
 class Mix(str, enum.Enum):
@@ -372,9 +396,9 @@ class Recorder:
 
     def begin(self, call_id: str, legs: list[ILeg]) -> CallRecording:
         if self.directory is None:
-            raise ApiError(404, "recording_off", "recording is off: start the server with --recordings-dir")
+            raise RecordingOff("recording is off: start the server with --recordings-dir")
         if call_id in self.active:
-            raise ApiError(409, "already_recording", f"call {call_id} is being recorded already")
+            raise AlreadyRecording(call_id)
         now = self.reactor.seconds()
         day = datetime.fromtimestamp(time.time(), timezone.utc).strftime("%Y-%m-%d")
         name = self._freeName(day, call_id)
@@ -409,7 +433,7 @@ class Recorder:
         """Stop a recording: what is left is written, the header completed; fires once it is on disk."""
         recording = self.active.pop(call_id, None)
         if recording is None:
-            raise ApiError(404, "not_recording", f"call {call_id} is not being recorded")
+            raise NotRecording(call_id)
         for leg in list(recording.taps):
             recording.detach(leg)
         recording.flush(everything=True)
@@ -429,25 +453,25 @@ class Recorder:
 
         return closing.addBoth(closed)
 
-    def find(self, call_id: str) -> Deferred[WavResource | None]:
+    def find(self, call_id: str) -> Deferred[FoundRecording | None]:
         """
-        The file of a call's recording as a resource, live or done (the
-        newest day first), or None; the disk is searched on a thread of its
+        The file of a call's recording, live or done (the newest day
+        first), or None; the disk is searched on a thread of its
         own, as a year of day folders is no work for the reactor. Once the
         recorder stops, a L{RecorderStopped} at once: that thread is going.
         """
         recording = self.active.get(call_id)
         if recording is not None:
-            return succeed(WavResource(recording.path, recording.rate))
+            return succeed(FoundRecording(recording.path, recording.rate))
         if self.directory is None:
             return succeed(None)
         if self._stopping:
             return fail(RecorderStopped("the server is shutting down: ask again once it is back"))
 
-        def found(result: tuple[str | None, list[str]]) -> WavResource | None:
+        def found(result: tuple[str | None, list[str]]) -> FoundRecording | None:
             path, links = result
             self._skipped(links)
-            return None if path is None else WavResource(path, self.rate)
+            return None if path is None else FoundRecording(path, self.rate)
 
         return self._dispatch(self._lookups, last_recording, self.directory, call_id).addCallback(found)
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_recording -*-
+# -*- test-case-name: tests.test_recording,tests.test_records_http -*-
 """
 A recording served as C{audio/wav}, live or done: the answer's header is
 made from what the file holds when it is asked for, as a live recording's
@@ -7,7 +7,6 @@ own header says nothing yet and a crash may have cut a file short.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, BinaryIO
 
@@ -15,6 +14,8 @@ from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from audiohangup.http.answers import json_error
+from audiohangup.http.errors import ApiError
 from audiohangup.recording.layout import open_in_folder
 from audiohangup.recording.wav import HEADER_BYTES, wav_data_bytes, wav_header, wav_rate
 
@@ -58,10 +59,8 @@ class WavResource(Resource):
             request.setHeader(b"content-type", b"audio/wav")
             return wav_header(self.rate, 0)
         except OSError as error:  # a link put where the recording was since it was found: not followed
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"application/json")
             message = f"{os.path.basename(self.path)} cannot be read: {error.strerror or error}"
-            return json.dumps({"error": {"code": "no_recording", "message": message}}).encode()
+            return json_error(request, ApiError(404, "no_recording", message))
         header = file.read(HEADER_BYTES)
         data = wav_data_bytes(os.fstat(file.fileno()).st_size)
         request.setHeader(b"content-type", b"audio/wav")
