@@ -29,9 +29,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.access import IPNetwork, SourceACL, is_loopback, source_of
 from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import Metrics
+from audiohangup.sources import IPNetwork, SourceACL, is_loopback, source_of
 
 #: The mode of a UNIX socket whose endpoint string gives no C{mode=}: owner and group.
 UNIX_SOCKET_MODE = 0o660

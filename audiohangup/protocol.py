@@ -30,7 +30,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.access import source_of
 from audiohangup.audio import FRAME_SECONDS, FrameQueue, LegSettings, Playout
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IServerLeg
 from audiohangup.logs import LogLimit, describe_address
@@ -39,6 +38,7 @@ from audiohangup.reasons import AWAITING_UUID, CLOSED, CLOSING, LIVE, CloseReaso
 from audiohangup.registry import LegKey, Registry
 from audiohangup.relay import Relay
 from audiohangup.session import Session
+from audiohangup.sources import source_of
 from audiohangup.teardown import LegTeardown, socket_of
 from audiohangup.timeline import BRIDGE_HOLD, Timeline
 from audiohangup.wire import (
@@ -467,6 +467,8 @@ class AudioSocketProtocol(LegTeardown, Protocol):
             self.written_in = slot
             if feed:
                 feed.settle()  # the marks after it: that audio is out
+        if feed is not None:
+            feed.paced(slot, self.timeline.fed)
         if self._after_playout is not None and not self.queue and not self.feed:
             self.hangup(self._after_playout)
 

@@ -20,13 +20,14 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
-from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.cluster import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
-from audiohangup.hosts import ServedHosts
+from audiohangup.http.access import Scope, TokenFileError, Tokens
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.hosts import ServedHosts
+from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import (
     ConnectionCap,
@@ -44,7 +45,7 @@ from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
-from audiohangup.site import ApiSite
+from audiohangup.sources import IPNetwork, SourceACL
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -73,6 +74,7 @@ class Config:
     #: Names the API answers to beside localhost and IP addresses (--http-host).
     http_hosts: tuple[str, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
+    #: The call records, SQLite rows (--call-records, --call-records-days): not the recordings below.
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
     webhooks: tuple[str, ...] = ()
@@ -97,14 +99,14 @@ class Config:
     advertise_url: str | None = None
     heartbeat: float = 2.0
     streams: StreamConfig = field(default_factory=StreamConfig)
-    #: --record DIR (every call) sets both; --record-dir only where on-demand recordings go.
+    #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False
     record_dir: str | None = None
     record_mix: str = "sent"
     record_days: float = 0.0
 
     def recordings_directory(self) -> str:
-        """Where recordings go: --record-dir, else 'recordings' beside the call records."""
+        """Where recordings go: --recordings-dir, else 'recordings' beside the call records."""
         if self.record_dir:
             return self.record_dir
         beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""
@@ -330,7 +332,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     service.api = api
-    site = ApiSite(
+    site = ApiSite.forAPI(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
         cap=ConnectionCap(
             "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,

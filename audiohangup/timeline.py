@@ -38,7 +38,7 @@ class Timeline:
     frame); the timeline keeps when something last spoke and what is late.
     """
 
-    __slots__ = ("format", "late", "late_until", "spoken_in")
+    __slots__ = ("fed", "format", "late", "late_until", "spoken_in")
 
     def __init__(self, fmt: AudioFormat) -> None:
         self.format = fmt
@@ -47,6 +47,8 @@ class Timeline:
         #: Frames due in slots a late tick missed and not yet dropped, until slot C{late_until}.
         self.late = 0
         self.late_until = 0
+        #: Whether the last slot's frame was the app's (see L{audiohangup.audio.Playout.paced}).
+        self.fed = False
 
     def spokeLately(self, slot: int) -> bool:
         """Whether a prompt or an app spoke within L{SPOKEN_TICKS} of C{slot}: its slots are the pacer's."""
@@ -64,12 +66,14 @@ class Timeline:
         if missed or self.late:
             self.catchUp(slot, missed, queue, feed, held)
         frame: bytes | None = None
+        self.fed = False
         if queue:
             frame = queue.popleft()
             held.clear()  # a prompt has the floor
             self.spoken_in = slot
         elif feed and (frame := feed.nextFrame()) is not None:
             self.spoken_in = slot
+            self.fed = True
             if not feed.mix:
                 held.clear()  # the app has the floor
             elif held:

@@ -41,7 +41,7 @@ class Instance:
 async def instance(spawn: Spawn, redis: RedisServer, name: str) -> Instance:
     http = free_port()
     child, ports = await start_server(
-        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--records", "none",
+        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
         "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
         "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN,
     )

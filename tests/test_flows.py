@@ -15,9 +15,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from audiohangup.api import leg_view
 from audiohangup.audio import FORMATS, SLIN, FrameQueue, LegSettings
 from audiohangup.flows import BUILTIN_FLOWS, EchoFlow, FlowLoadError, IFlow, SilenceFlow, load_flow
+from audiohangup.http.api import leg_view
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role

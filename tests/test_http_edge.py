@@ -26,14 +26,14 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.access import parse_networks, source_of
-from audiohangup.api import ControlAPI
-from audiohangup.hosts import ServedHosts, check_name
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.hosts import ServedHosts, check_name
+from audiohangup.http.site import ApiSite
 from audiohangup.listeners import ConnectionCap, descriptor_limit
 from audiohangup.metrics import Metrics
 from audiohangup.registry import Registry
 from audiohangup.service import Config, fit_descriptors, served_names
-from audiohangup.site import ApiSite
+from audiohangup.sources import parse_networks, source_of
 from audiohangup.streams.manager import StreamConfig
 from audiohangup.tap import Options
 from audiohangup.wire import Kind, encode
@@ -47,7 +47,7 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 def _site(clock: Clock, **options: Any) -> ApiSite:
     registry = Registry()
     api = ControlAPI(registry, clock=clock, metrics=Metrics(registry))
-    return ApiSite(api, clock, **options)
+    return ApiSite.forAPI(api, clock, **options)
 
 
 class _Connection:
@@ -95,7 +95,7 @@ class DeadlineTests(SynchronousTestCase):
         self.clock.advance(10 - self.clock.seconds())
         self.assertTimedOut(connection, "head")
         self.assertEqual(
-            self.site.api.metrics.collectors.get_sample_value(
+            self.site.metrics.collectors.get_sample_value(
                 "audiohangup_http_requests_total", {"route": "unrouted", "method": "-", "status": "408"}
             ),
             1.0,

@@ -23,13 +23,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from audiohangup.access import source_of
-from audiohangup.api import leg_view
 from audiohangup.audio import LegSettings
+from audiohangup.http.api import leg_view
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, LegState, Loss, Role, classify, loss_of
 from audiohangup.registry import PendingConnections, Registry
+from audiohangup.sources import source_of
 from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
 
 CALL = uuid.UUID("6f5c1279-b34f-4bdf-ba44-24b178d09a80")
