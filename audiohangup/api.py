@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from klein import Klein
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -43,7 +44,6 @@ from audiohangup.errors import ApiError
 from audiohangup.events import RecentLegs
 from audiohangup.interfaces import ILeg
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from audiohangup.metrics import Metrics
 from audiohangup.protocol import LegSettings
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Recorder, RecorderStopped
@@ -110,7 +110,7 @@ class ControlAPI:
         *,
         api_token: str | None = None,
         settings: LegSettings | None = None,
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         recent: RecentLegs | None = None,
         records: CallRecords | None = None,
         cluster: Cluster | None = None,
@@ -206,7 +206,7 @@ class ControlAPI:
         if self.metrics is None:
             raise ApiError(404, "not_found", "metrics are not enabled")
         request.setHeader("content-type", METRICS_CONTENT_TYPE)
-        return self.metrics.render()
+        return generate_latest(self.metrics)
 
     @app.route("/", methods=["GET"])
     def page(self, request: IRequest) -> bytes:

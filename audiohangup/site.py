@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
+from prometheus_client import Counter
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -28,6 +29,7 @@ from audiohangup.access import AuthThrottle, LogOncePer, source_of
 from audiohangup.api import MAX_BODY, ControlAPI, json_error
 from audiohangup.hosts import ServedHosts
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
+from audiohangup.metrics import series
 
 
 def route_template(app: Klein, request: http.Request) -> str:
@@ -214,8 +216,8 @@ class _BoundedRequest(Request):
             self._linger = site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
         else:
             transport.loseConnection()
-        if site.api.metrics is not None:
-            site.api.metrics.http_request("unrouted", "-", 413)
+        if site.requests is not None:
+            site.requests.labels(route="unrouted", method="-", status="413").inc()
 
 
 class _ApiChannel(http.HTTPChannel):
@@ -333,6 +335,11 @@ class ApiSite(Site):
         super().__init__(api.app.resource(), reactor=reactor)
         self.api = api
         self.cap = cap
+        #: HTTP requests, counted in the API's metrics (None: metrics off).
+        self.requests: Counter | None = None if api.metrics is None else series(
+            api.metrics, Counter, "audiohangup_http_requests", "HTTP requests, by route template, method and status.",
+            ["route", "method", "status"],
+        )
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.hosts = hosts if hosts is not None else ServedHosts()
@@ -353,8 +360,8 @@ class ApiSite(Site):
 
     def timedOut(self, peer: IAddress, part: str) -> None:
         """A request that did not arrive in time: counted, and logged once a minute per source."""
-        if self.api.metrics is not None:
-            self.api.metrics.http_request("unrouted", "-", 408)
+        if self.requests is not None:
+            self.requests.labels(route="unrouted", method="-", status="408").inc()
         source = source_of(peer) or "unix"  # by /64, so hopping addresses in one is one line a minute
         if self._logNow(source, self.reactor.seconds()):
             self.logger.info(
@@ -364,8 +371,9 @@ class ApiSite(Site):
 
     def log(self, request: http.Request) -> None:
         super().log(request)
-        if self.api.metrics is not None:
+        if self.requests is not None:
             method = request.method.decode("latin-1")
-            self.api.metrics.http_request(
-                route_template(self.api.app, request), method if method in _METHODS else "other", request.code
-            )
+            self.requests.labels(
+                route=route_template(self.api.app, request), method=method if method in _METHODS else "other",
+                status=str(request.code),
+            ).inc()
