@@ -106,7 +106,8 @@ Step = Callable[[], Union["Deferred[Any]", Coroutine[Any, Any, Any], None]]
 class Part(Service):
     """
     A part whose start and stop go by other names (C{start}, C{stop}), run as
-    a service: the parent starts and stops it like any other. A start that
+    a service: the parent starts and stops it like any other. The thin
+    service that owns a part whose class is not a service (yet). A start that
     fails is logged (C{failed} says what did not start); the part goes on.
     """
 
@@ -159,7 +160,6 @@ class InOrder(MultiService):
 
     async def _stopInOrder(self) -> None:
         Service.stopService(self)  # running is off; MultiService's own would stop every child at once
-
         named = {name for step in self.stopping for name in step}
         steps: list[list[IService]] = [
             [child for child in self if child.name in step] for step in self.stopping
