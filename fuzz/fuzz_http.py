@@ -65,7 +65,7 @@ with harness.instrumented(__name__):
     from audiohangup.http.access import AuthThrottle, Scope, Tokens
     from audiohangup.http.api import ControlAPI
     from audiohangup.http.site import ApiSite
-    from audiohangup.metrics import Metrics
+    from prometheus_client import CollectorRegistry
     from audiohangup.pacer import Pacer
     from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
     from audiohangup.reasons import CloseReason, HangupCause, Role
@@ -245,7 +245,7 @@ RECENT = RecentLegs()
 # The streams a server opens on the global reactor, as the API built them itself before the wiring passed them.
 STREAMS = Streams(StreamConfig(), cast(Any, reactor))
 API = ControlAPI(
-    Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=Metrics(Registry()), streams=STREAMS
+    Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=CollectorRegistry(), streams=STREAMS
 )
 RESOURCE = API.app.resource()
 

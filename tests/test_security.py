@@ -62,7 +62,7 @@ def numbers(client: FakeAsterisk) -> list[int]:
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
-    return server.service.api.metrics.collectors.get_sample_value(name, labels) or 0.0
+    return server.service.api.metrics.get_sample_value(name, labels) or 0.0
 
 
 # 1. Duplicates
