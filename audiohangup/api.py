@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 
 from audiohangup.access import AuthThrottle, IPNetwork, Scope, Tokens, source_key
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster import (
+from audiohangup.cluster.forward import (
     CAUSE,
     FORWARDABLE_CAUSES,
     FORWARDED_BY,
@@ -53,7 +53,7 @@ from audiohangup.streams.manager import StreamConfig, Streams, check_fields, che
 from audiohangup.streams.stream import MediaStream
 
 if TYPE_CHECKING:
-    from audiohangup.directory import LegEntry
+    from audiohangup.cluster.directory import LegEntry
 
 #: The largest JSON body the API reads; its bodies are a few dozen bytes.
 MAX_BODY = 64 * 1024
@@ -261,7 +261,7 @@ class ControlAPI:
             raise ApiError(400, "bad_scope", f"scope must be local or cluster, not {scope!r}")
         if self.cluster is None:
             raise ApiError(404, "cluster_off", "this instance runs alone (no --redis)")
-        from audiohangup.directory import DirectoryUnavailable
+        from audiohangup.cluster.directory import DirectoryUnavailable
 
         try:
             entries = await self.cluster.directory.legs()
@@ -418,7 +418,7 @@ class ControlAPI:
         this instance does not hold. Redis is only asked when that can matter,
         and a hangup of legs held here works without it.
         """
-        from audiohangup.directory import DirectoryUnavailable
+        from audiohangup.cluster.directory import DirectoryUnavailable
 
         if self.cluster is None or _forwarded(request):
             return {}
@@ -565,7 +565,7 @@ class ControlAPI:
             stream.stop("deleted through the API")
             return _json(request, 200, {"call_id": call_id, "stream": {**stream.snapshot(), "role": stream.leg.role}})
         if self.cluster is not None and not _forwarded(request):
-            from audiohangup.directory import DirectoryUnavailable
+            from audiohangup.cluster.directory import DirectoryUnavailable
 
             try:
                 owners = await self.cluster.directory.owners(call_id)
@@ -632,7 +632,7 @@ class ControlAPI:
     async def _atOwner(self, request: IRequest, call_id: str, what: str = "call") -> bytes:
         """A call not held here: its owner's answer, in a cluster; else 404."""
         if self.cluster is not None and not _forwarded(request):
-            from audiohangup.directory import DirectoryUnavailable
+            from audiohangup.cluster.directory import DirectoryUnavailable
 
             try:
                 owners = await self.cluster.directory.owners(call_id)
@@ -653,7 +653,7 @@ class ControlAPI:
         """The live instances of the cluster, from the directory."""
         if self.cluster is None:
             raise ApiError(404, "cluster_off", "this instance runs alone (no --redis)")
-        from audiohangup.directory import DirectoryUnavailable
+        from audiohangup.cluster.directory import DirectoryUnavailable
 
         try:
             found = await self.cluster.directory.instances()

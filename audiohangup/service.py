@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
 from audiohangup.api import ControlAPI
 from audiohangup.audio import FORMATS
-from audiohangup.cluster import Cluster
+from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.hosts import ServedHosts
@@ -299,7 +299,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             registry.events.add(observer)
     cluster = None
     if config.redis:
-        from audiohangup.directory import Directory
+        from audiohangup.cluster.directory import Directory
 
         instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(

@@ -19,7 +19,7 @@ from twisted.python import usage
 from audiohangup import credentials
 from audiohangup.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS
-from audiohangup.directory import parse_redis_url
+from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.errors import ApiError
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.hosts import check_name

@@ -44,7 +44,7 @@ from audiohangup.reasons import HangupCause
 from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
-    from audiohangup.directory import Directory
+    from audiohangup.cluster.directory import Directory
     from audiohangup.interfaces import ILeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"
@@ -295,7 +295,7 @@ class Cluster:
         pass
 
     async def _endRemoteLegs(self, call_id: str, role: str) -> None:
-        from audiohangup.directory import DirectoryUnavailable
+        from audiohangup.cluster.directory import DirectoryUnavailable
 
         try:
             owners = await self.directory.owners(call_id)
