@@ -300,19 +300,20 @@ class _AtDebug(Logger):
 class RedisConnection(ClientService):
     """
     The directory's one connection to Redis, made again whenever it is lost;
-    see the module docstring. L{current} is the connection while it is up;
-    L{RedisObserver} is told of each change.
+    see the module docstring. L{current} is the connection while it is up,
+    L{RedisObserver} is told of each change, and L{whenConnected} fires with
+    the stand-in ClientService holds (its C{redis} is the connection).
 
     Why ClientService's C{prepareConnection} does not send the AUTH, SELECT
-    and PING (L{_ReadyEndpoint} does): a connection it rejects must be closed,
-    and ClientService's state machine has no transition for the loss of a
-    connection it is still preparing or has rejected (the states Connecting
-    and Waiting take no C{_clientDisconnected}). Measured on Twisted 26.10 and
-    24.7 (tests.test_directory.test_client_service_cannot_close_a_rejected_connection):
-    closing a connection whose C{prepareConnection} failed raises automat's
-    C{NoTransition} inside C{connectionLost}, a traceback in the reactor; and
-    a Redis that closes the connection while AUTH or PING is pending does the
-    same. So the endpoint hands ClientService only connections that are ready.
+    and PING (L{_ReadyEndpoint} does): a connection it rejects is left open,
+    and closing it, or Redis closing it while AUTH or PING is pending, tells
+    ClientService's state machine of a loss it has no transition for
+    (C{_clientDisconnected} in Connecting, Waiting or Stopped). Measured on
+    Twisted 26.10 and 24.7: a PING that times out and aborts its TCP
+    connection logs "Unhandled Error ... automat NoTransition" from the
+    reactor, once per rejected connection (the in-memory twin is
+    tests.test_directory.test_client_service_cannot_close_a_rejected_connection).
+    So the endpoint hands ClientService only connections that are ready.
 
     ClientService logs one info line per retry ("Scheduling retry ..."); a
     Redis outage is logged once by the directory, so those lines go at debug
