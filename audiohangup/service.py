@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from audiohangup.audio import FORMATS
-from audiohangup.cluster import Cluster
+from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.http.access import Scope, TokenFileError, Tokens
@@ -317,7 +317,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             registry.events.add(observer)
     cluster = None
     if config.redis:
-        from audiohangup.directory import Directory
+        from audiohangup.cluster.directory import Directory
 
         instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(

@@ -712,7 +712,7 @@ class ForwardingSignatureTests(SynchronousTestCase):
     """What one instance signs, another of the same cluster (same --api-token) takes; nothing else does."""
 
     def test_signature(self) -> None:
-        from audiohangup.cluster import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
+        from audiohangup.cluster.forward import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
 
         sent: dict[str, Any] = {}
 

@@ -28,7 +28,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster import (
+from audiohangup.cluster.forward import (
     ANSWERED_BY,
     FORWARDED_BY,
     ROLE_ORDER,
