@@ -8,6 +8,7 @@ not block; one observer's bug is logged and never reaches the call.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -59,27 +60,28 @@ class LegEvents:
     def add(self, observer: ILegObserver) -> None:
         self.observers.append(observer)
 
-    def _tell(self, event: str, *args: Any) -> None:
+    def _tell(self, event: str, call: Callable[[ILegObserver], object]) -> None:
+        """C{call} on every observer (a typed call, which mypy checks); C{event} names it in the log."""
         for observer in self.observers:
             try:
-                getattr(observer, event)(*args)
+                call(observer)
             except Exception:
                 self.log.failure("{observer} failed on {event}", observer=type(observer).__name__, event=event)
 
     def legStarted(self, leg: IServerLeg) -> None:
-        self._tell("legStarted", leg)
+        self._tell("legStarted", lambda observer: observer.legStarted(leg))
 
     def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        self._tell("hangupSent", leg, cause)
+        self._tell("hangupSent", lambda observer: observer.hangupSent(leg, cause))
 
     def legEnded(self, leg: IServerLeg) -> None:
-        self._tell("legEnded", leg)
+        self._tell("legEnded", lambda observer: observer.legEnded(leg))
 
     def callEnded(self, call_id: str) -> None:
-        self._tell("callEnded", call_id)
+        self._tell("callEnded", lambda observer: observer.callEnded(call_id))
 
     def connectionEnded(self, connection: IServerLeg) -> None:
-        self._tell("connectionEnded", connection)
+        self._tell("connectionEnded", lambda observer: observer.connectionEnded(connection))
 
 
 @implementer(ILegObserver)

@@ -27,8 +27,10 @@ Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.logger import Logger
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
@@ -36,6 +38,7 @@ from zope.interface import implementer
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
 from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
+from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason
 from audiohangup.wire import Frame, encode
 
@@ -76,6 +79,15 @@ class BridgeFlow(_QuietFlow):
     def __init__(self, conversions: Any = None) -> None:
         self.conversions = conversions
         self._converters: dict[tuple[ILeg, ILeg], _Converter] = {}
+
+    @classmethod
+    def counting(cls, metrics: CollectorRegistry) -> FlowFactory:
+        """Bridges that count the frames they convert in C{metrics}."""
+        conversions = series(
+            metrics, Counter, "audiohangup_bridge_conversions",
+            "Bridged frames converted between two legs' formats, by format pair.", ["source", "target"],
+        )
+        return partial(cls, conversions)
 
     def legJoined(self, session: ISession, leg: ILeg) -> None:
         self._route(session)

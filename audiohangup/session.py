@@ -10,7 +10,7 @@ unless C{--on-leg-end=keep}.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -60,7 +60,7 @@ class Session:
         """Make C{leg} the session's leg for its role; return the leg it replaces."""
         previous = self.legs.get(leg.role)
         self.legs[leg.role] = leg
-        self._tell("legJoined", leg)
+        self._tell("legJoined", leg, lambda: self.flow.legJoined(self, leg))
         return previous
 
     def leave(self, leg: IServerLeg) -> None:
@@ -69,7 +69,8 @@ class Session:
             return
         del self.legs[leg.role]
         reason = leg.close_reason
-        self._tell("legEnded", leg, reason)
+        assert reason is not None, "a leg leaves once it is gone, its close reason known"
+        self._tell("legEnded", leg, lambda: self.flow.legEnded(self, leg, reason))
         if self.end_with_leg:
             for other in self.ordered():
                 other.hangup(HangupCause.SESSION)
@@ -82,11 +83,12 @@ class Session:
             self._failed("audioReceived", leg)
 
     def dtmfReceived(self, leg: ILeg, digit: str) -> None:
-        self._tell("dtmfReceived", leg, digit)
+        self._tell("dtmfReceived", leg, lambda: self.flow.dtmfReceived(self, leg, digit))
 
-    def _tell(self, hook: str, leg: ILeg, *args: Any) -> None:
+    def _tell(self, hook: str, leg: ILeg, call: Callable[[], object]) -> None:
+        """C{call}, the flow's C{hook} (a typed call, which mypy checks), guarded."""
         try:
-            getattr(self.flow, hook)(self, leg, *args)
+            call()
         except Exception:
             self._failed(hook, leg)
 

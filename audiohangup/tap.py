@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from audiohangup import credentials
 from audiohangup.audio import FORMATS
-from audiohangup.directory import parse_redis_url
+from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
 from audiohangup.http.hosts import check_name

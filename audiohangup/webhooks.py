@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import treq
 from hyperlink import EncodedURL
+from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall
@@ -62,13 +64,14 @@ from audiohangup import __version__
 from audiohangup.events import counts_as_leg
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver
+from audiohangup.lifecycle import Once
 from audiohangup.logs import WarningCount, iso_time, redact
+from audiohangup.metrics import series
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
     from audiohangup.interfaces import IServerLeg
-    from audiohangup.metrics import Metrics
     from audiohangup.reasons import HangupCause
 
 EVENT_HEADER = "X-Audiohangup-Event"
@@ -85,7 +88,7 @@ LOG_INTERVAL = 10.0
 #: Response bodies are read and discarded; past this many bytes the connection is closed.
 MAX_RESPONSE_BYTES = 64 * 1024
 
-#: Outcomes, as counted by C{Metrics.webhook_delivery}.
+#: Outcomes, as counted in C{audiohangup_webhook_deliveries_total}.
 DELIVERED = "delivered"
 RETRIED = "retried"
 REJECTED = "rejected"
@@ -221,15 +224,15 @@ class _Drain(Protocol):
 
 
 @implementer(ILegObserver)
-class Webhooks:
+class Webhooks(Service):
     """
-    Posts leg events to every URL in C{urls}.
+    Posts leg events to every URL in C{urls}; stopping the service is L{stop}.
 
     @param reactor: the reactor for requests, timeouts and retries.
     @param secret: signs each body (C{X-Audiohangup-Signature}) when given.
     @param ca: a PEM file of the certificates HTTPS receivers are verified
         against, instead of the system's trust store.
-    @param metrics: told of each outcome (C{webhook_delivery}).
+    @param metrics: where each outcome is counted.
     @param timeout: seconds for one attempt, from connecting to the end of the
         response body; also how long L{stop} waits.
     @param max_attempts: attempts per event and URL, the first one included.
@@ -244,6 +247,7 @@ class Webhooks:
     """
 
     log = Logger()
+    name = "webhooks"
 
     @staticmethod
     def check(urls: list[str], *, secret: str | None = None) -> None:
@@ -259,7 +263,7 @@ class Webhooks:
         reactor: Any,
         *,
         secret: str | None = None,
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         timeout: float = 5.0,
         max_attempts: int = 5,
         backoff: float = 0.5,
@@ -279,7 +283,10 @@ class Webhooks:
         self.urls = list(urls)
         self.reactor = reactor
         self.secret = secret
-        self.metrics = metrics
+        self.deliveries = series(
+            metrics if metrics is not None else CollectorRegistry(),  # none given: counted for nobody
+            Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
+        )
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -304,8 +311,7 @@ class Webhooks:
         self._stop_dropped = 0
         self._deadline: IDelayedCall | None = None
         self._stopped = False  # nothing is left to deliver
-        self._stop_done = False  # ... and the pool is closed: stop() has fired
-        self._stop_waiters: list[Deferred[None]] | None = None
+        self._stopping = Once()  # done once the pool is closed too
         self._throttles = {
             OVERFLOW: WarningCount(
                 self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
@@ -378,8 +384,7 @@ class Webhooks:
     # Queues
 
     def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.webhook_delivery(outcome)
+        self.deliveries.labels(outcome=outcome).inc()
 
     def _enqueue(self, url: str, item: _Delivery) -> None:
         if self._held >= self.max_queue:
@@ -566,6 +571,10 @@ class Webhooks:
 
     # Stopping
 
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
     def stop(self) -> Deferred[None]:
         """
         Stop taking events and drain, bounded by C{timeout} seconds: queued
@@ -576,14 +585,9 @@ class Webhooks:
         bounded by C{timeout} too). Fires once all that is done; safe to call
         again, each call firing when the first one does.
         """
-        waiter: Deferred[None] = Deferred()
-        if self._stop_done:
-            waiter.callback(None)
+        waiter = self._stopping.wait()
+        if not self._stopping.begin():
             return waiter
-        if self._stop_waiters is not None:
-            self._stop_waiters.append(waiter)
-            return waiter
-        self._stop_waiters = [waiter]
         self._accepting = False
         for queue in list(self._queues.values()):
             if queue.state == "waiting" and queue.retry is not None:
@@ -618,7 +622,7 @@ class Webhooks:
         self._checkStopped()
 
     def _checkStopped(self) -> None:
-        if self._stop_waiters is None or self._stopped or self._held or self._active:
+        if not self._stopping.begun or self._stopped or self._held or self._active:
             return
         self._stopped = True
         if self._deadline is not None and self._deadline.active():
@@ -635,7 +639,7 @@ class Webhooks:
         else:
             closed = Deferred()
             closed.callback(None)
-        closed.addBoth(self._stopDone)
+        closed.addBoth(lambda _: self._stopping.fire())
 
     def _closePool(self) -> Deferred[None]:
         """Close the cached connections, waiting at most C{timeout} for them to go."""
@@ -651,11 +655,6 @@ class Webhooks:
         maybeDeferred(self.pool.closeCachedConnections).addBoth(fire)
         return done
 
-    def _stopDone(self, _: object) -> None:
-        self._stop_done = True
-        waiters, self._stop_waiters = self._stop_waiters or [], []
-        for waiter in waiters:
-            waiter.callback(None)
 
 
 __all__ = ["EVENT_HEADER", "EVENT_ID_HEADER", "SIGNATURE_HEADER", "Webhooks", "sign", "verify"]

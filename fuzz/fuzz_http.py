@@ -53,6 +53,7 @@ import harness
 from harness import Wire
 
 with harness.instrumented(__name__):
+    from prometheus_client import CollectorRegistry
     from treq.testing import StubTreq
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -65,7 +66,6 @@ with harness.instrumented(__name__):
     from audiohangup.http.access import AuthThrottle, Scope, Tokens
     from audiohangup.http.api import ControlAPI
     from audiohangup.http.site import ApiSite
-    from audiohangup.metrics import Metrics
     from audiohangup.pacer import Pacer
     from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
     from audiohangup.reasons import CloseReason, HangupCause, Role
@@ -245,7 +245,7 @@ RECENT = RecentLegs()
 # The streams a server opens on the global reactor, as the API built them itself before the wiring passed them.
 STREAMS = Streams(StreamConfig(), cast(Any, reactor))
 API = ControlAPI(
-    Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=Metrics(Registry()), streams=STREAMS
+    Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=CollectorRegistry(), streams=STREAMS
 )
 RESOURCE = API.app.resource()
 

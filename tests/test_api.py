@@ -295,8 +295,8 @@ class RefusalTableTests(SynchronousTestCase):
     """The domain raises its own exceptions; the one table in audiohangup.http.errors says how each is answered."""
 
     def test_table(self) -> None:
-        from audiohangup.cluster import OwnerAnswerTooLarge, OwnerUnreachable
-        from audiohangup.directory import DirectoryUnavailable
+        from audiohangup.cluster.directory import DirectoryUnavailable
+        from audiohangup.cluster.forward import OwnerAnswerTooLarge, OwnerUnreachable
         from audiohangup.http.errors import ApiError, refusal
         from audiohangup.recording import AlreadyRecording, NotRecording, RecorderStopped, RecordingOff
         from audiohangup.records import BadQuery
@@ -337,7 +337,7 @@ class RefusalTableTests(SynchronousTestCase):
 
     def test_oneShapeOfAnOwnersFailure(self) -> None:
         """A leg whose owner did not answer, or refused, is reported the same way by the hangup and stream routes."""
-        from audiohangup.cluster import OwnerUnreachable, Reply
+        from audiohangup.cluster.forward import OwnerUnreachable, Reply
         from audiohangup.http.api import _refused
 
         unreachable = Reply("visitor", "b", failure=OwnerUnreachable("b", "http://b:8080", "refused"))

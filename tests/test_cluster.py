@@ -417,7 +417,7 @@ class FakeOwner:
 
 async def owned_by_fake(redis_server: RedisServer, fake: FakeOwner, call_id: uuid.UUID) -> Any:
     """A directory entry naming C{fake}, instance "evil", the owner of C{call_id}'s visitor."""
-    from audiohangup.directory import DEFAULT_PREFIX
+    from audiohangup.cluster.directory import DEFAULT_PREFIX
     from tests.test_directory import Cluster as Directories
 
     directories = Directories(redis_server)

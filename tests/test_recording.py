@@ -189,7 +189,7 @@ async def test_a_full_disk_drops_audio_and_the_call_goes_on(
     await paced(visitor, [numbered(7)] * 25)
     heard = len(visitor.frames)
     await until(lambda: len(visitor.frames) > heard + 5, what="the call to go on")
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     await until(lambda: (metrics.get_sample_value("audiohangup_recording_dropped_frames_total") or 0) >= 20,
                 what="drops counted")
     warned = [e for e in logs.events if "audio dropped, the call goes on" in e.get("log_format", "")]
@@ -383,7 +383,7 @@ async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> 
     _, left, right = read_wav(path)
     assert [v for v in ticks(left) if v > 0] == [500 + n for n in range(10)]  # the visitor heard the resident
     assert not [v for v in ticks(right) if v > 0]  # the resident heard silence only
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     assert metrics.get_sample_value("audiohangup_recordings_written_total") == 1
     assert metrics.get_sample_value("audiohangup_recording_bytes_total") == path.stat().st_size - 44
     assert metrics.get_sample_value("audiohangup_recordings_active") == 0
@@ -467,7 +467,7 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
     # At most 0.5 s ahead, 2 ticks late and a flush's 5 ticks, for each channel; a tick's bytes at most.
     assert most_ticks <= 2 * (25 + 2 + 5 + 2), most_ticks
     assert most_bytes <= 2 * (25 + 2 + 5 + 2) * 640 + 2 * 25 * 320, most_bytes
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     assert metrics.get_sample_value("audiohangup_recording_dropped_frames_total") >= sent / 2
     assert recording.dropped >= sent / 2
     warned = [e for e in logs.events if "faster than real time" in e.get("log_format", "")]

@@ -63,7 +63,7 @@ def numbers(client: FakeAsterisk) -> list[int]:
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
-    return server.service.api.metrics.collectors.get_sample_value(name, labels) or 0.0
+    return server.service.api.metrics.get_sample_value(name, labels) or 0.0
 
 
 # 1. Duplicates
@@ -713,7 +713,7 @@ class ForwardingSignatureTests(SynchronousTestCase):
     """What one instance signs, another of the same cluster (same --api-token) takes; nothing else does."""
 
     def test_signature(self) -> None:
-        from audiohangup.cluster import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
+        from audiohangup.cluster.forward import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
 
         sent: dict[str, Any] = {}
 

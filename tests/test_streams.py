@@ -83,7 +83,7 @@ async def start(
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
-    return server.service.api.metrics.collectors.get_sample_value(name, labels) or 0.0
+    return server.service.api.metrics.get_sample_value(name, labels) or 0.0
 
 
 @pytest_twisted.async_yield_fixture

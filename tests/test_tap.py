@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from twisted.application.service import IService, IServiceMaker
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.plugin import getPlugins
@@ -546,6 +547,40 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             listener = service.getServiceNamed(name)
             self.assertFalse(listener.running, name)
             self.assertIsNone(listener.port, name)  # type: ignore[attr-defined]
+
+    def test_parts_stop_one_after_another_in_the_stated_order(self) -> None:
+        """
+        The listeners stop together, then each part in turn, each once the
+        one before it is done (a MultiService would stop them all at once).
+        """
+        service = self.start()
+        stopped: list[str] = []
+        draining: Deferred[None] = Deferred()
+
+        def watch(part: IService) -> None:
+            original = part.stopService
+
+            def stop() -> object:
+                stopped.append(part.name)
+                result = original()
+                return draining if part.name == "drain" else result
+
+            part.stopService = stop  # type: ignore[method-assign]
+
+        for part in service:
+            watch(part)
+        done = service.stopService()
+        self.assertEqual(stopped, ["audiosocket-visitor", "audiosocket-resident", "http", "drain"])
+        self.assertNoResult(done)
+        draining.callback(None)
+        self.assertIsNone(self.successResultOf(done))
+        present = {part.name for part in service}
+        self.assertEqual(
+            stopped, [name for step in AudioHangupService.STOP_ORDER for name in step if name in present]
+        )
+        self.assertEqual(
+            stopped[3:], ["drain", "gc-pauses", "streams", "recorder", "pacer", "relay"]
+        )
 
     def test_nothing_outlives_stop_service(self) -> None:
         """

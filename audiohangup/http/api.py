@@ -19,6 +19,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar, cast
 
 from klein import Klein
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -27,7 +28,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.audio import AudioFormat, LegSettings
-from audiohangup.cluster import (
+from audiohangup.cluster.forward import (
     ANSWERED_BY,
     FORWARDED_BY,
     ROLE_ORDER,
@@ -58,7 +59,6 @@ from audiohangup.http.wav import WavResource
 from audiohangup.interfaces import IServerLeg
 from audiohangup.logs import iso_time
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from audiohangup.metrics import Metrics
 from audiohangup.reasons import Role
 from audiohangup.recording import NotRecording, Recorder
 from audiohangup.records import CallRecords
@@ -103,7 +103,7 @@ class ControlAPI:
         *,
         api_token: str | None = None,
         settings: LegSettings | None = None,
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         recent: RecentLegs | None = None,
         records: CallRecords | None = None,
         cluster: Cluster | None = None,
@@ -183,7 +183,7 @@ class ControlAPI:
         if self.metrics is None:
             raise ApiError(404, "not_found", "metrics are not enabled")
         request.setHeader("content-type", METRICS_CONTENT_TYPE)
-        return self.metrics.render()
+        return generate_latest(self.metrics)
 
     @app.route("/", methods=["GET"])
     def page(self, request: IRequest) -> bytes:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from audiohangup.cluster import OwnerAnswerTooLarge, OwnerUnreachable
-from audiohangup.directory import DirectoryUnavailable
+from audiohangup.cluster.directory import DirectoryUnavailable
+from audiohangup.cluster.forward import OwnerAnswerTooLarge, OwnerUnreachable
 from audiohangup.recording import AlreadyRecording, NotRecording, RecorderStopped, RecordingOff
 from audiohangup.records import BadQuery
 from audiohangup.streams.manager import AlreadyConversing, BadStreamField, LegNotLive, TooManyStreams

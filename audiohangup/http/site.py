@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -31,7 +32,7 @@ from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.request import largest_body, throttle_source
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
 from audiohangup.logs import LogLimit
-from audiohangup.metrics import Metrics
+from audiohangup.metrics import series
 from audiohangup.sources import IPNetwork, source_of
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ class _BoundedRequest(Request):
             self._linger = site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
         else:
             transport.loseConnection()
-        if site.metrics is not None:
-            site.metrics.http_request("unrouted", "-", 413)
+        if site.requests is not None:
+            site.requests.labels(route="unrouted", method="-", status="413").inc()
 
 
 class _ApiChannel(http.HTTPChannel):
@@ -326,7 +327,7 @@ class ApiSite(Site):
         throttle: AuthThrottle,
         clock: IReactorTime,
         trusted_proxies: tuple[IPNetwork, ...] = (),
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         cap: ConnectionCap | None = None,
         head_timeout: float = 10.0,
         body_timeout: float = 30.0,
@@ -339,8 +340,14 @@ class ApiSite(Site):
         self.max_body = max_body
         #: The routes' throttle on failed authentication, the clock it counts on, the proxies it sees through.
         self.throttle, self.clock, self.trusted_proxies = throttle, clock, trusted_proxies
+        #: The API's metrics (None: off), where the requests are counted.
         self.metrics = metrics
         self.cap = cap
+        #: HTTP requests, counted in the API's metrics (None: metrics off).
+        self.requests: Counter | None = None if metrics is None else series(
+            metrics, Counter, "audiohangup_http_requests", "HTTP requests, by route template, method and status.",
+            ["route", "method", "status"],
+        )
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.hosts = hosts if hosts is not None else ServedHosts()
@@ -368,8 +375,8 @@ class ApiSite(Site):
 
     def timedOut(self, peer: IAddress, part: str) -> None:
         """A request that did not arrive in time: counted, and logged once a minute per source."""
-        if self.metrics is not None:
-            self.metrics.http_request("unrouted", "-", 408)
+        if self.requests is not None:
+            self.requests.labels(route="unrouted", method="-", status="408").inc()
         source = source_of(peer) or "unix"  # by /64, so hopping addresses in one is one line a minute
         if self._logNow(source, self.reactor.seconds()):
             self.logger.info(
@@ -379,8 +386,9 @@ class ApiSite(Site):
 
     def log(self, request: http.Request) -> None:
         super().log(request)
-        if self.metrics is not None:
+        if self.requests is not None:
             method = request.method.decode("latin-1")
-            self.metrics.http_request(
-                route_template(self.app, request), method if method in _METHODS else "other", request.code
-            )
+            self.requests.labels(
+                route=route_template(self.app, request), method=method if method in _METHODS else "other",
+                status=str(request.code),
+            ).inc()

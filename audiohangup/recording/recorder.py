@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -56,7 +56,9 @@ from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
 from audiohangup.interfaces import ILegObserver, ILegTap, IReactor, IServerLeg
+from audiohangup.lifecycle import Daily
 from audiohangup.logs import iso_time
+from audiohangup.metrics import series
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
 from audiohangup.recording.wav import repair
@@ -299,7 +301,7 @@ class Recorder:
         reactor: IReactor,
         formats: dict[Role, AudioFormat],
         *,
-        metrics: Any = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.directory = config.directory
@@ -308,7 +310,15 @@ class Recorder:
         self.formats = formats
         #: A recording's sample rate: the highest of the legs'.
         self.rate = max((fmt.rate for fmt in formats.values()), default=8000)
-        self.metrics = metrics
+        metrics = metrics if metrics is not None else CollectorRegistry()  # none given: counted for nobody
+        self.recordings_active = series(metrics, Gauge, "audiohangup_recordings_active", "Calls being recorded.")
+        self.recordings_written = series(
+            metrics, Counter, "audiohangup_recordings_written", "Recordings finished, their WAV header completed."
+        )
+        self.bytes_written = series(metrics, Counter, "audiohangup_recording_bytes", "Audio bytes written to recordings.")
+        self.dropped_frames = series(
+            metrics, Counter, "audiohangup_recording_dropped_frames", "Frames of audio not recorded: a disk too slow or full."
+        )
         #: Recordings under way, by call id.
         self.active: dict[str, CallRecording] = {}
         #: Files named but maybe not on disk yet (the writer opens them): never given twice.
@@ -317,7 +327,7 @@ class Recorder:
         #: Finding a finished recording on disk: off the reactor, and never in the way of the writer's work.
         self._lookups = ThreadPool(1, 1, name="audiohangup-recording-lookups")
         self._loop: LoopingCall | None = None
-        self._pruning: IDelayedCall | None = None
+        self._pruning: Daily | None = None
         self._stopping = False
         #: Work handed to each pool (by name) and not yet done, and who waits for it to be none.
         self._busy: dict[str, int] = {}
@@ -347,8 +357,8 @@ class Recorder:
         self._stopping = True  # lookups from now on are refused, not queued behind the end
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self._pruning is not None and self._pruning.active():
-            self._pruning.cancel()
+        if self._pruning is not None and self._pruning.running:
+            self._pruning.stopService()
         for call_id in list(self.active):
             try:
                 await self.finish(call_id)
@@ -400,8 +410,7 @@ class Recorder:
         for leg in legs:
             recording.attach(leg)
             leg.setRecording(name)
-        if self.metrics is not None:
-            self.metrics.recording_started()
+        self.recordings_active.inc()
         self.log.info("{call_id} recording into {name}", call_id=call_id, name=name)
         return recording
 
@@ -440,8 +449,8 @@ class Recorder:
                 "{call_id} recording {name} done: {seconds:.2f} s, {dropped} frames dropped",
                 call_id=call_id, name=recording.name, seconds=seconds, dropped=recording.dropped,
             )
-            if self.metrics is not None:
-                self.metrics.recording_finished()
+            self.recordings_active.dec()
+            self.recordings_written.inc()
 
         return closing.addBoth(closed)
 
@@ -474,12 +483,10 @@ class Recorder:
     # Counting
 
     def wrote(self, data_bytes: int) -> None:
-        if self.metrics is not None:
-            self.metrics.recording_bytes(data_bytes)
+        self.bytes_written.inc(data_bytes)
 
     def droppedFrames(self, frames: int) -> None:
-        if self.metrics is not None:
-            self.metrics.recording_dropped(frames)
+        self.dropped_frames.inc(frames)
 
     # ILegObserver: legs join and leave the recordings of their calls
 
@@ -572,9 +579,9 @@ class Recorder:
 
         def prune() -> None:
             self.run(self._prune).addCallback(self._pruned).addErrback(self._tidyFailed)
-            self._schedulePrune()
 
-        self._pruning = self.reactor.callLater(86400.0, prune)
+        self._pruning = Daily(prune, self.reactor)
+        self._pruning.startService()
 
     def _pruned(self, removed: int) -> None:
         if removed:

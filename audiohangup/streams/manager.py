@@ -12,16 +12,19 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.util import parse_url
 from hyperlink import URL
-from twisted.internet.defer import Deferred, TimeoutError
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
+from audiohangup.lifecycle import within
 from audiohangup.logs import redact
+from audiohangup.metrics import StreamTotals, series
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.relay import Relay
 from audiohangup.streams import client
@@ -29,6 +32,9 @@ from audiohangup.streams.messages import IStreamProtocol
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import Counts, IStreamObserver, MediaStream, Mode, Outcome, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
+
+if TYPE_CHECKING:
+    from audiohangup.webhooks import Webhooks
 
 PROTOCOLS = ("twilio", "audiohangup")
 MODES = tuple(mode.value for mode in Mode)
@@ -185,14 +191,13 @@ class Streams:
     log = Logger()
 
     def __init__(
-        self, config: StreamConfig, reactor: IReactor, *, metrics: Any = None, webhooks: Any = None,
-        relay: Relay | None = None,
+        self, config: StreamConfig, reactor: IReactor, *, metrics: CollectorRegistry | None = None,
+        webhooks: Webhooks | None = None, relay: Relay | None = None,
     ) -> None:
         from audiohangup.webhooks import sign, trust_root
 
         self.config = config
         self.reactor = reactor
-        self.metrics = metrics
         self.webhooks = webhooks
         #: Reads the streams' sockets with the legs' (plain TCP only), not the reactor.
         self.relay = relay
@@ -203,6 +208,12 @@ class Streams:
         #: What ended streams counted, kept for the metrics.
         self.ended_totals = Counts()
         self._allOver: list[Deferred[None]] = []
+        metrics = metrics if metrics is not None else CollectorRegistry()  # none given: counted for nobody
+        self.streams_total = series(
+            metrics, Counter, "audiohangup_streams",
+            "Media streams over, by protocol and outcome (ended, app_closed, failed).", ["protocol", "outcome"],
+        )
+        metrics.register(StreamTotals(self))  # active streams and their frames, read at scrape time
 
     # Opening
 
@@ -313,10 +324,7 @@ class Streams:
             return
         over: Deferred[None] = Deferred()
         self._allOver.append(over)
-        over.addTimeout(client.CLOSE_GRACE + 1.0, self.reactor)
-        try:
-            await over
-        except TimeoutError:
+        if not await within(over, client.CLOSE_GRACE + 1.0, self.reactor):
             self.log.warn("{count} media streams did not close in time", count=len(self.current))
 
     # ILegObserver
@@ -345,8 +353,6 @@ class Streams:
     # IStreamObserver
 
     def streamStarted(self, stream: MediaStream) -> None:
-        if self.metrics is not None:
-            self.metrics.stream_started(stream)
         self._tell("stream.started", stream)
 
     def streamEnded(self, stream: MediaStream) -> None:
@@ -356,8 +362,7 @@ class Streams:
             waiting, self._allOver = self._allOver, []
             for over in waiting:
                 over.callback(None)
-        if self.metrics is not None:
-            self.metrics.stream_ended(stream)
+        self.streams_total.labels(protocol=stream.protocol.name, outcome=str(stream.outcome)).inc()
         self._tell("stream.failed" if stream.outcome is Outcome.FAILED else "stream.ended", stream)
 
     def _tell(self, event: str, stream: MediaStream) -> None:

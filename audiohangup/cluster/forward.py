@@ -48,14 +48,14 @@ from twisted.web.http import PotentialDataLoss, Request
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from audiohangup.directory import DirectoryUnavailable
+from audiohangup.cluster.directory import DirectoryUnavailable
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
-    from audiohangup.directory import Directory, LegEntry
+    from audiohangup.cluster.directory import Directory, LegEntry
     from audiohangup.interfaces import IServerLeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"

@@ -44,52 +44,44 @@ Each of these is one Lua script, so the check and the write are atomic.
 
 Writes and outages
 ------------------
-The directory has one connection to Redis (a txredisapi protocol), so its
-writes reach Redis in the order they were made. Writes from the observer
-methods are fire-and-forget: they never raise, never block, and are not
-queued while Redis is down (they return at once). A heartbeat is one script
-call for the presence and every live leg; a heartbeat is skipped while the
-previous one is still unanswered. Every Redis command is answered within
-C{timeout} seconds (1 s) or the connection is dropped and made again.
+The directory has one connection to Redis (L{RedisConnection}, a
+ClientService), so its writes reach Redis in the order they were made.
+Writes from the observer methods are fire-and-forget: they never raise,
+never block, and are not queued while Redis is down (they return at once). A
+heartbeat is one script call for the presence and every live leg; a
+heartbeat is skipped while the previous one is still unanswered. Every Redis
+command is answered within C{timeout} seconds (1 s) or the connection is
+dropped and made again.
 
 While Redis cannot be reached, calls carry on untouched, L{Directory.available}
 is false, and the queries (L{Directory.owners}, L{Directory.legs},
-L{Directory.instances}) raise L{DirectoryUnavailable} at once. The directory
-reconnects by itself (after 0.1 s, doubling up to one heartbeat, at most 5 s,
-with jitter), quietly: one warning when the outage starts, one info line when
-it ends. On every connection, the first as after an outage, it re-registers
-its presence and live legs, then removes the entries that still carry its
-instance id but no live leg (left by an earlier run with the same instance
-id, or by legs that ended while Redis was away).
+L{Directory.instances}) raise L{DirectoryUnavailable} at once. The connection
+is made again by itself (after 0.1 s, doubling up to one heartbeat, at most
+5 s, with jitter), quietly: one warning when the outage starts, one info line
+when it ends. On every connection, the first as after an outage, the
+directory re-registers its presence and live legs, then removes the entries
+that still carry its instance id but no live leg (left by an earlier run with
+the same instance id, or by legs that ended while Redis was away).
 
-URLs
-----
-C{redis://[[user]:password@]host[:port][/db]} (port 6379, database 0 by
-default; C{?db=N} works too), or C{unix:///path/to/redis.sock} with optional
-C{?db=N&password=...} (or C{unix://:password@/path}). C{rediss://} (TLS) is
-not supported. L{parse_redis_url} checks one and raises L{ValueError} naming
-the problem.
+The Redis URL is read by L{audiohangup.cluster.redis.parse_redis_url}.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, DeferredLock, FirstError, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
 from audiohangup.interfaces import ILegObserver
 from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
@@ -105,8 +97,6 @@ __all__ = [
     "DirectoryUnavailable",
     "InstanceEntry",
     "LegEntry",
-    "RedisAddress",
-    "parse_redis_url",
 ]
 
 T = TypeVar("T")
@@ -115,10 +105,6 @@ DEFAULT_PREFIX = "audiohangup"
 
 #: Heartbeats an entry outlives its last refresh by.
 TTL_HEARTBEATS = 3
-
-#: Reconnection delays: the first, and the most (also bounded by one heartbeat).
-RETRY_FIRST = 0.1
-RETRY_MOST = 5.0
 
 #: Keys asked for per SCAN round.
 SCAN_COUNT = 1000
@@ -214,81 +200,6 @@ class InstanceEntry:
     legs: int
 
 
-# Redis URLs
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is: a TCP host and port, or a unix socket path; the database and credentials."""
-
-    host: str | None = None
-    port: int = 6379
-    path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    def describe(self) -> str:
-        """The address for logs and messages, without credentials."""
-        suffix = f"/{self.db}" if self.db else ""
-        if self.path is not None:
-            return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"redis://{host}:{self.port}{suffix}"
-
-    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
-        if self.path is not None:
-            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
-        assert self.host is not None
-        return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """
-    C{redis://[[user]:password@]host[:port][/db]} or C{unix:///path[?db=N&password=...]}
-    as a L{RedisAddress}; L{ValueError} naming the problem otherwise.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as error:
-        raise ValueError(f"Redis URL does not parse: {error}") from None
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - {"db", "password"})
-    if unknown:
-        raise ValueError(f"Redis URL: unknown parameter {unknown[0]!r} (db and password are known)")
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if "password" in query:
-        password = query["password"][-1] or None
-    db_text = query["db"][-1] if "db" in query else ""
-    if parts.scheme == "redis":
-        if parts.path not in ("", "/"):
-            if db_text:
-                raise ValueError("Redis URL: the database is given twice (path and ?db=)")
-            db_text = parts.path[1:]
-        host = parts.hostname or "localhost"
-        address = RedisAddress(host=host, port=port if port is not None else 6379)
-    elif parts.scheme == "unix":
-        if parts.hostname or port is not None:
-            raise ValueError("Redis URL: unix:///path/to/redis.sock takes a path, not a host (three slashes)")
-        if not parts.path or not parts.path.startswith("/"):
-            raise ValueError("Redis URL: unix:// needs an absolute socket path, e.g. unix:///run/redis.sock")
-        address = RedisAddress(path=unquote(parts.path))
-    elif parts.scheme == "rediss":
-        raise ValueError("Redis URL: rediss:// (TLS) is not supported; use redis:// or unix://")
-    else:
-        raise ValueError(f"Redis URL {url!r} must start with redis:// or unix://")
-    db = 0
-    if db_text:
-        if not db_text.isdigit():
-            raise ValueError(f"Redis URL: database {db_text!r} is not a number")
-        db = int(db_text)
-    return RedisAddress(
-        host=address.host, port=address.port, path=address.path, db=db, username=username, password=password
-    )
-
-
 def _glob_escape(text: str) -> str:
     """C{text} matched literally by a Redis glob pattern (SCAN MATCH)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -302,69 +213,50 @@ def _first_failure(failure: Failure) -> Failure:
     return failure
 
 
-def _why(failure: Failure) -> str:
-    message = failure.getErrorMessage()
-    name = type(failure.value).__name__
-    return f"{name}: {message}" if message else name
+# Talking to Redis
 
 
-# The connection
+def _send(conn: RedisProtocol, method: str, *args: Any) -> Deferred[Any]:
+    """A command on C{conn}; a connection that just went away fails the Deferred, never raises."""
+    return maybeDeferred(getattr(conn, method), *args)
 
 
-class _RedisProtocol(txredisapi.RedisProtocol):
-    """txredisapi's protocol, remembering why its connection was lost."""
-
-    lost_reason: Failure | None = None
-
-    def connectionLost(self, why: Failure) -> None:
-        self.lost_reason = why
-        super().connectionLost(why)
+async def _fetch(conn: RedisProtocol, keys: list[str], fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """The hashes at C{keys}: (key, field values...) each, C{None} for a missing field."""
+    rows = await _send(conn, "eval", _FETCH, keys, list(fields))
+    width = len(fields) + 1
+    return [tuple(row[:width]) + (None,) * (width - len(row)) for row in rows]
 
 
-class _NoQueue:
-    """txredisapi's protocol hands a connection back to its pool after MULTI or a pipeline; we have no pool."""
+async def _scan(conn: RedisProtocol, pattern: str, fields: tuple[str, ...]) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Yield, per SCAN round, the hashes matching C{pattern}: (key, field values...) each."""
+    seen: set[str] = set()
+    cursor = "0"
+    while True:
+        reply = await _send(conn, "execute_command", "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+        cursor = str(reply[0])
+        keys = [key for key in reply[1] if key not in seen]
+        seen.update(keys)
+        if keys:
+            yield await _fetch(conn, keys, fields)
+        if cursor == "0":
+            return
 
-    def put(self, connection: object) -> None:
-        pass
 
-
-class _RedisFactory(Factory):
-    """
-    Builds the directory's one connection. The directory connects and
-    reconnects by itself (txredisapi's factories would log each attempt);
-    this provides what txredisapi's protocol asks of its factory.
-    """
-
-    noisy = False
-    isLazy = False  # so the protocol leaves the logging of a refused AUTH/SELECT to us
-    connectionQueue = _NoQueue()
-
-    def __init__(self, directory: Directory) -> None:
-        self.directory = directory
-
-    def buildProtocol(self, addr: object) -> _RedisProtocol:
-        address = self.directory.address
-        protocol = _RedisProtocol(
-            charset="utf-8",
-            replyTimeout=self.directory.timeout,
-            password=address.password,
-            dbid=address.db or None,
-            convertNumbers=False,
-            username=address.username,
-        )
-        protocol.factory = self
-        protocol.whenConnected().addCallback(self.directory._connected)
-        protocol.whenDisconnected().addCallback(self.directory._disconnected)
-        return protocol
-
-    def stopTrying(self) -> None:
-        """Called by the protocol when AUTH or SELECT is refused; we retry all the same."""
-
-    def connectionError(self, why: str) -> None:
-        self.directory._refused(why)
+def _leg_entry(values: tuple[Any, ...]) -> LegEntry | None:
+    call_id, role, instance_id, url, started_at = values
+    if None in (call_id, role, instance_id, url, started_at):
+        return None  # half gone, or not ours to read
+    return LegEntry(call_id=call_id, role=role, instance_id=instance_id, url=url, started_at=started_at)
 
 
 # The directory
+
+
+class _State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"  # stopping, or stopped: the observer methods and queries do nothing from then on
 
 
 @implementer(ILegObserver)
@@ -423,25 +315,18 @@ class Directory:
         self.timeout = timeout
         self.ttl = TTL_HEARTBEATS * heartbeat
         self.started_at = ""
-        self._endpoint = self.address.endpoint(reactor, timeout)
-        self._factory = _RedisFactory(self)
-        self._state = "new"  # then "running", then "stopped"
-        self._conn: _RedisProtocol | None = None  # the connection, once Redis answered a PING on it
-        self._pending: _RedisProtocol | None = None  # a connection waiting for its PING's answer
-        self._attempt: Deferred[Any] | None = None
-        self._retry: IDelayedCall | None = None
-        self._failures = 0  # failed connection attempts since the last connection
-        self._refusal: str | None = None  # what Redis said when it refused AUTH or SELECT
+        self._state = _State.NEW
+        self._redis = RedisConnection(
+            self.address, reactor, self, timeout=timeout, retry_most=min(heartbeat, RETRY_MOST)
+        )
+        self._stopping = DeferredLock()  # a second stop() waits for the first
         self._last_error: str | None = None  # the last command failure, which may explain a lost connection
         self._down_since: float | None = None
         self._warned = False  # a warning about the current outage (or connection) was logged
         self._hushed = 0  # failures logged at debug only since that warning
-        self._first: Deferred[None] | None = None  # fires at the first connection's outcome
         self._beating: Deferred[Any] | None = None  # the heartbeat (or sync) in flight
         self._loop = LoopingCall(self._beat)
         self._loop.clock = reactor
-        self._stop_waiters: list[Deferred[None]] | None = None
-        self._stopped = False
 
     # Keys
 
@@ -460,7 +345,7 @@ class Directory:
     @property
     def available(self) -> bool:
         """The Redis connection is up now."""
-        return self._conn is not None
+        return self._state is _State.RUNNING and self._redis.current is not None
 
     async def start(self) -> None:
         """
@@ -470,15 +355,21 @@ class Directory:
         first attempt; never raises for want of Redis (it logs a warning and
         keeps trying by itself).
         """
-        if self._state != "new":
+        if self._state is not _State.NEW:
             return
-        self._state = "running"
+        self._state = _State.RUNNING
         self.started_at = iso_time(self.reactor.seconds())
-        self._first = Deferred()
-        self._connect()
-        await self._within(self._first, 2 * self.timeout + 0.5)
-        if self._state == "running":
+        first = Deferred.fromCoroutine(self._firstConnection())
+        self._redis.startService()
+        await _within(self.reactor, first, 2 * self.timeout + 0.5)
+        if self._state is _State.RUNNING:
             self._loop.start(self.heartbeat, now=False).addErrback(self._bug, "heartbeat loop")
+
+    async def _firstConnection(self) -> None:
+        """The first attempt's outcome: a failure, or a connection and its first sync."""
+        await self._redis.whenConnected(failAfterFailures=1)
+        if self._beating is not None:
+            await self._beating
 
     async def stop(self) -> None:
         """
@@ -489,44 +380,30 @@ class Directory:
         does not start again. Safe to call twice: a second call fires when
         the first is done.
         """
-        if self._stopped:
-            return
-        waiter: Deferred[None] = Deferred()
-        if self._stop_waiters is not None:
-            self._stop_waiters.append(waiter)
-            await waiter
-            return
-        self._stop_waiters = [waiter]
-        try:
-            await self._stop()
-        except Exception:
-            self.log.failure("call directory: stopping failed")
-        self._stopped = True
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for each in waiters:
-            each.callback(None)
+        async with self._stopping:
+            if self._state is _State.STOPPED:
+                return
+            self._state = _State.STOPPED
+            try:
+                await self._stop()
+            except Exception:
+                self.log.failure("call directory: stopping failed")
 
     async def _stop(self) -> None:
-        self._state = "stopped"
         if self._loop.running:
             self._loop.stop()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.connected:
-            pending.transport.abortConnection()
-        self._fireFirst()
-        conn = self._conn
-        if conn is None:
-            return
+        conn = self._redis.current
+        if conn is not None:
+            await _within(self.reactor, self._removeOwn(conn), self.timeout + 0.2)  # a reply timeout drops it
+        await _within(self.reactor, self._redis.stopService(), 0.5)
+
+    def _removeOwn(self, conn: RedisProtocol) -> Deferred[Any]:
+        """Delete the presence and the entries of the live legs; log how that went."""
         keys = [self._leg_key(call_id, leg.role.value) for leg in self._live() if (call_id := leg.call_id)]
         removal = gatherResults(
             [
-                self._send(conn, "execute_command", "DEL", self._instance_key(self.instance_id)),
-                self._send(conn, "eval", _REMOVE, keys, [self.instance_id, *([""] * len(keys))]),
+                _send(conn, "execute_command", "DEL", self._instance_key(self.instance_id)),
+                _send(conn, "eval", _REMOVE, keys, [self.instance_id, *([""] * len(keys))]),
             ],
             consumeErrors=True,
         )
@@ -541,132 +418,57 @@ class Directory:
                 "call directory: instance {instance_id} could not remove its entries from {redis} "
                 "({why}); they expire within {ttl:g} s",
                 instance_id=self.instance_id, redis=self.redis, ttl=self.ttl,
-                why=_why(_first_failure(failure)),
+                why=failure_text(_first_failure(failure)),
             )
         )
-        await self._within(removal, self.timeout + 0.2)  # a reply timeout drops the connection by then
-        gone = conn.whenDisconnected()
-        conn.transport.loseConnection()
-        await self._within(gone, 0.5)
-        self._conn = None
+        return removal
 
-    # Connecting, quietly
+    # RedisObserver: what the connection tells, logged quietly (one warning per outage)
 
-    def _connect(self) -> None:
-        self._retry = None
-        if self._state != "running":
-            return
-        self._refusal = None
-        attempt = self._attempt = maybeDeferred(self._endpoint.connect, self._factory)
-        attempt.addCallbacks(self._transportMade, self._attemptFailed)
-        attempt.addErrback(self._bug, "connecting")
-
-    def _transportMade(self, protocol: _RedisProtocol) -> None:
-        self._attempt = None
-        # _connected follows once AUTH and SELECT are done (at once without them).
-
-    def _attemptFailed(self, failure: Failure) -> None:
-        self._attempt = None
-        if self._state != "running":
-            return  # stopped: the attempt was cancelled
-        self._cannotConnect(_why(failure))
-
-    def _refused(self, why: str) -> None:
-        """Redis refused AUTH or SELECT; the protocol closes the connection next."""
-        self._refusal = why
-
-    def _connected(self, protocol: _RedisProtocol) -> None:
-        """
-        A connection is made (and AUTH and SELECT done): it counts once Redis
-        answers a PING, so a Redis that accepts connections but does not
-        answer (stopped, overloaded) is an outage, not a flapping connection.
-        """
+    def redisConnected(self, protocol: RedisProtocol) -> None:
+        """Redis answers on a new connection: re-register everything."""
         try:
-            if self._state != "running" or self._conn is not None:
-                protocol.transport.loseConnection()
+            if self._state is not _State.RUNNING:
                 return
-            self._pending = protocol
-            self._send(protocol, "ping").addCallbacks(
-                lambda _: self._ready(protocol), self._pingFailed, errbackArgs=(protocol,)
-            ).addErrback(self._bug, "checking a new connection")
+            self._last_error = None
+            legs = len(self._live())
+            if self._down_since is not None:
+                self.log.info(
+                    "call directory: Redis at {redis} is back after {seconds:.1f} s; "
+                    "re-registering {legs} live legs of instance {instance_id}",
+                    redis=self.redis, seconds=self.reactor.seconds() - self._down_since, legs=legs,
+                    instance_id=self.instance_id, hushed=self._hushed,
+                )
+            else:
+                self.log.info(
+                    "call directory: instance {instance_id} connected to Redis at {redis}; "
+                    "registering {legs} live legs",
+                    redis=self.redis, legs=legs, instance_id=self.instance_id,
+                )
+            self._down_since = None
+            self._warned = False
+            self._hushed = 0
+            synced = self._beating = Deferred.fromCoroutine(self._sync(protocol))
+            synced.addErrback(self._writeFailed, "re-register the live legs")
+            synced.addBoth(self._beaten, synced)
         except Exception:
             self.log.failure("call directory: handling a new Redis connection failed")
 
-    def _pingFailed(self, failure: Failure, protocol: _RedisProtocol) -> None:
-        if self._pending is protocol:
-            self._pending = None
-        failure.trap(txredisapi.RedisError)
-        self._refusal = _why(failure)  # e.g. NOAUTH when Redis wants a password
-        if protocol.connected:
-            protocol.transport.abortConnection()
-
-    def _ready(self, protocol: _RedisProtocol) -> None:
-        """Redis answers on this connection: re-register everything."""
-        if self._pending is protocol:
-            self._pending = None
-        if self._state != "running" or self._conn is not None or not protocol.connected:
-            if protocol.connected:
-                protocol.transport.loseConnection()
-            return
-        self._conn = protocol
-        self._failures = 0
-        self._last_error = None
-        legs = len(self._live())
-        if self._down_since is not None:
-            self.log.info(
-                "call directory: Redis at {redis} is back after {seconds:.1f} s; "
-                "re-registering {legs} live legs of instance {instance_id}",
-                redis=self.redis, seconds=self.reactor.seconds() - self._down_since, legs=legs,
-                instance_id=self.instance_id, hushed=self._hushed,
+    def redisLost(self, protocol: RedisProtocol, why: str) -> None:
+        if self._state is _State.RUNNING:
+            self._outage(
+                "call directory: lost its connection to Redis at {redis} ({why}); calls go on, "
+                "cluster look-ups fail until it is back; reconnecting",
+                self._last_error or why,
             )
-        else:
-            self.log.info(
-                "call directory: instance {instance_id} connected to Redis at {redis}; "
-                "registering {legs} live legs",
-                redis=self.redis, legs=legs, instance_id=self.instance_id,
+
+    def redisUnreachable(self, why: str) -> None:
+        if self._state is _State.RUNNING:
+            self._outage(
+                "call directory: cannot reach Redis at {redis} ({why}); calls go on, "
+                "cluster look-ups fail until it is reachable; retrying",
+                why,
             )
-        self._down_since = None
-        self._warned = False
-        self._hushed = 0
-        synced = self._beating = Deferred.fromCoroutine(self._sync(protocol))
-        synced.addErrback(self._writeFailed, "re-register the live legs")
-        synced.addBoth(self._beaten, synced)
-        synced.addBoth(lambda _: self._fireFirst())
-
-    def _disconnected(self, protocol: _RedisProtocol) -> None:
-        try:
-            was_ready = protocol is self._conn
-            if was_ready:
-                self._conn = None
-            if self._pending is protocol:
-                self._pending = None
-            if self._state != "running":
-                return
-            if was_ready:
-                why = self._last_error or (
-                    _why(protocol.lost_reason) if protocol.lost_reason is not None else "connection lost"
-                )
-                self._outage(
-                    "call directory: lost its connection to Redis at {redis} ({why}); calls go on, "
-                    "cluster look-ups fail until it is back; reconnecting",
-                    why,
-                )
-                self._scheduleRetry()
-            else:
-                lost = _why(protocol.lost_reason) if protocol.lost_reason is not None else "connection lost"
-                self._cannotConnect(self._refusal or f"closed before Redis answered: {lost}")
-        except Exception:
-            self.log.failure("call directory: handling a lost Redis connection failed")
-
-    def _cannotConnect(self, why: str) -> None:
-        self._failures += 1
-        self._outage(
-            "call directory: cannot reach Redis at {redis} ({why}); calls go on, "
-            "cluster look-ups fail until it is reachable; retrying",
-            why,
-        )
-        self._fireFirst()
-        self._scheduleRetry()
 
     def _outage(self, text: str, why: str) -> None:
         if self._down_since is None:
@@ -678,20 +480,11 @@ class Directory:
             self._warned = True
             self.log.warn(text, redis=self.redis, why=why, instance_id=self.instance_id)
 
-    def _scheduleRetry(self) -> None:
-        if self._state != "running" or self._retry is not None or self._attempt is not None or self._conn:
-            return
-        most = min(self.heartbeat, RETRY_MOST)
-        delay = min(most, RETRY_FIRST * 2 ** min(self._failures, 32))
-        delay *= random.uniform(0.9, 1.1)
-        self._retry = self.reactor.callLater(delay, self._connect)
-
-    def _fireFirst(self) -> None:
-        first, self._first = self._first, None
-        if first is not None:
-            first.callback(None)
-
     # Writing
+
+    def _writable(self) -> RedisProtocol | None:
+        """The connection, while it is up and the directory running."""
+        return self._redis.current if self._state is _State.RUNNING else None
 
     def _live(self) -> list[IServerLeg]:
         return [leg for leg in self.registry if leg.call_id is not None]
@@ -706,7 +499,7 @@ class Directory:
             args += [leg.call_id, role, iso_time(leg.connected_at), self._token(leg)]
         return keys, args
 
-    def _put(self, conn: _RedisProtocol, legs: Iterable[IServerLeg], *, claim: bool,
+    def _put(self, conn: RedisProtocol, legs: Iterable[IServerLeg], *, claim: bool,
              presence: bool) -> Deferred[Any]:
         keys, args = self._legArgs(legs)
         head = [str(int(self.ttl * 1000)), self.instance_id, self.advertise_url, "claim" if claim else "refresh"]
@@ -715,19 +508,14 @@ class Directory:
             head += [self.started_at, f"{self.heartbeat:g}"]
         else:
             head += ["", ""]
-        return self._send(conn, "eval", _PUT, keys, head + args)
+        return _send(conn, "eval", _PUT, keys, head + args)
 
-    @staticmethod
-    def _send(conn: _RedisProtocol, method: str, *args: Any) -> Deferred[Any]:
-        """A command on C{conn}; a connection that just went away fails the Deferred, never raises."""
-        return maybeDeferred(getattr(conn, method), *args)
-
-    async def _sync(self, conn: _RedisProtocol) -> None:
+    async def _sync(self, conn: RedisProtocol) -> None:
         """Write the presence and every live leg, then remove our entries with no live leg."""
         await self._put(conn, self._live(), claim=False, presence=True)
         stale = 0
         pattern = f"{_glob_escape(self.prefix)}:leg:*"
-        async for found in self._scan(conn, pattern, ("instance_id", "started", "call_id", "role")):
+        async for found in _scan(conn, pattern, ("instance_id", "started", "call_id", "role")):
             keys, tokens = [], []
             for key, instance_id, started, call_id, role in found:
                 if instance_id != self.instance_id or started is None:
@@ -739,7 +527,7 @@ class Directory:
                     keys.append(key)
                     tokens.append(started)
             if keys:
-                stale += int(await self._send(conn, "eval", _REMOVE, keys, [self.instance_id, *tokens]) or 0)
+                stale += int(await _send(conn, "eval", _REMOVE, keys, [self.instance_id, *tokens]) or 0)
         if stale:
             self.log.info(
                 "call directory: removed {stale} stale leg entries of instance {instance_id}",
@@ -749,8 +537,8 @@ class Directory:
     def _beat(self) -> None:
         """One heartbeat: presence and live legs, rewritten with a fresh TTL; skipped if one is in flight."""
         try:
-            conn = self._conn
-            if conn is None or self._state != "running" or self._beating is not None:
+            conn = self._writable()
+            if conn is None or self._beating is not None:
                 return
             beat = self._beating = self._put(conn, self._live(), claim=False, presence=True)
             beat.addErrback(self._writeFailed, "refresh its entries")
@@ -766,7 +554,7 @@ class Directory:
         if not failure.check(txredisapi.RedisError):
             self._bug(failure, what)
             return
-        why = _why(failure)
+        why = failure_text(failure)
         if failure.check(txredisapi.ConnectionError):
             # The connection is going or gone: the disconnection is what gets logged.
             self._last_error = why
@@ -794,8 +582,8 @@ class Directory:
 
     def legStarted(self, leg: IServerLeg) -> None:
         try:
-            conn = self._conn
-            if conn is None or self._state != "running" or leg.call_id is None:
+            conn = self._writable()
+            if conn is None or leg.call_id is None:
                 return  # the heartbeat after the reconnection registers it
             self._put(conn, [leg], claim=True, presence=False).addErrback(
                 self._writeFailed, "register a leg", call_id=leg.call_id, role=leg.role
@@ -805,13 +593,13 @@ class Directory:
 
     def legEnded(self, leg: IServerLeg) -> None:
         try:
-            conn = self._conn
-            if conn is None or self._state != "running" or leg.call_id is None:
+            conn = self._writable()
+            if conn is None or leg.call_id is None:
                 return  # it expires, or the sync after the reconnection removes it
             current = self.registry.get(leg.call_id, leg.role)
             if current is not None and current is not leg:
                 return  # replaced here: the entry is the new leg's
-            self._send(
+            _send(
                 conn, "eval", _REMOVE,
                 [self._leg_key(leg.call_id, leg.role.value)], [self.instance_id, self._token(leg)],
             ).addErrback(self._writeFailed, "remove a leg", call_id=leg.call_id, role=leg.role)
@@ -829,17 +617,17 @@ class Directory:
 
     # Queries
 
-    def _connection(self) -> _RedisProtocol:
-        conn = self._conn
+    def _connection(self) -> RedisProtocol:
+        conn = self._writable()
         if conn is None:
-            if self._state == "stopped":
+            if self._state is _State.STOPPED:
                 raise DirectoryUnavailable("the call directory is stopped")
             raise DirectoryUnavailable(
                 f"the call directory is unavailable: no connection to Redis at {self.redis}"
             )
         return conn
 
-    async def _ask(self, what: str, query: Callable[[_RedisProtocol], Awaitable[T]]) -> T:
+    async def _ask(self, what: str, query: Callable[[RedisProtocol], Awaitable[T]]) -> T:
         conn = self._connection()
         try:
             return await query(conn)
@@ -848,47 +636,14 @@ class Directory:
                 f"the call directory is unavailable: Redis at {self.redis} failed {what}: {error}"
             ) from None
 
-    async def _fetch(
-        self, conn: _RedisProtocol, keys: list[str], fields: tuple[str, ...]
-    ) -> list[tuple[Any, ...]]:
-        """The hashes at C{keys}: (key, field values...) each, C{None} for a missing field."""
-        rows = await self._send(conn, "eval", _FETCH, keys, list(fields))
-        width = len(fields) + 1
-        return [tuple(row[:width]) + (None,) * (width - len(row)) for row in rows]
-
-    async def _scan(
-        self, conn: _RedisProtocol, pattern: str, fields: tuple[str, ...]
-    ) -> AsyncIterator[list[tuple[Any, ...]]]:
-        """Yield, per SCAN round, the hashes matching C{pattern}: (key, field values...) each."""
-        seen: set[str] = set()
-        cursor = "0"
-        while True:
-            reply = await self._send(
-                conn, "execute_command", "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT
-            )
-            cursor = str(reply[0])
-            keys = [key for key in reply[1] if key not in seen]
-            seen.update(keys)
-            if keys:
-                yield await self._fetch(conn, keys, fields)
-            if cursor == "0":
-                return
-
-    @staticmethod
-    def _legEntry(values: tuple[Any, ...]) -> LegEntry | None:
-        call_id, role, instance_id, url, started_at = values
-        if None in (call_id, role, instance_id, url, started_at):
-            return None  # half gone, or not ours to read
-        return LegEntry(call_id=call_id, role=role, instance_id=instance_id, url=url, started_at=started_at)
-
     async def owners(self, call_id: str) -> dict[str, LegEntry]:
         """The legs of C{call_id}, role -> entry, in any instance; L{DirectoryUnavailable} without Redis."""
 
-        async def query(conn: _RedisProtocol) -> dict[str, LegEntry]:
+        async def query(conn: RedisProtocol) -> dict[str, LegEntry]:
             keys = [self._leg_key(call_id, role.value) for role in Role]
             found = {}
-            for row in await self._fetch(conn, keys, _LEG_FIELDS[:5]):
-                entry = self._legEntry(row[1:6])
+            for row in await _fetch(conn, keys, _LEG_FIELDS[:5]):
+                entry = _leg_entry(row[1:6])
                 if entry is not None and entry.call_id == call_id:
                     found[entry.role] = entry
             return {role.value: found[role.value] for role in Role if role.value in found}
@@ -899,11 +654,11 @@ class Directory:
         """Every leg of the cluster, by call id then role; L{DirectoryUnavailable} without Redis."""
         return await self._ask("to list the legs", self._legs)
 
-    async def _legs(self, conn: _RedisProtocol) -> list[LegEntry]:
+    async def _legs(self, conn: RedisProtocol) -> list[LegEntry]:
         entries = []
-        async for found in self._scan(conn, f"{_glob_escape(self.prefix)}:leg:*", _LEG_FIELDS[:5]):
+        async for found in _scan(conn, f"{_glob_escape(self.prefix)}:leg:*", _LEG_FIELDS[:5]):
             for row in found:
-                entry = self._legEntry(row[1:6])
+                entry = _leg_entry(row[1:6])
                 if entry is not None:
                     entries.append(entry)
         return sorted(entries, key=lambda entry: (entry.call_id, entry.role))
@@ -911,12 +666,12 @@ class Directory:
     async def instances(self) -> list[InstanceEntry]:
         """The live instances, by instance id, each with its number of legs in the directory."""
 
-        async def query(conn: _RedisProtocol) -> list[InstanceEntry]:
+        async def query(conn: RedisProtocol) -> list[InstanceEntry]:
             counts: dict[str, int] = {}
             for entry in await self._legs(conn):
                 counts[entry.instance_id] = counts.get(entry.instance_id, 0) + 1
             found = []
-            async for rows in self._scan(conn, f"{_glob_escape(self.prefix)}:instance:*", _INSTANCE_FIELDS):
+            async for rows in _scan(conn, f"{_glob_escape(self.prefix)}:instance:*", _INSTANCE_FIELDS):
                 for _, instance_id, url, started_at in rows:
                     if None in (instance_id, url, started_at):
                         continue
@@ -925,22 +680,21 @@ class Directory:
 
         return await self._ask("to list the instances", query)
 
-    # Helpers
 
-    async def _within(self, deferred: Deferred[Any], seconds: float) -> None:
-        """
-        Wait for C{deferred} at most C{seconds}; never raises. C{deferred} is
-        ours and its result is not used afterwards (a failure is consumed:
-        whoever made it has logged it).
-        """
-        done: Deferred[None] = Deferred()
+async def _within(reactor: Any, deferred: Deferred[Any], seconds: float) -> None:
+    """
+    Wait for C{deferred} at most C{seconds}; never raises. C{deferred} is
+    ours and its result is not used afterwards (a failure is consumed:
+    whoever made it has logged it).
+    """
+    done: Deferred[None] = Deferred()
 
-        def settled(result: object) -> None:
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
+    def settled(result: object) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
 
-        timer = self.reactor.callLater(seconds, settled, None)
-        deferred.addBoth(settled)
-        await done
+    timer = reactor.callLater(seconds, settled, None)
+    deferred.addBoth(settled)
+    await done
