@@ -1,6 +1,7 @@
-# -*- test-case-name: tests.test_audio -*-
+# -*- test-case-name: tests.test_flows,tests.test_stream_rules,tests.test_codecs -*-
 """
-Audio formats a leg can carry, and the bounded queue of frames waiting to be
+Audio formats a leg can carry, the settings every leg shares (its format,
+queue bound and timeouts), and the bounded queues of frames waiting to be
 paced out to a leg. Pure code, no I/O.
 
 The dialplan decides the format, not the server: C{AudioSocket()} always sends
@@ -51,9 +52,6 @@ class AudioFormat:
         audio += padding
         return [encode(self.kind, audio[i : i + size]) for i in range(0, len(audio), size)]
 
-    def milliseconds(self, byte_count: int) -> float:
-        return byte_count / (self.rate * self.sample_bytes) * 1000
-
 
 def _slin(name: str, kind: Kind, rate: int) -> AudioFormat:
     return AudioFormat(name, kind, rate, 2, 0x00, f"audio/L16;rate={rate}")
@@ -80,6 +78,33 @@ SLIN: Final = FORMATS["slin"]
 
 #: The slin format each audio kind names (kind 0x10 is slin 8 kHz unless a leg declares G.711).
 SLIN_BY_KIND: Final[dict[int, AudioFormat]] = {fmt.kind: fmt for fmt in FORMATS.values() if fmt.sample_bytes == 2}
+
+
+@dataclass(frozen=True)
+class LegSettings:
+    """What every leg shares: its audio format, queue bound and timeouts (0 is off)."""
+
+    close_timeout: float = 2.0
+    uuid_timeout: float = 5.0
+    audio: AudioFormat = SLIN
+    max_queue_ms: int = 1000
+    idle_timeout: float = 0.0
+    max_duration: float = 0.0
+    playout_timeout: float = 10.0
+    max_legs: int = 2000
+    max_unsent_ms: int = 2000
+    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.sources.source_of}.
+    max_pending_per_source: int = 32
+
+    @property
+    def max_queue_frames(self) -> int:
+        return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
+
+    @property
+    def max_unsent_bytes(self) -> int:
+        """Outbound bytes a leg may leave unsent before it counts as a slow consumer."""
+        frames = max(1, int(self.max_unsent_ms / (FRAME_SECONDS * 1000)))
+        return frames * len(self.audio.silence_frame)
 
 
 class FrameQueue(deque[bytes]):
@@ -194,7 +219,7 @@ class Playout(deque[PlayoutItem]):
         else:
             played()
 
-    def next_frame(self) -> bytes | None:
+    def nextFrame(self) -> bytes | None:
         """The next frame for the leg, answering the marks at the head first."""
         self.settle()
         if not self:
@@ -207,7 +232,7 @@ class Playout(deque[PlayoutItem]):
     def skip(self, count: int) -> int:
         """Drop up to C{count} frames from the head (due and missed), answering the marks among them."""
         skipped = 0
-        while skipped < count and self.next_frame() is not None:
+        while skipped < count and self.nextFrame() is not None:
             skipped += 1
         self.settle()
         self.dropped += skipped

@@ -93,7 +93,7 @@ class BridgeFlow(_QuietFlow):
         self._route(session)
 
     def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
-        leg.route = None
+        leg.bridgeTo(None)
         for pair in [pair for pair in self._converters if leg in pair]:
             del self._converters[pair]
         self._route(session)
@@ -108,9 +108,10 @@ class BridgeFlow(_QuietFlow):
         legs = list(session.legs.values())
         paired = len(legs) == 2 and legs[0].format == legs[1].format
         for leg in legs:
-            leg.route = None
+            leg.bridgeTo(None)
         if paired:
-            legs[0].route, legs[1].route = legs[1], legs[0]
+            legs[0].bridgeTo(legs[1])
+            legs[1].bridgeTo(legs[0])
 
     def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         # What the frame is: the leg's declared format, or the slin rate its kind names.

@@ -30,9 +30,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import series
-from audiohangup.protocol import describe_address
-from audiohangup.sources import IPNetwork, LogOncePer, SourceACL, is_loopback, source_of
+from audiohangup.sources import IPNetwork, SourceACL, is_loopback, source_of
 
 #: The mode of a UNIX socket whose endpoint string gives no C{mode=}: owner and group.
 UNIX_SOCKET_MODE = 0o660
@@ -112,7 +112,7 @@ class SourceGate:
         self.clock = clock
         self.refused = _refused(metrics)
         self.option = option
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
 
     def admits(self, address: IAddress | None) -> bool:
         host = getattr(address, "host", None)  # IPv4Address, IPv6Address; a UNIX address has none
@@ -212,7 +212,7 @@ class ConnectionCap:
         #: Waiting slots, the one that has waited longest first, overall and per source.
         self._waiting: OrderedDict[Slot, None] = OrderedDict()
         self._waitingFrom: dict[str | None, OrderedDict[Slot, None]] = {}
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
 
     def admit(self, address: IAddress | None, evict: Callable[[], None]) -> Slot | None:
         """A slot for a new connection from C{address} (made room for if need be), or None: refuse it."""

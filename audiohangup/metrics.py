@@ -28,11 +28,11 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.registry import Registry
     from audiohangup.streams.manager import Streams
 
@@ -97,13 +97,13 @@ class LegMetrics:
             self.legs_started.labels(role=role.value)
         metrics.register(_LegCollector(self))
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self.legs_started.labels(role=leg.role.value).inc()
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         self.hangups_sent.labels(cause=cause.value).inc()
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         assert leg.close_reason is not None
         cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
@@ -111,14 +111,14 @@ class LegMetrics:
             self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
         self._addEnded(leg)
 
-    def _addEnded(self, connection: ILeg) -> None:
+    def _addEnded(self, connection: IServerLeg) -> None:
         for name, value in _leg_counters(connection).items():
             self.ended_totals[name] += value
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
         self._addEnded(connection)
@@ -157,7 +157,7 @@ class GarbageCollectorPauses(Service):
             self.pauses.labels(generation=str(info["generation"])).observe(time.perf_counter() - self._started)
 
 
-def _leg_counters(leg: ILeg) -> dict[str, int]:
+def _leg_counters(leg: IServerLeg) -> dict[str, int]:
     return {
         "frames_in": leg.frames_in,
         "frames_out": leg.frames_out,

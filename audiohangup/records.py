@@ -78,14 +78,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
+from audiohangup.events import counts_as_leg
+from audiohangup.interfaces import ILegObserver
 from audiohangup.lifecycle import DAY, Daily, Once
+from audiohangup.logs import iso_time
 from audiohangup.metrics import series
-from audiohangup.protocol import iso_time
 from audiohangup.reasons import CloseReason, Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
 
 __all__ = [
@@ -418,7 +419,7 @@ class CallRecords(Service):
 
     # ILegObserver: each snapshots the leg now and queues the write.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         row = self._rows[leg] = _Row()
         values = {
             "call_id": leg.call_id,
@@ -428,13 +429,13 @@ class CallRecords(Service):
         }
         self._write(leg, "start", self._db.start, row, values)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         """Record the cause at once: a row lost mid-hangup keeps it."""
         row = self._rows.get(leg)
         if row is not None:
             self._write(leg, "hangup", self._db.hangup, row, str(cause))
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         row = self._rows.pop(leg, None) or _Row()
         ended_at = leg.ended_at if leg.ended_at is not None else self.reactor.seconds()
         values = {
@@ -459,12 +460,12 @@ class CallRecords(Service):
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         """
         A connection without a UUID has no record (no call id); one refused
         as a duplicate has one, with its reason: it named a live call.
         """
-        if connection.call_id is not None:
+        if counts_as_leg(connection):
             self.legEnded(connection)
 
     def _write(self, leg: Any, what: str, work: Callable[..., None], *args: Any) -> None:

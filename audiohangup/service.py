@@ -25,7 +25,7 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
@@ -45,7 +45,7 @@ from audiohangup.listeners import (
 )
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords

@@ -2,13 +2,12 @@
 """
 Where a connection comes from, for the AudioSocket listeners and the HTTP
 site alike: source address lists, the source a connection counts under for
-the caps, and a log line once a minute per source. Pure, no I/O.
+the caps. Pure, no I/O.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -72,31 +71,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
-
-
-class LogOncePer:
-    """
-    Says whether to log about a key now: once per C{interval} per key, with
-    a bounded table (the oldest key is forgotten first), so a flood from one
-    source is one line a minute and a spray from many cannot grow memory.
-    """
-
-    def __init__(self, interval: float = 60.0, max_keys: int = 4096) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last: OrderedDict[str, float] = OrderedDict()
-
-    def __call__(self, key: str, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self.max_keys:
-            self._last.popitem(last=False)
-        return True
-
-
 
 
 def host_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

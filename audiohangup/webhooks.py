@@ -61,16 +61,17 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from audiohangup import __version__
-from audiohangup.events import ILegObserver
+from audiohangup.events import counts_as_leg
 from audiohangup.httpclient import BoundedPool
+from audiohangup.interfaces import ILegObserver
 from audiohangup.lifecycle import Once
+from audiohangup.logs import WarningCount, iso_time, redact
 from audiohangup.metrics import series
-from audiohangup.protocol import iso_time
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
 
 EVENT_HEADER = "X-Audiohangup-Event"
@@ -158,12 +159,6 @@ def trust_root(path: str) -> IOpenSSLTrustRoot:
         raise ValueError(f"{path}: a certificate does not load: {error}") from None
 
 
-def _redact(url: str) -> str:
-    """The URL for logs: no query string or fragment, which may hold a token."""
-    parsed = EncodedURL.from_text(url)
-    return parsed.replace(query=(), fragment="").to_text()
-
-
 def _check_url(url: str) -> None:
     try:
         parsed = EncodedURL.from_text(url)
@@ -172,7 +167,7 @@ def _check_url(url: str) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"webhook URL {url!r} must be http:// or https:// with a host")
     if parsed.userinfo:
-        raise ValueError(f"webhook URL {_redact(url)!r}: credentials in the URL are not supported")
+        raise ValueError(f"webhook URL {redact(url)!r}: credentials in the URL are not supported")
 
 
 @dataclass
@@ -226,38 +221,6 @@ class _Drain(Protocol):
     def _cancel(self, done: Deferred[None]) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
-
-
-class _Throttle:
-    """Warn lines about one kind of drop: the first at once, then a count at most once per interval."""
-
-    def __init__(self, owner: Webhooks, summary: str) -> None:
-        self.owner = owner
-        self.summary = summary
-        self.last: float | None = None
-        self.suppressed = 0
-        self.timer: IDelayedCall | None = None
-
-    def warn(self, text: str, **fields: Any) -> None:
-        reactor = self.owner.reactor
-        now = reactor.seconds()
-        if self.last is None or now - self.last >= LOG_INTERVAL:
-            self.last = now
-            self.owner.log.warn(text, **fields)
-            return
-        self.suppressed += 1
-        if self.timer is None:
-            self.timer = reactor.callLater(max(0.0, self.last + LOG_INTERVAL - now), self.flush)
-
-    def flush(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-        if self.suppressed:
-            self.owner.log.warn(self.summary, count=self.suppressed, interval=LOG_INTERVAL)
-            self.suppressed = 0
-            self.last = self.owner.reactor.seconds()
 
 
 @implementer(ILegObserver)
@@ -337,7 +300,7 @@ class Webhooks(Service):
         self.pool = pool
         policy = BrowserLikePolicyForHTTPS(trustRoot=None if ca is None else trust_root(ca))
         self.agent = Agent(reactor, contextFactory=policy, pool=pool)
-        self._names = {url: _redact(url) for url in self.urls}
+        self._names = {url: redact(url) for url in self.urls}
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._ready: deque[_Queue] = deque()
         self._active = 0
@@ -350,12 +313,17 @@ class Webhooks(Service):
         self._stopped = False  # nothing is left to deliver
         self._stopping = Once()  # done once the pool is closed too
         self._throttles = {
-            OVERFLOW: _Throttle(self, "{count} more webhook events dropped, queue full, in the last {interval:g} s"),
-            FAILED: _Throttle(
-                self, "{count} more webhook events dropped after failed attempts in the last {interval:g} s"
+            OVERFLOW: WarningCount(
+                self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
-            REJECTED: _Throttle(
-                self, "{count} more webhook events rejected by their receiver in the last {interval:g} s"
+            FAILED: WarningCount(
+                self.log, reactor,
+                "{count} more webhook events dropped after failed attempts in the last {interval:g} s", LOG_INTERVAL,
+            ),
+            REJECTED: WarningCount(
+                self.log, reactor, "{count} more webhook events rejected by their receiver in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
         }
 
@@ -366,27 +334,27 @@ class Webhooks(Service):
 
     # ILegObserver: these only enqueue, and never raise.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self._event("leg_started", leg)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass  # not an event receivers are told of; leg_ended carries the cause
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         self._event("leg_ended", leg)
 
     def callEnded(self, call_id: str) -> None:
         self._event("call_ended", None, call_id)
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         """
         A connection without a UUID sends no event (no call id); one refused
         as a duplicate is a C{leg_ended} with its reason, and no C{leg_started}.
         """
-        if connection.call_id is not None:
+        if counts_as_leg(connection):
             self._event("leg_ended", connection)
 
-    def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
+    def _event(self, event: str, leg: IServerLeg | None, call_id: str | None = None) -> None:
         fields: dict[str, Any] = {}
         role = None
         if leg is not None:

@@ -21,10 +21,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.http.api import ControlAPI
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, encode_uuid

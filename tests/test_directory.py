@@ -34,12 +34,14 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from audiohangup.audio import LegSettings
 from audiohangup.cluster import redis as redis_module
 from audiohangup.cluster.directory import Directory, DirectoryUnavailable, InstanceEntry, LegEntry
 from audiohangup.cluster.redis import RedisAddress, parse_redis_url
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, iso_time
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import Role
 from audiohangup.registry import Registry
 from audiohangup.wire import encode_uuid

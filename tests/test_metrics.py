@@ -160,9 +160,10 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
+    from audiohangup.audio import LegSettings
     from audiohangup.metrics import LegMetrics
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
 
@@ -218,8 +219,9 @@ def test_missed_slots_are_counted() -> None:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
+    from audiohangup.audio import LegSettings
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
 

@@ -35,8 +35,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
+from audiohangup.audio import LegSettings
+from audiohangup.logs import iso_time
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, iso_time
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.records import SCHEMA_VERSION, SERVER_LOST, BadQuery, CallRecords, SchemaTooNew
 from audiohangup.registry import Registry

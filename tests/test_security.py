@@ -30,11 +30,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
+from audiohangup.audio import LegSettings
 from audiohangup.http.access import AuthThrottle, Scope, TokenFileError, Tokens
 from audiohangup.http.api import ControlAPI
 from audiohangup.http.errors import ApiError
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
 from audiohangup.sources import SourceACL, is_loopback, parse_networks

@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from audiohangup.audio import FORMATS, Playout
+from audiohangup.audio import FORMATS, LegSettings, Playout
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
 from audiohangup.http.errors import refusal
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.streams import client
@@ -116,8 +116,8 @@ class StreamTestCase(SynchronousTestCase):
         stream = MediaStream(
             self.leg, "MZ1", "ws://app/x?k=1", "ws://app/x", wire, mode, settings or self.settings, self.observer
         )
-        self.leg.taps.append(stream)
-        self.leg.streams.append(stream)
+        self.leg.addTap(stream)
+        self.leg.addStream(stream)
         return stream
 
     def frames(self) -> list[bytes]:
@@ -526,8 +526,9 @@ class MixTests(TimelineTests):
         transport = StringTransport()
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(uuid.uuid4()))
-        leg.feed = Playout(50, mix=True)
-        leg.feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        feed = Playout(50, mix=True)
+        leg.attachFeed(feed)
+        feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
         leg.forwardBytes(encode(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
         transport.clear()
         self.tick()
@@ -735,7 +736,7 @@ class PlayoutTests(SynchronousTestCase):
         playout.mark(lambda: answered.append("after 1"))
         self.assertEqual(playout.push([b"2", b"3"]), 1)  # 1 dropped: its mark answered
         self.assertEqual(answered, ["empty", "after 1"])
-        self.assertEqual((playout.next_frame(), playout.next_frame(), playout.next_frame()), (b"2", b"3", None))
+        self.assertEqual((playout.nextFrame(), playout.nextFrame(), playout.nextFrame()), (b"2", b"3", None))
         self.assertEqual(playout.dropped, 1)
 
 

@@ -23,6 +23,7 @@ from twisted.logger import LogLevel
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
+from audiohangup.http.api import leg_view
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.streams import client as stream_client
 from audiohangup.streams.manager import StreamConfig
@@ -116,7 +117,7 @@ async def test_twilio_stream(make_server: Any, app: App, logs: LogCapture) -> No
     assert [int(m["sequenceNumber"]) for m in messages] == list(range(2, 12))
     assert stream.twilio_audio() == b"".join(g711_encode(payload, ULAW) for payload in sent)
     [leg] = server.registry.call(str(call_id))
-    assert leg.snapshot()["streams"][0]["url"] == app.url("/twilio")  # no query string: it may hold a token
+    assert leg_view(leg)["streams"][0]["url"] == app.url("/twilio")  # no query string: it may hold a token
     assert "token=secret" not in "".join(logs.texts())
 
 

@@ -25,7 +25,8 @@ from zope.interface.verify import verifyObject
 
 from audiohangup import relay as relay_module
 from audiohangup import tap
-from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.audio import LegSettings
+from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import Role
 from audiohangup.service import AudioHangupService, Config
 

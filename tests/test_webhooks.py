@@ -38,9 +38,10 @@ from twisted.web._newclient import HTTPClientParser
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from audiohangup.audio import LegSettings
 from audiohangup.httpclient import MAX_HEAD_BYTES
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.webhooks import Webhooks, sign, trust_root, verify

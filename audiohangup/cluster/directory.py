@@ -82,12 +82,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
-from audiohangup.events import ILegObserver
-from audiohangup.protocol import iso_time
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
     from audiohangup.registry import Registry
 
@@ -337,7 +337,7 @@ class Directory:
         return f"{self.prefix}:instance:{instance_id}"
 
     @staticmethod
-    def _token(leg: ILeg) -> str:
+    def _token(leg: IServerLeg) -> str:
         return f"{leg.connected_at:.6f}"
 
     # Life cycle
@@ -486,10 +486,10 @@ class Directory:
         """The connection, while it is up and the directory running."""
         return self._redis.current if self._state is _State.RUNNING else None
 
-    def _live(self) -> list[ILeg]:
+    def _live(self) -> list[IServerLeg]:
         return [leg for leg in self.registry if leg.call_id is not None]
 
-    def _legArgs(self, legs: Iterable[ILeg]) -> tuple[list[str], list[str]]:
+    def _legArgs(self, legs: Iterable[IServerLeg]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for leg in legs:
@@ -499,7 +499,7 @@ class Directory:
             args += [leg.call_id, role, iso_time(leg.connected_at), self._token(leg)]
         return keys, args
 
-    def _put(self, conn: RedisProtocol, legs: Iterable[ILeg], *, claim: bool,
+    def _put(self, conn: RedisProtocol, legs: Iterable[IServerLeg], *, claim: bool,
              presence: bool) -> Deferred[Any]:
         keys, args = self._legArgs(legs)
         head = [str(int(self.ttl * 1000)), self.instance_id, self.advertise_url, "claim" if claim else "refresh"]
@@ -580,7 +580,7 @@ class Directory:
 
     # ILegObserver: these only start a write, and never raise.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         try:
             conn = self._writable()
             if conn is None or leg.call_id is None:
@@ -591,7 +591,7 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: registering the leg failed", call_id=leg.call_id)
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         try:
             conn = self._writable()
             if conn is None or leg.call_id is None:
@@ -606,13 +606,13 @@ class Directory:
         except Exception:
             self.log.failure("{call_id} call directory: removing the leg failed", call_id=leg.call_id)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # Queries

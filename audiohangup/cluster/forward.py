@@ -56,7 +56,7 @@ from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
     from audiohangup.cluster.directory import Directory, LegEntry
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"
 #: On a forwarded hangup: the cause to record (C{session} when a session ends across instances).
@@ -286,13 +286,13 @@ class Cluster:
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         pass
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         if not self.end_with_leg or leg.call_id is None:
             return
         if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION):
@@ -304,7 +304,7 @@ class Cluster:
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     async def _endRemoteLegs(self, call_id: str, role: str) -> None:
@@ -427,7 +427,7 @@ class Forwarder:
         )
 
     async def elsewhere(
-        self, request: IRequest, call_id: str, role: Role | None = None, held: Iterable[ILeg] = ()
+        self, request: IRequest, call_id: str, role: Role | None = None, held: Iterable[IServerLeg] = ()
     ) -> dict[str, LegEntry]:
         """
         The legs the request names (C{role}'s, or every role's) that are on

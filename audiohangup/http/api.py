@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.audio import AudioFormat
+from audiohangup.audio import AudioFormat, LegSettings
 from audiohangup.cluster.forward import (
     ANSWERED_BY,
     FORWARDED_BY,
@@ -56,9 +56,9 @@ from audiohangup.http.request import (
     whole_number,
 )
 from audiohangup.http.wav import WavResource
-from audiohangup.interfaces import ILeg
+from audiohangup.interfaces import IServerLeg
+from audiohangup.logs import iso_time
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from audiohangup.protocol import LegSettings
 from audiohangup.reasons import Role
 from audiohangup.recording import NotRecording, Recorder
 from audiohangup.records import CallRecords
@@ -284,7 +284,7 @@ class ControlAPI:
             answers.append({"role": leg.role, "queued_ms": leg.queued_ms, "dropped_frames": dropped})
         return json_answer(request, 200, {"call_id": call_id, "legs": answers})
 
-    def _live_legs(self, call_id: str, role: Role | None) -> list[ILeg]:
+    def _live_legs(self, call_id: str, role: Role | None) -> list[IServerLeg]:
         """The call's legs, or one role's; 404 when there are none."""
         legs = self.registry.call(call_id)
         if not legs:
@@ -512,8 +512,26 @@ def _opened_view(stream: MediaStream) -> dict[str, Any]:
     }
 
 
-def _call_view(call_id: str, legs: list[ILeg]) -> dict[str, Any]:
-    return {"call_id": call_id, "legs": [leg.snapshot() for leg in legs]}
+def _call_view(call_id: str, legs: list[IServerLeg]) -> dict[str, Any]:
+    return {"call_id": call_id, "legs": [leg_view(leg) for leg in legs]}
+
+
+def leg_view(leg: IServerLeg) -> dict[str, Any]:
+    """What the HTTP API shows of a live leg."""
+    return {
+        "role": leg.role,
+        "state": leg.state,
+        "peer": leg.peer,
+        "connected_at": iso_time(leg.connected_at),
+        "frames_in": leg.frames_in,
+        "frames_out": leg.frames_out,
+        "bytes_in": leg.bytes_in,
+        "bytes_out": leg.bytes_out,
+        "queued_ms": leg.queued_ms,
+        "dropped_frames": leg.queue.dropped,
+        "dtmf": leg.dtmf,
+        "streams": [stream.snapshot() for stream in leg.streams],
+    }
 
 
 

@@ -31,8 +31,9 @@ from audiohangup.http.errors import ApiError, body_too_large
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.request import largest_body, throttle_source
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
+from audiohangup.logs import LogLimit
 from audiohangup.metrics import series
-from audiohangup.sources import IPNetwork, LogOncePer, source_of
+from audiohangup.sources import IPNetwork, source_of
 
 if TYPE_CHECKING:
     from audiohangup.http.api import ControlAPI
@@ -350,7 +351,7 @@ class ApiSite(Site):
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.hosts = hosts if hosts is not None else ServedHosts()
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
 
     @classmethod
     def forAPI(cls, api: ControlAPI, reactor: IReactorTime | None = None, **options: Any) -> ApiSite:

@@ -55,8 +55,9 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
-from audiohangup.interfaces import ILeg, ILegObserver, ILegTap, IReactor
+from audiohangup.interfaces import ILegObserver, ILegTap, IReactor, IServerLeg
 from audiohangup.lifecycle import Daily
+from audiohangup.logs import iso_time
 from audiohangup.metrics import series
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
@@ -171,7 +172,7 @@ class CallRecording:
         self.unwritten = 0  # ticks with the writer, not written yet
         self.dropped = 0
         self.bytes = 0
-        self.taps: dict[ILeg, _Tap] = {}
+        self.taps: dict[IServerLeg, _Tap] = {}
         self.stopping: Deferred[None] | None = None
         self._failureLogged = False
 
@@ -222,22 +223,17 @@ class CallRecording:
                 call_id=self.call_id, name=self.name, role=role, seconds=MAX_AHEAD_SECONDS,
             )
 
-    def attach(self, leg: ILeg) -> None:
+    def attach(self, leg: IServerLeg) -> None:
         if leg in self.taps:
             return
         self.channels[leg.role].warned = False
         tap = self.taps[leg] = _Tap(self, leg.role, leg.format)
-        if self.recorder.mix is Mix.HEARD:
-            leg.heard.append(tap)
-        else:
-            leg.taps.append(tap)
+        leg.addTap(tap, heard=self.recorder.mix is Mix.HEARD)
 
-    def detach(self, leg: ILeg) -> None:
+    def detach(self, leg: IServerLeg) -> None:
         tap = self.taps.pop(leg, None)
         if tap is not None:
-            for taps in (leg.taps, leg.heard):
-                if tap in taps:
-                    taps.remove(tap)
+            leg.removeTap(tap)
 
     def flush(self, everything: bool = False) -> None:
         """Hand the ticks that are over to the writer (all of them when stopping)."""
@@ -280,11 +276,7 @@ class CallRecording:
             )
 
     def summary(self) -> dict[str, Any]:
-        return {"file": self.name, "started_at": _iso(self.started), "dropped_frames": self.dropped}
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+        return {"file": self.name, "started_at": iso_time(self.started), "dropped_frames": self.dropped}
 
 
 @dataclass(frozen=True)
@@ -404,7 +396,7 @@ class Recorder:
 
     # Starting and stopping one call's recording
 
-    def begin(self, call_id: str, legs: list[ILeg]) -> CallRecording:
+    def begin(self, call_id: str, legs: list[IServerLeg]) -> CallRecording:
         if self.directory is None:
             raise RecordingOff("recording is off: start the server with --recordings-dir")
         if call_id in self.active:
@@ -417,7 +409,7 @@ class Recorder:
         self._claimed.add(recording.path)
         for leg in legs:
             recording.attach(leg)
-            leg.recording = name
+            leg.setRecording(name)
         self.recordings_active.inc()
         self.log.info("{call_id} recording into {name}", call_id=call_id, name=name)
         return recording
@@ -498,19 +490,19 @@ class Recorder:
 
     # ILegObserver: legs join and leave the recordings of their calls
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         assert leg.call_id is not None
         recording = self.active.get(leg.call_id)
         if recording is None and self.config.every_call and self.directory is not None:
             recording = self.begin(leg.call_id, [])
         if recording is not None:
             recording.attach(leg)
-            leg.recording = recording.name
+            leg.setRecording(recording.name)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         recording = self.active.get(leg.call_id or "")
         if recording is not None:
             recording.detach(leg)
@@ -519,7 +511,7 @@ class Recorder:
         if call_id in self.active:
             self.finish(call_id)
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # Start-up repairs and retention (on the writer thread)

@@ -21,8 +21,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.interfaces import ILeg, ILegObserver, IReactor
+from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
 from audiohangup.lifecycle import within
+from audiohangup.logs import redact
 from audiohangup.metrics import StreamTotals, series
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.relay import Relay
@@ -151,11 +152,6 @@ def fill(template: str, call_id: str, role: str) -> str:
     return template.replace("{call_id}", call_id).replace("{role}", role)
 
 
-def redact(url: str) -> str:
-    """The URL for logs, the API and the records: no query string or fragment, which may hold a token."""
-    return URL.from_text(url).replace(query=(), fragment="").to_text()
-
-
 def check_fields(value: object, what: str) -> dict[str, str]:
     """A JSON object of strings (custom parameters, headers), bounded; else L{BadStreamField}."""
     if value is None:
@@ -223,7 +219,7 @@ class Streams:
 
     def open(
         self,
-        leg: ILeg,
+        leg: IServerLeg,
         url: str,
         *,
         protocol: str | None = None,
@@ -247,8 +243,8 @@ class Streams:
         stream = MediaStream(
             leg, stream_id, target, redact(target), wire_protocol, chosen, config.settings, self
         )
-        leg.streams.append(stream)
-        leg.taps.append(stream)
+        leg.addStream(stream)
+        leg.addTap(stream)
         self.current[stream_id] = stream
         self.log.info(
             "{call_id} {role} stream {stream_id} to {url} connecting ({protocol}, {mode})",
@@ -268,7 +264,7 @@ class Streams:
             stream.connectFailed(f"the WebSocket client refused the URL ({type(error).__name__})")
         return stream
 
-    def check(self, leg: ILeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
+    def check(self, leg: IServerLeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
         """What L{open} checks first, so that a request for several legs opens all or none."""
         protocol = protocol or self.config.protocol
         if protocol not in PROTOCOLS:
@@ -317,7 +313,7 @@ class Streams:
         stream = self.current.get(stream_id)
         return stream if stream is not None and stream.leg.call_id == call_id else None
 
-    def of(self, legs: Iterable[ILeg]) -> list[MediaStream]:
+    def of(self, legs: Iterable[IServerLeg]) -> list[MediaStream]:
         return [s for leg in legs for s in leg.streams if isinstance(s, MediaStream)]
 
     async def stop(self) -> None:
@@ -333,7 +329,7 @@ class Streams:
 
     # ILegObserver
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         if self.config.url is None or leg.role not in self.config.roles:
             return
         try:
@@ -341,17 +337,17 @@ class Streams:
         except StreamRefused as error:
             self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=str(error))
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         for stream in self.of([leg]):
             stream.stop("the leg ended")
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # IStreamObserver
