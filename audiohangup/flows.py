@@ -27,8 +27,10 @@ Write your own by providing L{IFlow} and pass its dotted path to C{--flow}::
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.logger import Logger
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
@@ -36,6 +38,7 @@ from zope.interface import implementer
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
 from audiohangup.codecs import Transcoder
 from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
+from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason
 from audiohangup.wire import Frame, encode_frame
 
@@ -77,11 +80,20 @@ class BridgeFlow(_QuietFlow):
         self.conversions = conversions
         self._converters: dict[tuple[ILeg, ILeg], _Converter] = {}
 
+    @classmethod
+    def counting(cls, metrics: CollectorRegistry) -> FlowFactory:
+        """Bridges that count the frames they convert in C{metrics}."""
+        conversions = series(
+            metrics, Counter, "audiohangup_bridge_conversions",
+            "Bridged frames converted between two legs' formats, by format pair.", ["source", "target"],
+        )
+        return partial(cls, conversions)
+
     def legJoined(self, session: ISession, leg: ILeg) -> None:
         self._route(session)
 
     def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
-        leg.route = None
+        leg.bridgeTo(None)
         for pair in [pair for pair in self._converters if leg in pair]:
             del self._converters[pair]
         self._route(session)
@@ -96,9 +108,10 @@ class BridgeFlow(_QuietFlow):
         legs = list(session.legs.values())
         paired = len(legs) == 2 and legs[0].format == legs[1].format
         for leg in legs:
-            leg.route = None
+            leg.bridgeTo(None)
         if paired:
-            legs[0].route, legs[1].route = legs[1], legs[0]
+            legs[0].bridgeTo(legs[1])
+            legs[1].bridgeTo(legs[0])
 
     def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
         # What the frame is: the leg's declared format, or the slin rate its kind names.

@@ -1,11 +1,13 @@
+# -*- test-case-name: tests.test_wiring,tests.test_flows -*-
 """
 What the parts of audiohangup may use of each other, as zope interfaces.
 
 A leg is one AudioSocket connection (L{audiohangup.protocol} provides it).
-Flows, the session, the pacer, the registry, the API and the observers
-(metrics, records, webhooks, the call directory) know it only as an L{ILeg}
-(or, the pacer, as an L{IPacedLeg}), so none of them imports the protocol,
-and a test can hand them any object that provides the interface.
+Flows know it as an L{ILeg}: what they may do with a leg. The server's own
+parts (the registry, the observers, the API, the recorder, the media
+streams) know it as an L{IServerLeg}, and the pacer as an L{IPacedLeg}; none
+of them writes its attributes, none imports the protocol, and a test can hand
+them any object that provides the interface.
 
 Ground level: this module imports only pure modules (wire, audio, reasons).
 """
@@ -13,7 +15,7 @@ Ground level: this module imports only pure modules (wire, audio, reasons).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # treq names the reactor its requests need (IReactorTCP, IReactorTime and
@@ -40,40 +42,15 @@ class IReactor(IReactorCore, IReactorFromThreads, IReactorFDSet, _ITreqReactor):
 
 class ILeg(Interface):
     """
-    One AudioSocket connection: a leg once its UUID frame arrived (it then
-    has a call id), a bare connection before. Every method runs on the
-    reactor thread. Nothing is ever written to a leg after C{00 00 00}.
+    One AudioSocket leg, as a flow uses it. Every method runs on the reactor
+    thread. Nothing is ever written to a leg after C{00 00 00}.
     """
 
     role: Role = Attribute("The part it plays in its call; each role has its own listening port.")
     call_id: str | None = Attribute("The call id from its UUID frame; None until that frame arrived.")
-    peer: str = Attribute("The peer's address, as log lines show it (host:port).")
     format: AudioFormat = Attribute("The audio format it carries, both ways.")
     live: bool = Attribute("True from its UUID until a hangup or a close decision: it takes audio.")
-    queue: FrameQueue = Attribute("Encoded frames waiting for the pacer, oldest first.")
-    queued_ms: int = Attribute("Milliseconds of audio in C{queue}.")
-    connected_at: float = Attribute("When the connection was made (reactor seconds).")
-    ended_at: float | None = Attribute("When the connection went away; None while it is open.")
-    frames_in: int = Attribute("Frames received.")
-    frames_out: int = Attribute("Frames written.")
-    bytes_in: int = Attribute("Bytes received.")
-    bytes_out: int = Attribute("Bytes written.")
     dtmf: str = Attribute("The last DTMF digits received, oldest first.")
-    dtmf_count: int = Attribute("DTMF digits received.")
-    hangup_cause: HangupCause | None = Attribute("Why we sent C{00 00 00}; None if we did not.")
-    close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
-    hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
-    taps: list[ILegTap] = Attribute("Told of every frame and digit the leg receives, after its flow.")
-    heard: list[ILegTap] = Attribute("Told of every frame written to the leg (C{legHeard}): what it hears.")
-    recording: str | None = Attribute("The file of its call's recording (relative to the recordings), if any.")
-    streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
-    route: ILeg | None = Attribute(
-        "The leg the built-in bridge forwards this one's audio to, byte for byte, without a flow call per "
-        "frame; None unless the bridge set it (two legs, one format)."
-    )
-    feed: Playout | None = Attribute(
-        "Audio an application sends the leg (a converse stream), paced after queued prompts; None without one."
-    )
 
     def forward(frame: Frame) -> None:
         """
@@ -85,6 +62,13 @@ class ILeg(Interface):
     def forwardBytes(data: bytes) -> None:
         """L{forward} for one frame still encoded: the bytes as they arrived on the other leg."""
 
+    def bridgeTo(other: ILeg | None) -> None:
+        """
+        Forward this leg's own audio to C{other}, byte for byte, without a
+        flow call per frame (the built-in bridge: two legs, one format);
+        None ends that, and every frame goes to the flow again.
+        """
+
     def queueFrames(frames: list[bytes]) -> int:
         """Queue encoded frames for the pacer; return how many old ones were dropped."""
 
@@ -93,6 +77,62 @@ class ILeg(Interface):
 
     def hangup(cause: HangupCause) -> Deferred[CloseReason]:
         """Send C{00 00 00} once and close, bounded; fires with the close reason once gone."""
+
+    def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
+        """Hang up once the queued audio has played (bounded by the playout timeout)."""
+
+    def whenGone() -> Deferred[CloseReason]:
+        """Fires with the close reason once the leg is gone."""
+
+
+class IServerLeg(ILeg):
+    """
+    A connection, and once its UUID arrived a leg, as the server's own parts
+    use it: the registry, the observers (metrics, records, webhooks, the call
+    directory), the API, the recorder and the media streams. They read its
+    facts and change it only through its methods.
+    """
+
+    peer: str = Attribute("The peer's address, as log lines show it (host:port).")
+    state: str = Attribute("awaiting_uuid, live, closing or closed.")
+    queue: FrameQueue = Attribute("Encoded frames waiting for the pacer, oldest first (its C{dropped} counts).")
+    queued_ms: int = Attribute("Milliseconds of audio in C{queue}.")
+    connected_at: float = Attribute("When the connection was made (reactor seconds).")
+    ended_at: float | None = Attribute("When the connection went away; None while it is open.")
+    frames_in: int = Attribute("Frames received.")
+    frames_out: int = Attribute("Frames written.")
+    bytes_in: int = Attribute("Bytes received.")
+    bytes_out: int = Attribute("Bytes written.")
+    dtmf_count: int = Attribute("DTMF digits received.")
+    hangup_cause: HangupCause | None = Attribute("Why we sent C{00 00 00}; None if we did not.")
+    close_reason: CloseReason | None = Attribute("How it ended; None while it is open.")
+    hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
+    recording: str | None = Attribute("The file of its call's recording (relative to the recordings), if any.")
+    streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
+    feed: Playout | None = Attribute(
+        "Audio an application sends the leg (a converse stream), paced after queued prompts; None without one."
+    )
+
+    def addTap(tap: ILegTap, heard: bool = False) -> None:
+        """
+        Tell C{tap} of every frame and digit the leg receives, after its flow;
+        or, C{heard}, of every frame written to it (C{legHeard}): what it hears.
+        """
+
+    def removeTap(tap: ILegTap) -> None:
+        """Tell C{tap} nothing more. Idempotent."""
+
+    def attachFeed(feed: Playout) -> None:
+        """Play C{feed} to the leg, paced after queued prompts: one feed at a time (check C{feed} first)."""
+
+    def detachFeed(feed: Playout) -> None:
+        """Play nothing more of C{feed}, if it is the leg's feed. Idempotent."""
+
+    def addStream(stream: IMediaStream) -> None:
+        """Keep C{stream} in the leg's history (the API shows it, the call record keeps it)."""
+
+    def setRecording(name: str) -> None:
+        """The leg is recorded into C{name} (relative to the recordings)."""
 
     def crowdOut(detail: str) -> None:
         """Close a connection still without its UUID, as C{too_many_pending}: a newer one needs its place."""
@@ -104,20 +144,8 @@ class ILeg(Interface):
         crowd out.
         """
 
-    def hangupAfterPlayout(cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
-        """Hang up once the queued audio has played (bounded by the playout timeout)."""
 
-    def whenGone() -> Deferred[CloseReason]:
-        """Fires with the close reason once the leg is gone."""
-
-    def snapshot() -> dict[str, Any]:
-        """What the HTTP API shows of it while it is live."""
-
-    def summary() -> dict[str, Any]:
-        """How it went, once ended: what the live page's history shows."""
-
-
-class IPacedLeg(ILeg):
+class IPacedLeg(IServerLeg):
     """
     A leg as the shared pacer sees it. The pacer decides the common case (a
     bridged leg, nothing queued, fed or held, not idle) from these attributes
@@ -165,12 +193,12 @@ class ISession(Interface):
     """The live legs sharing a call id, and the flow that runs them."""
 
     call_id: str = Attribute("The call id its legs share.")
-    legs: dict[Role, ILeg] = Attribute("Its live legs by role; a flow may read, never change it.")
+    legs: Mapping[Role, ILeg] = Attribute("Its live legs by role; a flow may read, never change it.")
 
-    def others(leg: ILeg) -> list[ILeg]:
+    def others(leg: ILeg) -> Sequence[ILeg]:
         """The session's other legs that can still take audio."""
 
-    def ordered() -> list[ILeg]:
+    def ordered() -> Sequence[ILeg]:
         """The legs, visitor first."""
 
     def hangup(cause: HangupCause) -> Deferred[list[CloseReason]]:
@@ -200,17 +228,17 @@ FlowFactory = Callable[[], IFlow]
 class ILegObserver(Interface):
     """Told of every leg's life, synchronously on the reactor; must not block."""
 
-    def legStarted(leg: ILeg) -> None:
+    def legStarted(leg: IServerLeg) -> None:
         """A leg's UUID arrived: it has a call id and a role."""
 
-    def hangupSent(leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(leg: IServerLeg, cause: HangupCause) -> None:
         """We wrote C{00 00 00} to the leg."""
 
-    def legEnded(leg: ILeg) -> None:
+    def legEnded(leg: IServerLeg) -> None:
         """A leg that had started is gone; C{leg.close_reason} says how."""
 
     def callEnded(call_id: str) -> None:
         """The last leg of a call id is gone."""
 
-    def connectionEnded(connection: ILeg) -> None:
+    def connectionEnded(connection: IServerLeg) -> None:
         """A connection ended before it became a leg (no UUID: refused, timed out, closed)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
@@ -29,9 +30,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.access import IPNetwork, LogOncePer, SourceACL, is_loopback, source_of
-from audiohangup.metrics import Metrics
-from audiohangup.protocol import describe_address
+from audiohangup.logs import LogLimit, describe_address
+from audiohangup.metrics import series
+from audiohangup.sources import IPNetwork, SourceACL, is_loopback, source_of
 
 #: The mode of a UNIX socket whose endpoint string gives no C{mode=}: owner and group.
 UNIX_SOCKET_MODE = 0o660
@@ -87,27 +88,38 @@ class _Refused(Protocol):
             transport.loseConnection()
 
 
+def _refused(metrics: CollectorRegistry | None) -> Counter | None:
+    """Connections closed as they were accepted, in C{metrics}: every gate and cap counts in the one series."""
+    if metrics is None:
+        return None
+    return series(
+        metrics, Counter, "audiohangup_connections_refused",
+        "Connections closed as they were accepted, by listener and reason (not_allowed: outside --allow).",
+        ["listener", "reason"],
+    )
+
+
 class SourceGate:
     """One listener's source ACL, with its counting and its bounded log."""
 
     log = Logger()
 
     def __init__(
-        self, listener: str, acl: SourceACL, clock: IReactorTime, metrics: Metrics | None = None, option: str = "--allow"
+        self, listener: str, acl: SourceACL, clock: IReactorTime, metrics: CollectorRegistry | None = None, option: str = "--allow"
     ) -> None:
         self.listener = listener
         self.acl = acl
         self.clock = clock
-        self.metrics = metrics
+        self.refused = _refused(metrics)
         self.option = option
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
 
     def admits(self, address: IAddress | None) -> bool:
         host = getattr(address, "host", None)  # IPv4Address, IPv6Address; a UNIX address has none
         if self.acl.allows(host):
             return True
-        if self.metrics is not None:
-            self.metrics.connection_refused(self.listener, "not_allowed")
+        if self.refused is not None:
+            self.refused.labels(listener=self.listener, reason="not_allowed").inc()
         if self._logNow(str(host), self.clock.seconds()):
             self.log.warn(
                 "{listener}: connections from {source} refused: not in {option} "
@@ -186,7 +198,7 @@ class ConnectionCap:
     log = Logger()
 
     def __init__(
-        self, listener: str, total: int, per_source: int, clock: IReactorTime, metrics: Metrics | None = None,
+        self, listener: str, total: int, per_source: int, clock: IReactorTime, metrics: CollectorRegistry | None = None,
         uncapped: tuple[IPNetwork, ...] = (),
     ) -> None:
         self.listener = listener
@@ -194,13 +206,13 @@ class ConnectionCap:
         self.total = total
         self.per_source = per_source
         self.clock = clock
-        self.metrics = metrics
+        self.refused = _refused(metrics)
         self.held = 0
         self._perSource: dict[str | None, int] = {}
         #: Waiting slots, the one that has waited longest first, overall and per source.
         self._waiting: OrderedDict[Slot, None] = OrderedDict()
         self._waitingFrom: dict[str | None, OrderedDict[Slot, None]] = {}
-        self._logNow = LogOncePer(60.0)
+        self._logNow = LogLimit(60.0)
 
     def admit(self, address: IAddress | None, evict: Callable[[], None]) -> Slot | None:
         """A slot for a new connection from C{address} (made room for if need be), or None: refuse it."""
@@ -229,8 +241,8 @@ class ConnectionCap:
         return True
 
     def _count(self, reason: str, source: str | None, cap: str) -> None:
-        if self.metrics is not None:
-            self.metrics.connection_refused(self.listener, reason)
+        if self.refused is not None:
+            self.refused.labels(listener=self.listener, reason=reason).inc()
         if self._logNow(f"{source}-{reason}", self.clock.seconds()):
             limit = f"{self.per_source} from {source}" if cap == "per_source" else f"{self.total} in all"
             what = (

@@ -1,33 +1,42 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Prometheus metrics, with prometheus_client on a registry of our own.
+Prometheus metrics: one C{CollectorRegistry} for the server, passed to each
+part, which registers its own series (with L{series}) and collectors. Nobody
+tells a hub what happened: the records count their writes, the webhooks their
+deliveries, the recorder its bytes, each in its own counter.
 
-Per-frame figures (frames, bytes, dropped audio) are not counted per frame:
-the legs already count them, so a collector adds the live legs' counters to
-the totals of ended legs when Prometheus scrapes. The hot path pays nothing.
-Label values are bounded sets: roles, reasons, causes, route templates,
-statuses and outcomes, never a call id.
+This module holds what they share, and the legs' own metrics: per-frame
+figures (frames, bytes, dropped audio) are not counted per frame: the legs
+already count them, so a collector adds the live legs' counters to the totals
+of ended legs when Prometheus scrapes. The hot path pays nothing. Label
+values are bounded sets: roles, reasons, causes, route templates, statuses
+and outcomes, never a call id.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from twisted.application.service import Service
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
+from audiohangup.interfaces import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.registry import Registry
+    from audiohangup.streams.manager import Streams
+
+__all__ = ["CONTENT_TYPE", "GarbageCollectorPauses", "LegMetrics", "OnScrape", "StreamTotals", "series"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,119 +48,62 @@ HANGUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 _LEG_COUNTERS = ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped_frames", "dtmf")
 
+_Series = TypeVar("_Series", Counter, Gauge, Histogram)
+
+#: The series made in each registry, by name: two parts of one kind (two
+#: gates, two webhook senders in a test) share theirs instead of clashing.
+_made: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def series(
+    metrics: CollectorRegistry, kind: type[_Series], name: str, documentation: str, labels: Sequence[str] = (),
+    **options: Any,
+) -> _Series:
+    """The series C{name} of C{metrics}: made and registered the first time, the same one after."""
+    disable_created_metrics()  # the *_created series only add noise here
+    made = _made.setdefault(metrics, {})
+    found = made.get(name)
+    if found is None:
+        found = made[name] = kind(name, documentation, list(labels), registry=metrics, **options)
+    assert isinstance(found, kind), f"{name} is a {type(found).__name__}, not a {kind.__name__}"
+    return found
+
 
 @implementer(ILegObserver)
-class Metrics:
-    """Every audiohangup metric; observes legs and is told of HTTP, webhooks and records."""
+class LegMetrics:
+    """The legs' metrics: starts, ends, hangups and their latency, and (at scrape time) live legs and frames."""
 
-    def __init__(self, registry: Registry) -> None:
-        disable_created_metrics()  # the *_created series only add noise here
+    def __init__(self, metrics: CollectorRegistry, registry: Registry) -> None:
         self.registry = registry
-        self.collectors = CollectorRegistry()
-        self.legs_started = Counter(
-            "audiohangup_legs_started", "Legs whose UUID arrived.", ["role"], registry=self.collectors
+        self.legs_started = series(metrics, Counter, "audiohangup_legs_started", "Legs whose UUID arrived.", ["role"])
+        self.legs_ended = series(
+            metrics, Counter, "audiohangup_legs_ended", "Legs gone, by close reason and hangup cause.",
+            ["reason", "cause"],
         )
-        self.legs_ended = Counter(
-            "audiohangup_legs_ended", "Legs gone, by close reason and hangup cause.",
-            ["reason", "cause"], registry=self.collectors,
-        )
-        self.connections_without_leg = Counter(
-            "audiohangup_connections_without_leg",
+        self.connections_without_leg = series(
+            metrics, Counter, "audiohangup_connections_without_leg",
             "Connections that never became a leg, by close reason (over_capacity, uuid_timeout, duplicate, ...).",
-            ["reason"], registry=self.collectors,
+            ["reason"],
         )
-        self.connections_refused = Counter(
-            "audiohangup_connections_refused",
-            "Connections closed as they were accepted, by listener and reason (not_allowed: outside --allow).",
-            ["listener", "reason"], registry=self.collectors,
+        self.hangups_sent = series(
+            metrics, Counter, "audiohangup_hangups_sent", "Hangup frames we sent, by cause.", ["cause"]
         )
-        self.hangups_sent = Counter(
-            "audiohangup_hangups_sent", "Hangup frames we sent, by cause.", ["cause"], registry=self.collectors
+        self.hangup_to_close = series(
+            metrics, Histogram, "audiohangup_hangup_to_close_seconds", "Seconds from our hangup to the leg being gone.",
+            buckets=HANGUP_BUCKETS,
         )
-        self.hangup_to_close = Histogram(
-            "audiohangup_hangup_to_close_seconds", "Seconds from our hangup to the leg being gone.",
-            buckets=HANGUP_BUCKETS, registry=self.collectors,
-        )
-        self.http_requests = Counter(
-            "audiohangup_http_requests", "HTTP requests, by route template, method and status.",
-            ["route", "method", "status"], registry=self.collectors,
-        )
-        self.webhook_deliveries = Counter(
-            "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
-            registry=self.collectors,
-        )
-        self.records_written = Counter(
-            "audiohangup_call_records_written", "Call record writes that succeeded.", registry=self.collectors
-        )
-        self.records_failed = Counter(
-            "audiohangup_call_records_failed", "Call record writes that failed.", registry=self.collectors
-        )
-        self.gc_pauses = Histogram(
-            "audiohangup_gc_pause_seconds",
-            "Seconds the interpreter stopped for a garbage collection, by generation: every call waits them out.",
-            ["generation"], buckets=GC_BUCKETS, registry=self.collectors,
-        )
-        self._gcStarted = 0.0
-        self.bridge_conversions = Counter(
-            "audiohangup_bridge_conversions",
-            "Bridged frames converted between two legs' formats, by format pair.",
-            ["source", "target"], registry=self.collectors,
-        )
-        self.recordings_active = Gauge(
-            "audiohangup_recordings_active", "Calls being recorded.", registry=self.collectors
-        )
-        self.recordings_written = Counter(
-            "audiohangup_recordings_written", "Recordings finished, their WAV header completed.", registry=self.collectors
-        )
-        self.recording_bytes_written = Counter(
-            "audiohangup_recording_bytes", "Audio bytes written to recordings.", registry=self.collectors
-        )
-        self.recording_dropped_frames = Counter(
-            "audiohangup_recording_dropped_frames",
-            "Frames of audio not recorded: a disk too slow or full.", registry=self.collectors,
-        )
-        self.streams_total = Counter(
-            "audiohangup_streams", "Media streams over, by protocol and outcome (ended, app_closed, failed).",
-            ["protocol", "outcome"], registry=self.collectors,
-        )
-        self._ended_totals = dict.fromkeys(_LEG_COUNTERS, 0)
-        #: The media streams manager, once wired: its streams are summed at scrape time.
-        self.streams: Any = None
-        #: The shared 20 ms tick, once wired: its counts are read at scrape time.
-        self.pacer: Any = None
+        self.ended_totals = dict.fromkeys(_LEG_COUNTERS, 0)
         for role in Role:
             self.legs_started.labels(role=role.value)
-        self.collectors.register(_LegCollector(self))
-        self.collectors.register(_StreamCollector(self))
-        self.collectors.register(_PacerCollector(self))
+        metrics.register(_LegCollector(self))
 
-    def watchGarbageCollector(self) -> None:
-        """Time every collection (gc.callbacks is the process's: L{unwatchGarbageCollector} on stop)."""
-        if self._gcCallback not in gc.callbacks:
-            gc.callbacks.append(self._gcCallback)
-
-    def unwatchGarbageCollector(self) -> None:
-        if self._gcCallback in gc.callbacks:
-            gc.callbacks.remove(self._gcCallback)
-
-    def _gcCallback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gcStarted = time.perf_counter()
-        else:
-            self.gc_pauses.labels(generation=str(info["generation"])).observe(time.perf_counter() - self._gcStarted)
-
-    def render(self) -> bytes:
-        return generate_latest(self.collectors)
-
-    # ILegObserver
-
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self.legs_started.labels(role=leg.role.value).inc()
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         self.hangups_sent.labels(cause=cause.value).inc()
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         assert leg.close_reason is not None
         cause = leg.hangup_cause.value if leg.hangup_cause is not None else "none"
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
@@ -159,56 +111,53 @@ class Metrics:
             self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
         self._addEnded(leg)
 
-    def _addEnded(self, connection: ILeg) -> None:
+    def _addEnded(self, connection: IServerLeg) -> None:
         for name, value in _leg_counters(connection).items():
-            self._ended_totals[name] += value
+            self.ended_totals[name] += value
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
         self._addEnded(connection)
 
-    # Told by the others
 
-    def http_request(self, route: str, method: str, status: int) -> None:
-        self.http_requests.labels(route=route, method=method, status=str(status)).inc()
+class GarbageCollectorPauses(Service):
+    """
+    Times every collection while it runs: C{gc.callbacks} is the process's,
+    so the hook goes when the service stops.
+    """
 
-    def connection_refused(self, listener: str, reason: str) -> None:
-        self.connections_refused.labels(listener=listener, reason=reason).inc()
+    name = "gc-pauses"
 
-    def recording_started(self) -> None:
-        self.recordings_active.inc()
+    def __init__(self, metrics: CollectorRegistry) -> None:
+        self.pauses = series(
+            metrics, Histogram, "audiohangup_gc_pause_seconds",
+            "Seconds the interpreter stopped for a garbage collection, by generation: every call waits them out.",
+            ["generation"], buckets=GC_BUCKETS,
+        )
+        self._started = 0.0
 
-    def recording_finished(self) -> None:
-        self.recordings_active.dec()
-        self.recordings_written.inc()
+    def startService(self) -> None:
+        super().startService()
+        if self._collecting not in gc.callbacks:
+            gc.callbacks.append(self._collecting)
 
-    def recording_bytes(self, count: int) -> None:
-        self.recording_bytes_written.inc(count)
+    def stopService(self) -> None:
+        super().stopService()
+        if self._collecting in gc.callbacks:
+            gc.callbacks.remove(self._collecting)
 
-    def recording_dropped(self, frames: int) -> None:
-        self.recording_dropped_frames.inc(frames)
-
-    def stream_started(self, stream: Any) -> None:
-        pass  # the gauge of active streams is read from the manager at scrape time
-
-    def stream_ended(self, stream: Any) -> None:
-        self.streams_total.labels(protocol=stream.protocol.name, outcome=str(stream.outcome)).inc()
-
-    def webhook_delivery(self, outcome: str) -> None:
-        self.webhook_deliveries.labels(outcome=outcome).inc()
-
-    def record_written(self) -> None:
-        self.records_written.inc()
-
-    def record_failed(self) -> None:
-        self.records_failed.inc()
+    def _collecting(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.labels(generation=str(info["generation"])).observe(time.perf_counter() - self._started)
 
 
-def _leg_counters(leg: ILeg) -> dict[str, int]:
+def _leg_counters(leg: IServerLeg) -> dict[str, int]:
     return {
         "frames_in": leg.frames_in,
         "frames_out": leg.frames_out,
@@ -219,17 +168,14 @@ def _leg_counters(leg: ILeg) -> dict[str, int]:
     }
 
 
-class _OnScrape(Collector):
-    """A collector of what the service keeps itself, read from L{Metrics} when Prometheus scrapes."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+class OnScrape(Collector):
+    """A collector of what a part keeps itself, read when Prometheus scrapes."""
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily, on scrape only
 
 
-class _LegCollector(_OnScrape):
+class _LegCollector(OnScrape):
     """Live legs by role, and per-frame totals: ended legs' plus live legs' own counters."""
 
     _HELP = {
@@ -241,23 +187,26 @@ class _LegCollector(_OnScrape):
         "dtmf": ("audiohangup_dtmf", "DTMF digits received from legs (each one, logged or not)."),
     }
 
+    def __init__(self, legs: LegMetrics) -> None:
+        self.legs = legs
+
     def collect(self) -> Iterator[Metric]:
-        legs = list(self.metrics.registry)
+        legs = list(self.legs.registry)
         live = GaugeMetricFamily("audiohangup_legs", "Live legs, by role.", labels=["role"])
         for role in Role:
             live.add_metric([role.value], sum(1 for leg in legs if leg.role is role))
         yield live
-        totals = dict(self.metrics._ended_totals)
+        totals = dict(self.legs.ended_totals)
         # Every open connection, not only the sessions' legs: a replaced leg
         # still closing must not drop out and make a counter go backwards.
-        for connection in self.metrics.registry.connections():
+        for connection in self.legs.registry.connections():
             for name, value in _leg_counters(connection).items():
                 totals[name] += value
         for name, (metric, text) in self._HELP.items():
             yield CounterMetricFamily(metric, text, value=totals[name])
 
 
-class _StreamCollector(_OnScrape):
+class StreamTotals(OnScrape):
     """
     Media streams: how many are active, and frames, bytes and drops each way,
     the ended streams' totals plus the live ones' own counters.
@@ -274,12 +223,15 @@ class _StreamCollector(_OnScrape):
         ),
     )
 
+    def __init__(self, manager: Streams) -> None:
+        self.manager = manager
+
     def collect(self) -> Iterator[Metric]:
-        manager = self.metrics.streams
-        current = list(manager.current.values()) if manager is not None else []
+        manager = self.manager
+        current = list(manager.current.values())
 
         def total(name: str) -> int:
-            ended = getattr(manager.ended_totals, name) if manager is not None else 0
+            ended = getattr(manager.ended_totals, name)
             return int(ended + sum(getattr(stream.totals(), name) for stream in current))
 
         active = GaugeMetricFamily("audiohangup_streams_active", "Media streams connecting, open or closing.")
@@ -294,22 +246,3 @@ class _StreamCollector(_OnScrape):
             "audiohangup_stream_ignored_frames", "Audio from apps on listen streams, not played.",
             value=total("ignored_from_app"),
         )
-
-
-class _PacerCollector(_OnScrape):
-    """
-    The shared tick: how often it ran, how often late, and the 20 ms slots
-    late ticks missed, whose audio was dropped rather than played late: the
-    stalls (GC pauses, a busy or stopped process) a caller heard as gaps.
-    """
-
-    _COUNTS = (
-        ("ticks", "audiohangup_pacer_ticks", "Ticks of the shared 20 ms pacer."),
-        ("late_ticks", "audiohangup_pacer_late_ticks", "Ticks that ran a slot or more late."),
-        ("missed_slots", "audiohangup_pacer_missed_slots", "20 ms slots late ticks missed (their audio dropped)."),
-    )
-
-    def collect(self) -> Iterator[Metric]:
-        pacer = self.metrics.pacer
-        for attribute, metric, text in self._COUNTS:
-            yield CounterMetricFamily(metric, text, value=getattr(pacer, attribute, 0))

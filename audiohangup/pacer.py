@@ -22,6 +22,11 @@ stopped pacer holds no leg and no timer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -29,6 +34,10 @@ from twisted.logger import Logger
 
 from audiohangup.audio import FRAME_SECONDS
 from audiohangup.interfaces import IPacedLeg
+from audiohangup.metrics import OnScrape
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 #: Audio bridged to a leg keeps the pacer's silence away for this many ticks,
 #: so a bridge's own jitter does not make the pacer slip in extra frames.
@@ -54,7 +63,11 @@ class Pacer(Service):
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS) -> None:
+    name = "pacer"
+
+    def __init__(
+        self, clock: IReactorTime, interval: float = FRAME_SECONDS, *, metrics: CollectorRegistry | None = None
+    ) -> None:
         self.clock = clock
         self.interval = interval
         self.ticks = 0
@@ -66,6 +79,8 @@ class Pacer(Service):
         self._intervals = 0  # intervals elapsed since the loop started
         self._legs: dict[IPacedLeg, None] = {}
         self._loop = self._newLoop()
+        if metrics is not None:
+            metrics.register(_PacerCounts(self))  # its counts, read at scrape time
 
     def _newLoop(self) -> LoopingCall:
         loop = LoopingCall.withCount(self._tick)
@@ -122,3 +137,24 @@ class Pacer(Service):
                 # One leg's failure must not stop the tick for every other leg.
                 self.log.failure("{call_id} {role} pacing failed", call_id=leg.call_id, role=leg.role)
                 self.remove(leg)
+
+
+class _PacerCounts(OnScrape):
+    """
+    The shared tick: how often it ran, how often late, and the 20 ms slots
+    late ticks missed, whose audio was dropped rather than played late: the
+    stalls (GC pauses, a busy or stopped process) a caller heard as gaps.
+    """
+
+    _COUNTS = (
+        ("ticks", "audiohangup_pacer_ticks", "Ticks of the shared 20 ms pacer."),
+        ("late_ticks", "audiohangup_pacer_late_ticks", "Ticks that ran a slot or more late."),
+        ("missed_slots", "audiohangup_pacer_missed_slots", "20 ms slots late ticks missed (their audio dropped)."),
+    )
+
+    def __init__(self, pacer: Pacer) -> None:
+        self.pacer = pacer
+
+    def collect(self) -> Iterator[Metric]:
+        for attribute, metric, text in self._COUNTS:
+            yield CounterMetricFamily(metric, text, value=getattr(self.pacer, attribute))

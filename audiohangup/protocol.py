@@ -1,12 +1,10 @@
 # -*- test-case-name: tests.test_protocol -*-
 """
-The Twisted side of one AudioSocket leg: framing in, hangup out, and a bounded,
-quiet teardown.
-
-Hanging up is what Asterisk needs: write C{00 00 00} once, write nothing after
-it, keep reading and discarding, wait for the peer to close, and abort only if
-it has not closed within the close timeout. C{connectionLost} then names how
-the leg ended (see L{audiohangup.reasons}) and logs it once.
+The Twisted side of one AudioSocket leg: its admission, frames in, frames out
+(the bridge's direct write, the pacer's tick), and what the server's parts
+attach to it. How it ends (its hangup and bounded teardown) is
+L{audiohangup.teardown}; which frame goes out in each 20 ms slot is
+L{audiohangup.timeline}.
 """
 
 from __future__ import annotations
@@ -17,40 +15,34 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, cast, runtime_checkable
-from typing import Protocol as TypingProtocol
+from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
-    IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
-    ISystemHandle,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import implementer
 
-from audiohangup.access import source_of
-from audiohangup.audio import FRAME_SECONDS, SLIN, AudioFormat, FrameQueue, Playout
-from audiohangup.codecs import mix
-from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg
-from audiohangup.pacer import CATCH_UP_TICKS, Pacer
-from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, StrEnum, classify, loss_of
+from audiohangup.audio import FRAME_SECONDS, FrameQueue, LegSettings, Playout
+from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IServerLeg
+from audiohangup.logs import LogLimit, describe_address
+from audiohangup.pacer import Pacer
+from audiohangup.reasons import AWAITING_UUID, CLOSED, CLOSING, LIVE, CloseReason, HangupCause, Loss, Role
 from audiohangup.registry import LegKey, Registry
 from audiohangup.relay import Relay, fast_paths
 from audiohangup.session import Session
+from audiohangup.sources import source_of
+from audiohangup.teardown import LegTeardown, socket_of
+from audiohangup.timeline import BRIDGE_HOLD, Timeline
 from audiohangup.wire import (
-    HANGUP_FRAME,
     HEADER,
     HEADER_SIZE,
     SAMPLE_RATES,
@@ -69,111 +61,9 @@ MAX_DTMF_DIGITS = 64
 #: logged, so it cannot write more log than it sends.
 DTMF_LOG_PER_SECOND = 10
 
-#: Bridged frames a leg holds for its next ticks while its slots are the
-#: pacer's (its app or a prompt spoke lately); beyond it the oldest goes, so
-#: the bridge is never more than this many frames behind.
-BRIDGE_HOLD = 2
-
-#: Ticks after the last frame of a prompt or an app during which bridged
-#: frames keep to the ticks: an app that stutters (a frame every other tick)
-#: must not let the bridge slip extra frames in between its own.
-SPOKEN_TICKS = 10
-
-
-@dataclass(frozen=True)
-class LegSettings:
-    """What every leg shares: its audio format, queue bound and timeouts (0 is off)."""
-
-    close_timeout: float = 2.0
-    uuid_timeout: float = 5.0
-    audio: AudioFormat = SLIN
-    max_queue_ms: int = 1000
-    idle_timeout: float = 0.0
-    max_duration: float = 0.0
-    playout_timeout: float = 10.0
-    max_legs: int = 2000
-    max_unsent_ms: int = 2000
-    #: Connections without their UUID yet from one source (0: no cap); see L{audiohangup.access.source_of}.
-    max_pending_per_source: int = 32
-
-    @property
-    def max_queue_frames(self) -> int:
-        return max(1, int(self.max_queue_ms / (FRAME_SECONDS * 1000)))
-
-    @property
-    def max_play_bytes(self) -> int:
-        """The longest raw audio a leg's queue holds whole: what /play accepts."""
-        return self.max_queue_frames * self.audio.frame_bytes
-
-    @property
-    def max_unsent_bytes(self) -> int:
-        """Outbound bytes a leg may leave unsent before it counts as a slow consumer."""
-        frames = max(1, int(self.max_unsent_ms / (FRAME_SECONDS * 1000)))
-        return frames * len(self.audio.silence_frame)
-
-
-class LegState(StrEnum):
-    AWAITING_UUID = "awaiting_uuid"
-    LIVE = "live"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-# The states as module names for the checks every frame makes: on CPython
-# 3.11 a member looked up through its Enum class costs about 90 ns, more
-# than the rest of such a check.
-AWAITING_UUID = LegState.AWAITING_UUID
-LIVE = LegState.LIVE
-CLOSING = LegState.CLOSING
-CLOSED = LegState.CLOSED
-
-
-def describe_address(address: IAddress) -> str:
-    """C{host:port}, C{[v6]:port} or C{unix:path}: short enough for every log line."""
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}" if name else "unix"
-    return str(address)
-
-
-@runtime_checkable
-class SocketOptions(TypingProtocol):
-    """What a leg asks of the socket under its transport."""
-
-    def getsockopt(self, level: int, option: int, /) -> int: ...
-
-    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
-
-
-def _socket_of(transport: object) -> SocketOptions | None:
-    """The socket under a transport (TCP, or TLS over TCP); None for a test transport."""
-    if ISystemHandle.providedBy(transport):
-        handle = transport.getHandle()
-        if isinstance(handle, SocketOptions):
-            return handle
-    return None
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
-
-
-class ILegTransport(ITCPTransport, IConsumer):
-    """
-    What a leg uses of its transport: a TCP connection (plain or TLS) that
-    buffers what the socket does not take, up to C{bufferSize} before it
-    pauses its producer.
-    """
-
-    bufferSize: int = Attribute("Bytes buffered before the transport pauses its producer.")
-
 
 @implementer(IPacedLeg, IPushProducer, IHalfCloseableProtocol)
-class AudioSocketProtocol(Protocol):
+class AudioSocketProtocol(LegTeardown, Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
     once its UUID frame arrives; before that it is only a connection.
@@ -190,14 +80,14 @@ class AudioSocketProtocol(Protocol):
     # in a few cache lines of the object, not in a dict of over 40 keys.
     # The hot ones come first; what Twisted sets (transport, factory,
     # connected) stays in the instance dict, as do a test's patches.
+    # (LegTeardown's slots, its state, come first.)
     __slots__ = (  # noqa: RUF023 (in order of heat, not of name)
-        "state", "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
+        "route", "bytes_in", "frames_in", "last_frame_at", "taps", "_decoder",
         "_audioFrameSize", "_audioHeader", "reactor", "queue", "feed", "forwarded_at", "written_in", "held", "idle_after",
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
-        "connected_at", "ended_at", "dtmf", "dtmf_count", "_dtmfSecond", "_dtmfLogged", "recording", "streams",
-        "hangup_cause", "hangup_at", "close_reason", "_decided", "_detail", "_timers", "_waiting", "_after_playout",
-        "_wrong_kind_logged", "_peerReset", "_peerEnd", "_late", "_lateUntil", "_spokenIn",
+        "connected_at", "dtmf", "dtmf_count", "_dtmfLog", "recording", "streams",
+        "_wrong_kind_logged", "timeline",
     )
 
     def __init__(
@@ -230,9 +120,8 @@ class AudioSocketProtocol(Protocol):
         self.bytes_out = 0
         self.dtmf = ""
         self.dtmf_count = 0
-        #: When the second of DTMF logging began, and the digits logged in it.
-        self._dtmfSecond = -math.inf
-        self._dtmfLogged = 0
+        #: The digits logged in the current second; made at the first digit (most legs have none).
+        self._dtmfLog: LogLimit | None = None
         self.queue = FrameQueue(settings.max_queue_frames)
         #: What a converse media stream sends the leg: paced after queued prompts.
         self.feed: Playout | None = None
@@ -259,11 +148,8 @@ class AudioSocketProtocol(Protocol):
         self.written_in = -1
         #: Bridged frames whose slot had a frame already, for the next ticks.
         self.held: deque[bytes] = deque(maxlen=BRIDGE_HOLD)
-        #: The slot of the last queued or fed frame (a prompt's, an app's).
-        self._spokenIn = -SPOKEN_TICKS - 1
-        #: Frames due in slots a late tick missed and not yet dropped, until slot C{_lateUntil}.
-        self._late = 0
-        self._lateUntil = 0
+        #: Which frame goes out in each slot, and what a stall made late.
+        self.timeline = Timeline(self.format)
         #: Seconds without a frame from the peer before the idle hangup (inf: never).
         self.idle_after = settings.idle_timeout or math.inf
         self._after_playout: HangupCause | None = None
@@ -288,46 +174,8 @@ class AudioSocketProtocol(Protocol):
     def live(self) -> bool:
         return self.state is LIVE
 
-    @property
-    def hangup_sent(self) -> bool:
-        return self.hangup_cause is not None
-
-    @property
-    def hangup_to_close_ms(self) -> float | None:
-        """Milliseconds from our hangup to the leg being gone (to 0.1 ms), once both happened."""
-        if self.hangup_at is None or self.ended_at is None:
-            return None
-        return round((self.ended_at - self.hangup_at) * 1000, 1)
-
-    @property
-    def wire(self) -> ILegTransport:
-        """
-        The leg's transport. Twisted sets it before the first event reaches
-        the protocol, so it is there whenever a leg acts; its declared type
-        is only C{ITransport}, the leg needs a TCP transport and a consumer.
-        """
-        transport = self.transport
-        assert transport is not None, "the leg has no transport yet"
-        return cast(ILegTransport, transport)
-
     def _fields(self) -> dict[str, Any]:
         return {"call_id": self.call_id or "-", "role": self.role, "peer": self.peer}
-
-    # Timers: every one of them is cancelled in connectionLost.
-
-    def _setTimer(self, name: str, seconds: float, action: Callable[..., object], *args: Any) -> None:
-        self._cancelTimer(name)
-
-        def fire() -> None:
-            del self._timers[name]
-            action(*args)
-
-        self._timers[name] = self.reactor.callLater(seconds, fire)
-
-    def _cancelTimer(self, name: str) -> None:
-        timer = self._timers.pop(name, None)
-        if timer is not None and timer.active():
-            timer.cancel()
 
     # Connection events
 
@@ -336,7 +184,10 @@ class AudioSocketProtocol(Protocol):
         wire = self.wire
         address = wire.getPeer()
         self.peer = describe_address(address)
-        if not self._admitted(source_of(address)):
+        settings = self.settings
+        refused = self.registry.admit(self, source_of(address), settings.max_legs, settings.max_pending_per_source, self._crowd)
+        if refused is not None:
+            self._closeFor(CloseReason.OVER_CAPACITY, refused)
             return
         if ITCPTransport.providedBy(wire):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
@@ -352,36 +203,7 @@ class AudioSocketProtocol(Protocol):
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
-    def _admitted(self, source: str | None) -> bool:
-        """
-        Count the connection in, or refuse it as C{over_capacity}. Asterisk
-        sends its UUID at once, so a connection still waiting for it is the
-        likeliest to be junk: the oldest one makes way for a newcomer (past
-        C{--max-pending-per-source}, the source's own; at C{--max-legs}, that
-        of the source with the most: see L{audiohangup.registry.PendingConnections})
-        rather than let connections without a UUID keep real legs out. Only
-        legs and connections already closing refuse a newcomer.
-        """
-        registry, settings = self.registry, self.settings
-        if registry.connection_count >= settings.max_legs:
-            oldest = registry.pending.oldest_of_most()
-            if oldest is None:
-                self._closeFor(
-                    CloseReason.OVER_CAPACITY,
-                    f"{registry.connection_count} connections open, --max-legs {settings.max_legs}",
-                )
-                return False
-            self._crowd(oldest, "--max-legs", f"--max-legs {settings.max_legs} connections are open")
-        registry.connected(self, source)
-        cap = settings.max_pending_per_source
-        if source is not None and cap and registry.pending.count(source) > cap:
-            # None: every one has its bytes waiting, to be read in this pass; they are no flood.
-            oldest = registry.pending.oldest(source)
-            if oldest is not None:
-                self._crowd(oldest, source, f"over --max-pending-per-source {cap} connections without a UUID from {source}")
-        return True
-
-    def _crowd(self, oldest: ILeg, key: str, detail: str) -> None:
+    def _crowd(self, oldest: IServerLeg, key: str, detail: str) -> None:
         """Close C{oldest} (pending) for this newcomer; logged once a minute per source or for --max-legs."""
         waited = self.connected_at - oldest.connected_at
         oldest.crowdOut(f"{detail}; it waited {waited:.3f} s")
@@ -394,54 +216,13 @@ class AudioSocketProtocol(Protocol):
             )
 
     def bytesWaiting(self) -> bool:
-        handle = _socket_of(self.wire)
+        handle = socket_of(self.wire)
         if not isinstance(handle, socket.socket):
             return False  # TLS (its bytes say nothing yet) or a test transport
         try:
             return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:  # nothing waits (EAGAIN), or an error the next read will find
             return False
-
-    def crowdOut(self, detail: str) -> None:
-        """Close this connection, still without its UUID: a newer one needs its place."""
-        if self.state is AWAITING_UUID:
-            self._closeFor(CloseReason.TOO_MANY_PENDING, detail)
-
-    def _watchBackPressure(self) -> None:
-        """
-        A peer that stops reading must not grow our memory: the transport
-        pauses its producer (this leg) once more than C{max_unsent_bytes} wait
-        in its buffer, and the leg is then aborted as C{slow_consumer}. A small
-        kernel send buffer keeps that bound close to what is really unsent.
-        """
-        bound = self.settings.max_unsent_bytes
-        wire = self.wire
-        wire.bufferSize = bound
-        handle = _socket_of(wire)
-        if handle is not None:  # else a test transport: the Twisted bound still holds
-            try:
-                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bound)
-            except OSError:
-                pass
-        wire.registerProducer(self, True)
-
-    # IPushProducer: the transport tells us when the peer is not keeping up.
-
-    def pauseProducing(self) -> None:
-        if self.state is CLOSED or self._decided is CloseReason.SLOW_CONSUMER:
-            return
-        unsent = self.settings.max_unsent_ms
-        self._decided = CloseReason.SLOW_CONSUMER
-        self._detail = f"more than {unsent} ms of audio unsent"
-        if self.state is not CLOSING:
-            self._beginClosing()
-        self._abort()
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -473,62 +254,6 @@ class AudioSocketProtocol(Protocol):
             else:
                 return  # the rest of the chunk follows a close decision
 
-    # IHalfCloseableProtocol: only so that an end of stream reaches us while
-    # the socket is still open.
-
-    def readConnectionLost(self) -> None:
-        """
-        The peer's side of the stream ended, cleanly as far as Twisted knows.
-        Its poll reactors also say so, without reading, when epoll reports a
-        reset as HUP|ERR without IN (twisted#4604; about one reset in 10,000
-        under load here), so ask the socket for its pending error. How the
-        peer ended is settled here; closing our side (bounded like every close)
-        cannot change it.
-        """
-        pending = 0
-        wire = self.wire
-        handle = _socket_of(wire)
-        if handle is not None:  # a test transport has none
-            try:
-                pending = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError:
-                pass
-        self._peerEnd = Loss.RESET if pending or self._peerReset else Loss.CLEAN
-        if self.state is AWAITING_UUID or self.state is LIVE:
-            self._beginClosing()
-        self._loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        """Not used: audiohangup never half-closes its side."""
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._leaveRelay()
-        for name in list(self._timers):
-            self._cancelTimer(name)
-        self.pacer.remove(self)
-        self.queue.clear()
-        self.state = CLOSED
-        self.ended_at = self.reactor.seconds()
-        loss = loss_of(reason)
-        if self._peerEnd is not None and loss is not Loss.OTHER:
-            # After the peer's end of stream: our flush may meet its RST, or
-            # the close timer may abort; what the peer did is the reason.
-            loss = self._peerEnd
-        elif loss is Loss.CLEAN and self._peerReset:
-            loss = Loss.RESET  # a direct send met the reset first (see _write)
-        self.close_reason = classify(
-            hangup_sent=self.hangup_sent, decided=self._decided, loss=loss
-        )
-        try:
-            self._logEnd(loss, reason)
-        finally:
-            try:
-                self.registry.disconnected(self)
-            finally:
-                waiting, self._waiting = self._waiting, []
-                for waiter in waiting:
-                    waiter.callback(self.close_reason)
-
     # Frames in
 
     def _uuidFrameReceived(self, kind: int, payload: bytes) -> None:
@@ -555,7 +280,7 @@ class AudioSocketProtocol(Protocol):
             assert self.session is not None
             self.session.audioReceived(self, frame)
             if self.taps:
-                self._tell("legAudio", frame)
+                self._tell("legAudio", lambda tap: tap.legAudio(frame))
         elif kind == Kind.DTMF:
             if len(frame.payload) != 1:
                 self._closeFor(
@@ -582,29 +307,27 @@ class AudioSocketProtocol(Protocol):
         assert self.session is not None
         self.session.dtmfReceived(self, digit)
         if self.taps:
-            self._tell("legDtmf", digit)
+            self._tell("legDtmf", lambda tap: tap.legDtmf(digit))
 
     def _logDtmf(self, digit: str) -> None:
         """Each digit at info, up to L{DTMF_LOG_PER_SECOND} a second; then one warning for the rest of it."""
-        now = self.reactor.seconds()
-        if now - self._dtmfSecond >= 1.0:
-            self._dtmfSecond = now
-            self._dtmfLogged = 0
-        self._dtmfLogged += 1
-        if self._dtmfLogged <= DTMF_LOG_PER_SECOND:
+        if self._dtmfLog is None:
+            self._dtmfLog = LogLimit(1.0, burst=DTMF_LOG_PER_SECOND)
+        logged = self._dtmfLog.count("", self.reactor.seconds())
+        if logged <= DTMF_LOG_PER_SECOND:
             self.log.info("{call_id} {role} DTMF {digit!r}", digit=digit, **self._fields())
-        elif self._dtmfLogged == DTMF_LOG_PER_SECOND + 1:
+        elif logged == DTMF_LOG_PER_SECOND + 1:
             self.log.warn(
                 "{call_id} {role} sends over {limit} DTMF digits a second: more this second are "
                 "counted (audiohangup_dtmf_total), not logged",
                 limit=DTMF_LOG_PER_SECOND, **self._fields(),
             )
 
-    def _tell(self, event: str, *args: object) -> None:
-        """Tell every tap; one tap's bug is logged and reaches neither the leg nor the others."""
+    def _tell(self, event: str, call: Callable[[ILegTap], object]) -> None:
+        """C{call} on every tap (typed, which mypy checks); one tap's bug is logged and reaches neither the leg nor the others."""
         for tap in list(self.taps):
             try:
-                getattr(tap, event)(*args)
+                call(tap)
             except Exception:
                 self.log.failure(
                     "{call_id} {role} {tap} failed in {event}", tap=type(tap).__name__, event=event, **self._fields()
@@ -685,7 +408,7 @@ class AudioSocketProtocol(Protocol):
         """
         Bridge a frame from another leg: written at once, one write, same
         bytes. While a prompt or an app speaks to the leg (and for
-        L{SPOKEN_TICKS} after), its slots are the pacer's: a bridged frame
+        L{audiohangup.timeline.SPOKEN_TICKS} after), its slots are the pacer's: a bridged frame
         in a slot that had its frame waits for the next tick. Queued audio
         (a prompt) has the floor, and so has an app's speech under
         C{--stream-audio floor}: the bridged frame is dropped; under C{mix}
@@ -697,9 +420,7 @@ class AudioSocketProtocol(Protocol):
         """L{forward} for a frame still encoded, as it arrived on the other leg."""
         if self.state is LIVE:
             slot = self.pacer.slot
-            if not self.queue and not self.feed and (
-                self.written_in != slot or slot - self._spokenIn > SPOKEN_TICKS
-            ):
+            if not self.queue and not self.feed and (self.written_in != slot or not self.timeline.spokeLately(slot)):
                 # A bridge alone is paced by the other leg's Asterisk: what
                 # it sends goes through as it comes, a burst included.
                 self._write(data)
@@ -707,6 +428,10 @@ class AudioSocketProtocol(Protocol):
             elif not self.queue and (not self.feed or self.feed.mix):
                 self.held.append(data)
             self.forwarded_at = self.reactor.seconds()
+
+    def bridgeTo(self, other: ILeg | None) -> None:
+        """Forward this leg's own whole frames to C{other} as they come (see L{dataReceived}); None: through the flow."""
+        self.route = other
 
     def queueFrames(self, frames: list[bytes]) -> int:
         """Queue encoded frames for the pacer; return how many old ones were dropped."""
@@ -727,230 +452,50 @@ class AudioSocketProtocol(Protocol):
 
     def paceTick(self, now: float, bridged_since: float, missed: int = 0) -> None:
         """
-        The pacer's 20 ms tick: the idle check, then at most one frame:
-        queued audio first, then the app's (summed with a held bridged frame
-        under C{--stream-audio mix}), then a held bridged frame, else silence
-        unless audio was bridged here since C{bridged_since}.
-
-        After C{missed} slots without a tick, the audio due in them is
-        dropped, not played late: see L{_catchUp}.
+        The pacer's 20 ms tick: the idle check, then at most one frame, as
+        the leg's L{Timeline} picks it; silence only if nothing was bridged
+        here since C{bridged_since}. After C{missed} slots without a tick,
+        the audio due in them is dropped, not played late.
         """
         if self.state is not LIVE:
             return
         if now - self.last_frame_at >= self.idle_after:
             self.hangup(HangupCause.IDLE_TIMEOUT)
             return
-        if missed or self._late:
-            self._catchUp(missed)
-        held, feed = self.held, self.feed
-        frame: bytes | None = None
-        if self.queue:
-            frame = self.queue.popleft()
-            held.clear()  # a prompt has the floor
-            self._spokenIn = self.pacer.slot
-        elif feed and (frame := feed.next_frame()) is not None:
-            self._spokenIn = self.pacer.slot
-            if not feed.mix:
-                held.clear()  # the app has the floor
-            elif held:
-                frame = self._mixed(frame, held.popleft())
-        else:
-            if self._late:
-                self._late += 1  # while catching up, this slot's audio is late too: it comes after the tick
-            if held:
-                frame = held.popleft()
-            elif self.forwarded_at < bridged_since:
-                frame = self.format.silence_frame
+        slot, feed = self.pacer.slot, self.feed
+        frame = self.timeline.frameFor(slot, missed, self.queue, feed, self.held, self.forwarded_at < bridged_since)
         if frame is not None:
             self._write(frame)
-            self.written_in = self.pacer.slot
+            self.written_in = slot
             if feed:
                 feed.settle()  # the marks after it: that audio is out
+        if feed is not None:
+            feed.paced(slot, self.timeline.fed)
         if self._after_playout is not None and not self.queue and not self.feed:
             self.hangup(self._after_playout)
 
-    def _catchUp(self, missed: int) -> None:
-        """
-        Drop the audio that was due in the C{missed} slots, oldest first:
-        queued, the app's, then held bridged frames. Asterisk plays each frame
-        as it comes, so played late it would be a standing delay (or, sent
-        in a burst, fast audio); the stall was heard as a gap either way.
-        What was sent during the stall may be read only after this tick, so
-        the count not yet dropped stays due for L{CATCH_UP_TICKS} ticks,
-        with one more for each tick in them that finds nothing queued or fed.
-        Audio sent ahead of time (a sentence in one message) loses only the
-        frames of the missed slots: the rest still plays a frame a tick.
-        """
-        slot = self.pacer.slot
-        if missed:
-            self._late += missed
-            self._lateUntil = slot + CATCH_UP_TICKS
-        elif slot > self._lateUntil:
-            self._late = 0
-            return
-        late = self._late - self.queue.skip(self._late)
-        if late and self.feed:
-            late -= self.feed.skip(late)
-        while late and self.held:
-            self.held.popleft()
-            late -= 1
-        self._late = late
+    # What the server's parts attach to a leg: they never write its attributes.
 
-    def _mixed(self, app: bytes, bridged: bytes) -> bytes:
-        """The app's frame and a bridged one, summed; the app's alone if they differ in size or kind."""
-        if len(app) != len(bridged) or app[:3] != bridged[:3]:
-            return app
-        return app[:3] + mix(app[3:], bridged[3:], self.format)
+    def addTap(self, tap: ILegTap, heard: bool = False) -> None:
+        (self.heard if heard else self.taps).append(tap)
 
-    # Ending a leg
+    def removeTap(self, tap: ILegTap) -> None:
+        for taps in (self.taps, self.heard):
+            if tap in taps:
+                taps.remove(tap)
 
-    def hangup(self, cause: HangupCause) -> Deferred[CloseReason]:
-        """
-        Stop audio, send C{00 00 00} once, and wait, bounded, for the peer to close.
+    def attachFeed(self, feed: Playout) -> None:
+        self.feed = feed
 
-        Idempotent: on a leg already closing this only waits.
+    def detachFeed(self, feed: Playout) -> None:
+        if self.feed is feed:
+            self.feed = None
 
-        @return: fires with the leg's close reason once the leg is gone.
-        """
-        if self.state is AWAITING_UUID or self.state is LIVE:
-            self._sendHangup(cause)
-            self.log.info("{call_id} {role} hangup sent (cause {cause})", cause=cause, **self._fields())
-            if self.call_id is not None:  # a leg (a refused duplicate never gets here)
-                self.registry.events.hangupSent(self, cause)
-        return self.whenGone()
+    def addStream(self, stream: IMediaStream) -> None:
+        self.streams.append(stream)
 
-    def _sendHangup(self, cause: HangupCause) -> None:
-        """C{00 00 00}, the last bytes ever written, then a bounded close."""
-        self.hangup_cause = cause
-        self.hangup_at = self.reactor.seconds()
-        self._write(HANGUP_FRAME)
-        self._beginClosing()
-
-    def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
-        """
-        Let the queued audio play out, then hang up; bounded by the playout
-        timeout, after which the leg is hung up whatever is left.
-        """
-        if self.state is LIVE and (self.queue or self.feed):
-            if self._after_playout is None:  # a second request does not push the bound back
-                self._after_playout = cause
-                self._setTimer("playout", self.settings.playout_timeout, self._playoutTimedOut)
-            return self.whenGone()
-        return self.hangup(cause)
-
-    def _playoutTimedOut(self) -> None:
-        assert self._after_playout is not None
-        self.log.info(
-            "{call_id} {role} playout not done after {timeout:g} s ({queued_ms} ms left): hanging up",
-            timeout=self.settings.playout_timeout, queued_ms=self.queued_ms, **self._fields(),
-        )
-        self.hangup(self._after_playout)
-
-    def whenGone(self) -> Deferred[CloseReason]:
-        """A Deferred that fires with the close reason once the leg is gone."""
-        if self.close_reason is not None:
-            return succeed(self.close_reason)
-        waiter: Deferred[CloseReason] = Deferred()
-        self._waiting.append(waiter)
-        return waiter
-
-    def _closeFor(self, reason: CloseReason, detail: str) -> None:
-        """The peer ended or broke the leg: send nothing more and close our side."""
-        self._decided = reason
-        self._detail = detail
-        self._beginClosing()
-        self._loseConnection()
-
-    def _beginClosing(self) -> None:
-        self.state = CLOSING
-        self.registry.pending.discard(self)
-        self.pacer.remove(self)
-        self.queue.clear()
-        self.held.clear()
-        if self.feed is not None:
-            self.feed.drain()  # its marks are answered: that audio will never play
-        for name in ("uuid", "max_duration", "playout"):
-            self._cancelTimer(name)
-        self._setTimer("close", self.settings.close_timeout, self._abort)
-
-    # Closing our side. Twisted reads nothing more of a transport that is
-    # closing or aborted; nor may the relay, so the leg leaves it first.
-
-    def _leaveRelay(self) -> None:
-        if self.relay is not None:
-            self.relay.release(self, resume=False)
-
-    def _loseConnection(self) -> None:
-        """Close once what is buffered is written."""
-        self._leaveRelay()
-        self.wire.loseConnection()
-
-    def _abort(self) -> None:
-        """Drop the connection now."""
-        self._leaveRelay()
-        self.wire.abortConnection()
-
-    def _uuidTimedOut(self) -> None:
-        self._closeFor(CloseReason.UUID_TIMEOUT, f"none within {self.settings.uuid_timeout:g} s")
-
-    def _logEnd(self, loss: Loss, failure: Failure) -> None:
-        reason = self.close_reason
-        assert reason is not None
-        duration = (self.ended_at or self.connected_at) - self.connected_at
-        fields = dict(
-            self._fields(),
-            reason=reason,
-            cause=self.hangup_cause,
-            duration=duration,
-            explanation=reason.explanation,
-            detail=self._detail,
-            detail_text=f": {self._detail}" if self._detail else "",
-            hangup_to_close_ms=self.hangup_to_close_ms,
-            cause_text="",
-        )
-        if self.hangup_to_close_ms is not None:
-            fields["cause_text"] = (
-                f"; hangup cause {self.hangup_cause}, gone {self.hangup_to_close_ms:g} ms after it"
-            )
-        text = (
-            "{call_id} {role} leg ended: {reason} ({explanation}{detail_text}); "
-            "peer {peer}, {duration:.3f} s{cause_text}"
-        )
-        if loss is Loss.OTHER:
-            self.log.failure(text, failure=failure, **fields)
-        else:
-            self.log.emit(reason.level, text, **fields)
-
-    def summary(self) -> dict[str, Any]:
-        """How an ended leg went, as the API and the live page show it."""
-        ended = self.ended_at if self.ended_at is not None else self.reactor.seconds()
-        return {
-            "call_id": self.call_id,
-            "role": self.role,
-            "reason": self.close_reason,
-            "cause": self.hangup_cause,
-            "peer": self.peer,
-            "started_at": iso_time(self.connected_at),
-            "ended_at": iso_time(ended),
-            "duration": round(ended - self.connected_at, 3),
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        """What the HTTP API shows of a live leg."""
-        return {
-            "role": self.role,
-            "state": self.state,
-            "peer": self.peer,
-            "connected_at": iso_time(self.connected_at),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "queued_ms": self.queued_ms,
-            "dropped_frames": self.queue.dropped,
-            "dtmf": self.dtmf,
-            "streams": [stream.snapshot() for stream in self.streams],
-        }
+    def setRecording(self, name: str) -> None:
+        self.recording = name
 
 
 class AudioSocketFactory(Factory):

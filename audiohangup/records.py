@@ -20,15 +20,17 @@ thread, but it logs failed rollbacks and reconnections itself (as failures,
 with tracebacks), and here every failure must be ours to log, once, as one
 line with the call id.
 
-Queries run on that thread too, behind the writes. If nobody calls
-L{CallRecords.close}, the store closes itself in the reactor's C{during
-shutdown} phase, after the service's drain, writing what is queued first.
+Queries run on that thread too, behind the writes. The store is a service:
+C{startService} opens it, C{stopService} closes it. If nobody closes it, the
+store closes itself in the reactor's C{during shutdown} phase, after the
+service's drain, writing what is queued first.
 
 The reactor only snapshots the leg's fields and queues the work: a slow,
 full or failing disk delays or loses records, never a call. A failed write is
 logged at error level with the call id, without a traceback, and counted with
-C{metrics.record_failed()}; a written one is counted with
-C{metrics.record_written()}. Writes queue in memory while the disk stalls.
+C{audiohangup_call_records_failed_total}; a written one in
+C{audiohangup_call_records_written_total}. Writes queue in memory while the
+disk stalls.
 
 Each row is keyed, at C{legStarted}, by a L{_Row} handle kept per leg; the
 writer thread fills in its SQLite rowid when the insert runs. The end of the
@@ -66,22 +68,25 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorCore
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from audiohangup.events import ILegObserver
-from audiohangup.protocol import iso_time
+from audiohangup.events import counts_as_leg
+from audiohangup.interfaces import ILegObserver
+from audiohangup.lifecycle import DAY, Daily, Once
+from audiohangup.logs import iso_time
+from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason, Role
 
 if TYPE_CHECKING:
-    from audiohangup.interfaces import ILeg
-    from audiohangup.metrics import Metrics
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
 
 __all__ = [
@@ -103,7 +108,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
 #: Seconds between two scheduled prunes; one runs in L{CallRecords.open} too.
-PRUNE_INTERVAL = 86400.0
+PRUNE_INTERVAL = DAY
 
 #: Seconds a statement waits for another connection's lock ("database is locked").
 BUSY_TIMEOUT = 5.0
@@ -185,13 +190,13 @@ class _Row:
 
 
 @implementer(ILegObserver)
-class CallRecords:
+class CallRecords(Service):
     """
     The call records store: observes legs and answers queries.
 
-    Call L{open} before the first leg starts, and L{close} once the last is
-    gone: a write asked for before C{open} or after C{close} is not made (it
-    is logged and counted as failed).
+    Start the service (or call L{open}) before the first leg starts, and stop
+    it (or L{close}) once the last is gone: a write asked for before C{open}
+    or after C{close} is not made (it is logged and counted as failed).
 
     @param path: the SQLite file (created if missing), or C{":memory:"}.
     @param reactor: provides C{IReactorTime} and C{IReactorThreads}; if it
@@ -199,11 +204,11 @@ class CallRecords:
         reactor shuts down, in case nobody else did (see L{_reactorShutdown}).
     @param keep_days: rows whose leg started longer ago than this are pruned,
         in L{open} and then daily; C{0} keeps every row.
-    @param metrics: told of each leg write, C{record_written()} or
-        C{record_failed()}.
+    @param metrics: where each leg write is counted, written or failed.
     """
 
     log = Logger()
+    name = "records"
 
     @staticmethod
     def check_path(path: str) -> None:
@@ -233,23 +238,50 @@ class CallRecords:
                 raise ValueError(f"{path} is not a SQLite database")
 
     def __init__(
-        self, path: str, reactor: Any, *, keep_days: float = 30.0, metrics: Metrics | None = None
+        self, path: str, reactor: Any, *, keep_days: float = 30.0, metrics: CollectorRegistry | None = None
     ) -> None:
         if not (isinstance(keep_days, (int, float)) and keep_days >= 0 and math.isfinite(keep_days)):
             raise ValueError(f"keep_days must be a finite number of days, 0 or more, not {keep_days!r}")
         self.path = path
         self.reactor = reactor
         self.keep_days = float(keep_days)
-        self.metrics = metrics
+        metrics = metrics if metrics is not None else CollectorRegistry()  # none given: counted for nobody
+        self.written = series(metrics, Counter, "audiohangup_call_records_written", "Call record writes that succeeded.")
+        self.failed = series(metrics, Counter, "audiohangup_call_records_failed", "Call record writes that failed.")
         self._db = _Database(path)
         self._pool = ThreadPool(1, 1, name="audiohangup-records")
         self._state = _State.NEW
         self._rows: dict[Any, _Row] = {}
-        self._pruning: LoopingCall | None = None
+        self._pruning: Daily | None = None
         self._trigger: Any = None
-        self._closed: list[Deferred[None]] = []
+        self._closed = Once()
+        self._opening: Deferred[None] | None = None
 
     # Life cycle
+
+    def startService(self) -> None:
+        """
+        Open the store. Before the reactor runs, so no leg can start ahead of
+        it: the writes of the first legs queue behind the opening. A store
+        that cannot open is logged and off; the calls go on without it.
+        """
+        super().startService()
+        self._opening = Deferred.fromCoroutine(self.open()).addCallbacks(lambda _: None, self._openFailed)
+
+    def _openFailed(self, failure: Failure) -> None:
+        # A failing disk must not stop the calls: log it and serve without records.
+        self.log.error(
+            "call records in {path} are off: {error}", path=self.path,
+            error=failure.getErrorMessage() or type(failure.value).__name__,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Close the store once its opening is done: a stop right after the start lets it finish first."""
+        super().stopService()
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return self.close()
+        return opening.addCallback(lambda _: self.close())
 
     async def open(self) -> int:
         """
@@ -297,9 +329,8 @@ class CallRecords:
             )
         self._logPruned(pruned)
         if self.keep_days:
-            self._pruning = LoopingCall(self._scheduledPrune)
-            self._pruning.clock = self.reactor
-            self._pruning.start(PRUNE_INTERVAL, now=False).addErrback(self._pruneLoopFailed)
+            self._pruning = Daily(self._scheduledPrune, self.reactor, PRUNE_INTERVAL)
+            self._pruning.startService()
         if IReactorCore.providedBy(self.reactor):
             self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._reactorShutdown)
         return recovered
@@ -326,11 +357,8 @@ class CallRecords:
         legs still live keep their rows open, for the next L{open} to close
         as C{server_lost}.
         """
-        if self._state is _State.CLOSED:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._closed.append(waiter)
-        if self._state is _State.CLOSING:
+        waiter = self._closed.wait()
+        if self._state is _State.CLOSED or self._state is _State.CLOSING:
             return waiter
         started = self._state is not _State.NEW
         self._beginClosing()
@@ -343,7 +371,7 @@ class CallRecords:
     def _beginClosing(self) -> None:
         self._state = _State.CLOSING
         if self._pruning is not None and self._pruning.running:
-            self._pruning.stop()
+            self._pruning.stopService()
         self._pruning = None
         if self._trigger is not None:
             trigger, self._trigger = self._trigger, None
@@ -358,9 +386,7 @@ class CallRecords:
             self._pool.stop()  # its one thread is idle: this job was the last
         self._state = _State.CLOSED
         self._rows.clear()
-        waiters, self._closed = self._closed, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._closed.fire()
 
     def _reactorShutdown(self) -> None:
         """
@@ -393,7 +419,7 @@ class CallRecords:
 
     # ILegObserver: each snapshots the leg now and queues the write.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         row = self._rows[leg] = _Row()
         values = {
             "call_id": leg.call_id,
@@ -403,13 +429,13 @@ class CallRecords:
         }
         self._write(leg, "start", self._db.start, row, values)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         """Record the cause at once: a row lost mid-hangup keeps it."""
         row = self._rows.get(leg)
         if row is not None:
             self._write(leg, "hangup", self._db.hangup, row, str(cause))
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         row = self._rows.pop(leg, None) or _Row()
         ended_at = leg.ended_at if leg.ended_at is not None else self.reactor.seconds()
         values = {
@@ -434,12 +460,12 @@ class CallRecords:
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         """
         A connection without a UUID has no record (no call id); one refused
         as a duplicate has one, with its reason: it named a live call.
         """
-        if connection.call_id is not None:
+        if counts_as_leg(connection):
             self.legEnded(connection)
 
     def _write(self, leg: Any, what: str, work: Callable[..., None], *args: Any) -> None:
@@ -458,10 +484,9 @@ class CallRecords:
                     "{call_id} {role} call record not written ({what}): {error}",
                     call_id=call_id, role=role, what=what, error=_text(result),
                 )
-                if self.metrics is not None:
-                    self.metrics.record_failed()
-            elif self.metrics is not None:
-                self.metrics.record_written()
+                self.failed.inc()
+            else:
+                self.written.inc()
         except Exception:
             self.log.failure("{call_id} {role} counting a call record write failed", call_id=call_id, role=role)
 
@@ -502,9 +527,6 @@ class CallRecords:
         if self._state is not _State.OPEN:
             return succeed(None)
         return self.prune().addCallbacks(lambda _: None, failed)
-
-    def _pruneLoopFailed(self, failure: Failure) -> None:
-        self.log.error("the call records' daily prune stopped: {error}", error=_text(failure))
 
     # Queries
 

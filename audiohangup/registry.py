@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.test_protocol,tests.test_stateful -*-
 """
 Which legs are live: a leg is keyed by (call id, role), and the legs sharing a
 call id form a L{Session}. No I/O: the protocol registers a leg when its UUID
@@ -7,13 +7,13 @@ arrives and the registry forgets it in C{connectionLost}, whatever the path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
-from audiohangup.access import LogOncePer
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
-from audiohangup.interfaces import FlowFactory, ILeg
+from audiohangup.interfaces import FlowFactory, IServerLeg
+from audiohangup.logs import LogLimit
 from audiohangup.reasons import Role
 from audiohangup.session import Session
 
@@ -34,23 +34,23 @@ class PendingConnections:
     """
 
     def __init__(self) -> None:
-        self._source: dict[ILeg, str | None] = {}
-        self._from: dict[str | None, dict[ILeg, None]] = {}
+        self._source: dict[IServerLeg, str | None] = {}
+        self._from: dict[str | None, dict[IServerLeg, None]] = {}
         self._sized: dict[int, dict[str | None, None]] = {}
         self._most = 0
         #: When to log that a source's (or --max-legs') connections are being crowded out.
-        self.logNow = LogOncePer(60.0)
+        self.logNow = LogLimit(60.0)
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def add(self, connection: ILeg, source: str | None) -> None:
+    def add(self, connection: IServerLeg, source: str | None) -> None:
         self._source[connection] = source
         waiting = self._from.setdefault(source, {})
         waiting[connection] = None
         self._move(source, len(waiting) - 1, len(waiting))
 
-    def discard(self, connection: ILeg) -> None:
+    def discard(self, connection: IServerLeg) -> None:
         """It sent its UUID, or it is closing. Idempotent."""
         if connection not in self._source:
             return
@@ -76,16 +76,16 @@ class PendingConnections:
     def count(self, source: str | None) -> int:
         return len(self._from.get(source, ()))
 
-    def oldest(self, source: str | None) -> ILeg | None:
+    def oldest(self, source: str | None) -> IServerLeg | None:
         """
         The connection of C{source} that has waited longest, passing over any
-        whose bytes wait unread (L{ILeg.bytesWaiting}): the reactor accepts a
+        whose bytes wait unread (L{IServerLeg.bytesWaiting}): the reactor accepts a
         batch of connections before it reads any, so after a stall a burst of
         real legs would otherwise crowd out each other with their UUIDs in hand.
         """
         return next((each for each in self._from.get(source, ()) if not each.bytesWaiting()), None)
 
-    def oldest_of_most(self) -> ILeg | None:
+    def oldestOfMost(self) -> IServerLeg | None:
         """The oldest connection (as L{oldest}) of the source with the most pending; None if none is."""
         if not self._most:
             return None
@@ -107,19 +107,50 @@ class Registry:
         self.events = events if events is not None else LegEvents()
         self.on_duplicate = on_duplicate
         self._sessions: dict[str, Session] = {}
-        self._connections: set[ILeg] = set()
+        self._connections: set[IServerLeg] = set()
         #: The session each leg joined (a replaced leg stays until it is gone).
-        self._members: dict[ILeg, Session] = {}
+        self._members: dict[IServerLeg, Session] = {}
         self._legs = 0
         #: Connections still without their UUID (see L{connected}).
         self.pending = PendingConnections()
 
-    def connected(self, connection: ILeg, source: str | None = None) -> None:
+    def connected(self, connection: IServerLeg, source: str | None = None) -> None:
         """A new connection from C{source}, pending until it sends its UUID or closes."""
         self._connections.add(connection)
         self.pending.add(connection, source)
 
-    def holder(self, call_id: str, role: Role) -> ILeg | None:
+    def admit(
+        self,
+        connection: IServerLeg,
+        source: str | None,
+        max_legs: int,
+        max_pending: int,
+        crowd: Callable[[IServerLeg, str, str], None],
+    ) -> str | None:
+        """
+        Count a new connection in, or say why it is refused (C{over_capacity}).
+        Asterisk sends its UUID at once, so a connection still waiting for it
+        is the likeliest to be junk: the oldest one makes way for a newcomer
+        (past C{--max-pending-per-source}, the source's own; at C{--max-legs},
+        that of the source with the most: see L{PendingConnections}) rather
+        than let connections without a UUID keep real legs out. Only legs and
+        connections already closing refuse a newcomer. C{crowd} closes the
+        oldest, with the key its log line is limited by and why.
+        """
+        if self.connection_count >= max_legs:
+            oldest = self.pending.oldestOfMost()
+            if oldest is None:
+                return f"{self.connection_count} connections open, --max-legs {max_legs}"
+            crowd(oldest, "--max-legs", f"--max-legs {max_legs} connections are open")
+        self.connected(connection, source)
+        if source is not None and max_pending and self.pending.count(source) > max_pending:
+            # None: every one has its bytes waiting, to be read in this pass; they are no flood.
+            oldest = self.pending.oldest(source)
+            if oldest is not None:
+                crowd(oldest, source, f"over --max-pending-per-source {max_pending} connections without a UUID from {source}")
+        return None
+
+    def holder(self, call_id: str, role: Role) -> IServerLeg | None:
         """
         The live leg that keeps a newcomer naming (call id, role) out, when
         duplicates are refused: a call id is no key to a live call.
@@ -129,7 +160,7 @@ class Registry:
         held = self.get(call_id, role)
         return held if held is not None and held.live else None
 
-    def register(self, leg: ILeg) -> tuple[Session, ILeg | None]:
+    def register(self, leg: IServerLeg) -> tuple[Session, IServerLeg | None]:
         """
         Make C{leg} its session's leg for its role; return the session and
         the leg it replaces, if any.
@@ -147,7 +178,7 @@ class Registry:
             self._legs += 1
         return session, replaced
 
-    def disconnected(self, connection: ILeg) -> None:
+    def disconnected(self, connection: IServerLeg) -> None:
         """Forget a connection and, if it had started, tell that the leg ended."""
         self._connections.discard(connection)
         self.pending.discard(connection)
@@ -169,16 +200,16 @@ class Registry:
     def session(self, call_id: str) -> Session | None:
         return self._sessions.get(call_id)
 
-    def get(self, call_id: str, role: Role) -> ILeg | None:
+    def get(self, call_id: str, role: Role) -> IServerLeg | None:
         session = self._sessions.get(call_id)
         return None if session is None else session.legs.get(role)
 
-    def call(self, call_id: str) -> list[ILeg]:
+    def call(self, call_id: str) -> list[IServerLeg]:
         """The live legs of one call, visitor first; empty for an unknown call."""
         session = self._sessions.get(call_id)
         return [] if session is None else session.ordered()
 
-    def calls(self) -> dict[str, list[ILeg]]:
+    def calls(self) -> dict[str, list[IServerLeg]]:
         """Every call with its legs, in call id order."""
         return {call_id: self._sessions[call_id].ordered() for call_id in sorted(self._sessions)}
 
@@ -186,7 +217,7 @@ class Registry:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def connections(self) -> list[ILeg]:
+    def connections(self) -> list[IServerLeg]:
         """Every open connection, with or without a UUID yet."""
         return list(self._connections)
 
@@ -194,5 +225,5 @@ class Registry:
         """The number of live legs."""
         return self._legs
 
-    def __iter__(self) -> Iterator[ILeg]:
+    def __iter__(self) -> Iterator[IServerLeg]:
         return iter([leg for session in list(self._sessions.values()) for leg in session.ordered()])

@@ -113,6 +113,7 @@ class Relay(Service):
     """
 
     log = Logger()
+    name = "relay"
 
     def __init__(self, reactor: IReactorFDSet) -> None:
         self.reactor = reactor

@@ -1,7 +1,13 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_tap,tests.test_twistd -*-
 """
 Service wiring: one listening endpoint per role, the HTTP API on a third, all
 on one reactor and one registry, and a shutdown that drains live legs.
+
+L{build_service} makes every part in the order they need each other, each
+given what it needs as it is made (nothing is patched in afterwards), with
+one C{CollectorRegistry} each part counts in. Every part is a child service
+of L{AudioHangupService}, which starts them in the order they were added and
+stops them in its one stated L{AudioHangupService.STOP_ORDER}.
 """
 
 from __future__ import annotations
@@ -9,25 +15,26 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from prometheus_client import CollectorRegistry
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from audiohangup.access import IPNetwork, Scope, SourceACL, TokenFileError, Tokens
-from audiohangup.api import ControlAPI
-from audiohangup.audio import FORMATS
-from audiohangup.cluster import Cluster
+from audiohangup.audio import FORMATS, LegSettings
+from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
-from audiohangup.hosts import ServedHosts
+from audiohangup.http.access import Scope, TokenFileError, Tokens
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.hosts import ServedHosts
+from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import IReactor
+from audiohangup.lifecycle import InOrder, Part, within
 from audiohangup.listeners import (
     ConnectionCap,
     Listener,
@@ -36,15 +43,15 @@ from audiohangup.listeners import (
     listens_beyond_loopback,
     server_endpoint,
 )
-from audiohangup.metrics import Metrics
+from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
-from audiohangup.site import ApiSite
+from audiohangup.sources import IPNetwork, SourceACL
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -73,6 +80,7 @@ class Config:
     #: Names the API answers to beside localhost and IP addresses (--http-host).
     http_hosts: tuple[str, ...] = ()
     on_duplicate: OnDuplicate = "refuse"
+    #: The call records, SQLite rows (--call-records, --call-records-days): not the recordings below.
     records: str = "audiohangup.sqlite3"
     records_keep_days: float = 30.0
     webhooks: tuple[str, ...] = ()
@@ -97,14 +105,14 @@ class Config:
     advertise_url: str | None = None
     heartbeat: float = 2.0
     streams: StreamConfig = field(default_factory=StreamConfig)
-    #: --record DIR (every call) sets both; --record-dir only where on-demand recordings go.
+    #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False
     record_dir: str | None = None
     record_mix: str = "sent"
     record_days: float = 0.0
 
     def recordings_directory(self) -> str:
-        """Where recordings go: --record-dir, else 'recordings' beside the call records."""
+        """Where recordings go: --recordings-dir, else 'recordings' beside the call records."""
         if self.record_dir:
             return self.record_dir
         beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""
@@ -134,15 +142,33 @@ class Config:
         return self.visitor if role is Role.VISITOR else self.resident
 
 
-class AudioHangupService(MultiService):
+class AudioHangupService(InOrder):
     """
-    The whole server. Stopping it stops accepting, then hangs up every
-    connection with cause C{shutdown} and waits for them, bounded by the close
-    timeout (each leg aborts itself when its peer does not close in time).
+    The whole server: every part of it a child service, started in the order
+    given and stopped in L{STOP_ORDER}. Stopping it stops accepting, then
+    hangs up every connection with cause C{shutdown} and waits for them,
+    bounded by the close timeout (each leg aborts itself when its peer does
+    not close in time).
 
     Everything its legs share (the registry, the pacer, the stores) is its
     own: nothing of it outlives C{stopService}.
     """
+
+    #: The parts stop one step after another, each step waiting for the one
+    #: before (a MultiService would stop them all at once).
+    STOP_ORDER = (
+        ("audiosocket-visitor", "audiosocket-resident", "http", "tokens-file"),  # no new connection
+        ("drain",),  # every leg hung up and gone (bounded)
+        ("gc-pauses",),  # the process-wide hook goes
+        ("streams",),  # their apps get stop and a close, bounded
+        ("recorder",),  # the last audio written, the headers completed
+        ("pacer",),  # after the drain: live legs get their frames to the end
+        ("relay",),  # what is left of the legs, Twisted reads again
+        ("cluster",),  # session ends still need the directory
+        ("directory",),
+        ("webhooks",),  # the legs' last events are out now: deliver them (bounded)
+        ("records",),  # then close the store
+    )
 
     log = Logger()
 
@@ -158,10 +184,13 @@ class AudioHangupService(MultiService):
         webhooks: Webhooks | None = None,
         cluster: Cluster | None = None,
         streams: Streams | None = None,
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         recorder: Recorder | None = None,
+        api: ControlAPI | None = None,
+        doors: Sequence[IService] = (),
+        warnings: Sequence[str] = (),
     ) -> None:
-        super().__init__()
+        super().__init__(self.STOP_ORDER)
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
@@ -171,70 +200,60 @@ class AudioHangupService(MultiService):
         self.webhooks = webhooks
         self.cluster = cluster
         self.streams = streams
+        #: Every series of the server, which /metrics renders.
         self.metrics = metrics
         self.recorder = recorder
+        self.api = api
         #: What the configuration leaves open, logged once at start-up.
-        self.warnings: list[str] = []
-        self.api: ControlAPI | None = None
-        self._opening: Deferred[object] | None = None
+        self.warnings = list(warnings)
+        # Children start in this order. The store opens before the reactor
+        # runs, so no leg can start ahead of it: the first legs' writes queue
+        # behind the opening. The directory never fails for want of Redis: it
+        # keeps trying by itself.
+        parts: list[IService | None] = [
+            None if metrics is None else GarbageCollectorPauses(metrics),
+            None if recorder is None else Part("recorder", start=recorder.start, stop=recorder.stop),
+            records,
+            None if cluster is None else Part(
+                "directory", start=cluster.directory.start, stop=cluster.directory.stop,
+                failed="the call directory did not start",
+            ),
+            pacer,
+            relay,
+            None if streams is None else Part("streams", stop=streams.stop),
+            None if cluster is None else Part("cluster", stop=cluster.stop),
+            webhooks,
+            Drain(registry, settings.close_timeout, reactor),
+            *doors,
+        ]
+        for part in parts:
+            if part is not None:
+                part.setServiceParent(self)
 
     def startService(self) -> None:
-        if self.metrics is not None:
-            self.metrics.watchGarbageCollector()
-        if self.recorder is not None:
-            self.recorder.start()
         for warning in self.warnings:
             self.log.warn("{warning}", warning=warning)
-        # Before the reactor runs, so no leg can start ahead of the store:
-        # the writes of the first legs queue behind the opening.
-        if self.records is not None:
-            self._opening = Deferred.fromCoroutine(self.records.open()).addErrback(self._recordsFailed)
-        if self.cluster is not None:
-            # Never fails for want of Redis: the directory keeps trying by itself.
-            Deferred.fromCoroutine(self.cluster.directory.start()).addErrback(
-                lambda failure: self.log.failure("the call directory did not start", failure)
-            )
-        self.pacer.startService()
-        if self.relay is not None:
-            self.relay.startService()
         super().startService()
 
-    def _recordsFailed(self, failure: Failure) -> None:
-        # A failing disk must not stop the calls: log it and serve without records.
-        self.log.error(
-            "call records in {path} are off: {error}", path=self.records.path if self.records else "-",
-            error=failure.getErrorMessage() or type(failure.value).__name__,
-        )
+
+class Drain(Service):
+    """
+    At stop, hang up every connection (cause C{shutdown}) and wait until all
+    are gone; each leg aborts after the close timeout, and the wait is bounded
+    a second beyond it, which only guards a bug.
+    """
+
+    log = Logger()
+    name = "drain"
+
+    def __init__(self, registry: Registry, close_timeout: float, clock: IReactor) -> None:
+        self.registry = registry
+        self.close_timeout = close_timeout
+        self.clock = clock
 
     def stopService(self) -> Deferred[None]:
-        stopped: Deferred[object] = Deferred.fromCoroutine(self._stop())
-        # Twisted drops a failure from stopService without a word: log our own.
-        stopped.addErrback(lambda failure: self.log.failure("shutdown failed", failure))
-        return stopped.addCallback(lambda _: None)
-
-    async def _stop(self) -> None:
-        await MultiService.stopService(self)
-        await self.drain()
-        if self.metrics is not None:
-            self.metrics.unwatchGarbageCollector()
-        if self.streams is not None:
-            await self.streams.stop()  # their apps get stop and a close, bounded
-        if self.recorder is not None:
-            await self.recorder.stop()  # the last audio written, the headers completed
-        self.pacer.stopService()  # after the drain: live legs get their frames to the end
-        if self.relay is not None:
-            self.relay.stopService()  # what is left of the legs, Twisted reads again
-        if self.cluster is not None:
-            await self.cluster.stop()  # session ends still need the directory
-            await self.cluster.directory.stop()
-        # The legs' last events are out now: deliver them (bounded), then close the store.
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-        if self.records is not None:
-            # A stop right after start must let the opening finish before closing.
-            if self._opening is not None:
-                await self._opening
-            await self.records.close()
+        super().stopService()
+        return Deferred.fromCoroutine(self.drain())
 
     async def drain(self) -> None:
         """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
@@ -243,14 +262,10 @@ class AudioHangupService(MultiService):
             return
         self.log.info("shutting down: hanging up {count} connection(s)", count=len(connections))
         gone = DeferredList([c.hangup(HangupCause.SHUTDOWN) for c in connections], consumeErrors=True)
-        # Each leg aborts after the close timeout; the extra second only guards a bug.
-        gone.addTimeout(self.settings.close_timeout + 1.0, self.reactor)
-        try:
-            await gone
-        except TimeoutError:
-            self.log.warn("shutdown: {count} connections still open", count=len(self.registry.connections()))
-        else:
+        if await within(gone, self.close_timeout + 1.0, self.clock):
             self.log.info("shutdown: every leg is gone")
+        else:
+            self.log.warn("shutdown: {count} connections still open", count=len(self.registry.connections()))
 
 
 def global_reactor() -> IReactor:
@@ -261,18 +276,23 @@ def global_reactor() -> IReactor:
 
 
 def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangupService:
-    """Wire the listeners and the API onto one reactor and one registry."""
+    """
+    Build every part in the order they need each other, each given what it
+    needs as it is made, and the service that starts and stops them.
+    """
     if reactor is None:
         reactor = global_reactor()
     config, descriptors = fit_descriptors(config)
     settings = config.leg_settings()
-    registry = Registry(end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate)
-    metrics = Metrics(registry)
+    metrics = CollectorRegistry()
     flow = load_flow(config.flow)
-    # The built-in bridge counts the frames it converts between formats.
-    registry.flow_factory = partial(BridgeFlow, metrics.bridge_conversions) if flow is BridgeFlow else flow
+    registry = Registry(
+        end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate,
+        # The built-in bridge counts the frames it converts between formats.
+        flow_factory=BridgeFlow.counting(metrics) if flow is BridgeFlow else flow,
+    )
     recent = RecentLegs()
-    pacer = Pacer(reactor)
+    pacer = Pacer(reactor, metrics=metrics)
     relay = Relay(reactor)
     webhooks = None
     if config.webhooks:
@@ -280,8 +300,6 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
-    metrics.streams = streams
-    metrics.pacer = pacer
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
     recorder = Recorder(
         RecordingConfig(
@@ -294,12 +312,12 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     if config.records != "none":
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
     # Observers in this order: a leg's streams end (and say how) before its record is written.
-    for observer in (metrics, recent, streams, recorder, records, webhooks):
+    for observer in (LegMetrics(metrics, registry), recent, streams, recorder, records, webhooks):
         if observer is not None:
             registry.events.add(observer)
     cluster = None
     if config.redis:
-        from audiohangup.directory import Directory
+        from audiohangup.cluster.directory import Directory
 
         instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(
@@ -313,24 +331,20 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         )
         registry.events.add(directory)
         registry.events.add(cluster)
-    service = AudioHangupService(
-        registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster, streams=streams,
-        metrics=metrics, recorder=recorder,
-    )
+    doors: list[IService] = []
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
         endpoint = server_endpoint(reactor, config.endpoint(role))
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
-        Listener(name, endpoint, factory, gate).setServiceParent(service)
+        doors.append(Listener(name, endpoint, factory, gate))
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
         formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
-    service.api = api
-    site = ApiSite(
+    site = ApiSite.forAPI(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
         cap=ConnectionCap(
             "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,
@@ -342,26 +356,36 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         None if config.http_allow is None
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
     )
-    Listener("http", server_endpoint(reactor, config.http), site, http_gate).setServiceParent(service)
+    doors.append(Listener("http", server_endpoint(reactor, config.http), site, http_gate))
     if config.api_tokens_file is not None:
-        TokensFile(
-            config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files
-        ).setServiceParent(service)
+        doors.append(
+            TokensFile(config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files)
+        )
+    return AudioHangupService(
+        registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster,
+        streams=streams, metrics=metrics, recorder=recorder, api=api, doors=doors,
+        warnings=start_warnings(config, reactor, api, descriptors),
+    )
+
+
+def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descriptors: str | None) -> list[str]:
+    """What this configuration leaves open, or had to change, for the log at start-up."""
+    warnings = []
     open_to = [role for role in Role if listens_beyond_loopback(reactor, config.endpoint(role))]
     if open_to and config.allow is None:
-        service.warnings.append(
+        warnings.append(
             f"AudioSocket listeners for {', '.join(map(str, open_to))} accept every source beyond loopback: "
             "anyone who can reach them and knows a call id can join that call; set --allow to the "
             "addresses of your Asterisk servers"
         )
     if descriptors is not None:
-        service.warnings.append(descriptors)
+        warnings.append(descriptors)
     if config.insecure_http:
-        service.warnings.append(
+        warnings.append(
             f"--insecure-http: the API on {config.http} takes requests without a token"
             if not api.tokens else "--insecure-http is given but tokens are configured: the API still requires them"
         )
-    return service
+    return warnings
 
 
 def served_names(config: Config) -> tuple[str, ...]:
@@ -417,6 +441,7 @@ class TokensFile(Service):
     """
 
     log = Logger()
+    name = "tokens-file"
 
     def __init__(
         self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_session -*-
+# -*- test-case-name: tests.test_flows -*-
 """
 A session: the live legs sharing a call id, and the flow that runs them.
 
@@ -10,14 +10,14 @@ unless C{--on-leg-end=keep}.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.flows import SilenceFlow
-from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
+from audiohangup.interfaces import FlowFactory, IFlow, ILeg, IServerLeg, ISession
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.wire import Frame
 
@@ -30,7 +30,7 @@ class Session:
         self.call_id = call_id
         self.flow = flow
         self.end_with_leg = end_with_leg
-        self.legs: dict[Role, ILeg] = {}
+        self.legs: dict[Role, IServerLeg] = {}
         # Bound once: audio is 50 frames a second per leg, the one hot event.
         self._audioHook = flow.audioReceived
 
@@ -42,11 +42,11 @@ class Session:
             cls.log.failure("{call_id} the flow could not be created; the legs hear silence", call_id=call_id)
             return cls(call_id, SilenceFlow(), end_with_leg)
 
-    def others(self, leg: ILeg) -> list[ILeg]:
+    def others(self, leg: ILeg) -> list[IServerLeg]:
         """The session's other legs that can still take audio."""
         return [other for other in self.legs.values() if other is not leg and other.live]
 
-    def ordered(self) -> list[ILeg]:
+    def ordered(self) -> list[IServerLeg]:
         """The legs, visitor first."""
         return [leg for role in Role if (leg := self.legs.get(role)) is not None]
 
@@ -56,20 +56,21 @@ class Session:
 
     # Leg events, from the protocol and the registry
 
-    def join(self, leg: ILeg) -> ILeg | None:
+    def join(self, leg: IServerLeg) -> IServerLeg | None:
         """Make C{leg} the session's leg for its role; return the leg it replaces."""
         previous = self.legs.get(leg.role)
         self.legs[leg.role] = leg
-        self._tell("legJoined", leg)
+        self._tell("legJoined", leg, lambda: self.flow.legJoined(self, leg))
         return previous
 
-    def leave(self, leg: ILeg) -> None:
+    def leave(self, leg: IServerLeg) -> None:
         """C{leg} is gone. A leg that was replaced has left already and is not told about."""
         if self.legs.get(leg.role) is not leg:
             return
         del self.legs[leg.role]
         reason = leg.close_reason
-        self._tell("legEnded", leg, reason)
+        assert reason is not None, "a leg leaves once it is gone, its close reason known"
+        self._tell("legEnded", leg, lambda: self.flow.legEnded(self, leg, reason))
         if self.end_with_leg:
             for other in self.ordered():
                 other.hangup(HangupCause.SESSION)
@@ -82,11 +83,12 @@ class Session:
             self._failed("audioReceived", leg)
 
     def dtmfReceived(self, leg: ILeg, digit: str) -> None:
-        self._tell("dtmfReceived", leg, digit)
+        self._tell("dtmfReceived", leg, lambda: self.flow.dtmfReceived(self, leg, digit))
 
-    def _tell(self, hook: str, leg: ILeg, *args: Any) -> None:
+    def _tell(self, hook: str, leg: ILeg, call: Callable[[], object]) -> None:
+        """C{call}, the flow's C{hook} (a typed call, which mypy checks), guarded."""
         try:
-            getattr(self.flow, hook)(self, leg, *args)
+            call()
         except Exception:
             self._failed(hook, leg)
 

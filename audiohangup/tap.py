@@ -14,26 +14,28 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from audiohangup import credentials
-from audiohangup.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens, parse_networks
 from audiohangup.audio import FORMATS, FRAME_MS
-from audiohangup.directory import parse_redis_url
-from audiohangup.errors import ApiError
+from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
-from audiohangup.hosts import check_name
+from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
+from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.reasons import Role
 from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
 from audiohangup.service import Config, build_service
+from audiohangup.sources import parse_networks
 from audiohangup.streams.manager import (
     AUDIO_POLICIES,
     FAILURE_POLICIES,
     MODES,
     PROTOCOLS,
+    BadStreamURL,
     StreamConfig,
     check_url,
     parse_header,
@@ -44,6 +46,20 @@ TOKEN_ENVIRONMENT = "AUDIOHANGUP_API_TOKEN"
 WEBHOOK_SECRET_ENVIRONMENT = "AUDIOHANGUP_WEBHOOK_SECRET"
 STREAM_SECRET_ENVIRONMENT = "AUDIOHANGUP_STREAM_SECRET"
 REDIS_PASSWORD_ENVIRONMENT = "AUDIOHANGUP_REDIS_PASSWORD"
+
+#: Old spellings, still taken: each logs a warning at start-up naming the new one. The call records
+#: (SQLite rows, 30 days) and the recordings (WAV audio, kept forever) were --records and --record,
+#: one letter apart; now each store's options begin with its own name. --record DIR is
+#: --record-every-call --recordings-dir DIR (L{Options.opt_record}).
+RENAMED = {
+    "records": "call-records",
+    "records-keep-days": "call-records-days",
+    "record-dir": "recordings-dir",
+    "record-mix": "recordings-mix",
+    "record-days": "recordings-days",
+}
+
+log = Logger()
 
 
 def _seconds(name: str, *, zero_is_off: bool = False) -> Callable[[str], float]:
@@ -180,13 +196,13 @@ class Options(usage.Options):
             _seconds("--heartbeat"),
         ],
         [
-            "records", None, Config.records,
+            "call-records", None, Config.records,
             "SQLite file of call records (one row per leg), or 'none' to keep none.",
         ],
         [
-            "records-keep-days", None, Config.records_keep_days,
+            "call-records-days", None, Config.records_keep_days,
             "Days call records are kept; 0 keeps them forever.",
-            _days("--records-keep-days"),
+            _days("--call-records-days"),
         ],
         [
             "webhook-secret", None, None,
@@ -297,22 +313,19 @@ class Options(usage.Options):
             "(default: the system's trust store).",
         ],
         [
-            "record", None, None,
-            "Record every call into this directory (one stereo WAV per call: DIR/YYYY-MM-DD/<call id>.wav).",
+            "recordings-dir", None, None,
+            "Where recordings go, one stereo WAV per call: DIR/YYYY-MM-DD/<call id>.wav "
+            "(default: 'recordings' beside the call records).",
         ],
         [
-            "record-dir", None, None,
-            "Where recordings started through the API go (default: 'recordings' beside the call records).",
-        ],
-        [
-            "record-mix", None, "sent",
+            "recordings-mix", None, "sent",
             "What each channel holds: what its leg sent (the voices), or what it heard.",
-            _choice("--record-mix", ("sent", "heard")),
+            _choice("--recordings-mix", ("sent", "heard")),
         ],
         [
-            "record-days", None, 0.0,
+            "recordings-days", None, 0.0,
             "Days recordings are kept, pruned daily with the call records; 0 keeps them forever.",
-            _days("--record-days"),
+            _days("--recordings-days"),
         ],
         [
             "stream-url", None, None,
@@ -374,6 +387,11 @@ class Options(usage.Options):
     ]
     optFlags: list[list[Any]] = [
         [
+            "record-every-call", None,
+            "Record every call into --recordings-dir from its first leg on; without it, a call is recorded "
+            "when the API is asked to.",
+        ],
+        [
             "insecure-http", None,
             "Let the API listen beyond loopback without a token (something else must guard it).",
         ],
@@ -386,6 +404,9 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        #: The deprecated spellings given (L{RENAMED}), and what to say instead: each warned of once.
+        self.oldSpellings: dict[str, str] = {}
+        self["record"] = None
         self["webhook"] = []
         self["stream-header"] = []
         self._headerSources: list[tuple[str, str]] = []  # (option, its argument), read in postOptions
@@ -463,6 +484,17 @@ class Options(usage.Options):
         except ValueError as error:
             raise usage.UsageError(f"--http-host: {error}") from None
 
+    def opt_record(self, directory: str) -> None:
+        """Deprecated: say --record-every-call --recordings-dir DIR."""
+        self.oldSpellings.setdefault("record", "--record-every-call --recordings-dir DIR")
+        self["record"] = directory
+
+    def _renamed(self, old: str, new: str, value: str) -> None:
+        """--OLD VALUE, a deprecated spelling: VALUE is taken (and checked) as --NEW's."""
+        self.oldSpellings.setdefault(old, f"--{new}")
+        coerce = next((entry[4] for entry in self.optParameters if entry[0] == new and len(entry) > 4), str)
+        usage.CoerceParameter(self, coerce).dispatch(new, value)
+
     def opt_webhook(self, url: str) -> None:
         """URL to POST leg and call events to (repeat for several)."""
         self["webhook"].append(url)
@@ -470,6 +502,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
+        for old, new in self.oldSpellings.items():
+            log.warn("--{old} is deprecated and will go: say {new}", old=old, new=new)
         for name in ("visitor", "resident", "http"):
             try:
                 serverFromString(reactor, self[name])
@@ -505,22 +539,29 @@ class Options(usage.Options):
                     "--redis needs --api-token: it is the control token the instances use between themselves "
                     "(the same on every instance), and the key that proves a request was forwarded by one of them"
                 )
-        if not self["records"]:
-            raise usage.UsageError("--records needs a file path, or 'none'")
-        if self["records"] != "none":
+        if not self["call-records"]:
+            raise usage.UsageError("--call-records needs a file path, or 'none'")
+        if self["call-records"] != "none":
             try:
-                CallRecords.check_path(self["records"])
+                CallRecords.check_path(self["call-records"])
             except ValueError as error:
-                raise usage.UsageError(f"--records: {error}") from None
+                raise usage.UsageError(f"--call-records: {error}") from None
         if self["record"] is not None:
-            if self["record-dir"] is not None and self["record-dir"] != self["record"]:
-                raise usage.UsageError("--record DIR sets where recordings go: give --record-dir the same, or drop it")
-            self["record-dir"] = self["record"]
-        if self["record-dir"] is not None:
+            if self["recordings-dir"] is not None and self["recordings-dir"] != self["record"]:
+                raise usage.UsageError(
+                    "--record DIR sets where recordings go: give --recordings-dir the same, or drop it"
+                )
+            self["recordings-dir"], self["record-every-call"] = self["record"], 1
+        if self["recordings-dir"] is not None:
             try:
-                Recorder.check_directory(self["record-dir"])
+                Recorder.check_directory(self["recordings-dir"])
             except ValueError as error:
-                raise usage.UsageError(f"--record-dir: {error}") from None
+                raise usage.UsageError(f"--recordings-dir: {error}") from None
+        elif self["record-every-call"]:  # into the default directory: it too must be usable at once
+            try:
+                Recorder.check_directory(Config(records=self["call-records"]).recordings_directory())
+            except ValueError as error:
+                raise usage.UsageError(f"--record-every-call, into the default --recordings-dir: {error}") from None
         for option in ("allow", "http-allow", "trusted-proxies"):
             if self[option] is not None:
                 try:
@@ -535,8 +576,8 @@ class Options(usage.Options):
         if self["stream-url"] is not None:
             try:
                 check_url(self["stream-url"])
-            except ApiError as error:
-                raise usage.UsageError(f"--stream-url: {error.message}") from None
+            except BadStreamURL as error:
+                raise usage.UsageError(f"--stream-url: {error}") from None
         try:
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
         except ValueError:
@@ -587,8 +628,8 @@ class Options(usage.Options):
             http_hosts=tuple(self["http-host"]),
             on_duplicate=self["on-duplicate"],
             webhook_ca=self["webhook-ca"],
-            records=self["records"],
-            records_keep_days=self["records-keep-days"],
+            records=self["call-records"],
+            records_keep_days=self["call-records-days"],
             webhooks=tuple(self["webhook"]),
             webhook_secret=self["webhook-secret"],
             redis=self["redis"],
@@ -608,10 +649,10 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             max_duration=self["max-duration"],
             playout_timeout=self["playout-timeout"],
-            record_every_call=self["record"] is not None,
-            record_dir=self["record-dir"],
-            record_mix=self["record-mix"],
-            record_days=self["record-days"],
+            record_every_call=bool(self["record-every-call"]),
+            record_dir=self["recordings-dir"],
+            record_mix=self["recordings-mix"],
+            record_days=self["recordings-days"],
             streams=StreamConfig(
                 url=self["stream-url"],
                 roles=self["stream-roles"],
@@ -627,6 +668,18 @@ class Options(usage.Options):
                 ca=self["stream-ca"],
             ),
         )
+
+
+def _oldSpelling(old: str, new: str) -> Callable[[Options, str], None]:
+    def handler(options: Options, value: str) -> None:
+        options._renamed(old, new, value)
+
+    handler.__doc__ = f"Deprecated: say --{new}."
+    return handler
+
+
+for _old, _new in RENAMED.items():  # Options.opt_records and the others: usage.Options finds them by name
+    setattr(Options, f"opt_{_old.replace('-', '_')}", _oldSpelling(_old, _new))
 
 
 def makeService(options: Options, reactor: IReactor | None = None) -> IService:

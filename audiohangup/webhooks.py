@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import treq
 from hyperlink import EncodedURL
+from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall
@@ -59,15 +61,17 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from audiohangup import __version__
-from audiohangup.events import ILegObserver
+from audiohangup.events import counts_as_leg
 from audiohangup.httpclient import BoundedPool
-from audiohangup.protocol import iso_time
+from audiohangup.interfaces import ILegObserver
+from audiohangup.lifecycle import Once
+from audiohangup.logs import WarningCount, iso_time, redact
+from audiohangup.metrics import series
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
-    from audiohangup.interfaces import ILeg
-    from audiohangup.metrics import Metrics
+    from audiohangup.interfaces import IServerLeg
     from audiohangup.reasons import HangupCause
 
 EVENT_HEADER = "X-Audiohangup-Event"
@@ -84,7 +88,7 @@ LOG_INTERVAL = 10.0
 #: Response bodies are read and discarded; past this many bytes the connection is closed.
 MAX_RESPONSE_BYTES = 64 * 1024
 
-#: Outcomes, as counted by C{Metrics.webhook_delivery}.
+#: Outcomes, as counted in C{audiohangup_webhook_deliveries_total}.
 DELIVERED = "delivered"
 RETRIED = "retried"
 REJECTED = "rejected"
@@ -155,12 +159,6 @@ def trust_root(path: str) -> IOpenSSLTrustRoot:
         raise ValueError(f"{path}: a certificate does not load: {error}") from None
 
 
-def _redact(url: str) -> str:
-    """The URL for logs: no query string or fragment, which may hold a token."""
-    parsed = EncodedURL.from_text(url)
-    return parsed.replace(query=(), fragment="").to_text()
-
-
 def _check_url(url: str) -> None:
     try:
         parsed = EncodedURL.from_text(url)
@@ -169,7 +167,7 @@ def _check_url(url: str) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"webhook URL {url!r} must be http:// or https:// with a host")
     if parsed.userinfo:
-        raise ValueError(f"webhook URL {_redact(url)!r}: credentials in the URL are not supported")
+        raise ValueError(f"webhook URL {redact(url)!r}: credentials in the URL are not supported")
 
 
 @dataclass
@@ -225,48 +223,16 @@ class _Drain(Protocol):
             self.transport.loseConnection()
 
 
-class _Throttle:
-    """Warn lines about one kind of drop: the first at once, then a count at most once per interval."""
-
-    def __init__(self, owner: Webhooks, summary: str) -> None:
-        self.owner = owner
-        self.summary = summary
-        self.last: float | None = None
-        self.suppressed = 0
-        self.timer: IDelayedCall | None = None
-
-    def warn(self, text: str, **fields: Any) -> None:
-        reactor = self.owner.reactor
-        now = reactor.seconds()
-        if self.last is None or now - self.last >= LOG_INTERVAL:
-            self.last = now
-            self.owner.log.warn(text, **fields)
-            return
-        self.suppressed += 1
-        if self.timer is None:
-            self.timer = reactor.callLater(max(0.0, self.last + LOG_INTERVAL - now), self.flush)
-
-    def flush(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-        if self.suppressed:
-            self.owner.log.warn(self.summary, count=self.suppressed, interval=LOG_INTERVAL)
-            self.suppressed = 0
-            self.last = self.owner.reactor.seconds()
-
-
 @implementer(ILegObserver)
-class Webhooks:
+class Webhooks(Service):
     """
-    Posts leg events to every URL in C{urls}.
+    Posts leg events to every URL in C{urls}; stopping the service is L{stop}.
 
     @param reactor: the reactor for requests, timeouts and retries.
     @param secret: signs each body (C{X-Audiohangup-Signature}) when given.
     @param ca: a PEM file of the certificates HTTPS receivers are verified
         against, instead of the system's trust store.
-    @param metrics: told of each outcome (C{webhook_delivery}).
+    @param metrics: where each outcome is counted.
     @param timeout: seconds for one attempt, from connecting to the end of the
         response body; also how long L{stop} waits.
     @param max_attempts: attempts per event and URL, the first one included.
@@ -281,6 +247,7 @@ class Webhooks:
     """
 
     log = Logger()
+    name = "webhooks"
 
     @staticmethod
     def check(urls: list[str], *, secret: str | None = None) -> None:
@@ -296,7 +263,7 @@ class Webhooks:
         reactor: Any,
         *,
         secret: str | None = None,
-        metrics: Metrics | None = None,
+        metrics: CollectorRegistry | None = None,
         timeout: float = 5.0,
         max_attempts: int = 5,
         backoff: float = 0.5,
@@ -316,7 +283,10 @@ class Webhooks:
         self.urls = list(urls)
         self.reactor = reactor
         self.secret = secret
-        self.metrics = metrics
+        self.deliveries = series(
+            metrics if metrics is not None else CollectorRegistry(),  # none given: counted for nobody
+            Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
+        )
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -330,7 +300,7 @@ class Webhooks:
         self.pool = pool
         policy = BrowserLikePolicyForHTTPS(trustRoot=None if ca is None else trust_root(ca))
         self.agent = Agent(reactor, contextFactory=policy, pool=pool)
-        self._names = {url: _redact(url) for url in self.urls}
+        self._names = {url: redact(url) for url in self.urls}
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._ready: deque[_Queue] = deque()
         self._active = 0
@@ -341,15 +311,19 @@ class Webhooks:
         self._stop_dropped = 0
         self._deadline: IDelayedCall | None = None
         self._stopped = False  # nothing is left to deliver
-        self._stop_done = False  # ... and the pool is closed: stop() has fired
-        self._stop_waiters: list[Deferred[None]] | None = None
+        self._stopping = Once()  # done once the pool is closed too
         self._throttles = {
-            OVERFLOW: _Throttle(self, "{count} more webhook events dropped, queue full, in the last {interval:g} s"),
-            FAILED: _Throttle(
-                self, "{count} more webhook events dropped after failed attempts in the last {interval:g} s"
+            OVERFLOW: WarningCount(
+                self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
-            REJECTED: _Throttle(
-                self, "{count} more webhook events rejected by their receiver in the last {interval:g} s"
+            FAILED: WarningCount(
+                self.log, reactor,
+                "{count} more webhook events dropped after failed attempts in the last {interval:g} s", LOG_INTERVAL,
+            ),
+            REJECTED: WarningCount(
+                self.log, reactor, "{count} more webhook events rejected by their receiver in the last {interval:g} s",
+                LOG_INTERVAL,
             ),
         }
 
@@ -360,27 +334,27 @@ class Webhooks:
 
     # ILegObserver: these only enqueue, and never raise.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         self._event("leg_started", leg)
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass  # not an event receivers are told of; leg_ended carries the cause
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         self._event("leg_ended", leg)
 
     def callEnded(self, call_id: str) -> None:
         self._event("call_ended", None, call_id)
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         """
         A connection without a UUID sends no event (no call id); one refused
         as a duplicate is a C{leg_ended} with its reason, and no C{leg_started}.
         """
-        if connection.call_id is not None:
+        if counts_as_leg(connection):
             self._event("leg_ended", connection)
 
-    def _event(self, event: str, leg: ILeg | None, call_id: str | None = None) -> None:
+    def _event(self, event: str, leg: IServerLeg | None, call_id: str | None = None) -> None:
         fields: dict[str, Any] = {}
         role = None
         if leg is not None:
@@ -410,8 +384,7 @@ class Webhooks:
     # Queues
 
     def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.webhook_delivery(outcome)
+        self.deliveries.labels(outcome=outcome).inc()
 
     def _enqueue(self, url: str, item: _Delivery) -> None:
         if self._held >= self.max_queue:
@@ -598,6 +571,10 @@ class Webhooks:
 
     # Stopping
 
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
     def stop(self) -> Deferred[None]:
         """
         Stop taking events and drain, bounded by C{timeout} seconds: queued
@@ -608,14 +585,9 @@ class Webhooks:
         bounded by C{timeout} too). Fires once all that is done; safe to call
         again, each call firing when the first one does.
         """
-        waiter: Deferred[None] = Deferred()
-        if self._stop_done:
-            waiter.callback(None)
+        waiter = self._stopping.wait()
+        if not self._stopping.begin():
             return waiter
-        if self._stop_waiters is not None:
-            self._stop_waiters.append(waiter)
-            return waiter
-        self._stop_waiters = [waiter]
         self._accepting = False
         for queue in list(self._queues.values()):
             if queue.state == "waiting" and queue.retry is not None:
@@ -650,7 +622,7 @@ class Webhooks:
         self._checkStopped()
 
     def _checkStopped(self) -> None:
-        if self._stop_waiters is None or self._stopped or self._held or self._active:
+        if not self._stopping.begun or self._stopped or self._held or self._active:
             return
         self._stopped = True
         if self._deadline is not None and self._deadline.active():
@@ -667,7 +639,7 @@ class Webhooks:
         else:
             closed = Deferred()
             closed.callback(None)
-        closed.addBoth(self._stopDone)
+        closed.addBoth(lambda _: self._stopping.fire())
 
     def _closePool(self) -> Deferred[None]:
         """Close the cached connections, waiting at most C{timeout} for them to go."""
@@ -683,11 +655,6 @@ class Webhooks:
         maybeDeferred(self.pool.closeCachedConnections).addBoth(fire)
         return done
 
-    def _stopDone(self, _: object) -> None:
-        self._stop_done = True
-        waiters, self._stop_waiters = self._stop_waiters or [], []
-        for waiter in waiters:
-            waiter.callback(None)
 
 
 __all__ = ["EVENT_HEADER", "EVENT_ID_HEADER", "SIGNATURE_HEADER", "Webhooks", "sign", "verify"]

@@ -432,7 +432,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="interpreter with aiohttp for asyncio_server.py; default this one")
     parser.add_argument("--go-bin", metavar="FILE", help="a built go_server; default: build one with go if there is go")
     parser.add_argument("--audiohangup-args", default="",
-                        help='extra twistd audiohangup options, one string, e.g. "--records none"')
+                        help='extra twistd audiohangup options, one string, e.g. "--call-records none"')
     parser.add_argument("--server-cpu", type=int, default=1, help="core the servers run on; default 1")
     parser.add_argument("--load-cpu", type=int, default=0, help="core the load runs on; default 0")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")

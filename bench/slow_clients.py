@@ -193,7 +193,7 @@ async def main(arguments: argparse.Namespace) -> dict[str, Any]:
     twistd = str(Path(sys.executable).with_name("twistd"))
     argv = [
         "prlimit", f"--nofile={arguments.nofile}", twistd, "-n", "--pidfile=", "audiohangup",
-        *(f"--{role}=tcp:0:interface=127.0.0.1" for role in ("visitor", "resident", "http")), "--records", "none",
+        *(f"--{role}=tcp:0:interface=127.0.0.1" for role in ("visitor", "resident", "http")), "--call-records", "none",
         *arguments.server_options,
     ]
     workdir = tempfile.mkdtemp(prefix="ah-slow-")

@@ -14,7 +14,7 @@ of its own, so its CPU is not the server's) and one process of fake Asterisk
 legs run on ``--load-cpu``. The servers take turns for every load, the order
 rotating each round. A server that cannot run (no ``asyncio_streams.py``, no
 interpreter with ``websockets``: ``--asyncio-python``) is skipped with a line
-that says so. audiohangup runs as ``twistd -n audiohangup --records none``
+that says so. audiohangup runs as ``twistd -n audiohangup --call-records none``
 (``common.Server``: what ``pip install .`` installed, or the tree on
 ``PYTHONPATH``).
 
@@ -64,7 +64,10 @@ exactly (checked at start against ``audiohangup.codecs``). The leg writes
 its stamp (call, role, sequence, send time) into samples 0-31; the app
 echoes the frame as it came, except samples 32-49, where it writes its own
 send time; the rest is silence. The app sets ``TCP_NODELAY``, as asyncio
-does (``--app-nagle``: autobahn's default, Nagle on).
+does (``--app-nagle``: autobahn's default, Nagle on). Its WebSocket server is
+a lean one of a few lines (``--app lean``, the default): autobahn's
+(``--app autobahn``) spends about 70 µs a message, so at 200 calls the app
+filled the load's core and its own queue was in every latency measured.
 
 The table (reST, to paste) goes to stdout, then one JSON line with every
 run; progress goes to stderr. Run from the repository root, with the working
@@ -86,6 +89,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -248,6 +252,9 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    from audiohangup.streams.frames import mask as ws_mask
 
     stamps = Stamps()
     monotonic_ns = time.monotonic_ns
@@ -265,8 +272,12 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
             self.closes: Counter[str] = Counter()
 
         def listen(self) -> None:
-            factory = WebSocketServerFactory()
-            factory.protocol = EchoProtocol
+            factory: Any
+            if cfg["app"] == "autobahn":
+                factory = WebSocketServerFactory()
+                factory.protocol = EchoProtocol
+            else:
+                factory = Factory.forProtocol(LeanEchoProtocol)
             endpoint = TCP4ServerEndpoint(reactor, 0, backlog=256, interface="127.0.0.1")
             endpoint.listen(factory).addCallbacks(self.listening, lambda failure: self.fail(repr(failure.value)))
 
@@ -316,6 +327,120 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
 
     app = Echo()
 
+    class LeanEchoProtocol(Protocol):
+        """
+        The same app on a WebSocket server of a few lines (RFC 6455: the
+        handshake, whole masked frames in, unmasked frames out, close and
+        ping answered): autobahn's server spends about 70 µs a message, so at
+        200 calls the app alone filled the load core and its queue was in
+        every latency the table shows. C{--app autobahn} brings it back.
+        """
+
+        streaming = False
+        clean = False
+
+        def connectionMade(self) -> None:
+            if not cfg["app_nagle"]:
+                self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.buffer = b""
+            self.open = False
+
+        def dataReceived(self, data: bytes) -> None:
+            buffer = self.buffer + data if self.buffer else data
+            if not self.open:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    self.buffer = buffer
+                    return
+                self.handshake(buffer[:end].decode("latin-1"))
+                buffer = buffer[end + 4:]
+            at, size = 0, len(buffer)
+            while size - at >= 6:
+                first, second = buffer[at], buffer[at + 1] & 0x7F
+                head = at + 2
+                if second == 126:
+                    if size - at < 8:
+                        break
+                    second = int.from_bytes(buffer[head:head + 2], "big")
+                    head += 2
+                elif second == 127:
+                    if size - at < 14:
+                        break
+                    second = int.from_bytes(buffer[head:head + 8], "big")
+                    head += 8
+                end = head + 4 + second
+                if end > size:
+                    break
+                payload = ws_mask(buffer[head + 4:end], buffer[head:head + 4])
+                at = end
+                self.frame(first & 0x0F, payload)
+            self.buffer = buffer[at:]
+
+        def handshake(self, head: str) -> None:
+            fields = {}
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                fields[name.strip().lower()] = value.strip()
+            accept = base64.b64encode(hashlib.sha1(
+                (fields["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+            reply = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                     f"Sec-WebSocket-Accept: {accept}"]
+            offered = fields.get("sec-websocket-protocol")
+            if offered:
+                reply.append(f"Sec-WebSocket-Protocol: {offered.split(',')[0].strip()}")
+            self.transport.write(("\r\n".join(reply) + "\r\n\r\n").encode())  # type: ignore[union-attr]
+            self.open = self.streaming = True
+            app.opened += 1
+            app.open_now += 1
+
+        def send(self, opcode: int, payload: bytes) -> None:
+            size = len(payload)
+            if size < 126:
+                head = bytes((0x80 | opcode, size))
+            elif size < 65536:
+                head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+            else:
+                head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+            self.transport.write(head + payload)  # type: ignore[union-attr]
+
+        def frame(self, opcode: int, payload: bytes) -> None:
+            now = monotonic_ns()
+            if opcode == 0x2:
+                app.heard(stamps.read_pcm(payload, 0, LEG_STAMP.size), now)
+                stamp = stamps.pcm(app_stamp(APP_MAGIC, monotonic_ns()))
+                self.send(0x2, payload[:LEG_PCM_BYTES] + stamp + payload[LEG_PCM_BYTES + APP_PCM_BYTES:])
+            elif opcode == 0x1:
+                reply = media_reply(payload, now)
+                if reply is not None:
+                    self.send(0x1, reply)
+            elif opcode == 0x8:
+                self.clean = True
+                self.send(0x8, payload[:2])
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            elif opcode == 0x9:
+                self.send(0xA, payload)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            app.closes[f"{'clean' if self.clean else 'unclean'} {1000 if self.clean else None}"] += 1
+            if self.streaming:
+                self.streaming = False
+                app.open_now -= 1
+            app.closed()
+
+    def media_reply(payload: bytes, now: int) -> bytes | None:
+        """Twilio's protocol: a C{media} answered with a C{media} of the same μ-law, our stamp in it."""
+        body = json.loads(payload)
+        event = body.get("event")
+        if event != "media":
+            app.events[str(event)] += 1
+            return None
+        ulaw = base64.b64decode(body["media"]["payload"])
+        app.heard(stamps.read_codes(ulaw, 0, LEG_STAMP.size), now)
+        stamp = stamps.codes(app_stamp(APP_MAGIC, monotonic_ns()))
+        echoed = base64.b64encode(ulaw[:LEG_CODES] + stamp + ulaw[LEG_CODES + APP_CODES:]).decode("ascii")
+        reply = {"event": "media", "streamSid": body.get("streamSid"), "media": {"payload": echoed}}
+        return json.dumps(reply, separators=(",", ":")).encode()
+
     class EchoProtocol(WebSocketServerProtocol):
         streaming = False
 
@@ -345,18 +470,9 @@ def app_main(cfg: dict[str, Any], result_path: str) -> int:
             self.sendMessage(frame[:LEG_PCM_BYTES] + stamp + frame[LEG_PCM_BYTES + APP_PCM_BYTES:], isBinary=True)
 
         def echo_media(self, payload: bytes, now: int) -> None:
-            """Twilio's protocol: a C{media} answered with a C{media} of the same μ-law, our stamp in it."""
-            body = json.loads(payload)
-            event = body.get("event")
-            if event != "media":
-                app.events[str(event)] += 1
-                return
-            ulaw = base64.b64decode(body["media"]["payload"])
-            app.heard(stamps.read_codes(ulaw, 0, LEG_STAMP.size), now)
-            stamp = stamps.codes(app_stamp(APP_MAGIC, monotonic_ns()))
-            echoed = base64.b64encode(ulaw[:LEG_CODES] + stamp + ulaw[LEG_CODES + APP_CODES:]).decode("ascii")
-            reply = {"event": "media", "streamSid": body.get("streamSid"), "media": {"payload": echoed}}
-            self.sendMessage(json.dumps(reply, separators=(",", ":")).encode(), isBinary=False)
+            reply = media_reply(payload, now)
+            if reply is not None:
+                self.sendMessage(reply, isBinary=False)
 
         def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
             app.closes[f"{'clean' if wasClean else 'unclean'} {code}"] += 1
@@ -641,10 +757,10 @@ class Contender:
 
 
 def audiohangup_contender(args: argparse.Namespace) -> Contender:
-    """twistd -n audiohangup (common.Server: ephemeral loopback ports, --records none) streaming every leg."""
+    """twistd -n audiohangup (common.Server: ephemeral loopback ports, --call-records none) streaming every leg."""
 
     def make(protocol: str, url: str) -> common.Server:
-        extra = ["--records", "none", "--stream-url", url, "--stream-protocol", protocol, "--stream-mode", "converse"]
+        extra = ["--call-records", "none", "--stream-url", url, "--stream-protocol", protocol, "--stream-mode", "converse"]
         if not args.bridged:
             extra += ["--stream-roles", "visitor"]
         server = common.Server(extra + shlex.split(args.audiohangup_args))
@@ -725,7 +841,7 @@ def start_app(args: argparse.Namespace, directory: str) -> tuple[common.Worker, 
     """The echo app's process, listening; its port."""
     port_file = os.path.join(directory, "app.port")
     app = common.Worker(os.path.abspath(__file__), 0, {
-        "kind": "app", "port_file": port_file, "app_nagle": args.app_nagle, **timing(args),
+        "kind": "app", "port_file": port_file, "app_nagle": args.app_nagle, "app": args.app, **timing(args),
     }, directory)
     app.wait_ready(time.monotonic() + READY_TIMEOUT)
     with open(port_file) as f:
@@ -1113,6 +1229,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="after the window, SIGSTOP the server this long, then SIGCONT (0: no stall); default 300")
     parser.add_argument("--drain", type=float, default=1.0, help="seconds for echoes in flight after sending; default 1")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over every server and load, interleaved; default 2")
+    parser.add_argument("--app", choices=("lean", "autobahn"), default="lean",
+                        help="the echo app's WebSocket server: a lean one of a few lines, or autobahn's (about 70 µs a "
+                             "message: at 200 calls it fills the load core); default lean")
     parser.add_argument("--app-nagle", action="store_true",
                         help="leave Nagle's algorithm on in the echo app (autobahn's default); default off, as in "
                              "asyncio and websockets")

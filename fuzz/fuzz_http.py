@@ -46,30 +46,32 @@ import json
 import os
 import uuid
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import harness
 from harness import Wire
 
 with harness.instrumented(__name__):
+    from prometheus_client import CollectorRegistry
     from treq.testing import StubTreq
+    from twisted.internet import reactor
     from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
     from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
-    from audiohangup.access import AuthThrottle, Scope, Tokens
-    from audiohangup.api import ControlAPI
     from audiohangup.audio import FORMATS
     from audiohangup.events import RecentLegs
-    from audiohangup.metrics import Metrics
+    from audiohangup.http.access import AuthThrottle, Scope, Tokens
+    from audiohangup.http.api import ControlAPI
+    from audiohangup.http.site import ApiSite
     from audiohangup.pacer import Pacer
     from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
     from audiohangup.reasons import CloseReason, HangupCause, Role
     from audiohangup.records import CallRecords
     from audiohangup.registry import Registry
-    from audiohangup.site import ApiSite
+    from audiohangup.streams.manager import StreamConfig, Streams
     from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_uuid
 
 CALL = "0b8a1f9e-5c2d-4e3f-8a7b-6c5d4e3f2a1b"
@@ -240,7 +242,11 @@ def _records() -> CallRecords:
 
 RECORDS = _records()
 RECENT = RecentLegs()
-API = ControlAPI(Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=Metrics(Registry()))
+# The streams a server opens on the global reactor, as the API built them itself before the wiring passed them.
+STREAMS = Streams(StreamConfig(), cast(Any, reactor))
+API = ControlAPI(
+    Registry(), settings=SETTINGS[0], recent=RECENT, records=RECORDS, metrics=CollectorRegistry(), streams=STREAMS
+)
 RESOURCE = API.app.resource()
 
 
@@ -254,7 +260,7 @@ class World:
         # StubTreq would build.
         self.stub = StubTreq(RESOURCE)
         agent = self.stub._agent
-        agent._serverFactory = ApiSite(API, reactor=agent._memoryReactor)
+        agent._serverFactory = ApiSite.forAPI(API, reactor=agent._memoryReactor)
         self.clock = Clock()
         self.pacer = Pacer(self.clock)
         self.registry = Registry()
@@ -383,7 +389,7 @@ NON_UTF8_ANSWER = b"Non-UTF-8 encoding in URL."
 #: The live page's files, which a path the server normalises to C{/} or
 #: C{/static/<name>} (C{/;x}, say) rightly answers as they are.
 PAGE_FILES = {
-    resources.files("audiohangup").joinpath("web", name).read_bytes(): content_type
+    resources.files("audiohangup.http").joinpath("web", name).read_bytes(): content_type
     for name, content_type in [
         ("index.html", "text/html; charset=utf-8"),
         ("app.js", "text/javascript; charset=utf-8"),

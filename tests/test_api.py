@@ -21,10 +21,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.api import ControlAPI
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
+from audiohangup.http.api import ControlAPI
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import HANGUP_FRAME, encode_uuid
@@ -289,6 +289,72 @@ class RecordsNotOpenTests(SynchronousTestCase):
         response = self.successResultOf(stub.get("http://api/records"))
         body = self.successResultOf(response.json())
         self.assertEqual((response.code, body["error"]["code"]), (503, "records_unavailable"))
+
+
+class RefusalTableTests(SynchronousTestCase):
+    """The domain raises its own exceptions; the one table in audiohangup.http.errors says how each is answered."""
+
+    def test_table(self) -> None:
+        from audiohangup.cluster.directory import DirectoryUnavailable
+        from audiohangup.cluster.forward import OwnerAnswerTooLarge, OwnerUnreachable
+        from audiohangup.http.errors import ApiError, refusal
+        from audiohangup.recording import AlreadyRecording, NotRecording, RecorderStopped, RecordingOff
+        from audiohangup.records import BadQuery
+        from audiohangup.streams.manager import (
+            AlreadyConversing,
+            BadStreamField,
+            BadStreamURL,
+            LegNotLive,
+            TooManyStreams,
+        )
+
+        for error, status, code in [
+            (BadStreamURL("no"), 400, "bad_url"),
+            (BadStreamField("parameters", "no"), 400, "bad_parameters"),
+            (LegNotLive("gone"), 404, "no_live_leg"),
+            (TooManyStreams("16"), 409, "too_many_streams"),
+            (AlreadyConversing("one"), 409, "already_conversing"),
+            (RecordingOff("off"), 404, "recording_off"),
+            (AlreadyRecording(CALL), 409, "already_recording"),
+            (NotRecording(CALL), 404, "not_recording"),
+            (RecorderStopped("stopping"), 503, "shutting_down"),
+            (BadQuery("cursor"), 400, "bad_query"),
+            (DirectoryUnavailable("down"), 503, "redis_unavailable"),
+            (OwnerAnswerTooLarge("b", "http://b", "64 KiB"), 502, "owner_answer_too_large"),
+            (OwnerUnreachable("b", "http://b", "refused"), 502, "owner_unreachable"),
+        ]:
+            answer = refusal(error)
+            assert answer is not None, error
+            self.assertEqual((answer.status, answer.code), (status, code), error)
+        self.assertEqual(refusal(NotRecording(CALL)).message, f"call {CALL} is not being recorded")  # type: ignore[union-attr]
+        self.assertEqual(
+            refusal(DirectoryUnavailable("down")).message,  # type: ignore[union-attr]
+            "the call directory (Redis) is unreachable: down",
+        )
+        own = ApiError(418, "teapot", "short and stout")
+        self.assertIs(refusal(own), own)
+        self.assertIsNone(refusal(ValueError("not a refusal")))  # a bug: the API's 500
+
+    def test_oneShapeOfAnOwnersFailure(self) -> None:
+        """A leg whose owner did not answer, or refused, is reported the same way by the hangup and stream routes."""
+        from audiohangup.cluster.forward import OwnerUnreachable, Reply
+        from audiohangup.http.api import _refused
+
+        unreachable = Reply("visitor", "b", failure=OwnerUnreachable("b", "http://b:8080", "refused"))
+        self.assertEqual(_refused(unreachable), {
+            "role": "visitor", "status": 502,
+            "error": {"code": "owner_unreachable", "message": "instance b at http://b:8080 did not answer: refused"},
+        })
+        refused = Reply("visitor", "b", 409, b'{"error": {"code": "already_conversing", "message": "one"}}')
+        self.assertEqual(
+            _refused(refused),
+            {"role": "visitor", "status": 409, "error": {"code": "already_conversing", "message": "one"}},
+        )
+        garbled = Reply("resident", "b", 500, b"<html>")
+        self.assertEqual(
+            _refused(garbled),
+            {"role": "resident", "status": 500, "error": {"code": "owner_error", "message": "the owner answered 500"}},
+        )
 
 
 class OddQueuePlayTests(StubbedAPITestCase):

@@ -41,7 +41,7 @@ class Instance:
 async def instance(spawn: Spawn, redis: RedisServer, name: str) -> Instance:
     http = free_port()
     child, ports = await start_server(
-        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--records", "none",
+        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
         "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
         "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN,
     )
@@ -417,7 +417,7 @@ class FakeOwner:
 
 async def owned_by_fake(redis_server: RedisServer, fake: FakeOwner, call_id: uuid.UUID) -> Any:
     """A directory entry naming C{fake}, instance "evil", the owner of C{call_id}'s visitor."""
-    from audiohangup.directory import DEFAULT_PREFIX
+    from audiohangup.cluster.directory import DEFAULT_PREFIX
     from tests.test_directory import Cluster as Directories
 
     directories = Directories(redis_server)

@@ -21,27 +21,27 @@ from typing import Any, TypeVar
 import pytest
 import pytest_twisted
 import txredisapi
+from automat import NoTransition
+from twisted.application.internet import ClientService
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from audiohangup import directory as directory_module
-from audiohangup.directory import (
-    Directory,
-    DirectoryUnavailable,
-    InstanceEntry,
-    LegEntry,
-    RedisAddress,
-    parse_redis_url,
-)
-from audiohangup.events import ILegObserver
+from audiohangup.audio import LegSettings
+from audiohangup.cluster import redis as redis_module
+from audiohangup.cluster.directory import Directory, DirectoryUnavailable, InstanceEntry, LegEntry
+from audiohangup.cluster.redis import RedisAddress, parse_redis_url
+from audiohangup.interfaces import ILegObserver
+from audiohangup.logs import iso_time
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, iso_time
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import Role
 from audiohangup.registry import Registry
 from audiohangup.wire import encode_uuid
@@ -183,7 +183,7 @@ def call_ids(entries: list[LegEntry]) -> set[str]:
     return {entry.call_id for entry in entries}
 
 
-# URLs and construction (no Redis needed)
+# URLs, construction and the connection's machinery (no Redis needed)
 
 
 def test_redis_urls(logs: LogCapture) -> None:
@@ -223,6 +223,41 @@ def test_construction_checks_its_arguments(logs: LogCapture) -> None:
     for options in ({"heartbeat": 0}, {"heartbeat": -1}, {"prefix": ""}, {"timeout": 0}):
         with pytest.raises(ValueError):
             Directory("redis://h", "a", "http://a", registry, reactor, **options)
+
+
+def test_client_service_cannot_close_a_rejected_connection() -> None:
+    """
+    Why RedisConnection's endpoint sends AUTH, SELECT and PING instead of
+    ClientService's prepareConnection (see its docstring): a connection that
+    prepareConnection rejects stays open, and closing it (as a Redis that
+    refuses or a reply timeout does) makes ClientService's state machine
+    raise NoTransition inside connectionLost, a traceback in the reactor.
+    If this starts to pass without raising, Twisted handles it now and
+    prepareConnection can do the job.
+    """
+    made: list[Any] = []
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Any:
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(StringTransport())
+            made.append(protocol)
+            return succeed(protocol)
+
+    def reject(protocol: Any) -> None:
+        raise ValueError("NOAUTH")
+
+    clock = Clock()
+    service = ClientService(
+        Endpoint(), Factory.forProtocol(Protocol), retryPolicy=lambda failures: 1.0, clock=clock,
+        prepareConnection=reject,
+    )
+    service.startService()
+    assert len(made) == 1 and made[0].transport.connected  # rejected, and left open
+    with pytest.raises(NoTransition):
+        made[0].connectionLost(Failure(ConnectionDone()))  # closed while ClientService waits to retry
+    clock.advance(1.0)
+    service.stopService()
 
 
 # Registering and removing legs
@@ -513,13 +548,13 @@ async def test_reconnection_removes_legs_that_ended_meanwhile(
 ) -> None:
     """The connection drops but Redis keeps its data: a leg that ended meanwhile is removed on reconnection."""
     # A first retry slow enough that the leg surely ends while the directory is away.
-    monkeypatch.setattr(directory_module, "RETRY_FIRST", 1.0)
+    monkeypatch.setattr(redis_module, "RETRY_FIRST", 1.0)
     a = await cluster.started("a")
     live, ended = a.leg(uuid.uuid4()), a.leg(uuid.uuid4())
     await eventually(lambda: _equal(lambda: _ids(a.directory), {live.call_id, ended.call_id}))
-    assert a.directory._conn is not None
+    assert a.directory._redis.current is not None
     raw = await cluster.raw()  # before the abort: opening it takes longer than the directory's first retry
-    a.directory._conn.transport.abortConnection()
+    a.directory._redis.current.transport.abortConnection()
     await eventually(lambda: _false(a.directory.available), timeout=1.0)
     a.end(ended)
     assert await raw.exists(f"{PREFIX}:leg:{ended.call_id}:visitor")  # still there: nobody could remove it
@@ -575,6 +610,9 @@ async def test_start_without_redis_then_redis_comes(cluster: Cluster, logs: LogC
     await sleep(3 * HEARTBEAT)
     assert len(warnings(logs, "call directory: cannot reach Redis")) == 1
     assert "ConnectionRefusedError" in warnings(logs, "call directory")[0]
+    # ClientService's own line per retry is at debug level: the outage is told once, above.
+    retries = [event for event in logs.events if "Scheduling retry" in event.get("log_format", "")]
+    assert retries and all(event["log_level"] is LogLevel.debug for event in retries)
 
     late = RedisServer(port=port)
     try:

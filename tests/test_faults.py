@@ -153,7 +153,7 @@ async def start(make_server: Callable[..., Awaitable[Server]], logs: LogCapture,
 
 def recent_legs(server: Server) -> list[dict[str, Any]]:
     """The live page's history of ended legs (only legs that had a UUID)."""
-    return server.service.getServiceNamed("http").factory.api.recent.latest(100)
+    return server.api.recent.latest(100)
 
 
 def rows_in(records: Path) -> list[tuple[Any, ...]]:

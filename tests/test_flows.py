@@ -15,10 +15,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from audiohangup.audio import FORMATS, SLIN, FrameQueue
+from audiohangup.audio import FORMATS, SLIN, FrameQueue, LegSettings
 from audiohangup.flows import BUILTIN_FLOWS, EchoFlow, FlowLoadError, IFlow, SilenceFlow, load_flow
+from audiohangup.http.api import leg_view
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.session import Session
@@ -112,7 +113,7 @@ class BridgeTests(SessionTestCase):
         visitor.dataReceived(audio(8))
         self.assertEqual(resident_wire.value(), b"")  # the prompt has the floor on the route too
         resident.queue.clear()
-        visitor.taps.append(Tap())
+        visitor.addTap(Tap())
         visitor.dataReceived(audio(9))
         self.assertEqual((resident_wire.value(), calls), (audio(9), [audio(9)]))  # a tap: through the flow
         resident.connectionLost(Failure(ConnectionLost()))
@@ -432,7 +433,7 @@ class QueueTests(SynchronousTestCase):
         leg.dataReceived(encode_uuid(CALL))
         self.assertEqual(leg.play(b"\x01\x00" * 160 * 4), 0)
         self.assertEqual(leg.play(b"\x02\x00" * 160 * 4), 3)
-        self.assertEqual((leg.queued_ms, leg.snapshot()["dropped_frames"]), (100, 3))
+        self.assertEqual((leg.queued_ms, leg_view(leg)["dropped_frames"]), (100, 3))
         self.assertEqual(leg.queue.popleft()[3:5], b"\x01\x00")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -26,14 +27,13 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup.access import parse_networks, source_of
-from audiohangup.api import ControlAPI
-from audiohangup.hosts import ServedHosts, check_name
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.hosts import ServedHosts, check_name
+from audiohangup.http.site import ApiSite
 from audiohangup.listeners import ConnectionCap, descriptor_limit
-from audiohangup.metrics import Metrics
 from audiohangup.registry import Registry
 from audiohangup.service import Config, fit_descriptors, served_names
-from audiohangup.site import ApiSite
+from audiohangup.sources import parse_networks, source_of
 from audiohangup.streams.manager import StreamConfig
 from audiohangup.tap import Options
 from audiohangup.wire import Kind, encode_frame
@@ -46,8 +46,8 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
 def _site(clock: Clock, **options: Any) -> ApiSite:
     registry = Registry()
-    api = ControlAPI(registry, clock=clock, metrics=Metrics(registry))
-    return ApiSite(api, clock, **options)
+    api = ControlAPI(registry, clock=clock, metrics=CollectorRegistry())
+    return ApiSite.forAPI(api, clock, **options)
 
 
 class _Connection:
@@ -95,7 +95,7 @@ class DeadlineTests(SynchronousTestCase):
         self.clock.advance(10 - self.clock.seconds())
         self.assertTimedOut(connection, "head")
         self.assertEqual(
-            self.site.api.metrics.collectors.get_sample_value(
+            self.site.metrics.get_sample_value(
                 "audiohangup_http_requests_total", {"route": "unrouted", "method": "-", "status": "408"}
             ),
             1.0,
@@ -351,7 +351,7 @@ async def test_slow_clients_cannot_lock_out_asterisk_or_health(make_server: Any,
         for client in clients:
             if client.open:
                 client.transport.abortConnection()
-    evicted = server.service.api.metrics.collectors.get_sample_value(
+    evicted = server.service.api.metrics.get_sample_value(
         "audiohangup_connections_refused_total", {"listener": "http", "reason": "evicted"}
     )
     assert evicted and evicted >= len(clients) - total

@@ -374,7 +374,7 @@ async def test_max_legs_fit_the_descriptor_limit(spawn: Any) -> None:
     """
     # A long --uuid-timeout: however slowly a busy machine lets the flood in, it is all held at once.
     child, ports = await start_server(
-        spawn, "--records", "none", "--http-max-connections", "64", "--uuid-timeout", "60",
+        spawn, "--call-records", "none", "--http-max-connections", "64", "--uuid-timeout", "60",
         prefix=("prlimit", "--nofile=400:400"),
     )
     assert "--max-legs is lowered to 272" in child.log, child.describe()
@@ -408,7 +408,7 @@ async def test_out_of_file_descriptors(spawn: Any, logs: LogCapture) -> None:
     EMFILE: the server logs it, keeps its live legs going, refuses what it
     cannot accept, and accepts again once descriptors are free.
     """
-    child, ports = await start_server(spawn, "--records", "none")
+    child, ports = await start_server(spawn, "--call-records", "none")
     base = f"http://127.0.0.1:{ports['http']}"
     pid = child.transport.pid
     fds = len(os.listdir(f"/proc/{pid}/fd"))

@@ -154,20 +154,22 @@ async def test_method_label_is_bounded(make_server, logs: LogCapture) -> None:
 
 def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
     """A replaced leg still closing keeps counting: frame totals only grow."""
+    from prometheus_client import CollectorRegistry
     from twisted.internet.error import ConnectionLost
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
-    from audiohangup.metrics import Metrics
+    from audiohangup.audio import LegSettings
+    from audiohangup.metrics import LegMetrics
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
 
     registry = Registry(on_duplicate="replace")
-    metrics = Metrics(registry)
-    registry.events.add(metrics)
+    metrics = CollectorRegistry()
+    registry.events.add(LegMetrics(metrics, registry))
     clock = Clock()
     call = uuid.uuid4()
 
@@ -178,7 +180,7 @@ def test_counters_never_go_back_when_a_leg_is_replaced() -> None:
         return made
 
     def received() -> float:
-        return metrics.collectors.get_sample_value("audiohangup_frames_received_total")
+        return metrics.get_sample_value("audiohangup_frames_received_total")
 
     old = leg()
     seen = [received()]
@@ -197,15 +199,15 @@ async def test_garbage_collector_pauses_are_timed_while_the_service_runs(make_se
     import gc
 
     server = await make_server()
-    metrics = server.service.metrics
-    assert metrics._gcCallback in gc.callbacks
-    before = metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"}) or 0
+    metrics, pauses = server.service.metrics, server.service.getServiceNamed("gc-pauses")
+    assert pauses._collecting in gc.callbacks
+    before = metrics.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"}) or 0
     gc.collect()
-    after = metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"})
+    after = metrics.get_sample_value("audiohangup_gc_pause_seconds_count", {"generation": "2"})
     assert after == before + 1
-    assert metrics.collectors.get_sample_value("audiohangup_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    assert metrics.get_sample_value("audiohangup_gc_pause_seconds_sum", {"generation": "2"}) > 0
     await server.service.stopService()
-    assert metrics._gcCallback not in gc.callbacks
+    assert pauses._collecting not in gc.callbacks
 
 
 def test_missed_slots_are_counted() -> None:
@@ -213,26 +215,27 @@ def test_missed_slots_are_counted() -> None:
     A tick the reactor runs 100 ms late is one late tick and four missed
     slots, whose audio the legs dropped: a stall a caller heard as a gap.
     """
+    from prometheus_client import CollectorRegistry
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from audiohangup.metrics import Metrics
+    from audiohangup.audio import LegSettings
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings
+    from audiohangup.protocol import AudioSocketProtocol
     from audiohangup.registry import Registry
     from audiohangup.wire import encode_uuid
 
     registry = Registry()
-    metrics = Metrics(registry)
+    metrics = CollectorRegistry()
     clock = Clock()
-    metrics.pacer = pacer = Pacer(clock)
+    pacer = Pacer(clock, metrics=metrics)
     leg = AudioSocketProtocol(Role.VISITOR, registry, LegSettings(), clock, pacer)
     leg.makeConnection(StringTransport())
     leg.dataReceived(encode_uuid(uuid.uuid4()))
     clock.pump([0.02] * 5 + [0.1])
 
     def sample(name: str) -> float:
-        return metrics.collectors.get_sample_value(name)
+        return metrics.get_sample_value(name)
 
     assert (sample("audiohangup_pacer_ticks_total"), sample("audiohangup_pacer_late_ticks_total")) == (6, 1)
     assert sample("audiohangup_pacer_missed_slots_total") == 4

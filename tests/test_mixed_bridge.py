@@ -62,7 +62,7 @@ async def test_mulaw_intercom_heard_on_a_slin16_softphone(make_server: Any, logs
     assert {len(payload) for payload in frames} == {640}  # 20 ms of slin16 each
     assert 47 <= len(frames) <= 50  # one per frame sent, less what the resampler still holds
     assert abs(peak_hz(b"".join(frames), 16000) - 1000) <= 10
-    metric = server.service.api.metrics.collectors.get_sample_value(
+    metric = server.service.api.metrics.get_sample_value(
         "audiohangup_bridge_conversions_total", {"source": "ulaw", "target": "slin16"}
     )
     assert metric == 50

@@ -7,6 +7,7 @@ code imports is declared, and the version is written in one place.
 
 from __future__ import annotations
 
+import ast
 import configparser
 from pathlib import Path
 
@@ -39,20 +40,6 @@ def _declared() -> set[str]:
     return {canonicalize_name(Requirement(line).name) for line in lines if line and not line.startswith("#")}
 
 
-def _imported() -> set[str]:
-    """The modules the installed code imports (absolute imports, anywhere in a module)."""
-    import ast
-
-    modules: set[str] = set()
-    for path in [*(ROOT / "audiohangup").rglob("*.py"), *(ROOT / "twisted" / "plugins").glob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                modules.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules.add(node.module)
-    return modules
-
-
 def test_every_import_is_declared() -> None:
     """
     What our code imports is in install_requires, not merely brought by a
@@ -64,8 +51,9 @@ def test_every_import_is_declared() -> None:
     from packaging.utils import canonicalize_name
 
     owners = packages_distributions()
+    code = [*(ROOT / "audiohangup").rglob("*.py"), *(ROOT / "twisted" / "plugins").glob("*.py")]
     needed: dict[str, str] = {}
-    for module in _imported():
+    for module in {module for path in code for module in _imported(path)}:
         parts = module.split(".")
         if parts[0] in sys.stdlib_module_names or parts[0] == "audiohangup":
             continue
@@ -127,3 +115,62 @@ def test_every_newsfragment_has_a_known_type() -> None:
             parts.pop()
         assert len(parts) > 1 and parts[-1] in types, f"{path.name}: name it <short-name>.<type>, a type of {sorted(types)}"
         assert path.read_text(encoding="utf-8").strip(), f"{path.name} says nothing"
+
+
+def test_the_live_page_is_shipped() -> None:
+    """Every file the API serves for the live page is in the package data of audiohangup.http."""
+    from audiohangup.http.answers import _STATIC_TYPES
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    package = ROOT / "audiohangup" / "http"
+    shipped = {
+        path.relative_to(package).as_posix()
+        for pattern in config["options.package_data"]["audiohangup.http"].split()
+        for path in package.glob(pattern)
+    }
+    assert {f"web/{name}" for name in _STATIC_TYPES} <= shipped
+
+
+#: The wiring builds the API and its site (service.py) and checks their options (tap.py).
+_WIRING = {"audiohangup/service.py", "audiohangup/tap.py"}
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module C{path} imports, anywhere in it (under TYPE_CHECKING and inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the package of path
+                base = path.relative_to(ROOT).parent.parts[: len(path.relative_to(ROOT).parent.parts) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _http(module: str) -> bool:
+    return module == "audiohangup.http" or module.startswith("audiohangup.http.")
+
+
+def test_only_http_knows_status_codes() -> None:
+    """
+    Nothing outside audiohangup/http/ imports it: the domain raises its own
+    exceptions, which http/errors.py answers. The wiring alone builds the API
+    (and checks its options), and even it never imports the errors.
+    """
+    wrong = {}
+    for path in sorted((ROOT / "audiohangup").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name.startswith("audiohangup/http/"):
+            continue
+        imported = {module for module in _imported(path) if _http(module)}
+        if name in _WIRING:
+            imported = {module for module in imported if module.startswith("audiohangup.http.errors")}
+        if imported:
+            wrong[name] = sorted(imported)
+    assert wrong == {}, "only audiohangup/http/ knows status codes: raise a domain exception instead"

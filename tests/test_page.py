@@ -318,7 +318,7 @@ async def test_other_sites_cannot_use_a_loopback_api(logs: LogCapture, make_serv
     root.putChild(b"", Data(page_html, "text/html"))
     attacker = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
     try:
-        metrics = server.service.api.metrics.collectors
+        metrics = server.service.api.metrics
         route = "/calls/<string:call_id>/hangup"
 
         def answered(status: str) -> float:

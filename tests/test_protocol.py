@@ -23,11 +23,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from audiohangup.access import source_of
+from audiohangup.audio import LegSettings
+from audiohangup.http.api import leg_view
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol, LegSettings, LegState
-from audiohangup.reasons import CloseReason, HangupCause, Loss, Role, classify, loss_of
+from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol
+from audiohangup.reasons import CloseReason, HangupCause, LegState, Loss, Role, classify, loss_of
 from audiohangup.registry import PendingConnections, Registry
+from audiohangup.sources import source_of
 from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 
 CALL = uuid.UUID("6f5c1279-b34f-4bdf-ba44-24b178d09a80")
@@ -274,7 +276,7 @@ class FrameTests(LegTestCase):
         leg, _transport = self.live()
         leg.dataReceived(AUDIO * 3)
         self.assertTrue(leg.send(AUDIO))
-        snapshot = leg.snapshot()
+        snapshot = leg_view(leg)
         self.assertEqual(
             (snapshot["frames_in"], snapshot["bytes_in"], snapshot["frames_out"], snapshot["bytes_out"]),
             (4, 19 + 3 * len(AUDIO), 1, len(AUDIO)),
@@ -559,10 +561,10 @@ class PendingConnectionsTests(SynchronousTestCase):
         for connection in (speaking, quiet):
             pending.add(connection, "10.0.0.5")  # type: ignore[arg-type]
         self.assertIs(pending.oldest("10.0.0.5"), quiet)
-        self.assertIs(pending.oldest_of_most(), quiet)
+        self.assertIs(pending.oldestOfMost(), quiet)
         quiet.waiting = True
         self.assertIsNone(pending.oldest("10.0.0.5"))
-        self.assertIsNone(pending.oldest_of_most())
+        self.assertIsNone(pending.oldestOfMost())
 
     @given(st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=60))
     def test_oldestOfMost(self, steps: list[tuple[bool, int]]) -> None:
@@ -583,7 +585,7 @@ class PendingConnectionsTests(SynchronousTestCase):
             most = max(counts.values(), default=0)
             expected = [c for c, s in held if counts[s] == most]
             self.assertEqual(len(pending), len(held))
-            found = pending.oldest_of_most()
+            found = pending.oldestOfMost()
             if most:
                 source = pending._source[found]  # type: ignore[index]
                 self.assertEqual(counts[source], most)

@@ -6,6 +6,7 @@ as a twistd child where only a process shows it).
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import math
@@ -31,7 +32,6 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from audiohangup import recording
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import Transcoder, encode
 from audiohangup.reasons import Role
@@ -41,11 +41,12 @@ from audiohangup.recording import (
     Recorder,
     RecorderStopped,
     RecordingConfig,
-    _Tick,
-    _WavFile,
     repair,
     wav_header,
 )
+from audiohangup.recording import recorder as recorder_module
+from audiohangup.recording import writer as writer_module
+from audiohangup.recording.writer import Tick, WavFile
 from audiohangup.wire import Kind
 from audiohangup.wire import encode_frame as frame
 from tests.bystander import Bystander
@@ -181,14 +182,14 @@ async def test_a_full_disk_drops_audio_and_the_call_goes_on(
     make_server: Any, tmp_path: Path, logs: LogCapture, monkeypatch: Any,
 ) -> None:
     """The recording's file is /dev/full: every write fails; the call does not notice."""
-    monkeypatch.setattr(recording, "_create", lambda path: os.open("/dev/full", os.O_WRONLY))
+    monkeypatch.setattr(writer_module, "create", lambda path: os.open("/dev/full", os.O_WRONLY))
     server = await make_server(record_every_call=True, record_dir=str(tmp_path))
     call_id = uuid.uuid4()
     visitor = await leg(server, "visitor", call_id)
     await paced(visitor, [numbered(7)] * 25)
     heard = len(visitor.frames)
     await until(lambda: len(visitor.frames) > heard + 5, what="the call to go on")
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     await until(lambda: (metrics.get_sample_value("audiohangup_recording_dropped_frames_total") or 0) >= 20,
                 what="drops counted")
     warned = [e for e in logs.events if "audio dropped, the call goes on" in e.get("log_format", "")]
@@ -269,7 +270,7 @@ async def test_a_second_recording_of_a_call_keeps_the_first(make_server: Any, tm
 
 async def recording_child(spawn: Any, record: Path) -> tuple[Any, dict[str, int], FakeAsterisk, uuid.UUID]:
     """A twistd child recording every call into C{record}, its ports, and a visitor leg of a new call."""
-    child, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    child, ports = await start_server(spawn, "--record-every-call", "--recordings-dir", str(record), "--call-records", "none")
     call_id = uuid.uuid4()
     client = await connect(ports["audiosocket-visitor"], on_hangup="close")
     client.send_uuid(call_id)
@@ -290,7 +291,7 @@ async def test_a_crashed_recording_is_repaired_at_start(spawn: Any, tmp_path: Pa
     await child.exit()
     [path] = list(record.glob("*/*.wav"))
     assert struct.unpack_from("<I", path.read_bytes(), 40)[0] == 0  # the header never completed
-    again, ports = await start_server(spawn, "--record", str(record), "--records", "none")
+    again, ports = await start_server(spawn, "--record-every-call", "--recordings-dir", str(record), "--call-records", "none")
     await until(lambda: "header repaired" in again.log, what="the repair")
     with wave.open(str(path)) as wav:
         seconds = wav.getnframes() / wav.getframerate()
@@ -317,6 +318,18 @@ class RepairTests(SynchronousTestCase):
         self.assertEqual(os.path.getsize(path), HEADER_BYTES + 2000)
 
 
+class PureModulesTests(SynchronousTestCase):
+    def test_theFormatAndTheLayoutKnowNoReactorNorLeg(self) -> None:
+        """wav and layout import the standard library and each other only: no Twisted, no leg, no numpy."""
+        folder = Path(recorder_module.__file__).parent
+        for module in ("wav", "layout"):
+            tree = ast.parse((folder / f"{module}.py").read_text())
+            imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+            imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            allowed = {"__future__", "os", "re", "struct", "audiohangup.recording.layout"}
+            self.assertEqual(imported - allowed, set(), module)
+
+
 class FailedWriteTests(SynchronousTestCase):
     """A write the disk takes only part of: the file is cut back, and the header never counts what is not there."""
 
@@ -324,8 +337,8 @@ class FailedWriteTests(SynchronousTestCase):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "call.wav")
-        wav = _WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
-        tick = _Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
+        wav = WavFile(path, 8000, {role: FORMATS["slin"] for role in Role})
+        tick = Tick({Role.VISITOR: (numbered(3), FORMATS["slin"]), Role.RESIDENT: None})
         self.assertEqual(wav.write([tick] * 5), 5 * 640)
         real = wav.file
         assert real is not None
@@ -356,7 +369,7 @@ class FailedWriteTests(SynchronousTestCase):
 
 @pytest_twisted.ensureDeferred
 async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> None:
-    """--record-mix heard: each channel is what its leg heard, so the visitor's holds the resident's voice."""
+    """--recordings-mix heard: each channel is what its leg heard, so the visitor's holds the resident's voice."""
     server = await make_server(record_every_call=True, record_dir=str(tmp_path), record_mix="heard")
     call_id = uuid.uuid4()
     visitor = await leg(server, "visitor", call_id)
@@ -370,7 +383,7 @@ async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> 
     _, left, right = read_wav(path)
     assert [v for v in ticks(left) if v > 0] == [500 + n for n in range(10)]  # the visitor heard the resident
     assert not [v for v in ticks(right) if v > 0]  # the resident heard silence only
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     assert metrics.get_sample_value("audiohangup_recordings_written_total") == 1
     assert metrics.get_sample_value("audiohangup_recording_bytes_total") == path.stat().st_size - 44
     assert metrics.get_sample_value("audiohangup_recordings_active") == 0
@@ -378,7 +391,7 @@ async def test_heard_mix(make_server: Any, tmp_path: Path, logs: LogCapture) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_old_recordings_are_deleted(tmp_path: Path, logs: LogCapture) -> None:
-    """--record-days: day folders older than that go at start (and daily); newer ones stay."""
+    """--recordings-days: day folders older than that go at start (and daily); newer ones stay."""
     from audiohangup.recording import Mix, Recorder, RecordingConfig
 
     old, recent = tmp_path / "2001-01-01", tmp_path / datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -454,7 +467,7 @@ async def test_a_leg_faster_than_real_time_cannot_run_the_recording_ahead(
     # At most 0.5 s ahead, 2 ticks late and a flush's 5 ticks, for each channel; a tick's bytes at most.
     assert most_ticks <= 2 * (25 + 2 + 5 + 2), most_ticks
     assert most_bytes <= 2 * (25 + 2 + 5 + 2) * 640 + 2 * 25 * 320, most_bytes
-    metrics = server.service.metrics.collectors
+    metrics = server.service.metrics
     assert metrics.get_sample_value("audiohangup_recording_dropped_frames_total") >= sent / 2
     assert recording.dropped >= sent / 2
     warned = [e for e in logs.events if "faster than real time" in e.get("log_format", "")]
@@ -733,7 +746,7 @@ class SwappedForALinkTests(SynchronousTestCase):
     def test_linkIsNotServed(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from audiohangup.recording import WavResource
+        from audiohangup.http.wav import WavResource
 
         folder = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, folder)
@@ -791,7 +804,7 @@ async def test_stopping_waits_for_a_lookup_without_blocking_the_reactor(
         release.wait()
         return None, []
 
-    monkeypatch.setattr(recording, "_last_recording", scan)
+    monkeypatch.setattr(recorder_module, "last_recording", scan)
     recorder = Recorder(RecordingConfig(str(tmp_path)), reactor, {})
     await recorder.start()
     looking = recorder.find(str(uuid.uuid4()))

@@ -30,20 +30,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
-from audiohangup.access import (
-    AuthThrottle,
-    Scope,
-    SourceACL,
-    TokenFileError,
-    Tokens,
-    is_loopback,
-    parse_networks,
-)
-from audiohangup.api import ApiError, ControlAPI
+from audiohangup.audio import LegSettings
+from audiohangup.http.access import AuthThrottle, Scope, TokenFileError, Tokens
+from audiohangup.http.api import ControlAPI
+from audiohangup.http.errors import ApiError
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
+from audiohangup.sources import SourceACL, is_loopback, parse_networks
 from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 from tests.conftest import LogCapture, Server, bridged, until
 from tests.fake_asterisk import FakeAsterisk, connect
@@ -68,7 +63,7 @@ def numbers(client: FakeAsterisk) -> list[int]:
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
-    return server.service.api.metrics.collectors.get_sample_value(name, labels) or 0.0
+    return server.service.api.metrics.get_sample_value(name, labels) or 0.0
 
 
 # 1. Duplicates
@@ -274,7 +269,7 @@ async def test_fail_closed(spawn: Any, tmp_path: Path, logs: LogCapture) -> None
     for args, reason in [
         (["--http", "tcp:0", "--api-tokens-file", str(tmp_path / "empty-tokens")], "holds no token"),
         (["--api-tokens-file", str(tmp_path / "open-tokens")], "mode 0644 lets others read the tokens"),
-        (["--records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
+        (["--call-records", str(tmp_path / "missing" / "calls.sqlite3")], "does not exist"),
         (["--api-tokens-file", str(tmp_path / "no-such-tokens")], "cannot be read"),
         (["--webhook", "https://example.com/hook", "--webhook-ca", str(tmp_path / "no-ca.pem")], "cannot be read"),
     ]:
@@ -532,7 +527,7 @@ class ThrottleTests(SynchronousTestCase):
 
     def test_sourceKey(self) -> None:
         """IPv6 by /64, loopback as one host, IPv4-mapped as IPv4, X-Forwarded-For only from a trusted proxy."""
-        from audiohangup.access import source_key
+        from audiohangup.http.access import source_key
 
         self.assertEqual(source_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
         self.assertEqual(source_key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64")
@@ -718,7 +713,7 @@ class ForwardingSignatureTests(SynchronousTestCase):
     """What one instance signs, another of the same cluster (same --api-token) takes; nothing else does."""
 
     def test_signature(self) -> None:
-        from audiohangup.cluster import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
+        from audiohangup.cluster.forward import CAUSE, FORWARDED_BY, SIGNATURE, Cluster
 
         sent: dict[str, Any] = {}
 

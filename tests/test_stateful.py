@@ -50,11 +50,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, LegSettings
 from audiohangup.flows import BUILTIN_FLOWS
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
-from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.protocol import AudioSocketProtocol
+from audiohangup.reasons import CloseReason, HangupCause, LegState, Role
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.wire import (
     HANGUP_FRAME,
@@ -603,7 +603,7 @@ class LegMachine(RuleBasedStateMachine):
         assert len(registry.connections()) == registry.connection_count == len(counted)
         waiting = [conn.leg for conn in self._open() if not conn.refused and conn.leg.state is LegState.AWAITING_UUID]
         assert len(registry.pending) == len(waiting)
-        assert registry.pending.oldest_of_most() is (waiting[0] if waiting else None)  # one source
+        assert registry.pending.oldestOfMost() is (waiting[0] if waiting else None)  # one source
         # Every leg that is LIVE is its key's registered leg.
         for conn in self._open():
             if conn.leg.state is LegState.LIVE:

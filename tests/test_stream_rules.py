@@ -22,17 +22,26 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from audiohangup.audio import FORMATS, Playout
+from audiohangup.audio import FORMATS, LegSettings, Playout
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
-from audiohangup.errors import ApiError
+from audiohangup.http.errors import refusal
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.streams import client
 from audiohangup.streams.client import _ClientFactory, _StreamWebSocket
-from audiohangup.streams.manager import StreamConfig, Streams, check_headers, check_url, parse_header, redact
+from audiohangup.streams.manager import (
+    BadStreamField,
+    BadStreamURL,
+    StreamConfig,
+    Streams,
+    check_headers,
+    check_url,
+    parse_header,
+    redact,
+)
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import IStreamWebSocket, MediaStream, Mode, Outcome, State, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
@@ -107,8 +116,8 @@ class StreamTestCase(SynchronousTestCase):
         stream = MediaStream(
             self.leg, "MZ1", "ws://app/x?k=1", "ws://app/x", wire, mode, settings or self.settings, self.observer
         )
-        self.leg.taps.append(stream)
-        self.leg.streams.append(stream)
+        self.leg.addTap(stream)
+        self.leg.addStream(stream)
         return stream
 
     def frames(self) -> list[bytes]:
@@ -427,6 +436,61 @@ class TimelineTests(StreamTestCase):
         self.tick(20)
         self.assertEqual(self.frames(), [samples(n) for n in range(1, 21)])
 
+    def realTime(self, values: range, at: float = 0.013) -> list[list[bytes]]:
+        """The app sends a frame C{at} into each slot, as a real-time stream does; what each slot wrote."""
+        slots = []
+        for value in values:
+            self.clock.advance(at)
+            self.app(samples(value))
+            self.clock.advance(0.020 - at + 1e-9)
+            slots.append(self.frames())
+        return slots
+
+    def test_standingQueueOfARealTimeAppIsTrimmed(self) -> None:
+        """
+        A real-time app whose first six frames came at once keeps six queued
+        for good: each frame waits six ticks more than it needs. After a
+        window that never ran out, the six are dropped: its frames play at
+        the tick after they come, one frame a tick throughout.
+        """
+        self.app(b"".join(samples(n) for n in range(1, 7)))
+        slots = self.realTime(range(7, 107))
+        self.assertEqual([len(written) for written in slots], [1] * 100)
+        feed = self.leg.feed
+        assert feed is not None
+        self.assertEqual(feed.trimmed, 6)
+        self.assertEqual(slots[-10:], [[samples(n)] for n in range(97, 107)])  # each in the slot it came
+        self.assertEqual(self.stream.totals().dropped_from_app, 6)
+
+    def test_audioAheadOfRealTimeIsNotTrimmed(self) -> None:
+        """A sentence streamed in 20 ms messages twice as fast as it plays: every frame plays, in order."""
+        for n in range(1, 101, 2):
+            self.clock.advance(0.013)
+            self.app(samples(n))
+            self.app(samples(n + 1))
+            self.clock.advance(0.007 + 1e-9)
+        self.tick(60)
+        played = [frame for frame in self.frames() if frame != SLIN.silence_frame[3:]]
+        self.assertEqual(played, [samples(n) for n in range(1, 101)])
+
+    def test_anAppOnThePacersPhaseKeepsACushion(self) -> None:
+        """
+        An app whose frames come on the tick, now just before it, now just
+        after: trimmed to none, it runs out again, so from then on one frame
+        stays queued and nothing more is trimmed.
+        """
+        self.app(samples(1))
+        late = {40, 110, 180, 250}  # these come a hair after their tick
+        for n in range(2, 300):
+            at = 0.0205 if n in late else 0.0195
+            self.clock.advance(at)
+            self.app(samples(n))
+            self.clock.advance(0.020 - at + 1e-9)
+        feed = self.leg.feed
+        assert feed is not None
+        self.assertEqual(feed.cushion, 1)
+        self.assertEqual(feed.trimmed, 1)  # the one trim that found the phase: never again
+
 
 class MixTests(TimelineTests):
     """C{--stream-audio mix}: the app's frame and the bridge's are summed, each slot one frame."""
@@ -462,8 +526,9 @@ class MixTests(TimelineTests):
         transport = StringTransport()
         leg.makeConnection(transport)
         leg.dataReceived(encode_uuid(uuid.uuid4()))
-        leg.feed = Playout(50, mix=True)
-        leg.feed.push([encode_frame(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        feed = Playout(50, mix=True)
+        leg.attachFeed(feed)
+        feed.push([encode_frame(ulaw.kind, g711_encode(samples(6000), ulaw))])
         leg.forwardBytes(encode_frame(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
         transport.clear()
         self.tick()
@@ -671,7 +736,7 @@ class PlayoutTests(SynchronousTestCase):
         playout.mark(lambda: answered.append("after 1"))
         self.assertEqual(playout.push([b"2", b"3"]), 1)  # 1 dropped: its mark answered
         self.assertEqual(answered, ["empty", "after 1"])
-        self.assertEqual((playout.next_frame(), playout.next_frame(), playout.next_frame()), (b"2", b"3", None))
+        self.assertEqual((playout.nextFrame(), playout.nextFrame(), playout.nextFrame()), (b"2", b"3", None))
         self.assertEqual(playout.dropped, 1)
 
 
@@ -695,6 +760,12 @@ class ManagerTests(StreamTestCase):
         self.assertTrue(self.leg.live)
 
 
+def _code(error: Exception) -> str | None:
+    """The error code the API answers C{error} with (its one table)."""
+    answer = refusal(error)
+    return None if answer is None else answer.code
+
+
 class ValidationTests(SynchronousTestCase):
     def test_urls(self) -> None:
         for good in (
@@ -702,7 +773,7 @@ class ValidationTests(SynchronousTestCase):
         ):
             self.assertEqual(check_url(good), good)
         for bad in (None, "", "http://app/", "ws:///nohost", "wss://user:pw@app/", 5, "ws://app/x#frag", "ws://app:99999/"):
-            with self.assertRaises(ApiError):
+            with self.assertRaises(BadStreamURL):
                 check_url(bad)
         self.assertEqual(redact("wss://app.example/s?token=secret#x"), "wss://app.example/s")
 
@@ -713,9 +784,9 @@ class ValidationTests(SynchronousTestCase):
             "ws://app/\t", "ws://app/\x7f", "ws://app/é", "ws://app/{other}", "ws://app/%zz", "ws://app/50%",
             "ws://ap p/", "ftp://app/",
         ):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamURL) as raised:
                 check_url(bad)
-            self.assertEqual(raised.exception.code, "bad_url", bad)
+            self.assertEqual(_code(raised.exception), "bad_url", bad)
 
     def test_headers(self) -> None:
         self.assertEqual(parse_header("Authorization: Bearer abc"), ("Authorization", "Bearer abc"))
@@ -728,18 +799,18 @@ class ValidationTests(SynchronousTestCase):
             {"X-A": "esc\x1b"}, {"X-A": "del\x7f"}, {"X-A": "a\nb"}, {"X-A": "x", "x-a": "y"},
             {"user-agent": "x"}, {"x-audiohangup-SIGNATURE": "t=1,sha256=00"}, {"X-Audiohangup-Timestamp": "1"},
         ):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamField) as raised:
                 check_headers(headers)
-            self.assertEqual(raised.exception.code, "bad_headers", headers)
+            self.assertEqual(_code(raised.exception), "bad_headers", headers)
         self.assertEqual(check_headers({"X-A": "tab\tok é"}), {"X-A": "tab\tok é"})
 
     def test_configuredHeadersAreNotDoubled(self) -> None:
         """A header the configuration sets cannot come again from the API, in any case: refused, not merged."""
         streams = Streams(StreamConfig(headers=(("Authorization", "Bearer operator"),), secret="k"), Clock())
         for name in ("Authorization", "authorization", "AUTHORIZATION", "x-audiohangup-signature"):
-            with self.assertRaises(ApiError) as raised:
+            with self.assertRaises(BadStreamField) as raised:
                 streams.check_headers({name: "Bearer caller"})
-            self.assertEqual(raised.exception.code, "bad_headers")
+            self.assertEqual(_code(raised.exception), "bad_headers")
         self.assertEqual(streams.check_headers({"X-Caller": "c"}), {"X-Caller": "c"})
         sent = streams._handshakeHeaders("ws://app/x", {"X-Caller": "c"})
         self.assertEqual(

@@ -24,6 +24,7 @@ from audiohangup import relay as relay_module
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode as g711_decode
 from audiohangup.codecs import encode as g711_encode
+from audiohangup.http.api import leg_view
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.streams import client as stream_client
 from audiohangup.streams.manager import StreamConfig
@@ -83,7 +84,7 @@ async def start(
 
 
 async def metric(server: Server, name: str, **labels: str) -> float:
-    return server.service.api.metrics.collectors.get_sample_value(name, labels) or 0.0
+    return server.service.api.metrics.get_sample_value(name, labels) or 0.0
 
 
 @pytest_twisted.async_yield_fixture
@@ -117,7 +118,7 @@ async def test_twilio_stream(make_server: Any, app: App, logs: LogCapture) -> No
     assert [int(m["sequenceNumber"]) for m in messages] == list(range(2, 12))
     assert stream.twilio_audio() == b"".join(g711_encode(payload, ULAW) for payload in sent)
     [leg] = server.registry.call(str(call_id))
-    assert leg.snapshot()["streams"][0]["url"] == app.url("/twilio")  # no query string: it may hold a token
+    assert leg_view(leg)["streams"][0]["url"] == app.url("/twilio")  # no query string: it may hold a token
     assert "token=secret" not in "".join(logs.texts())
 
 
@@ -152,19 +153,26 @@ async def test_app_audio_is_paced_cleared_and_marked(make_server: Any, app: App,
     leg = server.registry.get(str(call_id), Role.VISITOR)
     writes = Writes(leg)
     began = reactor.seconds()
+    pacer = server.service.pacer
+    missed = pacer.missed_slots
     stream.send_json(media(b"".join(ulaw_frame(100 * n) for n in range(1, 51))))
     stream.send_json({"event": "mark", "mark": {"name": "first second"}})
     stream.send_json(media(b"".join(ulaw_frame(-100 * n) for n in range(1, 151))))
     stream.send_json({"event": "mark", "mark": {"name": "never played"}})
     await until(lambda: stream.events("mark"), timeout=10, what="the first mark")
+    missed = pacer.missed_slots - missed
     played = writes.payloads(began)
     first = [g711_decode(ulaw_frame(100 * n), ULAW) for n in range(1, 51)]
-    assert [data for _, data in played[:50]] == first
+    # In order, each once, the last one included: a busy machine's late tick drops what was due in the
+    # slots it missed (docs/streams.rst, "No standing delay"), and only that.
     marked_at = stream.events("mark")[0].at
-    assert played[49][0] <= marked_at  # answered after the last frame before it was written
+    heard = [data for at, data in played if at <= marked_at]  # answered after the last frame before it was written
+    rest = iter(first)
+    assert all(frame in rest for frame in heard) and heard[-1] == first[-1]  # in order, each once
+    assert 50 >= len(heard) >= 50 - missed
     assert stream.events("mark")[0].json["mark"] == {"name": "first second"}
-    times = [at for at, _ in played[:50]]
-    assert times[-1] - times[0] >= 49 * 0.020 - 0.005  # one frame a tick: a second for 50
+    times = [at for at, _ in played[: len(heard)]]
+    assert times[-1] - times[0] >= (len(heard) - 1) * 0.020 - 0.005  # one frame a tick: a second for 50
     assert max(sum(1 for t in times if start_ <= t < start_ + 0.1) for start_ in times) <= 6  # never a burst
     cleared = len(writes.payloads(began))
     stream.send_json({"event": "clear"})

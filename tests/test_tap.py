@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 from twisted.application.service import IService, IServiceMaker
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,7 +25,8 @@ from zope.interface.verify import verifyObject
 
 from audiohangup import relay as relay_module
 from audiohangup import tap
-from audiohangup.protocol import AudioSocketFactory, LegSettings
+from audiohangup.audio import LegSettings
+from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import Role
 from audiohangup.service import AudioHangupService, Config
 
@@ -32,7 +35,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 #: The option names C{twistd audiohangup} documents, in C{--help} order.
 OPTION_NAMES = (
     "visitor", "resident", "http", "close-timeout", "uuid-timeout", "api-token",
-    "records", "records-keep-days", "flow", "audio", "max-queue-ms", "on-leg-end",
+    "call-records", "call-records-days", "flow", "audio", "max-queue-ms", "on-leg-end",
     "idle-timeout", "max-duration", "playout-timeout", "max-legs", "max-unsent-ms",
     "redis", "instance-id", "advertise-url", "heartbeat",
 )
@@ -82,8 +85,8 @@ class OptionsDefaultsTests(EnvironmentMixin, SynchronousTestCase):
                 "close-timeout": 2.0,
                 "uuid-timeout": 5.0,
                 "api-token": None,
-                "records": "audiohangup.sqlite3",
-                "records-keep-days": 30.0,
+                "call-records": "audiohangup.sqlite3",
+                "call-records-days": 30.0,
                 "flow": "bridge",
                 "audio": "slin",
                 "max-queue-ms": 1000,
@@ -249,14 +252,14 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
         )
 
     def test_records_file_that_is_not_sqlite(self) -> None:
-        """A text file as --records fails start-up, as the other unusable stores do, not records off."""
+        """A text file as --call-records fails start-up, as the other unusable stores do, not records off."""
         folder = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, folder)
         (folder / "notes.txt").write_text("call notes, not a database\n")
         notes = str(folder / "notes.txt")
-        self.assertUsageError(["--records", notes], f"--records: {notes} is not a SQLite database")
+        self.assertUsageError(["--call-records", notes], f"--call-records: {notes} is not a SQLite database")
         (folder / "empty.sqlite3").touch()
-        parse("--records", str(folder / "empty.sqlite3"))  # SQLite takes 0 bytes as an empty database
+        parse("--call-records", str(folder / "empty.sqlite3"))  # SQLite takes 0 bytes as an empty database
 
     def test_api_token_empty(self) -> None:
         self.assertUsageError(["--api-token", ""], "--api-token must not be empty")
@@ -285,7 +288,7 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
         options = parse(
             "--flow", "echo", "--audio", "slin16", "--max-queue-ms", "500", "--on-leg-end", "keep",
             "--idle-timeout", "30", "--max-duration", "3600", "--playout-timeout", "4",
-            "--records", "none", "--records-keep-days", "0",
+            "--call-records", "none", "--call-records-days", "0",
         )
         config = options.config()
         self.assertEqual(
@@ -320,8 +323,8 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--on-leg-end", "maybe"], "--on-leg-end must be one of hangup, keep"),
             (["--idle-timeout", "-1"], "0 (off) or a positive number"),
             (["--playout-timeout", "0"], "a positive number"),
-            (["--records", ""], "--records needs a file path"),
-            (["--records-keep-days", "-3"], "0 (forever) or a positive number of days"),
+            (["--call-records", ""], "--call-records needs a file path"),
+            (["--call-records-days", "-3"], "0 (forever) or a positive number of days"),
             (["--max-legs", "0"], "--max-legs must be a whole number of at least 1"),
             (["--max-unsent-ms", "5"], "at least 20"),
             (["--redis", "redis://127.0.0.1:6379/0"], "--advertise-url is required with --redis"),
@@ -334,7 +337,7 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
             (["--http", "tcp:8080"], "listens beyond loopback and no API token is configured"),
             (["--http", "tcp6:8080"], "listens beyond loopback"),
             (["--http", "tcp:8080:interface=0.0.0.0"], "listens beyond loopback"),
-            (["--records", "/no/such/directory/calls.sqlite3"], "--records: the directory /no/such/directory"),
+            (["--call-records", "/no/such/directory/calls.sqlite3"], "--call-records: the directory /no/such/directory"),
             (["--api-tokens-file", "/no/such/tokens"], "--api-tokens-file: /no/such/tokens: cannot be read"),
             (["--webhook-ca", "/no/such/ca.pem"], "--webhook-ca: /no/such/ca.pem: cannot be read"),
             (["--redis", "redis://h:1", "--advertise-url", "http://a:8080"], "--redis needs --api-token"),
@@ -380,6 +383,98 @@ class FlowAndAudioOptionTests(EnvironmentMixin, SynchronousTestCase):
         self.assertFalse(parse("--api-tokens-file", tokens).config().insecure_files)
 
 
+class StoreOptionsTests(EnvironmentMixin, SynchronousTestCase):
+    """
+    The two stores have options of their own names: --call-records* (SQLite
+    rows) and --recordings-* with --record-every-call (WAV audio). The old
+    spellings, one letter apart, still work, each warning once at start-up.
+    """
+
+    def setUp(self) -> None:
+        self.useToken(None)
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.warnings: list[str] = []
+        self.patch(tap, "log", Logger(observer=lambda event: self.warnings.append(formatEvent(event))))
+
+    def test_recordings(self) -> None:
+        config = parse(
+            "--record-every-call", "--recordings-dir", self.folder, "--recordings-mix", "heard",
+            "--recordings-days", "7", "--call-records", "none", "--call-records-days", "3",
+        ).config()
+        self.assertEqual(
+            (config.record_every_call, config.record_dir, config.record_mix, config.record_days,
+             config.records, config.records_keep_days),
+            (True, self.folder, "heard", 7.0, "none", 3.0),
+        )
+        self.assertEqual(self.warnings, [])  # the new spellings warn of nothing
+
+    def test_every_call_into_the_default_directory(self) -> None:
+        """--record-every-call alone records beside the call records, and that directory is checked at start-up."""
+        records = os.path.join(self.folder, "calls.sqlite3")
+        config = parse("--record-every-call", "--call-records", records).config()
+        self.assertEqual((config.record_every_call, config.recordings_directory()),
+                         (True, os.path.join(self.folder, "recordings")))
+        checked = []
+
+        def unusable(path: str) -> None:
+            checked.append(path)
+            raise ValueError(f"{path} cannot be made or written")
+
+        self.patch(tap.Recorder, "check_directory", staticmethod(unusable))
+        error = self.assertRaises(usage.UsageError, parse, "--record-every-call", "--call-records", records)
+        self.assertIn("--record-every-call, into the default --recordings-dir:", str(error))
+        self.assertEqual(checked, [os.path.join(self.folder, "recordings")])
+        parse("--call-records", records)  # recorded only when asked: not checked now
+        self.assertEqual(len(checked), 1)
+
+    def test_old_spellings_work_as_the_new(self) -> None:
+        old = parse(
+            "--records", "none", "--records-keep-days", "3", "--record-dir", self.folder,
+            "--record-mix", "heard", "--record-days", "7",
+        )
+        new = parse(
+            "--call-records", "none", "--call-records-days", "3", "--recordings-dir", self.folder,
+            "--recordings-mix", "heard", "--recordings-days", "7",
+        )
+        self.assertEqual(old.config(), new.config())
+        self.assertEqual(parse("--record", self.folder).config(),
+                         parse("--record-every-call", "--recordings-dir", self.folder).config())
+        parse("--record", self.folder, "--record-dir", self.folder)  # the same directory twice: fine
+
+    def test_old_spellings_are_checked_as_the_new(self) -> None:
+        for args, fragment in [
+            (["--record-days", "-1"], "--recordings-days must be 0 (forever) or a positive number of days"),
+            (["--record-mix", "both"], "--recordings-mix must be one of sent, heard"),
+            (["--records", ""], "--call-records needs a file path"),
+            (["--record", self.folder, "--recordings-dir", "/elsewhere"], "--record DIR sets where recordings go"),
+        ]:
+            error = self.assertRaises(usage.UsageError, parse, *args)
+            self.assertIn(fragment, str(error), args)
+
+    def test_each_old_spelling_warns_once(self) -> None:
+        """Once per spelling, however often given, in the order first given, naming the new spelling."""
+        parse(
+            "--records", "none", "--record-days", "1", "--records", "none", "--record", self.folder,
+            "--record-dir", self.folder, "--record-mix", "sent", "--records-keep-days", "2", "--record-days", "2",
+        )
+        self.assertEqual(self.warnings, [
+            "--records is deprecated and will go: say --call-records",
+            "--record-days is deprecated and will go: say --recordings-days",
+            "--record is deprecated and will go: say --record-every-call --recordings-dir DIR",
+            "--record-dir is deprecated and will go: say --recordings-dir",
+            "--record-mix is deprecated and will go: say --recordings-mix",
+            "--records-keep-days is deprecated and will go: say --call-records-days",
+        ])
+
+    def test_every_old_spelling_names_an_option(self) -> None:
+        names = {entry[0] for entry in tap.Options.optParameters}
+        for old, new in tap.RENAMED.items():
+            self.assertIn(new, names)
+            self.assertNotIn(old, names)
+            self.assertIn(f"Deprecated: say --{new}.", str(tap.Options()))
+
+
 class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.useToken(None)
@@ -387,7 +482,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
 
     def start(self, *args: str) -> AudioHangupService:
         # A memory reactor never runs the records store's thread callbacks.
-        service = tap.makeService(parse("--records", "none", *args), reactor=self.reactor)
+        service = tap.makeService(parse("--call-records", "none", *args), reactor=self.reactor)
         self.assertTrue(verifyObject(IService, service))
         service.privilegedStartService()
         service.startService()
@@ -452,6 +547,40 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             listener = service.getServiceNamed(name)
             self.assertFalse(listener.running, name)
             self.assertIsNone(listener.port, name)  # type: ignore[attr-defined]
+
+    def test_parts_stop_one_after_another_in_the_stated_order(self) -> None:
+        """
+        The listeners stop together, then each part in turn, each once the
+        one before it is done (a MultiService would stop them all at once).
+        """
+        service = self.start()
+        stopped: list[str] = []
+        draining: Deferred[None] = Deferred()
+
+        def watch(part: IService) -> None:
+            original = part.stopService
+
+            def stop() -> object:
+                stopped.append(part.name)
+                result = original()
+                return draining if part.name == "drain" else result
+
+            part.stopService = stop  # type: ignore[method-assign]
+
+        for part in service:
+            watch(part)
+        done = service.stopService()
+        self.assertEqual(stopped, ["audiosocket-visitor", "audiosocket-resident", "http", "drain"])
+        self.assertNoResult(done)
+        draining.callback(None)
+        self.assertIsNone(self.successResultOf(done))
+        present = {part.name for part in service}
+        self.assertEqual(
+            stopped, [name for step in AudioHangupService.STOP_ORDER for name in step if name in present]
+        )
+        self.assertEqual(
+            stopped[3:], ["drain", "gc-pauses", "streams", "recorder", "pacer", "relay"]
+        )
 
     def test_nothing_outlives_stop_service(self) -> None:
         """

@@ -121,6 +121,23 @@ async def test_bad_option_is_a_usage_error(spawn: Spawn, args: list[str], messag
     assert "listening on" not in child.output, child.describe()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_old_spelling_warns_once_in_the_log(spawn: Spawn, tmp_path: Path) -> None:
+    """
+    --records and --record, the old spellings, still start the server; each
+    is named once in its log, before logging began (twistd replays it), with
+    the new spelling to say.
+    """
+    child, _ = await start_server(spawn, "--records", "none", "--record", str(tmp_path / "wav"), "--records", "none")
+    lines = [line for line in child.log.splitlines() if "deprecated" in line]
+    assert len(lines) == 2, child.describe()
+    index_of(lines, "--records is deprecated and will go: say --call-records", child)
+    index_of(lines, "--record is deprecated and will go: say --record-every-call --recordings-dir DIR", child)
+    assert all("#warn]" in line for line in lines), child.describe()
+    child.signal("TERM")
+    await child.exit()
+
+
 # The server end to end
 
 
@@ -264,7 +281,7 @@ async def test_records_of_a_killed_server_are_closed_as_server_lost(spawn: Spawn
     arrived; the next start closes them as server_lost, and /records says so.
     """
     database = str(tmp_path / "calls.sqlite3")
-    child, ports = await start_server(spawn, "--records", database)
+    child, ports = await start_server(spawn, "--call-records", database)
     base = f"http://127.0.0.1:{ports['http']}"
     calls = [uuid.uuid4(), uuid.uuid4()]
     legs = []
@@ -283,7 +300,7 @@ async def test_records_of_a_killed_server_are_closed_as_server_lost(spawn: Spawn
     for leg in legs:
         await settle(leg.closed, "the killed server's sockets to close")
 
-    child, ports = await start_server(spawn, "--records", database)
+    child, ports = await start_server(spawn, "--call-records", database)
     base = f"http://127.0.0.1:{ports['http']}"
     # The store opens in a thread: the API may answer before it has logged.
     recovered = "2 call records left open by an earlier run closed as server_lost"

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
@@ -37,10 +38,10 @@ from twisted.web._newclient import HTTPClientParser
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from audiohangup.audio import LegSettings
 from audiohangup.httpclient import MAX_HEAD_BYTES
-from audiohangup.metrics import Metrics
 from audiohangup.pacer import Pacer
-from audiohangup.protocol import AudioSocketProtocol, LegSettings
+from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.webhooks import Webhooks, sign, trust_root, verify
@@ -204,12 +205,12 @@ async def harness() -> AsyncIterator[Harness]:
 # Helpers
 
 
-def new_metrics() -> Metrics:
-    return Metrics(Registry())
+def new_metrics() -> CollectorRegistry:
+    return CollectorRegistry()
 
 
-def count(metrics: Metrics, outcome: str) -> float:
-    value = metrics.collectors.get_sample_value("audiohangup_webhook_deliveries_total", {"outcome": outcome})
+def count(metrics: CollectorRegistry, outcome: str) -> float:
+    value = metrics.get_sample_value("audiohangup_webhook_deliveries_total", {"outcome": outcome})
     return value or 0.0
 
 

@@ -12,16 +12,19 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.util import parse_url
 from hyperlink import URL
-from twisted.internet.defer import Deferred, TimeoutError
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from audiohangup.errors import ApiError
-from audiohangup.interfaces import ILeg, ILegObserver, IReactor
+from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
+from audiohangup.lifecycle import within
+from audiohangup.logs import redact
+from audiohangup.metrics import StreamTotals, series
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.relay import Relay
 from audiohangup.streams import client
@@ -30,6 +33,9 @@ from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import Counts, IStreamObserver, MediaStream, Mode, Outcome, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
 from audiohangup.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER
+
+if TYPE_CHECKING:
+    from audiohangup.webhooks import Webhooks
 
 PROTOCOLS = ("twilio", "audiohangup")
 MODES = tuple(mode.value for mode in Mode)
@@ -60,6 +66,37 @@ _RESERVED = {
 _URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 
+class StreamRefused(Exception):
+    """Why a stream cannot be opened; the API answers each kind with its own status and code."""
+
+
+class BadStreamField(StreamRefused, ValueError):
+    """A field of a stream's request (C{field}: url, protocol, mode, parameters, headers) that is not taken."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class BadStreamURL(BadStreamField):
+    """A stream URL that is not a ws:// or wss:// URL the WebSocket client takes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("url", message)
+
+
+class LegNotLive(StreamRefused):
+    """The leg has ended, or is ending: no stream opens on it."""
+
+
+class TooManyStreams(StreamRefused):
+    """The leg has had L{MAX_STREAMS_PER_LEG} streams already."""
+
+
+class AlreadyConversing(StreamRefused):
+    """The leg has a converse stream already: only one app may speak on it."""
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """The --stream-* options."""
@@ -85,28 +122,27 @@ class StreamConfig:
 
 
 def check_url(template: object) -> str:
-    """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else ApiError."""
+    """A ws:// or wss:// URL with a host, C{{call_id}} and C{{role}} allowed in it; else L{BadStreamURL}."""
     if not isinstance(template, str) or not template:
-        raise ApiError(400, "bad_url", "the stream URL must be a ws:// or wss:// URL")
+        raise BadStreamURL("the stream URL must be a ws:// or wss:// URL")
     filled = fill(template, "0" * 36, "visitor")
     if not _URL.fullmatch(filled):
-        raise ApiError(
-            400, "bad_url",
+        raise BadStreamURL(
             "the stream URL holds a character a URL may not (whitespace, a control character, "
             "or one to percent-encode)",
         )
     try:
         parsed = URL.from_text(filled)
     except Exception as error:  # hyperlink raises several types for a URL it cannot parse
-        raise ApiError(400, "bad_url", f"the stream URL does not parse: {error}") from None
+        raise BadStreamURL(f"the stream URL does not parse: {error}") from None
     if parsed.scheme not in ("ws", "wss") or not parsed.host:
-        raise ApiError(400, "bad_url", "the stream URL must be ws:// or wss:// with a host")
+        raise BadStreamURL("the stream URL must be ws:// or wss:// with a host")
     if parsed.userinfo:
-        raise ApiError(400, "bad_url", "credentials in the stream URL are not supported; use a header")
+        raise BadStreamURL("credentials in the stream URL are not supported; use a header")
     try:
         parse_url(parsed.to_text())  # what the WebSocket client will refuse: a fragment, a port out of range
     except ValueError as error:
-        raise ApiError(400, "bad_url", f"the stream URL is not a WebSocket URL: {error}") from None
+        raise BadStreamURL(f"the stream URL is not a WebSocket URL: {error}") from None
     return template
 
 
@@ -114,19 +150,14 @@ def fill(template: str, call_id: str, role: str) -> str:
     return template.replace("{call_id}", call_id).replace("{role}", role)
 
 
-def redact(url: str) -> str:
-    """The URL for logs, the API and the records: no query string or fragment, which may hold a token."""
-    return URL.from_text(url).replace(query=(), fragment="").to_text()
-
-
 def check_fields(value: object, what: str) -> dict[str, str]:
-    """A JSON object of strings (custom parameters, headers), bounded; else ApiError."""
+    """A JSON object of strings (custom parameters, headers), bounded; else L{BadStreamField}."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ApiError(400, f"bad_{what}", f"{what} must be an object of strings")
+        raise BadStreamField(what, f"{what} must be an object of strings")
     if len(value) > MAX_FIELDS or any(len(k) + len(v) > MAX_FIELD_BYTES for k, v in value.items()):
-        raise ApiError(400, f"bad_{what}", f"{what}: at most {MAX_FIELDS}, each under {MAX_FIELD_BYTES} bytes")
+        raise BadStreamField(what, f"{what}: at most {MAX_FIELDS}, each under {MAX_FIELD_BYTES} bytes")
     return dict(value)
 
 
@@ -135,25 +166,21 @@ def check_headers(headers: dict[str, str]) -> dict[str, str]:
     seen: set[str] = set()
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED:
-            raise ApiError(400, "bad_headers", f"{name!r} is not a header a stream may set")
+            raise BadStreamField("headers", f"{name!r} is not a header a stream may set")
         if name.lower() in seen:
-            raise ApiError(400, "bad_headers", f"{name} is given twice (header names are case-insensitive)")
+            raise BadStreamField("headers", f"{name} is given twice (header names are case-insensitive)")
         seen.add(name.lower())
         if _CONTROL.search(value):
-            raise ApiError(400, "bad_headers", f"the value of {name} holds a control character")
+            raise BadStreamField("headers", f"the value of {name} holds a control character")
     return headers
 
 
 def parse_header(text: str) -> tuple[str, str]:
-    """C{"NAME: VALUE"}, as --stream-header takes it."""
+    """C{"NAME: VALUE"}, as --stream-header takes it; a ValueError (L{BadStreamField} among them) if not."""
     name, colon, value = text.partition(":")
     if not colon:
         raise ValueError("a header is NAME: VALUE")
-    header = {name.strip(): value.strip()}
-    try:
-        check_headers(header)
-    except ApiError as error:
-        raise ValueError(error.message) from None
+    check_headers({name.strip(): value.strip()})
     return name.strip(), value.strip()
 
 
@@ -162,14 +189,13 @@ class Streams:
     log = Logger()
 
     def __init__(
-        self, config: StreamConfig, reactor: IReactor, *, metrics: Any = None, webhooks: Any = None,
-        relay: Relay | None = None,
+        self, config: StreamConfig, reactor: IReactor, *, metrics: CollectorRegistry | None = None,
+        webhooks: Webhooks | None = None, relay: Relay | None = None,
     ) -> None:
         from audiohangup.webhooks import sign, trust_root
 
         self.config = config
         self.reactor = reactor
-        self.metrics = metrics
         self.webhooks = webhooks
         #: Reads the streams' sockets with the legs' (plain TCP only), not the reactor.
         self.relay = relay
@@ -180,12 +206,18 @@ class Streams:
         #: What ended streams counted, kept for the metrics.
         self.ended_totals = Counts()
         self._allOver: list[Deferred[None]] = []
+        metrics = metrics if metrics is not None else CollectorRegistry()  # none given: counted for nobody
+        self.streams_total = series(
+            metrics, Counter, "audiohangup_streams",
+            "Media streams over, by protocol and outcome (ended, app_closed, failed).", ["protocol", "outcome"],
+        )
+        metrics.register(StreamTotals(self))  # active streams and their frames, read at scrape time
 
     # Opening
 
     def open(
         self,
-        leg: ILeg,
+        leg: IServerLeg,
         url: str,
         *,
         protocol: str | None = None,
@@ -193,7 +225,7 @@ class Streams:
         parameters: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> MediaStream:
-        """Open a stream for a live leg; ApiError says why one cannot be opened."""
+        """Open a stream for a live leg; a L{StreamRefused} says why one cannot be opened."""
         protocol, chosen = self.check(leg, url, protocol, mode)
         assert leg.call_id is not None
         config = self.config
@@ -209,8 +241,8 @@ class Streams:
         stream = MediaStream(
             leg, stream_id, target, redact(target), stream_protocol, chosen, config.settings, self
         )
-        leg.streams.append(stream)
-        leg.taps.append(stream)
+        leg.addStream(stream)
+        leg.addTap(stream)
         self.current[stream_id] = stream
         self.log.info(
             "{call_id} {role} stream {stream_id} to {url} connecting ({protocol}, {mode})",
@@ -230,24 +262,24 @@ class Streams:
             stream.connectFailed(f"the WebSocket client refused the URL ({type(error).__name__})")
         return stream
 
-    def check(self, leg: ILeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
+    def check(self, leg: IServerLeg, url: str, protocol: str | None, mode: str | None) -> tuple[str, Mode]:
         """What L{open} checks first, so that a request for several legs opens all or none."""
         protocol = protocol or self.config.protocol
         if protocol not in PROTOCOLS:
-            raise ApiError(400, "bad_protocol", f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+            raise BadStreamField("protocol", f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
         try:
             chosen = Mode(mode or self.config.mode)
         except ValueError:
-            raise ApiError(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, not {mode!r}") from None
+            raise BadStreamField("mode", f"mode must be one of {', '.join(MODES)}, not {mode!r}") from None
         check_url(url)
         if not leg.live or leg.call_id is None:
-            raise ApiError(404, "no_live_leg", f"the {leg.role} leg is not live")
+            raise LegNotLive(f"the {leg.role} leg is not live")
         if len(leg.streams) >= MAX_STREAMS_PER_LEG:
-            raise ApiError(409, "too_many_streams", f"a leg has at most {MAX_STREAMS_PER_LEG} streams in its life")
+            raise TooManyStreams(f"a leg has at most {MAX_STREAMS_PER_LEG} streams in its life")
         if chosen is Mode.CONVERSE and any(
             isinstance(s, MediaStream) and s.live and s.mode is Mode.CONVERSE for s in leg.streams
         ):
-            raise ApiError(409, "already_conversing", f"the {leg.role} leg has a converse stream already")
+            raise AlreadyConversing(f"the {leg.role} leg has a converse stream already")
         return protocol, chosen
 
     def check_headers(self, headers: dict[str, str]) -> dict[str, str]:
@@ -262,7 +294,7 @@ class Streams:
         configured = {name.lower() for name, _ in self.config.headers}
         for name in headers:
             if name.lower() in configured:
-                raise ApiError(400, "bad_headers", f"{name} is set by the server's configuration (--stream-header)")
+                raise BadStreamField("headers", f"{name} is set by the server's configuration (--stream-header)")
         return headers
 
     def _handshakeHeaders(self, url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -279,7 +311,7 @@ class Streams:
         stream = self.current.get(stream_id)
         return stream if stream is not None and stream.leg.call_id == call_id else None
 
-    def of(self, legs: Iterable[ILeg]) -> list[MediaStream]:
+    def of(self, legs: Iterable[IServerLeg]) -> list[MediaStream]:
         return [s for leg in legs for s in leg.streams if isinstance(s, MediaStream)]
 
     async def stop(self) -> None:
@@ -290,40 +322,35 @@ class Streams:
             return
         over: Deferred[None] = Deferred()
         self._allOver.append(over)
-        over.addTimeout(client.CLOSE_GRACE + 1.0, self.reactor)
-        try:
-            await over
-        except TimeoutError:
+        if not await within(over, client.CLOSE_GRACE + 1.0, self.reactor):
             self.log.warn("{count} media streams did not close in time", count=len(self.current))
 
     # ILegObserver
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         if self.config.url is None or leg.role not in self.config.roles:
             return
         try:
             self.open(leg, self.config.url)
-        except ApiError as error:
-            self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=error.message)
+        except StreamRefused as error:
+            self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=str(error))
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         for stream in self.of([leg]):
             stream.stop("the leg ended")
 
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     # IStreamObserver
 
     def streamStarted(self, stream: MediaStream) -> None:
-        if self.metrics is not None:
-            self.metrics.stream_started(stream)
         self._tell("stream.started", stream)
 
     def streamEnded(self, stream: MediaStream) -> None:
@@ -333,8 +360,7 @@ class Streams:
             waiting, self._allOver = self._allOver, []
             for over in waiting:
                 over.callback(None)
-        if self.metrics is not None:
-            self.metrics.stream_ended(stream)
+        self.streams_total.labels(protocol=stream.protocol.name, outcome=str(stream.outcome)).inc()
         self._tell("stream.failed" if stream.outcome is Outcome.FAILED else "stream.ended", stream)
 
     def _tell(self, event: str, stream: MediaStream) -> None:

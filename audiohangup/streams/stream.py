@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from audiohangup.audio import FRAME_MS, Playout
-from audiohangup.interfaces import ILeg, ILegTap, IMediaStream
+from audiohangup.interfaces import ILegTap, IMediaStream, IServerLeg
 from audiohangup.reasons import HangupCause, StrEnum
 from audiohangup.streams.messages import (
     AppAudio,
@@ -121,7 +121,7 @@ class MediaStream:
 
     def __init__(
         self,
-        leg: ILeg,
+        leg: IServerLeg,
         stream_id: str,
         url: str,
         public_url: str,
@@ -280,7 +280,8 @@ class MediaStream:
         if not self.leg.live:
             return None
         if self._feed is None and self.leg.feed is None:
-            self._feed = self.leg.feed = Playout(self.settings.max_queue_frames, mix=self.settings.audio == "mix")
+            self._feed = Playout(self.settings.max_queue_frames, mix=self.settings.audio == "mix")
+            self.leg.attachFeed(self._feed)
         return self._feed if self.leg.feed is self._feed else None
 
     def _flushPending(self) -> None:
@@ -357,11 +358,9 @@ class MediaStream:
 
     def _detach(self) -> None:
         """Off the leg: no more audio either way; the app's queued audio is dropped (marks answered)."""
-        if self in self.leg.taps:
-            self.leg.taps.remove(self)
+        self.leg.removeTap(self)
         if self._feed is not None:
-            if self.leg.feed is self._feed:
-                self.leg.feed = None
+            self.leg.detachFeed(self._feed)
             self._feed.drain()
             # Everything the feed dropped (beyond its bound, cleared, or left when
             # the leg closed before this stream heard of it) is now this stream's.

@@ -1,8 +1,9 @@
-# -*- test-case-name: tests.test_access -*-
+# -*- test-case-name: tests.test_security -*-
 """
-Who may get in: source address lists, API tokens with their scopes, and the
-throttle on failed authentication. Pure decisions, no I/O: the listeners and
-the HTTP site ask, and do the closing, counting and logging themselves.
+Who may use the API: its tokens with their scopes, and the throttle on
+failed authentication. Pure decisions, no I/O: the site and the routes ask,
+and do the answering, counting and logging themselves. Where a connection
+comes from is L{audiohangup.sources}, which the AudioSocket listeners share.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import ipaddress
 import math
 import os
 import stat
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from audiohangup.credentials import exposed
 from audiohangup.reasons import StrEnum
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from audiohangup.sources import IPNetwork, address_of, host_of
 
 
 class Scope(StrEnum):
@@ -32,92 +30,6 @@ class Scope(StrEnum):
 
     def covers(self, needed: Scope) -> bool:
         return self is Scope.CONTROL or needed is Scope.READ
-
-
-# Source address lists
-
-
-def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """
-    C{"10.0.0.0/8,::1"}: networks (IPv4 or IPv6, a bare address is a /32 or
-    /128), or a ValueError naming the entry that is not one.
-    """
-    networks = []
-    for entry in text.split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            raise ValueError(f"{entry!r} is not an IPv4 or IPv6 address or network (CIDR)") from None
-    if not networks:
-        raise ValueError("no network given")
-    return tuple(networks)
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """
-    An address as Twisted or X-Forwarded-For gives it, or None: an IPv6 zone
-    dropped, a dual-stack socket's IPv4-mapped client as the IPv4 address.
-    """
-    try:
-        address = ipaddress.ip_address(text.strip().split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-@dataclass(frozen=True)
-class SourceACL:
-    """The networks a listener accepts connections from; None accepts every source."""
-
-    networks: tuple[IPNetwork, ...] | None = None
-
-    def allows(self, host: str | None) -> bool:
-        """
-        C{host} is an IP address as Twisted gives it; None (a UNIX socket)
-        is always allowed: its file's permissions say who may connect.
-        """
-        if self.networks is None or host is None:
-            return True
-        address = _ip(host)
-        return address is not None and any(address in network for network in self.networks)
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback address or C{localhost}; False for all interfaces ('', 0.0.0.0, ::)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-class LogOncePer:
-    """
-    Says whether to log about a key now: once per C{interval} per key, with
-    a bounded table (the oldest key is forgotten first), so a flood from one
-    source is one line a minute and a spray from many cannot grow memory.
-    """
-
-    def __init__(self, interval: float = 60.0, max_keys: int = 4096) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last: OrderedDict[str, float] = OrderedDict()
-
-    def __call__(self, key: str, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self.max_keys:
-            self._last.popitem(last=False)
-        return True
 
 
 # Tokens
@@ -236,13 +148,13 @@ def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNe
     not one (the left of it is whatever the client wrote). Every loopback
     address is one host; IPv6 counts by /64, what one host or site gets.
     """
-    address = _ip(peer)
+    address = address_of(peer)
     if address is None:
         return peer
     if any(address in network for network in trusted):
         hops = [hop for value in forwarded_for for hop in value.split(",")]
         for hop in reversed(hops):
-            found = _ip(_without_port(hop))
+            found = address_of(_without_port(hop))
             if found is None:
                 break  # not an address: no proxy of ours wrote it
             address = found
@@ -250,7 +162,7 @@ def source_key(peer: str, forwarded_for: Iterable[str] = (), trusted: tuple[IPNe
                 break
     if address.is_loopback:
         return "loopback"
-    return _host_of(address)
+    return host_of(address)
 
 
 def _without_port(hop: str) -> str:
@@ -261,27 +173,6 @@ def _without_port(hop: str) -> str:
     if hop.count(":") == 1:
         return hop.split(":", 1)[0]
     return hop
-
-
-def _host_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """An IPv4 address, or an IPv6 address's /64: what one host or site holds whole."""
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
-
-
-def source_of(address: object) -> str | None:
-    """
-    The source a connection counts under for the caps on connections (an
-    C{IAddress}): its IPv4 address (a dual-stack socket's IPv4 client too),
-    or its IPv6 /64. Unlike L{source_key}, loopback addresses stay apart.
-    None for a UNIX socket, whose file's mode already says who may connect.
-    """
-    host = getattr(address, "host", None)  # IPv4Address, IPv6Address; a UNIXAddress has none
-    if not isinstance(host, str):
-        return None
-    ip = _ip(host)
-    return host if ip is None else _host_of(ip)
 
 
 class AuthThrottle:

@@ -19,33 +19,44 @@ owner checks the bytes it receives.
 An owner's answer is read through a L{BoundedPool} (its head bounded) and up
 to L{MAX_ANSWER_BYTES}: a broken or hostile peer cannot grow this instance's
 memory without bound; past either the request fails with L{OwnerUnreachable}.
-A recording (a WAV) is not read whole: L{Cluster.stream} passes it on as it
+A recording (a WAV) is not read whole: L{Forwarder.passOn} pipes it as it
 comes, under backpressure, up to L{MAX_WAV_BYTES}.
+
+Every route that may reach another instance goes through one L{Forwarder}:
+it finds where the legs a request names are, sends the request on, and gives
+back the owners' answers (L{Reply}) or passes one on as the request's own.
+What the routes make of a failure (its status and code) is theirs to say.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import treq
 from hyperlink import EncodedURL
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, gatherResults
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from audiohangup.cluster.directory import DirectoryUnavailable
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
-from audiohangup.reasons import HangupCause
+from audiohangup.reasons import HangupCause, Role
 from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
-    from audiohangup.directory import Directory
-    from audiohangup.interfaces import ILeg
+    from audiohangup.cluster.directory import Directory, LegEntry
+    from audiohangup.interfaces import IServerLeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"
 #: On a forwarded hangup: the cause to record (C{session} when a session ends across instances).
@@ -60,6 +71,8 @@ SIGNATURE = "X-Audiohangup-Forwarded-Signature"
 MAX_ANSWER_BYTES = 64 * 1024
 #: Bytes of a forwarded recording passed on at most: a WAV's sizes are 32-bit.
 MAX_WAV_BYTES = 2**32 - 1
+#: On an owner's answer passed on: which instance gave it.
+ANSWERED_BY = "x-audiohangup-answered-by"
 
 
 def _forwarded_fields(instance_id: str, method: bytes, path: bytes, cause: str, body: bytes) -> bytes:
@@ -273,13 +286,13 @@ class Cluster:
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
 
-    def legStarted(self, leg: ILeg) -> None:
+    def legStarted(self, leg: IServerLeg) -> None:
         pass
 
-    def hangupSent(self, leg: ILeg, cause: HangupCause) -> None:
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
         pass
 
-    def legEnded(self, leg: ILeg) -> None:
+    def legEnded(self, leg: IServerLeg) -> None:
         if not self.end_with_leg or leg.call_id is None:
             return
         if leg.hangup_cause in (HangupCause.REPLACED, HangupCause.SESSION):
@@ -291,12 +304,10 @@ class Cluster:
     def callEnded(self, call_id: str) -> None:
         pass
 
-    def connectionEnded(self, connection: ILeg) -> None:
+    def connectionEnded(self, connection: IServerLeg) -> None:
         pass
 
     async def _endRemoteLegs(self, call_id: str, role: str) -> None:
-        from audiohangup.directory import DirectoryUnavailable
-
         try:
             owners = await self.directory.owners(call_id)
         except DirectoryUnavailable as error:
@@ -324,3 +335,196 @@ class Cluster:
                 "{call_id} {role} asked instance {instance} to hang up its {other} leg (cause session): {status}",
                 call_id=call_id, role=role, instance=entry.instance_id, other=other_role, status=status,
             )
+
+
+# Forwarding a request to the instances that hold its legs
+
+
+def _header(request: IRequest, name: str) -> str | None:
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+    return values[-1].decode("latin-1") if values else None
+
+
+def forwarded(request: IRequest) -> bool:
+    """Whether a request says another instance forwarded it (L{Forwarder.proven} checks that one did)."""
+    return _header(request, FORWARDED_BY) is not None
+
+
+def forwarded_cause(request: IRequest) -> HangupCause:
+    """API, unless another instance forwarded the hangup with its own cause (session)."""
+    given = _header(request, CAUSE)
+    if given is not None and forwarded(request) and given in FORWARDABLE_CAUSES:
+        return HangupCause(given)
+    return HangupCause.API
+
+
+def _with_query(uri: bytes, **params: str) -> bytes:
+    """The request's path and query with some parameters set."""
+    parts = urlsplit(uri.decode("latin-1"))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query += list(params.items())
+    return urlunsplit(("", "", parts.path, urlencode(query), "")).encode("latin-1")
+
+
+#: Roles in their order (visitor first): how the legs of a call are listed and answered.
+ROLE_ORDER = {role.value: index for index, role in enumerate(Role)}
+
+
+class _Discard(Protocol):
+    """Drops a response body that will not be read (the connection goes with it)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the owner of one role's leg answered a forwarded request, read whole; or why it did not (C{failure})."""
+
+    role: str
+    instance_id: str
+    status: int = 0
+    body: bytes = b""
+    failure: OwnerUnreachable | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def error(self) -> dict[str, Any]:
+        """The C{error} object of the owner's answer, or one that says what came back."""
+        try:
+            error = json.loads(self.body)["error"]
+            if isinstance(error, dict):
+                return error
+        except (ValueError, KeyError, TypeError):
+            pass
+        return {"code": "owner_error", "message": f"the owner answered {self.status}"}
+
+
+class Forwarder:
+    """
+    The one way a route reaches another instance: where the legs a request
+    names are (L{elsewhere}), the request sent on to their owners (L{ask},
+    L{toEach}), or an owner's answer passed on as the request's own
+    (L{passOn}). Without a cluster, every leg is here or nowhere.
+    """
+
+    log = Logger()
+
+    def __init__(self, cluster: Cluster | None) -> None:
+        self.cluster = cluster
+
+    def proven(self, request: IRequest) -> bool:
+        """Whether another instance of this cluster forwarded this request, as it says (L{Cluster.verified})."""
+        by = _header(request, FORWARDED_BY)
+        if self.cluster is None or by is None:
+            return False
+        request.content.seek(0)
+        body = request.content.read()
+        request.content.seek(0)
+        return self.cluster.verified(
+            by, _header(request, SIGNATURE), request.method, request.uri, _header(request, CAUSE) or "", body
+        )
+
+    async def elsewhere(
+        self, request: IRequest, call_id: str, role: Role | None = None, held: Iterable[IServerLeg] = ()
+    ) -> dict[str, LegEntry]:
+        """
+        The legs the request names (C{role}'s, or every role's) that are on
+        other instances, role -> entry; C{held} are the call's legs here. The
+        directory is only asked when that can matter: never for a forwarded
+        request (an instance never forwards one again), nor when every named
+        leg is here. When it cannot be asked, a request for legs held here
+        goes on with those; else L{DirectoryUnavailable}.
+        """
+        cluster = self.cluster
+        if cluster is None or forwarded(request):
+            return {}
+        here = {leg.role.value for leg in held}
+        named_here = role.value in here if role is not None else bool(here)
+        if (role is not None and named_here) or (role is None and len(here) == len(Role)):
+            return {}
+        try:
+            owners = await cluster.directory.owners(call_id)
+        except DirectoryUnavailable:
+            if named_here:
+                return {}  # what is here goes on; the rest cannot be found now
+            raise
+        return {
+            name: entry
+            for name, entry in owners.items()
+            if entry.instance_id != cluster.instance_id and name not in here and (role is None or name == role.value)
+        }
+
+    async def ask(self, request: IRequest, entry: LegEntry, path: bytes | None = None) -> tuple[int, bytes]:
+        """The owner's answer to this request (at C{path}, else its own target), read whole; or L{OwnerUnreachable}."""
+        response = await self._send(request, entry, request.uri if path is None else path)
+        return response.code, await self._cluster().read(response, entry.instance_id, entry.url)
+
+    def toEach(self, request: IRequest, owners: dict[str, LegEntry]) -> Deferred[list[Reply]]:
+        """
+        The request sent on to every owner at once, each for its own role's
+        leg (C{?role=}), as soon as this is called; their replies in role order.
+        """
+        return gatherResults([
+            Deferred.fromCoroutine(self._reply(request, name, entry))
+            for name, entry in sorted(owners.items(), key=lambda item: ROLE_ORDER[item[0]])
+        ], consumeErrors=True)
+
+    async def _reply(self, request: IRequest, role: str, entry: LegEntry) -> Reply:
+        try:
+            status, body = await self.ask(request, entry, _with_query(request.uri, role=role))
+        except OwnerUnreachable as failure:
+            return Reply(role, entry.instance_id, failure=failure)
+        return Reply(role, entry.instance_id, status, body)
+
+    async def passOn(self, request: IRequest, entry: LegEntry, *, piped: bool = False) -> bytes:
+        """
+        The owner's answer as this request's, saying who answered. C{piped}:
+        a recording, passed on as it comes when the owner has it (a WAV can be
+        far larger than any answer read whole).
+        """
+        response = await self._send(request, entry, request.uri)
+        if piped and response.code == 200:
+            return await self._pipe(request, entry, response)
+        body = await self._cluster().read(response, entry.instance_id, entry.url)
+        request.setResponseCode(response.code)
+        request.setHeader("content-type", "application/json")
+        request.setHeader(ANSWERED_BY, entry.instance_id)
+        return body
+
+    async def _pipe(self, request: IRequest, entry: LegEntry, response: Any) -> bytes:
+        length = response.length if isinstance(response.length, int) else None
+        if length is not None and length > MAX_WAV_BYTES:
+            response.deliverBody(_Discard())
+            raise OwnerAnswerTooLarge(
+                entry.instance_id, entry.url, f"a recording of {length} bytes, over {MAX_WAV_BYTES}"
+            )
+        request.setHeader(ANSWERED_BY, entry.instance_id)
+        request.setHeader("content-type", "audio/wav")
+        if length is not None:
+            request.setHeader("content-length", str(length))
+        try:
+            await self._cluster().pipe(response, cast(Request, request), entry.instance_id, entry.url)
+        except OwnerUnreachable as error:
+            # Part of the WAV is out: the only honest end is a cut connection.
+            self.log.warn("recording from instance {instance} cut short: {error}",
+                          instance=entry.instance_id, error=str(error))
+            request.channel.transport.abortConnection()  # type: ignore[attr-defined]
+        return b""
+
+    async def _send(self, request: IRequest, entry: LegEntry, path: bytes) -> Any:
+        """The owner's response to this request, its body yet to read; or L{OwnerUnreachable}."""
+        request.content.seek(0)
+        headers = {
+            name: value
+            for name in ("Authorization", "Content-Type")
+            if (value := _header(request, name.lower())) is not None
+        }
+        return await self._cluster().send(
+            entry.url, entry.instance_id, request.method, path, request.content.read(), headers
+        )
+
+    def _cluster(self) -> Cluster:
+        assert self.cluster is not None, "only a leg that elsewhere() found is forwarded to"
+        return self.cluster

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from audiohangup.errors import ApiError
+from audiohangup.http.errors import ApiError
 
 #: Methods that change nothing: browsers send them cross-site, and the API only reads on them.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

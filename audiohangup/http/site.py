@@ -1,21 +1,22 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_http_edge,tests.test_security -*-
 """
 The API's HTTP site, around the Klein resource: request bodies bounded (413
 before a handler runs), each request's head and body bounded in time (408),
 connections capped in total and per source, an address that failed
 authentication too often answered 429 on every route but C{/health}, a Host
-it does not serve or a cross-site change refused (L{audiohangup.hosts}), and
-every request counted by route template and status.
+it does not serve or a cross-site change refused (L{audiohangup.http.hosts}),
+and every request counted by route template and status. It is given what it
+needs when it is built (L{ApiSite.forAPI}): it never reaches into the routes.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -24,10 +25,18 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from audiohangup.access import AuthThrottle, LogOncePer, source_of
-from audiohangup.api import MAX_BODY, ControlAPI, json_error
-from audiohangup.hosts import ServedHosts
+from audiohangup.http.access import AuthThrottle
+from audiohangup.http.answers import closing_answer, json_error
+from audiohangup.http.errors import ApiError, body_too_large
+from audiohangup.http.hosts import ServedHosts
+from audiohangup.http.request import largest_body, throttle_source
 from audiohangup.listeners import ConnectionCap, Slot, _Refused
+from audiohangup.logs import LogLimit
+from audiohangup.metrics import series
+from audiohangup.sources import IPNetwork, source_of
+
+if TYPE_CHECKING:
+    from audiohangup.http.api import ControlAPI
 
 
 def route_template(app: Klein, request: http.Request) -> str:
@@ -40,15 +49,6 @@ def route_template(app: Klein, request: http.Request) -> str:
         return "unmatched"
     return str(rule.rule)
 
-
-
-def _json_answer(status: bytes, code: str, message: str) -> bytes:
-    """A whole JSON error response that closes the connection, for when no request can answer."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
-    return (
-        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-        % (status, len(body), body)
-    )
 
 
 #: What a Host header may hold (RFC 9110's uri-host and port are visible ASCII).
@@ -90,11 +90,11 @@ class _BoundedRequest(Request):
         try:
             unquote_to_bytes(self.path).decode("utf-8")
         except UnicodeDecodeError:
-            self._answerEarly(400, "bad_path", "the path is not UTF-8 once percent-decoded")
+            self._answerEarly(ApiError(400, "bad_path", "the path is not UTF-8 once percent-decoded"))
             return
         if not self._routableHost():
             # Even for /health, which takes any name: routing would fail on it with a 500 or an HTML 400.
-            self._answerEarly(400, "bad_host", "the Host header is not a host name")
+            self._answerEarly(ApiError(400, "bad_host", "the Host header is not a host name"))
             return
         if self.path != b"/health" and (self._offSite() or self._throttled()):
             return
@@ -102,17 +102,17 @@ class _BoundedRequest(Request):
 
     def _throttled(self) -> bool:
         """A source that failed authentication too often: answered 429 here."""
-        api = self.apiSite.api
-        source = api.throttle_source(self)
-        wait = None if source is None else api.throttle.retry_after(source, api.clock.seconds())
+        site = self.apiSite
+        source = throttle_source(self, site.trusted_proxies)
+        wait = None if source is None else site.throttle.retry_after(source, site.clock.seconds())
         if wait is None:
             return False
         self.setHeader("retry-after", AuthThrottle.header(wait))
-        self._answerEarly(
+        self._answerEarly(ApiError(
             429, "too_many_failures",
-            f"more than {api.throttle.limit} failed authentications from {source} within "
-            f"{api.throttle.window:g} s; try again in {AuthThrottle.header(wait)} s",
-        )
+            f"more than {site.throttle.limit} failed authentications from {source} within "
+            f"{site.throttle.window:g} s; try again in {AuthThrottle.header(wait)} s",
+        ))
         return True
 
     def _routableHost(self) -> bool:
@@ -164,13 +164,13 @@ class _BoundedRequest(Request):
         )
         if refusal is None:
             return False
-        self._answerEarly(refusal.status, refusal.code, refusal.message)
+        self._answerEarly(refusal)
         return True
 
-    def _answerEarly(self, status: int, code: str, message: str) -> None:
+    def _answerEarly(self, error: ApiError) -> None:
         """A JSON error before routing; the site still counts it."""
         self.site = self.apiSite
-        self.write(json_error(self, status, code, message))
+        self.write(json_error(self, error))
         self.finish()
 
     def gotLength(self, length: int | None) -> None:
@@ -202,9 +202,7 @@ class _BoundedRequest(Request):
         site = self.apiSite
         transport = self.channel.transport
         assert transport is not None, "a request's channel is connected until it is answered"
-        transport.write(
-            _json_answer(b"413 Content Too Large", "body_too_large", f"the body exceeds {site.max_body} bytes")
-        )
+        transport.write(closing_answer(body_too_large(site.max_body)))
         # Closing at once with the body still arriving would make the kernel
         # reset the connection and the client could lose the answer: close our
         # side for writing, keep reading (and discarding), and abort only if
@@ -214,8 +212,8 @@ class _BoundedRequest(Request):
             self._linger = site.reactor.callLater(_LINGER_SECONDS, transport.abortConnection)
         else:
             transport.loseConnection()
-        if site.api.metrics is not None:
-            site.api.metrics.http_request("unrouted", "-", 413)
+        if site.requests is not None:
+            site.requests.labels(route="unrouted", method="-", status="413").inc()
 
 
 class _ApiChannel(http.HTTPChannel):
@@ -295,8 +293,8 @@ class _ApiChannel(http.HTTPChannel):
         site = self.site
         transport = self.transport
         assert transport is not None, "a deadline is cancelled when the connection is lost"
-        transport.write(_json_answer(
-            b"408 Request Timeout", "request_timeout", f"the request {part} did not arrive within {seconds:g} s"
+        transport.write(closing_answer(
+            ApiError(408, "request_timeout", f"the request {part} did not arrive within {seconds:g} s")
         ))
         self.loseConnection()
         # A client that does not let the answer go gets the same bounded end as Twisted's idle timeout gives.
@@ -322,23 +320,47 @@ class ApiSite(Site):
 
     def __init__(
         self,
-        api: ControlAPI,
+        app: Klein,
         reactor: IReactorTime | None = None,
         *,
+        max_body: int,
+        throttle: AuthThrottle,
+        clock: IReactorTime,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
+        metrics: CollectorRegistry | None = None,
         cap: ConnectionCap | None = None,
         head_timeout: float = 10.0,
         body_timeout: float = 30.0,
         hosts: ServedHosts | None = None,
     ) -> None:
-        super().__init__(api.app.resource(), reactor=reactor)
-        self.api = api
+        super().__init__(app.resource(), reactor=reactor)
+        #: The routes, for the template each request is counted under.
+        self.app = app
+        #: The largest body a route takes; a larger one is answered 413 before any route runs.
+        self.max_body = max_body
+        #: The routes' throttle on failed authentication, the clock it counts on, the proxies it sees through.
+        self.throttle, self.clock, self.trusted_proxies = throttle, clock, trusted_proxies
+        #: The API's metrics (None: off), where the requests are counted.
+        self.metrics = metrics
         self.cap = cap
+        #: HTTP requests, counted in the API's metrics (None: metrics off).
+        self.requests: Counter | None = None if metrics is None else series(
+            metrics, Counter, "audiohangup_http_requests", "HTTP requests, by route template, method and status.",
+            ["route", "method", "status"],
+        )
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.hosts = hosts if hosts is not None else ServedHosts()
-        self._logNow = LogOncePer(60.0)
-        # The largest body a route takes: a /play prompt as long as a leg's queue, in the legs' widest format.
-        self.max_body = max(MAX_BODY, *(api.settings.max_queue_frames * fmt.frame_bytes for fmt in api.formats.values()))
+        self._logNow = LogLimit(60.0)
+
+    @classmethod
+    def forAPI(cls, api: ControlAPI, reactor: IReactorTime | None = None, **options: Any) -> ApiSite:
+        """The site of C{api}, given at once what it needs of it: routes, throttle and clock, metrics, body bound."""
+        return cls(
+            api.app, reactor, throttle=api.throttle, clock=api.clock, trusted_proxies=api.trusted_proxies,
+            metrics=api.metrics, max_body=largest_body(api.settings.max_queue_frames, list(api.formats.values())),
+            **options,
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         channel = super().buildProtocol(addr)
@@ -353,8 +375,8 @@ class ApiSite(Site):
 
     def timedOut(self, peer: IAddress, part: str) -> None:
         """A request that did not arrive in time: counted, and logged once a minute per source."""
-        if self.api.metrics is not None:
-            self.api.metrics.http_request("unrouted", "-", 408)
+        if self.requests is not None:
+            self.requests.labels(route="unrouted", method="-", status="408").inc()
         source = source_of(peer) or "unix"  # by /64, so hopping addresses in one is one line a minute
         if self._logNow(source, self.reactor.seconds()):
             self.logger.info(
@@ -364,8 +386,9 @@ class ApiSite(Site):
 
     def log(self, request: http.Request) -> None:
         super().log(request)
-        if self.api.metrics is not None:
+        if self.requests is not None:
             method = request.method.decode("latin-1")
-            self.api.metrics.http_request(
-                route_template(self.api.app, request), method if method in _METHODS else "other", request.code
-            )
+            self.requests.labels(
+                route=route_template(self.app, request), method=method if method in _METHODS else "other",
+                status=str(request.code),
+            ).inc()
