@@ -7,4 +7,4 @@ by call id and role), L{http} (the HTTP API), L{service} (wiring and shutdown)
 and L{tap} (the C{twistd audiohangup} options).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

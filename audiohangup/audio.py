@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Final
 
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode_frame
 
 #: The AudioSocket cadence: one frame every 20 ms.
-FRAME_SECONDS: Final = 0.020
+FRAME_MS: Final = 20
+FRAME_SECONDS: Final = FRAME_MS / 1000
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,14 @@ class AudioFormat:
     @cached_property
     def silence_frame(self) -> bytes:
         """One encoded 20 ms frame of silence: zero samples, 0xFF for u-law, 0xD5 for A-law."""
-        return encode(self.kind, bytes([self.silence_byte]) * self.frame_bytes)
+        return encode_frame(self.kind, bytes([self.silence_byte]) * self.frame_bytes)
 
     def frames(self, audio: bytes) -> list[bytes]:
         """Cut raw audio into encoded 20 ms frames; the last one is padded with silence."""
         size = self.frame_bytes
         padding = bytes([self.silence_byte]) * ((-len(audio)) % size)
         audio += padding
-        return [encode(self.kind, audio[i : i + size]) for i in range(0, len(audio), size)]
+        return [encode_frame(self.kind, audio[i : i + size]) for i in range(0, len(audio), size)]
 
 
 def _slin(name: str, kind: Kind, rate: int) -> AudioFormat:

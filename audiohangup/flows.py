@@ -40,7 +40,7 @@ from audiohangup.codecs import Transcoder
 from audiohangup.interfaces import FlowFactory, IFlow, ILeg, ISession
 from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason
-from audiohangup.wire import Frame, encode
+from audiohangup.wire import Frame, encode_frame
 
 __all__ = ["BUILTIN_FLOWS", "BridgeFlow", "EchoFlow", "FlowFactory", "FlowLoadError", "IFlow", "SilenceFlow", "load_flow"]
 
@@ -151,7 +151,7 @@ class _Converter:
         if self._counted is not None:
             self._counted.inc()
         kind = self.target.kind
-        return [encode(kind, pending[i : i + size]) for i in range(0, whole, size)]
+        return [encode_frame(kind, pending[i : i + size]) for i in range(0, whole, size)]
 
 
 @implementer(IFlow)

@@ -37,7 +37,7 @@ from audiohangup.logs import LogLimit, describe_address
 from audiohangup.pacer import Pacer
 from audiohangup.reasons import AWAITING_UUID, CLOSED, CLOSING, LIVE, CloseReason, HangupCause, Loss, Role
 from audiohangup.registry import LegKey, Registry
-from audiohangup.relay import Relay
+from audiohangup.relay import Relay, fast_paths
 from audiohangup.session import Session
 from audiohangup.sources import source_of
 from audiohangup.teardown import LegTeardown, socket_of
@@ -193,8 +193,9 @@ class AudioSocketProtocol(LegTeardown, Protocol):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
             wire.setTcpNoDelay(True)
         # A plain TCP transport (not TLS, not a test double) can take a frame
-        # straight away when its buffer is empty; see _write.
-        if isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
+        # straight away when its buffer is empty; see _write. Unless the fast
+        # paths are off (AUDIOHANGUP_FAST_PATHS=off): then Twisted writes and reads.
+        if fast_paths() and isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
             self._tcp = wire
             self._socket = wire.socket
             if self.relay is not None:

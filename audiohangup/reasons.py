@@ -17,8 +17,11 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 
-class _Named(str, enum.Enum):
-    """A string enum that prints as its value, in logs and in JSON alike."""
+class StrEnum(str, enum.Enum):
+    """
+    A string enum that prints as its value, in logs and in JSON alike: every
+    string enum of the package is one (Python 3.11's C{enum.StrEnum}, for 3.10).
+    """
 
     def __str__(self) -> str:
         return str(self.value)
@@ -27,14 +30,14 @@ class _Named(str, enum.Enum):
         return format(str(self.value), spec)
 
 
-class Role(_Named):
+class Role(StrEnum):
     """The part a leg plays in a call; each role has its own listening port."""
 
     VISITOR = "visitor"
     RESIDENT = "resident"
 
 
-class LegState(_Named):
+class LegState(StrEnum):
     """Where a connection is in its life: waiting for its UUID, a live leg, closing, gone."""
 
     AWAITING_UUID = "awaiting_uuid"
@@ -52,7 +55,7 @@ CLOSING = LegState.CLOSING
 CLOSED = LegState.CLOSED
 
 
-class HangupCause(_Named):
+class HangupCause(StrEnum):
     """Why we sent C{00 00 00} to a leg."""
 
     API = "api"
@@ -65,7 +68,7 @@ class HangupCause(_Named):
     MAX_DURATION = "max_duration"
 
 
-class CloseReason(_Named):
+class CloseReason(StrEnum):
     """How a leg ended: one per leg, logged once."""
 
     level: LogLevel

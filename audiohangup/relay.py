@@ -21,12 +21,23 @@ its legs back to Twisted.
 
 Linux only (epoll); elsewhere, or for a transport that is not a plain socket
 (TLS), Twisted reads as usual.
+
+The relay and the direct sends of a leg (L{audiohangup.protocol}) and of a
+stream (L{audiohangup.streams.client}) lean on Twisted's internals: a plain
+C{tcp.Connection}, its C{_tempDataBuffer} and C{_tempDataLen}.
+C{AUDIOHANGUP_FAST_PATHS=off} in the environment, read once at start-up,
+turns them all off: every read and write takes Twisted's own path. CI runs
+the tests that way too, so the plain paths stay a working fallback should a
+Twisted release change those internals.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+from collections.abc import Mapping
+from typing import Final
 from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
@@ -43,6 +54,19 @@ READ_SIZE = 65536
 _EPOLL = getattr(select, "epoll", None)
 _PLAIN_READ = getattr(select, "EPOLLIN", 1)
 _WATCH = _PLAIN_READ | getattr(select, "EPOLLRDHUP", 0)
+
+#: The environment variable whose C{off} turns the relay and the direct sends off.
+FAST_PATHS_VARIABLE: Final = "AUDIOHANGUP_FAST_PATHS"
+_OFF: Final = frozenset({"off", "0", "no", "false"})
+
+
+def fast_paths_in(environ: Mapping[str, str]) -> bool:
+    """Whether C{environ} leaves the fast paths on: anything but C{off} (C{0}, C{no}, C{false}) does."""
+    return environ.get(FAST_PATHS_VARIABLE, "").strip().lower() not in _OFF
+
+
+#: Read once, at start-up: whether the relay reads, and legs and streams send directly.
+FAST_PATHS: bool = fast_paths_in(os.environ)
 
 
 class Readable(TypingProtocol):
@@ -71,9 +95,14 @@ class Reader(TypingProtocol):
     def doRead(self) -> object: ...
 
 
+def fast_paths() -> bool:
+    """Whether the relay and the direct sends are on (L{FAST_PATHS})."""
+    return FAST_PATHS
+
+
 def available() -> bool:
-    """Whether this platform has what the relay needs (epoll)."""
-    return _EPOLL is not None
+    """Whether the relay reads the legs here: the platform has epoll, and the fast paths are on."""
+    return _EPOLL is not None and FAST_PATHS
 
 
 @implementer(IReadDescriptor)
@@ -97,7 +126,11 @@ class Relay(Service):
 
     def startService(self) -> None:
         super().startService()
-        if _EPOLL is not None:
+        if not FAST_PATHS:
+            self.log.info(
+                "{variable}=off: the reactor reads every leg and Twisted writes every frame", variable=FAST_PATHS_VARIABLE
+            )
+        elif _EPOLL is not None:
             self._poller = _EPOLL()
             self.reactor.addReader(self)
 

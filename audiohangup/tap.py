@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from audiohangup import credentials
-from audiohangup.audio import FORMATS
+from audiohangup.audio import FORMATS, FRAME_MS
 from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
@@ -113,11 +113,11 @@ def _milliseconds(name: str) -> Callable[[str], int]:
             number = int(value)
         except ValueError:
             raise ValueError(f"{name} must be a whole number of milliseconds, not {value!r}") from None
-        if number < 20:
-            raise ValueError(f"{name} must be at least 20 (one frame), not {value!r}")
+        if number < FRAME_MS:
+            raise ValueError(f"{name} must be at least {FRAME_MS} (one frame), not {value!r}")
         return number
 
-    coerce.coerceDoc = "Milliseconds, at least 20."  # type: ignore[attr-defined]
+    coerce.coerceDoc = f"Milliseconds, at least {FRAME_MS}."  # type: ignore[attr-defined]
     return coerce
 
 

@@ -1,11 +1,15 @@
 # -*- test-case-name: tests.test_wire -*-
 """
-The AudioSocket wire format: frame kinds, an incremental decoder and an encoder.
+The AudioSocket wire format: frame kinds, an incremental decoder and the
+frame builder (L{encode_frame}).
 
 Pure code, no I/O: the protocol feeds it bytes and writes what it builds, so
 every split of the stream Asterisk may produce can be tested without sockets.
 A frame is C{kind} (1 byte), C{length} (2 bytes, big endian) and C{length}
 bytes of payload, in both directions.
+
+"Wire" in this package means this format only. L{encode_frame} builds a frame
+from its payload; L{audiohangup.codecs} converts the audio inside one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import enum
 import struct
 import uuid
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -104,10 +110,10 @@ class Frame:
         return SAMPLE_RATES.get(self.kind)
 
     def encode(self) -> bytes:
-        return encode(self.kind, self.payload)
+        return encode_frame(self.kind, self.payload)
 
 
-def encode(kind: int, payload: bytes = b"") -> bytes:
+def encode_frame(kind: int, payload: bytes = b"") -> bytes:
     """
     Build one frame as a single C{bytes}, so it goes out in one
     C{transport.write}: Asterisk drops a call when a frame's pieces arrive more
@@ -121,12 +127,28 @@ def encode(kind: int, payload: bytes = b"") -> bytes:
 
 
 #: C{KIND_HANGUP}: what the server sends, once, to end a leg.
-HANGUP_FRAME: Final = encode(Kind.HANGUP)
+HANGUP_FRAME: Final = encode_frame(Kind.HANGUP)
 
 
 def encode_uuid(value: uuid.UUID) -> bytes:
     """The frame Asterisk sends first: 16 raw bytes in RFC 4122 order."""
-    return encode(Kind.UUID, value.bytes)
+    return encode_frame(Kind.UUID, value.bytes)
+
+
+def __getattr__(name: str) -> Callable[..., bytes]:
+    """
+    C{encode}, this module's old name for L{encode_frame}, which custom flows
+    may import: still served, with a L{DeprecationWarning}, because beside
+    L{audiohangup.codecs.encode} (audio, not frames) the name misled.
+    """
+    if name == "encode":
+        warnings.warn(
+            "audiohangup.wire.encode was deprecated in audiohangup 0.2.0; use audiohangup.wire.encode_frame",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return encode_frame
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FrameDecoder:

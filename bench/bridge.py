@@ -67,7 +67,7 @@ def worker_main(config_path: str, result_path: str) -> int:
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from twisted.internet.protocol import Protocol
 
-    from audiohangup.wire import Kind, encode, encode_uuid
+    from audiohangup.wire import Kind, encode_frame, encode_uuid
 
     monotonic = time.monotonic
     stamp_pack = STAMP.pack
@@ -130,7 +130,7 @@ def worker_main(config_path: str, result_path: str) -> int:
                 if leg.gone:
                     continue
                 sent = monotonic()
-                leg.send(encode(slin, stamp_pack(MAGIC, leg.index, leg.role_id, leg.seq, sent) + PADDING))
+                leg.send(encode_frame(slin, stamp_pack(MAGIC, leg.index, leg.role_id, leg.seq, sent) + PADDING))
                 leg.seq += 1
                 if t0 <= sent < t1:
                     leg.sent_window += 1

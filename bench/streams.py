@@ -502,7 +502,7 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from twisted.internet.protocol import Protocol
 
-    from audiohangup.wire import Kind, encode, encode_uuid
+    from audiohangup.wire import Kind, encode_frame, encode_uuid
 
     stamps = Stamps()
     monotonic_ns = time.monotonic_ns
@@ -635,7 +635,7 @@ def legs_main(cfg: dict[str, Any], result_path: str) -> int:
         def send_frame(self) -> None:
             sent = monotonic_ns()
             stamp = LEG_STAMP.pack(LEG_MAGIC, self.index, self.role_id, self.seq, sent)
-            self.send(encode(slin, stamps.pcm(stamp) + TAIL))
+            self.send(encode_frame(slin, stamps.pcm(stamp) + TAIL))
             self.seq += 1
             if self.run.t0_ns <= sent < self.run.t1_ns:
                 self.counts["sent_window"] += 1

@@ -55,7 +55,7 @@ with harness.instrumented(__name__):
     from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
     from audiohangup.reasons import CloseReason, HangupCause, Role
     from audiohangup.registry import Registry
-    from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode, encode_uuid
+    from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_frame, encode_uuid
 
 CALL = uuid.UUID("5b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3")
 SETTINGS = LegSettings(close_timeout=2.0, uuid_timeout=5.0, idle_timeout=3.0)
@@ -153,7 +153,7 @@ def check_leg(flags: int, chunks: list[bytes]) -> None:
         check_wire(resident, resident_wire)
     if flags & 2:
         visitor.hangup(HangupCause.API)
-        resident.dataReceived(encode(Kind.SLIN, b"\x01" * 320))
+        resident.dataReceived(encode_frame(Kind.SLIN, b"\x01" * 320))
     loss = LOSSES[(flags >> 3) & 3]
     if loss is None:
         # Nobody closes: the timers (UUID, idle, close) must end it.

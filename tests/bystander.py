@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall, deferLater
 
-from audiohangup.wire import Frame, Kind, encode
+from audiohangup.wire import Frame, Kind, encode_frame
 from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk, connect
 
@@ -76,7 +76,7 @@ class Bystander:
         due = int((reactor.seconds() - self._start) / _FRAME_SECONDS) + 1
         while self.sent < due:
             payload = _MARK + struct.pack(">I", self.sent)
-            self.visitor.send(encode(Kind.SLIN, payload.ljust(320, b"\x01")))
+            self.visitor.send(encode_frame(Kind.SLIN, payload.ljust(320, b"\x01")))
             self.sent += 1
 
     async def stop(self, grace: float = 1.0) -> float:

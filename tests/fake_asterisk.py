@@ -20,12 +20,12 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from audiohangup.wire import HANGUP_FRAME, Frame, FrameDecoder, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, Frame, FrameDecoder, Kind, encode_frame, encode_uuid
 
 OnHangup = Literal["reset", "close", "ignore"]
 
 #: 20 ms of 8 kHz slin silence, as Asterisk's app sends it.
-SILENCE_20MS = encode(Kind.SLIN, b"\x00" * 320)
+SILENCE_20MS = encode_frame(Kind.SLIN, b"\x00" * 320)
 
 
 class FakeAsterisk(Protocol):

@@ -297,7 +297,7 @@ async def test_recording_routes_reach_the_owner(spawn: Spawn, redis_server: Redi
     import io
     import wave
 
-    from audiohangup.wire import Kind, encode
+    from audiohangup.wire import Kind, encode_frame
 
     a = await instance(spawn, redis_server, "a")
     b = await instance(spawn, redis_server, "b")
@@ -308,7 +308,7 @@ async def test_recording_routes_reach_the_owner(spawn: Spawn, redis_server: Redi
     assert status == 201, body
     assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["a"]
     for _ in range(10):
-        client.send(encode(Kind.SLIN, b"\x10\x00" * 160))
+        client.send(encode_frame(Kind.SLIN, b"\x10\x00" * 160))
     fetched = await treq.get(f"{b.url}/calls/{call_id}/recording", headers=AUTHORIZED, persistent=False, timeout=10)
     assert fetched.code == 200 and fetched.headers.getRawHeaders("content-type") == ["audio/wav"]
     with wave.open(io.BytesIO(await fetched.content())) as wav:

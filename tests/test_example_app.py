@@ -16,7 +16,7 @@ from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode, encode
 from audiohangup.streams.manager import StreamConfig
 from audiohangup.wire import Kind
-from audiohangup.wire import encode as frame
+from audiohangup.wire import encode_frame as frame
 from tests.conftest import LogCapture, until
 from tests.fake_asterisk import connect
 from tests.redis_server import free_port

@@ -27,7 +27,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
 from audiohangup.reasons import CloseReason, HangupCause, Role
-from audiohangup.wire import HANGUP_FRAME, Frame, Kind, encode
+from audiohangup.wire import HANGUP_FRAME, Frame, Kind, encode_frame
 from tests import flows_for_tests
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk
@@ -36,7 +36,7 @@ MakeServer = Callable[..., Awaitable[Server]]
 T = TypeVar("T")
 
 #: 20 ms of 8 kHz slin silence, encoded.
-SILENCE = encode(Kind.SLIN, bytes(320))
+SILENCE = encode_frame(Kind.SLIN, bytes(320))
 L16_8K = {"Content-Type": "audio/L16;rate=8000"}
 
 
@@ -82,12 +82,12 @@ async def start_leg(
 def audio_frame(tag: int, seq: int, size: int = 320) -> bytes:
     """An encoded slin frame that names its sender (tag) and sequence number; never silent."""
     fill = bytes([(seq * 7 + tag * 31) % 254 + 1]) * (size - 3)
-    return encode(Kind.SLIN, struct.pack("!BH", tag, seq) + fill)
+    return encode_frame(Kind.SLIN, struct.pack("!BH", tag, seq) + fill)
 
 
 def slin_frames(audio: bytes) -> list[bytes]:
     """Raw 8 kHz slin cut into encoded 20 ms frames (whole frames only)."""
-    return [encode(Kind.SLIN, audio[i : i + 320]) for i in range(0, len(audio), 320)]
+    return [encode_frame(Kind.SLIN, audio[i : i + 320]) for i in range(0, len(audio), 320)]
 
 
 async def send_paced(client: FakeAsterisk, frames: Sequence[bytes], interval: float = 0.020) -> None:
@@ -160,7 +160,7 @@ async def test_bridge_forwards_every_frame_both_ways(server: Server, logs: LogCa
 
     # DTMF, then a marker frame: once the marker is through, a forwarded DTMF would be too.
     marker = audio_frame(1, 999)
-    visitor.send(encode(Kind.DTMF, b"5") + marker)
+    visitor.send(encode_frame(Kind.DTMF, b"5") + marker)
     await until(lambda: marker in resident.heard(), what="the marker frame")
     assert [frame for frame in resident.frames if frame.kind == Kind.DTMF] == []
     assert {frame.kind for frame in resident.frames} == {Kind.SLIN}
@@ -208,9 +208,9 @@ async def test_lone_leg_hears_paced_silence(server: Server, logs: LogCapture) ->
 @pytest.mark.parametrize(
     ("audio", "silence"),
     [
-        ("slin16", encode(Kind.SLIN16, bytes(640))),
-        ("ulaw", encode(Kind.SLIN, b"\xff" * 160)),
-        ("alaw", encode(Kind.SLIN, b"\xd5" * 160)),
+        ("slin16", encode_frame(Kind.SLIN16, bytes(640))),
+        ("ulaw", encode_frame(Kind.SLIN, b"\xff" * 160)),
+        ("alaw", encode_frame(Kind.SLIN, b"\xd5" * 160)),
     ],
     ids=["slin16", "ulaw", "alaw"],
 )
@@ -393,9 +393,9 @@ async def test_custom_flow_by_dotted_path(make_server: MakeServer, logs: LogCapt
     server = await make_server(flow="tests.flows_for_tests.Recorder")
     client, leg, call_id = await start_leg(server, Role.VISITOR)
     frame = audio_frame(5, 1)
-    client.send(frame + encode(Kind.DTMF, b"1"))
+    client.send(frame + encode_frame(Kind.DTMF, b"1"))
     await until(lambda: leg.dtmf == "1", what="the first digit")
-    client.send(encode(Kind.DTMF, b"#"))
+    client.send(encode_frame(Kind.DTMF, b"#"))
     await within(client.hangup_received, "the hangup after #")
     assert await within(leg.whenGone(), "the leg to go") is CloseReason.HANGUP_RESET
     assert client.ended_with_single_hangup()
@@ -422,7 +422,7 @@ async def test_flow_exception_is_logged_and_the_call_goes_on(make_server: MakeSe
     """
     server = await make_server(flow="tests.flows_for_tests.Exploding")
     client, leg, call_id = await start_leg(server, Role.VISITOR)
-    client.send(audio_frame(6, 1) + encode(Kind.DTMF, b"7"))
+    client.send(audio_frame(6, 1) + encode_frame(Kind.DTMF, b"7"))
     await until(lambda: leg.dtmf == "7", what="the digit after the failing frame")
     [failure] = failures(logs, flows_for_tests.FlowBug)
     assert failure["call_id"] == call_id and failure["hook"] == "audioReceived"

@@ -23,14 +23,14 @@ from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.session import Session
-from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_frame, encode_uuid
 
 CALL = uuid.UUID("1e3d5c7b-9a8f-4e6d-b5c4-a3b2c1d0e9f8")
 
 
 def audio(seed: int, fmt=SLIN) -> bytes:
     """One encoded 20 ms frame of recognisable, non-silent audio."""
-    return encode(fmt.kind, bytes((seed + i) % 251 + 1 for i in range(fmt.frame_bytes)))
+    return encode_frame(fmt.kind, bytes((seed + i) % 251 + 1 for i in range(fmt.frame_bytes)))
 
 
 class Tap:
@@ -198,16 +198,16 @@ class BridgeTests(SessionTestCase):
         visitor, _ = self.leg(Role.VISITOR)
         _, resident_wire = self.leg(Role.RESIDENT)
         for _ in range(5):
-            visitor.dataReceived(encode(Kind.SLIN16, b"\x00\x10" * 320))
+            visitor.dataReceived(encode_frame(Kind.SLIN16, b"\x00\x10" * 320))
         converted = resident_wire.frames()
         self.assertTrue(converted)
-        self.assertTrue(all(frame[:3] == encode(Kind.SLIN, bytes(320))[:3] for frame in converted))
+        self.assertTrue(all(frame[:3] == encode_frame(Kind.SLIN, bytes(320))[:3] for frame in converted))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     def test_dtmfIsNotForwarded(self) -> None:
         visitor, _ = self.leg(Role.VISITOR)
         _, resident_wire = self.leg(Role.RESIDENT)
-        visitor.dataReceived(encode(Kind.DTMF, b"7"))
+        visitor.dataReceived(encode_frame(Kind.DTMF, b"7"))
         self.assertEqual(resident_wire.value(), b"")
         self.assertEqual(visitor.dtmf, "7")
 
@@ -321,7 +321,7 @@ class PacingTests(SessionTestCase):
         ulaw = LegSettings(audio=FORMATS["ulaw"])
         _, wire = self.leg(settings=ulaw)
         self.tick()
-        self.assertEqual(wire.frames(), [encode(Kind.SLIN, b"\xff" * 160)])
+        self.assertEqual(wire.frames(), [encode_frame(Kind.SLIN, b"\xff" * 160)])
 
     def test_oneTimerForEveryLeg(self) -> None:
         """A thousand live legs share one delayed call: the pacer's."""

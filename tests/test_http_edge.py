@@ -36,7 +36,7 @@ from audiohangup.service import Config, fit_descriptors, served_names
 from audiohangup.sources import parse_networks, source_of
 from audiohangup.streams.manager import StreamConfig
 from audiohangup.tap import Options
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode_frame
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
@@ -336,7 +336,7 @@ async def test_slow_clients_cannot_lock_out_asterisk_or_health(make_server: Any,
         )
         assert sum(client.closed for client in clients) >= len(clients) - total
         visitor, resident = await _new_call(server)
-        visitor.send(encode(Kind.SLIN, b"\x07" * 320))
+        visitor.send(encode_frame(Kind.SLIN, b"\x07" * 320))
         await until(lambda: any(f.payload == b"\x07" * 320 for f in resident.frames), what="the new call's audio")
         for _ in range(3):
             response = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False, timeout=5)

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from audiohangup.reasons import CloseReason, Role
-from audiohangup.wire import Kind, encode, encode_uuid
+from audiohangup.wire import Kind, encode_frame, encode_uuid
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
@@ -214,7 +214,7 @@ async def test_dtmf_flood_is_counted_not_logged(make_server: Any, logs: LogCaptu
     leg = await until(lambda: server.registry.get(str(call_id), Role.VISITOR), what="the flooding leg")
     started = reactor.seconds()
     for _ in range(flood // 1000):
-        client.send(encode(Kind.DTMF, b"7") * 1000)
+        client.send(encode_frame(Kind.DTMF, b"7") * 1000)
     await until(lambda: leg.dtmf_count == flood, timeout=30, what="every digit read")
     seconds = reactor.seconds() - started
     assert await metric(server, "audiohangup_dtmf_total") == flood
@@ -290,7 +290,7 @@ async def test_frames_behind_a_buffer_keep_their_order(make_server: Any) -> None
     def send_marked(count: int) -> int:
         for _ in range(count):
             number = len(sent) + 1
-            frame = encode(Kind.SLIN, number.to_bytes(4, "big") * 80)
+            frame = encode_frame(Kind.SLIN, number.to_bytes(4, "big") * 80)
             sent.append(frame)
             visitor.send(frame)
         return len(sent)

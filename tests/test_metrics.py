@@ -13,7 +13,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 
 from audiohangup.reasons import HangupCause, Role
-from audiohangup.wire import HANGUP_FRAME, Kind, encode
+from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import SILENCE_20MS, connect
 
@@ -77,9 +77,9 @@ async def test_metrics_follow_legs(make_server, logs: LogCapture) -> None:
     await resetter_leg.whenGone()
     hanger.send(HANGUP_FRAME)
     await hanger_leg.whenGone()
-    erring.send(encode(Kind.ERROR, b"\x01"))
+    erring.send(encode_frame(Kind.ERROR, b"\x01"))
     await erring_leg.whenGone()
-    broken.send(encode(Kind.DTMF, b"12"))
+    broken.send(encode_frame(Kind.DTMF, b"12"))
     await broken_leg.whenGone()
     await silent.closed
     await until(lambda: not server.registry.connections())

@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from audiohangup.audio import FORMATS
 from audiohangup.codecs import decode, encode
 from audiohangup.wire import Kind
-from audiohangup.wire import encode as frame
+from audiohangup.wire import encode_frame as frame
 from tests.conftest import LogCapture, Server, bridged, until
 
 ULAW, SLIN16 = FORMATS["ulaw"], FORMATS["slin16"]

@@ -29,7 +29,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode_frame
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import SILENCE_20MS, FakeAsterisk, connect
 from tests.ws_app import App
@@ -192,7 +192,7 @@ async def test_hang_up_from_the_page(logs: LogCapture, make_server: Any, browser
     fake = await leg(server, "visitor", call_id)
     others = [await leg(server, "visitor", other_id), await leg(server, "resident", other_id)]
     for digit in b"42#":
-        others[1].send(encode(Kind.DTMF, bytes([digit])))
+        others[1].send(encode_frame(Kind.DTMF, bytes([digit])))
     for _ in range(5):
         others[0].send(SILENCE_20MS)
     await until(lambda: len(server.registry) == 3, what="three live legs")

@@ -30,10 +30,10 @@ from audiohangup.protocol import DTMF_LOG_PER_SECOND, AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, LegState, Loss, Role, classify, loss_of
 from audiohangup.registry import PendingConnections, Registry
 from audiohangup.sources import source_of
-from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 
 CALL = uuid.UUID("6f5c1279-b34f-4bdf-ba44-24b178d09a80")
-AUDIO = encode(Kind.SLIN, b"\x01\x02" * 160)
+AUDIO = encode_frame(Kind.SLIN, b"\x01\x02" * 160)
 
 
 class LegTestCase(SynchronousTestCase):
@@ -131,7 +131,7 @@ class CloseTimeoutTests(LegTestCase):
         leg, transport = self.live()
         leg.hangup(HangupCause.API)
         self.assertFalse(leg.send(AUDIO))
-        leg.dataReceived(AUDIO * 5 + encode(Kind.ERROR, b"\x01") + b"\x10\x01")
+        leg.dataReceived(AUDIO * 5 + encode_frame(Kind.ERROR, b"\x01") + b"\x10\x01")
         self.assertEqual(transport.value(), HANGUP_FRAME)
         self.assertIsNone(leg._decided)
         self.assertEqual(leg.frames_out, 1)
@@ -188,21 +188,21 @@ class FrameTests(LegTestCase):
         self.assertProtocolError(AUDIO, "not a UUID", live=False)
 
     def test_shortUuid(self) -> None:
-        self.assertProtocolError(encode(Kind.UUID, b"\x01" * 15), "15 bytes", live=False)
+        self.assertProtocolError(encode_frame(Kind.UUID, b"\x01" * 15), "15 bytes", live=False)
 
     def test_secondUuid(self) -> None:
         self.assertProtocolError(encode_uuid(CALL), "second UUID")
 
     def test_longDtmf(self) -> None:
-        self.assertProtocolError(encode(Kind.DTMF, b"12"), "DTMF payload of 2 bytes")
+        self.assertProtocolError(encode_frame(Kind.DTMF, b"12"), "DTMF payload of 2 bytes")
 
     def test_emptyAudio(self) -> None:
-        self.assertProtocolError(encode(Kind.SLIN16, b""), "length 0")
+        self.assertProtocolError(encode_frame(Kind.SLIN16, b""), "length 0")
 
     def test_framesAfterAnErrorAreIgnored(self) -> None:
         """Frames in the same chunk after a protocol error change nothing."""
         leg, _ = self.live()
-        leg.dataReceived(encode(Kind.SLIN, b"") + encode(Kind.HANGUP) + AUDIO)
+        leg.dataReceived(encode_frame(Kind.SLIN, b"") + encode_frame(Kind.HANGUP) + AUDIO)
         self.assertEqual(leg._decided, CloseReason.PROTOCOL_ERROR)
         self.assertEqual(leg.frames_in, 2)
 
@@ -219,7 +219,7 @@ class FrameTests(LegTestCase):
     def test_peerError(self) -> None:
         """A 0xff frame ends the leg as C{peer_error}, at warn, with its code decoded."""
         leg, _transport = self.live()
-        leg.dataReceived(encode(Kind.ERROR, b"\x01"))
+        leg.dataReceived(encode_frame(Kind.ERROR, b"\x01"))
         leg.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(leg.close_reason, CloseReason.PEER_ERROR)
         [event] = self.ended()
@@ -246,7 +246,8 @@ class FrameTests(LegTestCase):
         """DTMF digits are kept on the leg; unknown kinds are skipped in sync."""
         leg, _ = self.live()
         leg.dataReceived(
-            encode(Kind.DTMF, b"1") + encode(0x02, b"xyz") + AUDIO + encode(0x7F, b"") + encode(Kind.DTMF, b"#")
+            encode_frame(Kind.DTMF, b"1") + encode_frame(0x02, b"xyz") + AUDIO
+            + encode_frame(0x7F, b"") + encode_frame(Kind.DTMF, b"#")
         )
         self.assertEqual(leg.dtmf, "1#")
         self.assertIs(leg.state, LegState.LIVE)
@@ -259,13 +260,13 @@ class FrameTests(LegTestCase):
         """
         leg, _ = self.live()
         digits = [e for e in self.events if "DTMF" in e.get("log_format", "")]
-        leg.dataReceived(encode(Kind.DTMF, b"5") * 1000)
+        leg.dataReceived(encode_frame(Kind.DTMF, b"5") * 1000)
         logged = [e for e in self.events if "DTMF" in e.get("log_format", "")][len(digits):]
         self.assertEqual(
             [e["log_level"] for e in logged], [LogLevel.info] * DTMF_LOG_PER_SECOND + [LogLevel.warn]
         )
         self.clock.advance(1.0)
-        leg.dataReceived(encode(Kind.DTMF, b"#"))
+        leg.dataReceived(encode_frame(Kind.DTMF, b"#"))
         last = [e for e in self.events if "DTMF" in e.get("log_format", "")][-1]
         self.assertEqual((last["log_level"], last["digit"]), (LogLevel.info, "#"))
         self.assertEqual(leg.dtmf_count, 1001)

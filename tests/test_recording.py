@@ -48,7 +48,7 @@ from audiohangup.recording import recorder as recorder_module
 from audiohangup.recording import writer as writer_module
 from audiohangup.recording.writer import Tick, WavFile
 from audiohangup.wire import Kind
-from audiohangup.wire import encode as frame
+from audiohangup.wire import encode_frame as frame
 from tests.bystander import Bystander
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk, connect

@@ -42,12 +42,12 @@ from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.records import SCHEMA_VERSION, SERVER_LOST, BadQuery, CallRecords, SchemaTooNew
 from audiohangup.registry import Registry
-from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 from tests.conftest import LogCapture, until
 
 DAY = 86400.0
-AUDIO = encode(Kind.SLIN, b"\x01\x02" * 160)
-DTMF_42 = encode(Kind.DTMF, b"4") + encode(Kind.DTMF, b"2")
+AUDIO = encode_frame(Kind.SLIN, b"\x01\x02" * 160)
+DTMF_42 = encode_frame(Kind.DTMF, b"4") + encode_frame(Kind.DTMF, b"2")
 
 #: The v1 schema as an older audiohangup created it: no dtmf, no hangup_to_close_ms.
 SCHEMA_V1 = """
@@ -223,7 +223,7 @@ ENDINGS = [
     ("peer_closed", None, None, _peer_goes(ConnectionDone)),
     ("peer_reset", None, None, _peer_goes(ConnectionLost)),
     ("peer_hangup", None, None, _peer_sends_then_closes(HANGUP_FRAME)),
-    ("peer_error", None, None, _peer_sends_then_closes(encode(Kind.ERROR, b"\x01"))),
+    ("peer_error", None, None, _peer_sends_then_closes(encode_frame(Kind.ERROR, b"\x01"))),
     ("protocol_error", None, None, _peer_sends_then_closes(encode_uuid(uuid.uuid4()))),
 ]
 

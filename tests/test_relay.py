@@ -3,7 +3,9 @@ The relay reads the legs' sockets in one pass per wakeup. Unit tests drive it
 with real socket pairs, a memory reactor and recording transports; the
 loopback tests check that a real server's bridged legs are read by it (and
 not by the reactor), that nothing leaks, and that every way a leg ends still
-reaches Twisted (the teardown tests all run through it too).
+reaches Twisted (the teardown tests all run through it too). The last ones
+check the switch that turns the relay and the direct send off
+(C{AUDIOHANGUP_FAST_PATHS=off}), with which CI runs the whole suite once.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from zope.interface import implementer
 from audiohangup import relay as relay_module
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.relay import Relay
-from audiohangup.wire import Kind, encode
+from audiohangup.wire import Kind, encode_frame
 from tests.conftest import LogCapture, Server, bridged, until
 
-pytestmark = pytest.mark.skipif(not relay_module.available(), reason="the relay needs epoll")
+#: The tests of the relay at work: they need epoll and the fast paths on (not AUDIOHANGUP_FAST_PATHS=off).
+needs_relay = pytest.mark.skipif(not relay_module.available(), reason="the relay needs epoll and the fast paths on")
 
-FRAME = encode(Kind.SLIN, bytes(320))
+FRAME = encode_frame(Kind.SLIN, bytes(320))
 
 
 class Leg:
@@ -107,7 +110,7 @@ class Transport:
 class RelayTests(SynchronousTestCase):
     def setUp(self) -> None:
         if not relay_module.available():
-            self.skipTest("the relay needs epoll")
+            self.skipTest("the relay needs epoll and the fast paths on")
         self.reactor = MemoryReactor()
         self.relay = Relay(self.reactor)
         self.relay.startService()
@@ -292,6 +295,7 @@ class RelayTests(SynchronousTestCase):
 # Over loopback, with the real server
 
 
+@needs_relay
 @pytest_twisted.ensureDeferred
 async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCapture) -> None:
     """
@@ -306,7 +310,7 @@ async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCaptu
     assert len(relay) == 2
     readers = reactor.getReaders()
     assert relay in readers and not any(leg.transport in readers for leg in legs)
-    marks = [encode(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
+    marks = [encode_frame(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
     visitor.send(marks[0])
     resident.send(marks[1])
     await until(lambda: marks[0] in [f.encode() for f in resident.frames], what="the visitor's frame")
@@ -316,6 +320,7 @@ async def test_bridged_legs_are_read_by_the_relay(server: Server, logs: LogCaptu
     assert len(relay) == 0 and len(server.registry) == 0
 
 
+@needs_relay
 @pytest_twisted.ensureDeferred
 async def test_a_live_leg_keeps_its_state_in_slots(server: Server, logs: LogCapture) -> None:
     """
@@ -333,6 +338,7 @@ async def test_a_live_leg_keeps_its_state_in_slots(server: Server, logs: LogCapt
     assert set(reasons) <= {CloseReason.HANGUP_CLEAN, CloseReason.HANGUP_RESET}
 
 
+@needs_relay
 @pytest_twisted.ensureDeferred
 async def test_a_closing_leg_keeps_being_read_until_the_peer_closes(server: Server, logs: LogCapture) -> None:
     """After 00 00 00 the leg reads on (and discards) through the relay, then the peer's close ends it."""
@@ -353,3 +359,85 @@ async def test_a_closing_leg_keeps_being_read_until_the_peer_closes(server: Serv
     client.close()
     assert await gone is CloseReason.HANGUP_CLEAN
     assert len(relay) == 0
+
+
+# The switch: AUDIOHANGUP_FAST_PATHS=off
+
+
+class FastPathsSwitchTests(SynchronousTestCase):
+    def test_offTurnsThemOff(self) -> None:
+        """C{off} (and C{0}, C{no}, C{false}, in any case) turns them off; anything else, or nothing, leaves them on."""
+        for value in ("off", "OFF", " off\n", "0", "no", "false"):
+            self.assertFalse(relay_module.fast_paths_in({"AUDIOHANGUP_FAST_PATHS": value}), value)
+        for value in ("on", "1", "", "yes"):
+            self.assertTrue(relay_module.fast_paths_in({"AUDIOHANGUP_FAST_PATHS": value}), value)
+        self.assertTrue(relay_module.fast_paths_in({}))
+
+    def test_readOnceAtStartUp(self) -> None:
+        """A process started with C{AUDIOHANGUP_FAST_PATHS=off} has them off, and no relay to read with."""
+        import os
+        import subprocess
+        import sys
+
+        environment = {**os.environ, "AUDIOHANGUP_FAST_PATHS": "off"}
+        answer = subprocess.run(
+            [sys.executable, "-c", "from audiohangup import relay; print(relay.fast_paths(), relay.available())"],
+            env=environment, capture_output=True, text=True, check=True,
+        )
+        self.assertEqual(answer.stdout.split(), ["False", "False"])
+
+    def test_aRelayOffReadsNothing(self) -> None:
+        """Started with the fast paths off, the relay is no reader of the reactor, adopts nothing, and says so once."""
+        from twisted.logger import globalLogPublisher
+
+        self.patch(relay_module, "FAST_PATHS", False)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor = MemoryReactor()
+        relay = Relay(reactor)
+        relay.startService()
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        transport = Transport(ours)
+        self.assertFalse(relay.adopt(Leg(), transport))
+        self.assertTrue(transport.reading)
+        self.assertEqual((reactor.getReaders(), len(relay), relay.fileno()), ([], 0, -1))
+        said = [e.get("variable") for e in events if e.get("log_namespace") == "audiohangup.relay.Relay"]
+        self.assertEqual(said, ["AUDIOHANGUP_FAST_PATHS"])
+        relay.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bridged_call_with_the_fast_paths_off(
+    make_server: Any, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    With C{AUDIOHANGUP_FAST_PATHS=off} the relay is not installed and a leg
+    writes through its transport: the reactor reads both legs, every frame
+    goes through Twisted's write, and a bridged call works as ever.
+    """
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(relay_module, "FAST_PATHS", False)
+    server = await make_server()
+    relay = server.service.relay
+    call_id, visitor, resident = await bridged(server)
+    legs = [server.registry.get(str(call_id), role) for role in Role]
+    readers = reactor.getReaders()
+    assert relay not in readers and len(relay) == 0
+    assert all(leg.transport in readers for leg in legs)
+    written: list[bytes] = []
+    for leg in legs:
+        original = leg.transport.write
+        monkeypatch.setattr(leg.transport, "write", lambda data, original=original: (written.append(data), original(data)))
+    marks = [encode_frame(Kind.SLIN, bytes([n]) * 320) for n in (1, 2)]
+    visitor.send(marks[0])
+    resident.send(marks[1])
+    await until(lambda: marks[0] in [f.encode() for f in resident.frames], what="the visitor's frame")
+    await until(lambda: marks[1] in [f.encode() for f in visitor.frames], what="the resident's frame")
+    assert marks[0] in written and marks[1] in written  # Twisted wrote them: no direct send
+    reasons = [await leg.hangup(HangupCause.API) for leg in legs]
+    assert set(reasons) <= {CloseReason.HANGUP_CLEAN, CloseReason.HANGUP_RESET}
+    assert len(server.registry) == 0

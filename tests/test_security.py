@@ -39,7 +39,7 @@ from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.registry import Registry
 from audiohangup.sources import SourceACL, is_loopback, parse_networks
-from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 from tests.conftest import LogCapture, Server, bridged, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.tls import self_signed
@@ -50,7 +50,7 @@ READ, CONTROL = "r3ad-token", "c0ntrol-token"
 
 def marked(number: int) -> bytes:
     """An audio frame whose samples say which frame it is."""
-    return encode(Kind.SLIN, number.to_bytes(2, "little") * 160)
+    return encode_frame(Kind.SLIN, number.to_bytes(2, "little") * 160)
 
 
 def numbers(client: FakeAsterisk) -> list[int]:

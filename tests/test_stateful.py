@@ -64,7 +64,7 @@ from audiohangup.wire import (
     Frame,
     FrameDecoder,
     Kind,
-    encode,
+    encode_frame,
 )
 
 #: Modest on purpose: a few seconds per machine, every run, under both runners.
@@ -133,7 +133,7 @@ class DecoderMachine(RuleBasedStateMachine):
     def _write(self, frames: list[tuple[int, bytes]]) -> None:
         for kind, payload in frames:
             self.frames_in.append(Frame(kind, payload))
-            self.stream += encode(kind, payload)
+            self.stream += encode_frame(kind, payload)
             self.frame_ends.append(len(self.stream))
 
     def _feed(self, data: bytes) -> None:
@@ -207,7 +207,7 @@ unknown_kinds = st.integers(0, 255).filter(lambda k: k not in _KNOWN)
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
-    return encode(kind, payload)
+    return encode_frame(kind, payload)
 
 
 #: The first call id twice as often: legs of one call meet and replace each other.

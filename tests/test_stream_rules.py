@@ -31,7 +31,7 @@ from audiohangup.protocol import AudioSocketProtocol
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.streams import client
-from audiohangup.streams.client import _ClientFactory, _Wire
+from audiohangup.streams.client import _ClientFactory, _StreamWebSocket
 from audiohangup.streams.manager import (
     BadStreamField,
     BadStreamURL,
@@ -43,9 +43,9 @@ from audiohangup.streams.manager import (
     redact,
 )
 from audiohangup.streams.native import AudiohangupProtocol
-from audiohangup.streams.stream import IStreamWire, MediaStream, Mode, Outcome, State, StreamSettings
+from audiohangup.streams.stream import IStreamWebSocket, MediaStream, Mode, Outcome, State, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
-from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_frame, encode_uuid
 
 CALL = uuid.UUID("3f1c2b4a-5d6e-4f70-8a9b-0c1d2e3f4a5b")
 SLIN = FORMATS["slin"]
@@ -55,7 +55,7 @@ def samples(value: int, count: int = 160) -> bytes:
     return value.to_bytes(2, "little", signed=True) * count
 
 
-@implementer(IStreamWire)
+@implementer(IStreamWebSocket)
 class FakeWire:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, bool, bool]] = []
@@ -152,10 +152,10 @@ class NativeTests(StreamTestCase):
 
     def test_legAudioGoesOutAsItCame(self) -> None:
         for value in (1, 2, 3):
-            self.leg.dataReceived(encode(Kind.SLIN, samples(value)))
+            self.leg.dataReceived(encode_frame(Kind.SLIN, samples(value)))
         media = [(payload, binary, media) for payload, binary, media in self.wire.sent if binary]
         self.assertEqual(media, [(samples(v), True, True) for v in (1, 2, 3)])
-        self.leg.dataReceived(encode(Kind.DTMF, b"5"))
+        self.leg.dataReceived(encode_frame(Kind.DTMF, b"5"))
         self.assertEqual(self.wire.json()[-1], {"event": "dtmf", "digit": "5"})
 
     def test_appAudioIsPacedAfterPromptsAndHasTheFloor(self) -> None:
@@ -167,7 +167,7 @@ class NativeTests(StreamTestCase):
         self.assertEqual(self.frames(), [samples(9)])
         self.tick()
         self.assertEqual(self.frames(), [samples(1)])
-        self.leg.forward(FrameDecoder().feed(encode(Kind.SLIN, samples(7)))[0])  # the bridge: not now
+        self.leg.forward(FrameDecoder().feed(encode_frame(Kind.SLIN, samples(7)))[0])  # the bridge: not now
         self.assertEqual(self.frames(), [])
         self.tick(2)
         self.assertEqual(self.frames(), [samples(2), SLIN.silence_frame[3:]])  # the bit waits for the rest
@@ -330,7 +330,7 @@ class TimelineTests(StreamTestCase):
 
     def bridged(self, value: int) -> None:
         """A frame bridged to the leg from its other leg, as the route delivers it."""
-        self.leg.forwardBytes(encode(Kind.SLIN, samples(value)))
+        self.leg.forwardBytes(encode_frame(Kind.SLIN, samples(value)))
 
     def slots(self, ticks: int, app_every: int | None = None) -> list[list[bytes]]:
         """
@@ -528,8 +528,8 @@ class MixTests(TimelineTests):
         leg.dataReceived(encode_uuid(uuid.uuid4()))
         feed = Playout(50, mix=True)
         leg.attachFeed(feed)
-        feed.push([encode(ulaw.kind, g711_encode(samples(6000), ulaw))])
-        leg.forwardBytes(encode(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
+        feed.push([encode_frame(ulaw.kind, g711_encode(samples(6000), ulaw))])
+        leg.forwardBytes(encode_frame(ulaw.kind, g711_encode(samples(-2000), ulaw)))  # the app has audio: held
         transport.clear()
         self.tick()
         [frame] = FrameDecoder().feed(transport.value())
@@ -554,7 +554,7 @@ class OutboxTests(StreamTestCase):
         protocol = _ClientFactory(self.stream, self.clock, 10, url="ws://127.0.0.1:1/").buildProtocol(None)
         protocol.makeConnection(self.socket)
         protocol.state = WebSocketProtocol.STATE_OPEN
-        wire = protocol.wire = _Wire(protocol, self.stream, 10)
+        wire = protocol.websocket = _StreamWebSocket(protocol, self.stream, 10)
         self.socket.registerProducer(wire, True)
         wire.pauseProducing()  # the app does not read
         self.socket.clear()
@@ -562,7 +562,7 @@ class OutboxTests(StreamTestCase):
 
     def test_mediaIsDroppedOldestFirst(self) -> None:
         for value in range(25):
-            self.leg.dataReceived(encode(Kind.SLIN, samples(value)))
+            self.leg.dataReceived(encode_frame(Kind.SLIN, samples(value)))
         self.assertEqual(self.wire.media_waiting, 10)
         self.assertEqual(self.stream.counts.dropped_to_app, 15)
         self.assertEqual(self.wire.bytes_waiting, sum(len(payload) for payload, _, _ in self.wire.outbox))
@@ -612,7 +612,7 @@ class ClosingWebSocketTests(StreamTestCase):
     def openWire(self) -> Any:
         protocol = _ClientFactory(self.stream, self.clock, 10, url="ws://127.0.0.1:1/").buildProtocol(None)
         protocol.state = WebSocketProtocol.STATE_OPEN
-        wire = _Wire(protocol, self.stream, 10)
+        wire = _StreamWebSocket(protocol, self.stream, 10)
         wire.paused = True  # what is sent while open waits in the outbox: there is no transport here
         return wire
 
@@ -622,8 +622,8 @@ class ClosingWebSocketTests(StreamTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.app(samples(1) * 2, {"event": "mark", "name": "bye"})
         self.wire.protocol.state = WebSocketProtocol.STATE_CLOSING  # the app's Close arrives
-        self.leg.dataReceived(encode(Kind.SLIN, samples(5)))  # media for the app
-        self.leg.dataReceived(encode(Kind.DTMF, b"4"))
+        self.leg.dataReceived(encode_frame(Kind.SLIN, samples(5)))  # media for the app
+        self.leg.dataReceived(encode_frame(Kind.DTMF, b"4"))
         self.tick(4)  # the app's audio plays out and its mark is answered
         self.assertEqual(self.frames()[:2], [samples(1), samples(1)])
         self.assertIn(self.leg, self.pacer._legs)
@@ -682,10 +682,10 @@ class TwilioTests(StreamTestCase):
 
     def test_mediaIsMulawWithSequenceChunkAndTimestamp(self) -> None:
         self.clock.advance(0.040)
-        self.leg.dataReceived(encode(Kind.SLIN, samples(1000)))
+        self.leg.dataReceived(encode_frame(Kind.SLIN, samples(1000)))
         self.clock.advance(0.020)
-        self.leg.dataReceived(encode(Kind.SLIN, samples(-1000)))
-        self.leg.dataReceived(encode(Kind.DTMF, b"#"))
+        self.leg.dataReceived(encode_frame(Kind.SLIN, samples(-1000)))
+        self.leg.dataReceived(encode_frame(Kind.DTMF, b"#"))
         first, second, dtmf = self.wire.json()[2:]
         self.assertEqual(
             {k: first["media"][k] for k in ("track", "chunk", "timestamp")},

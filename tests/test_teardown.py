@@ -17,7 +17,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from audiohangup.reasons import CloseReason, HangupCause, Role
-from audiohangup.wire import HANGUP_FRAME, Kind, encode, encode_uuid
+from audiohangup.wire import HANGUP_FRAME, Kind, encode_frame, encode_uuid
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import SILENCE_20MS, FakeAsterisk, connect
 
@@ -197,7 +197,7 @@ async def test_peer_sends_hangup(server: Server, logs: LogCapture) -> None:
 async def test_peer_sends_error(server: Server, logs: LogCapture) -> None:
     client, call_id = await start_leg(server)
     leg = server.registry.get(call_id, Role.VISITOR)
-    client.send(encode(Kind.ERROR, b"\x04"))
+    client.send(encode_frame(Kind.ERROR, b"\x04"))
     assert await leg.whenGone() is CloseReason.PEER_ERROR
     await client.closed
     event = assert_ended_once(logs, call_id, CloseReason.PEER_ERROR, LogLevel.warn)

@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from audiohangup.reasons import Role
 from audiohangup.streams.manager import StreamConfig
-from audiohangup.wire import Frame, Kind, encode
+from audiohangup.wire import Frame, Kind, encode_frame
 from tests.conftest import LogCapture, Server, until
 from tests.fake_asterisk import FakeAsterisk
 from tests.twistd_child import Spawn, start_server
@@ -148,7 +148,7 @@ async def test_one_frame_a_tick_whoever_speaks(make_server: Any, app: App, logs:
 
     def bridged() -> None:
         nonlocal sent
-        resident.send(encode(Kind.SLIN, tone(1000, sent)))
+        resident.send(encode_frame(Kind.SLIN, tone(1000, sent)))
         sent += 1
 
     bridge_loop = repeat(0.020, bridged)

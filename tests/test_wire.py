@@ -4,7 +4,7 @@ Tests for L{audiohangup.wire}, the pure AudioSocket wire format.
 Covered here, with no sockets and no reactor:
 
   - every kind Asterisk defines (hangup, UUID, DTMF, slin at each rate, error)
-    round-trips through L{encode} and L{FrameDecoder}, and L{Frame} reports the
+    round-trips through L{encode_frame} and L{FrameDecoder}, and L{Frame} reports the
     right C{known}, C{is_audio} and C{sample_rate} for it;
   - the names L{describe_error_code} gives to 0xff payloads;
   - the UUID frame split at every offset and fed one byte at a time, many
@@ -12,7 +12,7 @@ Covered here, with no sockets and no reactor:
     65535-byte maximum split over many chunks, unknown kinds skipped by their
     length and zero-length frames, each followed by a frame that must still be
     in sync (test cases 1-14 of the protocol notes, section g);
-  - L{encode} and L{HANGUP_FRAME} byte for byte;
+  - L{encode_frame} and L{HANGUP_FRAME} byte for byte;
   - Hypothesis properties: decoding concatenated encodings gives back the
     frames, any chunking of a stream decodes like the whole stream, and the
     decoder never holds back a whole frame.
@@ -39,7 +39,7 @@ from audiohangup.wire import (
     FrameDecoder,
     Kind,
     describe_error_code,
-    encode,
+    encode_frame,
     encode_uuid,
 )
 
@@ -142,12 +142,12 @@ class KindTests(SynchronousTestCase):
     def test_knownKindsRoundTrip(self) -> None:
         """
         A frame of each known kind comes out of the decoder as it went into
-        L{encode}, with C{known} true and C{is_audio} and C{sample_rate}
+        L{encode_frame}, with C{known} true and C{is_audio} and C{sample_rate}
         matching the kind.
         """
         for kind, rate in EXPECTED_KINDS.items():
             payload = pcm(320, seed=kind) if rate else pcm(5, seed=kind)
-            [frame] = decode(encode(kind, payload))
+            [frame] = decode(encode_frame(kind, payload))
             self.assertEqual(frame, Frame(kind, payload), hex(kind))
             self.assertEqual(frame.kind, kind)
             self.assertEqual(frame.payload, payload)
@@ -245,7 +245,7 @@ class ErrorCodeTests(SynchronousTestCase):
 
     def test_errorFrameRoundTrip(self) -> None:
         """A 0xff frame decodes and its payload is described by its code."""
-        stream = encode(Kind.ERROR) + encode(Kind.ERROR, b"\x03") + encode(Kind.SLIN, b"ab")
+        stream = encode_frame(Kind.ERROR) + encode_frame(Kind.ERROR, b"\x03") + encode_frame(Kind.SLIN, b"ab")
         frames = decode(stream)
         self.assertEqual(
             frames, [Frame(Kind.ERROR), Frame(Kind.ERROR, b"\x03"), Frame(Kind.SLIN, b"ab")]
@@ -349,7 +349,7 @@ class StreamTests(SynchronousTestCase):
         """
         for length in (320, 160, 480, 640, 321):
             payload = pcm(length, seed=length)
-            stream = encode(Kind.SLIN, payload) + encode(Kind.DTMF, b"#")
+            stream = encode_frame(Kind.SLIN, payload) + encode_frame(Kind.DTMF, b"#")
             self.assertEqual(
                 decode(stream), [Frame(Kind.SLIN, payload), Frame(Kind.DTMF, b"#")], length
             )
@@ -386,7 +386,7 @@ class MaxPayloadTests(SynchronousTestCase):
         """
         payload = pcm(MAX_PAYLOAD, seed=3)
         after = Frame(Kind.DTMF, b"9")
-        stream = encode(Kind.SLIN, payload) + after.encode()
+        stream = encode_frame(Kind.SLIN, payload) + after.encode()
         chunks = pieces(stream, 1000)
         frames, counts, decoder = decodeChunks(chunks)
         self.assertEqual(frames, [Frame(Kind.SLIN, payload), after])
@@ -398,14 +398,14 @@ class MaxPayloadTests(SynchronousTestCase):
 
     def test_maxPayloadEncodes(self) -> None:
         """A 65535-byte payload encodes with length field C{ff ff}."""
-        frame = encode(Kind.SLIN, bytes(MAX_PAYLOAD))
+        frame = encode_frame(Kind.SLIN, bytes(MAX_PAYLOAD))
         self.assertEqual(frame[:3], b"\x10\xff\xff")
         self.assertEqual(len(frame), HEADER_SIZE + MAX_PAYLOAD)
 
     def test_tooLongPayload(self) -> None:
-        """L{encode} refuses a payload of 65536 bytes with L{ValueError}."""
+        """L{encode_frame} refuses a payload of 65536 bytes with L{ValueError}."""
         self.assertEqual(MAX_PAYLOAD, 65535)
-        self.assertRaises(ValueError, encode, Kind.SLIN, bytes(MAX_PAYLOAD + 1))
+        self.assertRaises(ValueError, encode_frame, Kind.SLIN, bytes(MAX_PAYLOAD + 1))
         self.assertRaises(ValueError, Frame(Kind.SLIN, bytes(MAX_PAYLOAD + 1)).encode)
 
 
@@ -421,7 +421,7 @@ class UnknownKindTests(SynchronousTestCase):
         for kind in UNKNOWN_KINDS:
             # The payload looks like headers, to catch a decoder that resyncs
             # by scanning instead of skipping by length.
-            expected.append(Frame(kind, encode(Kind.SLIN, b"xy") * 10 + bytes([kind])))
+            expected.append(Frame(kind, encode_frame(Kind.SLIN, b"xy") * 10 + bytes([kind])))
             expected.append(Frame(Kind.SLIN, pcm(320, kind)))
         stream = b"".join(f.encode() for f in expected)
         for chunks in ([stream], pieces(stream, 1), pieces(stream, 5)):
@@ -445,7 +445,7 @@ class ZeroLengthTests(SynchronousTestCase):
 
     def test_emptyAudio(self) -> None:
         """Audio of length 0 is an empty frame and the next frame is in sync."""
-        stream = encode(Kind.SLIN) + encode(Kind.SLIN16, b"") + encode(Kind.SLIN, b"ab")
+        stream = encode_frame(Kind.SLIN) + encode_frame(Kind.SLIN16, b"") + encode_frame(Kind.SLIN, b"ab")
         self.assertEqual(
             decode(stream),
             [Frame(Kind.SLIN, b""), Frame(Kind.SLIN16, b""), Frame(Kind.SLIN, b"ab")],
@@ -453,40 +453,53 @@ class ZeroLengthTests(SynchronousTestCase):
 
     def test_emptyFramesBytewise(self) -> None:
         """Zero-length frames fed byte by byte each appear on their third byte."""
-        stream = HANGUP_FRAME + encode(Kind.SLIN) + HANGUP_FRAME
+        stream = HANGUP_FRAME + encode_frame(Kind.SLIN) + HANGUP_FRAME
         frames, counts, _ = decodeChunks(pieces(stream, 1))
         self.assertEqual(frames, [Frame(Kind.HANGUP), Frame(Kind.SLIN), Frame(Kind.HANGUP)])
         self.assertEqual(counts, [0, 0, 1] * 3)
 
 
 class EncodeTests(SynchronousTestCase):
-    """L{encode}, L{Frame.encode} and L{HANGUP_FRAME}."""
+    """L{encode_frame}, L{Frame.encode} and L{HANGUP_FRAME}."""
 
     def test_hangupFrame(self) -> None:
         """L{HANGUP_FRAME} is exactly C{00 00 00}."""
         self.assertEqual(HANGUP_FRAME, b"\x00\x00\x00")
         self.assertIsInstance(HANGUP_FRAME, bytes)
-        self.assertEqual(encode(Kind.HANGUP), HANGUP_FRAME)
+        self.assertEqual(encode_frame(Kind.HANGUP), HANGUP_FRAME)
 
     def test_headerLayout(self) -> None:
         """The header is the kind byte then the big-endian 16-bit length."""
         self.assertEqual(HEADER_SIZE, 3)
-        self.assertEqual(encode(0x10, bytes(320)), b"\x10\x01\x40" + bytes(320))
-        self.assertEqual(encode(0x03, b"*"), b"\x03\x00\x01*")
-        self.assertEqual(encode(0xFF, b"\x02"), b"\xff\x00\x01\x02")
+        self.assertEqual(encode_frame(0x10, bytes(320)), b"\x10\x01\x40" + bytes(320))
+        self.assertEqual(encode_frame(0x03, b"*"), b"\x03\x00\x01*")
+        self.assertEqual(encode_frame(0xFF, b"\x02"), b"\xff\x00\x01\x02")
 
     def test_frameEncode(self) -> None:
-        """L{Frame.encode} gives the same bytes as L{encode}."""
-        self.assertEqual(Frame(Kind.DTMF, b"1").encode(), encode(Kind.DTMF, b"1"))
+        """L{Frame.encode} gives the same bytes as L{encode_frame}."""
+        self.assertEqual(Frame(Kind.DTMF, b"1").encode(), encode_frame(Kind.DTMF, b"1"))
         self.assertEqual(Frame(Kind.HANGUP).encode(), HANGUP_FRAME)
 
     @given(kind=st.integers(0, 255), payload=st.binary(max_size=3000))
     @settings(max_examples=100)
     def test_singleBytesObject(self, kind: int, payload: bytes) -> None:
-        """L{encode} returns one C{bytes} equal to C{struct.pack("!BH")} plus the payload."""
-        out = encode(kind, payload)
+        """L{encode_frame} returns one C{bytes} equal to C{struct.pack("!BH")} plus the payload."""
+        out = encode_frame(kind, payload)
         self.assertIs(type(out), bytes)
         self.assertEqual(out, struct.pack("!BH", kind, len(payload)) + payload)
+
+    def test_oldNameDeprecated(self) -> None:
+        """C{wire.encode}, the old name custom flows may import, is L{encode_frame} with a warning naming it."""
+        from audiohangup import wire
+
+        old = wire.encode
+        [warning] = self.flushWarnings([self.test_oldNameDeprecated])
+        self.assertIs(old, encode_frame)
+        self.assertIs(warning["category"], DeprecationWarning)
+        self.assertEqual(
+            warning["message"], "audiohangup.wire.encode was deprecated in audiohangup 0.2.0; use audiohangup.wire.encode_frame"
+        )
+        self.assertRaises(AttributeError, getattr, wire, "encoder")
 
 
 class BufferingTests(SynchronousTestCase):
@@ -504,7 +517,7 @@ class BufferingTests(SynchronousTestCase):
     def test_truncatedFrame(self) -> None:
         """A frame cut inside its payload yields nothing and stays buffered."""
         decoder = FrameDecoder()
-        frames = decoder.feed(encode_uuid(CALL_UUID) + encode(Kind.SLIN, bytes(320))[:100])
+        frames = decoder.feed(encode_uuid(CALL_UUID) + encode_frame(Kind.SLIN, bytes(320))[:100])
         self.assertEqual(len(frames), 1)
         self.assertEqual(decoder.buffered, 100)
 

@@ -8,7 +8,6 @@ comes from is L{audiohangup.sources}, which the AudioSocket listeners share.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import heapq
 import hmac
@@ -19,17 +18,15 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from audiohangup.credentials import exposed
+from audiohangup.reasons import StrEnum
 from audiohangup.sources import IPNetwork, address_of, host_of
 
 
-class Scope(str, enum.Enum):
+class Scope(StrEnum):
     """What a token may do: C{read} every GET, C{control} everything."""
 
     READ = "read"
     CONTROL = "control"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
     def covers(self, needed: Scope) -> bool:
         return self is Scope.CONTROL or needed is Scope.READ

@@ -36,7 +36,6 @@ waiting on a thread that will not run it.
 
 from __future__ import annotations
 
-import enum
 import os
 import shutil
 import time
@@ -59,7 +58,7 @@ from audiohangup.interfaces import ILegObserver, ILegTap, IReactor, IServerLeg
 from audiohangup.lifecycle import Daily
 from audiohangup.logs import iso_time
 from audiohangup.metrics import series
-from audiohangup.reasons import HangupCause, Role
+from audiohangup.reasons import HangupCause, Role, StrEnum
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
 from audiohangup.recording.wav import repair
 from audiohangup.recording.writer import CHANNELS, TICK, Tick, WavFile
@@ -109,14 +108,11 @@ class FoundRecording:
     rate: int
 
 
-class Mix(str, enum.Enum):
+class Mix(StrEnum):
     """What each channel holds: what its leg C{sent} (the voices), or what it C{heard}."""
 
     SENT = "sent"
     HEARD = "heard"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 # The reactor's side

@@ -28,14 +28,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup import __version__
+from audiohangup.audio import FRAME_MS
 from audiohangup.interfaces import IReactor
-from audiohangup.relay import Relay
+from audiohangup.relay import Relay, fast_paths
 from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, whole_data_frame
 from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
-from audiohangup.streams.stream import IStreamWire, MediaStream
+from audiohangup.streams.stream import IStreamWebSocket, MediaStream
 
 #: Kernel and Twisted buffering of a stream's socket: small, so what waits
 #: for a slow application is mostly in our own bounded queue.
@@ -76,8 +77,8 @@ def _drop(*args: object, **kwargs: object) -> None:
 _OPEN = WebSocketProtocol.STATE_OPEN
 
 
-@implementer(IStreamWire, IPushProducer)
-class _Wire:
+@implementer(IStreamWebSocket, IPushProducer)
+class _StreamWebSocket:
     """
     The open WebSocket as a stream sees it. The transport pauses it when its
     buffer is full; meanwhile messages wait here, bounded in bytes: media
@@ -197,11 +198,12 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     log = _QuietAutobahnLog()
     factory: _ClientFactory
-    wire: _Wire | None = None
+    websocket: _StreamWebSocket | None = None
     _closeTimer: IDelayedCall | None = None
     #: The plain TCP connection under the WebSocket (not TLS), which
     #: sendDataFrame sends to directly while Twisted buffers nothing, and
-    #: the legs' relay reads (one wakeup for every socket with bytes waiting).
+    #: the legs' relay reads (one wakeup for every socket with bytes waiting);
+    #: neither with AUDIOHANGUP_FAST_PATHS=off (see L{audiohangup.relay}).
     _tcp: tcp.Connection | None = None
     _socket: socket.socket | None = None
     _relay: Relay | None = None
@@ -218,15 +220,15 @@ class _ClientProtocol(WebSocketClientProtocol):
         transport = self.transport
         assert IConsumer.providedBy(transport), "a TCP or TLS transport"
         _tune_socket(transport)
-        if isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
+        if fast_paths() and isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
             self._tcp = transport
             self._socket = transport.socket
             relay = factory.relay
             if relay is not None and relay.adopt(self, transport):
                 self._relay = relay
-        self.wire = _Wire(self, factory.stream, factory.max_media)
-        transport.registerProducer(self.wire, True)
-        factory.stream.opened(self.wire)
+        self.websocket = _StreamWebSocket(self, factory.stream, factory.max_media)
+        transport.registerProducer(self.websocket, True)
+        factory.stream.opened(self.websocket)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.stream.messageReceived(payload, isBinary)
@@ -301,9 +303,9 @@ class _ClientProtocol(WebSocketClientProtocol):
         transport: RFC 6455 (5.5.3) lets us answer only the latest ping, once
         we may write again.
         """
-        wire = self.wire
-        if wire is not None and (wire.paused or wire.outbox):
-            wire.ping = payload  # at most 125 bytes
+        websocket = self.websocket
+        if websocket is not None and (websocket.paused or websocket.outbox):
+            websocket.ping = payload  # at most 125 bytes
             return
         super().onPing(payload)
 
@@ -404,14 +406,14 @@ def connect(
 ) -> None:
     """
     Open the stream's WebSocket; the stream hears of the outcome: C{opened}
-    with its wire, or C{connectFailed} with the reason. The whole of it (TCP,
+    with its L{_StreamWebSocket}, or C{connectFailed} with the reason. The whole of it (TCP,
     TLS, the WebSocket handshake) is bounded by C{timeout}, and a stream
     stopped meanwhile is closed as soon as it opens.
     """
     url = URL.from_text(stream.url)
     secure = url.scheme == "wss"
     factory = _ClientFactory(
-        stream, reactor, max(1, max_unsent_ms // 20), None if secure else relay,
+        stream, reactor, max(1, max_unsent_ms // FRAME_MS), None if secure else relay,
         url=stream.url, headers=headers, useragent=f"audiohangup/{__version__}",
     )
     # A message over the bound is refused as it arrives (close 1009), not

@@ -32,6 +32,7 @@ from audiohangup.streams.messages import IStreamProtocol
 from audiohangup.streams.native import AudiohangupProtocol
 from audiohangup.streams.stream import Counts, IStreamObserver, MediaStream, Mode, Outcome, StreamSettings
 from audiohangup.streams.twilio import TwilioProtocol
+from audiohangup.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 if TYPE_CHECKING:
     from audiohangup.webhooks import Webhooks
@@ -47,9 +48,6 @@ MAX_STREAMS_PER_LEG = 16
 #: Custom parameters and headers a stream may carry, and their size.
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 1024
-
-SIGNATURE_HEADER = "X-Audiohangup-Signature"
-TIMESTAMP_HEADER = "X-Audiohangup-Timestamp"
 
 #: A header name is an RFC 9110 token (5.1, 5.6.2), all of it (C{fullmatch}).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -233,15 +231,15 @@ class Streams:
         config = self.config
         target = fill(url, leg.call_id, str(leg.role))
         stream_id = "MZ" + uuid.uuid4().hex
-        wire_protocol: IStreamProtocol
+        stream_protocol: IStreamProtocol
         if protocol == "twilio":
             # The leg's role travels with the parameters, in Twilio's customParameters.
             custom = {"role": str(leg.role), **(parameters or {})}
-            wire_protocol = TwilioProtocol(stream_id, leg.call_id, leg.format, custom, self.reactor)
+            stream_protocol = TwilioProtocol(stream_id, leg.call_id, leg.format, custom, self.reactor)
         else:
-            wire_protocol = AudiohangupProtocol(stream_id, leg.call_id, str(leg.role), leg.format, parameters or {})
+            stream_protocol = AudiohangupProtocol(stream_id, leg.call_id, str(leg.role), leg.format, parameters or {})
         stream = MediaStream(
-            leg, stream_id, target, redact(target), wire_protocol, chosen, config.settings, self
+            leg, stream_id, target, redact(target), stream_protocol, chosen, config.settings, self
         )
         leg.addStream(stream)
         leg.addTap(stream)

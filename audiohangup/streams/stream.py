@@ -5,23 +5,22 @@ C{converse} mode, the application's audio to the leg. The stream is a tap
 on the leg (it hears every frame after the flow) and, in converse mode,
 the owner of the leg's feed (the pacer plays it after queued prompts).
 
-No sockets here: the WebSocket is an L{IStreamWire} the client adapter
+No sockets here: the WebSocket is an L{IStreamWebSocket} the client adapter
 hands over once the handshake is done, so every rule of a stream (what is
 sent when, what is dropped, how it ends) is tested without one.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from audiohangup.audio import Playout
+from audiohangup.audio import FRAME_MS, Playout
 from audiohangup.interfaces import ILegTap, IMediaStream, IServerLeg
-from audiohangup.reasons import HangupCause
+from audiohangup.reasons import HangupCause, StrEnum
 from audiohangup.streams.messages import (
     AppAudio,
     AppClear,
@@ -31,46 +30,37 @@ from audiohangup.streams.messages import (
     IStreamProtocol,
     Message,
 )
-from audiohangup.wire import Frame, encode
+from audiohangup.wire import Frame, encode_frame
 
 #: Close codes: RFC 6455's "normal closure" and "going away".
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 
 
-class Mode(str, enum.Enum):
+class Mode(StrEnum):
     """C{converse}: the app hears the leg and speaks to it; C{listen}: it only hears."""
 
     CONVERSE = "converse"
     LISTEN = "listen"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class State(str, enum.Enum):
+class State(StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
     STOPPING = "stopping"
     ENDED = "ended"
     FAILED = "failed"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class Outcome(str, enum.Enum):
+class Outcome(StrEnum):
     """How a stream ended, as metrics, records and webhooks name it."""
 
     ENDED = "ended"  # we ended it: its leg ended, or a DELETE
     APP_CLOSED = "app_closed"  # the application closed it
     FAILED = "failed"  # no application, or it went away without closing
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class IStreamWire(Interface):
+class IStreamWebSocket(Interface):
     """The open WebSocket under a stream, as the client adapter provides it."""
 
     def send(message: Message, media: bool) -> None:
@@ -100,7 +90,7 @@ class StreamSettings:
 
     @property
     def max_queue_frames(self) -> int:
-        return max(1, self.max_queue_ms // 20)
+        return max(1, self.max_queue_ms // FRAME_MS)
 
     @property
     def max_marks_waiting(self) -> int:
@@ -152,7 +142,7 @@ class MediaStream:
         self.outcome: Outcome | None = None
         self.reason = ""
         self.counts = Counts()
-        self.wire: IStreamWire | None = None
+        self.websocket: IStreamWebSocket | None = None
         self._pending = b""  # the app's audio short of a whole frame
         self._feed: Playout | None = None
         self._badMessageLogged = False
@@ -191,15 +181,15 @@ class MediaStream:
 
     # From the client adapter
 
-    def opened(self, wire: IStreamWire) -> None:
+    def opened(self, websocket: IStreamWebSocket) -> None:
         """The WebSocket is open: say who we are, then stream."""
         if self.state is not State.CONNECTING:
-            wire.close(NORMAL_CLOSURE, "the stream was ended")  # stopped while it connected
+            websocket.close(NORMAL_CLOSURE, "the stream was ended")  # stopped while it connected
             return
-        self.wire = wire
+        self.websocket = websocket
         self.state = State.STREAMING
         for message in self.protocol.opening():
-            wire.send(message, False)
+            websocket.send(message, False)
         self.log.info("{call_id} {role} stream {stream_id} to {url} open ({protocol}, {mode})", **self._fields())
         self.observer.streamStarted(self)
 
@@ -240,11 +230,11 @@ class MediaStream:
     # ILegTap
 
     def legAudio(self, frame: Frame) -> None:
-        wire = self.wire
-        if wire is None or self.state is not State.STREAMING:
+        websocket = self.websocket
+        if websocket is None or self.state is not State.STREAMING:
             return
         message = self.protocol.media(frame.payload)
-        wire.send(message, True)
+        websocket.send(message, True)
         self.counts.frames_to_app += 1
         self.counts.bytes_to_app += len(message[0])
 
@@ -252,8 +242,8 @@ class MediaStream:
         pass  # a stream hears what its leg sends
 
     def legDtmf(self, digit: str) -> None:
-        if self.wire is not None and self.state is State.STREAMING:
-            self.wire.send(self.protocol.dtmf(digit), False)
+        if self.websocket is not None and self.state is State.STREAMING:
+            self.websocket.send(self.protocol.dtmf(digit), False)
 
     # The application's commands
 
@@ -283,7 +273,7 @@ class MediaStream:
             return
         kind = self.leg.format.kind
         self.counts.frames_from_app += len(payloads)
-        feed.push([encode(kind, payload) for payload in payloads])  # what it drops, it counts
+        feed.push([encode_frame(kind, payload) for payload in payloads])  # what it drops, it counts
 
     def _ownFeed(self) -> Playout | None:
         """The leg's feed, made ours on first use; None if the leg is not live or another stream feeds it."""
@@ -320,8 +310,8 @@ class MediaStream:
         self._sendMark(name)
 
     def _sendMark(self, name: str) -> None:
-        if self.wire is not None and self.state is State.STREAMING:
-            self.wire.send(self.protocol.mark(name), False)
+        if self.websocket is not None and self.state is State.STREAMING:
+            self.websocket.send(self.protocol.mark(name), False)
 
     def _clear(self) -> None:
         self._pending = b""
@@ -350,7 +340,7 @@ class MediaStream:
     # Ending
 
     def fail(self, reason: str) -> None:
-        """The wire gave up on the app (it stopped reading) and dropped the connection: failed."""
+        """The WebSocket gave up on the app (it stopped reading) and dropped the connection: failed."""
         if self.state is State.STREAMING:
             self._end(Outcome.FAILED, reason)
 
@@ -359,12 +349,12 @@ class MediaStream:
         if self.state is State.CONNECTING:
             self._end(Outcome.ENDED, reason)  # the adapter closes a connection that opens after this
         elif self.state is State.STREAMING:
-            assert self.wire is not None
+            assert self.websocket is not None
             self._detach()  # the marks still queued are answered: that audio will never play
             self.state = State.STOPPING
             self.outcome, self.reason = Outcome.ENDED, reason
-            self.wire.send(self.protocol.stop(reason), False)
-            self.wire.close(NORMAL_CLOSURE, reason)
+            self.websocket.send(self.protocol.stop(reason), False)
+            self.websocket.close(NORMAL_CLOSURE, reason)
 
     def _detach(self) -> None:
         """Off the leg: no more audio either way; the app's queued audio is dropped (marks answered)."""

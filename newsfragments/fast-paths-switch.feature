@@ -1,0 +1,1 @@
+``AUDIOHANGUP_FAST_PATHS=off`` in the environment turns off what leans on Twisted's internals: the relay that reads every leg's socket in one pass, and the direct sends of legs and streams. Every read and write then takes Twisted's own path; a fallback should a Twisted release change those internals.
