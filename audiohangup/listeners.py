@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_access -*-
+# -*- test-case-name: tests.test_listeners -*-
 """
 Listening endpoints: where each listens, and whom it lets in.
 

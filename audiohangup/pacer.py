@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pacer -*-
+# -*- test-case-name: tests.test_stream_rules,tests.test_metrics,tests.test_timeline -*-
 """
 One shared 20 ms tick for every live leg.
 

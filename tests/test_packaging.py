@@ -174,3 +174,24 @@ def test_only_http_knows_status_codes() -> None:
         if imported:
             wrong[name] = sorted(imported)
     assert wrong == {}, "only audiohangup/http/ knows status codes: raise a domain exception instead"
+
+
+def test_every_module_names_tests_that_exist() -> None:
+    """
+    Each module's C{test-case-name} header names test modules that exist, so
+    C{trial audiohangup.protocol} (and an editor's "run its tests") finds them.
+    """
+    missing: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "audiohangup").rglob("*.py")):
+        if path.name == "__init__.py" and path.stat().st_size == 0:
+            continue
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+        name = path.relative_to(ROOT).as_posix()
+        if not first.startswith("# -*- test-case-name:"):
+            missing[name] = ["(no header)"]
+            continue
+        named = first.removeprefix("# -*- test-case-name:").removesuffix("-*-").strip().split(",")
+        absent = [test for test in named if not (ROOT / (test.strip().replace(".", "/") + ".py")).is_file()]
+        if absent:
+            missing[name] = absent
+    assert missing == {}

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_streams,tests.test_stream_rules -*-
 """
 Media streams: a leg's audio to and from any application over WebSocket.
 
