@@ -51,9 +51,10 @@ with harness.instrumented(__name__):
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
+    from audiohangup.audio import LegSettings
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
-    from audiohangup.reasons import CloseReason, HangupCause, Role
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.reasons import CloseReason, HangupCause, LegState, Role
     from audiohangup.registry import Registry
     from audiohangup.wire import HANGUP_FRAME, FrameDecoder, Kind, encode_frame, encode_uuid
 

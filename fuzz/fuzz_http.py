@@ -61,14 +61,14 @@ with harness.instrumented(__name__):
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
-    from audiohangup.audio import FORMATS
+    from audiohangup.audio import FORMATS, LegSettings
     from audiohangup.events import RecentLegs
     from audiohangup.http.access import AuthThrottle, Scope, Tokens
     from audiohangup.http.api import ControlAPI
     from audiohangup.http.site import ApiSite
     from audiohangup.pacer import Pacer
-    from audiohangup.protocol import AudioSocketProtocol, LegSettings, LegState
-    from audiohangup.reasons import CloseReason, HangupCause, Role
+    from audiohangup.protocol import AudioSocketProtocol
+    from audiohangup.reasons import CloseReason, HangupCause, LegState, Role
     from audiohangup.records import CallRecords
     from audiohangup.registry import Registry
     from audiohangup.streams.manager import StreamConfig, Streams
