@@ -105,30 +105,28 @@ Step = Callable[[], Union["Deferred[Any]", Coroutine[Any, Any, Any], None]]
 
 class Part(Service):
     """
-    A part whose start and stop go by other names (C{start}, C{stop}), run as
-    a service: the parent starts and stops it like any other. The thin
-    service that owns a part whose class is not a service (yet). A start that
-    fails is logged (C{failed} says what did not start); the part goes on.
+    A part with a start and a stop of its own (C{start}, C{stop}: either
+    may give a Deferred or be a coroutine), and so a service: the parent
+    starts and stops it like any other, under its C{name}. A start that
+    fails is logged (C{startFailed} says what did not start); the part goes on.
     """
 
     log = Logger()
+    startFailed = "a part did not start"
 
-    def __init__(self, name: str, *, start: Step | None = None, stop: Step | None = None, failed: str = "") -> None:
-        self.name = name
-        self._start = start
-        self._stop = stop
-        self._failed = failed or f"the {name} did not start"
+    def start(self) -> Any:
+        """Nothing to start, unless the part says otherwise."""
+
+    def stop(self) -> Any:
+        """Nothing to stop, unless the part says otherwise."""
 
     def startService(self) -> None:
         super().startService()
-        if self._start is not None:
-            _deferred(self._start()).addErrback(lambda failure: self.log.failure(self._failed, failure))
+        _deferred(self.start()).addErrback(lambda failure: self.log.failure(self.startFailed, failure))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._stop is None:
-            return succeed(None)
-        return _deferred(self._stop()).addCallback(lambda _: None)
+        return _deferred(self.stop()).addCallback(lambda _: None)
 
 
 def _deferred(result: Deferred[Any] | Coroutine[Any, Any, Any] | None) -> Deferred[Any]:

@@ -181,25 +181,25 @@ class AudioSocketProtocol(LegTeardown, Protocol):
 
     def connectionMade(self) -> None:
         self.connected_at = self.last_frame_at = self.reactor.seconds()
-        wire = self.wire
-        address = wire.getPeer()
+        connection = self.connection
+        address = connection.getPeer()
         self.peer = describe_address(address)
         settings = self.settings
         refused = self.registry.admit(self, source_of(address), settings.max_legs, settings.max_pending_per_source, self._crowd)
         if refused is not None:
             self._closeFor(CloseReason.OVER_CAPACITY, refused)
             return
-        if ITCPTransport.providedBy(wire):
+        if ITCPTransport.providedBy(connection):
             # Asterisk fails a frame whose pieces arrive over 5 ms apart.
-            wire.setTcpNoDelay(True)
+            connection.setTcpNoDelay(True)
         # A plain TCP transport (not TLS, not a test double) can take a frame
         # straight away when its buffer is empty; see _write. Unless the fast
         # paths are off (AUDIOHANGUP_FAST_PATHS=off): then Twisted writes and reads.
-        if fast_paths() and isinstance(wire, tcp.Connection) and hasattr(wire, "_tempDataBuffer"):
-            self._tcp = wire
-            self._socket = wire.socket
+        if fast_paths() and isinstance(connection, tcp.Connection) and hasattr(connection, "_tempDataBuffer"):
+            self._tcp = connection
+            self._socket = connection.socket
             if self.relay is not None:
-                self.relay.adopt(self, wire)
+                self.relay.adopt(self, connection)
         self._watchBackPressure()
         self._setTimer("uuid", self.settings.uuid_timeout, self._uuidTimedOut)
 
@@ -216,7 +216,7 @@ class AudioSocketProtocol(LegTeardown, Protocol):
             )
 
     def bytesWaiting(self) -> bool:
-        handle = socket_of(self.wire)
+        handle = socket_of(self.connection)
         if not isinstance(handle, socket.socket):
             return False  # TLS (its bytes say nothing yet) or a test transport
         try:
@@ -402,7 +402,7 @@ class AudioSocketProtocol(LegTeardown, Protocol):
                 return
             data = data[sent:]
             self._buffered = True
-        self.wire.write(data)
+        self.connection.write(data)
 
     def forward(self, frame: Frame) -> None:
         """

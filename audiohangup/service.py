@@ -34,7 +34,7 @@ from audiohangup.http.api import ControlAPI
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import IReactor
-from audiohangup.lifecycle import InOrder, Part, within
+from audiohangup.lifecycle import InOrder, within
 from audiohangup.listeners import (
     ConnectionCap,
     Listener,
@@ -212,16 +212,13 @@ class AudioHangupService(InOrder):
         # keeps trying by itself.
         parts: list[IService | None] = [
             None if metrics is None else GarbageCollectorPauses(metrics),
-            None if recorder is None else Part("recorder", start=recorder.start, stop=recorder.stop),
+            recorder,
             records,
-            None if cluster is None else Part(
-                "directory", start=cluster.directory.start, stop=cluster.directory.stop,
-                failed="the call directory did not start",
-            ),
+            None if cluster is None else cluster.directory,
             pacer,
             relay,
-            None if streams is None else Part("streams", stop=streams.stop),
-            None if cluster is None else Part("cluster", stop=cluster.stop),
+            streams,
+            cluster,
             webhooks,
             Drain(registry, settings.close_timeout, reactor),
             *doors,

@@ -135,7 +135,7 @@ class LegTeardown:
         return cast(IPacedLeg, self)
 
     @property
-    def wire(self) -> ILegTransport:
+    def connection(self) -> ILegTransport:
         """
         The leg's transport. Twisted sets it before the first event reaches
         the protocol, so it is there whenever a leg acts; its declared type
@@ -245,12 +245,12 @@ class LegTeardown:
     def _loseConnection(self) -> None:
         """Close once what is buffered is written."""
         self._leaveRelay()
-        self.wire.loseConnection()
+        self.connection.loseConnection()
 
     def _abort(self) -> None:
         """Drop the connection now."""
         self._leaveRelay()
-        self.wire.abortConnection()
+        self.connection.abortConnection()
 
     # Timers: every one of them is cancelled in connectionLost.
 
@@ -278,15 +278,15 @@ class LegTeardown:
         kernel send buffer keeps that bound close to what is really unsent.
         """
         bound = self.settings.max_unsent_bytes
-        wire = self.wire
-        wire.bufferSize = bound
-        handle = socket_of(wire)
+        connection = self.connection
+        connection.bufferSize = bound
+        handle = socket_of(connection)
         if handle is not None:  # else a test transport: the Twisted bound still holds
             try:
                 handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bound)
             except OSError:
                 pass
-        wire.registerProducer(cast(IPushProducer, self), True)
+        connection.registerProducer(cast(IPushProducer, self), True)
 
     def pauseProducing(self) -> None:
         if self.state is CLOSED or self._decided is CloseReason.SLOW_CONSUMER:
@@ -317,8 +317,8 @@ class LegTeardown:
         cannot change it.
         """
         pending = 0
-        wire = self.wire
-        handle = socket_of(wire)
+        connection = self.connection
+        handle = socket_of(connection)
         if handle is not None:  # a test transport has none
             try:
                 pending = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -83,6 +83,7 @@ from zope.interface import implementer
 
 from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
 from audiohangup.interfaces import ILegObserver
+from audiohangup.lifecycle import Part
 from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
 
@@ -260,7 +261,7 @@ class _State(Enum):
 
 
 @implementer(ILegObserver)
-class Directory:
+class Directory(Part):
     """
     This instance's legs and presence in the Redis call directory, and the
     cluster's view of it; see the module docstring.
@@ -276,6 +277,9 @@ class Directory:
     @param password: the AUTH password, when it is kept out of the URL
         (--redis-password-file, $AUDIOHANGUP_REDIS_PASSWORD).
     """
+
+    name = "directory"
+    startFailed = "the call directory did not start"
 
     log = Logger()
 

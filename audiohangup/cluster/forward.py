@@ -51,6 +51,7 @@ from zope.interface import implementer
 from audiohangup.cluster.directory import DirectoryUnavailable
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
+from audiohangup.lifecycle import Part
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.webhooks import sign, verify
 
@@ -191,8 +192,10 @@ class _Pipe(_Collect):
 
 
 @implementer(ILegObserver)
-class Cluster:
+class Cluster(Part):
     """This instance's link to the others: forwarding, and ending sessions across instances."""
+
+    name = "cluster"
 
     log = Logger()
 

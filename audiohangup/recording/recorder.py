@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
 from audiohangup.interfaces import ILegObserver, ILegTap, IReactor, IServerLeg
-from audiohangup.lifecycle import Daily
+from audiohangup.lifecycle import Daily, Part
 from audiohangup.logs import iso_time
 from audiohangup.metrics import series
 from audiohangup.reasons import HangupCause, Role, StrEnum
@@ -286,8 +286,10 @@ class RecordingConfig:
 
 
 @implementer(ILegObserver)
-class Recorder:
+class Recorder(Part):
     """Every recording of this instance, their timer and their writer thread."""
+
+    name = "recorder"
 
     log = Logger()
 

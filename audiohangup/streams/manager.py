@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
-from audiohangup.lifecycle import within
+from audiohangup.lifecycle import Part, within
 from audiohangup.logs import redact
 from audiohangup.metrics import StreamTotals, series
 from audiohangup.reasons import HangupCause, Role
@@ -185,7 +185,10 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 @implementer(ILegObserver, IStreamObserver)
-class Streams:
+class Streams(Part):
+    """Every media stream of this instance: opened for legs, counted, stopped with the server."""
+
+    name = "streams"
     log = Logger()
 
     def __init__(
