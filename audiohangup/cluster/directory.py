@@ -75,7 +75,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import txredisapi
-from twisted.internet.defer import Deferred, DeferredLock, FirstError, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -83,7 +83,7 @@ from zope.interface import implementer
 
 from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
 from audiohangup.interfaces import ILegObserver
-from audiohangup.lifecycle import Part
+from audiohangup.lifecycle import Once, Part
 from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
 
@@ -323,7 +323,7 @@ class Directory(Part):
         self._redis = RedisConnection(
             self.address, reactor, self, timeout=timeout, retry_most=min(heartbeat, RETRY_MOST)
         )
-        self._stopping = DeferredLock()  # a second stop() waits for the first
+        self._stopping = Once()  # a second stop() waits for the first
         self._last_error: str | None = None  # the last command failure, which may explain a lost connection
         self._down_since: float | None = None
         self._warned = False  # a warning about the current outage (or connection) was logged
@@ -365,7 +365,7 @@ class Directory(Part):
         self.started_at = iso_time(self.reactor.seconds())
         first = Deferred.fromCoroutine(self._firstConnection())
         self._redis.startService()
-        await _within(self.reactor, first, 2 * self.timeout + 0.5)
+        await _waitAtMost(self.reactor, first, 2 * self.timeout + 0.5)
         if self._state is _State.RUNNING:
             self._loop.start(self.heartbeat, now=False).addErrback(self._bug, "heartbeat loop")
 
@@ -384,22 +384,24 @@ class Directory(Part):
         does not start again. Safe to call twice: a second call fires when
         the first is done.
         """
-        async with self._stopping:
-            if self._state is _State.STOPPED:
-                return
-            self._state = _State.STOPPED
-            try:
-                await self._stop()
-            except Exception:
-                self.log.failure("call directory: stopping failed")
+        if not self._stopping.begin():
+            await self._stopping.wait()
+            return
+        self._state = _State.STOPPED
+        try:
+            await self._stop()
+        except Exception:
+            self.log.failure("call directory: stopping failed")
+        finally:
+            self._stopping.fire()
 
     async def _stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
         conn = self._redis.current
         if conn is not None:
-            await _within(self.reactor, self._removeOwn(conn), self.timeout + 0.2)  # a reply timeout drops it
-        await _within(self.reactor, self._redis.stopService(), 0.5)
+            await _waitAtMost(self.reactor, self._removeOwn(conn), self.timeout + 0.2)  # a reply timeout drops it
+        await _waitAtMost(self.reactor, self._redis.stopService(), 0.5)
 
     def _removeOwn(self, conn: RedisProtocol) -> Deferred[Any]:
         """Delete the presence and the entries of the live legs; log how that went."""
@@ -685,11 +687,14 @@ class Directory(Part):
         return await self._ask("to list the instances", query)
 
 
-async def _within(reactor: Any, deferred: Deferred[Any], seconds: float) -> None:
+async def _waitAtMost(reactor: Any, deferred: Deferred[Any], seconds: float) -> None:
     """
-    Wait for C{deferred} at most C{seconds}; never raises. C{deferred} is
-    ours and its result is not used afterwards (a failure is consumed:
-    whoever made it has logged it).
+    Wait for C{deferred} at most C{seconds}; never raises, and never cancels
+    it (L{audiohangup.lifecycle.within} does): the work goes on, only this
+    wait is bounded, as a first connection's sync or a stop's best-effort
+    removal must not be cut in the middle. C{deferred} is ours and its
+    result is not used afterwards (a failure is consumed: whoever made it
+    has logged it).
     """
     done: Deferred[None] = Deferred()
 

@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import treq
 from hyperlink import EncodedURL
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,7 +51,7 @@ from zope.interface import implementer
 from audiohangup.cluster.directory import DirectoryUnavailable
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
-from audiohangup.lifecycle import Part
+from audiohangup.lifecycle import Part, within
 from audiohangup.reasons import HangupCause, Role
 from audiohangup.webhooks import sign, verify
 
@@ -278,13 +278,10 @@ class Cluster(Part):
 
     async def stop(self) -> None:
         """Let session ends under way reach the other instances (bounded), then close the pool."""
-        if self._pending:
-            waiting = DeferredList(list(self._pending), consumeErrors=True)
-            waiting.addTimeout(self.timeout, self.reactor)
-            try:
-                await waiting
-            except TimeoutError:
-                self.log.warn("{count} session ends to other instances not delivered", count=len(self._pending))
+        if self._pending and not await within(
+            DeferredList(list(self._pending), consumeErrors=True), self.timeout, self.reactor
+        ):
+            self.log.warn("{count} session ends to other instances not delivered", count=len(self._pending))
         await self.pool.closeCachedConnections()
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
