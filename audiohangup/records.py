@@ -237,6 +237,14 @@ class CallRecords(Service):
             if head and head != SQLITE_HEADER:  # 0 bytes is an empty database to SQLite
                 raise ValueError(f"{path} is not a SQLite database")
 
+    @staticmethod
+    def counters(metrics: CollectorRegistry) -> tuple[Counter, Counter]:
+        """The store's series in C{metrics}, written and failed: shown (at 0) even with the store off."""
+        return (
+            series(metrics, Counter, "audiohangup_call_records_written", "Call record writes that succeeded."),
+            series(metrics, Counter, "audiohangup_call_records_failed", "Call record writes that failed."),
+        )
+
     def __init__(
         self, path: str, reactor: Any, *, keep_days: float = 30.0, metrics: CollectorRegistry | None = None
     ) -> None:
@@ -246,8 +254,7 @@ class CallRecords(Service):
         self.reactor = reactor
         self.keep_days = float(keep_days)
         metrics = metrics if metrics is not None else CollectorRegistry()  # none given: counted for nobody
-        self.written = series(metrics, Counter, "audiohangup_call_records_written", "Call record writes that succeeded.")
-        self.failed = series(metrics, Counter, "audiohangup_call_records_failed", "Call record writes that failed.")
+        self.written, self.failed = self.counters(metrics)
         self._db = _Database(path)
         self._pool = ThreadPool(1, 1, name="audiohangup-records")
         self._state = _State.NEW

@@ -283,10 +283,11 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     settings = config.leg_settings()
     metrics = CollectorRegistry()
     flow = load_flow(config.flow)
+    # The built-in bridge counts the frames it converts between formats (the series is shown whatever the flow).
+    bridges = BridgeFlow.counting(metrics)
     registry = Registry(
         end_with_leg=config.on_leg_end != "keep", on_duplicate=config.on_duplicate,
-        # The built-in bridge counts the frames it converts between formats.
-        flow_factory=BridgeFlow.counting(metrics) if flow is BridgeFlow else flow,
+        flow_factory=bridges if flow is BridgeFlow else flow,
     )
     recent = RecentLegs()
     pacer = Pacer(reactor, metrics=metrics)
@@ -308,6 +309,10 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     records = None
     if config.records != "none":
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
+    else:
+        CallRecords.counters(metrics)  # /metrics shows every series whatever is off, as it always did
+    if webhooks is None:
+        Webhooks.counter(metrics)
     # Observers in this order: a leg's streams end (and say how) before its record is written.
     for observer in (LegMetrics(metrics, registry), recent, streams, recorder, records, webhooks):
         if observer is not None:

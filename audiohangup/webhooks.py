@@ -250,6 +250,11 @@ class Webhooks(Service):
     name = "webhooks"
 
     @staticmethod
+    def counter(metrics: CollectorRegistry) -> Counter:
+        """The deliveries' series in C{metrics}: declared (no sample yet) even without --webhook."""
+        return series(metrics, Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"])
+
+    @staticmethod
     def check(urls: list[str], *, secret: str | None = None) -> None:
         """Raise C{ValueError} naming what is wrong with these URLs or this secret."""
         for url in urls:
@@ -283,10 +288,7 @@ class Webhooks(Service):
         self.urls = list(urls)
         self.reactor = reactor
         self.secret = secret
-        self.deliveries = series(
-            metrics if metrics is not None else CollectorRegistry(),  # none given: counted for nobody
-            Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
-        )
+        self.deliveries = self.counter(metrics if metrics is not None else CollectorRegistry())  # none given: for nobody
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff

@@ -240,3 +240,23 @@ def test_missed_slots_are_counted() -> None:
     assert (sample("audiohangup_pacer_ticks_total"), sample("audiohangup_pacer_late_ticks_total")) == (6, 1)
     assert sample("audiohangup_pacer_missed_slots_total") == 4
     pacer.stopService()
+
+
+def test_every_series_is_shown_whatever_is_off() -> None:
+    """
+    With the call records off, no webhook and a flow other than the bridge,
+    /metrics still names their series (the call records' at 0), as one
+    registry made them all before the parts counted their own.
+    """
+    from prometheus_client import generate_latest
+    from twisted.internet.testing import MemoryReactorClock
+
+    from audiohangup.service import Config, build_service
+
+    service = build_service(Config(records="none", flow="echo"), MemoryReactorClock())  # type: ignore[arg-type]
+    assert service.metrics is not None
+    text = generate_latest(service.metrics).decode()
+    for name in ("audiohangup_call_records_written_total", "audiohangup_call_records_failed_total"):
+        assert f"\n{name} 0.0\n" in text, name
+    for name in ("audiohangup_webhook_deliveries_total", "audiohangup_bridge_conversions_total"):
+        assert f"# TYPE {name} counter" in text, name
