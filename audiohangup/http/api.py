@@ -207,7 +207,7 @@ class ControlAPI:
     async def call_records(self, request: IRequest) -> bytes:
         """Call records, newest first, filtered and paged with an opaque cursor."""
         if self.records is None:
-            raise ApiError(404, "records_off", "call records are off (--records none)")
+            raise ApiError(404, "records_off", "call records are off (--call-records none)")
         fields = {name: query(request, name) for name in ("call_id", "role", "reason", "cursor")}
         if fields["call_id"] is not None:
             fields["call_id"] = parse_call_id(fields["call_id"])
