@@ -54,6 +54,14 @@ class Session:
         """Hang up every leg; fires with their close reasons once all are gone."""
         return gatherResults([leg.hangup(cause) for leg in self.ordered()])
 
+    def handOver(self, flow: IFlow) -> None:
+        """
+        The session's home is another instance (the media link joined its
+        legs there): from now on C{flow}, the link, takes their events.
+        """
+        self.flow = flow
+        self._audioHook = flow.audioReceived
+
     # Leg events, from the protocol and the registry
 
     def join(self, leg: IServerLeg) -> IServerLeg | None:

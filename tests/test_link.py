@@ -1,0 +1,167 @@
+"""
+The media link: a call whose legs land on two instances is one bridged call
+on the instance of its first leg. Real C{twistd -n audiohangup} children on
+loopback sharing one real redis-server, fake Asterisk legs on each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from audiohangup.cluster.linkmessages import CONTROL, hello, read_control
+from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
+from tests.conftest import until
+from tests.fake_asterisk import FakeAsterisk
+from tests.redis_server import RedisServer
+from tests.test_cluster import TOKEN, Instance, instance, leg_on, request, wait_listed
+from tests.twistd_child import Spawn, settle
+
+FRAMES = 25
+LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
+
+
+def link_port(at: Instance) -> int:
+    found = LINK_LISTENING.findall(at.child.log)
+    assert len(found) == 1, at.child.describe()
+    return int(found[0])
+
+
+def frames_of(tag: int) -> list[bytes]:
+    """FRAMES distinct 20 ms slin frames, none of them silence."""
+    return [encode_frame(Kind.SLIN, bytes([tag, n + 1]) * 160) for n in range(FRAMES)]
+
+
+def heard(client: FakeAsterisk) -> list[bytes]:
+    """The audio a leg was sent, its pacer's silence left out."""
+    return [frame.encode() for frame in client.frames if frame.kind == Kind.SLIN and any(frame.payload)]
+
+
+async def split_call(a: Instance, b: Instance, **options: object) -> tuple[uuid.UUID, FakeAsterisk, FakeAsterisk]:
+    """The resident on B (the call's first leg, so B is home), then the visitor on A, linked to B."""
+    call_id = uuid.uuid4()
+    resident = await leg_on(b, "resident", call_id, **options)
+    await wait_listed(a, {(str(call_id), "resident"): "b"})
+    visitor = await leg_on(a, "visitor", call_id, **options)
+    await until(lambda: f"{call_id} visitor linked from instance a to instance b" in a.child.log, 10, "A's link line")
+    await until(lambda: f"{call_id} visitor leg joined over the link from instance a" in b.child.log, 10, "B's join")
+    return call_id, visitor, resident
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_call_is_bridged_byte_exact(spawn: Spawn, redis_server: RedisServer) -> None:
+    """Visitor on A, resident on B: each hears the other's frames, byte for byte, in order."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    spoken, answered = frames_of(0x11), frames_of(0x22)
+    for mine, theirs in zip(spoken, answered, strict=True):
+        visitor.send(mine)
+        resident.send(theirs)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(heard(resident)) >= FRAMES and len(heard(visitor)) >= FRAMES, 5, "the frames across")
+    assert heard(resident) == spoken
+    assert heard(visitor) == answered
+
+    # The session is on B: a hangup sent there ends both legs with cause api.
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    assert sorted(leg["role"] for leg in body["legs"]) == ["resident", "visitor"], body
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    assert visitor.ended_with_single_hangup() and resident.ended_with_single_hangup()
+    await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, 5, "A's hangup line")
+    await until(lambda: f"{call_id} resident hangup sent (cause api)" in b.child.log, 5, "B's hangup line")
+    # The remote leg's close reason is the one the real connection gave.
+    real = re.search(rf"{call_id} visitor leg ended: (\w+)", a.child.log)
+    assert real is not None
+    await until(
+        lambda: f"{call_id} visitor leg ended: {real.group(1)} " in b.child.log, 5, "B's remote leg ending as A's"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_hangup_on_the_newcomers_instance(spawn: Spawn, redis_server: RedisServer) -> None:
+    """A hangup of the visitor sent to A: the visitor gets cause api, and its session on B ends the resident (session)."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    status, body, _ = await request("POST", f"{a.url}/calls/{call_id}/hangup?role=visitor")
+    assert (status, body["legs"][0]["result"]) == (200, "hangup_sent"), body
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    assert visitor.ended_with_single_hangup() and resident.ended_with_single_hangup()
+    await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, 5, "A's hangup line")
+    await until(lambda: f"{call_id} resident hangup sent (cause session)" in b.child.log, 5, "B's hangup line")
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: RedisServer) -> None:
+    """SIGKILL B mid-call: the visitor on A is hung up (cause link) within a second, logged once with both ids."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id, visitor, _ = await split_call(a, b, on_hangup="close")
+    visitor.send(frames_of(0x33)[0])
+    b.child.signal("KILL")
+    killed = reactor.seconds()
+    await settle(visitor.hangup_received, "00 00 00 on A's visitor", timeout=5)
+    assert reactor.seconds() - killed < 1.0
+    await settle(visitor.closed, "the visitor on A to close")
+    assert visitor.ended_with_single_hangup()
+    await until(lambda: f"{call_id} visitor hangup sent (cause link)" in a.child.log, 5, "A's hangup line")
+    failed = [line for line in a.child.log.splitlines() if "link from instance a to instance b" in line]
+    assert len(failed) == 1 and "failed" in failed[0], failed
+
+
+class _Client(Protocol):
+    """A client of the link port that is not an instance: its hello is signed with the wrong token."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.decoder = FrameDecoder()
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            self.frames.append(frame)
+            message = read_control(frame)
+            if message is not None and message.get("type") == "challenge":
+                assert self.transport is not None
+                self.transport.write(hello("not-" + TOKEN, message["nonce"], "a", str(uuid.uuid4()), "visitor", "slin"))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_is_not_an_instance_is_refused(spawn: Spawn, redis_server: RedisServer) -> None:
+    """A wrong HMAC: the client gets the challenge only, is closed, and counted; no leg joins."""
+    b = await instance(spawn, redis_server, "b")
+    client = _Client()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", link_port(b)), client)
+    await settle(client.closed, "the link port to close the client")
+    assert [frame.kind for frame in client.frames] == [CONTROL], client.frames
+    assert json.loads(client.frames[0].payload)["type"] == "challenge"
+    response = await request_text(f"{b.url}/metrics")
+    assert 'audiohangup_connections_refused_total{listener="link",reason="not_an_instance"} 1.0' in response
+    status, body, _ = await request("GET", f"{b.url}/calls")
+    assert (status, body["calls"]) == (200, []), body
+
+
+async def request_text(url: str) -> str:
+    import treq
+
+    from tests.test_cluster import AUTHORIZED
+
+    response = await treq.get(url, persistent=False, timeout=10, headers=AUTHORIZED)
+    text: str = await response.text()
+    return text
