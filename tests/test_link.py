@@ -22,12 +22,23 @@ from audiohangup.cluster.linkmessages import CONTROL, hello, read_control
 from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
 from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk
-from tests.redis_server import RedisServer
-from tests.test_cluster import TOKEN, Instance, instance, leg_on, request, wait_listed
-from tests.twistd_child import Spawn, settle
+from tests.redis_server import RedisServer, free_port
+from tests.test_cluster import HEARTBEAT, TOKEN, Instance, instance, leg_on, request, wait_listed
+from tests.twistd_child import Spawn, settle, start_server
 
 FRAMES = 25
 LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
+
+
+async def instance_with(spawn: Spawn, redis: RedisServer, name: str, *extra: str) -> Instance:
+    """L{tests.test_cluster.instance}, with options of its own."""
+    http = free_port()
+    child, ports = await start_server(
+        spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
+        "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
+        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN, *extra,
+    )
+    return Instance(name, child, ports)
 
 
 def link_port(at: Instance) -> int:
@@ -120,6 +131,28 @@ async def test_killed_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: Red
     await until(lambda: f"{call_id} visitor hangup sent (cause link)" in a.child.log, 5, "A's hangup line")
     failed = [line for line in a.child.log.splitlines() if "link from instance a to instance b" in line]
     assert len(failed) == 1 and "failed" in failed[0], failed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_refused_or_missing_hangs_up_the_newcomer(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    The home refuses the link (its visitors carry slin16, the newcomer's
+    slin), or has none (--link none): the visitor on A is hung up (cause
+    link) at once, never left unbridged, and A says why once.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b", "--visitor-audio", "slin16")
+    c = await instance_with(spawn, redis_server, "c", "--link", "none")
+    for home, why in ((b, "refused: its leg carries slin, this instance's visitor legs slin16"), (c, "has no link")):
+        call_id = uuid.uuid4()
+        await leg_on(home, "resident", call_id, on_hangup="close")
+        await wait_listed(a, {(str(call_id), "resident"): home.name})
+        visitor = await leg_on(a, "visitor", call_id, on_hangup="close")
+        await settle(visitor.hangup_received, "00 00 00 on A's visitor", timeout=5)
+        line = f"{call_id} visitor hangup sent (cause link)"
+        await until(lambda line=line: line in a.child.log, 5, "A's hangup line")
+        said = [line for line in a.child.log.splitlines() if str(call_id) in line and why in line]
+        assert len(said) == 1, a.child.log
 
 
 class _Client(Protocol):

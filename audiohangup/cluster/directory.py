@@ -663,15 +663,15 @@ class Directory(Part):
 
     async def link_of(self, instance_id: str) -> str | None:
         """
-        Where C{instance_id}'s media link listens (C{host:port}); None if the
-        instance is gone (its presence expired) or has no link.
+        Where C{instance_id}'s media link listens (C{host:port}); "" if the
+        instance is live without a link; None if it is gone (its presence expired).
         """
 
         async def query(conn: RedisProtocol) -> str | None:
             rows = await _fetch(conn, [self._instance_key(instance_id)], ("instance_id", "link"))
             for _, found, link in rows:
-                if found == instance_id and link:
-                    return str(link)
+                if found == instance_id:
+                    return str(link or "")
             return None
 
         return await self._ask("to look up an instance", query)

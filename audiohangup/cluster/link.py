@@ -189,11 +189,11 @@ class HomeSide(Protocol):
             self._refuse(f"its hello, as instance {instance_id!r}, is not signed by the control token", "not_an_instance")
             return
         if role not in Role._value2member_map_:
-            self._refuse(f"role {role!r}", "bad_hello")
+            self._refuse(f"role {role!r}", "bad_hello", tell=True)
             return
         wanted = server.formats[Role(role)]
         if audio != wanted.name:
-            self._refuse(f"its leg carries {audio}, this instance's {role} legs {wanted.name}", "bad_hello")
+            self._refuse(f"its leg carries {audio}, this instance's {role} legs {wanted.name}", "bad_hello", tell=True)
             return
         self._cancelTimer()
         leg = RemoteLeg(
@@ -217,11 +217,18 @@ class HomeSide(Protocol):
         leg.end(reason, "as its instance says")
         self.close()
 
-    def _refuse(self, why: str, reason: str) -> None:
+    def _refuse(self, why: str, reason: str, *, tell: bool = False) -> None:
+        """Close the link, counted; C{tell}: an instance (its hello is signed) hears why, a stranger nothing."""
         self._cancelTimer()
+        if tell:
+            self.write(control({"type": "refused", "why": why}))
         counter = self.server.refused
         if counter is not None:
             counter.labels("link", reason).inc()
+        if tell:
+            self.log.warn("link from {peer} refused: {why}", peer=self.peer, why=why)
+            self.close()
+            return
         if self.server.logNow(self.peer.rsplit(":", 1)[0], self.server.reactor.seconds()):
             self.log.warn(
                 "link from {peer} refused: {why} (counted in audiohangup_connections_refused_total; "

@@ -19,7 +19,7 @@ whose first leg is this one, stays at home here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
@@ -96,15 +96,27 @@ class Linker:
         try:
             address = await self.directory.link_of(owner)
         except DirectoryUnavailable as error:
-            address, why = None, str(error)
-        else:
-            why = "its presence expired or it has no link"
+            self.log.warn(
+                "{call_id} {role}: the call's first leg is on instance {owner}, whose link cannot be looked up "
+                "({error}); the leg is hung up (cause link)",
+                call_id=call_id, role=leg.role, owner=owner, error=str(error),
+            )
+            leg.hangup(HangupCause.LINK)
+            return
         if address is None:
             self.log.info(
-                "{call_id} {role}: the call's first leg was on instance {owner}, which cannot be linked to "
-                "({why}); this instance {instance_id} is the session's home",
-                call_id=call_id, role=leg.role, owner=owner, why=why, instance_id=self.instance_id,
+                "{call_id} {role}: the call's first leg was on instance {owner}, which is gone (its presence "
+                "expired); this instance {instance_id} is the session's home",
+                call_id=call_id, role=leg.role, owner=owner, instance_id=self.instance_id,
             )
+            return
+        if not address:
+            self.log.warn(
+                "{call_id} {role}: the call's first leg is on instance {owner}, which has no link (--link none); "
+                "the leg is hung up (cause link) rather than left unbridged",
+                call_id=call_id, role=leg.role, owner=owner,
+            )
+            leg.hangup(HangupCause.LINK)
             return
         if not leg.live:
             return
@@ -145,6 +157,19 @@ class LinkFlow:
 
     def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
         pass  # the Linker, an observer, tells the home (with the hangup cause, which a flow does not see)
+
+
+class _Route:
+    """
+    Where a linked leg's fast path sends its whole frames: the link. The
+    leg calls only C{forwardBytes} on its route (see
+    L{audiohangup.protocol.AudioSocketProtocol.dataReceived}).
+    """
+
+    __slots__ = ("forwardBytes",)
+
+    def __init__(self, side: NewcomerSide) -> None:
+        self.forwardBytes = side.write
 
 
 class NewcomerSide(Protocol):
@@ -219,6 +244,8 @@ class NewcomerSide(Protocol):
                 self.legGone()
                 return
             session.handOver(LinkFlow(self))
+            # The leg's fast path: its whole frames of its own audio go on as they came, unparsed.
+            self.leg.bridgeTo(cast(ILeg, _Route(self)))
             self.log.info(
                 "{call_id} {role} linked from instance {instance_id} to instance {owner} at {address}: "
                 "its session lives there",
