@@ -11,14 +11,26 @@ import re
 import uuid
 
 import pytest_twisted
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from audiohangup.cluster.linkmessages import CONTROL, hello, read_control
+from audiohangup.audio import SLIN
+from audiohangup.cluster.link import HANDSHAKE_TIMEOUT, LinkServer
+from audiohangup.cluster.linkmessages import CONTROL, QUEUED, control, hello, read_control
+from audiohangup.cluster.remoteleg import RemoteLeg
+from audiohangup.interfaces import IRemoteLeg
+from audiohangup.reasons import CloseReason, HangupCause, Role
+from audiohangup.registry import Registry
 from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
 from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk
@@ -198,3 +210,102 @@ async def request_text(url: str) -> str:
     response = await treq.get(url, persistent=False, timeout=10, headers=AUTHORIZED)
     text: str = await response.text()
     return text
+
+
+# The home's side, deterministic: a StringTransport for the link, a Clock.
+
+
+class HomeSideTests(SynchronousTestCase):
+    """What the link listener does with a hello, the frames after it, and the link's end."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry()
+        self.metrics = CollectorRegistry()
+        self.server = LinkServer(
+            self.registry, "b", TOKEN, {role: SLIN for role in Role}, self.clock, close_timeout=1.0,
+            metrics=self.metrics,
+        )
+        self.side = self.server.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.side.makeConnection(self.transport)
+        self.call_id = str(uuid.uuid4())
+
+    def sent(self) -> list[Frame]:
+        frames = FrameDecoder().feed(self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def nonce(self) -> str:
+        (challenge,) = self.sent()
+        message = read_control(challenge)
+        assert message is not None and message["type"] == "challenge" and message["instance_id"] == "b"
+        return str(message["nonce"])
+
+    def refused(self, reason: str) -> float | None:
+        return self.metrics.get_sample_value(
+            "audiohangup_connections_refused_total", {"listener": "link", "reason": reason}
+        )
+
+    def join(self) -> RemoteLeg:
+        self.side.dataReceived(hello(TOKEN, self.nonce(), "a", self.call_id, "visitor", "slin"))
+        self.assertEqual([read_control(frame) for frame in self.sent()], [{"type": "accepted"}])
+        leg = self.registry.get(self.call_id, Role.VISITOR)
+        assert isinstance(leg, RemoteLeg)
+        return leg
+
+    def test_a_signed_hello_joins_a_remote_leg(self) -> None:
+        """The remote leg is the session's visitor, out of the directory's reach, and what it hears crosses the link."""
+        leg = self.join()
+        self.assertTrue(verifyObject(IRemoteLeg, leg))
+        self.assertEqual((leg.instance_id, leg.peer, leg.live), ("a", "a@127.0.0.1:40000", True))
+        frame = encode_frame(Kind.SLIN, b"\x01\x02" * 160)
+        leg.forwardBytes(frame)
+        self.assertEqual(self.transport.value(), frame)
+        self.transport.clear()
+        leg.play(b"\x00\x00" * 160)
+        self.assertEqual([f.kind for f in self.sent()], [QUEUED])
+
+    def test_a_wrong_mac_is_refused_and_counted(self) -> None:
+        """Signed with another token: nothing but the challenge, the connection aborted, the refusal counted."""
+        self.side.dataReceived(hello("not-" + TOKEN, self.nonce(), "a", self.call_id, "visitor", "slin"))
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.refused("not_an_instance"), 1.0)
+        self.assertEqual(self.registry.calls(), {})
+
+    def test_a_replayed_hello_is_refused(self) -> None:
+        """A hello signed for another nonce (another link's) does not open this one."""
+        self.nonce()
+        self.side.dataReceived(hello(TOKEN, "00" * 32, "a", self.call_id, "visitor", "slin"))
+        self.assertEqual(self.refused("not_an_instance"), 1.0)
+
+    def test_no_hello_in_time(self) -> None:
+        self.clock.advance(HANDSHAKE_TIMEOUT)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.refused("timeout"), 1.0)
+
+    def test_the_real_legs_end_is_the_remote_legs(self) -> None:
+        """The instance holding the connection says how it ended: that is the remote leg's close reason."""
+        leg = self.join()
+        gone = leg.hangup(HangupCause.API)
+        self.assertEqual(
+            read_control(self.sent()[0]), {"type": "hangup", "cause": "api", "after_playout": False}
+        )
+        self.side.dataReceived(control({"type": "ended", "reason": "hangup_reset", "cause": "api"}))
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_RESET)
+        self.assertEqual(self.registry.calls(), {})
+
+    def test_a_broken_link_ends_the_leg_as_link_lost(self) -> None:
+        leg = self.join()
+        self.side.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(leg.close_reason, CloseReason.LINK_LOST)
+        self.assertEqual(len(self.registry), 0)
+
+    def test_a_hangup_without_an_answer_is_bounded(self) -> None:
+        """The other instance never says the leg ended: after its close timeout and a second, the link is cut."""
+        leg = self.join()
+        gone = leg.hangup(HangupCause.SESSION)
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_TIMEOUT)
+        self.assertTrue(self.transport.disconnecting)

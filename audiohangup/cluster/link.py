@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -142,7 +142,8 @@ class HomeSide(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.peer = describe_address(self.transport.getPeer())
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
         self.transport.write(control({"type": "challenge", "instance_id": self.server.instance_id, "nonce": self.nonce}))
         self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._refuse, "no hello in time", "timeout")
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -208,7 +208,8 @@ class NewcomerSide(Protocol):
         if self.done:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
 
     def dataReceived(self, data: bytes) -> None:
         leg = self.leg
