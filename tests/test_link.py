@@ -167,6 +167,41 @@ async def test_a_link_refused_or_missing_hangs_up_the_newcomer(spawn: Spawn, red
         assert len(said) == 1, a.child.log
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_homes_flow_runs_the_remote_leg(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    The home runs --flow echo: the visitor on A hears its own frames back,
+    queued on B by the flow and paced on A.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b", "--flow", "echo")
+    _, visitor, _ = await split_call(a, b, on_hangup="close")
+    spoken = frames_of(0x44)
+    for frame in spoken:
+        visitor.send(frame)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(heard(visitor)) >= FRAMES, 5, "the echo")
+    assert heard(visitor) == spoken
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: RedisServer) -> None:
+    """SIGTERM B: its drain hangs up its legs, the remote one too (cause shutdown, on A), bounded."""
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    b.child.signal("TERM")
+    stopped = reactor.seconds()
+    await settle(visitor.hangup_received, "00 00 00 on A's visitor", timeout=5)
+    await settle(resident.hangup_received, "00 00 00 on B's resident", timeout=5)
+    assert reactor.seconds() - stopped < 1.0
+    await settle(visitor.closed, "the visitor on A to close")
+    assert visitor.ended_with_single_hangup()
+    await until(lambda: f"{call_id} visitor hangup sent (cause shutdown)" in a.child.log, 5, "A's hangup line")
+    await b.child.exit()
+    assert f"{call_id} visitor leg ended: hangup_clean" in b.child.log, b.child.log
+
+
 class _Client(Protocol):
     """A client of the link port that is not an instance: its hello is signed with the wrong token."""
 
