@@ -26,11 +26,14 @@ from zope.interface.verify import verifyObject
 
 from audiohangup.audio import SLIN
 from audiohangup.cluster.link import HANDSHAKE_TIMEOUT, LinkServer
-from audiohangup.cluster.linkmessages import CONTROL, QUEUED, control, hello, read_control
+from audiohangup.cluster.linker import Linker, LinkFlow, NewcomerSide
+from audiohangup.cluster.linkmessages import CONTROL, QUEUED, accepted, control, hello, read_control
 from audiohangup.cluster.remoteleg import RemoteLeg
+from audiohangup.flows import SilenceFlow
 from audiohangup.interfaces import IRemoteLeg
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
+from audiohangup.session import Session
 from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
 from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk
@@ -216,7 +219,7 @@ class _Client(Protocol):
             message = read_control(frame)
             if message is not None and message.get("type") == "challenge":
                 assert self.transport is not None
-                self.transport.write(hello("not-" + TOKEN, message["nonce"], "a", str(uuid.uuid4()), "visitor", "slin"))
+                self.transport.write(hello("not-" + TOKEN, message["nonce"], "11" * 32, "a", str(uuid.uuid4()), "visitor", "slin"))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed.callback(None)
@@ -283,8 +286,9 @@ class HomeSideTests(SynchronousTestCase):
         )
 
     def join(self) -> RemoteLeg:
-        self.side.dataReceived(hello(TOKEN, self.nonce(), "a", self.call_id, "visitor", "slin"))
-        self.assertEqual([read_control(frame) for frame in self.sent()], [{"type": "accepted"}])
+        self.side.dataReceived(hello(TOKEN, self.nonce(), "22" * 32, "a", self.call_id, "visitor", "slin"))
+        (answer,) = self.sent()
+        self.assertEqual(answer.encode(), accepted(TOKEN, "22" * 32, "b", self.call_id, "visitor"))
         leg = self.registry.get(self.call_id, Role.VISITOR)
         assert isinstance(leg, RemoteLeg)
         return leg
@@ -303,7 +307,7 @@ class HomeSideTests(SynchronousTestCase):
 
     def test_a_wrong_mac_is_refused_and_counted(self) -> None:
         """Signed with another token: nothing but the challenge, the connection aborted, the refusal counted."""
-        self.side.dataReceived(hello("not-" + TOKEN, self.nonce(), "a", self.call_id, "visitor", "slin"))
+        self.side.dataReceived(hello("not-" + TOKEN, self.nonce(), "22" * 32, "a", self.call_id, "visitor", "slin"))
         self.assertEqual(self.transport.value(), b"")
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.refused("not_an_instance"), 1.0)
@@ -312,7 +316,7 @@ class HomeSideTests(SynchronousTestCase):
     def test_a_replayed_hello_is_refused(self) -> None:
         """A hello signed for another nonce (another link's) does not open this one."""
         self.nonce()
-        self.side.dataReceived(hello(TOKEN, "00" * 32, "a", self.call_id, "visitor", "slin"))
+        self.side.dataReceived(hello(TOKEN, "00" * 32, "22" * 32, "a", self.call_id, "visitor", "slin"))
         self.assertEqual(self.refused("not_an_instance"), 1.0)
 
     def test_no_hello_in_time(self) -> None:
@@ -344,3 +348,88 @@ class HomeSideTests(SynchronousTestCase):
         self.clock.advance(2.0)
         self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_TIMEOUT)
         self.assertTrue(self.transport.disconnecting)
+
+
+class _Leg:
+    """What the newcomer's side uses of its leg."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id, self.role, self.format = call_id, Role.VISITOR, SLIN
+        self.live = True
+        self.close_reason: CloseReason | None = None
+        self.hangup_cause: HangupCause | None = None
+        self.hangups: list[HangupCause] = []
+        self.forwarded: list[bytes] = []
+        self.queued: list[bytes] = []
+        self.route: object = None
+
+    def hangup(self, cause: HangupCause) -> None:
+        self.hangups.append(cause)
+
+    def forwardBytes(self, data: bytes) -> None:
+        self.forwarded.append(data)
+
+    def queueFrames(self, frames: list[bytes]) -> int:
+        self.queued += frames
+        return 0
+
+    def bridgeTo(self, other: object) -> None:
+        self.route = other
+
+
+class NewcomerSideTests(SynchronousTestCase):
+    """The newcomer's side: it checks the home, takes what the home sends, and hangs up when the link fails."""
+
+    def setUp(self) -> None:
+        self.call_id = str(uuid.uuid4())
+        self.registry = Registry()
+        self.leg = _Leg(self.call_id)
+        self.registry._sessions[self.call_id] = Session(self.call_id, SilenceFlow())
+        linker = Linker.__new__(Linker)
+        linker.registry, linker.reactor, linker.token = self.registry, Clock(), TOKEN
+        linker.directory = type("D", (), {"instance_id": "a"})()  # type: ignore[assignment]
+        self.side = NewcomerSide(linker, self.leg, "b", "127.0.0.1:1")  # type: ignore[arg-type]
+        self.transport = StringTransport()
+        self.side.makeConnection(self.transport)
+
+    def handshake(self, signer: str = TOKEN) -> None:
+        self.side.dataReceived(control({"type": "challenge", "instance_id": "b", "nonce": "33" * 32}))
+        (hello_frame,) = FrameDecoder().feed(self.transport.value())
+        self.transport.clear()
+        message = read_control(hello_frame)
+        assert message is not None
+        self.side.dataReceived(accepted(signer, message["nonce"], "b", self.call_id, "visitor"))
+
+    def test_linked(self) -> None:
+        """Accepted: the session is handed over, frames and queued frames from the home reach the leg."""
+        self.handshake()
+        self.assertIsInstance(self.registry.session(self.call_id).flow, LinkFlow)  # type: ignore[union-attr]
+        self.assertIsNotNone(self.leg.route)
+        audio = encode_frame(Kind.SLIN, b"\x05" * 320)
+        self.side.dataReceived(audio + encode_frame(QUEUED, audio))
+        self.assertEqual((self.leg.forwarded, self.leg.queued), ([audio], [audio]))
+        self.side.dataReceived(control({"type": "hangup", "cause": "api", "after_playout": False}))
+        self.assertEqual(self.leg.hangups, [HangupCause.API])
+
+    def test_a_home_without_the_token(self) -> None:
+        """An acceptance not signed by the control token: the leg is hung up (cause link), nothing crosses."""
+        self.handshake("not-" + TOKEN)
+        self.assertEqual(self.leg.hangups, [HangupCause.LINK])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsInstance(self.registry.session(self.call_id).flow, SilenceFlow)  # type: ignore[union-attr]
+
+    def test_a_broken_link_hangs_up_once(self) -> None:
+        self.handshake()
+        self.side.connectionLost(Failure(ConnectionLost()))
+        self.side.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.leg.hangups, [HangupCause.LINK])
+
+    def test_the_legs_end_is_told(self) -> None:
+        """The leg ended: the home hears how, and the link's close then hangs up nothing."""
+        self.handshake()
+        self.leg.close_reason, self.leg.hangup_cause = CloseReason.PEER_HANGUP, None
+        self.side.legGone()
+        (ended,) = FrameDecoder().feed(self.transport.value())
+        self.assertEqual(read_control(ended), {"type": "ended", "reason": "peer_hangup", "cause": None})
+        self.side.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.leg.hangups, [])

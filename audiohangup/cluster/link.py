@@ -10,8 +10,8 @@ byte for byte, and control messages, each one frame of kind L{CONTROL}
 holding a JSON object:
 
     home -> newcomer    {"type": "challenge", "instance_id": home, "nonce": hex}
-    newcomer -> home    {"type": "hello", "instance_id", "call_id", "role", "format", "mac"}
-    home -> newcomer    {"type": "accepted"} or {"type": "refused", "why"}
+    newcomer -> home    {"type": "hello", "instance_id", "call_id", "role", "format", "nonce", "mac"}
+    home -> newcomer    {"type": "accepted", "mac"} or {"type": "refused", "why"}
     home -> newcomer    {"type": "hangup", "cause", "after_playout"}: the session hangs the leg up
     newcomer -> home    {"type": "ended", "reason", "cause"}: the real leg is gone, and how
 
@@ -19,10 +19,11 @@ and, home to newcomer, frames of kind L{QUEUED} whose payload is one
 encoded frame the leg plays after what is queued (C{/play}, a flow's
 C{play}), not bridged audio.
 
-Only an instance of the cluster may link: the C{mac} is the HMAC-SHA256,
-under the instances' shared control token (C{--api-token}, which also signs
-what L{audiohangup.cluster.forward} forwards), of the home's fresh nonce and
-the hello's fields. A client without it gets nothing but the challenge, is
+Only an instance of the cluster may link: the hello's C{mac} is the
+HMAC-SHA256, under the instances' shared control token (C{--api-token},
+which also signs what L{audiohangup.cluster.forward} forwards), of the
+home's fresh nonce and the hello's fields; the acceptance's, of the
+newcomer's nonce and the leg, so only the home takes the leg's audio. A client without it gets nothing but the challenge, is
 closed, and is counted (C{audiohangup_connections_refused_total},
 C{listener="link"}).
 
@@ -33,7 +34,6 @@ newcomer's side is L{audiohangup.cluster.linker}.
 
 from __future__ import annotations
 
-import hmac
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, control, hello_mac, read_control
+from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, accepted, control, read_control, signed
 from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.listeners import Listener
 from audiohangup.logs import LogLimit, describe_address
@@ -180,13 +180,12 @@ class HomeSide(Protocol):
         if message is None or message.get("type") != "hello":
             self._refuse("its first message is not a hello", "not_an_instance")
             return
-        fields = [message.get(name) for name in ("instance_id", "call_id", "role", "format", "mac")]
+        fields = [message.get(name) for name in ("instance_id", "call_id", "role", "format", "nonce")]
         if not all(isinstance(value, str) for value in fields):
             self._refuse("its hello lacks a field", "not_an_instance")
             return
-        instance_id, call_id, role, audio, mac = (str(value) for value in fields)
-        expected = hello_mac(server.token, self.nonce, instance_id, call_id, role, audio)
-        if not hmac.compare_digest(expected.encode(), str(mac).encode()):
+        instance_id, call_id, role, audio, nonce = (str(value) for value in fields)
+        if not signed(server.token, message.get("mac"), "hello", self.nonce, nonce, instance_id, call_id, role, audio):
             self._refuse(f"its hello, as instance {instance_id!r}, is not signed by the control token", "not_an_instance")
             return
         if role not in Role._value2member_map_:
@@ -207,7 +206,7 @@ class HomeSide(Protocol):
             self.close()
             return
         self.leg = leg
-        self.write(control({"type": "accepted"}))
+        self.write(accepted(server.token, nonce, server.instance_id, call_id, role))
         leg.start()
 
     def _controlReceived(self, leg: RemoteLeg, message: dict[str, Any] | None) -> None:

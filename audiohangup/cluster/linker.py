@@ -19,6 +19,7 @@ whose first leg is this one, stays at home here.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -30,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.directory import DirectoryUnavailable
-from audiohangup.cluster.linkmessages import CONTROL, QUEUED, control, hello, read_control
+from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, QUEUED, control, hello, read_control, signed
 from audiohangup.interfaces import IFlow, ILeg, ILegObserver, IRemoteLeg, ISession
 from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, HangupCause
@@ -150,10 +151,12 @@ class LinkFlow:
         pass
 
     def audioReceived(self, session: ISession, leg: ILeg, frame: Frame) -> None:
-        self.side.write(frame.encode())
+        if leg is self.side.leg:  # not a leg that joined here since
+            self.side.write(frame.encode())
 
     def dtmfReceived(self, session: ISession, leg: ILeg, digit: str) -> None:
-        self.side.write(encode_frame(Kind.DTMF, digit.encode("latin-1")))
+        if leg is self.side.leg:
+            self.side.write(encode_frame(Kind.DTMF, digit.encode("latin-1")))
 
     def legEnded(self, session: ISession, leg: ILeg, reason: CloseReason) -> None:
         pass  # the Linker, an observer, tells the home (with the hangup cause, which a flow does not see)
@@ -183,6 +186,7 @@ class NewcomerSide(Protocol):
         self.owner = owner
         self.address = address
         self.decoder = FrameDecoder()
+        self.nonce = os.urandom(NONCE_BYTES).hex()
         self.accepted = False
         self.done = False  # the leg or the link ended: nothing more to say or do
         self._timer: IDelayedCall | None = None
@@ -234,10 +238,16 @@ class NewcomerSide(Protocol):
                 self.fail(f"the link answers as instance {message.get('instance_id')!r}")
                 return
             assert self.transport is not None
-            self.transport.write(
-                hello(self.linker.token, nonce, self.linker.instance_id, leg.call_id, leg.role.value, leg.format.name)
-            )
+            self.transport.write(hello(
+                self.linker.token, nonce, self.nonce, self.linker.instance_id, leg.call_id, leg.role.value,
+                leg.format.name,
+            ))
         elif kind == "accepted" and not self.accepted:
+            leg = self.leg
+            if not signed(self.linker.token, message.get("mac"), "accepted", self.nonce, self.owner,
+                          leg.call_id or "", leg.role.value):
+                self.fail("its acceptance is not signed by the control token: not an instance of this cluster")
+                return
             self._cancelTimer()
             self.accepted = True
             session = self.linker.registry.session(self.leg.call_id or "")
