@@ -25,12 +25,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from audiohangup.audio import SLIN
+from audiohangup.cluster.directory import LegEntry
 from audiohangup.cluster.link import HANDSHAKE_TIMEOUT, LinkServer
 from audiohangup.cluster.linker import Linker, LinkFlow, NewcomerSide
 from audiohangup.cluster.linkmessages import CONTROL, QUEUED, accepted, control, hello, read_control
 from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.flows import SilenceFlow
 from audiohangup.interfaces import IRemoteLeg
+from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.session import Session
@@ -146,6 +148,7 @@ async def test_killed_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: Red
     await until(lambda: f"{call_id} visitor hangup sent (cause link)" in a.child.log, 5, "A's hangup line")
     failed = [line for line in a.child.log.splitlines() if "link from instance a to instance b" in line]
     assert len(failed) == 1 and "failed" in failed[0], failed
+    assert 'audiohangup_hangups_sent_total{cause="link"} 1.0' in await request_text(f"{a.url}/metrics")
 
 
 @pytest_twisted.ensureDeferred
@@ -433,3 +436,58 @@ class NewcomerSideTests(SynchronousTestCase):
         self.assertEqual(read_control(ended), {"type": "ended", "reason": "peer_hangup", "cause": None})
         self.side.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.leg.hangups, [])
+
+
+class _Directory:
+    """The directory as the linker asks it: the call's legs, in turn, and an instance's link."""
+
+    instance_id = "a"
+    heartbeat = 2.0
+
+    def __init__(self, *answers: dict[str, LegEntry]) -> None:
+        self.answers = list(answers)
+        self.link = ""
+
+    async def owners(self, call_id: str) -> dict[str, LegEntry]:
+        return self.answers.pop(0)
+
+    async def link_of(self, instance_id: str) -> str | None:
+        return self.link
+
+
+class LinkerTests(SynchronousTestCase):
+    """When a leg that starts here goes to its session elsewhere."""
+
+    def setUp(self) -> None:
+        self.call_id = str(uuid.uuid4())
+        self.clock = Clock()
+        self.registry = Registry()
+        self.leg = _Leg(self.call_id)
+        self.leg.connected_at = 100.0  # type: ignore[attr-defined]
+        session = self.registry._sessions[self.call_id] = Session(self.call_id, SilenceFlow())
+        session.legs[Role.VISITOR] = self.leg  # type: ignore[assignment]
+
+    def entry(self, started: float) -> dict[str, LegEntry]:
+        return {"resident": LegEntry(self.call_id, "resident", "b", "http://b", iso_time(started))}
+
+    def linker(self, directory: _Directory) -> Linker:
+        return Linker(directory, self.registry, self.clock, TOKEN)  # type: ignore[arg-type]
+
+    def test_first_leg_elsewhere(self) -> None:
+        """The resident started earlier on B, which has no link: the visitor is hung up (cause link)."""
+        self.linker(_Directory(self.entry(99.0))).legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.leg.hangups, [HangupCause.LINK])
+
+    def test_first_leg_here(self) -> None:
+        """The resident on B started later: B links to here; this leg stays."""
+        self.linker(_Directory(self.entry(101.0))).legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.leg.hangups, [])
+
+    def test_alone_then_a_heartbeat_later_found(self) -> None:
+        """Two legs at once may miss each other's entries: a leg still alone looks once more, a heartbeat later."""
+        directory = _Directory({}, self.entry(99.0))
+        self.linker(directory).legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.leg.hangups, [])
+        self.clock.advance(directory.heartbeat)
+        self.assertEqual(self.leg.hangups, [HangupCause.LINK])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -64,6 +64,8 @@ class Linker:
         self.reactor = reactor
         self.token = token
         self.links: dict[IServerLeg, NewcomerSide] = {}
+        #: The second look of a leg still alone (see L{_lookAgain}).
+        self._again: dict[IServerLeg, IDelayedCall] = {}
 
     @property
     def instance_id(self) -> str:
@@ -72,11 +74,26 @@ class Linker:
     def legStarted(self, leg: IServerLeg) -> None:
         if IRemoteLeg.providedBy(leg) or leg.call_id is None:
             return
-        Deferred.fromCoroutine(self._consider(leg)).addErrback(
+        self._look(leg, again=True)
+
+    def _look(self, leg: IServerLeg, *, again: bool) -> None:
+        Deferred.fromCoroutine(self._consider(leg, again)).addErrback(
             lambda failure: self.log.failure("{call_id} linking failed", failure, call_id=leg.call_id)
         )
 
-    async def _consider(self, leg: IServerLeg) -> None:
+    def _lookAgain(self, leg: IServerLeg) -> None:
+        """
+        Still alone a heartbeat later: look once more. Two legs that start
+        on two instances at once may each miss the other's entry (each
+        write races the other's look-up); looking again, the later of the
+        two finds the earlier and links to it.
+        """
+        self._again.pop(leg, None)
+        session = self.registry.session(leg.call_id or "")
+        if leg.live and leg not in self.links and session is not None and list(session.legs.values()) == [leg]:
+            self._look(leg, again=False)
+
+    async def _consider(self, leg: IServerLeg, again: bool = False) -> None:
         call_id = leg.call_id
         assert call_id is not None
         try:
@@ -91,6 +108,8 @@ class Linker:
             for role, entry in owners.items()
             if role != leg.role.value and entry.instance_id != self.instance_id
         )
+        if not first and again and leg.live:
+            self._again[leg] = self.reactor.callLater(self.directory.heartbeat, self._lookAgain, leg)
         if not first or first[0] > mine or not leg.live:
             return  # alone, or the first leg: the session's home is here
         owner = first[0][1]
@@ -126,6 +145,9 @@ class Linker:
         side.connect()
 
     def legEnded(self, leg: IServerLeg) -> None:
+        timer = self._again.pop(leg, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         side = self.links.pop(leg, None)
         if side is not None:
             side.legGone()
