@@ -338,6 +338,12 @@ class HomeSideTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_RESET)
         self.assertEqual(self.registry.calls(), {})
 
+    def test_the_real_legs_cause_is_the_remote_legs(self) -> None:
+        """Its instance hung the real leg up (max_duration): the remote leg's record says so."""
+        leg = self.join()
+        self.side.dataReceived(control({"type": "ended", "reason": "hangup_clean", "cause": "max_duration"}))
+        self.assertEqual((leg.close_reason, leg.hangup_cause), (CloseReason.HANGUP_CLEAN, HangupCause.MAX_DURATION))
+
     def test_a_broken_link_ends_the_leg_as_link_lost(self) -> None:
         leg = self.join()
         self.side.connectionLost(Failure(ConnectionLost()))

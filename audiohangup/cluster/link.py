@@ -50,7 +50,7 @@ from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.listeners import Listener
 from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import series
-from audiohangup.reasons import CloseReason, Role
+from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import FrameDecoder
 
@@ -213,8 +213,9 @@ class HomeSide(Protocol):
         if message is None or message.get("type") != "ended":
             return  # nothing else is sent this way; a newer peer's message is skipped
         reason = CloseReason._value2member_map_.get(str(message.get("reason")), CloseReason.LINK_LOST)
-        assert isinstance(reason, CloseReason)
-        leg.end(reason, "as its instance says")
+        cause = HangupCause._value2member_map_.get(str(message.get("cause")))
+        assert isinstance(reason, CloseReason) and (cause is None or isinstance(cause, HangupCause))
+        leg.end(reason, "as its instance says", cause)
         self.close()
 
     def _refuse(self, why: str, reason: str, *, tell: bool = False) -> None:

@@ -219,10 +219,15 @@ class RemoteLeg:
         self._waiting.append(waiter)
         return waiter
 
-    def end(self, reason: CloseReason, detail: str) -> None:
-        """The real leg is gone (its instance said how), or the link is: once."""
+    def end(self, reason: CloseReason, detail: str, cause: HangupCause | None = None) -> None:
+        """
+        The real leg is gone (its instance said how, and why it hung the leg
+        up: C{cause}, kept unless this side hung it up), or the link is: once.
+        """
         if self.state is CLOSED:
             return
+        if self.hangup_cause is None:
+            self.hangup_cause = cause
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
