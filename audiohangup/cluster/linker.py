@@ -23,9 +23,9 @@ import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -197,6 +197,18 @@ class _Route:
         self.forwardBytes = side.write
 
 
+class _OneLink(Factory):
+    """Connects one link, quietly (C{connectProtocol}'s factory logs every stop)."""
+
+    noisy = False
+
+    def __init__(self, side: NewcomerSide) -> None:
+        self.side = side
+
+    def buildProtocol(self, addr: object) -> NewcomerSide:
+        return self.side
+
+
 class NewcomerSide(Protocol):
     """One link, on the side of the instance that holds the leg's connection."""
 
@@ -223,7 +235,7 @@ class NewcomerSide(Protocol):
         reactor = self.linker.reactor
         self._timer = reactor.callLater(LINK_TIMEOUT, self.fail, f"not accepted within {LINK_TIMEOUT:g} s")
         host, port = split_address(self.address)
-        connecting = connectProtocol(HostnameEndpoint(reactor, host, port, timeout=LINK_TIMEOUT), self)
+        connecting = HostnameEndpoint(reactor, host, port, timeout=LINK_TIMEOUT).connect(_OneLink(self))
         connecting.addErrback(lambda failure: self.fail(f"cannot connect: {failure.getErrorMessage()}"))
 
     def write(self, data: bytes) -> None:
