@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import uuid
+from pathlib import Path
 
 import pytest_twisted
 from prometheus_client import CollectorRegistry
@@ -41,6 +43,7 @@ from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk
 from tests.redis_server import RedisServer, free_port
 from tests.test_cluster import HEARTBEAT, TOKEN, Instance, instance, leg_on, request, wait_listed
+from tests.test_recording import numbered, read_wav, ticks
 from tests.twistd_child import Spawn, settle, start_server
 
 FRAMES = 25
@@ -497,3 +500,24 @@ class LinkerTests(SynchronousTestCase):
         self.clock.advance(directory.heartbeat)
         self.assertEqual(self.leg.hangups, [HangupCause.LINK])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_home_records_the_split_call(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
+    """--record-every-call on the home: one WAV, the visitor (on A) in one channel, the resident in the other."""
+    record = tmp_path / "recordings"
+    a = await instance(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b", "--record-every-call", "--recordings-dir", str(record))
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    for _ in range(25):
+        visitor.send(encode_frame(Kind.SLIN, numbered(1111)))
+        resident.send(encode_frame(Kind.SLIN, numbered(2222)))
+        await deferLater(reactor, 0.02)
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    await until(lambda: list(record.glob("*/*.wav")), 5, "the recording")
+    [path] = list(record.glob("*/*.wav"))
+    await until(lambda: struct.unpack_from("<I", path.read_bytes(), 40)[0] > 0, 5, "the recording's header")
+    _, left, right = read_wav(path)
+    assert 1111 in ticks(left) and 2222 not in ticks(left), ticks(left)
+    assert 2222 in ticks(right) and 1111 not in ticks(right), ticks(right)
