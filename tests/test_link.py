@@ -521,3 +521,25 @@ async def test_the_home_records_the_split_call(spawn: Spawn, redis_server: Redis
     _, left, right = read_wav(path)
     assert 1111 in ticks(left) and 2222 not in ticks(left), ticks(left)
     assert 2222 in ticks(right) and 1111 not in ticks(right), ticks(right)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_hangup_on_the_newcomers_instance(spawn: Spawn, redis_server: RedisServer) -> None:
+    """
+    The whole call hung up through A, which holds its visitor: the session
+    lives on B, so B answers and hangs up both legs (cause api), the visitor
+    through the link.
+    """
+    a = await instance(spawn, redis_server, "a")
+    b = await instance(spawn, redis_server, "b")
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    status, body, response = await request("POST", f"{a.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    assert [(leg["role"], leg["result"]) for leg in body["legs"]] == [
+        ("visitor", "hangup_sent"), ("resident", "hangup_sent")
+    ], body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, 5, "A's hangup line")
+    await until(lambda: f"{call_id} resident hangup sent (cause api)" in b.child.log, 5, "B's hangup line")

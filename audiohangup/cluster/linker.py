@@ -288,7 +288,7 @@ class NewcomerSide(Protocol):
             if session is None or not self.leg.live:
                 self.legGone()
                 return
-            session.handOver(LinkFlow(self))
+            session.handOver(LinkFlow(self), self.owner)
             # The leg's fast path: its whole frames of its own audio go on as they came, unparsed.
             self.leg.bridgeTo(cast(ILeg, _Route(self)))
             self.log.info(
