@@ -36,10 +36,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,12 +54,15 @@ from twisted.python.failure import Failure
 from audiohangup.audio import AudioFormat
 from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, accepted, control, read_control, signed
 from audiohangup.cluster.remoteleg import RemoteLeg
-from audiohangup.listeners import Listener
+from audiohangup.listeners import Listener, SourceGate
 from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.wire import FrameDecoder
+
+if TYPE_CHECKING:
+    from audiohangup.cluster.directory import Directory
 
 #: Seconds a link has, from its connection, to be accepted.
 HANDSHAKE_TIMEOUT = 3.0
@@ -63,17 +73,24 @@ def link_address(port: IListeningPort, advertised_host: str | None) -> str:
     C{host:port} other instances reach a link listener at: its own address,
     or, when it listens on every address, the host of C{--advertise-url}.
     """
-    host = getattr(port.getHost(), "host", "")
+    address = port.getHost()
+    host, number = str(getattr(address, "host", "")), int(getattr(address, "port", 0))
     if host in ("", "0.0.0.0", "::") and advertised_host:
         host = advertised_host
-    return f"[{host}]:{port.getHost().port}" if ":" in host else f"{host}:{port.getHost().port}"  # type: ignore[attr-defined]
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
 
 
 class LinkListener(Listener):
     """The link's listener: once it listens, the directory's presence says where (C{link})."""
 
-    def __init__(self, factory: LinkServer, endpoint: Any, directory: Any, advertised_host: str | None,
-                 gate: Any = None) -> None:
+    def __init__(
+        self,
+        factory: LinkServer,
+        endpoint: IStreamServerEndpoint,
+        directory: Directory,
+        advertised_host: str | None,
+        gate: SourceGate | None = None,
+    ) -> None:
         super().__init__("link", endpoint, factory, gate)
         self.directory = directory
         self.advertised_host = advertised_host
