@@ -353,6 +353,15 @@ class HomeSideTests(SynchronousTestCase):
         self.assertEqual(leg.close_reason, CloseReason.LINK_LOST)
         self.assertEqual(len(self.registry), 0)
 
+    def test_a_newcomer_that_stops_reading_is_cut(self) -> None:
+        """The transport's buffer is full (the other instance stopped reading): the link is cut, the leg link_lost."""
+        leg = self.join()
+        self.assertIs(self.transport.producer, self.side)
+        self.side.pauseProducing()
+        self.assertTrue(self.transport.disconnecting)
+        self.side.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(leg.close_reason, CloseReason.LINK_LOST)
+
     def test_a_hangup_without_an_answer_is_bounded(self) -> None:
         """The other instance never says the leg ended: after its close timeout and a second, the link is cut."""
         leg = self.join()
@@ -434,6 +443,12 @@ class NewcomerSideTests(SynchronousTestCase):
         self.handshake()
         self.side.connectionLost(Failure(ConnectionLost()))
         self.side.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.leg.hangups, [HangupCause.LINK])
+
+    def test_a_home_that_stops_reading_fails_the_link(self) -> None:
+        self.handshake()
+        self.assertIs(self.transport.producer, self.side)
+        self.side.pauseProducing()
         self.assertEqual(self.leg.hangups, [HangupCause.LINK])
 
     def test_the_legs_end_is_told(self) -> None:

@@ -41,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IDelayedCall,
     IListeningPort,
+    IPushProducer,
     IReactorTime,
     IStreamServerEndpoint,
     ITCPTransport,
@@ -50,6 +52,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from audiohangup.audio import AudioFormat
 from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, accepted, control, read_control, signed
@@ -142,6 +145,7 @@ class LinkServer(Factory):
         return "link"
 
 
+@implementer(IPushProducer)
 class HomeSide(Protocol):
     """One link, on the home's side: a challenge, a hello checked, then a remote leg's frames."""
 
@@ -161,6 +165,8 @@ class HomeSide(Protocol):
         self.peer = describe_address(self.transport.getPeer())
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
+        # Bounded: past the transport's buffer (64 KiB, seconds of audio) the link is cut (pauseProducing).
+        IConsumer(self.transport).registerProducer(self, True)
         self.transport.write(control({"type": "challenge", "instance_id": self.server.instance_id, "nonce": self.nonce}))
         self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._refuse, "no hello in time", "timeout")
 
@@ -259,6 +265,22 @@ class HomeSide(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def pauseProducing(self) -> None:
+        """The other instance stopped reading: what this side sends it must not grow without bound."""
+        if self.closed:
+            return
+        self.log.warn(
+            "{call_id} link from {peer} cut: the other instance stopped reading what this one sends",
+            call_id="-" if self.leg is None else self.leg.call_id, peer=self.peer,
+        )
+        self.abort()
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True

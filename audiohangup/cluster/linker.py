@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -209,6 +209,7 @@ class _OneLink(Factory):
         return self.side
 
 
+@implementer(IPushProducer)
 class NewcomerSide(Protocol):
     """One link, on the side of the instance that holds the leg's connection."""
 
@@ -248,6 +249,7 @@ class NewcomerSide(Protocol):
             return
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
+        IConsumer(self.transport).registerProducer(self, True)  # bounded: see pauseProducing
 
     def dataReceived(self, data: bytes) -> None:
         leg = self.leg
@@ -336,6 +338,16 @@ class NewcomerSide(Protocol):
                 "type": "ended", "reason": leg.close_reason.value, "cause": None if cause is None else cause.value,
             }))
         self.transport.loseConnection()
+
+    def pauseProducing(self) -> None:
+        """The home stopped reading: past the transport's buffer (64 KiB) the link is given up."""
+        self.fail("the other instance stopped reading what this one sends")
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.fail(f"the link closed ({reason.getErrorMessage()})")
