@@ -51,7 +51,7 @@ from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
-from audiohangup.sources import IPNetwork, SourceACL
+from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -401,6 +401,17 @@ def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descripto
             f"AudioSocket listeners for {', '.join(map(str, open_to))} accept every source beyond loopback: "
             "anyone who can reach them and knows a call id can join that call; set --allow to the "
             "addresses of your Asterisk servers"
+        )
+    advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
+    if (
+        config.redis and config.api_token and config.link != "none" and advertised and not is_loopback(advertised)
+        and not listens_beyond_loopback(reactor, config.link)
+    ):
+        warnings.append(
+            f"--link {config.link} listens on loopback only, while the other instances reach this one at "
+            f"{advertised}: an instance on another host cannot join a call here, and its leg of such a call is "
+            "hung up (cause link). Give --link an address they reach (e.g. tcp:9094:interface=<this host's "
+            "address>), with --allow"
         )
     if descriptors is not None:
         warnings.append(descriptors)

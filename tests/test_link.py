@@ -37,6 +37,7 @@ from audiohangup.interfaces import IRemoteLeg
 from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
+from audiohangup.service import Config, build_service
 from audiohangup.session import Session
 from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
 from tests.conftest import until
@@ -558,3 +559,22 @@ async def test_a_call_hangup_on_the_newcomers_instance(spawn: Spawn, redis_serve
     await settle(resident.closed, "the resident on B to close")
     await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, 5, "A's hangup line")
     await until(lambda: f"{call_id} resident hangup sent (cause api)" in b.child.log, 5, "B's hangup line")
+
+
+class LinkWarningTests(SynchronousTestCase):
+    """A link on loopback while the other instances reach this one elsewhere is said at start-up."""
+
+    def warnings(self, advertise_url: str, link: str = Config.link) -> list[str]:
+        config = Config(
+            redis="redis://127.0.0.1:1/0", api_token=TOKEN, advertise_url=advertise_url, link=link, records="none",
+        )
+        return [w for w in build_service(config, reactor).warnings if "--link" in w]
+
+    def test_loopback_link_for_another_host(self) -> None:
+        [warning] = self.warnings("http://10.0.0.11:8080")
+        self.assertIn("hung up (cause link)", warning)
+
+    def test_no_warning_when_it_fits(self) -> None:
+        self.assertEqual(self.warnings("http://127.0.0.1:8080"), [])
+        self.assertEqual(self.warnings("http://10.0.0.11:8080", "tcp:0:interface=0.0.0.0"), [])
+        self.assertEqual(self.warnings("http://10.0.0.11:8080", "none"), [])
