@@ -145,6 +145,17 @@ class IServerLeg(ILeg):
         """
 
 
+class IRemoteLeg(IServerLeg):
+    """
+    A leg whose connection is held by another instance of the cluster,
+    joined to its session here through the media link
+    (L{audiohangup.cluster.link}). The directory leaves it out: it lists
+    where a connection is, and this one is on C{instance_id}.
+    """
+
+    instance_id: str = Attribute("The instance that holds the leg's connection.")
+
+
 class IPacedLeg(IServerLeg):
     """
     A leg as the shared pacer sees it. The pacer decides the common case (a

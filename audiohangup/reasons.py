@@ -66,6 +66,8 @@ class HangupCause(StrEnum):
     SESSION = "session"
     IDLE_TIMEOUT = "idle_timeout"
     MAX_DURATION = "max_duration"
+    #: The media link to the instance holding the call's session could not be made, or broke.
+    LINK = "link"
 
 
 class CloseReason(StrEnum):
@@ -110,6 +112,10 @@ class CloseReason(StrEnum):
     )
     SLOW_CONSUMER = (
         "slow_consumer", LogLevel.warn, "aborted: the peer stopped reading what we sent"
+    )
+    #: A remote leg (L{audiohangup.cluster.remoteleg}) whose link broke before its instance said how it ended.
+    LINK_LOST = (
+        "link_lost", LogLevel.warn, "the media link to the instance holding the connection broke"
     )
     INTERNAL_ERROR = (
         "internal_error",

@@ -25,7 +25,7 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from audiohangup.audio import FORMATS, LegSettings
+from audiohangup.audio import FORMATS, AudioFormat, LegSettings
 from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
@@ -51,7 +51,7 @@ from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
-from audiohangup.sources import IPNetwork, SourceACL
+from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -104,6 +104,8 @@ class Config:
     instance_id: str = ""
     advertise_url: str | None = None
     heartbeat: float = 2.0
+    #: --link: where this instance's media link listens for the other instances (with --redis; "none": off).
+    link: str = "tcp:0:interface=127.0.0.1"
     streams: StreamConfig = field(default_factory=StreamConfig)
     #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False
@@ -157,7 +159,7 @@ class AudioHangupService(InOrder):
     #: The parts stop one step after another, each step waiting for the one
     #: before (a MultiService would stop them all at once).
     STOP_ORDER = (
-        ("audiosocket-visitor", "audiosocket-resident", "http", "tokens-file"),  # no new connection
+        ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
         ("drain",),  # every leg hung up and gone (bounded)
         ("gc-pauses",),  # the process-wide hook goes
         ("streams",),  # their apps get stop and a close, bounded
@@ -334,6 +336,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     doors: list[IService] = []
+    if cluster is not None and config.api_token and config.link != "none":
+        doors.append(link_listener(config, cluster, registry, reactor, formats, metrics))
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
@@ -370,6 +374,29 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     )
 
 
+def link_listener(
+    config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, formats: dict[Role, AudioFormat],
+    metrics: CollectorRegistry,
+) -> IService:
+    """
+    The media link: its listener, which the directory's presence names, and
+    the linker that joins a leg here to its session on another instance.
+    """
+    from audiohangup.cluster.link import LinkListener, LinkServer
+    from audiohangup.cluster.linker import Linker
+
+    assert config.api_token is not None
+    directory = cluster.directory
+    server = LinkServer(
+        registry, directory.instance_id, config.api_token, formats, reactor,
+        close_timeout=config.close_timeout, metrics=metrics,
+    )
+    registry.events.add(Linker(directory, registry, reactor, config.api_token))
+    gate = None if config.allow is None else SourceGate("link", SourceACL(config.allow), reactor, metrics)
+    advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
+    return LinkListener(server, server_endpoint(reactor, config.link), directory, advertised, gate)
+
+
 def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descriptors: str | None) -> list[str]:
     """What this configuration leaves open, or had to change, for the log at start-up."""
     warnings = []
@@ -379,6 +406,17 @@ def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descripto
             f"AudioSocket listeners for {', '.join(map(str, open_to))} accept every source beyond loopback: "
             "anyone who can reach them and knows a call id can join that call; set --allow to the "
             "addresses of your Asterisk servers"
+        )
+    advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
+    if (
+        config.redis and config.api_token and config.link != "none" and advertised and not is_loopback(advertised)
+        and not listens_beyond_loopback(reactor, config.link)
+    ):
+        warnings.append(
+            f"--link {config.link} listens on loopback only, while the other instances reach this one at "
+            f"{advertised}: an instance on another host cannot join a call here, and its leg of such a call is "
+            "hung up (cause link). Give --link an address they reach (e.g. tcp:9094:interface=<this host's "
+            "address>), with --allow"
         )
     if descriptors is not None:
         warnings.append(descriptors)

@@ -31,6 +31,8 @@ class Session:
         self.flow = flow
         self.end_with_leg = end_with_leg
         self.legs: dict[Role, IServerLeg] = {}
+        #: The instance the session lives on, when it is not this one (see L{handOver}).
+        self.home: str | None = None
         # Bound once: audio is 50 frames a second per leg, the one hot event.
         self._audioHook = flow.audioReceived
 
@@ -53,6 +55,15 @@ class Session:
     def hangup(self, cause: HangupCause) -> Deferred[list[CloseReason]]:
         """Hang up every leg; fires with their close reasons once all are gone."""
         return gatherResults([leg.hangup(cause) for leg in self.ordered()])
+
+    def handOver(self, flow: IFlow, home: str) -> None:
+        """
+        The session's home is instance C{home} (the media link joined its
+        legs there): from now on C{flow}, the link, takes their events.
+        """
+        self.flow = flow
+        self._audioHook = flow.audioReceived
+        self.home = home
 
     # Leg events, from the protocol and the registry
 

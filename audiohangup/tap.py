@@ -196,6 +196,11 @@ class Options(usage.Options):
             _seconds("--heartbeat"),
         ],
         [
+            "link", None, Config.link,
+            "Endpoint of the media link other instances join this one's calls through (with --redis; "
+            "'none': off). Its address goes into the directory; only instances (the --api-token HMAC) are let in.",
+        ],
+        [
             "call-records", None, Config.records,
             "SQLite file of call records (one row per leg), or 'none' to keep none.",
         ],
@@ -637,6 +642,7 @@ class Options(usage.Options):
             instance_id=self["instance-id"] or "",
             advertise_url=self["advertise-url"],
             heartbeat=self["heartbeat"],
+            link=self["link"],
             max_legs=self["max-legs"],
             max_pending_per_source=self["max-pending-per-source"],
             max_unsent_ms=self["max-unsent-ms"],

@@ -15,7 +15,8 @@ Keys
 ----
 C{{prefix}:instance:{instance_id}}
     Presence: C{instance_id}, C{url} (its advertise URL), C{started_at} (ISO
-    8601, when this run of the instance started) and C{heartbeat} (seconds).
+    8601, when this run of the instance started), C{heartbeat} (seconds) and
+    C{link} (C{host:port} of its media link listener, empty without one).
 C{{prefix}:leg:{call_id}:{role}}
     One leg: C{call_id}, C{role}, C{instance_id}, C{url}, C{started_at} (ISO
     8601, when the leg's connection was made) and C{started} (the same instant
@@ -82,7 +83,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
-from audiohangup.interfaces import ILegObserver
+from audiohangup.interfaces import ILegObserver, IRemoteLeg
 from audiohangup.lifecycle import Once, Part
 from audiohangup.logs import iso_time
 from audiohangup.reasons import Role
@@ -116,13 +117,14 @@ _INSTANCE_FIELDS = ("instance_id", "url", "started_at")
 #: KEYS: [presence key,] leg keys. ARGV: TTL in ms, instance id, advertise URL,
 #: mode ("claim": write whatever the entry holds; "refresh": only if it is absent
 #: or ours), presence started_at ("" for no presence, then KEYS are all legs),
-#: heartbeat seconds, then 4 per leg: call id, role, started_at, started.
+#: heartbeat seconds, link address, then 4 per leg: call id, role, started_at, started.
 _PUT = """
 local ttl, id, url, claim = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == 'claim'
 local first = 1
 if ARGV[5] ~= '' then
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'instance_id', id, 'url', url, 'started_at', ARGV[5], 'heartbeat', ARGV[6])
+  redis.call('HSET', KEYS[1], 'instance_id', id, 'url', url, 'started_at', ARGV[5], 'heartbeat', ARGV[6],
+             'link', ARGV[7])
   redis.call('PEXPIRE', KEYS[1], ttl)
   first = 2
 end
@@ -135,7 +137,7 @@ for i = first, #KEYS do
     write = (not owner) or type(owner) == 'table' or owner == id
   end
   if write then
-    local a = 7 + (i - first) * 4
+    local a = 8 + (i - first) * 4
     redis.call('DEL', key)
     redis.call('HSET', key, 'call_id', ARGV[a], 'role', ARGV[a + 1], 'instance_id', id, 'url', url,
                'started_at', ARGV[a + 2], 'started', ARGV[a + 3])
@@ -319,6 +321,8 @@ class Directory(Part):
         self.timeout = timeout
         self.ttl = TTL_HEARTBEATS * heartbeat
         self.started_at = ""
+        #: Where other instances reach this one's media link (C{host:port}), once it listens; "" without one.
+        self.link = ""
         self._state = _State.NEW
         self._redis = RedisConnection(
             self.address, reactor, self, timeout=timeout, retry_most=min(heartbeat, RETRY_MOST)
@@ -493,7 +497,8 @@ class Directory(Part):
         return self._redis.current if self._state is _State.RUNNING else None
 
     def _live(self) -> list[IServerLeg]:
-        return [leg for leg in self.registry if leg.call_id is not None]
+        """The legs whose connections this instance holds (a remote leg's is on another instance)."""
+        return [leg for leg in self.registry if leg.call_id is not None and not IRemoteLeg.providedBy(leg)]
 
     def _legArgs(self, legs: Iterable[IServerLeg]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
@@ -511,9 +516,9 @@ class Directory(Part):
         head = [str(int(self.ttl * 1000)), self.instance_id, self.advertise_url, "claim" if claim else "refresh"]
         if presence:
             keys.insert(0, self._instance_key(self.instance_id))
-            head += [self.started_at, f"{self.heartbeat:g}"]
+            head += [self.started_at, f"{self.heartbeat:g}", self.link]
         else:
-            head += ["", ""]
+            head += ["", "", ""]
         return _send(conn, "eval", _PUT, keys, head + args)
 
     async def _sync(self, conn: RedisProtocol) -> None:
@@ -589,8 +594,8 @@ class Directory(Part):
     def legStarted(self, leg: IServerLeg) -> None:
         try:
             conn = self._writable()
-            if conn is None or leg.call_id is None:
-                return  # the heartbeat after the reconnection registers it
+            if conn is None or leg.call_id is None or IRemoteLeg.providedBy(leg):
+                return  # the heartbeat after the reconnection registers it; a remote leg is its instance's
             self._put(conn, [leg], claim=True, presence=False).addErrback(
                 self._writeFailed, "register a leg", call_id=leg.call_id, role=leg.role
             )
@@ -600,7 +605,7 @@ class Directory(Part):
     def legEnded(self, leg: IServerLeg) -> None:
         try:
             conn = self._writable()
-            if conn is None or leg.call_id is None:
+            if conn is None or leg.call_id is None or IRemoteLeg.providedBy(leg):
                 return  # it expires, or the sync after the reconnection removes it
             current = self.registry.get(leg.call_id, leg.role)
             if current is not None and current is not leg:
@@ -655,6 +660,21 @@ class Directory(Part):
             return {role.value: found[role.value] for role in Role if role.value in found}
 
         return await self._ask("to look up a call", query)
+
+    async def link_of(self, instance_id: str) -> str | None:
+        """
+        Where C{instance_id}'s media link listens (C{host:port}); "" if the
+        instance is live without a link; None if it is gone (its presence expired).
+        """
+
+        async def query(conn: RedisProtocol) -> str | None:
+            rows = await _fetch(conn, [self._instance_key(instance_id)], ("instance_id", "link"))
+            for _, found, link in rows:
+                if found == instance_id:
+                    return str(link or "")
+            return None
+
+        return await self._ask("to look up an instance", query)
 
     async def legs(self) -> list[LegEntry]:
         """Every leg of the cluster, by call id then role; L{DirectoryUnavailable} without Redis."""

@@ -28,6 +28,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from audiohangup.audio import AudioFormat, LegSettings
+from audiohangup.cluster.directory import DirectoryUnavailable, LegEntry
 from audiohangup.cluster.forward import (
     ANSWERED_BY,
     FORWARDED_BY,
@@ -295,11 +296,31 @@ class ControlAPI:
                 raise ApiError(404, "no_live_leg", f"call {call_id} has no live {role} leg")
         return legs
 
+    async def _home(self, request: IRequest, call_id: str) -> LegEntry | None:
+        """
+        The directory's entry of a leg on the instance where this call's
+        session lives, when that is not this one; None if it is, or if that
+        cannot be told now (then the legs are hung up where each is).
+        """
+        session = self.registry.session(call_id)
+        if session is None or session.home is None:
+            return None
+        try:
+            elsewhere = await self.forwarder.elsewhere(request, call_id)
+        except DirectoryUnavailable:
+            return None
+        return next((entry for entry in elsewhere.values() if entry.instance_id == session.home), None)
+
     async def _hangup(self, request: IRequest, call_id: str, role: Role | None) -> bytes:
         wait = flag(request, "wait")
         after_playout = flag(request, "after_playout")
         cause = forwarded_cause(request)
         held = self.registry.call(call_id)
+        home = await self._home(request, call_id) if role is None else None
+        if home is not None:
+            # The session lives there (a leg here joined it over the media
+            # link): it hangs up every leg, this one's through the link.
+            return await self.forwarder.passOn(request, home)
         mine = held if role is None else [leg for leg in held if leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
         if role is not None and remote:
