@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api,tests.test_records,tests.test_webhooks -*-
+# -*- test-case-name: tests.test_api,tests.test_records,tests.test_webhooks,tests.test_link -*-
 """
 Leg lifecycle events, for whoever records or reports them (metrics, call
 records, webhooks). Observers are told synchronously on the reactor and must
@@ -48,36 +48,105 @@ def ended_leg(leg: IServerLeg) -> dict[str, Any]:
     }
 
 
+def _stays(leg: IServerLeg) -> bool:
+    return False
+
+
 @implementer(ILegObserver)
 class LegEvents:
-    """Fans each event out to every observer, each guarded on its own."""
+    """
+    Fans each event out to every observer, each guarded on its own.
+
+    Observers added with C{counts} count legs (metrics, records, webhooks),
+    and a cluster counts each leg once: on its session's home. A leg that
+    this instance hands over through the media link to its session on
+    another instance (L{handOver}) is that instance's to count, so counting
+    observers are told nothing of it here, but for the link's own failure
+    (a hangup with cause C{link}, which only this side knows). As a leg
+    starts, C{mayLeave} (the linker's) says whether it may be handed over;
+    until the linker has decided (L{release} or L{handOver}), its events for
+    counting observers wait, in order.
+    """
 
     log = Logger()
 
     def __init__(self) -> None:
-        self.observers: list[ILegObserver] = []
+        self._observers: list[tuple[ILegObserver, bool]] = []
+        #: Asked as each leg starts: may it yet be handed over to another instance?
+        self.mayLeave: Callable[[IServerLeg], bool] = _stays
+        #: The counting observers' events of each leg not decided yet.
+        self._held: dict[IServerLeg, list[tuple[ILegObserver, str, Callable[[ILegObserver], object]]]] = {}
+        #: Legs handed over, and their calls: counted on their session's home.
+        self._away: set[IServerLeg] = set()
+        self._away_calls: set[str] = set()
 
-    def add(self, observer: ILegObserver) -> None:
-        self.observers.append(observer)
+    @property
+    def observers(self) -> list[ILegObserver]:
+        return [observer for observer, _ in self._observers]
 
-    def _tell(self, event: str, call: Callable[[ILegObserver], object]) -> None:
+    def add(self, observer: ILegObserver, *, counts: bool = False) -> None:
+        self._observers.append((observer, counts))
+
+    def _call(self, observer: ILegObserver, event: str, call: Callable[[ILegObserver], object]) -> None:
+        try:
+            call(observer)
+        except Exception:
+            self.log.failure("{observer} failed on {event}", observer=type(observer).__name__, event=event)
+
+    def _tell(
+        self, event: str, call: Callable[[ILegObserver], object], leg: IServerLeg | None = None,
+        *, away_too: bool = False,
+    ) -> None:
         """C{call} on every observer (a typed call, which mypy checks); C{event} names it in the log."""
-        for observer in self.observers:
-            try:
-                call(observer)
-            except Exception:
-                self.log.failure("{observer} failed on {event}", observer=type(observer).__name__, event=event)
+        held = None if leg is None else self._held.get(leg)
+        away = leg is not None and not away_too and leg in self._away
+        for observer, counts in self._observers:
+            if counts and held is not None:
+                held.append((observer, event, call))
+            elif not (counts and away):
+                self._call(observer, event, call)
+
+    def release(self, leg: IServerLeg) -> None:
+        """The leg stays this instance's to count: what waited is told now. Idempotent."""
+        for observer, event, call in self._held.pop(leg, ()):
+            self._call(observer, event, call)
+
+    def handOver(self, leg: IServerLeg) -> bool:
+        """
+        The leg's session lives on another instance, which counts it: what
+        waited is dropped, and counting observers hear no more of it (nor of
+        its call). False if it was decided already (counted here: a leg
+        that looked alone at first, then found its call's first leg).
+        """
+        if self._held.pop(leg, None) is None:
+            return False
+        self._away.add(leg)
+        if leg.call_id is not None:
+            self._away_calls.add(leg.call_id)
+        return True
 
     def legStarted(self, leg: IServerLeg) -> None:
-        self._tell("legStarted", lambda observer: observer.legStarted(leg))
+        if self.mayLeave(leg):
+            self._held[leg] = []
+        self._tell("legStarted", lambda observer: observer.legStarted(leg), leg)
 
     def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        self._tell("hangupSent", lambda observer: observer.hangupSent(leg, cause))
+        self._tell(
+            "hangupSent", lambda observer: observer.hangupSent(leg, cause), leg, away_too=cause is HangupCause.LINK
+        )
 
     def legEnded(self, leg: IServerLeg) -> None:
-        self._tell("legEnded", lambda observer: observer.legEnded(leg))
+        self._tell("legEnded", lambda observer: observer.legEnded(leg), leg)
+        self._away.discard(leg)
+        self.release(leg)  # ended before it was handed over: it was this instance's
 
     def callEnded(self, call_id: str) -> None:
+        if call_id in self._away_calls:
+            self._away_calls.discard(call_id)
+            for observer, counts in self._observers:
+                if not counts:
+                    self._call(observer, "callEnded", lambda observer: observer.callEnded(call_id))
+            return
         self._tell("callEnded", lambda observer: observer.callEnded(call_id))
 
     def connectionEnded(self, connection: IServerLeg) -> None:

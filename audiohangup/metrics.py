@@ -96,6 +96,8 @@ class LegMetrics:
         for role in Role:
             self.legs_started.labels(role=role.value)
         metrics.register(_LegCollector(self))
+        # What a leg carried is this instance's traffic, even when the leg is its session home's to count.
+        registry.events.add(_EndedTraffic(self))
 
     def legStarted(self, leg: IServerLeg) -> None:
         self.legs_started.labels(role=leg.role.value).inc()
@@ -109,7 +111,6 @@ class LegMetrics:
         self.legs_ended.labels(reason=leg.close_reason.value, cause=cause).inc()
         if leg.hangup_to_close_ms is not None:
             self.hangup_to_close.observe(leg.hangup_to_close_ms / 1000)
-        self._addEnded(leg)
 
     def _addEnded(self, connection: IServerLeg) -> None:
         for name, value in _leg_counters(connection).items():
@@ -122,6 +123,33 @@ class LegMetrics:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
         self._addEnded(connection)
+
+
+@implementer(ILegObserver)
+class _EndedTraffic:
+    """
+    Adds each ended leg's frames and bytes to the totals. Not a counting
+    observer (L{LegEvents.add}): a leg handed over through the media link is
+    counted on its session's home, but its frames crossed this instance.
+    """
+
+    def __init__(self, legs: LegMetrics) -> None:
+        self.legs = legs
+
+    def legStarted(self, leg: IServerLeg) -> None:
+        pass
+
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
+        pass
+
+    def legEnded(self, leg: IServerLeg) -> None:
+        self.legs._addEnded(leg)
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    def connectionEnded(self, connection: IServerLeg) -> None:
+        pass
 
 
 class GarbageCollectorPauses(Service):

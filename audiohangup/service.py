@@ -33,7 +33,7 @@ from audiohangup.http.access import Scope, TokenFileError, Tokens
 from audiohangup.http.api import ControlAPI
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.site import ApiSite
-from audiohangup.interfaces import IReactor
+from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.lifecycle import InOrder, within
 from audiohangup.listeners import (
     ConnectionCap,
@@ -315,10 +315,15 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         CallRecords.counters(metrics)  # /metrics shows every series whatever is off, as it always did
     if webhooks is None:
         Webhooks.counter(metrics)
-    # Observers in this order: a leg's streams end (and say how) before its record is written.
-    for observer in (LegMetrics(metrics, registry), recent, streams, recorder, records, webhooks):
+    # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
+    # count legs count one handed over through the media link on its session's home only (see LegEvents).
+    observers: tuple[tuple[ILegObserver | None, bool], ...] = (
+        (LegMetrics(metrics, registry), True), (recent, False), (streams, False), (recorder, False),
+        (records, True), (webhooks, True),
+    )
+    for observer, counts in observers:
         if observer is not None:
-            registry.events.add(observer)
+            registry.events.add(observer, counts=counts)
     cluster = None
     if config.redis:
         from audiohangup.cluster.directory import Directory

@@ -578,3 +578,142 @@ class LinkWarningTests(SynchronousTestCase):
         self.assertEqual(self.warnings("http://127.0.0.1:8080"), [])
         self.assertEqual(self.warnings("http://10.0.0.11:8080", "tcp:0:interface=0.0.0.0"), [])
         self.assertEqual(self.warnings("http://10.0.0.11:8080", "none"), [])
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of C{name} in a /metrics page whose labels include C{labels}."""
+    total = 0.0
+    for line in text.splitlines():
+        found = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if found and all(f'{key}="{value}"' in (found.group(1) or "") for key, value in labels.items()):
+            total += float(found.group(2))
+    return total
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_home_counts_the_remote_leg_once(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
+    """
+    The call's legs, its records and its metrics are the home's (B), the
+    visitor's there with the close reason of its real connection on A; A,
+    which handed the visitor over, neither records nor counts it.
+    """
+    a = await instance_with(spawn, redis_server, "a", "--call-records", str(tmp_path / "a.db"))
+    b = await instance_with(spawn, redis_server, "b", "--call-records", str(tmp_path / "b.db"))
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    await until(lambda: f"{call_id} visitor leg ended: " in a.child.log, 5, "A's end line")  # A still logs it
+    real = re.search(rf"{call_id} visitor leg ended: (\w+)", a.child.log)
+    assert real is not None
+
+    async def records(at: Instance) -> list[dict[str, object]]:
+        status, body, _ = await request("GET", f"{at.url}/records?call_id={call_id}")
+        assert status == 200, body
+        return [record for record in body["records"] if record.get("ended_at") is not None]
+
+    found: list[dict[str, object]] = []
+
+    async def both_ended() -> bool:
+        found[:] = await records(b)
+        return len(found) == 2
+
+    for _ in range(50):
+        if await both_ended():
+            break
+        await deferLater(reactor, 0.1)
+    assert sorted(record["role"] for record in found) == ["resident", "visitor"], found
+    [remote] = [record for record in found if record["role"] == "visitor"]
+    assert (remote["reason"], remote["cause"]) == (real.group(1), "api"), remote
+    assert await records(a) == []
+
+    home, newcomer = await request_text(f"{b.url}/metrics"), await request_text(f"{a.url}/metrics")
+    assert metric_sum(home, "audiohangup_legs_started_total", role="visitor") == 1.0, home
+    assert metric_sum(home, "audiohangup_legs_started_total") == 2.0, home
+    assert metric_sum(home, "audiohangup_legs_ended_total") == 2.0, home
+    assert metric_sum(home, "audiohangup_legs_ended_total", reason=real.group(1), cause="api") >= 1.0, home
+    assert metric_sum(home, "audiohangup_hangups_sent_total", cause="api") == 2.0, home
+    assert metric_sum(newcomer, "audiohangup_legs_started_total") == 0.0, newcomer
+    assert metric_sum(newcomer, "audiohangup_legs_ended_total") == 0.0, newcomer
+    assert metric_sum(newcomer, "audiohangup_hangups_sent_total") == 0.0, newcomer
+    assert metric_sum(newcomer, "audiohangup_frames_received_total") > 0, newcomer  # its traffic stays its own
+
+
+class _Told:
+    """An observer that notes what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    def legStarted(self, leg: object) -> None:
+        self.told.append("started")
+
+    def hangupSent(self, leg: object, cause: HangupCause) -> None:
+        self.told.append(f"hangup {cause.value}")
+
+    def legEnded(self, leg: object) -> None:
+        self.told.append("ended")
+
+    def callEnded(self, call_id: str) -> None:
+        self.told.append("call ended")
+
+    def connectionEnded(self, connection: object) -> None:
+        self.told.append("connection ended")
+
+
+class CountedOnceTests(SynchronousTestCase):
+    """A leg handed over through the link is counted on its session's home, not by this instance's counters."""
+
+    def setUp(self) -> None:
+        self.registry = Registry()
+        self.events = self.registry.events
+        self.counter, self.other = _Told(), _Told()
+        self.events.add(self.counter, counts=True)  # type: ignore[arg-type]
+        self.events.add(self.other)  # type: ignore[arg-type]
+        self.linker = Linker(_Directory(), self.registry, Clock(), TOKEN)  # type: ignore[arg-type]
+        self.leg = _Leg(str(uuid.uuid4()))
+
+    def test_held_until_decided_then_told_in_order(self) -> None:
+        """Until the linker decides, the counters wait; a leg that stays is told to them as it happened."""
+        self.events.legStarted(self.leg)  # type: ignore[arg-type]
+        self.events.hangupSent(self.leg, HangupCause.LINK)  # type: ignore[arg-type]
+        self.assertEqual((self.counter.told, self.other.told), ([], ["started", "hangup link"]))
+        self.events.release(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.counter.told, ["started", "hangup link"])
+        self.assertFalse(self.events.handOver(self.leg))  # type: ignore[arg-type]  # decided already
+        self.events.legEnded(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.counter.told, ["started", "hangup link", "ended"])
+
+    def test_handed_over(self) -> None:
+        """Handed over: the counters hear nothing of the leg or its call, but for the link's own failure."""
+        self.events.legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertTrue(self.events.handOver(self.leg))  # type: ignore[arg-type]
+        self.events.hangupSent(self.leg, HangupCause.API)  # type: ignore[arg-type]
+        self.events.hangupSent(self.leg, HangupCause.LINK)  # type: ignore[arg-type]
+        self.events.legEnded(self.leg)  # type: ignore[arg-type]
+        self.events.callEnded(self.leg.call_id)
+        self.assertEqual(self.counter.told, ["hangup link"])
+        self.assertEqual(self.other.told, ["started", "hangup api", "hangup link", "ended", "call ended"])
+        self.events.callEnded(self.leg.call_id)  # the call id comes back, at home here: counted
+        self.assertEqual(self.counter.told, ["hangup link", "call ended"])
+
+    def test_ended_undecided_is_counted_here(self) -> None:
+        self.events.legStarted(self.leg)  # type: ignore[arg-type]
+        self.events.legEnded(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.counter.told, ["started", "ended"])
+
+    def test_remote_legs_and_legs_without_a_linker_are_not_held(self) -> None:
+        self.events.mayLeave = lambda leg: False
+        self.events.legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.counter.told, ["started"])
+
+    def test_the_linker_decides(self) -> None:
+        """The call's first leg is here (the directory knows no other): the leg is released to the counters."""
+        self.linker.directory = _Directory({})  # type: ignore[assignment]
+        self.registry._sessions[self.leg.call_id] = Session(self.leg.call_id, SilenceFlow())
+        self.leg.connected_at = 100.0  # type: ignore[attr-defined]
+        self.leg.ended_at = None  # type: ignore[attr-defined]
+        self.events.add(self.linker)
+        self.events.legStarted(self.leg)  # type: ignore[arg-type]
+        self.assertEqual(self.counter.told, ["started"])

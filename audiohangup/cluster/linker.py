@@ -66,20 +66,35 @@ class Linker:
         self.links: dict[IServerLeg, NewcomerSide] = {}
         #: The second look of a leg still alone (see L{_lookAgain}).
         self._again: dict[IServerLeg, IDelayedCall] = {}
+        # Until this linker has decided where a leg's session lives, the observers that count legs wait.
+        registry.events.mayLeave = self.mayLeave
 
     @property
     def instance_id(self) -> str:
         return self.directory.instance_id
 
+    def mayLeave(self, leg: IServerLeg) -> bool:
+        """Whether C{leg} may yet be handed over to its session's home: what the observers that count wait for."""
+        return not IRemoteLeg.providedBy(leg) and leg.call_id is not None
+
     def legStarted(self, leg: IServerLeg) -> None:
-        if IRemoteLeg.providedBy(leg) or leg.call_id is None:
-            return
-        self._look(leg, again=True)
+        if self.mayLeave(leg):
+            self._look(leg, again=True)
 
     def _look(self, leg: IServerLeg, *, again: bool) -> None:
         Deferred.fromCoroutine(self._consider(leg, again)).addErrback(
             lambda failure: self.log.failure("{call_id} linking failed", failure, call_id=leg.call_id)
-        )
+        ).addCallback(lambda _: self._stays(leg))
+
+    def _stays(self, leg: IServerLeg) -> None:
+        """
+        Unless a link is under way, the leg is this instance's to count. A
+        leg alone at its first look is, even if its second look links it
+        (two first legs that started at once on two instances): its start
+        was told here already, so both instances count it.
+        """
+        if leg not in self.links:
+            self.registry.events.release(leg)
 
     def _lookAgain(self, leg: IServerLeg) -> None:
         """
@@ -286,10 +301,14 @@ class NewcomerSide(Protocol):
                 return
             self._cancelTimer()
             self.accepted = True
+            events = self.linker.registry.events
             session = self.linker.registry.session(self.leg.call_id or "")
             if session is None or not self.leg.live:
+                events.release(self.leg)
                 self.legGone()
                 return
+            # The home counts the leg (metrics, records, webhooks) with its real end: this instance does not.
+            events.handOver(self.leg)
             session.handOver(LinkFlow(self), self.owner)
             # The leg's fast path: its whole frames of its own audio go on as they came, unparsed.
             self.leg.bridgeTo(cast(ILeg, _Route(self)))
@@ -321,6 +340,7 @@ class NewcomerSide(Protocol):
         )
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.linker.registry.events.release(self.leg)  # not linked: counted here; linked: the home counts it
         self.leg.hangup(HangupCause.LINK)
 
     def legGone(self) -> None:
