@@ -104,8 +104,9 @@ class Config:
     instance_id: str = ""
     advertise_url: str | None = None
     heartbeat: float = 2.0
-    #: --link: where this instance's media link listens for the other instances (with --redis; "none": off).
-    link: str = "tcp:0:interface=127.0.0.1"
+    #: --link: where this instance's media link listens for the other instances (with --redis; "none": off,
+    #: the default while a split call's streams and its cost are not yet those of a local one).
+    link: str = "none"
     streams: StreamConfig = field(default_factory=StreamConfig)
     #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False

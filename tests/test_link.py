@@ -43,12 +43,16 @@ from audiohangup.wire import Frame, FrameDecoder, Kind, encode_frame
 from tests.conftest import until
 from tests.fake_asterisk import FakeAsterisk
 from tests.redis_server import RedisServer, free_port
-from tests.test_cluster import HEARTBEAT, TOKEN, Instance, instance, leg_on, request, wait_listed
+from tests.test_cluster import HEARTBEAT, TOKEN, Instance, leg_on, request, wait_listed
 from tests.test_recording import numbered, read_wav, ticks
 from tests.twistd_child import Spawn, settle, start_server
 
 FRAMES = 25
 LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
+
+
+#: The media link on loopback: off by default (``--link none``), on in these tests.
+LOOPBACK_LINK = "tcp:0:interface=127.0.0.1"
 
 
 async def instance_with(spawn: Spawn, redis: RedisServer, name: str, *extra: str) -> Instance:
@@ -57,7 +61,7 @@ async def instance_with(spawn: Spawn, redis: RedisServer, name: str, *extra: str
     child, ports = await start_server(
         spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
         "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
-        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN, *extra,
+        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN, "--link", LOOPBACK_LINK, *extra,
     )
     return Instance(name, child, ports)
 
@@ -92,8 +96,8 @@ async def split_call(a: Instance, b: Instance, **options: object) -> tuple[uuid.
 @pytest_twisted.ensureDeferred
 async def test_split_call_is_bridged_byte_exact(spawn: Spawn, redis_server: RedisServer) -> None:
     """Visitor on A, resident on B: each hears the other's frames, byte for byte, in order."""
-    a = await instance(spawn, redis_server, "a")
-    b = await instance(spawn, redis_server, "b")
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     spoken, answered = frames_of(0x11), frames_of(0x22)
     for mine, theirs in zip(spoken, answered, strict=True):
@@ -124,8 +128,8 @@ async def test_split_call_is_bridged_byte_exact(spawn: Spawn, redis_server: Redi
 @pytest_twisted.ensureDeferred
 async def test_hangup_on_the_newcomers_instance(spawn: Spawn, redis_server: RedisServer) -> None:
     """A hangup of the visitor sent to A: the visitor gets cause api, and its session on B ends the resident (session)."""
-    a = await instance(spawn, redis_server, "a")
-    b = await instance(spawn, redis_server, "b")
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     status, body, _ = await request("POST", f"{a.url}/calls/{call_id}/hangup?role=visitor")
     assert (status, body["legs"][0]["result"]) == (200, "hangup_sent"), body
@@ -139,8 +143,8 @@ async def test_hangup_on_the_newcomers_instance(spawn: Spawn, redis_server: Redi
 @pytest_twisted.ensureDeferred
 async def test_killed_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: RedisServer) -> None:
     """SIGKILL B mid-call: the visitor on A is hung up (cause link) within a second, logged once with both ids."""
-    a = await instance(spawn, redis_server, "a")
-    b = await instance(spawn, redis_server, "b")
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, _ = await split_call(a, b, on_hangup="close")
     visitor.send(frames_of(0x33)[0])
     b.child.signal("KILL")
@@ -162,7 +166,7 @@ async def test_a_link_refused_or_missing_hangs_up_the_newcomer(spawn: Spawn, red
     slin), or has none (--link none): the visitor on A is hung up (cause
     link) at once, never left unbridged, and A says why once.
     """
-    a = await instance(spawn, redis_server, "a")
+    a = await instance_with(spawn, redis_server, "a")
     b = await instance_with(spawn, redis_server, "b", "--visitor-audio", "slin16")
     c = await instance_with(spawn, redis_server, "c", "--link", "none")
     for home, why in ((b, "refused: its leg carries slin, this instance's visitor legs slin16"), (c, "has no link")):
@@ -183,7 +187,7 @@ async def test_the_homes_flow_runs_the_remote_leg(spawn: Spawn, redis_server: Re
     The home runs --flow echo: the visitor on A hears its own frames back,
     queued on B by the flow and paced on A.
     """
-    a = await instance(spawn, redis_server, "a")
+    a = await instance_with(spawn, redis_server, "a")
     b = await instance_with(spawn, redis_server, "b", "--flow", "echo")
     _, visitor, _ = await split_call(a, b, on_hangup="close")
     spoken = frames_of(0x44)
@@ -197,8 +201,8 @@ async def test_the_homes_flow_runs_the_remote_leg(spawn: Spawn, redis_server: Re
 @pytest_twisted.ensureDeferred
 async def test_a_stopping_home_hangs_up_the_newcomer(spawn: Spawn, redis_server: RedisServer) -> None:
     """SIGTERM B: its drain hangs up its legs, the remote one too (cause shutdown, on A), bounded."""
-    a = await instance(spawn, redis_server, "a")
-    b = await instance(spawn, redis_server, "b")
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     b.child.signal("TERM")
     stopped = reactor.seconds()
@@ -235,7 +239,7 @@ class _Client(Protocol):
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_is_not_an_instance_is_refused(spawn: Spawn, redis_server: RedisServer) -> None:
     """A wrong HMAC: the client gets the challenge only, is closed, and counted; no leg joins."""
-    b = await instance(spawn, redis_server, "b")
+    b = await instance_with(spawn, redis_server, "b")
     client = _Client()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", link_port(b)), client)
     await settle(client.closed, "the link port to close the client")
@@ -522,7 +526,7 @@ class LinkerTests(SynchronousTestCase):
 async def test_the_home_records_the_split_call(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
     """--record-every-call on the home: one WAV, the visitor (on A) in one channel, the resident in the other."""
     record = tmp_path / "recordings"
-    a = await instance(spawn, redis_server, "a")
+    a = await instance_with(spawn, redis_server, "a")
     b = await instance_with(spawn, redis_server, "b", "--record-every-call", "--recordings-dir", str(record))
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     for _ in range(25):
@@ -546,8 +550,8 @@ async def test_a_call_hangup_on_the_newcomers_instance(spawn: Spawn, redis_serve
     lives on B, so B answers and hangs up both legs (cause api), the visitor
     through the link.
     """
-    a = await instance(spawn, redis_server, "a")
-    b = await instance(spawn, redis_server, "b")
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     status, body, response = await request("POST", f"{a.url}/calls/{call_id}/hangup?wait=true")
     assert status == 200, body
@@ -564,7 +568,7 @@ async def test_a_call_hangup_on_the_newcomers_instance(spawn: Spawn, redis_serve
 class LinkWarningTests(SynchronousTestCase):
     """A link on loopback while the other instances reach this one elsewhere is said at start-up."""
 
-    def warnings(self, advertise_url: str, link: str = Config.link) -> list[str]:
+    def warnings(self, advertise_url: str, link: str = LOOPBACK_LINK) -> list[str]:
         config = Config(
             redis="redis://127.0.0.1:1/0", api_token=TOKEN, advertise_url=advertise_url, link=link, records="none",
         )
