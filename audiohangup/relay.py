@@ -37,7 +37,7 @@ import os
 import select
 import socket
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
@@ -47,6 +47,9 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet import tcp
 
 #: What one recv may take: several frames, when a peer got ahead.
 READ_SIZE = 65536
@@ -98,6 +101,20 @@ class Reader(TypingProtocol):
 def fast_paths() -> bool:
     """Whether the relay and the direct sends are on (L{FAST_PATHS})."""
     return FAST_PATHS
+
+
+def send_unqueued(connection: tcp.Connection, sock: socket.socket, data: bytes) -> bytes:
+    """
+    Send C{data} on C{connection}'s socket now if Twisted queues nothing ahead
+    of it (nor is closing it); what is left, for Twisted's own write, in order.
+    """
+    if connection.dataBuffer or connection._tempDataLen or connection.disconnecting:
+        return data
+    try:
+        sent = sock.send(data)
+    except OSError:
+        sent = 0  # full (EAGAIN), or the peer is gone: Twisted's write finds out and ends the connection
+    return data[sent:]
 
 
 def available() -> bool:

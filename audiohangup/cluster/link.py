@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.audio import AudioFormat
+from audiohangup.cluster.linkio import LinkSocket
 from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, accepted, control, read_control, signed
 from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.listeners import Listener, SourceGate
@@ -62,6 +63,7 @@ from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
+from audiohangup.relay import Relay
 from audiohangup.wire import FrameDecoder
 
 if TYPE_CHECKING:
@@ -121,8 +123,11 @@ class LinkServer(Factory):
         *,
         close_timeout: float = 2.0,
         metrics: CollectorRegistry | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.registry = registry
+        #: Reads the links' sockets, as it does the legs' (see L{audiohangup.cluster.linkio}).
+        self.relay = relay
         self.instance_id = instance_id
         self.token = token
         self.formats = formats
@@ -159,6 +164,7 @@ class HomeSide(Protocol):
         self.peer = "-"
         self.closed = False
         self._timer: IDelayedCall | None = None
+        self.socket: LinkSocket | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -167,23 +173,30 @@ class HomeSide(Protocol):
             self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
         # Bounded: past the transport's buffer (64 KiB, seconds of audio) the link is cut (pauseProducing).
         IConsumer(self.transport).registerProducer(self, True)
-        self.transport.write(control({"type": "challenge", "instance_id": self.server.instance_id, "nonce": self.nonce}))
+        self.socket = LinkSocket(self.transport, self, self.server.relay)
+        self.socket.write(control({"type": "challenge", "instance_id": self.server.instance_id, "nonce": self.nonce}))
         self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._refuse, "no hello in time", "timeout")
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        if not self.closed and self.socket is not None:
+            self.socket.write(data)
 
     def close(self) -> None:
         """Close once what is written is out."""
         if not self.closed and self.transport is not None:
             self.closed = True
+            self._leaveRelay()
             self.transport.loseConnection()
 
     def abort(self) -> None:
         if self.transport is not None:
             self.closed = True
+            self._leaveRelay()
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _leaveRelay(self) -> None:
+        if self.socket is not None:
+            self.socket.leave()
 
     def dataReceived(self, data: bytes) -> None:
         for frame in self.decoder.feed(data):
@@ -284,6 +297,7 @@ class HomeSide(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._leaveRelay()
         self._cancelTimer()
         if self.leg is not None:
             self.leg.end(CloseReason.LINK_LOST, f"the link from {self.peer} closed")

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.directory import DirectoryUnavailable
+from audiohangup.cluster.linkio import LinkSocket
 from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, QUEUED, control, hello, read_control, signed
 from audiohangup.interfaces import IFlow, ILeg, ILegObserver, IRemoteLeg, ISession
 from audiohangup.logs import iso_time
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from audiohangup.cluster.directory import Directory
     from audiohangup.interfaces import IReactor, IServerLeg
     from audiohangup.registry import Registry
+    from audiohangup.relay import Relay
 
 #: Seconds from the connect to the home's acceptance.
 LINK_TIMEOUT = 3.0
@@ -57,9 +59,14 @@ class Linker:
     """Links each leg that starts here to its session's home, when that is another instance."""
 
     log = Logger()
+    #: Reads the links' sockets, as it does the legs' (see L{audiohangup.cluster.linkio}); None: Twisted does.
+    relay: Relay | None = None
 
-    def __init__(self, directory: Directory, registry: Registry, reactor: IReactor, token: str) -> None:
+    def __init__(
+        self, directory: Directory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None
+    ) -> None:
         self.directory = directory
+        self.relay = relay
         self.registry = registry
         self.reactor = reactor
         self.token = token
@@ -240,6 +247,7 @@ class NewcomerSide(Protocol):
         self.accepted = False
         self.done = False  # the leg or the link ended: nothing more to say or do
         self._timer: IDelayedCall | None = None
+        self.socket: LinkSocket | None = None
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -255,8 +263,8 @@ class NewcomerSide(Protocol):
         connecting.addErrback(lambda failure: self.fail(f"cannot connect: {failure.getErrorMessage()}"))
 
     def write(self, data: bytes) -> None:
-        if self.accepted and not self.done and self.transport is not None:
-            self.transport.write(data)
+        if self.accepted and not self.done and self.socket is not None:
+            self.socket.write(data)
 
     def connectionMade(self) -> None:
         if self.done:
@@ -265,6 +273,8 @@ class NewcomerSide(Protocol):
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
         IConsumer(self.transport).registerProducer(self, True)  # bounded: see pauseProducing
+        assert self.transport is not None
+        self.socket = LinkSocket(self.transport, self, self.linker.relay)
 
     def dataReceived(self, data: bytes) -> None:
         leg = self.leg
@@ -288,8 +298,8 @@ class NewcomerSide(Protocol):
             if message.get("instance_id") != self.owner or not isinstance(nonce, str):
                 self.fail(f"the link answers as instance {message.get('instance_id')!r}")
                 return
-            assert self.transport is not None
-            self.transport.write(hello(
+            assert self.socket is not None
+            self.socket.write(hello(
                 self.linker.token, nonce, self.nonce, self.linker.instance_id, leg.call_id, leg.role.value,
                 leg.format.name,
             ))
@@ -339,6 +349,7 @@ class NewcomerSide(Protocol):
             why=why, **self._fields(),
         )
         if self.transport is not None:
+            self._leaveRelay()
             self.transport.abortConnection()  # type: ignore[attr-defined]
         self.linker.registry.events.release(self.leg)  # not linked: counted here; linked: the home counts it
         self.leg.hangup(HangupCause.LINK)
@@ -350,13 +361,14 @@ class NewcomerSide(Protocol):
         self.done = True
         self._cancelTimer()
         leg = self.leg
-        if self.transport is None:
+        if self.transport is None or self.socket is None:
             return  # still connecting: connectionMade aborts it
         if self.accepted and leg.close_reason is not None:
             cause = leg.hangup_cause
-            self.transport.write(control({
+            self.socket.write(control({
                 "type": "ended", "reason": leg.close_reason.value, "cause": None if cause is None else cause.value,
             }))
+        self._leaveRelay()
         self.transport.loseConnection()
 
     def pauseProducing(self) -> None:
@@ -370,7 +382,12 @@ class NewcomerSide(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._leaveRelay()
         self.fail(f"the link closed ({reason.getErrorMessage()})")
+
+    def _leaveRelay(self) -> None:
+        if self.socket is not None:
+            self.socket.leave()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from audiohangup import __version__
 from audiohangup.audio import FRAME_MS
 from audiohangup.interfaces import IReactor
-from audiohangup.relay import Relay, fast_paths
+from audiohangup.relay import Relay, fast_paths, send_unqueued
 from audiohangup.streams.frames import BINARY, TEXT, MaskKeys, client_frame, whole_data_frame
 from audiohangup.streams.messages import MAX_APP_MESSAGE, Message
 
@@ -244,16 +244,10 @@ class _ClientProtocol(WebSocketClientProtocol):
         frame = client_frame(BINARY if binary else TEXT, payload, self._keys.next())
         sock = self._socket
         if sock is not None:
-            connection = self._tcp
-            assert connection is not None
-            if not connection.dataBuffer and not connection._tempDataLen and not connection.disconnecting:
-                try:
-                    sent = sock.send(frame)
-                except OSError:
-                    sent = 0  # full (EAGAIN), or the app is gone: Twisted's write finds out and ends the connection
-                if sent == len(frame):
-                    return
-                frame = frame[sent:]
+            assert self._tcp is not None
+            frame = send_unqueued(self._tcp, sock, frame)
+            if not frame:
+                return
         transport = self.transport
         assert transport is not None
         transport.write(frame)
