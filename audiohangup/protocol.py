@@ -31,6 +31,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.attachments import LegAttachments
 from audiohangup.audio import FRAME_SECONDS, FrameQueue, LegSettings, Playout
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IServerLeg
 from audiohangup.logs import LogLimit, describe_address
@@ -63,7 +64,7 @@ DTMF_LOG_PER_SECOND = 10
 
 
 @implementer(IPacedLeg, IPushProducer, IHalfCloseableProtocol)
-class AudioSocketProtocol(LegTeardown, Protocol):
+class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
     once its UUID frame arrives; before that it is only a connection.
@@ -473,30 +474,6 @@ class AudioSocketProtocol(LegTeardown, Protocol):
             feed.paced(slot, self.timeline.fed)
         if self._after_playout is not None and not self.queue and not self.feed:
             self.hangup(self._after_playout)
-
-    # What the server's parts attach to a leg: they never write its attributes.
-
-    def addTap(self, tap: ILegTap, heard: bool = False) -> None:
-        (self.heard if heard else self.taps).append(tap)
-
-    def removeTap(self, tap: ILegTap) -> None:
-        for taps in (self.taps, self.heard):
-            if tap in taps:
-                taps.remove(tap)
-
-    def attachFeed(self, feed: Playout) -> None:
-        self.feed = feed
-
-    def detachFeed(self, feed: Playout) -> None:
-        if self.feed is feed:
-            self.feed = None
-
-    def addStream(self, stream: IMediaStream) -> None:
-        self.streams.append(stream)
-
-    def setRecording(self, name: str) -> None:
-        self.recording = name
-
 
 class AudioSocketFactory(Factory):
     """Builds the legs of one role; one factory per listening endpoint."""

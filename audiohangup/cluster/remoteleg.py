@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.attachments import LegAttachments
 from audiohangup.audio import AudioFormat, FrameQueue, Playout
 from audiohangup.cluster.linkmessages import QUEUED, control
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IRemoteLeg
@@ -45,7 +46,7 @@ class LinkEnd(Protocol):
 
 
 @implementer(IRemoteLeg)
-class RemoteLeg:
+class RemoteLeg(LegAttachments):
     """One leg of a session here whose connection is on instance C{instance_id}, reached by C{link}."""
 
     log = Logger()
@@ -82,7 +83,7 @@ class RemoteLeg:
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = self.dtmf_count = 0
         self.dtmf = ""
         self.queue = FrameQueue(1)  # its queue is on its own instance
-        self.feed: Playout | None = None
+        self.feed: Playout | None = None  # attached, not played: its instance paces the leg (module docstring)
         self.taps: list[ILegTap] = []
         self.heard: list[ILegTap] = []
         self.recording: str | None = None
@@ -247,29 +248,6 @@ class RemoteLeg:
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
                 waiter.callback(reason)
-
-    # What the server's parts attach to a leg
-
-    def addTap(self, tap: ILegTap, heard: bool = False) -> None:
-        (self.heard if heard else self.taps).append(tap)
-
-    def removeTap(self, tap: ILegTap) -> None:
-        for taps in (self.taps, self.heard):
-            if tap in taps:
-                taps.remove(tap)
-
-    def attachFeed(self, feed: Playout) -> None:
-        self.feed = feed  # not played: its instance paces the leg (see the module docstring)
-
-    def detachFeed(self, feed: Playout) -> None:
-        if self.feed is feed:
-            self.feed = None
-
-    def addStream(self, stream: IMediaStream) -> None:
-        self.streams.append(stream)
-
-    def setRecording(self, name: str) -> None:
-        self.recording = name
 
     def crowdOut(self, detail: str) -> None:
         pass  # a remote leg is never a connection without its UUID
