@@ -53,7 +53,7 @@ from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
-from audiohangup.webhooks import Webhooks
+from audiohangup.webhooks import Webhooks, trust_root
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,12 @@ class Config:
     instance_id: str = ""
     advertise_url: str | None = None
     heartbeat: float = 2.0
-    #: --link: where this instance's media link listens for the other instances (with --redis; "none": off,
-    #: the default while a split call's streams and its cost are not yet those of a local one).
-    link: str = "none"
+    #: --link: where this instance's media link listens for the other instances (with --redis; "none": off).
+    #: Loopback on a free port by default: instances on one host link with no set-up; across hosts, give
+    #: an address the others reach (the start-up warns when the advertised host is not loopback).
+    link: str = "tcp:0:interface=127.0.0.1"
+    #: --link-ca: PEM file the other instances' TLS links (--link ssl:...) are verified against; None: the system's.
+    link_ca: str | None = None
     streams: StreamConfig = field(default_factory=StreamConfig)
     #: --record-every-call and --recordings-dir (where recordings go, started by the API or not).
     record_every_call: bool = False
@@ -342,7 +345,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     doors: list[IService] = []
-    if cluster is not None and config.api_token and config.link != "none":
+    if cluster is not None and linked(config):
         doors.append(link_listener(config, cluster, registry, reactor, formats, metrics, relay))
     for role in Role:
         name = f"audiosocket-{role}"
@@ -397,10 +400,12 @@ def link_listener(
         registry, directory.instance_id, config.api_token, formats, reactor,
         close_timeout=config.close_timeout, metrics=metrics, relay=relay,
     )
-    registry.events.add(Linker(directory, registry, reactor, config.api_token, relay))
+    tls = config.link.startswith("ssl:")
+    trust = None if config.link_ca is None else trust_root(config.link_ca)
+    registry.events.add(Linker(directory, registry, reactor, config.api_token, relay, tls_only=tls, trust=trust))
     gate = None if config.allow is None else SourceGate("link", SourceACL(config.allow), reactor, metrics)
     advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
-    return LinkListener(server, server_endpoint(reactor, config.link), directory, advertised, gate)
+    return LinkListener(server, server_endpoint(reactor, config.link), directory, advertised, gate, tls=tls)
 
 
 def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descriptors: str | None) -> list[str]:
@@ -415,7 +420,7 @@ def start_warnings(config: Config, reactor: IReactor, api: ControlAPI, descripto
         )
     advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
     if (
-        config.redis and config.api_token and config.link != "none" and advertised and not is_loopback(advertised)
+        linked(config) and advertised and not is_loopback(advertised)
         and not listens_beyond_loopback(reactor, config.link)
     ):
         warnings.append(
@@ -444,6 +449,11 @@ def served_names(config: Config) -> tuple[str, ...]:
 DESCRIPTOR_MARGIN = 64
 
 
+def linked(config: Config) -> bool:
+    """Whether this instance's legs may each hold a media link (a leg here whose session is elsewhere, or the reverse)."""
+    return bool(config.redis and config.api_token and config.link != "none")
+
+
 def descriptors_needed(config: Config) -> tuple[int, str]:
     """The descriptors this configuration may hold at once, and what they are made of."""
     parts = [(config.max_legs, "--max-legs"), (config.http_max_connections, "--http-max-connections")]
@@ -451,6 +461,8 @@ def descriptors_needed(config: Config) -> tuple[int, str]:
         parts.append((config.max_legs, "a stream per leg"))
     if config.record_every_call:
         parts.append(((config.max_legs + 1) // 2, "a recording per call"))
+    if linked(config):
+        parts.append((config.max_legs, "a media link per leg"))
     parts.append((DESCRIPTOR_MARGIN, "spare"))
     return sum(n for n, _ in parts), " + ".join(f"{n} {what}" for n, what in parts)
 
@@ -470,7 +482,7 @@ def fit_descriptors(
     allowed, hard = limit(needed)
     if allowed >= needed:
         return config, None
-    per_leg = 1 + (config.streams.url is not None) + 0.5 * config.record_every_call
+    per_leg = 1 + (config.streams.url is not None) + 0.5 * config.record_every_call + linked(config)
     fits = max(1, int((allowed - config.http_max_connections - DESCRIPTOR_MARGIN) / per_leg))
     return replace(config, max_legs=min(fits, config.max_legs)), (
         f"the open files limit is {allowed} (hard limit {'unlimited' if hard is None else hard}), below the "

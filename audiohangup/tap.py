@@ -198,7 +198,13 @@ class Options(usage.Options):
         [
             "link", None, Config.link,
             "Endpoint of the media link other instances join this one's calls through (with --redis; "
-            "'none': off). Its address goes into the directory; only instances (the --api-token HMAC) are let in.",
+            "'none': off). Its address goes into the directory; only instances (the --api-token HMAC) are let in. "
+            "An ssl: endpoint makes it TLS: links to it are made over TLS, and this instance links over TLS only.",
+        ],
+        [
+            "link-ca", None, None,
+            "PEM file of the CA certificates the other instances' TLS links (--link ssl:...) are verified against "
+            "(default: the system's trust store).",
         ],
         [
             "call-records", None, Config.records,
@@ -587,7 +593,7 @@ class Options(usage.Options):
             self["stream-roles"] = tuple(Role(role.strip()) for role in self["stream-roles"].split(","))
         except ValueError:
             raise usage.UsageError("--stream-roles must name visitor, resident or both, comma-separated") from None
-        for option in ("webhook-ca", "stream-ca"):
+        for option in ("webhook-ca", "stream-ca", "link-ca"):
             if self[option] is not None:
                 try:
                     trust_root(self[option])
@@ -643,6 +649,7 @@ class Options(usage.Options):
             advertise_url=self["advertise-url"],
             heartbeat=self["heartbeat"],
             link=self["link"],
+            link_ca=self["link-ca"],
             max_legs=self["max-legs"],
             max_pending_per_source=self["max-pending-per-source"],
             max_unsent_ms=self["max-unsent-ms"],

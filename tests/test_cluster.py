@@ -39,11 +39,16 @@ class Instance:
 
 
 async def instance(spawn: Spawn, redis: RedisServer, name: str) -> Instance:
+    """
+    An instance without the media link (--link none): a call's legs on two
+    instances stay where each is, and the API forwards to each leg's owner
+    (what these tests check). tests/test_link.py runs the default, linked.
+    """
     http = free_port()
     child, ports = await start_server(
         spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
         "--redis", redis.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
-        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN,
+        "--heartbeat", str(HEARTBEAT), "--api-token", TOKEN, "--link", "none",
     )
     return Instance(name, child, ports)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest_twisted
@@ -265,6 +266,11 @@ class DescriptorTests(SynchronousTestCase):
         self.assertIn("--max-legs is lowered to 704", warning)
         streamed, _ = fit_descriptors(Config(streams=StreamConfig(url="ws://127.0.0.1/x")), lambda needed: (1024, None))
         self.assertEqual(streamed.max_legs, (1024 - 256 - 64) // 2)
+        clustered = Config(redis="redis://127.0.0.1:1/0", api_token="t" * 32, advertise_url="http://127.0.0.1:1")
+        linked, _ = fit_descriptors(clustered, lambda needed: (1024, None))
+        self.assertEqual(linked.max_legs, (1024 - 256 - 64) // 2)  # a media link per leg
+        unlinked, _ = fit_descriptors(replace(clustered, link="none"), lambda needed: (1024, None))
+        self.assertEqual(unlinked.max_legs, 1024 - 256 - 64)
         same, none = fit_descriptors(Config(max_legs=100), lambda needed: (needed, None))
         self.assertEqual((same.max_legs, none), (100, None))
 

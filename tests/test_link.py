@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest_twisted
+import treq
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -51,7 +52,7 @@ FRAMES = 25
 LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
 
 
-#: The media link on loopback: off by default (``--link none``), on in these tests.
+#: The media link on loopback, as by default; named, so the tests do not depend on the default.
 LOOPBACK_LINK = "tcp:0:interface=127.0.0.1"
 
 
@@ -563,6 +564,93 @@ async def test_a_call_hangup_on_the_newcomers_instance(spawn: Spawn, redis_serve
     await settle(resident.closed, "the resident on B to close")
     await until(lambda: f"{call_id} visitor hangup sent (cause api)" in a.child.log, 5, "A's hangup line")
     await until(lambda: f"{call_id} resident hangup sent (cause api)" in b.child.log, 5, "B's hangup line")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_newcomers_instance_passes_the_calls_routes_to_the_home(
+    spawn: Spawn, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """
+    /play, streams and recording of a linked call sent to A (the newcomer's
+    instance) are answered by B, where the session lives, for the leg on A
+    too: one place plays, streams and records the whole call.
+    """
+    from tests.ws_app import App
+
+    app = await App().listen()
+    try:
+        a = await instance_with(spawn, redis_server, "a")
+        b = await instance_with(spawn, redis_server, "b", "--recordings-dir", str(tmp_path / "recordings"))
+        call_id, visitor, _ = await split_call(a, b, on_hangup="close")
+
+        prompt = bytes([0x33, 0x44]) * 160 * 3  # three frames, none of them silence
+        status, body, response = await request(
+            "POST", f"{a.url}/calls/{call_id}/play?role=visitor", data=prompt,
+            headers={"Content-Type": "audio/L16;rate=8000"},
+        )
+        assert status == 200, body
+        assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+        await until(lambda: len([f for f in heard(visitor) if f[3:] == prompt[:320]]) == 3, 5, "the prompt on A")
+
+        status, body, response = await request(
+            "POST", f"{a.url}/calls/{call_id}/streams", json={"url": app.url("/{role}"), "mode": "listen"}
+        )
+        assert status == 201, body
+        assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+        assert sorted(s["role"] for s in body["streams"]) == ["resident", "visitor"]
+        await until(lambda: len([c for c in app.connections if c.events("start")]) == 2, 5, "both streams from B")
+
+        for method in ("POST", "GET", "DELETE"):
+            response = await treq.request(
+                method, f"{a.url}/calls/{call_id}/recording", headers={"Authorization": f"Bearer {TOKEN}"},
+                persistent=False, timeout=10,
+            )
+            assert response.code in (200, 201), (method, await response.text())
+            assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"], method
+            await response.content()
+        assert list((tmp_path / "recordings").glob("*/*.wav")), "the recording is B's"
+    finally:
+        await app.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_link(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
+    """
+    --link ssl:... on both: the split call crosses over TLS, verified under
+    --link-ca, byte-exact. A newcomer that does not trust the home's
+    certificate, or a TLS instance whose home's link is plain, hangs its leg
+    up (cause link) rather than send its audio unverified or in the clear.
+    """
+    from tests.tls import self_signed
+
+    certificate = self_signed(tmp_path)
+    tls = ("--link", certificate.endpoint(), "--link-ca", str(certificate.cert))
+    a = await instance_with(spawn, redis_server, "a", *tls)
+    b = await instance_with(spawn, redis_server, "b", *tls)
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    assert re.search(rf"{call_id} visitor linked from instance a to instance b at tls:127\.0\.0\.1:\d+", a.child.log)
+    spoken, answered = frames_of(0x55), frames_of(0x66)
+    for mine, theirs in zip(spoken, answered, strict=True):
+        visitor.send(mine)
+        resident.send(theirs)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(heard(resident)) >= FRAMES and len(heard(visitor)) >= FRAMES, 5, "the frames across")
+    assert heard(resident) == spoken
+    assert heard(visitor) == answered
+
+    untrusting = await instance_with(spawn, redis_server, "c", "--link", certificate.endpoint())
+    plain = await instance_with(spawn, redis_server, "d")
+    for newcomer, home, why in ((untrusting, b, "certificate verify failed"), (a, plain, "over TLS only")):
+        call_id = uuid.uuid4()
+        await leg_on(home, "resident", call_id, on_hangup="close")
+        await wait_listed(newcomer, {(str(call_id), "resident"): home.name})
+        leg = await leg_on(newcomer, "visitor", call_id, on_hangup="close")
+        await settle(leg.closed, f"{newcomer.name}'s visitor to be hung up")
+        assert leg.ended_with_single_hangup()
+        hung_up, log = f"{call_id} visitor hangup sent (cause link)", newcomer.child
+        await until(lambda: hung_up in log.log, 5, "the cause")  # noqa: B023 (awaited within the iteration)
+        [failed] = [line for line in log.log.splitlines() if f"{call_id} visitor link from" in line]
+        assert why in failed, failed
 
 
 class LinkWarningTests(SynchronousTestCase):

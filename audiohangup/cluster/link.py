@@ -41,13 +41,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.interfaces import (
     IAddress,
-    IConsumer,
     IDelayedCall,
+    IHandshakeListener,
     IListeningPort,
     IPushProducer,
     IReactorTime,
     IStreamServerEndpoint,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -55,8 +54,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.audio import AudioFormat
-from audiohangup.cluster.linkio import LinkSocket
-from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, accepted, control, read_control, signed
+from audiohangup.cluster.linkio import LinkSocket, bound, set_up
+from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, TLS_PREFIX, accepted, control, read_control, signed
 from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.listeners import Listener, SourceGate
 from audiohangup.logs import LogLimit, describe_address
@@ -73,16 +72,18 @@ if TYPE_CHECKING:
 HANDSHAKE_TIMEOUT = 3.0
 
 
-def link_address(port: IListeningPort, advertised_host: str | None) -> str:
+def link_address(port: IListeningPort, advertised_host: str | None, *, tls: bool = False) -> str:
     """
     C{host:port} other instances reach a link listener at: its own address,
-    or, when it listens on every address, the host of C{--advertise-url}.
+    or, when it listens on every address, the host of C{--advertise-url};
+    after C{tls:} when it speaks TLS, so they connect with it.
     """
     address = port.getHost()
     host, number = str(getattr(address, "host", "")), int(getattr(address, "port", 0))
     if host in ("", "0.0.0.0", "::") and advertised_host:
         host = advertised_host
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    where = f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    return TLS_PREFIX + where if tls else where
 
 
 class LinkListener(Listener):
@@ -95,13 +96,16 @@ class LinkListener(Listener):
         directory: Directory,
         advertised_host: str | None,
         gate: SourceGate | None = None,
+        *,
+        tls: bool = False,
     ) -> None:
         super().__init__("link", endpoint, factory, gate)
         self.directory = directory
         self.advertised_host = advertised_host
+        self.tls = tls
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
-        self.directory.link = link_address(port, self.advertised_host)
+        self.directory.link = link_address(port, self.advertised_host, tls=self.tls)
         return super()._listening(port)
 
 
@@ -150,7 +154,7 @@ class LinkServer(Factory):
         return "link"
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class HomeSide(Protocol):
     """One link, on the home's side: a challenge, a hello checked, then a remote leg's frames."""
 
@@ -169,10 +173,8 @@ class HomeSide(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.peer = describe_address(self.transport.getPeer())
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
         # Bounded: past the transport's buffer (64 KiB, seconds of audio) the link is cut (pauseProducing).
-        IConsumer(self.transport).registerProducer(self, True)
+        set_up(self.transport, self)
         self.socket = LinkSocket(self.transport, self, self.server.relay)
         self.socket.write(control({"type": "challenge", "instance_id": self.server.instance_id, "nonce": self.nonce}))
         self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._refuse, "no hello in time", "timeout")
@@ -278,6 +280,11 @@ class HomeSide(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def handshakeCompleted(self) -> None:
+        """Over TLS: bounded from now (see L{audiohangup.cluster.linkio.set_up})."""
+        assert self.transport is not None
+        bound(self.transport, self)
 
     def pauseProducing(self) -> None:
         """The other instance stopped reading: what this side sends it must not grow without bound."""

@@ -23,22 +23,39 @@ import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.directory import DirectoryUnavailable
-from audiohangup.cluster.linkio import LinkSocket
-from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, QUEUED, control, hello, read_control, signed
+from audiohangup.cluster.linkio import LinkSocket, bound, set_up
+from audiohangup.cluster.linkmessages import (
+    CONTROL,
+    NONCE_BYTES,
+    QUEUED,
+    control,
+    hello,
+    read_control,
+    signed,
+    split_address,
+)
 from audiohangup.interfaces import IFlow, ILeg, ILegObserver, IRemoteLeg, ISession
 from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, HangupCause
 from audiohangup.wire import SAMPLE_RATES, Frame, FrameDecoder, Kind, encode_frame
 
 if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
+
     from audiohangup.cluster.directory import Directory
     from audiohangup.interfaces import IReactor, IServerLeg
     from audiohangup.registry import Registry
@@ -46,12 +63,6 @@ if TYPE_CHECKING:
 
 #: Seconds from the connect to the home's acceptance.
 LINK_TIMEOUT = 3.0
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """C{host:port} or C{[v6]:port} as the directory's presence holds it."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @implementer(ILegObserver)
@@ -63,10 +74,15 @@ class Linker:
     relay: Relay | None = None
 
     def __init__(
-        self, directory: Directory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None
+        self, directory: Directory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None,
+        *, tls_only: bool = False, trust: IOpenSSLTrustRoot | None = None,
     ) -> None:
         self.directory = directory
         self.relay = relay
+        #: This instance's own link speaks TLS: its legs' audio crosses to another instance over TLS only.
+        self.tls_only = tls_only
+        #: What a home's TLS certificate is verified against (--link-ca); None: the system's trust store.
+        self.trust = trust
         self.registry = registry
         self.reactor = reactor
         self.token = token
@@ -231,7 +247,7 @@ class _OneLink(Factory):
         return self.side
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NewcomerSide(Protocol):
     """One link, on the side of the instance that holds the leg's connection."""
 
@@ -258,8 +274,15 @@ class NewcomerSide(Protocol):
     def connect(self) -> None:
         reactor = self.linker.reactor
         self._timer = reactor.callLater(LINK_TIMEOUT, self.fail, f"not accepted within {LINK_TIMEOUT:g} s")
-        host, port = split_address(self.address)
-        connecting = HostnameEndpoint(reactor, host, port, timeout=LINK_TIMEOUT).connect(_OneLink(self))
+        host, port, tls = split_address(self.address)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=LINK_TIMEOUT)
+        if tls:
+            # The home proves its name (or address) with a certificate under --link-ca; the hello still proves both.
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self.linker.trust), endpoint)
+        elif self.linker.tls_only:
+            self.fail("its link is plain TCP, and this instance's legs cross to another instance over TLS only")
+            return
+        connecting = endpoint.connect(_OneLink(self))
         connecting.addErrback(lambda failure: self.fail(f"cannot connect: {failure.getErrorMessage()}"))
 
     def write(self, data: bytes) -> None:
@@ -270,10 +293,8 @@ class NewcomerSide(Protocol):
         if self.done:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)  # a frame's pieces must not wait for each other
-        IConsumer(self.transport).registerProducer(self, True)  # bounded: see pauseProducing
         assert self.transport is not None
+        set_up(self.transport, self)  # bounded: see pauseProducing
         self.socket = LinkSocket(self.transport, self, self.linker.relay)
 
     def dataReceived(self, data: bytes) -> None:
@@ -370,6 +391,11 @@ class NewcomerSide(Protocol):
             }))
         self._leaveRelay()
         self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        """Over TLS: bounded from now (see L{audiohangup.cluster.linkio.set_up})."""
+        assert self.transport is not None
+        bound(self.transport, self)
 
     def pauseProducing(self) -> None:
         """The home stopped reading: past the transport's buffer (64 KiB) the link is given up."""

@@ -18,9 +18,10 @@ transport, Twisted reads and writes as usual.
 from __future__ import annotations
 
 import socket
+from typing import cast
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IConsumer, INegotiated, IPushProducer, ITCPTransport, ITransport
 
 from audiohangup.relay import Readable, Relay, fast_paths, send_unqueued
 
@@ -57,3 +58,25 @@ class LinkSocket:
         relay, self._relay = self._relay, None
         if relay is not None:
             relay.release(self._side, resume=False)
+
+
+def set_up(transport: ITransport, producer: IPushProducer) -> None:
+    """
+    A link's socket as it connects: no delay (a frame's pieces must not wait
+    for each other; under TLS, on the TCP connection beneath); bounded by
+    C{producer} (paused: its peer stopped reading) from now, or over TLS
+    once the handshake is done (L{bound}), since TLS pauses a producer while
+    what is written waits for the handshake.
+    """
+    found: object = transport
+    while found is not None and not ITCPTransport.providedBy(found):
+        found = getattr(found, "transport", None)
+    if found is not None:
+        found.setTcpNoDelay(True)
+    if not INegotiated.providedBy(transport):
+        bound(transport, producer)
+
+
+def bound(transport: ITransport, producer: IPushProducer) -> None:
+    """From now on a full send buffer pauses C{producer} (which gives the link up)."""
+    cast(IConsumer, transport).registerProducer(producer, True)

@@ -21,6 +21,15 @@ CONTROL = 0xF0
 QUEUED = 0xF1
 #: Bytes of a nonce (each side sends one: each proves the other holds the token).
 NONCE_BYTES = 32
+#: What a presence's link address begins with when its listener speaks TLS (C{--link ssl:...}).
+TLS_PREFIX = "tls:"
+
+
+def split_address(address: str) -> tuple[str, int, bool]:
+    """C{host:port} or C{[v6]:port}, after L{TLS_PREFIX} if it speaks TLS, as a presence holds it: and whether TLS."""
+    tls = address.startswith(TLS_PREFIX)
+    host, _, port = address.removeprefix(TLS_PREFIX).rpartition(":")
+    return host.strip("[]"), int(port), tls
 
 
 def control(message: Mapping[str, Any]) -> bytes:

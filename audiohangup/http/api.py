@@ -267,9 +267,12 @@ class ControlAPI:
 
     @app.route("/calls/<string:call_id>/play", methods=["POST"])
     @_control
-    def play(self, request: IRequest, call_id: str) -> bytes:
+    async def play(self, request: IRequest, call_id: str) -> bytes:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
+        home = await self._home(request, call_id)
+        if home is not None:
+            return await self.forwarder.passOn(request, home)  # played, and recorded, where the session is
         role = role_of(request)
         formats = {self.formats[target] for target in ([role] if role is not None else Role)}
         if len(formats) > 1:
@@ -373,6 +376,9 @@ class ControlAPI:
         url = check_url(body.get("url"))
         parameters = check_fields(body.get("parameters"), "parameters")
         headers = streams.check_headers(check_fields(body.get("headers"), "headers"))
+        home = await self._home(request, call_id)
+        if home is not None:
+            return await self.forwarder.passOn(request, home)  # every leg of the call is streamed there
         held = self.registry.call(call_id)
         mine = [leg for leg in held if role is None or leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
@@ -437,8 +443,9 @@ class ControlAPI:
         """Record a live call from now on (with --record, every call is recorded already: 409)."""
         call_id = parse_call_id(call_id)
         legs = [leg for leg in self.registry.call(call_id) if leg.live]
-        if not legs:
-            return await self._atOwner(request, call_id)
+        home = await self._home(request, call_id)
+        if not legs or home is not None:
+            return await self._atOwner(request, call_id, home)
         recording = self._recorder().begin(call_id, legs)
         return json_answer(request, 201, {"call_id": call_id, "recording": recording.summary()})
 
@@ -450,8 +457,9 @@ class ControlAPI:
         recorder = self._recorder()
         recording = recorder.active.get(call_id)
         if recording is None:
-            if not self.registry.call(call_id):
-                return await self._atOwner(request, call_id)
+            home = await self._home(request, call_id)
+            if not self.registry.call(call_id) or home is not None:
+                return await self._atOwner(request, call_id, home)
             raise NotRecording(call_id)
         await recorder.finish(call_id)
         return json_answer(request, 200, {"call_id": call_id, "recording": recording.summary()})
@@ -463,8 +471,9 @@ class ControlAPI:
         call_id = parse_call_id(call_id)
         found = await self._recorder().find(call_id)
         if found is None:
-            if not self.registry.call(call_id):
-                return await self._atOwner(request, call_id, recording=True)
+            home = await self._home(request, call_id)
+            if not self.registry.call(call_id) or home is not None:
+                return await self._atOwner(request, call_id, home, recording=True)
             raise ApiError(404, "no_recording", f"call {call_id} has no recording")
         return WavResource(found.path, found.rate)
 
@@ -473,9 +482,15 @@ class ControlAPI:
             raise ApiError(404, "recording_off", "recording is off")
         return self.recorder
 
-    async def _atOwner(self, request: IRequest, call_id: str, *, recording: bool = False) -> bytes:
-        """A call not held here: its owner's answer (a GET's recording piped as it comes), in a cluster; else 404."""
-        for entry in (await self.forwarder.elsewhere(request, call_id)).values():
+    async def _atOwner(
+        self, request: IRequest, call_id: str, home: LegEntry | None = None, *, recording: bool = False
+    ) -> bytes:
+        """
+        A call not held here, or whose session's C{home} is another instance:
+        the owner's answer (a GET's recording piped as it comes), in a cluster; else 404.
+        """
+        owners = [home] if home is not None else (await self.forwarder.elsewhere(request, call_id)).values()
+        for entry in owners:
             return await self.forwarder.passOn(request, entry, piped=recording and request.method == b"GET")
         if recording:
             raise ApiError(404, "no_recording", f"call {call_id} has no recording here")
