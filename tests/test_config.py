@@ -87,6 +87,12 @@ class KeysTests(SynchronousTestCase):
         for old in (*tap.RENAMED, "record", "config"):
             self.assertIn(old, keys.refused)
 
+    def test_the_example_file_is_all_known_keys(self) -> None:
+        example = Path(__file__).resolve().parent.parent / "contrib" / "audiohangup.toml"
+        settings = config_file.parse(example.read_text(), str(example), tap.CONFIG_KEYS)
+        self.assertIn("api-tokens-file", [setting.key for setting in settings])
+        self.assertEqual(config_file.holds_secret(settings), [])  # its secrets are in the files it names
+
     def test_an_option_added_gets_its_key(self) -> None:
         """What another part adds to Options has its key, with its coerce function, and no work here."""
 
