@@ -608,7 +608,9 @@ LIVE_STREAMS = frozenset({
     "stream-failure", "stream-max-unsent-ms", "stream-max-queue-ms", "stream-header", "stream-secret",
     "stream-secret-file",
 })
-LIVE_OTHERS = frozenset({"allow", "http-allow", "log-level", "http-max-connections", "http-max-per-source"})
+LIVE_OTHERS = frozenset({
+    "allow", "http-allow", "log-level", "http-max-connections", "http-max-per-source", "record-every-call",
+})
 LIVE = LIVE_LIMITS | LIVE_TOKENS | LIVE_WEBHOOKS | LIVE_STREAMS | LIVE_OTHERS
 
 
@@ -682,6 +684,9 @@ class ConfigReload(OnSighup):
             webhooks.retarget(list(new.webhooks), new.webhook_secret)
         if parts.service.streams is not None:
             parts.service.streams.config = new.streams
+        if parts.service.recorder is not None:  # calls from now on: one being recorded goes on
+            recorder = parts.service.recorder
+            recorder.config = replace(recorder.config, every_call=new.record_every_call)
         for factory in parts.factories:
             factory.settings = replace(new.leg_settings(factory.role), audio=factory.settings.audio)
         settings = replace(new.leg_settings(), audio=parts.service.settings.audio)

@@ -295,12 +295,12 @@ class ReloadTests(FileMixin, SynchronousTestCase):
         assert api is not None
         self.write(
             f'api-token = "{OTHER_TOKEN}"\nmax-legs = 20\non-duplicate = "replace"\nallow = ["192.0.2.0/24"]\n'
-            'log-level = "warn"\nidle-timeout = 30\n'
+            'log-level = "warn"\nidle-timeout = 30\nrecord-every-call = true\n'
         )
         events = self.logged()
         reload.reload()
         [line] = [text for text in texts(events) if "configuration reloaded" in text]
-        self.assertIn("applied allow, api-token, idle-timeout, log-level, max-legs", line)
+        self.assertIn("applied allow, api-token, idle-timeout, log-level, max-legs, record-every-call;", line)
         self.assertIn("needing a restart: on-duplicate", line)
         self.assertNotIn(OTHER_TOKEN, line)
         self.assertIs(api.tokens.scope_of(OTHER_TOKEN), Scope.CONTROL)
@@ -316,6 +316,8 @@ class ReloadTests(FileMixin, SynchronousTestCase):
         levels = service.getServiceNamed("log-level")
         assert isinstance(levels, LogLevelFilter)
         self.assertEqual(levels.level, "warn")
+        assert service.recorder is not None
+        self.assertTrue(service.recorder.config.every_call)
         # The same file again: nothing new applied, the restart still named.
         events.clear()
         reload.reload()
