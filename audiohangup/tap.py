@@ -843,8 +843,11 @@ class Reread:
 
 
 def makeService(options: Options, reactor: IReactor | None = None) -> IService:
-    # Under twistd (which is the options' parent) the service owns the process: the log level filters
-    # its log, and SIGHUP re-reads --config. A service made in a test's process leaves both alone.
-    under_twistd = getattr(options, "parent", None) is not None
-    reread = Reread(options) if options["config"] is not None and under_twistd else None
-    return build_service(options.config(), reactor, reread=reread, filter_log=under_twistd)
+    # Under twistd or twist (the options' parent) the service owns the process: SIGHUP re-reads --config, and
+    # under twistd, which has no level of its own, --log-level filters its log (twist has its --log-level, and
+    # begins logging only after the service has started). A service made in a test's process leaves both alone.
+    from twisted.application.app import ServerOptions
+
+    parent = getattr(options, "parent", None)
+    reread = Reread(options) if options["config"] is not None and parent is not None else None
+    return build_service(options.config(), reactor, reread=reread, filter_log=isinstance(parent, ServerOptions))
