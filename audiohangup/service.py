@@ -287,7 +287,7 @@ def build_service(
     Build every part in the order they need each other, each given what it
     needs as it is made, and the service that starts and stops them.
 
-    With C{reread} (C{--config} under twistd), SIGHUP re-reads the
+    With C{reread} (C{--config} under twistd or twist), SIGHUP re-reads the
     configuration and applies what can change live (L{ConfigReload}); with
     C{filter_log} the log level filters the process's log (L{LogLevelFilter}).
     """

@@ -159,7 +159,7 @@ class Options(usage.Options):
         ],
         [
             "log-level", None, Config.log_level,
-            "The least severe log events written (debug adds a line per refused or crowded connection).",
+            "The least severe events twistd writes (debug adds lines per connection crowded out, per webhook delivered...).",
             _choice("--log-level", LEVELS),
         ],
         ["visitor", None, Config.visitor, "Endpoint for visitor legs."],
@@ -566,7 +566,7 @@ class Options(usage.Options):
             overridden = {_sameSetting(name) for name in self.given}
             for setting in settings:
                 if _sameSetting(setting.key) not in overridden:
-                    self._apply(setting, path)
+                    self._apply(setting)
         except config_file.ConfigError as error:
             raise usage.UsageError(str(error)) from None
         secrets = config_file.holds_secret(settings)
@@ -577,7 +577,7 @@ class Options(usage.Options):
                 path=path, keys=", ".join(secrets), mode=f"{stat.S_IMODE(mode):04o}",
             )
 
-    def _apply(self, setting: config_file.Setting, path: str) -> None:
+    def _apply(self, setting: config_file.Setting) -> None:
         """One key of the file, given to its option as the command line would give it."""
         self.fromFile[setting.key] = setting
         if setting.flag is not None:
