@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -43,6 +43,7 @@ from audiohangup.listeners import (
     listens_beyond_loopback,
     server_endpoint,
 )
+from audiohangup.loglevel import LEVELS, LogLevelFilter
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
@@ -63,6 +64,8 @@ class Config:
     visitor: str = "tcp:9092:interface=127.0.0.1"
     resident: str = "tcp:9093:interface=127.0.0.1"
     http: str = "tcp:8080:interface=127.0.0.1"
+    #: --log-level: the least severe events written (under twistd; SIGHUP may change it).
+    log_level: str = "info"
     close_timeout: float = 2.0
     uuid_timeout: float = 5.0
     api_token: str | None = None
@@ -174,6 +177,8 @@ class AudioHangupService(InOrder):
         ("directory",),
         ("webhooks",),  # the legs' last events are out now: deliver them (bounded)
         ("records",),  # then close the store
+        ("reload",),  # SIGHUP re-reads --config until the end (a drain may be long)
+        ("log-level",),  # the log as twistd began it, for what it writes after us
     )
 
     log = Logger()
@@ -278,10 +283,16 @@ def global_reactor() -> IReactor:
     return cast(IReactor, reactor)
 
 
-def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangupService:
+def build_service(
+    config: Config, reactor: IReactor | None = None, *, reread: Reread | None = None, filter_log: bool = False
+) -> AudioHangupService:
     """
     Build every part in the order they need each other, each given what it
     needs as it is made, and the service that starts and stops them.
+
+    With C{reread} (C{--config} under twistd or twist), SIGHUP re-reads the
+    configuration and applies what can change live (L{ConfigReload}); with
+    C{filter_log} the log level filters the process's log (L{LogLevelFilter}).
     """
     if reactor is None:
         reactor = global_reactor()
@@ -345,47 +356,58 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     doors: list[IService] = []
+    # A listener has its gate with --allow, and with --config (open to all without --allow) since SIGHUP may set it.
+    gates: dict[str, SourceGate] = {}
     if cluster is not None and linked(config):
-        doors.append(link_listener(config, cluster, registry, reactor, formats, metrics, relay))
+        doors.append(
+            link_listener(config, cluster, registry, reactor, formats, metrics, relay, gates, gated=reread is not None)
+        )
+    factories = []
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
+        factories.append(factory)
         endpoint = server_endpoint(reactor, config.endpoint(role))
-        gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
-        doors.append(Listener(name, endpoint, factory, gate))
+        if config.allow is not None or reread is not None:
+            gates[name] = SourceGate(name, SourceACL(config.allow), reactor, metrics)
+        doors.append(Listener(name, endpoint, factory, gates.get(name)))
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
         formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
+    cap = ConnectionCap(
+        "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,
+        uncapped=config.trusted_proxies,
+    )
     site = ApiSite.forAPI(
         api, reactor, head_timeout=config.http_head_timeout, body_timeout=config.http_body_timeout,
-        cap=ConnectionCap(
-            "http", config.http_max_connections, config.http_max_per_source, reactor, metrics,
-            uncapped=config.trusted_proxies,
-        ),
-        hosts=ServedHosts(served_names(config), origins=config.http_hosts),
+        cap=cap, hosts=ServedHosts(served_names(config), origins=config.http_hosts),
     )
-    http_gate = (
-        None if config.http_allow is None
-        else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
-    )
-    doors.append(Listener("http", server_endpoint(reactor, config.http), site, http_gate))
-    if config.api_tokens_file is not None:
+    if config.http_allow is not None or reread is not None:
+        gates["http"] = SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
+    doors.append(Listener("http", server_endpoint(reactor, config.http), site, gates.get("http")))
+    levels = LogLevelFilter(config.log_level, install=filter_log)
+    if reread is None and config.api_tokens_file is not None:
         doors.append(
             TokensFile(config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files)
         )
-    return AudioHangupService(
+    service = AudioHangupService(
         registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster,
-        streams=streams, metrics=metrics, recorder=recorder, api=api, doors=doors,
+        streams=streams, metrics=metrics, recorder=recorder, api=api, doors=[*doors, levels],
         warnings=start_warnings(config, reactor, api, descriptors),
     )
+    if reread is not None:
+        parts = LiveParts(service, api, gates, factories, cap, levels)
+        ConfigReload(reread, config, parts, reactor).setServiceParent(service)
+    return service
 
 
 def link_listener(
     config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, formats: dict[Role, AudioFormat],
-    metrics: CollectorRegistry, relay: Relay | None = None,
+    metrics: CollectorRegistry, relay: Relay | None = None, gates: dict[str, SourceGate] | None = None,
+    *, gated: bool = False,
 ) -> IService:
     """
     The media link: its listener, which the directory's presence names, and
@@ -403,7 +425,11 @@ def link_listener(
     tls = config.link.startswith("ssl:")
     trust = None if config.link_ca is None else trust_root(config.link_ca)
     registry.events.add(Linker(directory, registry, reactor, config.api_token, relay, tls_only=tls, trust=trust))
-    gate = None if config.allow is None else SourceGate("link", SourceACL(config.allow), reactor, metrics)
+    gate = None
+    if config.allow is not None or gated:  # gated: SIGHUP may set --allow
+        gate = SourceGate("link", SourceACL(config.allow), reactor, metrics)
+        if gates is not None:
+            gates["link"] = gate
     advertised = urlsplit(config.advertise_url).hostname if config.advertise_url else None
     return LinkListener(server, server_endpoint(reactor, config.link), directory, advertised, gate, tls=tls)
 
@@ -491,25 +517,15 @@ def fit_descriptors(
     )
 
 
-class TokensFile(Service):
+class OnSighup(Service):
     """
-    The API's tokens file, re-read on SIGHUP. A file that cannot be read or
-    parsed keeps the tokens in force and logs why; a good one replaces them
-    (with --api-token's) and logs how many there are per scope, never a token.
+    A part that acts on SIGHUP: its handler is installed when it starts and
+    the one before put back when it stops. The signal arrives between two
+    bytecodes of whatever runs; the work is done in the reactor's turn.
     """
 
-    log = Logger()
-    name = "tokens-file"
-
-    def __init__(
-        self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False
-    ) -> None:
-        self.path = path
-        self.insecure = insecure
-        self.api = api
-        self.reactor = reactor
-        self.api_token = api_token
-        self._previous: Any = None
+    reactor: IReactor
+    _previous: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -525,16 +541,170 @@ class TokensFile(Service):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
+        raise NotImplementedError
+
+
+def load_tokens(path: str | None, api_token: str | None, *, insecure: bool) -> Tokens:
+    """The API's tokens: a tokens file's (TokenFileError if it cannot be taken) and --api-token, of scope control."""
+    tokens = Tokens() if path is None else Tokens.load(path, insecure=insecure)
+    return tokens + Tokens([(Scope.CONTROL, api_token)] if api_token else [])
+
+
+class TokensFile(OnSighup):
+    """
+    The API's tokens file, re-read on SIGHUP. A file that cannot be read or
+    parsed keeps the tokens in force and logs why; a good one replaces them
+    (with --api-token's) and logs how many there are per scope, never a token.
+    Without --config only: with it, L{ConfigReload} re-reads the file too.
+    """
+
+    log = Logger()
+    name = "tokens-file"
+
+    def __init__(
+        self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False
+    ) -> None:
+        self.path = path
+        self.insecure = insecure
+        self.api = api
+        self.reactor = reactor
+        self.api_token = api_token
+
+    def reload(self) -> None:
         try:
-            tokens = Tokens.load(self.path, insecure=self.insecure)
+            tokens = load_tokens(self.path, self.api_token, insecure=self.insecure)
         except TokenFileError as error:
             self.log.error("API tokens not reloaded, the old ones stay in force: {error}", error=str(error))
             return
-        if self.api_token:
-            tokens = tokens + Tokens([(Scope.CONTROL, self.api_token)])
         self.api.tokens = tokens
         counts = tokens.counts()
         self.log.info(
             "API tokens reloaded from {path}: {read} read, {control} control",
             path=self.path, read=counts["read"], control=counts["control"],
         )
+
+
+class Reread(Protocol):
+    """The configuration read again (tap.Reread): --config's path, the new configuration and what changed."""
+
+    path: str
+
+    def __call__(self) -> tuple[Config, list[str]]: ...
+
+    def settle(self, applied: Collection[str]) -> None: ...
+
+
+@dataclass
+class LiveParts:
+    """The parts whose settings SIGHUP may change in place."""
+
+    service: AudioHangupService
+    api: ControlAPI
+    #: By listener name: audiosocket-visitor, audiosocket-resident, link (--allow), http (--http-allow).
+    gates: dict[str, SourceGate]
+    factories: list[AudioSocketFactory]
+    cap: ConnectionCap
+    levels: LogLevelFilter
+
+
+#: Options applied on SIGHUP, each to what it sets; any other whose value changed needs a restart.
+#: The limits are those of new legs: a live leg keeps the settings it started with.
+LIVE_LIMITS = frozenset({
+    "max-legs", "max-pending-per-source", "uuid-timeout", "close-timeout", "idle-timeout", "max-duration",
+    "playout-timeout", "max-queue-ms", "max-unsent-ms",
+})
+LIVE_TOKENS = frozenset({"api-token", "api-tokens-file", "insecure-files"})
+LIVE_WEBHOOKS = frozenset({"webhook", "webhook-secret", "webhook-secret-file"})
+LIVE_STREAMS = frozenset({
+    "stream-url", "stream-roles", "stream-protocol", "stream-mode", "stream-audio", "stream-connect-timeout",
+    "stream-failure", "stream-max-unsent-ms", "stream-max-queue-ms", "stream-header", "stream-secret",
+    "stream-secret-file",
+})
+LIVE_OTHERS = frozenset({
+    "allow", "http-allow", "log-level", "http-max-connections", "http-max-per-source", "record-every-call",
+})
+LIVE = LIVE_LIMITS | LIVE_TOKENS | LIVE_WEBHOOKS | LIVE_STREAMS | LIVE_OTHERS
+
+
+class ConfigReload(OnSighup):
+    """
+    SIGHUP: C{--config} read again, with the same command line over it, and
+    checked as at start-up. What can change in place is applied (L{LIVE}); the
+    log says in one line what was applied and which changed options need a
+    restart. A file that is not taken changes nothing and is logged with the
+    key at fault. The tokens file is re-read whatever changed.
+    """
+
+    log = Logger()
+    name = "reload"
+
+    def __init__(self, reread: Reread, config: Config, parts: LiveParts, reactor: IReactor) -> None:
+        self.reread = reread
+        self.config = config
+        self.parts = parts
+        self.reactor = reactor
+
+    def reload(self) -> None:
+        try:
+            new, changed = self.reread()
+            new, descriptors = fit_descriptors(new)
+            tokens = load_tokens(
+                new.api_tokens_file, self._api_token(new, changed), insecure=new.insecure_files
+            )
+        except (ValueError, TokenFileError) as error:
+            self.log.error(
+                "configuration not reloaded from {path}, nothing changed: {error}", path=self.reread.path, error=str(error)
+            )
+            return
+        applied, restart = self.apply(new, changed, tokens)
+        self.reread.settle(applied)
+        # The line below is written at the more verbose of the two levels: a level raised hides it after, not before.
+        more_verbose = LEVELS.index(new.log_level) < LEVELS.index(self.parts.levels.level)
+        if more_verbose:
+            self.parts.levels.set(new.log_level)
+        counts = tokens.counts()
+        self.log.info(
+            "configuration reloaded from {path}: applied {applied}; API tokens {read} read, {control} control; "
+            "changed but needing a restart: {restart}",
+            path=self.reread.path, applied=", ".join(applied) or "nothing new",
+            read=counts["read"], control=counts["control"], restart=", ".join(restart) or "none",
+            applied_keys=applied, restart_keys=restart,
+        )
+        if descriptors is not None and "max-legs" in applied:
+            self.log.warn("{warning}", warning=descriptors)
+        self.parts.levels.set(new.log_level)
+
+    def _api_token(self, new: Config, changed: list[str]) -> str | None:
+        """--api-token as it applies: with --redis it is also the instances' shared key, which a restart changes."""
+        return self.config.api_token if self.config.redis and "api-token" in changed else new.api_token
+
+    def apply(self, new: Config, changed: list[str], tokens: Tokens) -> tuple[list[str], list[str]]:
+        """Apply what can change in place; the options applied, and those that need a restart."""
+        parts, old = self.parts, self.config
+        restart = [key for key in changed if key not in LIVE]
+        if old.redis and "api-token" in changed:
+            restart.append("api-token")
+        webhooks = parts.service.webhooks
+        if any(key in LIVE_WEBHOOKS for key in changed) and webhooks is None:
+            restart.extend(key for key in changed if key in LIVE_WEBHOOKS)
+        applied = [key for key in changed if key not in restart]
+        parts.api.tokens = tokens
+        for name, gate in parts.gates.items():
+            gate.acl = SourceACL(new.http_allow if name == "http" else new.allow)
+        parts.cap.total, parts.cap.per_source = new.http_max_connections, new.http_max_per_source
+        if webhooks is not None:
+            webhooks.retarget(list(new.webhooks), new.webhook_secret)
+        if parts.service.streams is not None:
+            parts.service.streams.config = new.streams
+        if parts.service.recorder is not None:  # calls from now on: one being recorded goes on
+            recorder = parts.service.recorder
+            recorder.config = replace(recorder.config, every_call=new.record_every_call)
+        for factory in parts.factories:
+            factory.settings = replace(new.leg_settings(factory.role), audio=factory.settings.audio)
+        settings = replace(new.leg_settings(), audio=parts.service.settings.audio)
+        parts.service.settings = parts.api.settings = settings
+        drain = parts.service.getServiceNamed("drain")
+        if isinstance(drain, Drain):
+            drain.close_timeout = new.close_timeout
+        self.config = replace(new, api_token=old.api_token) if "api-token" in restart else new
+        return applied, sorted(restart)

@@ -8,8 +8,12 @@ plugins imports neither Klein nor the rest of the package.
 
 from __future__ import annotations
 
+import getopt
 import os
-from collections.abc import Callable, Iterable
+import re
+import stat
+import sys
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from twisted.application.service import IService
@@ -17,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from audiohangup import config as config_file
 from audiohangup import credentials
 from audiohangup.audio import FORMATS, FRAME_MS
 from audiohangup.cluster.redis import parse_redis_url
@@ -25,6 +30,7 @@ from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileErro
 from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
+from audiohangup.loglevel import LEVELS
 from audiohangup.reasons import Role
 from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
@@ -58,6 +64,9 @@ RENAMED = {
     "record-mix": "recordings-mix",
     "record-days": "recordings-days",
 }
+
+#: Options whose value is a comma-separated list: in a configuration file, an array too.
+COMMA_LISTS = ("allow", "http-allow", "trusted-proxies", "stream-roles")
 
 log = Logger()
 
@@ -143,6 +152,16 @@ class Options(usage.Options):
         "unix:PATH, ssl:...)."
     )
     optParameters: list[list[Any]] = [
+        [
+            "config", None, None,
+            "TOML file of options, one key per option (max-legs = 200); the command line overrides it. "
+            "SIGHUP re-reads it and applies what can change without a restart.",
+        ],
+        [
+            "log-level", None, Config.log_level,
+            "The least severe events twistd writes (debug adds lines per connection crowded out, per webhook delivered...).",
+            _choice("--log-level", LEVELS),
+        ],
         ["visitor", None, Config.visitor, "Endpoint for visitor legs."],
         ["resident", None, Config.resident, "Endpoint for resident legs."],
         ["http", None, Config.http, "Endpoint for the HTTP API."],
@@ -422,6 +441,27 @@ class Options(usage.Options):
         self["stream-header"] = []
         self._headerSources: list[tuple[str, str]] = []  # (option, its argument), read in postOptions
         self["http-host"] = []
+        #: The command line as given, and the options it names (by their names, old spellings as the new).
+        self.argv: list[str] = []
+        self.given: set[str] = set()
+        #: What the configuration file gave, by key: where each error about it is.
+        self.fromFile: dict[str, config_file.Setting] = {}
+        #: Off when the file is re-read on SIGHUP: the old spellings were warned of at start-up.
+        self.warnOldSpellings = True
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Note which options the command line gives (they override the file), then parse as usual."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        try:
+            opts, _ = getopt.getopt(self.argv, self.shortOpt, self.longOpt)
+        except getopt.error:
+            opts = []  # usage.Options says what is wrong
+        for opt, _value in opts:
+            name = self.synonyms.get(opt.lstrip("-"), opt.lstrip("-"))
+            self.given.add(RENAMED.get(name, name))
+            if name == "record":
+                self.given.update(("recordings-dir", "record-every-call"))
+        super().parseOptions(self.argv)
 
     def opt_stream_header(self, header: str) -> None:
         """'NAME: VALUE' added to every stream's WebSocket handshake (repeat for several; never logged)."""
@@ -511,9 +551,67 @@ class Options(usage.Options):
         self["webhook"].append(url)
 
     def postOptions(self) -> None:
+        if self["config"] is not None:
+            self._readConfig(self["config"])
+        try:
+            self._checkOptions()
+        except usage.UsageError as error:
+            raise usage.UsageError(self._located(str(error))) from None
+
+    def _readConfig(self, path: str) -> None:
+        """The file's settings, for every option the command line does not give."""
+        try:
+            with open(path, "rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                text = file.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
+            raise usage.UsageError(f"--config: cannot read {path}: {why}") from None
+        try:
+            settings = config_file.parse(text, path, CONFIG_KEYS)
+            overridden = {_sameSetting(name) for name in self.given}
+            for setting in settings:
+                if _sameSetting(setting.key) not in overridden:
+                    self._apply(setting)
+        except config_file.ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        secrets = config_file.holds_secret(settings)
+        if secrets and credentials.exposed(mode):
+            log.warn(
+                "{path} holds secrets ({keys}) and its mode {mode} lets others read it or its group write it: "
+                "chmod 600 it (or name files that hold them: webhook-secret-file, ...)",
+                path=path, keys=", ".join(secrets), mode=f"{stat.S_IMODE(mode):04o}",
+            )
+
+    def _apply(self, setting: config_file.Setting) -> None:
+        """One key of the file, given to its option as the command line would give it."""
+        self.fromFile[setting.key] = setting
+        if setting.flag is not None:
+            self[setting.key] = int(setting.flag)
+            return
+        try:
+            if setting.key in CONFIG_KEYS.repeatable:
+                handler = getattr(self, f"opt_{setting.key.replace('-', '_')}")
+                for argument in setting.arguments:
+                    handler(argument)
+            else:
+                coerce = CONFIG_KEYS.parameters[setting.key] or str
+                usage.CoerceParameter(self, coerce).dispatch(setting.key, setting.arguments[0])
+        except usage.UsageError as error:
+            raise config_file.ConfigError(self._located(str(error), f"--{setting.key}")) from None
+
+    def _located(self, message: str, option: str | None = None) -> str:
+        """An error about an option the file gave, with the file, line and key it came from."""
+        for key, setting in self.fromFile.items():
+            if option == f"--{key}" or re.match(rf"--{re.escape(key)}(?![\w-])", message):
+                line = f", line {setting.line}" if setting.line is not None else ""
+                return f"{self['config']}{line}, key {key}: {message}"
+        return message
+
+    def _checkOptions(self) -> None:
         from twisted.internet import reactor
 
-        for old, new in self.oldSpellings.items():
+        for old, new in self.oldSpellings.items() if self.warnOldSpellings else ():
             log.warn("--{old} is deprecated and will go: say {new}", old=old, new=new)
         for name in ("visitor", "resident", "http"):
             try:
@@ -623,6 +721,7 @@ class Options(usage.Options):
             visitor=self["visitor"],
             resident=self["resident"],
             http=self["http"],
+            log_level=self["log-level"],
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
             api_token=self["api-token"],
@@ -695,5 +794,67 @@ for _old, _new in RENAMED.items():  # Options.opt_records and the others: usage.
     setattr(Options, f"opt_{_old.replace('-', '_')}", _oldSpelling(_old, _new))
 
 
+#: The configuration file's keys: every option's name (old spellings refused with the new one named).
+CONFIG_KEYS = config_file.keys_of(
+    Options, comma_lists=COMMA_LISTS,
+    refused={
+        **{old: f"an old spelling: say {new}" for old, new in RENAMED.items()},
+        "record": "an old spelling: say record-every-call = true and recordings-dir",
+    },
+)
+
+
+def _sameSetting(name: str) -> str:
+    """Options that set one thing (--webhook-secret, --webhook-secret-file): the command line giving one overrides all."""
+    for suffix in ("-file", "-env"):
+        if name.endswith(suffix) and name[: -len(suffix)] in {*CONFIG_KEYS.parameters, *CONFIG_KEYS.repeatable}:
+            return name[: -len(suffix)]
+    return name
+
+
+#: Values kept under a name that is not an option's: said as the option that gives them.
+_VALUE_OF = {"redis-password": "redis-password-file"}
+
+
+class Reread:
+    """
+    The configuration again, for SIGHUP: the same command line over the file
+    as it is now, through every check of start-up, and the options whose
+    values differ from those in force.
+    """
+
+    def __init__(self, options: Options) -> None:
+        self.path: str = options["config"]
+        self.argv = list(options.argv)
+        self.current = dict(options)
+        self._read: dict[str, Any] = {}
+
+    def __call__(self) -> tuple[Config, list[str]]:
+        """The new configuration and what changed; a ValueError says why the file is not taken."""
+        options = Options()
+        options.warnOldSpellings = False
+        try:
+            options.parseOptions(self.argv)
+        except usage.UsageError as error:
+            raise ValueError(str(error)) from None
+        self._read = dict(options)
+        changed = config_file.changed(self.current, self._read)
+        return options.config(), sorted({_VALUE_OF.get(key, key) for key in changed})
+
+    def settle(self, applied: Collection[str]) -> None:
+        """These options are in force now: a later reload compares against them (the others, against start-up)."""
+        names = {name: key for key, name in _VALUE_OF.items()}
+        for option in applied:
+            key = names.get(option, option)
+            self.current[key] = self._read.get(key)
+
+
 def makeService(options: Options, reactor: IReactor | None = None) -> IService:
-    return build_service(options.config(), reactor)
+    # Under twistd or twist (the options' parent) the service owns the process: SIGHUP re-reads --config, and
+    # under twistd, which has no level of its own, --log-level filters its log (twist has its --log-level, and
+    # begins logging only after the service has started). A service made in a test's process leaves both alone.
+    from twisted.application.app import ServerOptions
+
+    parent = getattr(options, "parent", None)
+    reread = Reread(options) if options["config"] is not None and parent is not None else None
+    return build_service(options.config(), reactor, reread=reread, filter_log=isinstance(parent, ServerOptions))

@@ -329,6 +329,15 @@ class Webhooks(Service):
             ),
         }
 
+    def retarget(self, urls: list[str], secret: str | None) -> None:
+        """
+        New events go to these URLs, signed with this secret (SIGHUP with
+        --config); those already queued keep the URL they were queued for.
+        """
+        self.check(urls, secret=secret)
+        self.urls, self.secret = list(urls), secret
+        self._names.update((url, redact(url)) for url in self.urls)
+
     @property
     def pending(self) -> int:
         """Events queued, in flight or waiting for a retry (one per event and URL)."""

@@ -1,0 +1,1 @@
+``--log-level`` (``debug``, ``info``, ``warn``, ``error``, ``critical``; default ``info``) filters what twistd writes, and ``SIGHUP`` with ``--config`` may change it. twistd used to write every event: the debug lines (a webhook delivered, a connection crowded out, a frame of an unknown kind) now need ``--log-level debug``.
