@@ -158,18 +158,18 @@ async def test_one_frame_a_tick_whoever_speaks(make_server: Any, app: App, logs:
         for pattern, (interval, frames) in PATTERNS.items():
             loop = repeat(interval, lambda frames=frames: voice.send(frames))
             await wait(0.5)  # settled in the pattern
-            start, missed = reactor.seconds(), pacer.missed_slots
+            start, first, missed = reactor.seconds(), pacer.slot, pacer.missed_slots
             await wait(3.0)
-            end, missed = reactor.seconds(), pacer.missed_slots - missed
+            end, last, missed = reactor.seconds(), pacer.slot, pacer.missed_slots - missed
             loop.stop()
             window = visitor.between(start, end)
-            rate = (len(window) + missed) / (end - start)
-            assert 49 <= rate <= 51, (pattern, rate, len(window), missed)
-            written = [(at, slot) for at, slot in writes if start <= at < end]
+            # Counted in the timeline's 20 ms slots, not against the wall clock, which a busy machine
+            # (and the fake Asterisk's reads, on this reactor) would make the measure: every slot wrote
+            # one frame or was missed, 50 a second. Two feeds would write 1.5 frames a slot.
+            written = [(at, slot) for at, slot in writes if first < slot <= last]
+            assert abs(len(written) + missed - (last - first)) <= 1, (pattern, len(written), missed, last - first)
             assert max(Counter(slot for _, slot in written).values()) == 1, pattern  # a frame a slot
             assert worst_100ms([at for at, _ in written]) <= 6, pattern
-            # At the fake Asterisk: two feeds would give 9 or more; one more than 6 is its own reads bunching.
-            assert worst_100ms([at for at, _ in window]) <= 7, pattern
             if mode == "mix":
                 heard = np.frombuffer(b"".join(payload for _, payload in window), "<i2").astype(float)
                 spectrum = np.abs(np.fft.rfft(heard))
