@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -43,7 +43,7 @@ from audiohangup.listeners import (
     listens_beyond_loopback,
     server_endpoint,
 )
-from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
+from audiohangup.metrics import GarbageCollectorPauses, LegMetrics, ReactorLag, process_series, series
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
@@ -53,6 +53,7 @@ from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
+from audiohangup.systemd import SystemdNotifier
 from audiohangup.webhooks import Webhooks
 
 
@@ -162,7 +163,7 @@ class AudioHangupService(InOrder):
     STOP_ORDER = (
         ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
         ("drain",),  # every leg hung up and gone (bounded)
-        ("gc-pauses",),  # the process-wide hook goes
+        ("gc-pauses", "reactor-lag"),  # the process-wide hook goes
         ("streams",),  # their apps get stop and a close, bounded
         ("recorder",),  # the last audio written, the headers completed
         ("pacer",),  # after the drain: live legs get their frames to the end
@@ -171,6 +172,7 @@ class AudioHangupService(InOrder):
         ("directory",),
         ("webhooks",),  # the legs' last events are out now: deliver them (bounded)
         ("records",),  # then close the store
+        ("systemd",),  # last: its watchdog pings and status go on through the whole stop
     )
 
     log = Logger()
@@ -192,6 +194,7 @@ class AudioHangupService(InOrder):
         api: ControlAPI | None = None,
         doors: Sequence[IService] = (),
         warnings: Sequence[str] = (),
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__(self.STOP_ORDER)
         self.registry = registry
@@ -209,12 +212,18 @@ class AudioHangupService(InOrder):
         self.api = api
         #: What the configuration leaves open, logged once at start-up.
         self.warnings = list(warnings)
+        #: Tells systemd (Type=notify) when every listener is up, what is live, and that the reactor turns.
+        self.notifier = notifier or SystemdNotifier(
+            reactor, lambda: (len(registry), registry.session_count),
+            [door for door in doors if isinstance(door, Listener)],
+        )
         # Children start in this order. The store opens before the reactor
         # runs, so no leg can start ahead of it: the first legs' writes queue
         # behind the opening. The directory never fails for want of Redis: it
         # keeps trying by itself.
         parts: list[IService | None] = [
             None if metrics is None else GarbageCollectorPauses(metrics),
+            None if metrics is None else ReactorLag(metrics, reactor),
             recorder,
             records,
             None if cluster is None else cluster.directory,
@@ -225,6 +234,7 @@ class AudioHangupService(InOrder):
             webhooks,
             Drain(registry, settings.close_timeout, reactor),
             *doors,
+            self.notifier,  # after the doors: it waits for them to listen
         ]
         for part in parts:
             if part is not None:
@@ -234,6 +244,10 @@ class AudioHangupService(InOrder):
         for warning in self.warnings:
             self.log.warn("{warning}", warning=warning)
         super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        self.notifier.stopping()  # first of all: systemd hears STOPPING=1 before any part stops
+        return super().stopService()
 
 
 class Drain(Service):
@@ -285,6 +299,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     config, descriptors = fit_descriptors(config)
     settings = config.leg_settings()
     metrics = CollectorRegistry()
+    process_series(metrics)  # open descriptors against their limit, memory, CPU
     flow = load_flow(config.flow)
     # The built-in bridge counts the frames it converts between formats (the series is shown whatever the flow).
     bridges = BridgeFlow.counting(metrics)
@@ -341,6 +356,10 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         )
         registry.events.add(directory)
         registry.events.add(cluster)
+        series(
+            metrics, Gauge, "audiohangup_directory_available",
+            "1 while the call directory (Redis) answers, 0 while it cannot be reached (only with --redis).",
+        ).set_function(lambda: float(directory.available))
     doors: list[IService] = []
     if cluster is not None and config.api_token and config.link != "none":
         doors.append(link_listener(config, cluster, registry, reactor, formats, metrics, relay))
