@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.test_metrics,tests.test_systemd -*-
 """
 Prometheus metrics: one C{CollectorRegistry} for the server, passed to each
 part, which registers its own series (with L{series}) and collectors. Nobody

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_twistd -*-
+# -*- test-case-name: tests.test_tap,tests.test_twistd,tests.test_systemd -*-
 """
 Service wiring: one listening endpoint per role, the HTTP API on a third, all
 on one reactor and one registry, and a shutdown that drains live legs.
