@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_the_units_verify_and_the_rules_pass_their_tests() -> None:
     tool("promtool")
     done = subprocess.run(
         [str(CONTRIB / "verify")], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHON": os.environ.get("PYTHON", shutil.which("python3") or "python3")},
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "systemd units: verified" in done.stdout
