@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -54,6 +54,15 @@ class Listener(StreamServerEndpointService):
     ) -> None:
         super().__init__(endpoint, factory if gate is None else GatedFactory(factory, gate))
         self.setName(name)
+        self._listeningWaiters: list[Deferred[None]] = []
+
+    def listening(self) -> Deferred[None]:
+        """Fires once the port listens (at once if it does): systemd's READY=1 waits for every listener."""
+        if self.port is not None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._listeningWaiters.append(waiter)
+        return waiter
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -65,6 +74,9 @@ class Listener(StreamServerEndpointService):
         self.log.info(
             "{name} listening on {address}", name=self.name, address=describe_address(port.getHost())
         )
+        waiters, self._listeningWaiters = self._listeningWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         return port
 
     def stopService(self) -> Deferred[None]:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.test_metrics,tests.test_systemd -*-
 """
 Prometheus metrics: one C{CollectorRegistry} for the server, passed to each
 part, which registers its own series (with L{series}) and collectors. Nobody
@@ -21,11 +21,19 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from audiohangup.interfaces import ILegObserver
@@ -36,12 +44,18 @@ if TYPE_CHECKING:
     from audiohangup.registry import Registry
     from audiohangup.streams.manager import Streams
 
-__all__ = ["CONTENT_TYPE", "GarbageCollectorPauses", "LegMetrics", "OnScrape", "StreamTotals", "series"]
+__all__ = [
+    "CONTENT_TYPE", "GarbageCollectorPauses", "LegMetrics", "OnScrape", "ReactorLag", "StreamTotals", "process_series",
+    "series",
+]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: A young collection takes microseconds, a full one over a large heap tens of milliseconds.
 GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+#: From a loop that keeps up (about a millisecond) to one stalled for seconds: 20 ms is a frame.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 #: From a reset right after our hangup (sub-millisecond) to the 2 s abort.
 HANGUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
@@ -183,6 +197,57 @@ class GarbageCollectorPauses(Service):
             self._started = time.perf_counter()
         else:
             self.pauses.labels(generation=str(info["generation"])).observe(time.perf_counter() - self._started)
+
+
+class ReactorLag(Service):
+    """
+    How late a timer of the reactor fires, every C{interval}: whatever holds
+    the reactor (a slow callback, a long collection, a starved CPU) delays
+    every leg's next frame by as much, so this is the lag calls hear. A
+    reactor stuck for good fires nothing and answers no scrape: the systemd
+    watchdog (L{audiohangup.systemd}) is what catches that.
+    """
+
+    name = "reactor-lag"
+
+    def __init__(self, metrics: CollectorRegistry, clock: IReactorTime, interval: float = 0.5) -> None:
+        self.lag = series(
+            metrics, Histogram, "audiohangup_reactor_lag_seconds",
+            "Seconds a reactor timer fired late (one every half second): the delay every leg's audio met.",
+            buckets=LAG_BUCKETS,
+        )
+        self.clock = clock
+        self.interval = interval
+        self._due = 0.0
+        self._call: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self) -> None:
+        self._due = self.clock.seconds() + self.interval
+        self._call = self.clock.callLater(self.interval, self._fired)
+
+    def _fired(self) -> None:
+        self.lag.observe(max(0.0, self.clock.seconds() - self._due))
+        self._schedule()
+
+
+def process_series(metrics: CollectorRegistry) -> None:
+    """
+    The process's own series in C{metrics} (prometheus_client's collector:
+    C{process_open_fds} and C{process_max_fds}, the soft limit in force,
+    memory, CPU seconds), which the default registry has but /metrics does
+    not render. On a system without C{/proc} it yields nothing.
+    """
+    ProcessCollector(registry=metrics)
 
 
 def _leg_counters(leg: IServerLeg) -> dict[str, int]:

@@ -214,6 +214,11 @@ class Registry:
         return {call_id: self._sessions[call_id].ordered() for call_id in sorted(self._sessions)}
 
     @property
+    def session_count(self) -> int:
+        """The number of live sessions (calls with a live leg here)."""
+        return len(self._sessions)
+
+    @property
     def connection_count(self) -> int:
         return len(self._connections)
 

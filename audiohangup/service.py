@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_twistd -*-
+# -*- test-case-name: tests.test_tap,tests.test_twistd,tests.test_systemd -*-
 """
 Service wiring: one listening endpoint per role, the HTTP API on a third, all
 on one reactor and one registry, and a shutdown that drains live legs.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -44,7 +44,7 @@ from audiohangup.listeners import (
     server_endpoint,
 )
 from audiohangup.loglevel import LEVELS, LogLevelFilter
-from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
+from audiohangup.metrics import GarbageCollectorPauses, LegMetrics, ReactorLag, process_series, series
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
@@ -54,6 +54,7 @@ from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
+from audiohangup.systemd import SystemdNotifier
 from audiohangup.webhooks import Webhooks, trust_root
 
 
@@ -168,7 +169,7 @@ class AudioHangupService(InOrder):
     STOP_ORDER = (
         ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
         ("drain",),  # every leg hung up and gone (bounded)
-        ("gc-pauses",),  # the process-wide hook goes
+        ("gc-pauses", "reactor-lag"),  # the process-wide hook goes
         ("streams",),  # their apps get stop and a close, bounded
         ("recorder",),  # the last audio written, the headers completed
         ("pacer",),  # after the drain: live legs get their frames to the end
@@ -179,6 +180,7 @@ class AudioHangupService(InOrder):
         ("records",),  # then close the store
         ("reload",),  # SIGHUP re-reads --config until the end (a drain may be long)
         ("log-level",),  # the log as twistd began it, for what it writes after us
+        ("systemd",),  # last: its watchdog pings and status go on through the whole stop
     )
 
     log = Logger()
@@ -200,6 +202,7 @@ class AudioHangupService(InOrder):
         api: ControlAPI | None = None,
         doors: Sequence[IService] = (),
         warnings: Sequence[str] = (),
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__(self.STOP_ORDER)
         self.registry = registry
@@ -217,12 +220,18 @@ class AudioHangupService(InOrder):
         self.api = api
         #: What the configuration leaves open, logged once at start-up.
         self.warnings = list(warnings)
+        #: Tells systemd (Type=notify) when every listener is up, what is live, and that the reactor turns.
+        self.notifier = notifier or SystemdNotifier(
+            reactor, lambda: (len(registry), registry.session_count),
+            [door for door in doors if isinstance(door, Listener)],
+        )
         # Children start in this order. The store opens before the reactor
         # runs, so no leg can start ahead of it: the first legs' writes queue
         # behind the opening. The directory never fails for want of Redis: it
         # keeps trying by itself.
         parts: list[IService | None] = [
             None if metrics is None else GarbageCollectorPauses(metrics),
+            None if metrics is None else ReactorLag(metrics, reactor),
             recorder,
             records,
             None if cluster is None else cluster.directory,
@@ -233,6 +242,7 @@ class AudioHangupService(InOrder):
             webhooks,
             Drain(registry, settings.close_timeout, reactor),
             *doors,
+            self.notifier,  # after the doors: it waits for them to listen
         ]
         for part in parts:
             if part is not None:
@@ -242,6 +252,10 @@ class AudioHangupService(InOrder):
         for warning in self.warnings:
             self.log.warn("{warning}", warning=warning)
         super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        self.notifier.stopping()  # first of all: systemd hears STOPPING=1 before any part stops
+        return super().stopService()
 
 
 class Drain(Service):
@@ -299,6 +313,7 @@ def build_service(
     config, descriptors = fit_descriptors(config)
     settings = config.leg_settings()
     metrics = CollectorRegistry()
+    process_series(metrics)  # open descriptors against their limit, memory, CPU
     flow = load_flow(config.flow)
     # The built-in bridge counts the frames it converts between formats (the series is shown whatever the flow).
     bridges = BridgeFlow.counting(metrics)
@@ -355,6 +370,10 @@ def build_service(
         )
         registry.events.add(directory)
         registry.events.add(cluster)
+        series(
+            metrics, Gauge, "audiohangup_directory_available",
+            "1 while the call directory (Redis) answers, 0 while it cannot be reached (only with --redis).",
+        ).set_function(lambda: float(directory.available))
     doors: list[IService] = []
     # A listener has its gate with --allow, and with --config (open to all without --allow) since SIGHUP may set it.
     gates: dict[str, SourceGate] = {}

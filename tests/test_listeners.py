@@ -41,3 +41,22 @@ async def test_unix_sockets_are_0660_unless_the_endpoint_says(logs: LogCapture) 
         os.umask(previous)
         shutil.rmtree(folder, ignore_errors=True)
     assert modes == {"visitor.sock": 0o660, "resident.sock": 0o660, "api.sock": 0o600}
+
+
+@pytest_twisted.ensureDeferred
+async def test_listening_fires_once_the_port_listens(logs: LogCapture) -> None:
+    """What systemd's READY=1 waits for: before the start nothing has fired, after it every waiter has."""
+    from twisted.internet.protocol import Factory
+
+    from audiohangup.listeners import Listener, server_endpoint
+
+    listener = Listener("http", server_endpoint(reactor, "tcp:0:interface=127.0.0.1"), Factory())
+    before = listener.listening()
+    assert not before.called
+    listener.privilegedStartService()
+    listener.startService()
+    try:
+        assert before.called
+        assert listener.listening().called  # and at once for a port that listens already
+    finally:
+        await listener.stopService()
