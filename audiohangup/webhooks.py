@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhooks -*-
+# -*- test-case-name: tests.test_webhooks,tests.test_webhook_outbox -*-
 """
 Leg events POSTed to webhook receivers, one JSON object per event.
 
@@ -484,10 +484,10 @@ class Webhooks(Service):
                 "webhook outbox {path}: the oldest {count} events dropped, beyond its bound of {max_events}",
                 path=self.outbox.path, count=excess, max_events=self.max_queue,
             )
+        if self._stopping.begun:
+            return  # stopped before it opened (the outbox is closing): they stay for the next start
         if forgotten:
             self._delete(forgotten, "-")
-        if self._stopping.begun:
-            return  # stopped before it opened: they stay for the next start
         for row in known[excess:]:
             item = _Delivery(row.event, row.event_id, row.call_id, row.body, created_at=row.created_at, rowid=row.rowid)
             self._enqueue(urls[row.receiver], item)
