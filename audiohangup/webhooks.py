@@ -322,13 +322,11 @@ class Webhooks(Service):
     name = "webhooks"
 
     @staticmethod
-    def counter(metrics: CollectorRegistry, clock: Any = None) -> Counter:
+    def counter(metrics: CollectorRegistry, clock: Any) -> Counter:
         """
-        The deliveries' series in C{metrics}, and the backlog's: declared (no
-        sample yet, or 0) even without --webhook.
+        The deliveries' series in C{metrics}, and the backlog's (its age read
+        on C{clock}): declared (no sample yet, or 0) even without --webhook.
         """
-        if clock is None:
-            from twisted.internet import reactor as clock
         _backlog(metrics, clock)
         series(metrics, Counter, "audiohangup_webhook_outbox_errors", _OUTBOX_ERRORS)
         return series(metrics, Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"])

@@ -405,3 +405,15 @@ async def test_a_killed_server_delivers_every_event_after_its_restart(
     assert "100 undelivered events from an earlier run" in child.log, child.describe()
     child.signal("TERM")
     await child.exit()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_backlog_series_are_shown_without_webhooks(make_server: Any, logs: LogCapture) -> None:
+    """Alert rules and dashboards name them whatever is configured: 0 with no webhook."""
+    server = await make_server()
+    metrics = server.service.metrics
+    for name in (
+        "audiohangup_webhook_outbox_events", "audiohangup_webhook_outbox_oldest_age_seconds",
+        "audiohangup_webhook_outbox_errors_total",
+    ):
+        assert gauge(metrics, name) == 0
