@@ -98,6 +98,7 @@ __all__ = [
     "BadQuery",
     "CallRecords",
     "SchemaTooNew",
+    "create_private",
 ]
 
 #: The close reason of a row its leg never completed: the server went away.
@@ -692,7 +693,7 @@ class _Database:
             none was needed), the rows recovered and the rows pruned.
         """
         if self.path != ":memory:":
-            _create_private(self.path)
+            create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         try:
             journal = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
@@ -749,7 +750,7 @@ class _Database:
             conn.close()
 
 
-def _create_private(path: str) -> None:
+def create_private(path: str) -> None:
     """
     Create the database file 0600 whatever the umask, unless it exists:
     SQLite gives its C{-wal} and C{-shm} the main file's mode, and the rows

@@ -45,6 +45,9 @@ from audiohangup.listeners import (
 )
 from audiohangup.loglevel import LEVELS, LogLevelFilter
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics, ReactorLag, process_series, series
+from audiohangup.outbox import DEFAULT_MAX as OUTBOX_MAX
+from audiohangup.outbox import FILE_NAME as OUTBOX_FILE
+from audiohangup.outbox import Outbox
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
 from audiohangup.reasons import HangupCause, Role
@@ -90,6 +93,10 @@ class Config:
     webhooks: tuple[str, ...] = ()
     webhook_secret: str | None = None
     webhook_ca: str | None = None
+    #: --webhook-outbox: the SQLite file undelivered webhook events are kept in ("": beside the call records;
+    #: "none": in memory only, lost by a crash or a restart), and --webhook-outbox-max, its bound.
+    webhook_outbox: str = ""
+    webhook_outbox_max: int = OUTBOX_MAX
     flow: str = "bridge"
     audio: str = "slin"
     visitor_audio: str | None = None
@@ -127,6 +134,15 @@ class Config:
             return self.record_dir
         beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""
         return os.path.join(beside, "recordings")
+
+    def webhook_outbox_path(self) -> str | None:
+        """Where undelivered webhook events are kept: --webhook-outbox, else beside the call records; None: nowhere."""
+        if self.webhook_outbox == "none":
+            return None
+        if self.webhook_outbox:
+            return self.webhook_outbox
+        beside = os.path.dirname(self.records) if self.records not in ("none", ":memory:") else ""
+        return os.path.join(beside, OUTBOX_FILE)
 
     def audio_of(self, role: Role) -> str:
         """The format a role's legs carry: --visitor-audio or --resident-audio, else --audio."""
@@ -326,8 +342,11 @@ def build_service(
     relay = Relay(reactor)
     webhooks = None
     if config.webhooks:
+        outbox_path = config.webhook_outbox_path()
+        outbox = None if outbox_path is None else Outbox(outbox_path, reactor, max_events=config.webhook_outbox_max)
         webhooks = Webhooks(
-            list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
+            list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca,
+            outbox=outbox, max_attempts=5 if outbox is None else None,  # kept: tried until delivered or the bound
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
@@ -344,7 +363,7 @@ def build_service(
     else:
         CallRecords.counters(metrics)  # /metrics shows every series whatever is off, as it always did
     if webhooks is None:
-        Webhooks.counter(metrics)
+        Webhooks.counter(metrics, reactor)
     # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
     # count legs count one handed over through the media link on its session's home only (see LegEvents).
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (

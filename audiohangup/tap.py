@@ -31,6 +31,7 @@ from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
 from audiohangup.listeners import listens_beyond_loopback
 from audiohangup.loglevel import LEVELS
+from audiohangup.outbox import Outbox
 from audiohangup.reasons import Role
 from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
@@ -343,6 +344,17 @@ class Options(usage.Options):
             "(default: the system's trust store).",
         ],
         [
+            "webhook-outbox", None, None,
+            "SQLite file undelivered webhook events are kept in (0600), so a crash or a restart loses none "
+            "(default: webhook-outbox.sqlite3 beside --call-records; 'none': in memory only).",
+        ],
+        [
+            "webhook-outbox-max", None, Config.webhook_outbox_max,
+            "Webhook events the outbox holds at most (one per event and receiver); at the bound the oldest are "
+            "dropped.",
+            _whole("--webhook-outbox-max", low=1),
+        ],
+        [
             "recordings-dir", None, None,
             "Where recordings go, one stereo WAV per call: DIR/YYYY-MM-DD/<call id>.wav "
             "(default: 'recordings' beside the call records).",
@@ -629,6 +641,15 @@ class Options(usage.Options):
             Webhooks.check(self["webhook"], secret=self["webhook-secret"])
         except ValueError as error:
             raise usage.UsageError(f"--webhook: {error}") from None
+        if self["webhook-outbox"] == "":
+            raise usage.UsageError("--webhook-outbox needs a file path, or 'none'")
+        outbox = Config(records=self["call-records"], webhook_outbox=self["webhook-outbox"] or "").webhook_outbox_path()
+        if self["webhook"] and outbox is not None:
+            try:
+                Outbox.check_path(outbox)
+            except ValueError as error:
+                named = "--webhook-outbox" if self["webhook-outbox"] else "--webhook-outbox (beside --call-records)"
+                raise usage.UsageError(f"{named}: {error}") from None
         if self["redis"] is None and self["redis-password-file"] is not None:
             raise usage.UsageError("--redis-password-file needs --redis")
         if self["redis"] is not None:
@@ -742,6 +763,8 @@ class Options(usage.Options):
             records_keep_days=self["call-records-days"],
             webhooks=tuple(self["webhook"]),
             webhook_secret=self["webhook-secret"],
+            webhook_outbox=self["webhook-outbox"] or "",
+            webhook_outbox_max=self["webhook-outbox-max"],
             redis=self["redis"],
             redis_password=self.get("redis-password"),
             instance_id=self["instance-id"] or "",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhooks -*-
+# -*- test-case-name: tests.test_webhooks,tests.test_webhook_outbox -*-
 """
 Leg events POSTed to webhook receivers, one JSON object per event.
 
@@ -32,23 +32,40 @@ exponential backoff (C{retried}) up to C{max_attempts} attempts, then dropped
 attempt too, its connection aborted (L{audiohangup.httpclient}). Events beyond C{max_queue} held at once are dropped
 (C{overflow}). Drops are logged at warn, at most about once per
 L{LOG_INTERVAL} per kind, with a count of the ones not logged.
+
+With an L{Outbox} (the server's default), every event is written to it, on
+its own thread, before its first attempt, and deleted once delivered,
+rejected or dropped; at start-up the events an earlier run left are sent
+again, first, in the order they were written. Events left undelivered at
+stop stay there for the next start. Attempts do not run out (C{max_attempts}
+C{None}): the bound is the outbox's C{max_events}, and at it the I{oldest}
+event is dropped (C{overflow}), not the new one. A receiver may therefore
+see an event twice (a crash between its answer and the delete), never with
+another C{event_id}. If the outbox cannot be opened or written, that is
+logged at error level and counted (C{audiohangup_webhook_outbox_errors_total}),
+and the events go on in memory: calls are never held up by it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import re
 import time
 import uuid
+import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import treq
 from hyperlink import EncodedURL
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError
@@ -65,8 +82,9 @@ from audiohangup.events import counts_as_leg
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver
 from audiohangup.lifecycle import Once
-from audiohangup.logs import WarningCount, iso_time, redact
-from audiohangup.metrics import series
+from audiohangup.logs import LogLimit, WarningCount, iso_time, redact
+from audiohangup.metrics import OnScrape, series
+from audiohangup.outbox import Outbox, Stored, receiver_key
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
@@ -96,6 +114,8 @@ FAILED = "failed"
 OVERFLOW = "overflow"
 
 _RETRYABLE_STATUSES = frozenset({408, 429})
+
+_OUTBOX_ERRORS = "Webhook outbox statements that failed (open, write, delete): events then go on in memory only."
 
 
 def _mac(secret: str, timestamp: int, body: bytes) -> str:
@@ -179,6 +199,12 @@ class _Delivery:
     call_id: str
     body: bytes
     attempts: int = 0
+    #: When the event happened (reactor time): the backlog's age is the oldest one's.
+    created_at: float = 0.0
+    #: Its row in the outbox, once written there (None: in memory only).
+    rowid: int | None = None
+    #: Its place among the events held, oldest first (given by L{Webhooks._enqueue}).
+    seq: int = 0
 
 
 class _Queue:
@@ -223,6 +249,47 @@ class _Drain(Protocol):
             self.transport.loseConnection()
 
 
+class _Backlog(OnScrape):
+    """
+    What the webhooks have not delivered yet, read at scrape time: events
+    held (one per event and receiver: the outbox's rows, or the memory
+    queue's with no outbox) and the age of the oldest, for alerts on a
+    receiver that is down or too slow. Every sender of one registry is summed.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.senders: weakref.WeakSet[Webhooks] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[Metric]:
+        senders = list(self.senders)
+        events = GaugeMetricFamily(
+            "audiohangup_webhook_outbox_events",
+            "Webhook events not delivered yet, one per event and receiver (in the outbox; in memory without one).",
+        )
+        events.add_metric([], sum(sender.pending for sender in senders))
+        yield events
+        oldest = [at for at in (sender.oldest_at for sender in senders) if at is not None]
+        age = GaugeMetricFamily(
+            "audiohangup_webhook_outbox_oldest_age_seconds",
+            "Seconds since the oldest undelivered webhook event happened; 0 with none.",
+        )
+        age.add_metric([], max(0.0, self.clock.seconds() - min(oldest)) if oldest else 0.0)
+        yield age
+
+
+#: The backlog collector of each registry: one, however many senders count in it.
+_backlogs: weakref.WeakKeyDictionary[CollectorRegistry, _Backlog] = weakref.WeakKeyDictionary()
+
+
+def _backlog(metrics: CollectorRegistry, clock: Any) -> _Backlog:
+    found = _backlogs.get(metrics)
+    if found is None:
+        found = _backlogs[metrics] = _Backlog(clock)
+        metrics.register(found)
+    return found
+
+
 @implementer(ILegObserver)
 class Webhooks(Service):
     """
@@ -235,7 +302,8 @@ class Webhooks(Service):
     @param metrics: where each outcome is counted.
     @param timeout: seconds for one attempt, from connecting to the end of the
         response body; also how long L{stop} waits.
-    @param max_attempts: attempts per event and URL, the first one included.
+    @param max_attempts: attempts per event and URL, the first one included;
+        C{None}: no limit (with an outbox, whose bound limits instead).
     @param backoff: seconds before the first retry, doubled for each next one.
     @param max_backoff: the longest wait between two attempts.
     @param max_queue: events held at once (queued, in flight or waiting for a
@@ -244,14 +312,23 @@ class Webhooks(Service):
         a L{BoundedPool} of our own (receivers' response heads bounded),
         closed by L{stop}.
     @param max_concurrent: requests in flight at once, over every URL.
+    @param outbox: where every event is kept until it is done with, so a
+        crash or a restart loses none; opened by C{startService}, closed by
+        L{stop}. With it, C{max_queue} is its C{max_events}, and at the bound
+        the oldest event is dropped.
     """
 
     log = Logger()
     name = "webhooks"
 
     @staticmethod
-    def counter(metrics: CollectorRegistry) -> Counter:
-        """The deliveries' series in C{metrics}: declared (no sample yet) even without --webhook."""
+    def counter(metrics: CollectorRegistry, clock: Any) -> Counter:
+        """
+        The deliveries' series in C{metrics}, and the backlog's (its age read
+        on C{clock}): declared (no sample yet, or 0) even without --webhook.
+        """
+        _backlog(metrics, clock)
+        series(metrics, Counter, "audiohangup_webhook_outbox_errors", _OUTBOX_ERRORS)
         return series(metrics, Counter, "audiohangup_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"])
 
     @staticmethod
@@ -270,30 +347,37 @@ class Webhooks(Service):
         secret: str | None = None,
         metrics: CollectorRegistry | None = None,
         timeout: float = 5.0,
-        max_attempts: int = 5,
+        max_attempts: int | None = 5,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_queue: int = 10000,
         pool: HTTPConnectionPool | None = None,
         max_concurrent: int = 20,
         ca: str | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.check(urls, secret=secret)
         if timeout <= 0:
             raise ValueError("the webhook timeout must be positive")
-        if max_attempts < 1 or max_queue < 1 or max_concurrent < 1:
+        if (max_attempts is not None and max_attempts < 1) or max_queue < 1 or max_concurrent < 1:
             raise ValueError("max_attempts, max_queue and max_concurrent must be at least 1")
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff and max_backoff must not be negative")
         self.urls = list(urls)
         self.reactor = reactor
         self.secret = secret
-        self.deliveries = self.counter(metrics if metrics is not None else CollectorRegistry())  # none given: for nobody
+        metrics = metrics if metrics is not None else CollectorRegistry()  # none given: for nobody
+        self.deliveries = self.counter(metrics, reactor)
+        self.outbox_errors = series(metrics, Counter, "audiohangup_webhook_outbox_errors", _OUTBOX_ERRORS)
+        _backlog(metrics, reactor).senders.add(self)
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.max_queue = max_queue
+        self.outbox = outbox
+        #: Whether events go to the outbox: off when it failed to open.
+        self._durable = outbox is not None
+        self.max_queue = max_queue if outbox is None else outbox.max_events
         self.max_concurrent = max_concurrent
         self._owns_pool = pool is None
         if pool is None:
@@ -307,6 +391,12 @@ class Webhooks(Service):
         self._ready: deque[_Queue] = deque()
         self._active = 0
         self._held = 0
+        #: Every event held, oldest first, by its seq: the bound drops from the front; the age gauge reads it.
+        self._order: dict[int, tuple[_Queue, _Delivery]] = {}
+        self._seq = itertools.count()
+        self._storing = 0  # outbox writes not answered yet
+        self._kept = 0  # left in the outbox at stop, for the next start
+        self._error_limit = LogLimit(LOG_INTERVAL)
         self._pumping = False
         self._accepting = True
         self._giving_up = False
@@ -317,6 +407,11 @@ class Webhooks(Service):
         self._throttles = {
             OVERFLOW: WarningCount(
                 self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
+                LOG_INTERVAL,
+            ),
+            "outbox-full": WarningCount(
+                self.log, reactor,
+                "{count} more oldest webhook events dropped from the full outbox in the last {interval:g} s",
                 LOG_INTERVAL,
             ),
             FAILED: WarningCount(
@@ -342,6 +437,105 @@ class Webhooks(Service):
     def pending(self) -> int:
         """Events queued, in flight or waiting for a retry (one per event and URL)."""
         return self._held
+
+    @property
+    def oldest_at(self) -> float | None:
+        """When the oldest event held happened (reactor time), or None."""
+        for _, item in self._order.values():
+            return item.created_at
+        return None
+
+    # The outbox
+
+    def startService(self) -> None:
+        """
+        Open the outbox, before the reactor runs: the events of the first
+        legs are written behind the opening, so what an earlier run left is
+        sent first, in its order.
+        """
+        super().startService()
+        if self.outbox is not None:
+            self.outbox.open().addCallbacks(self._reload, self._openFailed)
+
+    def _openFailed(self, failure: Failure) -> None:
+        assert self.outbox is not None
+        self._durable = False
+        self.outbox_errors.inc()
+        self.log.error(
+            "webhook outbox {path} is off: {error}; webhook events are kept in memory only, "
+            "and lost by a crash or a restart",
+            path=self.outbox.path, error=_text(failure),
+        )
+
+    def _reload(self, rows: list[Stored]) -> None:
+        """Queue again, oldest first, what an earlier run left: for receivers still configured, within the bound."""
+        assert self.outbox is not None
+        urls = {receiver_key(url): url for url in self.urls}
+        known = [row for row in rows if row.receiver in urls]
+        forgotten = [row.rowid for row in rows if row.receiver not in urls]
+        excess = max(0, len(known) - self.max_queue)
+        for row in known[:excess]:
+            forgotten.append(row.rowid)
+            self._count(OVERFLOW)
+        self.log.info(
+            "webhook outbox {path}: {count} undelivered events from an earlier run",
+            path=self.outbox.path, count=len(known) - excess,
+        )
+        if len(forgotten) > excess:
+            self.log.warn(
+                "webhook outbox {path}: {count} events for receivers no longer configured dropped",
+                path=self.outbox.path, count=len(forgotten) - excess,
+            )
+        if excess:
+            self.log.warn(
+                "webhook outbox {path}: the oldest {count} events dropped, beyond its bound of {max_events}",
+                path=self.outbox.path, count=excess, max_events=self.max_queue,
+            )
+        if self._stopping.begun:
+            return  # stopped before it opened (the outbox is closing): they stay for the next start
+        if forgotten:
+            self._delete(forgotten, "-")
+        for row in known[excess:]:
+            item = _Delivery(row.event, row.event_id, row.call_id, row.body, created_at=row.created_at, rowid=row.rowid)
+            self._enqueue(urls[row.receiver], item)
+
+    def _store(self, url: str, item: _Delivery) -> None:
+        """Write the event to the outbox; queue it once written (in the order written), or in memory if that failed."""
+        assert self.outbox is not None
+        self._storing += 1
+        stored = self.outbox.add(receiver_key(url), item.call_id, item.event, item.event_id, item.body, item.created_at)
+        stored.addBoth(self._stored, url, item).addErrback(self._bug, None)
+
+    def _stored(self, result: int | Failure, url: str, item: _Delivery) -> None:
+        self._storing -= 1
+        if isinstance(result, Failure):
+            self._outboxFailed(result, "write", item.call_id)
+        else:
+            item.rowid = result
+        if self._giving_up:  # stopping, past the deadline
+            if item.rowid is not None:
+                self._kept += 1
+            else:
+                self._stop_dropped += 1
+            self._checkStopped()
+            return
+        self._enqueue(url, item)
+        self._checkStopped()
+
+    def _delete(self, rowids: list[int], call_id: str) -> None:
+        if rowids and self.outbox is not None and self._durable:
+            self.outbox.delete(rowids).addErrback(self._outboxFailed, "delete", call_id)
+
+    def _outboxFailed(self, failure: Failure, what: str, call_id: str) -> None:
+        """A failed outbox statement: counted, and logged at error at most once an interval."""
+        self.outbox_errors.inc()
+        if self._error_limit("outbox", self.reactor.seconds()):
+            assert self.outbox is not None
+            self.log.error(
+                "{call_id} webhook outbox {path}: {what} failed: {error}; the event goes on in memory only"
+                if what == "write" else "{call_id} webhook outbox {path}: {what} failed: {error}",
+                call_id=call_id, path=self.outbox.path, what=what, error=_text(failure),
+            )
 
     # ILegObserver: these only enqueue, and never raise.
 
@@ -385,10 +579,15 @@ class Webhooks(Service):
             payload: dict[str, Any] = {**fields, "event": event, "role": role}
             payload["event_id"] = event_id = uuid.uuid4().hex
             payload["call_id"] = call_id
-            payload["at"] = iso_time(self.reactor.seconds())
+            now = self.reactor.seconds()
+            payload["at"] = iso_time(now)
             body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
             for url in self.urls:
-                self._enqueue(url, _Delivery(event, event_id, call_id, body))
+                item = _Delivery(event, event_id, call_id, body, created_at=now)
+                if self._durable:
+                    self._store(url, item)
+                else:
+                    self._enqueue(url, item)
         except Exception:
             self.log.failure("{call_id} webhook event {event} could not be queued", call_id=call_id, event=event)
 
@@ -398,8 +597,11 @@ class Webhooks(Service):
         self.deliveries.labels(outcome=outcome).inc()
 
     def _enqueue(self, url: str, item: _Delivery) -> None:
+        if self._held >= self.max_queue and self.outbox is not None:
+            self._dropOldest()
         if self._held >= self.max_queue:
             self._count(OVERFLOW)
+            self._delete([item.rowid] if item.rowid is not None else [], item.call_id)
             self._throttles[OVERFLOW].warn(
                 "{call_id} webhook {event} {event_id} for {url} dropped: "
                 "{max_queue} events already queued (receivers too slow or down?)",
@@ -408,12 +610,47 @@ class Webhooks(Service):
             )
             return
         self._held += 1
+        item.seq = next(self._seq)
         queue = self._queues.get((url, item.call_id))
         if queue is None:
             queue = self._queues[url, item.call_id] = _Queue(url, item.call_id)
             self._ready.append(queue)
         queue.items.append(item)
+        self._order[item.seq] = (queue, item)
         self._pump()
+
+    def _release(self, item: _Delivery, *, forget: bool = True) -> None:
+        """The event is no longer held: delete it from the outbox too, unless it is kept there for the next start."""
+        self._held -= 1
+        self._order.pop(item.seq, None)
+        if forget and item.rowid is not None:
+            self._delete([item.rowid], item.call_id)
+
+    def _dropOldest(self) -> None:
+        """The outbox is full: drop its oldest event not in flight (counted, logged once an interval)."""
+        for queue, item in self._order.values():
+            if not (queue.state == "sending" and queue.items and queue.items[0] is item):
+                break
+        else:
+            return  # every one in flight: the new event is dropped instead
+        for index, queued in enumerate(queue.items):
+            if queued is item:
+                del queue.items[index]
+                break
+        if not queue.items:
+            if queue.retry is not None and queue.retry.active():
+                queue.retry.cancel()
+            queue.retry = None
+            if self._queues.get((queue.url, queue.call_id)) is queue:
+                del self._queues[queue.url, queue.call_id]  # if still in _ready, _pump skips it
+        self._release(item)
+        self._count(OVERFLOW)
+        self._throttles["outbox-full"].warn(
+            "webhook outbox full ({max_queue} events; receivers too slow or down?): the oldest, "
+            "{call_id} {event} {event_id} for {url}, dropped",
+            call_id=item.call_id, event=item.event, event_id=item.event_id,
+            url=self._names[queue.url], max_queue=self.max_queue,
+        )
 
     def _pump(self) -> None:
         """Start requests while there are queues ready and free slots."""
@@ -422,7 +659,9 @@ class Webhooks(Service):
         self._pumping = True
         try:
             while self._ready and self._active < self.max_concurrent and not self._giving_up:
-                self._send(self._ready.popleft())
+                queue = self._ready.popleft()
+                if queue.items:  # else emptied by the bound
+                    self._send(queue)
         finally:
             self._pumping = False
 
@@ -514,12 +753,11 @@ class Webhooks(Service):
     def _failedAttempt(self, queue: _Queue, item: _Delivery, why: str) -> None:
         fields = self._fields(queue, item, why=why)
         if not self._accepting:
-            # Stopping: no retries; what fails now is dropped.
+            # Stopping: no retries; what fails now is dropped, or kept in the outbox for the next start.
             self.log.debug("{call_id} webhook {event} {event_id} to {url} failed while stopping: {why}", **fields)
-            self._stop_dropped += 1
-            self._finish(queue, FAILED)
+            self._leave(queue)
             return
-        if item.attempts >= self.max_attempts:
+        if self.max_attempts is not None and item.attempts >= self.max_attempts:
             self._throttles[FAILED].warn(
                 "{call_id} webhook {event} {event_id} to {url} dropped after {attempt} attempts: {why}",
                 **fields,
@@ -542,11 +780,25 @@ class Webhooks(Service):
         self._ready.append(queue)
         self._pump()
 
-    def _finish(self, queue: _Queue, outcome: str) -> None:
-        """The head event of C{queue} is done with: delivered, rejected or dropped."""
-        queue.items.popleft()
-        self._held -= 1
-        self._count(outcome)
+    def _leave(self, queue: _Queue) -> None:
+        """Stopping: the head event of C{queue} gets no more attempts; it stays in the outbox if it is there."""
+        if queue.items[0].rowid is not None:
+            self._kept += 1
+            self._finish(queue, None)
+        else:
+            self._stop_dropped += 1
+            self._finish(queue, FAILED)
+
+    def _finish(self, queue: _Queue, outcome: str | None) -> None:
+        """
+        The head event of C{queue} is done with: delivered, rejected or
+        dropped, and deleted from the outbox; or (C{outcome} None) left in
+        the outbox at stop.
+        """
+        item = queue.items.popleft()
+        self._release(item, forget=outcome is not None)
+        if outcome is not None:
+            self._count(outcome)
         if self._giving_up:
             self._dropAll(queue)
         elif queue.items:
@@ -562,15 +814,20 @@ class Webhooks(Service):
         if queue.retry is not None and queue.retry.active():
             queue.retry.cancel()
         queue.retry = None
-        dropped = len(queue.items)
+        for item in queue.items:
+            self._release(item, forget=False)
+            if item.rowid is not None:
+                self._kept += 1
+            else:
+                self._stop_dropped += 1
+                self._count(FAILED)
         queue.items.clear()
-        self._held -= dropped
-        self._stop_dropped += dropped
-        for _ in range(dropped):
-            self._count(FAILED)
         self._queues.pop((queue.url, queue.call_id), None)
 
-    def _bug(self, failure: Failure, queue: _Queue) -> None:
+    def _bug(self, failure: Failure, queue: _Queue | None) -> None:
+        if queue is None:
+            self.log.failure("webhook outbox: queueing an event failed unexpectedly", failure)
+            return
         self.log.failure("{call_id} webhook delivery to {url} failed unexpectedly", failure,
                          call_id=queue.call_id, url=self._names[queue.url])
 
@@ -591,10 +848,12 @@ class Webhooks(Service):
         Stop taking events and drain, bounded by C{timeout} seconds: queued
         events get one attempt each, scheduled retries are cancelled (their
         event dropped), and at the deadline requests still in flight are
-        cancelled and what is left is dropped, logged with its count. Then the
-        pool we own is closed (its idle connections go at once; that wait is
-        bounded by C{timeout} too). Fires once all that is done; safe to call
-        again, each call firing when the first one does.
+        cancelled and what is left is dropped, logged with its count. Events
+        in the outbox are not dropped but left there for the next start.
+        Then the pool we own is closed (its idle connections go at once; that
+        wait is bounded by C{timeout} too), and the outbox. Fires once all
+        that is done; safe to call again, each call firing when the first
+        one does.
         """
         waiter = self._stopping.wait()
         if not self._stopping.begin():
@@ -604,9 +863,8 @@ class Webhooks(Service):
             if queue.state == "waiting" and queue.retry is not None:
                 queue.retry.cancel()
                 queue.retry = None
-                self._stop_dropped += 1
-                self._finish(queue, FAILED)
-        if self._held:
+                self._leave(queue)
+        if self._held or self._storing:
             self._deadline = self.reactor.callLater(self.timeout, self._giveUp)
         self._checkStopped()
         return waiter
@@ -621,7 +879,7 @@ class Webhooks(Service):
         for queue in list(self._queues.values()):
             if queue.request is None:
                 self._dropAll(queue)
-        if self._queues or self._held or self._active:
+        if self._queues or self._held or self._active:  # (outbox writes still out are dealt with by _stored)
             # Only a bug gets here; the bound on stop() holds all the same.
             self.log.error(
                 "webhooks: {held} events and {active} requests left after the deadline; forgotten",
@@ -630,10 +888,11 @@ class Webhooks(Service):
             for queue in list(self._queues.values()):
                 self._dropAll(queue)
             self._held = self._active = 0
+            self._order.clear()
         self._checkStopped()
 
     def _checkStopped(self) -> None:
-        if not self._stopping.begun or self._stopped or self._held or self._active:
+        if not self._stopping.begun or self._stopped or self._held or self._active or self._storing:
             return
         self._stopped = True
         if self._deadline is not None and self._deadline.active():
@@ -645,11 +904,23 @@ class Webhooks(Service):
             self.log.warn(
                 "webhooks stopped: {count} events dropped undelivered", count=self._stop_dropped
             )
+        if self._kept and self.outbox is not None:
+            self.log.info(
+                "webhooks stopped: {count} undelivered events kept in the outbox {path} for the next start",
+                count=self._kept, path=self.outbox.path,
+            )
         if self._owns_pool:
             closed = self._closePool()
         else:
             closed = Deferred()
             closed.callback(None)
+        if self.outbox is not None:
+            outbox = self.outbox
+            closed.addBoth(lambda _: outbox.close()).addErrback(
+                lambda failure: self.log.error(
+                    "closing the webhook outbox {path} failed: {error}", path=outbox.path, error=_text(failure)
+                )
+            )
         closed.addBoth(lambda _: self._stopping.fire())
 
     def _closePool(self) -> Deferred[None]:
@@ -666,6 +937,11 @@ class Webhooks(Service):
         maybeDeferred(self.pool.closeCachedConnections).addBoth(fire)
         return done
 
+
+
+def _text(failure: Failure) -> str:
+    error = failure.value
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 __all__ = ["EVENT_HEADER", "EVENT_ID_HEADER", "SIGNATURE_HEADER", "Webhooks", "sign", "verify"]

@@ -121,6 +121,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
     async def make(**options: Any) -> Server:
         loopback = "tcp:0:interface=127.0.0.1"
         options.setdefault("records", str(tmp_path / f"records-{len(started)}.sqlite3"))
+        options.setdefault("webhook_outbox", str(tmp_path / f"webhook-outbox-{len(started)}.sqlite3"))
         options.setdefault("http", loopback)
         config = Config(visitor=loopback, resident=loopback, **options)
         service = build_service(config, reactor)

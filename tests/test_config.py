@@ -338,7 +338,7 @@ class ReloadTests(FileMixin, SynchronousTestCase):
         self.assertEqual(service.settings.max_legs, 10)
 
     def test_webhook_targets(self) -> None:
-        service, reload, _path = self.start('webhook = ["http://127.0.0.1:9/a"]\n')
+        service, reload, _path = self.start('webhook = ["http://127.0.0.1:9/a"]\n', "--webhook-outbox", "none")
         self.write('webhook = ["http://127.0.0.1:9/b", "http://127.0.0.1:9/c"]\nwebhook-secret = "s3cret"\n')
         reload.reload()
         assert service.webhooks is not None
@@ -346,7 +346,7 @@ class ReloadTests(FileMixin, SynchronousTestCase):
         self.assertEqual(service.webhooks.secret, "s3cret")
 
     def test_webhooks_first_given_on_reload_need_a_restart(self) -> None:
-        _service, reload, _path = self.start("max-legs = 10\n")
+        _service, reload, _path = self.start("max-legs = 10\n", "--webhook-outbox", "none")
         self.write('max-legs = 10\nwebhook = ["http://127.0.0.1:9/b"]\n')
         events = self.logged()
         reload.reload()

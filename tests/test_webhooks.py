@@ -141,12 +141,12 @@ class Receiver(Resource):
             self.timers.append(reactor.callLater(delay, answer))
         return NOT_DONE_YET
 
-    async def start(self, tls: SelfSigned | None = None) -> Receiver:
+    async def start(self, tls: SelfSigned | None = None, port: int = 0) -> Receiver:
         site = Site(self)
         site.displayTracebacks = False
         self.wrapper = WrappingFactory(site)
         if tls is None:
-            endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+            endpoint: Any = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
         else:
             self.tls = True
             endpoint = SSL4ServerEndpoint(reactor, 0, tls.server_options(), interface="127.0.0.1")
@@ -178,10 +178,10 @@ class Harness:
     #: Paces the test's real legs; stopped after the test, so no tick outlives it.
     pacer: Pacer = field(default_factory=lambda: Pacer(reactor))
 
-    async def receiver(self, script: Script | None = None, tls: SelfSigned | None = None) -> Receiver:
+    async def receiver(self, script: Script | None = None, tls: SelfSigned | None = None, port: int = 0) -> Receiver:
         receiver = Receiver(script)
         self.receivers.append(receiver)
-        return await receiver.start(tls)
+        return await receiver.start(tls, port)
 
     def hooks(self, urls: list[str], **options: Any) -> Webhooks:
         webhooks = Webhooks(urls, reactor, **options)
