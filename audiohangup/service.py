@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from audiohangup.audio import FORMATS, AudioFormat, LegSettings
@@ -113,6 +114,12 @@ class Config:
     record_dir: str | None = None
     record_mix: str = "sent"
     record_days: float = 0.0
+    #: --on-stop: what SIGTERM does to live legs ("drain": they end by themselves, "hangup": cause shutdown).
+    on_stop: str = "drain"
+    #: --drain-timeout: the longest a drain waits before it hangs up the legs left.
+    drain_timeout: float = 3600.0
+    #: --reuse-port: the AudioSocket and HTTP listeners (tcp:) share their ports with another process (SO_REUSEPORT).
+    reuse_port: bool = False
 
     def recordings_directory(self) -> str:
         """Where recordings go: --recordings-dir, else 'recordings' beside the call records."""
@@ -148,10 +155,9 @@ class Config:
 class AudioHangupService(InOrder):
     """
     The whole server: every part of it a child service, started in the order
-    given and stopped in L{STOP_ORDER}. Stopping it stops accepting, then
-    hangs up every connection with cause C{shutdown} and waits for them,
-    bounded by the close timeout (each leg aborts itself when its peer does
-    not close in time).
+    given and stopped in L{STOP_ORDER}. Stopping it stops taking legs, lets
+    the live ones end by themselves (bounded) or hangs them up (see
+    L{Drain}), and stops the rest once they are gone.
 
     Everything its legs share (the registry, the pacer, the stores) is its
     own: nothing of it outlives C{stopService}.
@@ -160,8 +166,11 @@ class AudioHangupService(InOrder):
     #: The parts stop one step after another, each step waiting for the one
     #: before (a MultiService would stop them all at once).
     STOP_ORDER = (
+        # The AudioSocket listeners close; the live legs end by themselves (--on-stop drain, bounded by
+        # --drain-timeout) or are hung up (cause shutdown); either way, every leg is gone (bounded).
+        # The link and the API serve the draining calls meanwhile.
+        ("drain",),
         ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
-        ("drain",),  # every leg hung up and gone (bounded)
         ("gc-pauses",),  # the process-wide hook goes
         ("streams",),  # their apps get stop and a close, bounded
         ("recorder",),  # the last audio written, the headers completed
@@ -192,6 +201,8 @@ class AudioHangupService(InOrder):
         api: ControlAPI | None = None,
         doors: Sequence[IService] = (),
         warnings: Sequence[str] = (),
+        on_stop: str = "drain",
+        drain_timeout: float = 3600.0,
     ) -> None:
         super().__init__(self.STOP_ORDER)
         self.registry = registry
@@ -209,6 +220,8 @@ class AudioHangupService(InOrder):
         self.api = api
         #: What the configuration leaves open, logged once at start-up.
         self.warnings = list(warnings)
+        #: Called at the very start of the stop, before the drain (a process manager's notifier).
+        self.announce: list[Callable[[], object]] = []
         # Children start in this order. The store opens before the reactor
         # runs, so no leg can start ahead of it: the first legs' writes queue
         # behind the opening. The directory never fails for want of Redis: it
@@ -223,7 +236,10 @@ class AudioHangupService(InOrder):
             streams,
             cluster,
             webhooks,
-            Drain(registry, settings.close_timeout, reactor),
+            Drain(
+                registry, settings.close_timeout, reactor, on_stop=on_stop, drain_timeout=drain_timeout,
+                listeners=[door for door in doors if isinstance(door, Listener) and str(door.name).startswith("audiosocket-")],
+            ),
             *doors,
         ]
         for part in parts:
@@ -235,27 +251,105 @@ class AudioHangupService(InOrder):
             self.log.warn("{warning}", warning=warning)
         super().startService()
 
+    def stopService(self) -> Deferred[None]:
+        # The very start of the stop, before the drain: where a process manager hears that this one is stopping
+        # (each of self.announce, e.g. systemd's STOPPING=1).
+        for stopping in self.announce:
+            try:
+                stopping()
+            except Exception:
+                self.log.failure("telling that the server stops failed")
+        return super().stopService()
+
 
 class Drain(Service):
     """
-    At stop, hang up every connection (cause C{shutdown}) and wait until all
-    are gone; each leg aborts after the close timeout, and the wait is bounded
-    a second beyond it, which only guards a bug.
+    The first step of the stop. C{--on-stop drain} (the default): stop taking
+    new legs (the AudioSocket listeners close, so a sibling process on the
+    same ports, by C{SO_REUSEPORT} or systemd's sockets, takes the new
+    connections; one still arriving is refused as C{draining}) and let the
+    live legs go on until they end by themselves, bounded by
+    C{--drain-timeout}. Meanwhile everything else serves them as before:
+    bridges, streams, recordings, the media link, the API and the live page.
+    Then, as C{--on-stop hangup} does at once, hang up every connection left
+    (cause C{shutdown}) and wait until all are gone; each leg aborts after
+    the close timeout, and that wait is bounded a second beyond it, which
+    only guards a bug.
     """
 
     log = Logger()
     name = "drain"
 
-    def __init__(self, registry: Registry, close_timeout: float, clock: IReactor) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        close_timeout: float,
+        clock: IReactor,
+        *,
+        on_stop: str = "drain",
+        drain_timeout: float = 3600.0,
+        listeners: Sequence[Listener] = (),
+        progress: float = 30.0,
+    ) -> None:
         self.registry = registry
         self.close_timeout = close_timeout
         self.clock = clock
+        self.on_stop = on_stop
+        self.drain_timeout = drain_timeout
+        #: The AudioSocket listeners, closed at the start of the stop (the API's and the link's stay up).
+        self.listeners = list(listeners)
+        #: Seconds between two progress lines of a drain.
+        self.progress = progress
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self.drain())
+        return Deferred.fromCoroutine(self.stop())
+
+    async def stop(self) -> None:
+        self.registry.refusing = "the server is stopping (--on-stop " + self.on_stop + ")"
+        await DeferredList([listener.stopListening() for listener in self.listeners], consumeErrors=True)
+        if self.on_stop == "drain":
+            await self.drain()
+        await self.hangup()
 
     async def drain(self) -> None:
+        """Let the live legs end by themselves, at most C{drain_timeout} seconds."""
+        count = self.registry.connection_count
+        if not count:
+            self.log.info("drain: no live leg, stopping now")
+            return
+        began = self.clock.seconds()
+        self.log.info(
+            "drain: new legs go elsewhere; {legs} live leg(s) in {calls} call(s) go on until they end "
+            "(at most {timeout:g} s, --drain-timeout)",
+            legs=count, calls=len(self.registry.calls()), timeout=self.drain_timeout,
+        )
+        progress = LoopingCall(self._progress, began)
+        progress.clock = self.clock
+        progress.start(self.progress, now=False)
+        try:
+            ended = await within(self.registry.whenEmpty(), self.drain_timeout, self.clock)
+        finally:
+            progress.stop()
+        if ended:
+            self.log.info(
+                "drain: done, the last leg ended after {seconds:.1f} s", seconds=self.clock.seconds() - began
+            )
+        else:
+            self.log.warn(
+                "drain: --drain-timeout {timeout:g} s is over with {legs} leg(s) still live: they are hung up "
+                "(cause shutdown)",
+                timeout=self.drain_timeout, legs=self.registry.connection_count,
+            )
+
+    def _progress(self, began: float) -> None:
+        self.log.info(
+            "drain: {legs} live leg(s) in {calls} call(s) after {seconds:.0f} s ({left:.0f} s left)",
+            legs=self.registry.connection_count, calls=len(self.registry.calls()),
+            seconds=self.clock.seconds() - began, left=self.drain_timeout - (self.clock.seconds() - began),
+        )
+
+    async def hangup(self) -> None:
         """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
         connections = self.registry.connections()
         if not connections:
@@ -347,7 +441,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
-        endpoint = server_endpoint(reactor, config.endpoint(role))
+        endpoint = server_endpoint(reactor, config.endpoint(role), reuse_port=config.reuse_port)
         gate = None if config.allow is None else SourceGate(name, SourceACL(config.allow), reactor, metrics)
         doors.append(Listener(name, endpoint, factory, gate))
     api = ControlAPI(
@@ -368,7 +462,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         None if config.http_allow is None
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
     )
-    doors.append(Listener("http", server_endpoint(reactor, config.http), site, http_gate))
+    doors.append(Listener("http", server_endpoint(reactor, config.http, reuse_port=config.reuse_port), site, http_gate))
     if config.api_tokens_file is not None:
         doors.append(
             TokensFile(config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files)
@@ -377,6 +471,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster,
         streams=streams, metrics=metrics, recorder=recorder, api=api, doors=doors,
         warnings=start_warnings(config, reactor, api, descriptors),
+        on_stop=config.on_stop, drain_timeout=config.drain_timeout,
     )
 
 

@@ -24,7 +24,7 @@ from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
 from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import listens_beyond_loopback
+from audiohangup.listeners import listens_beyond_loopback, server_endpoint
 from audiohangup.reasons import Role
 from audiohangup.recording import Recorder
 from audiohangup.records import CallRecords
@@ -150,6 +150,17 @@ class Options(usage.Options):
             "close-timeout", None, Config.close_timeout,
             "Seconds to wait for the peer to close after our hangup before aborting.",
             _seconds("--close-timeout"),
+        ],
+        [
+            "on-stop", None, Config.on_stop,
+            "What SIGTERM does to live legs: drain (the listeners close, so a process on the same ports "
+            "takes new legs; live legs go on until they end, at most --drain-timeout) or hangup (at once, cause shutdown).",
+            _choice("--on-stop", ("drain", "hangup")),
+        ],
+        [
+            "drain-timeout", None, Config.drain_timeout,
+            "Seconds a drain lets live legs go on; then those left are hung up (cause shutdown). 0: at once.",
+            _seconds("--drain-timeout", zero_is_off=True),
         ],
         [
             "uuid-timeout", None, Config.uuid_timeout,
@@ -392,6 +403,11 @@ class Options(usage.Options):
     ]
     optFlags: list[list[Any]] = [
         [
+            "reuse-port", None,
+            "Listen with SO_REUSEPORT on the AudioSocket and HTTP ports (tcp: endpoints), so that the next "
+            "process (an upgrade) listens on the same ports while this one drains.",
+        ],
+        [
             "record-every-call", None,
             "Record every call into --recordings-dir from its first leg on; without it, a call is recorded "
             "when the API is asked to.",
@@ -518,6 +534,11 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+            if self["reuse-port"]:
+                try:
+                    server_endpoint(reactor, self[name], reuse_port=True)
+                except ValueError as error:
+                    raise usage.UsageError(f"--{name}: {error}") from None
         self._secret("webhook-secret", WEBHOOK_SECRET_ENVIRONMENT)
         self._secret("stream-secret", STREAM_SECRET_ENVIRONMENT)
         self._streamHeaders()
@@ -619,6 +640,9 @@ class Options(usage.Options):
             http=self["http"],
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
+            on_stop=self["on-stop"],
+            drain_timeout=self["drain-timeout"],
+            reuse_port=bool(self["reuse-port"]),
             api_token=self["api-token"],
             api_tokens_file=self["api-tokens-file"],
             insecure_http=bool(self["insecure-http"]),

@@ -122,6 +122,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
         loopback = "tcp:0:interface=127.0.0.1"
         options.setdefault("records", str(tmp_path / f"records-{len(started)}.sqlite3"))
         options.setdefault("http", loopback)
+        options.setdefault("on_stop", "hangup")  # a test's stop hangs up what it left live; a drain would wait
         config = Config(visitor=loopback, resident=loopback, **options)
         service = build_service(config, reactor)
         service.privilegedStartService()

@@ -550,8 +550,9 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
 
     def test_parts_stop_one_after_another_in_the_stated_order(self) -> None:
         """
-        The listeners stop together, then each part in turn, each once the
-        one before it is done (a MultiService would stop them all at once).
+        The drain first (it closes the AudioSocket listeners itself), then
+        the listeners together, then each part in turn, each once the one
+        before it is done (a MultiService would stop them all at once).
         """
         service = self.start()
         stopped: list[str] = []
@@ -570,7 +571,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         for part in service:
             watch(part)
         done = service.stopService()
-        self.assertEqual(stopped, ["audiosocket-visitor", "audiosocket-resident", "http", "drain"])
+        self.assertEqual(stopped, ["drain"])
         self.assertNoResult(done)
         draining.callback(None)
         self.assertIsNone(self.successResultOf(done))
@@ -579,7 +580,8 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             stopped, [name for step in AudioHangupService.STOP_ORDER for name in step if name in present]
         )
         self.assertEqual(
-            stopped[3:], ["drain", "gc-pauses", "streams", "recorder", "pacer", "relay"]
+            stopped, ["drain", "audiosocket-visitor", "audiosocket-resident", "http", "gc-pauses", "streams",
+                      "recorder", "pacer", "relay"]
         )
 
     def test_nothing_outlives_stop_service(self) -> None:

@@ -1,0 +1,219 @@
+"""
+The drain (C{--on-stop drain}, SIGTERM's default): the AudioSocket listeners
+close, live calls go on bridged until they end by themselves (bounded by
+C{--drain-timeout}), the API answers meanwhile, and the process exits once
+the last leg is gone. Real C{twistd} children over loopback, and the
+service in this process for the refusal of a leg that arrives during it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, deferLater
+
+from audiohangup.reasons import CloseReason
+from audiohangup.registry import Registry
+from audiohangup.service import Drain
+from audiohangup.wire import Kind, encode_frame
+from tests.conftest import Server, until
+from tests.fake_asterisk import FakeAsterisk, connect
+from tests.redis_server import free_port
+from tests.twistd_child import (
+    Spawn,
+    assert_orderly_shutdown,
+    assert_quiet,
+    assert_sigterm_exit,
+    get_json,
+    index_of,
+    settle,
+    start_server,
+    wait_for_legs,
+)
+
+FRAMES = 10
+
+
+def frames_of(tag: int) -> list[bytes]:
+    """FRAMES distinct 20 ms slin frames, none of them silence."""
+    return [encode_frame(Kind.SLIN, bytes([tag, n + 1]) * 160) for n in range(FRAMES)]
+
+
+def heard(client: FakeAsterisk) -> list[bytes]:
+    """The audio a leg was sent, its pacer's silence left out."""
+    return [frame.encode() for frame in client.frames if frame.kind == Kind.SLIN and any(frame.payload)]
+
+
+async def talk(visitor: FakeAsterisk, resident: FakeAsterisk, tag: int) -> None:
+    """Each leg says FRAMES frames; each must hear the other's, byte for byte, in order."""
+    before_v, before_r = len(heard(visitor)), len(heard(resident))
+    spoken, answered = frames_of(tag), frames_of(tag + 1)
+    for mine, theirs in zip(spoken, answered, strict=True):
+        visitor.send(mine)
+        resident.send(theirs)
+        await deferLater(reactor, 0.02)
+    await until(
+        lambda: len(heard(resident)) >= before_r + FRAMES and len(heard(visitor)) >= before_v + FRAMES,
+        5, "the frames across",
+    )
+    assert heard(resident)[before_r:] == spoken
+    assert heard(visitor)[before_v:] == answered
+
+
+async def call_on(ports: dict[str, int]) -> tuple[uuid.UUID, FakeAsterisk, FakeAsterisk]:
+    call_id = uuid.uuid4()
+    visitor = await connect(ports["audiosocket-visitor"], on_hangup="close")
+    resident = await connect(ports["audiosocket-resident"], on_hangup="close")
+    visitor.send_uuid(call_id)
+    resident.send_uuid(call_id)
+    return call_id, visitor, resident
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_keeps_a_call_bridged_until_it_ends(spawn: Spawn, logs: Any) -> None:
+    """
+    SIGTERM: the listeners close (a new leg is refused), the live call goes
+    on bridged both ways and the API answers for it; once it ends, the
+    process exits in order.
+    """
+    child, ports = await start_server(spawn, "--on-stop", "drain")
+    base = f"http://127.0.0.1:{ports['http']}"
+    call_id, visitor, resident = await call_on(ports)
+    await wait_for_legs(base, 2)
+    await talk(visitor, resident, 0x10)
+
+    child.signal("TERM")
+    await until(lambda: "drain: new legs go elsewhere; 2 live leg(s) in 1 call(s)" in child.log, 10, "the drain")
+    await until(lambda: "audiosocket-resident stopped listening" in child.log, 10, "the listeners to close")
+    for role in ("visitor", "resident"):
+        with pytest.raises(ConnectionRefusedError):
+            await connect(ports[f"audiosocket-{role}"])
+    await talk(visitor, resident, 0x20)
+    code, body = await get_json(f"{base}/calls/{call_id}")
+    assert code == 200 and [leg["role"] for leg in body["legs"]] == ["visitor", "resident"], body
+    assert child.ended is None, child.describe()
+
+    visitor.close()  # Asterisk ends the call: its session hangs up the other leg (--on-leg-end hangup)
+    await settle(resident.closed, "the resident to be hung up by its session")
+    ended = await child.exit()
+
+    assert_sigterm_exit(child, ended)
+    lines = assert_orderly_shutdown(child)
+    assert_quiet(child)
+    stopping = index_of(lines, "Received SIGTERM, shutting down.", child)
+    draining = index_of(lines, "drain: new legs go elsewhere", child)
+    gone = index_of(lines, f"{call_id} visitor leg ended: peer_closed", child)
+    drained = index_of(lines, "drain: done, the last leg ended after", child)
+    terminated = index_of(lines, "Main loop terminated.", child)
+    assert stopping < draining < gone < drained < terminated, child.describe()
+    assert "cause shutdown" not in child.log, child.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_drain_timeout_hangs_up_the_rest(spawn: Spawn, logs: Any) -> None:
+    """Past --drain-timeout the legs still live are hung up with cause shutdown, and the process exits."""
+    child, ports = await start_server(spawn, "--on-stop", "drain", "--drain-timeout", "0.5")
+    base = f"http://127.0.0.1:{ports['http']}"
+    call_id, visitor, resident = await call_on(ports)
+    await wait_for_legs(base, 2)
+
+    child.signal("TERM")
+    await settle(visitor.hangup_received, "the visitor's hangup at the drain's end")
+    await settle(resident.hangup_received, "the resident's hangup at the drain's end")
+    assert visitor.ended_with_single_hangup() and resident.ended_with_single_hangup()
+    ended = await child.exit()
+
+    assert_sigterm_exit(child, ended)
+    lines = assert_orderly_shutdown(child)
+    over = index_of(lines, "drain: --drain-timeout 0.5 s is over with 2 leg(s) still live", child)
+    for role in ("visitor", "resident"):
+        assert over < index_of(lines, f"{call_id} {role} hangup sent (cause shutdown)", child), child.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leg_arriving_during_a_drain_is_refused_as_draining(server: Server, logs: Any) -> None:
+    """A connection accepted as the listeners close gets no leg: closed at once, reason draining, counted."""
+    server.registry.refusing = "the server is stopping (--on-stop drain)"
+    leg = await connect(server.port("visitor"), on_hangup="close")
+    leg.send_uuid(uuid.uuid4())
+    await settle(leg.closed, "the refused connection to close")
+    assert len(server.registry) == 0 and server.registry.connection_count == 0
+    counted = server.service.metrics.get_sample_value(
+        "audiohangup_connections_without_leg_total", {"reason": CloseReason.DRAINING.value}
+    )
+    assert counted == 1.0
+    ended = [event for event in logs.ended() if event.get("reason") == CloseReason.DRAINING]
+    assert len(ended) == 1 and ended[0]["log_level"].name == "warn", ended
+
+
+class TestDrainService:
+    """The drain's waits, on a clock of its own."""
+
+    def test_no_leg_no_wait(self) -> None:
+        clock = Clock()
+        stopped = Drain(Registry(), 1.0, clock, drain_timeout=60.0).stopService()  # type: ignore[arg-type]
+        assert stopped.called
+
+    def test_it_waits_for_the_last_connection(self) -> None:
+        clock = Clock()
+        registry = Registry()
+        leg: Any = object()
+        registry.connected(leg)
+        stopped = Drain(registry, 1.0, clock, drain_timeout=60.0).stopService()  # type: ignore[arg-type]
+        clock.advance(59)
+        assert not stopped.called
+        assert registry.refusing is not None
+        registry.disconnected(leg)
+        assert stopped.called
+
+
+# Handing the ports over: SO_REUSEPORT
+
+
+def shared(ports: dict[str, int], http: int) -> list[str]:
+    """The options of a process on the AudioSocket ports C{ports}, with its API on C{http}."""
+    return [
+        "--reuse-port", "--on-stop", "drain", "--call-records", "none",
+        "--visitor", f"tcp:{ports['audiosocket-visitor']}:interface=127.0.0.1",
+        "--resident", f"tcp:{ports['audiosocket-resident']}:interface=127.0.0.1",
+        "--http", f"tcp:{http}:interface=127.0.0.1",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reuse_port_hands_the_ports_over(spawn: Spawn, logs: Any) -> None:
+    """
+    Two processes on the same AudioSocket ports (--reuse-port). SIGTERM to
+    the first: new calls go to the second, the first's call goes on bridged
+    until it ends, then the first exits; the second serves on.
+    """
+    ports = {"audiosocket-visitor": free_port(), "audiosocket-resident": free_port()}
+    old, _ = await start_server(spawn, *shared(ports, free_port()))
+    old_call, old_visitor, old_resident = await call_on(ports)
+    await until(lambda: f"{old_call} resident leg started" in old.log, 10, "the old call on the old process")
+    new, new_ports = await start_server(spawn, *shared(ports, free_port()))
+    assert {name: new_ports[name] for name in ports} == ports
+
+    old.signal("TERM")
+    await until(lambda: "audiosocket-resident stopped listening" in old.log, 10, "the old process to stop listening")
+    assert "audiosocket-visitor stopped listening" in old.log
+    new_call, new_visitor, new_resident = await call_on(ports)
+    await until(lambda: f"{new_call} resident leg started" in new.log, 10, "the new call on the new process")
+    await until(lambda: f"{new_call} visitor leg started" in new.log, 10, "the new call on the new process")
+    await talk(new_visitor, new_resident, 0x30)
+    await talk(old_visitor, old_resident, 0x40)
+    assert str(new_call) not in old.log and str(old_call) not in new.log
+    assert old.ended is None, old.describe()
+
+    old_visitor.close()
+    await settle(old_resident.closed, "the old call's resident to be hung up by its session")
+    ended = await old.exit()
+    assert_sigterm_exit(old, ended)
+    assert_orderly_shutdown(old)
+    assert_quiet(old)
+    await talk(new_visitor, new_resident, 0x50)  # the new process serves on
