@@ -23,11 +23,14 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from audiohangup.audio import FORMATS, AudioFormat, LegSettings
+from audiohangup.cluster.directory import Directory
 from audiohangup.cluster.forward import Cluster
+from audiohangup.cluster.localdirectory import LocalDirectory
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.http.access import Scope, TokenFileError, Tokens
@@ -44,6 +47,7 @@ from audiohangup.listeners import (
     listens_beyond_loopback,
     server_endpoint,
 )
+from audiohangup.logs import describe_address
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
@@ -118,6 +122,8 @@ class Config:
     on_stop: str = "drain"
     #: --drain-timeout: the longest a drain waits before it hangs up the legs left.
     drain_timeout: float = 3600.0
+    #: --local-directory: the call directory of the processes of one host, without Redis (a folder of files).
+    local_directory: str | None = None
     #: --reuse-port: the AudioSocket and HTTP listeners (tcp:) share their ports with another process (SO_REUSEPORT).
     reuse_port: bool = False
 
@@ -170,7 +176,7 @@ class AudioHangupService(InOrder):
         # --drain-timeout) or are hung up (cause shutdown); either way, every leg is gone (bounded).
         # The link and the API serve the draining calls meanwhile.
         ("drain",),
-        ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
+        ("audiosocket-visitor", "audiosocket-resident", "link", "http", "http-local", "tokens-file"),  # no new connection
         ("gc-pauses",),  # the process-wide hook goes
         ("streams",),  # their apps get stop and a close, bounded
         ("recorder",),  # the last audio written, the headers completed
@@ -230,7 +236,7 @@ class AudioHangupService(InOrder):
             None if metrics is None else GarbageCollectorPauses(metrics),
             recorder,
             records,
-            None if cluster is None else cluster.directory,
+            None if cluster is None else cast(IService, cluster.directory),
             pacer,
             relay,
             streams,
@@ -420,14 +426,19 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         if observer is not None:
             registry.events.add(observer, counts=counts)
     cluster = None
+    directory: Directory | LocalDirectory | None = None
+    instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     if config.redis:
-        from audiohangup.cluster.directory import Directory
-
-        instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(
             config.redis, instance_id, config.advertise_url or "", registry, reactor,
             heartbeat=config.heartbeat, password=config.redis_password,
         )
+    elif config.local_directory:
+        directory = LocalDirectory(
+            config.local_directory, instance_id, config.advertise_url or "", registry, reactor,
+            heartbeat=config.heartbeat,
+        )
+    if directory is not None:
         cluster = Cluster(
             directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg,
             # A forwarded wait=true&after_playout=true may take a playout and a close.
@@ -436,8 +447,11 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(directory)
         registry.events.add(cluster)
     doors: list[IService] = []
-    if cluster is not None and config.api_token and config.link != "none":
-        doors.append(link_listener(config, cluster, registry, reactor, formats, metrics, relay))
+    link = config.link
+    if config.local_directory and not config.redis and link == "none":
+        link = LOCAL_LINK  # the processes of one host: a split call is bridged between them
+    if cluster is not None and config.api_token and link != "none":
+        doors.append(link_listener(replace(config, link=link), cluster, registry, reactor, formats, metrics, relay))
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
@@ -463,6 +477,9 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         else SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
     )
     doors.append(Listener("http", server_endpoint(reactor, config.http, reuse_port=config.reuse_port), site, http_gate))
+    if isinstance(directory, LocalDirectory) and not config.advertise_url:
+        # The shared --http port may reach either process: what the other forwards to must reach this one.
+        doors.append(PrivateAPI(server_endpoint(reactor, LOCAL_LINK), site, directory, http_gate))
     if config.api_tokens_file is not None:
         doors.append(
             TokensFile(config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files)
@@ -473,6 +490,30 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         warnings=start_warnings(config, reactor, api, descriptors),
         on_stop=config.on_stop, drain_timeout=config.drain_timeout,
     )
+
+
+#: Where, with --local-directory, the media link and the private API listen unless told: loopback, a free port.
+LOCAL_LINK = "tcp:0:interface=127.0.0.1"
+
+
+class PrivateAPI(Listener):
+    """
+    The API once more, on a loopback port of this process alone, which the
+    local directory gives as its URL: the other processes of the host
+    forward a request for one of this process's calls to it, where the
+    shared C{--http} port (C{--reuse-port}) could reach either process.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, site: IProtocolFactory, directory: LocalDirectory,
+        gate: SourceGate | None,
+    ) -> None:
+        super().__init__("http-local", endpoint, site, gate)
+        self.directory = directory
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.directory.advertise_url = f"http://{describe_address(port.getHost())}"
+        return super()._listening(port)
 
 
 def link_listener(

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from audiohangup import credentials
 from audiohangup.audio import FORMATS, FRAME_MS
+from audiohangup.cluster.localdirectory import check_directory
 from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
@@ -188,6 +189,12 @@ class Options(usage.Options):
             "Redis URL (redis://host:port/db or unix:///path) of the call directory shared "
             "by several instances; without it this instance runs alone. Its password is best given "
             f"by --redis-password-file or ${REDIS_PASSWORD_ENVIRONMENT}, not in the URL (on the command line).",
+        ],
+        [
+            "local-directory", None, None,
+            "Folder (made 0700 if missing; /run/audiohangup is a good one) of the call directory shared by the "
+            "processes of this host without Redis: two processes that take turns on the same ports (--reuse-port) "
+            "forward API requests and link split calls to each other through it. Needs --api-token.",
         ],
         [
             "redis-password-file", None, None,
@@ -565,6 +572,18 @@ class Options(usage.Options):
                     "--redis needs --api-token: it is the control token the instances use between themselves "
                     "(the same on every instance), and the key that proves a request was forwarded by one of them"
                 )
+        if self["local-directory"] is not None:
+            if self["redis"] is not None:
+                raise usage.UsageError("--local-directory and --redis are two call directories: give one")
+            try:
+                check_directory(self["local-directory"])
+            except ValueError as error:
+                raise usage.UsageError(f"--local-directory: {error}") from None
+            if self["api-token"] is None and not os.environ.get(TOKEN_ENVIRONMENT):
+                raise usage.UsageError(
+                    "--local-directory needs --api-token: it is the control token the processes use between "
+                    "themselves, and the key that proves a request was forwarded by one of them"
+                )
         if not self["call-records"]:
             raise usage.UsageError("--call-records needs a file path, or 'none'")
         if self["call-records"] != "none":
@@ -643,6 +662,7 @@ class Options(usage.Options):
             on_stop=self["on-stop"],
             drain_timeout=self["drain-timeout"],
             reuse_port=bool(self["reuse-port"]),
+            local_directory=self["local-directory"],
             api_token=self["api-token"],
             api_tokens_file=self["api-tokens-file"],
             insecure_http=bool(self["insecure-http"]),

@@ -9,10 +9,12 @@ service in this process for the refusal of a leg that arrives during it.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
@@ -217,3 +219,85 @@ async def test_reuse_port_hands_the_ports_over(spawn: Spawn, logs: Any) -> None:
     assert_orderly_shutdown(old)
     assert_quiet(old)
     await talk(new_visitor, new_resident, 0x50)  # the new process serves on
+
+
+# The overlap without Redis: a local directory between the two processes
+
+TOKEN = "drain-test-control-token-0123456789"
+
+
+def sharing(ports: dict[str, int], folder: Path, name: str) -> list[str]:
+    """A process on the shared AudioSocket and HTTP ports, with the local directory in C{folder}."""
+    return [
+        *shared(ports, ports["http"]), "--local-directory", str(folder), "--api-token", TOKEN,
+        "--instance-id", name, "--heartbeat", "0.5",
+    ]
+
+
+async def answers(http: int, calls: dict[uuid.UUID, str], tries: int = 8) -> None:
+    """
+    Ask the shared API port for the calls of both processes C{tries} times
+    (each a new connection, to either process): each call is listed with its
+    legs on the instance that holds them (call id -> instance id).
+    """
+    for _ in range(tries):
+        response = await treq.get(
+            f"http://127.0.0.1:{http}/calls?scope=cluster", headers={"Authorization": f"Bearer {TOKEN}"},
+            persistent=False, timeout=10,
+        )
+        body = await response.json()
+        assert response.code == 200, body
+        listed = {call["call_id"]: call["legs"] for call in body["calls"]}
+        for call_id, instance_id in calls.items():
+            assert [(leg["role"], leg["instance_id"]) for leg in listed[str(call_id)]] == [
+                ("visitor", instance_id), ("resident", instance_id)
+            ], body
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overlap_with_a_local_directory(spawn: Spawn, tmp_path: Path, logs: Any) -> None:
+    """
+    Two processes on the same AudioSocket and API ports share a local
+    directory. After SIGTERM to the old one: the API (either process)
+    answers for the calls of both; a call whose first leg is on the old
+    process and whose second lands on the new one is one bridged call,
+    byte-exact both ways through the media link; the old process exits once
+    its calls end.
+    """
+    folder = tmp_path / "run"
+    ports = {"audiosocket-visitor": free_port(), "audiosocket-resident": free_port(), "http": free_port()}
+    old, _ = await start_server(spawn, *sharing(ports, folder, "old"))
+    old_call, old_visitor, old_resident = await call_on(ports)
+    split_id = uuid.uuid4()
+    split_visitor = await connect(ports["audiosocket-visitor"], on_hangup="close")
+    split_visitor.send_uuid(split_id)
+    await until(lambda: f"{split_id} visitor leg started" in old.log, 10, "the split call's first leg on the old one")
+    new, _ = await start_server(spawn, *sharing(ports, folder, "new"))
+
+    old.signal("TERM")
+    await until(lambda: "audiosocket-resident stopped listening" in old.log, 10, "the old process to stop listening")
+    new_call, new_visitor, new_resident = await call_on(ports)
+    split_resident = await connect(ports["audiosocket-resident"], on_hangup="close")
+    split_resident.send_uuid(split_id)
+    await until(lambda: f"{split_id} resident linked from instance new to instance old" in new.log, 10, "the link")
+    await until(lambda: f"{split_id} resident leg joined over the link from instance new" in old.log, 10, "the join")
+    await talk(split_visitor, split_resident, 0x60)
+    await talk(old_visitor, old_resident, 0x70)
+    await talk(new_visitor, new_resident, 0x80)
+    await answers(ports["http"], {old_call: "old", new_call: "new"})
+
+    # A hangup of the old call, through the shared port: whichever process takes it, the old one hangs up.
+    response = await treq.post(
+        f"http://127.0.0.1:{ports['http']}/calls/{old_call}/hangup?wait=true",
+        headers={"Authorization": f"Bearer {TOKEN}"}, persistent=False, timeout=10,
+    )
+    assert response.code == 200, await response.text()
+    await settle(old_visitor.hangup_received, "the old call's visitor to be hung up by the API")
+    await settle(old_resident.hangup_received, "the old call's resident to be hung up by the API")
+    split_visitor.close()
+    await settle(split_resident.closed, "the split call's resident, on the new process, to be hung up")
+    ended = await old.exit()
+    assert_sigterm_exit(old, ended)
+    assert_orderly_shutdown(old)
+    await talk(new_visitor, new_resident, 0x90)
+    await answers(ports["http"], {new_call: "new"})

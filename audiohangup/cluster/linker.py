@@ -39,7 +39,7 @@ from audiohangup.reasons import CloseReason, HangupCause
 from audiohangup.wire import SAMPLE_RATES, Frame, FrameDecoder, Kind, encode_frame
 
 if TYPE_CHECKING:
-    from audiohangup.cluster.directory import Directory
+    from audiohangup.cluster.directory import CallDirectory
     from audiohangup.interfaces import IReactor, IServerLeg
     from audiohangup.registry import Registry
     from audiohangup.relay import Relay
@@ -63,7 +63,7 @@ class Linker:
     relay: Relay | None = None
 
     def __init__(
-        self, directory: Directory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None
+        self, directory: CallDirectory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None
     ) -> None:
         self.directory = directory
         self.relay = relay
