@@ -18,6 +18,7 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry, Counter
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, execute, maybeDeferred
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
@@ -95,7 +96,13 @@ class Listener(StreamServerEndpointService):
         try:
             if self.port is not None:
                 address = describe_address(self.port.getHost())
+                accepted = take_the_backlog(self.port)
                 await maybeDeferred(self.port.stopListening)
+                if accepted:
+                    self.log.info(
+                        "{name}: {count} connection(s) waiting to be accepted taken before closing",
+                        name=self.name, count=accepted,
+                    )
                 self.log.info("{name} stopped listening on {address}", name=self.name, address=address)
         except Exception:
             self.log.failure("{name} could not stop listening", name=self.name)
@@ -110,6 +117,33 @@ class Listener(StreamServerEndpointService):
         self.port = None
         stopped: Deferred[None] = super().stopService()
         return stopped
+
+
+def take_the_backlog(port: IListeningPort) -> int:
+    """
+    Accept every connection the kernel holds for a listening TCP port, then
+    stop it listening at once (C{shutdown}): a socket closed with
+    connections in its backlog resets them, and Twisted closes its socket
+    only a reactor turn after C{stopListening}, during which the kernel
+    would still queue new ones to it (with C{SO_REUSEPORT}, ones it could
+    have given the other process). The connections taken are served like
+    any other. How many were taken; 0 for other kinds of port.
+    """
+    handle = getattr(port, "socket", None)
+    if not isinstance(port, tcp.Port) or not isinstance(handle, socket.socket):
+        return 0
+    before = port.sessionno
+    port.numberAccepts = max(port.numberAccepts, BACKLOG_SWEEP)
+    port.doRead()
+    try:
+        handle.shutdown(socket.SHUT_RD)  # Linux: it leaves the listening state (and its SO_REUSEPORT group) now
+    except OSError:
+        pass  # not every system stops listening so: then the close does
+    return int(port.sessionno - before)
+
+
+#: Connections accepted at most by one sweep of a closing port's backlog (the kernel caps a backlog at somaxconn).
+BACKLOG_SWEEP = 65536
 
 
 class _Refused(Protocol):

@@ -312,8 +312,10 @@ class Drain(Service):
         return Deferred.fromCoroutine(self.stop())
 
     async def stop(self) -> None:
-        self.registry.refusing = "the server is stopping (--on-stop " + self.on_stop + ")"
+        # What waited in the listeners' backlogs is taken and served; a connection made after (a listener
+        # that could not stop at once) is refused, named.
         await DeferredList([listener.stopListening() for listener in self.listeners], consumeErrors=True)
+        self.registry.refusing = "the server is stopping (--on-stop " + self.on_stop + ")"
         if self.on_stop == "drain":
             await self.drain()
         await self.hangup()

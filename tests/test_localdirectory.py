@@ -42,7 +42,7 @@ def pair(folder: Path) -> tuple[Clock, LocalDirectory, LocalDirectory]:
 
 @pytest_twisted.ensureDeferred
 async def test_one_process_finds_the_others_legs_and_link(tmp_path: Path) -> None:
-    clock, old, new = pair(tmp_path)
+    _, old, new = pair(tmp_path)
     leg: Any = Leg("call-1", Role.VISITOR, 999.5)
     old.legStarted(leg)
     owners = await new.owners("call-1")
