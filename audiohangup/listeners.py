@@ -21,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, execute, maybeDeferred
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     UNIXServerEndpoint,
@@ -96,7 +97,9 @@ class Listener(StreamServerEndpointService):
         try:
             if self.port is not None:
                 address = describe_address(self.port.getHost())
-                accepted = take_the_backlog(self.port)
+                # A socket others hold too (systemd's) keeps listening for them: only this copy closes.
+                shared = isinstance(self.endpoint, AdoptedStreamServerEndpoint)
+                accepted = 0 if shared else take_the_backlog(self.port)
                 await maybeDeferred(self.port.stopListening)
                 if accepted:
                     self.log.info(
@@ -122,7 +125,8 @@ class Listener(StreamServerEndpointService):
 def take_the_backlog(port: IListeningPort) -> int:
     """
     Accept every connection the kernel holds for a listening TCP port, then
-    stop it listening at once (C{shutdown}): a socket closed with
+    stop it listening at once (C{shutdown}; never on a socket another
+    process holds too, as systemd's: it would stop listening for all): a socket closed with
     connections in its backlog resets them, and Twisted closes its socket
     only a reactor turn after C{stopListening}, during which the kernel
     would still queue new ones to it (with C{SO_REUSEPORT}, ones it could

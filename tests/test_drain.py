@@ -8,6 +8,8 @@ service in this process for the refusal of a leg that arrives during it.
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,17 @@ from tests.conftest import Server, until
 from tests.fake_asterisk import FakeAsterisk, connect
 from tests.redis_server import free_port
 from tests.twistd_child import (
+    Child,
     Spawn,
     assert_orderly_shutdown,
     assert_quiet,
     assert_sigterm_exit,
     get_json,
     index_of,
+    listening_ports,
     settle,
     start_server,
+    twistd_script,
     wait_for_legs,
 )
 
@@ -301,3 +306,56 @@ async def test_the_overlap_with_a_local_directory(spawn: Spawn, tmp_path: Path, 
     assert_orderly_shutdown(old)
     await talk(new_visitor, new_resident, 0x90)
     await answers(ports["http"], {new_call: "new"})
+
+
+# systemd socket activation: Twisted's systemd: endpoints, named sockets
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemd_sockets_are_taken_by_name_and_kept_for_the_next(tmp_path: Path, logs: Any) -> None:
+    """
+    The listening sockets come from the parent, as systemd passes them
+    (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID): a call is bridged on them; the
+    drain closes only the child's copies, so the sockets still listen for
+    the next process after the child exited.
+    """
+    sockets = {}
+    for role in ("visitor", "resident"):
+        sockets[role] = socket.socket()
+        sockets[role].bind(("127.0.0.1", 0))
+        sockets[role].listen(16)
+    ports = {f"audiosocket-{role}": handle.getsockname()[1] for role, handle in sockets.items()}
+    argv = [
+        "/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"', twistd_script(), "-n", "--pidfile=",
+        "audiohangup", "--visitor", "systemd:domain=INET:name=visitor", "--resident",
+        "systemd:domain=INET:name=resident", "--http", "tcp:0:interface=127.0.0.1", "--call-records", "none",
+        "--allow", "127.0.0.0/8",
+    ]
+    child = Child(argv)
+    env = dict(os.environ, LISTEN_FDS="2", LISTEN_FDNAMES="visitor:resident")
+    reactor.spawnProcess(
+        child, argv[0], argv, env=env, path=str(tmp_path),
+        childFDs={0: "w", 1: "r", 2: "r", 3: sockets["visitor"].fileno(), 4: sockets["resident"].fileno()},
+    )
+    try:
+        await until(lambda: child.ended is not None or len(listening_ports(child.log)) == 3, 20, "the listeners")
+        assert {name: port for name, port in listening_ports(child.log).items() if name in ports} == ports, child.describe()
+        await wait_for_legs(f"http://127.0.0.1:{listening_ports(child.log)['http']}", 0)
+        call_id, visitor, resident = await call_on(ports)
+        await until(lambda: f"{call_id} resident leg started" in child.log, 10, "the call")
+        await talk(visitor, resident, 0xA0)
+        child.signal("TERM")
+        await until(lambda: "drain: new legs go elsewhere" in child.log, 10, "the drain")
+        visitor.close()
+        await settle(resident.closed, "the resident to be hung up by its session")
+        assert_sigterm_exit(child, await child.exit())
+        assert_orderly_shutdown(child)
+        # The parent's sockets still listen: the next process takes what comes.
+        waiting = await connect(ports["audiosocket-visitor"])
+        waiting.transport.loseConnection()
+    finally:
+        if child.ended is None:
+            child.signal("KILL")
+            await child.exit()
+        for handle in sockets.values():
+            handle.close()
