@@ -204,6 +204,22 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
         self.assertEqual(parse("--stream-audio", "mix").config().streams.settings.audio, "mix")
         self.assertUsageError(["--stream-audio", "loud"], "--stream-audio")
 
+    def test_stop_and_upgrade_options(self) -> None:
+        """--on-stop, --drain-timeout, --reuse-port and --local-directory: into the config, or named errors."""
+        config = parse("--on-stop", "hangup", "--drain-timeout", "0", "--reuse-port").config()
+        self.assertEqual((config.on_stop, config.drain_timeout, config.reuse_port), ("hangup", 0.0, True))
+        self.assertEqual((Config().on_stop, Config().drain_timeout, Config().reuse_port), ("drain", 3600.0, False))
+        self.assertUsageError(["--on-stop", "later"], "--on-stop must be one of drain, hangup")
+        self.assertUsageError(["--drain-timeout", "-1"], "--drain-timeout must be 0 (off) or a positive number")
+        self.assertUsageError(["--reuse-port", "--visitor", "unix:/tmp/v.sock"], "--visitor", "tcp: endpoints only")
+        folder = self.mktemp()
+        self.assertUsageError(["--local-directory", folder], "--local-directory needs --api-token")
+        self.assertUsageError(
+            ["--local-directory", folder, "--redis", "redis://127.0.0.1:1", "--advertise-url", "http://a",
+             "--api-token", "a-control-token-of-length"],
+            "--local-directory and --redis",
+        )
+
     def test_close_timeout_not_a_number(self) -> None:
         self.assertUsageError(
             ["--close-timeout", "abc"], "--close-timeout must be a number of seconds, not 'abc'"
