@@ -359,3 +359,47 @@ async def test_systemd_sockets_are_taken_by_name_and_kept_for_the_next(tmp_path:
             await child.exit()
         for handle in sockets.values():
             handle.close()
+
+
+# With Redis: a draining instance stays in the directory until its last leg ends
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_draining_instance_is_still_reached_through_redis(spawn: Spawn, redis_server: Any, logs: Any) -> None:
+    """
+    Instance a drains a call; its presence and legs stay in the directory, so
+    a hangup sent to instance b is forwarded to a and ends the call; then a
+    exits and leaves the directory.
+    """
+    from tests.test_cluster import HEARTBEAT, TTL, Instance, request, wait_listed
+    from tests.test_cluster import TOKEN as CLUSTER_TOKEN
+
+    async def instance(name: str) -> Instance:
+        http = free_port()
+        child, ports = await start_server(
+            spawn, "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none", "--on-stop", "drain",
+            "--redis", redis_server.url, "--instance-id", name, "--advertise-url", f"http://127.0.0.1:{http}",
+            "--heartbeat", str(HEARTBEAT), "--api-token", CLUSTER_TOKEN,
+        )
+        return Instance(name, child, ports)
+
+    a, b = await instance("a"), await instance("b")
+    call_id, visitor, resident = await call_on(a.ports)
+    listed = {(str(call_id), "visitor"): "a", (str(call_id), "resident"): "a"}
+    await wait_listed(b, listed)
+
+    a.child.signal("TERM")
+    await until(lambda: "drain: new legs go elsewhere" in a.child.log, 10, "a's drain")
+    await talk(visitor, resident, 0xB0)
+    # A whole TTL later (entries a stopped refreshing would be gone by then), a and its legs are still listed.
+    await deferLater(reactor, TTL + HEARTBEAT)
+    await wait_listed(b, listed, timeout=0.0)
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
+    assert status == 200, body
+    await settle(visitor.hangup_received, "the visitor on a to be hung up through b")
+    await settle(resident.hangup_received, "the resident on a to be hung up through b")
+    assert_sigterm_exit(a.child, await a.child.exit())
+    assert f"{call_id} visitor hangup sent (cause api)" in a.child.log, a.child.describe()
+    assert "cause shutdown" not in a.child.log
+    status, body, _ = await request("GET", f"{b.url}/instances")
+    assert status == 200 and [entry["instance_id"] for entry in body["instances"]] == ["b"], body
