@@ -403,3 +403,22 @@ async def test_a_draining_instance_is_still_reached_through_redis(spawn: Spawn, 
     assert "cause shutdown" not in a.child.log
     status, body, _ = await request("GET", f"{b.url}/instances")
     assert status == 200 and [entry["instance_id"] for entry in body["instances"]] == ["b"], body
+
+
+class TestDrainLog:
+    """What a drain says, on a clock of its own: its start, its progress, its end."""
+
+    def test_start_progress_and_timeout(self, logs: Any) -> None:
+        clock = Clock()
+        registry = Registry()
+        leg: Any = object()
+        registry.connected(leg)
+        Drain(registry, 1.0, clock, drain_timeout=100.0, progress=30.0).stopService()  # type: ignore[arg-type]
+        clock.advance(30)
+        clock.advance(30)
+        texts = logs.texts()
+        assert any("drain: new legs go elsewhere; 1 live leg(s) in 0 call(s)" in text for text in texts), texts
+        for progress in ("1 live leg(s) in 0 call(s) after 30 s (70 s left)", "after 60 s (40 s left)"):
+            assert any(progress in text for text in texts), texts
+        registry.disconnected(leg)
+        assert any("drain: done, the last leg ended after 60.0 s" in text for text in logs.texts())
