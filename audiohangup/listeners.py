@@ -10,18 +10,31 @@ flood cannot flood the log.
 
 from __future__ import annotations
 
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
+from twisted.application.service import Service
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred, execute, maybeDeferred, succeed
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    _parse,
+    serverFromString,
+)
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     IProtocol,
     IProtocolFactory,
+    IReactorSocket,
     IReactorTime,
     IStreamServerEndpoint,
     ITCPTransport,
@@ -30,6 +43,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.lifecycle import Once
 from audiohangup.logs import LogLimit, describe_address
 from audiohangup.metrics import series
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback, source_of
@@ -48,6 +62,7 @@ class Listener(StreamServerEndpointService):
     #: A port that cannot be bound must stop start-up, not leave a deaf server.
     _raiseSynchronously = True
     port: IListeningPort | None = None
+    _closing: Once | None = None
 
     def __init__(
         self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, gate: SourceGate | None = None
@@ -79,10 +94,72 @@ class Listener(StreamServerEndpointService):
             waiter.callback(None)
         return port
 
+    def stopListening(self) -> Deferred[None]:
+        """
+        Stop taking connections now, the service still running: a drain's
+        first step. The connections made go on; L{stopService} later only
+        marks the service stopped. Once: a second call waits for the first.
+        """
+        if self._closing is None:
+            self._closing = Once()
+            Deferred.fromCoroutine(self._stopListening(self._closing))
+        return self._closing.wait()
+
+    async def _stopListening(self, closing: Once) -> None:
+        try:
+            if self.port is not None:
+                address = describe_address(self.port.getHost())
+                # A socket others hold too (systemd's) keeps listening for them: only this copy closes.
+                shared = isinstance(self.endpoint, AdoptedStreamServerEndpoint)
+                accepted = 0 if shared else take_the_backlog(self.port)
+                await maybeDeferred(self.port.stopListening)
+                if accepted:
+                    self.log.info(
+                        "{name}: {count} connection(s) waiting to be accepted taken before closing",
+                        name=self.name, count=accepted,
+                    )
+                self.log.info("{name} stopped listening on {address}", name=self.name, address=address)
+        except Exception:
+            self.log.failure("{name} could not stop listening", name=self.name)
+        finally:
+            closing.fire()
+
     def stopService(self) -> Deferred[None]:
+        if self._closing is not None:  # a drain closed the port already
+            Service.stopService(self)
+            self.port = None
+            return self._closing.wait()
         self.port = None
         stopped: Deferred[None] = super().stopService()
         return stopped
+
+
+def take_the_backlog(port: IListeningPort) -> int:
+    """
+    Accept every connection the kernel holds for a listening TCP port, then
+    stop it listening at once (C{shutdown}; never on a socket another
+    process holds too, as systemd's: it would stop listening for all): a socket closed with
+    connections in its backlog resets them, and Twisted closes its socket
+    only a reactor turn after C{stopListening}, during which the kernel
+    would still queue new ones to it (with C{SO_REUSEPORT}, ones it could
+    have given the other process). The connections taken are served like
+    any other. How many were taken; 0 for other kinds of port.
+    """
+    handle = getattr(port, "socket", None)
+    if not isinstance(port, tcp.Port) or not isinstance(handle, socket.socket):
+        return 0
+    before = port.sessionno
+    port.numberAccepts = max(port.numberAccepts, BACKLOG_SWEEP)
+    port.doRead()
+    try:
+        handle.shutdown(socket.SHUT_RD)  # Linux: it leaves the listening state (and its SO_REUSEPORT group) now
+    except OSError:
+        pass  # not every system stops listening so: then the close does
+    return int(port.sessionno - before)
+
+
+#: Connections accepted at most by one sweep of a closing port's backlog (the kernel caps a backlog at somaxconn).
+BACKLOG_SWEEP = 65536
 
 
 class _Refused(Protocol):
@@ -333,14 +410,73 @@ def listens_beyond_loopback(reactor: object, description: str) -> bool:
     return not is_loopback(interface)
 
 
-def server_endpoint(reactor: object, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor: object, description: str, *, reuse_port: bool = False) -> IStreamServerEndpoint:
     """
     C{serverFromString}, except that a C{unix:} endpoint without C{mode=} is
     made L{UNIX_SOCKET_MODE}, not Twisted's 0666: a client of a UNIX socket
     counts as loopback (the API asks it no token), so the socket file's mode
-    is all that keeps other local users out.
+    is all that keeps other local users out. With C{reuse_port}, a C{tcp:}
+    endpoint listens with C{SO_REUSEPORT} (L{ReusePortEndpoint}); any other
+    kind raises ValueError, as C{--reuse-port} cannot apply to it.
     """
     endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     if isinstance(endpoint, UNIXServerEndpoint) and "mode" not in _parse(description)[1]:
         endpoint = serverFromString(reactor, f"{description}:mode={UNIX_SOCKET_MODE:o}")
+    if reuse_port:
+        return ReusePortEndpoint.of(reactor, endpoint, description)
     return endpoint
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    A TCP listener whose socket has C{SO_REUSEPORT}: several processes (an
+    old version draining and the new one) listen on the same address and
+    port at once, and the kernel spreads new connections among those that
+    listen. The one that closes its socket gets none from then on, so a
+    drain hands the port over without a refused connection. Only processes
+    of the same user may share a port so (the kernel's rule).
+
+    Twisted's C{listenTCP} has no such option: the socket is made, bound and
+    listening here, then adopted by the reactor (C{adoptStreamPort}).
+    """
+
+    def __init__(self, reactor: IReactorSocket, port: int, interface: str = "", backlog: int = 50) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    @classmethod
+    def of(cls, reactor: object, endpoint: IStreamServerEndpoint, description: str) -> ReusePortEndpoint:
+        """The C{SO_REUSEPORT} twin of a C{tcp:} endpoint; ValueError for any other kind."""
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("--reuse-port: this system has no SO_REUSEPORT")
+        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            raise ValueError(
+                f"--reuse-port applies to tcp: endpoints only, not {description!r} (a systemd: socket is shared "
+                "by systemd itself)"
+            )
+        return cls(
+            cast(IReactorSocket, reactor), endpoint._port, endpoint._interface, endpoint._backlog,
+        )
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return execute(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        handle = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP: TIME_WAIT must not block
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                handle.bind((self.interface or ("::" if family == socket.AF_INET6 else ""), self.port))
+            except OSError as error:
+                raise CannotListenError(self.interface, self.port, error) from None
+            handle.listen(self.backlog)
+            handle.setblocking(False)
+            # The reactor listens on its own duplicate of the descriptor: ours is closed below.
+            return self.reactor.adoptStreamPort(handle.fileno(), family, cast(Any, factory))
+        finally:
+            handle.close()

@@ -186,6 +186,9 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
         address = connection.getPeer()
         self.peer = describe_address(address)
         settings = self.settings
+        if self.registry.refusing is not None:
+            self._closeFor(CloseReason.DRAINING, self.registry.refusing)
+            return
         refused = self.registry.admit(self, source_of(address), settings.max_legs, settings.max_pending_per_source, self._crowd)
         if refused is not None:
             self._closeFor(CloseReason.OVER_CAPACITY, refused)

@@ -101,6 +101,8 @@ class CloseReason(StrEnum):
     PROTOCOL_ERROR = ("protocol_error", LogLevel.warn, "frame out of order or malformed")
     UUID_TIMEOUT = ("uuid_timeout", LogLevel.warn, "no UUID frame in time")
     OVER_CAPACITY = ("over_capacity", LogLevel.warn, "refused: the server holds --max-legs connections")
+    #: A connection accepted in the instant the listeners closed for a drain (the next process takes the others).
+    DRAINING = ("draining", LogLevel.warn, "refused: the server is draining (stopping) and takes no new leg")
     #: At debug, one line per connection: the crowding is logged once a minute per source instead.
     TOO_MANY_PENDING = (
         "too_many_pending",

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Literal
 
+from twisted.internet.defer import Deferred
+
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
 from audiohangup.interfaces import FlowFactory, IServerLeg
@@ -92,6 +94,10 @@ class PendingConnections:
         return self.oldest(next(iter(self._sized[self._most])))
 
 
+async def _nothing() -> None:
+    """Nothing to wait for."""
+
+
 class Registry:
     """Sessions by call id, plus every open connection (legs before their UUID too)."""
 
@@ -113,6 +119,9 @@ class Registry:
         self._legs = 0
         #: Connections still without their UUID (see L{connected}).
         self.pending = PendingConnections()
+        #: Why a new connection is refused whatever the limits (a drain: see L{audiohangup.service.Drain}), or None.
+        self.refusing: str | None = None
+        self._emptied: list[Deferred[None]] = []
 
     def connected(self, connection: IServerLeg, source: str | None = None) -> None:
         """A new connection from C{source}, pending until it sends its UUID or closes."""
@@ -178,8 +187,25 @@ class Registry:
             self._legs += 1
         return session, replaced
 
+    def whenEmpty(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is): what a drain waits for. Cancellable."""
+        if not self._connections:
+            return Deferred.fromCoroutine(_nothing())
+        emptied: Deferred[None] = Deferred(lambda waiting: self._emptied.remove(waiting))
+        self._emptied.append(emptied)
+        return emptied
+
     def disconnected(self, connection: IServerLeg) -> None:
         """Forget a connection and, if it had started, tell that the leg ended."""
+        try:
+            self._disconnected(connection)
+        finally:
+            if self._emptied and not self._connections:
+                emptied, self._emptied = self._emptied, []
+                for waiting in emptied:
+                    waiting.callback(None)
+
+    def _disconnected(self, connection: IServerLeg) -> None:
         self._connections.discard(connection)
         self.pending.discard(connection)
         session = self._members.pop(connection, None)

@@ -23,10 +23,14 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from audiohangup.audio import FORMATS, AudioFormat, LegSettings
+from audiohangup.cluster.directory import Directory
 from audiohangup.cluster.forward import Cluster
+from audiohangup.cluster.localdirectory import LocalDirectory
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.http.access import Scope, TokenFileError, Tokens
@@ -44,6 +48,7 @@ from audiohangup.listeners import (
     server_endpoint,
 )
 from audiohangup.loglevel import LEVELS, LogLevelFilter
+from audiohangup.logs import describe_address
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics, ReactorLag, process_series, series
 from audiohangup.outbox import DEFAULT_MAX as OUTBOX_MAX
 from audiohangup.outbox import FILE_NAME as OUTBOX_FILE
@@ -127,6 +132,14 @@ class Config:
     record_dir: str | None = None
     record_mix: str = "sent"
     record_days: float = 0.0
+    #: --on-stop: what SIGTERM does to live legs ("drain": they end by themselves, "hangup": cause shutdown).
+    on_stop: str = "drain"
+    #: --drain-timeout: the longest a drain waits before it hangs up the legs left.
+    drain_timeout: float = 3600.0
+    #: --local-directory: the call directory of the processes of one host, without Redis (a folder of files).
+    local_directory: str | None = None
+    #: --reuse-port: the AudioSocket and HTTP listeners (tcp:) share their ports with another process (SO_REUSEPORT).
+    reuse_port: bool = False
 
     def recordings_directory(self) -> str:
         """Where recordings go: --recordings-dir, else 'recordings' beside the call records."""
@@ -171,10 +184,9 @@ class Config:
 class AudioHangupService(InOrder):
     """
     The whole server: every part of it a child service, started in the order
-    given and stopped in L{STOP_ORDER}. Stopping it stops accepting, then
-    hangs up every connection with cause C{shutdown} and waits for them,
-    bounded by the close timeout (each leg aborts itself when its peer does
-    not close in time).
+    given and stopped in L{STOP_ORDER}. Stopping it stops taking legs, lets
+    the live ones end by themselves (bounded) or hangs them up (see
+    L{Drain}), and stops the rest once they are gone.
 
     Everything its legs share (the registry, the pacer, the stores) is its
     own: nothing of it outlives C{stopService}.
@@ -183,9 +195,12 @@ class AudioHangupService(InOrder):
     #: The parts stop one step after another, each step waiting for the one
     #: before (a MultiService would stop them all at once).
     STOP_ORDER = (
-        ("audiosocket-visitor", "audiosocket-resident", "link", "http", "tokens-file"),  # no new connection
-        ("drain",),  # every leg hung up and gone (bounded)
-        ("gc-pauses", "reactor-lag"),  # the process-wide hook goes
+        # The AudioSocket listeners close; the live legs end by themselves (--on-stop drain, bounded by
+        # --drain-timeout) or are hung up (cause shutdown); either way, every leg is gone (bounded).
+        # The link and the API serve the draining calls meanwhile.
+        ("drain",),
+        ("audiosocket-visitor", "audiosocket-resident", "link", "http", "http-local", "tokens-file"),  # no new connection
+        ("gc-pauses", "reactor-lag"),  # the process-wide hooks go
         ("streams",),  # their apps get stop and a close, bounded
         ("recorder",),  # the last audio written, the headers completed
         ("pacer",),  # after the drain: live legs get their frames to the end
@@ -219,6 +234,8 @@ class AudioHangupService(InOrder):
         doors: Sequence[IService] = (),
         warnings: Sequence[str] = (),
         notifier: SystemdNotifier | None = None,
+        on_stop: str = "drain",
+        drain_timeout: float = 3600.0,
     ) -> None:
         super().__init__(self.STOP_ORDER)
         self.registry = registry
@@ -250,13 +267,16 @@ class AudioHangupService(InOrder):
             None if metrics is None else ReactorLag(metrics, reactor),
             recorder,
             records,
-            None if cluster is None else cluster.directory,
+            None if cluster is None else cast(IService, cluster.directory),
             pacer,
             relay,
             streams,
             cluster,
             webhooks,
-            Drain(registry, settings.close_timeout, reactor),
+            Drain(
+                registry, settings.close_timeout, reactor, on_stop=on_stop, drain_timeout=drain_timeout,
+                listeners=[door for door in doors if isinstance(door, Listener) and str(door.name).startswith("audiosocket-")],
+            ),
             *doors,
             self.notifier,  # after the doors: it waits for them to listen
         ]
@@ -276,24 +296,94 @@ class AudioHangupService(InOrder):
 
 class Drain(Service):
     """
-    At stop, hang up every connection (cause C{shutdown}) and wait until all
-    are gone; each leg aborts after the close timeout, and the wait is bounded
-    a second beyond it, which only guards a bug.
+    The first step of the stop. C{--on-stop drain} (the default): stop taking
+    new legs (the AudioSocket listeners close, so a sibling process on the
+    same ports, by C{SO_REUSEPORT} or systemd's sockets, takes the new
+    connections; one still arriving is refused as C{draining}) and let the
+    live legs go on until they end by themselves, bounded by
+    C{--drain-timeout}. Meanwhile everything else serves them as before:
+    bridges, streams, recordings, the media link, the API and the live page.
+    Then, as C{--on-stop hangup} does at once, hang up every connection left
+    (cause C{shutdown}) and wait until all are gone; each leg aborts after
+    the close timeout, and that wait is bounded a second beyond it, which
+    only guards a bug.
     """
 
     log = Logger()
     name = "drain"
 
-    def __init__(self, registry: Registry, close_timeout: float, clock: IReactor) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        close_timeout: float,
+        clock: IReactor,
+        *,
+        on_stop: str = "drain",
+        drain_timeout: float = 3600.0,
+        listeners: Sequence[Listener] = (),
+        progress: float = 30.0,
+    ) -> None:
         self.registry = registry
         self.close_timeout = close_timeout
         self.clock = clock
+        self.on_stop = on_stop
+        self.drain_timeout = drain_timeout
+        #: The AudioSocket listeners, closed at the start of the stop (the API's and the link's stay up).
+        self.listeners = list(listeners)
+        #: Seconds between two progress lines of a drain.
+        self.progress = progress
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self.drain())
+        return Deferred.fromCoroutine(self.stop())
+
+    async def stop(self) -> None:
+        # What waited in the listeners' backlogs is taken and served; a connection made after (a listener
+        # that could not stop at once) is refused, named.
+        await DeferredList([listener.stopListening() for listener in self.listeners], consumeErrors=True)
+        self.registry.refusing = "the server is stopping (--on-stop " + self.on_stop + ")"
+        if self.on_stop == "drain":
+            await self.drain()
+        await self.hangup()
 
     async def drain(self) -> None:
+        """Let the live legs end by themselves, at most C{drain_timeout} seconds."""
+        count = self.registry.connection_count
+        if not count:
+            self.log.info("drain: no live leg, stopping now")
+            return
+        began = self.clock.seconds()
+        self.log.info(
+            "drain: new legs go elsewhere; {legs} live leg(s) in {calls} call(s) go on until they end "
+            "(at most {timeout:g} s, --drain-timeout)",
+            legs=count, calls=len(self.registry.calls()), timeout=self.drain_timeout,
+        )
+        progress = LoopingCall(self._progress, began)
+        progress.clock = self.clock
+        progress.start(self.progress, now=False)
+        try:
+            ended = await within(self.registry.whenEmpty(), self.drain_timeout, self.clock)
+        finally:
+            progress.stop()
+        if ended:
+            self.log.info(
+                "drain: done, the last leg ended after {seconds:.1f} s", seconds=self.clock.seconds() - began
+            )
+        else:
+            self.log.warn(
+                "drain: --drain-timeout {timeout:g} s is over with {legs} leg(s) still live: they are hung up "
+                "(cause shutdown)",
+                timeout=self.drain_timeout, legs=self.registry.connection_count,
+            )
+
+    def _progress(self, began: float) -> None:
+        self.log.info(
+            "drain: {legs} live leg(s) in {calls} call(s) after {seconds:.0f} s ({left:.0f} s left)",
+            legs=self.registry.connection_count, calls=len(self.registry.calls()),
+            seconds=self.clock.seconds() - began, left=self.drain_timeout - (self.clock.seconds() - began),
+        )
+
+    async def hangup(self) -> None:
         """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
         connections = self.registry.connections()
         if not connections:
@@ -374,14 +464,19 @@ def build_service(
         if observer is not None:
             registry.events.add(observer, counts=counts)
     cluster = None
+    directory: Directory | LocalDirectory | None = None
+    instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     if config.redis:
-        from audiohangup.cluster.directory import Directory
-
-        instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         directory = Directory(
             config.redis, instance_id, config.advertise_url or "", registry, reactor,
             heartbeat=config.heartbeat, password=config.redis_password,
         )
+    elif config.local_directory:
+        directory = LocalDirectory(
+            config.local_directory, instance_id, config.advertise_url or "", registry, reactor,
+            heartbeat=config.heartbeat,
+        )
+    if directory is not None:
         cluster = Cluster(
             directory, reactor, api_token=config.api_token, end_with_leg=registry.end_with_leg,
             # A forwarded wait=true&after_playout=true may take a playout and a close.
@@ -405,7 +500,7 @@ def build_service(
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
         factories.append(factory)
-        endpoint = server_endpoint(reactor, config.endpoint(role))
+        endpoint = server_endpoint(reactor, config.endpoint(role), reuse_port=config.reuse_port)
         if config.allow is not None or reread is not None:
             gates[name] = SourceGate(name, SourceACL(config.allow), reactor, metrics)
         doors.append(Listener(name, endpoint, factory, gates.get(name)))
@@ -425,7 +520,12 @@ def build_service(
     )
     if config.http_allow is not None or reread is not None:
         gates["http"] = SourceGate("http", SourceACL(config.http_allow), reactor, metrics, option="--http-allow")
-    doors.append(Listener("http", server_endpoint(reactor, config.http), site, gates.get("http")))
+    doors.append(
+        Listener("http", server_endpoint(reactor, config.http, reuse_port=config.reuse_port), site, gates.get("http"))
+    )
+    if isinstance(directory, LocalDirectory) and not config.advertise_url:
+        # The shared --http port may reach either process: what the other forwards to must reach this one.
+        doors.append(PrivateAPI(server_endpoint(reactor, LOCAL_LINK), site, directory, gates.get("http")))
     levels = LogLevelFilter(config.log_level, install=filter_log)
     if reread is None and config.api_tokens_file is not None:
         doors.append(
@@ -435,11 +535,36 @@ def build_service(
         registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster,
         streams=streams, metrics=metrics, recorder=recorder, api=api, doors=[*doors, levels],
         warnings=start_warnings(config, reactor, api, descriptors),
+        on_stop=config.on_stop, drain_timeout=config.drain_timeout,
     )
     if reread is not None:
         parts = LiveParts(service, api, gates, factories, cap, levels)
         ConfigReload(reread, config, parts, reactor).setServiceParent(service)
     return service
+
+
+#: Where, with --local-directory, the media link and the private API listen unless told: loopback, a free port.
+LOCAL_LINK = "tcp:0:interface=127.0.0.1"
+
+
+class PrivateAPI(Listener):
+    """
+    The API once more, on a loopback port of this process alone, which the
+    local directory gives as its URL: the other processes of the host
+    forward a request for one of this process's calls to it, where the
+    shared C{--http} port (C{--reuse-port}) could reach either process.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, site: IProtocolFactory, directory: LocalDirectory,
+        gate: SourceGate | None,
+    ) -> None:
+        super().__init__("http-local", endpoint, site, gate)
+        self.directory = directory
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.directory.advertise_url = f"http://{describe_address(port.getHost())}"
+        return super()._listening(port)
 
 
 def link_listener(
@@ -515,7 +640,7 @@ DESCRIPTOR_MARGIN = 64
 
 def linked(config: Config) -> bool:
     """Whether this instance's legs may each hold a media link (a leg here whose session is elsewhere, or the reverse)."""
-    return bool(config.redis and config.api_token and config.link != "none")
+    return bool((config.redis or config.local_directory) and config.api_token and config.link != "none")
 
 
 def descriptors_needed(config: Config) -> tuple[int, str]:

@@ -24,12 +24,13 @@ from twisted.python import usage
 from audiohangup import config as config_file
 from audiohangup import credentials
 from audiohangup.audio import FORMATS, FRAME_MS
+from audiohangup.cluster.localdirectory import check_directory
 from audiohangup.cluster.redis import parse_redis_url
 from audiohangup.flows import FlowLoadError, load_flow
 from audiohangup.http.access import MIN_TOKEN_LENGTH, SHORT_TOKEN, TokenFileError, Tokens
 from audiohangup.http.hosts import check_name
 from audiohangup.interfaces import IReactor
-from audiohangup.listeners import listens_beyond_loopback
+from audiohangup.listeners import listens_beyond_loopback, server_endpoint
 from audiohangup.loglevel import LEVELS
 from audiohangup.outbox import Outbox
 from audiohangup.reasons import Role
@@ -172,6 +173,17 @@ class Options(usage.Options):
             _seconds("--close-timeout"),
         ],
         [
+            "on-stop", None, Config.on_stop,
+            "What SIGTERM does to live legs: drain (the listeners close, so a process on the same ports "
+            "takes new legs; live legs go on until they end, at most --drain-timeout) or hangup (at once, cause shutdown).",
+            _choice("--on-stop", ("drain", "hangup")),
+        ],
+        [
+            "drain-timeout", None, Config.drain_timeout,
+            "Seconds a drain lets live legs go on; then those left are hung up (cause shutdown). 0: at once.",
+            _seconds("--drain-timeout", zero_is_off=True),
+        ],
+        [
             "uuid-timeout", None, Config.uuid_timeout,
             "Seconds a new connection has to send its UUID frame.",
             _seconds("--uuid-timeout"),
@@ -197,6 +209,12 @@ class Options(usage.Options):
             "Redis URL (redis://host:port/db or unix:///path) of the call directory shared "
             "by several instances; without it this instance runs alone. Its password is best given "
             f"by --redis-password-file or ${REDIS_PASSWORD_ENVIRONMENT}, not in the URL (on the command line).",
+        ],
+        [
+            "local-directory", None, None,
+            "Folder (made 0700 if missing; /run/audiohangup is a good one) of the call directory shared by the "
+            "processes of this host without Redis: two processes that take turns on the same ports (--reuse-port) "
+            "forward API requests and link split calls to each other through it. Needs --api-token.",
         ],
         [
             "redis-password-file", None, None,
@@ -429,6 +447,11 @@ class Options(usage.Options):
     ]
     optFlags: list[list[Any]] = [
         [
+            "reuse-port", None,
+            "Listen with SO_REUSEPORT on the AudioSocket and HTTP ports (tcp: endpoints), so that the next "
+            "process (an upgrade) listens on the same ports while this one drains.",
+        ],
+        [
             "record-every-call", None,
             "Record every call into --recordings-dir from its first leg on; without it, a call is recorded "
             "when the API is asked to.",
@@ -634,6 +657,11 @@ class Options(usage.Options):
                     "the form is e.g. tcp:9092:interface=127.0.0.1, with colons "
                     "inside a value escaped as \\:"
                 ) from None
+            if self["reuse-port"]:
+                try:
+                    server_endpoint(reactor, self[name], reuse_port=True)
+                except ValueError as error:
+                    raise usage.UsageError(f"--{name}: {error}") from None
         self._secret("webhook-secret", WEBHOOK_SECRET_ENVIRONMENT)
         self._secret("stream-secret", STREAM_SECRET_ENVIRONMENT)
         self._streamHeaders()
@@ -668,6 +696,18 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--redis needs --api-token: it is the control token the instances use between themselves "
                     "(the same on every instance), and the key that proves a request was forwarded by one of them"
+                )
+        if self["local-directory"] is not None:
+            if self["redis"] is not None:
+                raise usage.UsageError("--local-directory and --redis are two call directories: give one")
+            try:
+                check_directory(self["local-directory"])
+            except ValueError as error:
+                raise usage.UsageError(f"--local-directory: {error}") from None
+            if self["api-token"] is None and not os.environ.get(TOKEN_ENVIRONMENT):
+                raise usage.UsageError(
+                    "--local-directory needs --api-token: it is the control token the processes use between "
+                    "themselves, and the key that proves a request was forwarded by one of them"
                 )
         if not self["call-records"]:
             raise usage.UsageError("--call-records needs a file path, or 'none'")
@@ -745,6 +785,10 @@ class Options(usage.Options):
             log_level=self["log-level"],
             close_timeout=self["close-timeout"],
             uuid_timeout=self["uuid-timeout"],
+            on_stop=self["on-stop"],
+            drain_timeout=self["drain-timeout"],
+            reuse_port=bool(self["reuse-port"]),
+            local_directory=self["local-directory"],
             api_token=self["api-token"],
             api_tokens_file=self["api-tokens-file"],
             insecure_http=bool(self["insecure-http"]),

@@ -123,6 +123,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
         options.setdefault("records", str(tmp_path / f"records-{len(started)}.sqlite3"))
         options.setdefault("webhook_outbox", str(tmp_path / f"webhook-outbox-{len(started)}.sqlite3"))
         options.setdefault("http", loopback)
+        options.setdefault("on_stop", "hangup")  # a test's stop hangs up what it left live; a drain would wait
         config = Config(visitor=loopback, resident=loopback, **options)
         service = build_service(config, reactor)
         service.privilegedStartService()

@@ -462,7 +462,7 @@ class ClassifyTests(SynchronousTestCase):
             {r.value for r in warn},
             {
                 "peer_reset", "peer_error", "protocol_error", "uuid_timeout", "over_capacity", "slow_consumer",
-                "duplicate", "link_lost",
+                "duplicate", "link_lost", "draining",
             },
         )
         for name in ("hangup_clean", "hangup_reset", "hangup_timeout", "peer_closed", "peer_hangup"):

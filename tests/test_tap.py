@@ -204,6 +204,22 @@ class BadOptionsTests(EnvironmentMixin, SynchronousTestCase):
         self.assertEqual(parse("--stream-audio", "mix").config().streams.settings.audio, "mix")
         self.assertUsageError(["--stream-audio", "loud"], "--stream-audio")
 
+    def test_stop_and_upgrade_options(self) -> None:
+        """--on-stop, --drain-timeout, --reuse-port and --local-directory: into the config, or named errors."""
+        config = parse("--on-stop", "hangup", "--drain-timeout", "0", "--reuse-port").config()
+        self.assertEqual((config.on_stop, config.drain_timeout, config.reuse_port), ("hangup", 0.0, True))
+        self.assertEqual((Config().on_stop, Config().drain_timeout, Config().reuse_port), ("drain", 3600.0, False))
+        self.assertUsageError(["--on-stop", "later"], "--on-stop must be one of drain, hangup")
+        self.assertUsageError(["--drain-timeout", "-1"], "--drain-timeout must be 0 (off) or a positive number")
+        self.assertUsageError(["--reuse-port", "--visitor", "unix:/tmp/v.sock"], "--visitor", "tcp: endpoints only")
+        folder = self.mktemp()
+        self.assertUsageError(["--local-directory", folder], "--local-directory needs --api-token")
+        self.assertUsageError(
+            ["--local-directory", folder, "--redis", "redis://127.0.0.1:1", "--advertise-url", "http://a",
+             "--api-token", "a-control-token-of-length"],
+            "--local-directory and --redis",
+        )
+
     def test_close_timeout_not_a_number(self) -> None:
         self.assertUsageError(
             ["--close-timeout", "abc"], "--close-timeout must be a number of seconds, not 'abc'"
@@ -550,8 +566,9 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
 
     def test_parts_stop_one_after_another_in_the_stated_order(self) -> None:
         """
-        The listeners stop together, then each part in turn, each once the
-        one before it is done (a MultiService would stop them all at once).
+        The drain first (it closes the AudioSocket listeners itself), then
+        the listeners together, then each part in turn, each once the one
+        before it is done (a MultiService would stop them all at once).
         """
         service = self.start()
         stopped: list[str] = []
@@ -570,7 +587,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         for part in service:
             watch(part)
         done = service.stopService()
-        self.assertEqual(stopped, ["audiosocket-visitor", "audiosocket-resident", "http", "drain"])
+        self.assertEqual(stopped, ["drain"])
         self.assertNoResult(done)
         draining.callback(None)
         self.assertIsNone(self.successResultOf(done))
@@ -579,7 +596,8 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             stopped, [name for step in AudioHangupService.STOP_ORDER for name in step if name in present]
         )
         self.assertEqual(
-            stopped[3:], ["drain", "gc-pauses", "reactor-lag", "streams", "recorder", "pacer", "relay", "log-level", "systemd"]
+            stopped, ["drain", "audiosocket-visitor", "audiosocket-resident", "http", "gc-pauses", "reactor-lag",
+                      "streams", "recorder", "pacer", "relay", "log-level", "systemd"]
         )
 
     def test_nothing_outlives_stop_service(self) -> None:

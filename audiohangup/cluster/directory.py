@@ -73,7 +73,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import txredisapi
 from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred
@@ -95,6 +95,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "CallDirectory",
     "Directory",
     "DirectoryUnavailable",
     "InstanceEntry",
@@ -201,6 +202,29 @@ class InstanceEntry:
     url: str
     started_at: str  # ISO 8601, UTC, milliseconds
     legs: int
+
+
+class CallDirectory(Protocol):
+    """
+    What the forwarding, the media link and the API ask of a call directory:
+    L{Directory} (Redis, a cluster of hosts) or
+    L{audiohangup.cluster.localdirectory.LocalDirectory} (files, the
+    processes of one host). Each is also the registry's observer and a part
+    of the service named C{directory}.
+    """
+
+    instance_id: str
+    heartbeat: float
+    #: Where this instance's media link listens (C{host:port}), set by its listener; "" without one.
+    link: str
+
+    async def owners(self, call_id: str) -> dict[str, LegEntry]: ...
+
+    async def link_of(self, instance_id: str) -> str | None: ...
+
+    async def legs(self) -> list[LegEntry]: ...
+
+    async def instances(self) -> list[InstanceEntry]: ...
 
 
 def _glob_escape(text: str) -> str:

@@ -56,7 +56,7 @@ from audiohangup.reasons import HangupCause, Role
 from audiohangup.webhooks import sign, verify
 
 if TYPE_CHECKING:
-    from audiohangup.cluster.directory import Directory, LegEntry
+    from audiohangup.cluster.directory import CallDirectory, LegEntry
     from audiohangup.interfaces import IServerLeg
 
 FORWARDED_BY = "X-Audiohangup-Forwarded-By"
@@ -201,7 +201,7 @@ class Cluster(Part):
 
     def __init__(
         self,
-        directory: Directory,
+        directory: CallDirectory,
         reactor: IReactor,
         *,
         api_token: str | None = None,

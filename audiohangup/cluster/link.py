@@ -66,7 +66,7 @@ from audiohangup.relay import Relay
 from audiohangup.wire import FrameDecoder
 
 if TYPE_CHECKING:
-    from audiohangup.cluster.directory import Directory
+    from audiohangup.cluster.directory import CallDirectory
 
 #: Seconds a link has, from its connection, to be accepted.
 HANDSHAKE_TIMEOUT = 3.0
@@ -93,7 +93,7 @@ class LinkListener(Listener):
         self,
         factory: LinkServer,
         endpoint: IStreamServerEndpoint,
-        directory: Directory,
+        directory: CallDirectory,
         advertised_host: str | None,
         gate: SourceGate | None = None,
         *,

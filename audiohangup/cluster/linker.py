@@ -56,7 +56,7 @@ from audiohangup.wire import SAMPLE_RATES, Frame, FrameDecoder, Kind, encode_fra
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
-    from audiohangup.cluster.directory import Directory
+    from audiohangup.cluster.directory import CallDirectory
     from audiohangup.interfaces import IReactor, IServerLeg
     from audiohangup.registry import Registry
     from audiohangup.relay import Relay
@@ -74,7 +74,7 @@ class Linker:
     relay: Relay | None = None
 
     def __init__(
-        self, directory: Directory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None,
+        self, directory: CallDirectory, registry: Registry, reactor: IReactor, token: str, relay: Relay | None = None,
         *, tls_only: bool = False, trust: IOpenSSLTrustRoot | None = None,
     ) -> None:
         self.directory = directory
