@@ -343,7 +343,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         registry.events.add(cluster)
     doors: list[IService] = []
     if cluster is not None and config.api_token and config.link != "none":
-        doors.append(link_listener(config, cluster, registry, reactor, formats, metrics, relay))
+        doors.append(link_listener(config, cluster, registry, reactor, pacer, formats, metrics, relay))
     for role in Role:
         name = f"audiosocket-{role}"
         factory = AudioSocketFactory(role, registry, config.leg_settings(role), reactor, pacer, relay)
@@ -381,8 +381,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
 
 
 def link_listener(
-    config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, formats: dict[Role, AudioFormat],
-    metrics: CollectorRegistry, relay: Relay | None = None,
+    config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, pacer: Pacer,
+    formats: dict[Role, AudioFormat], metrics: CollectorRegistry, relay: Relay | None = None,
 ) -> IService:
     """
     The media link: its listener, which the directory's presence names, and
@@ -394,8 +394,8 @@ def link_listener(
     assert config.api_token is not None
     directory = cluster.directory
     server = LinkServer(
-        registry, directory.instance_id, config.api_token, formats, reactor,
-        close_timeout=config.close_timeout, metrics=metrics, relay=relay,
+        registry, directory.instance_id, config.api_token, formats, reactor, pacer,
+        settings=config.leg_settings(), metrics=metrics, relay=relay,
     )
     registry.events.add(Linker(directory, registry, reactor, config.api_token, relay))
     gate = None if config.allow is None else SourceGate("link", SourceACL(config.allow), reactor, metrics)
