@@ -11,6 +11,7 @@ import re
 import struct
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from prometheus_client import CollectorRegistry
@@ -47,6 +48,7 @@ from tests.redis_server import RedisServer, free_port
 from tests.test_cluster import HEARTBEAT, TOKEN, Instance, leg_on, request, wait_listed
 from tests.test_recording import numbered, read_wav, ticks
 from tests.twistd_child import Spawn, settle, start_server
+from tests.ws_app import App
 
 FRAMES = 25
 LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
@@ -862,3 +864,107 @@ class CountedOnceTests(SynchronousTestCase):
         self.events.add(self.linker)
         self.events.legStarted(self.leg)  # type: ignore[arg-type]
         self.assertEqual(self.counter.told, ["started"])
+
+
+# What the home plays to a remote leg: paced there, heard by its recorder and streams, forwarded by the newcomer.
+
+
+@pytest_twisted.async_yield_fixture
+async def app() -> Any:
+    made = App()
+    yield await made.listen()
+    await made.close()
+
+
+async def missed_slots(at: Instance) -> int:
+    """The 20 ms slots the instance's pacer missed (their audio dropped, not played late): a loaded machine's."""
+    return int(metric_sum(await request_text(f"{at.url}/metrics"), "audiohangup_pacer_missed_slots_total"))
+
+
+def played_in_order(heard: list[bytes], played: list[bytes], missed: int) -> None:
+    """What a leg heard is what was played, byte for byte, in order; only a missed slot's frame may lack."""
+    rest = iter(played)
+    assert all(frame in rest for frame in heard), heard
+    assert len(heard) >= len(played) - missed, (len(heard), len(played), missed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_media_stream_of_the_remote_leg(spawn: Spawn, redis_server: RedisServer, app: App) -> None:
+    """
+    B streams its visitors (converse, the project's own protocol): the
+    visitor on A is streamed from B, the app hears it byte-exact, and what
+    the app says is paced on B and heard, byte-exact, by the visitor on A.
+    """
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(
+        spawn, redis_server, "b", "--stream-url", app.url("/s/{call_id}/{role}"), "--stream-roles", "visitor",
+        "--stream-protocol", "audiohangup",
+    )
+    call_id, visitor, _ = await split_call(a, b, on_hangup="close")
+    await until(lambda: app.connections and app.connections[0].events("start"), 10, "the stream's start")
+    [stream] = app.connections
+    assert stream.path == f"/s/{call_id}/visitor"
+    spoken = frames_of(0x55)
+    for frame in spoken:
+        visitor.send(frame)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(stream.media()) >= FRAMES, 5, "the visitor's audio at the app")
+    assert [message.payload for message in stream.media()] == [frame[3:] for frame in spoken]
+
+    missed = await missed_slots(b)
+    said = frames_of(0x66)
+    stream.send_binary(b"".join(frame[3:] for frame in said))  # half a second at once: B paces it
+    await until(lambda: heard(visitor)[-1:] == said[-1:], 5, "the app's audio on A's visitor")
+    played_in_order(heard(visitor), said, await missed_slots(b) - missed)
+    status, body, _ = await request("GET", f"{b.url}/calls/{call_id}")
+    assert status == 200, body
+    [remote] = [leg for leg in body["legs"] if leg["role"] == "visitor"]
+    assert [s["state"] for s in remote["streams"]] == ["streaming"], remote
+
+
+@pytest_twisted.ensureDeferred
+async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
+    """
+    /play of the visitor sent to A, which holds its connection: A passes it
+    on to B, the session's home, which paces it (queued_ms) and records it
+    (--recordings-mix heard: one WAV, both channels); the visitor on A hears
+    every frame, byte-exact, then a hangup after the playout.
+    """
+    record = tmp_path / "recordings"
+    a = await instance_with(spawn, redis_server, "a")
+    b = await instance_with(
+        spawn, redis_server, "b", "--record-every-call", "--recordings-dir", str(record), "--recordings-mix", "heard",
+    )
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    for _ in range(5):
+        visitor.send(encode_frame(Kind.SLIN, numbered(1111)))  # the resident hears it: the right channel
+        await deferLater(reactor, 0.02)
+    prompt = [numbered(3000 + n) for n in range(50)]  # a second: what a leg's queue holds
+    missed = await missed_slots(b)
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/play?role=visitor", data=b"".join(prompt),
+        headers={"Content-Type": "audio/L16;rate=8000"},
+    )
+    assert status == 200, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    [played] = body["legs"]
+    assert (played["role"], played["dropped_frames"]) == ("visitor", 0) and 0 < played["queued_ms"] <= 1000, body
+    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor&after_playout=true&wait=true")
+    assert status == 200, body
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    frames = [encode_frame(Kind.SLIN, audio) for audio in prompt]
+    missed = await missed_slots(b) - missed
+    played_in_order(heard(visitor), frames, missed)
+    assert heard(visitor)[-1] == frames[-1]  # played out before the hangup
+    assert visitor.ended_with_single_hangup()
+
+    done = re.compile(rf"{call_id} recording \S+ done")
+    await until(lambda: done.search(b.child.log), 5, "the recording's end")  # its last tick written
+    [path] = list(record.glob("*/*.wav"))
+    _, left, right = read_wav(path)
+    recorded = [tick for tick in ticks(left) if tick >= 3000]
+    # Every frame the visitor heard, in order; the file's last tick may lack (the writer keeps a tick's lead).
+    assert recorded == [3000 + prompt.index(frame[3:]) for frame in heard(visitor)][: len(recorded)]
+    assert len(recorded) >= len(heard(visitor)) - 1, recorded
+    assert 1111 in ticks(right) and not [tick for tick in ticks(right) if tick >= 3000], ticks(right)

@@ -267,7 +267,7 @@ class ControlAPI:
 
     @app.route("/calls/<string:call_id>/play", methods=["POST"])
     @_control
-    def play(self, request: IRequest, call_id: str) -> bytes:
+    def play(self, request: IRequest, call_id: str) -> Awaitable[bytes]:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
         role = role_of(request)
@@ -278,6 +278,13 @@ class ControlAPI:
         audio = read_audio(
             request, formats.pop(), max_frames=self.settings.max_queue_frames, max_ms=self.settings.max_queue_ms
         )
+        return self._play(request, call_id, role, audio)
+
+    async def _play(self, request: IRequest, call_id: str, role: Role | None, audio: bytes) -> bytes:
+        home = await self._home(request, call_id)
+        if home is not None:
+            # A leg here joined the session there over the media link: the home plays it (and records it).
+            return await self.forwarder.passOn(request, home)
         legs = self._live_legs(call_id, role)
         answers = []
         for leg in legs:
