@@ -928,7 +928,7 @@ async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, t
     /play of the visitor sent to A, which holds its connection: A passes it
     on to B, the session's home, which paces it (queued_ms) and records it
     (--recordings-mix heard: one WAV, both channels); the visitor on A hears
-    every frame, byte-exact, then a hangup after the playout.
+    every frame, byte-exact, then the hangup after the playout sent to A.
     """
     record = tmp_path / "recordings"
     a = await instance_with(spawn, redis_server, "a")
@@ -949,8 +949,12 @@ async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, t
     assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
     [played] = body["legs"]
     assert (played["role"], played["dropped_frames"]) == ("visitor", 0) and 0 < played["queued_ms"] <= 1000, body
-    status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?role=visitor&after_playout=true&wait=true")
+    # Sent to A too: what the visitor is to hear is queued on B, which hangs it up once that is played.
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/hangup?role=visitor&after_playout=true&wait=true"
+    )
     assert status == 200, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
     await settle(visitor.closed, "the visitor on A to close")
     await settle(resident.closed, "the resident on B to close")
     frames = [encode_frame(Kind.SLIN, audio) for audio in prompt]

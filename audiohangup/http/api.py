@@ -323,10 +323,11 @@ class ControlAPI:
         after_playout = flag(request, "after_playout")
         cause = forwarded_cause(request)
         held = self.registry.call(call_id)
-        home = await self._home(request, call_id) if role is None else None
+        home = await self._home(request, call_id) if role is None or after_playout else None
         if home is not None:
             # The session lives there (a leg here joined it over the media
-            # link): it hangs up every leg, this one's through the link.
+            # link): it hangs up every leg, this one's through the link; and
+            # it plays the legs' audio out (a leg's queue is there).
             return await self.forwarder.passOn(request, home)
         mine = held if role is None else [leg for leg in held if leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
