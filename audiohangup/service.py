@@ -317,9 +317,10 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     if webhooks is None:
         Webhooks.counter(metrics)
     # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
-    # count legs count one handed over through the media link on its session's home only (see LegEvents).
+    # count, stream or record legs do so for one handed over through the media link on its session's home
+    # only (see LegEvents): the newcomer's instance would stream it twice, or record half of its call.
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
-        (LegMetrics(metrics, registry), True), (recent, False), (streams, False), (recorder, False),
+        (LegMetrics(metrics, registry), True), (recent, False), (streams, True), (recorder, True),
         (records, True), (webhooks, True),
     )
     for observer, counts in observers:

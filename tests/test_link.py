@@ -891,15 +891,15 @@ def played_in_order(heard: list[bytes], played: list[bytes], missed: int) -> Non
 @pytest_twisted.ensureDeferred
 async def test_a_media_stream_of_the_remote_leg(spawn: Spawn, redis_server: RedisServer, app: App) -> None:
     """
-    B streams its visitors (converse, the project's own protocol): the
-    visitor on A is streamed from B, the app hears it byte-exact, and what
-    the app says is paced on B and heard, byte-exact, by the visitor on A.
+    Both instances stream their visitors (converse, the project's own
+    protocol): the visitor on A is streamed once, from B, its session's
+    home; the app hears it byte-exact, and what the app says is paced on B
+    and heard, byte-exact, by the visitor on A.
     """
-    a = await instance_with(spawn, redis_server, "a")
-    b = await instance_with(
-        spawn, redis_server, "b", "--stream-url", app.url("/s/{call_id}/{role}"), "--stream-roles", "visitor",
-        "--stream-protocol", "audiohangup",
-    )
+    streaming = ("--stream-url", app.url("/s/{call_id}/{role}"), "--stream-roles", "visitor",
+                 "--stream-protocol", "audiohangup")
+    a = await instance_with(spawn, redis_server, "a", *streaming)
+    b = await instance_with(spawn, redis_server, "b", *streaming)
     call_id, visitor, _ = await split_call(a, b, on_hangup="close")
     await until(lambda: app.connections and app.connections[0].events("start"), 10, "the stream's start")
     [stream] = app.connections
@@ -920,6 +920,17 @@ async def test_a_media_stream_of_the_remote_leg(spawn: Spawn, redis_server: Redi
     assert status == 200, body
     [remote] = [leg for leg in body["legs"] if leg["role"] == "visitor"]
     assert [s["state"] for s in remote["streams"]] == ["streaming"], remote
+    assert len(app.connections) == 1  # not A's too
+
+    # A stream opened through A, which holds the visitor's connection: B opens it.
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/streams",
+        json={"url": app.url("/listen"), "role": "visitor", "mode": "listen", "protocol": "audiohangup"},
+    )
+    assert status == 201, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    await until(lambda: len(app.connections) == 2 and app.connections[1].events("start"), 10, "the second stream")
+    assert app.connections[1].path == "/listen"
 
 
 @pytest_twisted.ensureDeferred
@@ -927,15 +938,18 @@ async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, t
     """
     /play of the visitor sent to A, which holds its connection: A passes it
     on to B, the session's home, which paces it (queued_ms) and records it
-    (--recordings-mix heard: one WAV, both channels); the visitor on A hears
-    every frame, byte-exact, then the hangup after the playout sent to A.
+    (--recordings-mix heard: one WAV, both channels; A, though it records
+    every call too, none); the visitor on A hears every frame, byte-exact,
+    then the hangup after the playout sent to A.
     """
-    record = tmp_path / "recordings"
-    a = await instance_with(spawn, redis_server, "a")
-    b = await instance_with(
-        spawn, redis_server, "b", "--record-every-call", "--recordings-dir", str(record), "--recordings-mix", "heard",
-    )
+    record, elsewhere = tmp_path / "recordings", tmp_path / "a-recordings"
+    recording = ("--record-every-call", "--recordings-mix", "heard", "--recordings-dir")
+    a = await instance_with(spawn, redis_server, "a", *recording, str(elsewhere))
+    b = await instance_with(spawn, redis_server, "b", *recording, str(record))
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    status, body, response = await request("POST", f"{a.url}/calls/{call_id}/recording")
+    assert status == 409, body  # B records the call already, its visitor on A too
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
     for _ in range(5):
         visitor.send(encode_frame(Kind.SLIN, numbered(1111)))  # the resident hears it: the right channel
         await deferLater(reactor, 0.02)
@@ -972,3 +986,4 @@ async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, t
     assert recorded == [3000 + prompt.index(frame[3:]) for frame in heard(visitor)][: len(recorded)]
     assert len(recorded) >= len(heard(visitor)) - 1, recorded
     assert 1111 in ticks(right) and not [tick for tick in ticks(right) if tick >= 3000], ticks(right)
+    assert not list(elsewhere.glob("*/*.wav"))  # A records nothing of a call whose session is B's

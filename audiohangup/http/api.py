@@ -381,6 +381,9 @@ class ControlAPI:
         url = check_url(body.get("url"))
         parameters = check_fields(body.get("parameters"), "parameters")
         headers = streams.check_headers(check_fields(body.get("headers"), "headers"))
+        home = await self._home(request, call_id)
+        if home is not None:  # the session's home streams its legs, a linked one too
+            return await self.forwarder.passOn(request, home)
         held = self.registry.call(call_id)
         mine = [leg for leg in held if role is None or leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
@@ -444,6 +447,9 @@ class ControlAPI:
     async def start_recording(self, request: IRequest, call_id: str) -> bytes:
         """Record a live call from now on (with --record, every call is recorded already: 409)."""
         call_id = parse_call_id(call_id)
+        home = await self._home(request, call_id)
+        if home is not None:  # the session's home records the call, a linked leg too
+            return await self.forwarder.passOn(request, home)
         legs = [leg for leg in self.registry.call(call_id) if leg.live]
         if not legs:
             return await self._atOwner(request, call_id)
@@ -458,6 +464,9 @@ class ControlAPI:
         recorder = self._recorder()
         recording = recorder.active.get(call_id)
         if recording is None:
+            home = await self._home(request, call_id)
+            if home is not None:
+                return await self.forwarder.passOn(request, home)
             if not self.registry.call(call_id):
                 return await self._atOwner(request, call_id)
             raise NotRecording(call_id)
@@ -471,6 +480,9 @@ class ControlAPI:
         call_id = parse_call_id(call_id)
         found = await self._recorder().find(call_id)
         if found is None:
+            home = await self._home(request, call_id)
+            if home is not None:
+                return await self.forwarder.passOn(request, home, piped=True)
             if not self.registry.call(call_id):
                 return await self._atOwner(request, call_id, recording=True)
             raise ApiError(404, "no_recording", f"call {call_id} has no recording")
