@@ -57,11 +57,12 @@ class LegEvents:
     """
     Fans each event out to every observer, each guarded on its own.
 
-    Observers added with C{counts} count legs (metrics, records, webhooks),
-    and a cluster counts each leg once: on its session's home. A leg that
+    Observers added with C{counts} count legs (metrics, records, webhooks)
+    or act for their session (streams, recordings), and a cluster counts,
+    streams and records each leg once: on its session's home. A leg that
     this instance hands over through the media link to its session on
-    another instance (L{handOver}) is that instance's to count, so counting
-    observers are told nothing of it here, but for the link's own failure
+    another instance (L{handOver}) is that instance's, so these observers
+    are told nothing of it here, but for the link's own failure
     (a hangup with cause C{link}, which only this side knows). As a leg
     starts, C{mayLeave} (the linker's) says whether it may be handed over;
     until the linker has decided (L{release} or L{handOver}), its events for

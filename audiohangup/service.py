@@ -455,9 +455,10 @@ def build_service(
     if webhooks is None:
         Webhooks.counter(metrics, reactor)
     # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
-    # count legs count one handed over through the media link on its session's home only (see LegEvents).
+    # count, stream or record legs do so for one handed over through the media link on its session's home
+    # only (see LegEvents): the newcomer's instance would stream it twice, or record half of its call.
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
-        (LegMetrics(metrics, registry), True), (recent, False), (streams, False), (recorder, False),
+        (LegMetrics(metrics, registry), True), (recent, False), (streams, True), (recorder, True),
         (records, True), (webhooks, True),
     )
     for observer, counts in observers:
@@ -493,7 +494,7 @@ def build_service(
     gates: dict[str, SourceGate] = {}
     if cluster is not None and linked(config):
         doors.append(
-            link_listener(config, cluster, registry, reactor, formats, metrics, relay, gates, gated=reread is not None)
+            link_listener(config, cluster, registry, reactor, pacer, formats, metrics, relay, gates, gated=reread is not None)
         )
     factories = []
     for role in Role:
@@ -568,9 +569,9 @@ class PrivateAPI(Listener):
 
 
 def link_listener(
-    config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, formats: dict[Role, AudioFormat],
-    metrics: CollectorRegistry, relay: Relay | None = None, gates: dict[str, SourceGate] | None = None,
-    *, gated: bool = False,
+    config: Config, cluster: Cluster, registry: Registry, reactor: IReactor, pacer: Pacer,
+    formats: dict[Role, AudioFormat], metrics: CollectorRegistry, relay: Relay | None = None,
+    gates: dict[str, SourceGate] | None = None, *, gated: bool = False,
 ) -> IService:
     """
     The media link: its listener, which the directory's presence names, and
@@ -582,8 +583,8 @@ def link_listener(
     assert config.api_token is not None
     directory = cluster.directory
     server = LinkServer(
-        registry, directory.instance_id, config.api_token, formats, reactor,
-        close_timeout=config.close_timeout, metrics=metrics, relay=relay,
+        registry, directory.instance_id, config.api_token, formats, reactor, pacer,
+        settings=config.leg_settings(), metrics=metrics, relay=relay,
     )
     tls = config.link.startswith("ssl:")
     trust = None if config.link_ca is None else trust_root(config.link_ca)

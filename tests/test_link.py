@@ -11,6 +11,7 @@ import re
 import struct
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 import treq
@@ -27,15 +28,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from audiohangup.audio import SLIN
+from audiohangup.audio import SLIN, LegSettings, Playout
 from audiohangup.cluster.directory import LegEntry
 from audiohangup.cluster.link import HANDSHAKE_TIMEOUT, LinkServer
 from audiohangup.cluster.linker import Linker, LinkFlow, NewcomerSide
-from audiohangup.cluster.linkmessages import CONTROL, QUEUED, accepted, control, hello, read_control
+from audiohangup.cluster.linkmessages import CONTROL, accepted, control, hello, read_control
 from audiohangup.cluster.remoteleg import RemoteLeg
 from audiohangup.flows import SilenceFlow
-from audiohangup.interfaces import IRemoteLeg
+from audiohangup.interfaces import IPacedLeg, IRemoteLeg
 from audiohangup.logs import iso_time
+from audiohangup.pacer import Pacer
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.service import Config, build_service
@@ -47,6 +49,7 @@ from tests.redis_server import RedisServer, free_port
 from tests.test_cluster import HEARTBEAT, TOKEN, Instance, leg_on, request, wait_listed
 from tests.test_recording import numbered, read_wav, ticks
 from tests.twistd_child import Spawn, settle, start_server
+from tests.ws_app import App
 
 FRAMES = 25
 LINK_LISTENING = re.compile(r"\blink listening on 127\.0\.0\.1:(\d+)\s*$", re.M)
@@ -186,7 +189,7 @@ async def test_a_link_refused_or_missing_hangs_up_the_newcomer(spawn: Spawn, red
 async def test_the_homes_flow_runs_the_remote_leg(spawn: Spawn, redis_server: RedisServer) -> None:
     """
     The home runs --flow echo: the visitor on A hears its own frames back,
-    queued on B by the flow and paced on A.
+    queued and paced on B by the flow, forwarded by A.
     """
     a = await instance_with(spawn, redis_server, "a")
     b = await instance_with(spawn, redis_server, "b", "--flow", "echo")
@@ -265,16 +268,17 @@ async def request_text(url: str) -> str:
 # The home's side, deterministic: a StringTransport for the link, a Clock.
 
 
-class HomeSideTests(SynchronousTestCase):
-    """What the link listener does with a hello, the frames after it, and the link's end."""
+class HomeSideCase(SynchronousTestCase):
+    """The link listener with a Clock, its link a StringTransport: what the tests of the home's side share."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry()
         self.metrics = CollectorRegistry()
+        self.pacer = Pacer(self.clock)
         self.server = LinkServer(
-            self.registry, "b", TOKEN, {role: SLIN for role in Role}, self.clock, close_timeout=1.0,
-            metrics=self.metrics,
+            self.registry, "b", TOKEN, {role: SLIN for role in Role}, self.clock, self.pacer,
+            settings=LegSettings(close_timeout=1.0, max_queue_ms=200, playout_timeout=3.0), metrics=self.metrics,
         )
         self.side = self.server.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
@@ -305,6 +309,10 @@ class HomeSideTests(SynchronousTestCase):
         assert isinstance(leg, RemoteLeg)
         return leg
 
+
+class HomeSideTests(HomeSideCase):
+    """What the link listener does with a hello, the frames after it, and the link's end."""
+
     def test_a_signed_hello_joins_a_remote_leg(self) -> None:
         """The remote leg is the session's visitor, out of the directory's reach, and what it hears crosses the link."""
         leg = self.join()
@@ -315,7 +323,9 @@ class HomeSideTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), frame)
         self.transport.clear()
         leg.play(b"\x00\x00" * 160)
-        self.assertEqual([f.kind for f in self.sent()], [QUEUED])
+        self.assertEqual(self.transport.value(), b"")  # queued here, for this instance's pacer
+        self.clock.advance(0.02)
+        self.assertEqual(self.sent(), [Frame(Kind.SLIN, b"\x00\x00" * 160)])
 
     def test_a_wrong_mac_is_refused_and_counted(self) -> None:
         """Signed with another token: nothing but the challenge, the connection aborted, the refusal counted."""
@@ -377,6 +387,139 @@ class HomeSideTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
 
+class _Heard:
+    """A recorder's tap as the leg sees it: what was written to the leg."""
+
+    def __init__(self) -> None:
+        self.heard: list[bytes] = []
+
+    def legHeard(self, data: bytes) -> None:
+        self.heard.append(data)
+
+
+def spoken(*values: int) -> list[bytes]:
+    """Encoded slin frames, each of one sample value."""
+    return [encode_frame(Kind.SLIN, struct.pack("<h", value) * 160) for value in values]
+
+
+class RemoteLegPacingTests(HomeSideCase):
+    """
+    What the home plays to a remote leg (its queue, a media stream's feed)
+    its own pacer paces, a frame per 20 ms, over the link as plain audio.
+    """
+
+    def sentKinds(self) -> list[tuple[int, bytes | dict[str, object] | None]]:
+        """The frames sent since the last look: audio payloads, control messages."""
+        return [
+            (frame.kind, read_control(frame) if frame.kind == CONTROL else frame.payload) for frame in self.sent()
+        ]
+
+    def tick(self) -> list[bytes]:
+        """One 20 ms tick of the pacer: the encoded frames it sent."""
+        self.clock.advance(0.02)
+        return [frame.encode() for frame in self.sent()]
+
+    def test_a_paced_leg(self) -> None:
+        leg = self.join()
+        self.assertTrue(verifyObject(IPacedLeg, leg))
+        self.assertEqual(len(self.pacer), 1)
+
+    def test_queued_audio_is_paced_a_frame_a_tick(self) -> None:
+        """Five frames: none at once, then one a tick, in order, heard by the recorder; then no silence."""
+        leg = self.join()
+        tap = _Heard()
+        leg.addTap(tap, heard=True)  # type: ignore[arg-type]
+        frames = spoken(1, 2, 3, 4, 5)
+        self.assertEqual(leg.queueFrames(frames), 0)
+        self.assertEqual((self.transport.value(), leg.queued_ms), (b"", 100))
+        for n, frame in enumerate(frames):
+            self.assertEqual(self.tick(), [frame])
+            self.assertEqual(leg.queued_ms, 80 - 20 * n)
+        self.assertEqual(tap.heard, frames)
+        self.assertEqual(self.tick(), [])  # the newcomer's pacer fills the gaps, not this one
+
+    def test_the_queue_is_bounded(self) -> None:
+        """Beyond --max-queue-ms (200 ms here), the oldest frames go, and /play says how many."""
+        leg = self.join()
+        self.assertEqual(leg.play(b"\x01\x00" * 160 * 12), 2)
+        self.assertEqual(leg.queued_ms, 200)
+
+    def test_bridged_frames_wait_for_the_prompt(self) -> None:
+        """A bridged frame while a prompt plays is dropped (the prompt has the floor), as on a local leg."""
+        leg = self.join()
+        bridged = spoken(9)[0]
+        leg.forwardBytes(bridged)
+        self.assertEqual(self.sent(), [Frame(Kind.SLIN, bridged[3:])])  # nothing queued: at once
+        prompt = spoken(1, 2)
+        leg.queueFrames(prompt)
+        leg.forwardBytes(bridged)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.tick() + self.tick(), prompt)
+
+    def test_a_feed_is_played(self) -> None:
+        """A converse media stream's audio, with its mark: paced here, the mark answered after its frame."""
+        leg = self.join()
+        feed = Playout(50)
+        leg.attachFeed(feed)
+        marked: list[str] = []
+        feed.push(spoken(7, 8))
+        feed.mark(lambda: marked.append("played"))
+        self.assertEqual(self.tick(), spoken(7))
+        self.assertEqual(marked, [])
+        self.assertEqual(self.tick(), spoken(8))
+        self.assertEqual(marked, ["played"])
+
+    def test_hangup_after_playout_waits_for_the_queue(self) -> None:
+        """The queue plays out here, then a plain hangup goes, after the frames; the leg ends when its instance says."""
+        leg = self.join()
+        frames = spoken(1, 2, 3)
+        leg.queueFrames(frames)
+        gone = leg.hangupAfterPlayout(HangupCause.API)
+        self.assertEqual((self.transport.value(), leg.live), (b"", True))
+        self.assertEqual(self.tick() + self.tick(), frames[:2])
+        self.assertNoResult(gone)
+        self.clock.advance(0.02)
+        self.assertEqual(
+            self.sentKinds(),
+            [(Kind.SLIN, frames[2][3:]), (CONTROL, {"type": "hangup", "cause": "api", "after_playout": False})],
+        )
+        self.assertEqual((leg.live, leg.hangup_cause, len(self.pacer)), (False, HangupCause.API, 0))
+        self.side.dataReceived(control({"type": "ended", "reason": "hangup_clean", "cause": "api"}))
+        self.assertEqual(self.successResultOf(gone), CloseReason.HANGUP_CLEAN)
+
+    def test_hangup_after_playout_with_nothing_queued(self) -> None:
+        leg = self.join()
+        leg.hangupAfterPlayout(HangupCause.API)
+        self.assertEqual(self.sentKinds(), [(CONTROL, {"type": "hangup", "cause": "api", "after_playout": False})])
+
+    def test_a_playout_is_bounded(self) -> None:
+        """An app that never stops: after the playout timeout (3 s here) the leg is hung up all the same."""
+        leg = self.join()
+        feed = Playout(1000)
+        leg.attachFeed(feed)
+        feed.push(spoken(*range(1, 501)))  # ten seconds
+        leg.hangupAfterPlayout(HangupCause.SESSION)
+        self.clock.pump([0.02] * 149)
+        self.assertTrue(leg.live)
+        self.clock.advance(0.02)
+        self.assertEqual(self.sentKinds()[-1], (CONTROL, {"type": "hangup", "cause": "session", "after_playout": False}))
+        self.assertEqual((leg.live, feed.frames), (False, 0))  # drained: the rest will never play
+
+    def test_an_ended_leg_plays_nothing_more(self) -> None:
+        """The real leg ended: the queue goes, the feed's marks are answered, the pacer forgets the leg."""
+        leg = self.join()
+        leg.queueFrames(spoken(1, 2))
+        feed = Playout(50)
+        leg.attachFeed(feed)
+        marked: list[str] = []
+        feed.push(spoken(3))
+        feed.mark(lambda: marked.append("answered"))
+        self.side.dataReceived(control({"type": "ended", "reason": "peer_hangup", "cause": None}))
+        self.assertEqual((leg.queued_ms, marked, len(self.pacer)), (0, ["answered"], 0))
+        self.assertEqual(leg.queueFrames(spoken(4)), 0)
+        self.assertEqual(self.tick(), [])
+
+
 class _Leg:
     """What the newcomer's side uses of its leg."""
 
@@ -433,8 +576,8 @@ class NewcomerSideTests(SynchronousTestCase):
         self.assertIsInstance(self.registry.session(self.call_id).flow, LinkFlow)  # type: ignore[union-attr]
         self.assertIsNotNone(self.leg.route)
         audio = encode_frame(Kind.SLIN, b"\x05" * 320)
-        self.side.dataReceived(audio + encode_frame(QUEUED, audio))
-        self.assertEqual((self.leg.forwarded, self.leg.queued), ([audio], [audio]))
+        self.side.dataReceived(audio + encode_frame(0xF1, audio))  # an older home's queued frame: not played
+        self.assertEqual((self.leg.forwarded, self.leg.queued), ([audio], []))
         self.side.dataReceived(control({"type": "hangup", "cause": "api", "after_playout": False}))
         self.assertEqual(self.leg.hangups, [HangupCause.API])
 
@@ -809,3 +952,126 @@ class CountedOnceTests(SynchronousTestCase):
         self.events.add(self.linker)
         self.events.legStarted(self.leg)  # type: ignore[arg-type]
         self.assertEqual(self.counter.told, ["started"])
+
+
+# What the home plays to a remote leg: paced there, heard by its recorder and streams, forwarded by the newcomer.
+
+
+@pytest_twisted.async_yield_fixture
+async def app() -> Any:
+    made = App()
+    yield await made.listen()
+    await made.close()
+
+
+async def missed_slots(at: Instance) -> int:
+    """The 20 ms slots the instance's pacer missed (their audio dropped, not played late): a loaded machine's."""
+    return int(metric_sum(await request_text(f"{at.url}/metrics"), "audiohangup_pacer_missed_slots_total"))
+
+
+def played_in_order(heard: list[bytes], played: list[bytes], missed: int) -> None:
+    """What a leg heard is what was played, byte for byte, in order; only a missed slot's frame may lack."""
+    rest = iter(played)
+    assert all(frame in rest for frame in heard), heard
+    assert len(heard) >= len(played) - missed, (len(heard), len(played), missed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_media_stream_of_the_remote_leg(spawn: Spawn, redis_server: RedisServer, app: App) -> None:
+    """
+    Both instances stream their visitors (converse, the project's own
+    protocol): the visitor on A is streamed once, from B, its session's
+    home; the app hears it byte-exact, and what the app says is paced on B
+    and heard, byte-exact, by the visitor on A.
+    """
+    streaming = ("--stream-url", app.url("/s/{call_id}/{role}"), "--stream-roles", "visitor",
+                 "--stream-protocol", "audiohangup")
+    a = await instance_with(spawn, redis_server, "a", *streaming)
+    b = await instance_with(spawn, redis_server, "b", *streaming)
+    call_id, visitor, _ = await split_call(a, b, on_hangup="close")
+    await until(lambda: app.connections and app.connections[0].events("start"), 10, "the stream's start")
+    [stream] = app.connections
+    assert stream.path == f"/s/{call_id}/visitor"
+    spoken = frames_of(0x55)
+    for frame in spoken:
+        visitor.send(frame)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(stream.media()) >= FRAMES, 5, "the visitor's audio at the app")
+    assert [message.payload for message in stream.media()] == [frame[3:] for frame in spoken]
+
+    missed = await missed_slots(b)
+    said = frames_of(0x66)
+    stream.send_binary(b"".join(frame[3:] for frame in said))  # half a second at once: B paces it
+    await until(lambda: heard(visitor)[-1:] == said[-1:], 5, "the app's audio on A's visitor")
+    played_in_order(heard(visitor), said, await missed_slots(b) - missed)
+    status, body, _ = await request("GET", f"{b.url}/calls/{call_id}")
+    assert status == 200, body
+    [remote] = [leg for leg in body["legs"] if leg["role"] == "visitor"]
+    assert [s["state"] for s in remote["streams"]] == ["streaming"], remote
+    assert len(app.connections) == 1  # not A's too
+
+    # A stream opened through A, which holds the visitor's connection: B opens it.
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/streams",
+        json={"url": app.url("/listen"), "role": "visitor", "mode": "listen", "protocol": "audiohangup"},
+    )
+    assert status == 201, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    await until(lambda: len(app.connections) == 2 and app.connections[1].events("start"), 10, "the second stream")
+    assert app.connections[1].path == "/listen"
+
+
+@pytest_twisted.ensureDeferred
+async def test_play_on_the_remote_leg(spawn: Spawn, redis_server: RedisServer, tmp_path: Path) -> None:
+    """
+    /play of the visitor sent to A, which holds its connection: A passes it
+    on to B, the session's home, which paces it (queued_ms) and records it
+    (--recordings-mix heard: one WAV, both channels; A, though it records
+    every call too, none); the visitor on A hears every frame, byte-exact,
+    then the hangup after the playout sent to A.
+    """
+    record, elsewhere = tmp_path / "recordings", tmp_path / "a-recordings"
+    recording = ("--record-every-call", "--recordings-mix", "heard", "--recordings-dir")
+    a = await instance_with(spawn, redis_server, "a", *recording, str(elsewhere))
+    b = await instance_with(spawn, redis_server, "b", *recording, str(record))
+    call_id, visitor, resident = await split_call(a, b, on_hangup="close")
+    status, body, response = await request("POST", f"{a.url}/calls/{call_id}/recording")
+    assert status == 409, body  # B records the call already, its visitor on A too
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    for _ in range(5):
+        visitor.send(encode_frame(Kind.SLIN, numbered(1111)))  # the resident hears it: the right channel
+        await deferLater(reactor, 0.02)
+    prompt = [numbered(3000 + n) for n in range(50)]  # a second: what a leg's queue holds
+    missed = await missed_slots(b)
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/play?role=visitor", data=b"".join(prompt),
+        headers={"Content-Type": "audio/L16;rate=8000"},
+    )
+    assert status == 200, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    [played] = body["legs"]
+    assert (played["role"], played["dropped_frames"]) == ("visitor", 0) and 0 < played["queued_ms"] <= 1000, body
+    # Sent to A too: what the visitor is to hear is queued on B, which hangs it up once that is played.
+    status, body, response = await request(
+        "POST", f"{a.url}/calls/{call_id}/hangup?role=visitor&after_playout=true&wait=true"
+    )
+    assert status == 200, body
+    assert response.headers.getRawHeaders("x-audiohangup-answered-by") == ["b"]
+    await settle(visitor.closed, "the visitor on A to close")
+    await settle(resident.closed, "the resident on B to close")
+    frames = [encode_frame(Kind.SLIN, audio) for audio in prompt]
+    missed = await missed_slots(b) - missed
+    played_in_order(heard(visitor), frames, missed)
+    assert heard(visitor)[-1] == frames[-1]  # played out before the hangup
+    assert visitor.ended_with_single_hangup()
+
+    done = re.compile(rf"{call_id} recording \S+ done")
+    await until(lambda: done.search(b.child.log), 5, "the recording's end")  # its last tick written
+    [path] = list(record.glob("*/*.wav"))
+    _, left, right = read_wav(path)
+    recorded = [tick for tick in ticks(left) if tick >= 3000]
+    # Every frame the visitor heard, in order; the file's last tick may lack (the writer keeps a tick's lead).
+    assert recorded == [3000 + prompt.index(frame[3:]) for frame in heard(visitor)][: len(recorded)]
+    assert len(recorded) >= len(heard(visitor)) - 1, recorded
+    assert 1111 in ticks(right) and not [tick for tick in ticks(right) if tick >= 3000], ticks(right)
+    assert not list(elsewhere.glob("*/*.wav"))  # A records nothing of a call whose session is B's

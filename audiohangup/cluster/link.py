@@ -13,11 +13,15 @@ holding a JSON object:
     newcomer -> home    {"type": "hello", "instance_id", "call_id", "role", "format", "nonce", "mac"}
     home -> newcomer    {"type": "accepted", "mac"} or {"type": "refused", "why"}
     home -> newcomer    {"type": "hangup", "cause", "after_playout"}: the session hangs the leg up
+                        (after_playout: false, the home has played its audio out by then)
     newcomer -> home    {"type": "ended", "reason", "cause"}: the real leg is gone, and how
 
-and, home to newcomer, frames of kind L{QUEUED} whose payload is one
-encoded frame the leg plays after what is queued (C{/play}, a flow's
-C{play}), not bridged audio.
+Home to newcomer, every audio frame is what the leg is to hear now: the
+home plays the remote leg's queue (C{/play}, a flow's C{play}) and a media
+stream's audio with its own pacer, a frame per 20 ms slot, as for a leg of
+its own (so its recorder hears them), and a hangup after the playout goes
+as a plain hangup once it is played. The newcomer writes each frame to the
+leg as it comes; its own pacer only fills the gaps with silence.
 
 Only an instance of the cluster may link: the hello's C{mac} is the
 HMAC-SHA256, under the instances' shared control token (C{--api-token},
@@ -53,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from audiohangup.audio import AudioFormat
+from audiohangup.audio import AudioFormat, LegSettings
 from audiohangup.cluster.linkio import LinkSocket, bound, set_up
 from audiohangup.cluster.linkmessages import CONTROL, NONCE_BYTES, TLS_PREFIX, accepted, control, read_control, signed
 from audiohangup.cluster.remoteleg import RemoteLeg
@@ -67,6 +71,7 @@ from audiohangup.wire import FrameDecoder
 
 if TYPE_CHECKING:
     from audiohangup.cluster.directory import CallDirectory
+    from audiohangup.pacer import Pacer
 
 #: Seconds a link has, from its connection, to be accepted.
 HANDSHAKE_TIMEOUT = 3.0
@@ -124,19 +129,23 @@ class LinkServer(Factory):
         token: str,
         formats: Mapping[Role, AudioFormat],
         reactor: IReactorTime,
+        pacer: Pacer,
         *,
-        close_timeout: float = 2.0,
+        settings: LegSettings | None = None,
         metrics: CollectorRegistry | None = None,
         relay: Relay | None = None,
     ) -> None:
         self.registry = registry
+        #: Plays the remote legs' queues and feeds here, as it does the legs' of this instance.
+        self.pacer = pacer
         #: Reads the links' sockets, as it does the legs' (see L{audiohangup.cluster.linkio}).
         self.relay = relay
         self.instance_id = instance_id
         self.token = token
         self.formats = formats
         self.reactor = reactor
-        self.close_timeout = close_timeout
+        #: The remote legs' queue bound, playout and close timeouts (their formats are C{formats}').
+        self.settings = settings or LegSettings()
         self.refused: Counter | None = None
         if metrics is not None:
             self.refused = series(
@@ -235,8 +244,8 @@ class HomeSide(Protocol):
             return
         self._cancelTimer()
         leg = RemoteLeg(
-            self, call_id, Role(role), wanted, server.registry, server.reactor,
-            instance_id=instance_id, peer=f"{instance_id}@{self.peer}", close_timeout=server.close_timeout,
+            self, call_id, Role(role), wanted, server.registry, server.reactor, server.pacer,
+            instance_id=instance_id, peer=f"{instance_id}@{self.peer}", settings=server.settings,
         )
         holder = server.registry.holder(call_id, leg.role)
         if holder is not None:

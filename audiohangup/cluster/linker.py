@@ -7,9 +7,9 @@ live instance, the leg joins the session there through one link of its own.
 The leg stays this instance's connection (its admission, its pacing, its
 teardown, its close reason), but its session's flow is handed over to the
 link (L{Session.handOver}): every frame and digit it receives crosses to the
-session's home, and what the home sends (bridged audio, queued audio, a
-hangup with its cause) comes to the leg. When the leg ends, the home hears
-how.
+session's home, and what the home sends (its audio, bridged or played and
+paced there, and a hangup with its cause) comes to the leg. When the leg
+ends, the home hears how.
 
 Failure is explicit: a link that cannot be made, is refused or breaks hangs
 the leg up with cause C{link}, logged once with both instance ids. A leg
@@ -41,7 +41,6 @@ from audiohangup.cluster.linkio import LinkSocket, bound, set_up
 from audiohangup.cluster.linkmessages import (
     CONTROL,
     NONCE_BYTES,
-    QUEUED,
     control,
     hello,
     read_control,
@@ -305,8 +304,6 @@ class NewcomerSide(Protocol):
             kind = frame.kind
             if kind in SAMPLE_RATES and self.accepted:
                 leg.forwardBytes(frame.encode())
-            elif kind == QUEUED and self.accepted:
-                leg.queueFrames([frame.payload])
             elif kind == CONTROL:
                 self._controlReceived(read_control(frame) or {})
 

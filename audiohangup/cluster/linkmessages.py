@@ -17,8 +17,6 @@ from audiohangup.wire import Frame, encode_frame
 
 #: A control message: its payload is a JSON object.
 CONTROL = 0xF0
-#: Home to newcomer: the payload is one encoded frame to queue on the leg (played after what is queued).
-QUEUED = 0xF1
 #: Bytes of a nonce (each side sends one: each proves the other holds the token).
 NONCE_BYTES = 32
 #: What a presence's link address begins with when its listener speaks TLS (C{--link ssl:...}).

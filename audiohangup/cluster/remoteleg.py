@@ -7,13 +7,20 @@ written to it crosses the media link (L{audiohangup.cluster.link}); what
 its connection receives arrives over it; its close reason is the one its
 own instance gives, or C{link_lost} if the link breaks first.
 
-It is not paced here: the instance that holds its connection paces it (the
-silence between frames, the queued audio after C{/play}).
+What the session plays to it is played here, by this instance's pacer,
+exactly as to a leg of its own: the queued audio after C{/play} or a flow's
+C{play}, the app's audio of a media stream, bridged frames held while those
+speak (L{audiohangup.timeline}). Each frame goes over the link as plain
+audio when its slot comes, so the recorder's C{legHeard} taps hear it,
+C{queued_ms} is true and a hangup after playout knows when the queue is
+empty. The instance that holds the connection only forwards what arrives,
+its own pacer filling the gaps with silence.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,13 +30,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.attachments import LegAttachments
-from audiohangup.audio import AudioFormat, FrameQueue, Playout
-from audiohangup.cluster.linkmessages import QUEUED, control
-from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IRemoteLeg
+from audiohangup.audio import FRAME_SECONDS, AudioFormat, FrameQueue, LegSettings, Playout
+from audiohangup.cluster.linkmessages import control
+from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IRemoteLeg
 from audiohangup.reasons import CLOSED, CLOSING, LIVE, CloseReason, HangupCause, LegState, Role
-from audiohangup.wire import SAMPLE_RATES, Frame, Kind, encode_frame
+from audiohangup.timeline import BRIDGE_HOLD, Timeline
+from audiohangup.wire import SAMPLE_RATES, Frame, Kind
 
 if TYPE_CHECKING:
+    from audiohangup.pacer import Pacer
     from audiohangup.registry import Registry
     from audiohangup.session import Session
 
@@ -45,7 +54,7 @@ class LinkEnd(Protocol):
     def abort(self) -> None: ...
 
 
-@implementer(IRemoteLeg)
+@implementer(IRemoteLeg, IPacedLeg)
 class RemoteLeg(LegAttachments):
     """One leg of a session here whose connection is on instance C{instance_id}, reached by C{link}."""
 
@@ -59,10 +68,11 @@ class RemoteLeg(LegAttachments):
         audio: AudioFormat,
         registry: Registry,
         reactor: IReactorTime,
+        pacer: Pacer,
         *,
         instance_id: str,
         peer: str,
-        close_timeout: float = 2.0,
+        settings: LegSettings | None = None,
     ) -> None:
         self.link = link
         self.call_id: str | None = call_id
@@ -70,9 +80,12 @@ class RemoteLeg(LegAttachments):
         self.format = audio
         self.registry = registry
         self.reactor = reactor
+        self.pacer = pacer
         self.instance_id = instance_id
         self.peer = peer
-        self.close_timeout = close_timeout
+        settings = settings or LegSettings()
+        self.close_timeout = settings.close_timeout
+        self.playout_timeout = settings.playout_timeout
         self.state: LegState = LIVE
         self.session: Session | None = None
         self.route: ILeg | None = None
@@ -82,8 +95,16 @@ class RemoteLeg(LegAttachments):
         self.forwarded_at = -math.inf
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = self.dtmf_count = 0
         self.dtmf = ""
-        self.queue = FrameQueue(1)  # its queue is on its own instance
-        self.feed: Playout | None = None  # attached, not played: its instance paces the leg (module docstring)
+        self.queue = FrameQueue(settings.max_queue_frames)
+        #: What a converse media stream sends the leg: paced here after queued prompts.
+        self.feed: Playout | None = None
+        #: The pacer's slot this leg last had a frame written in, and the bridged frames held for the next.
+        self.written_in = -1
+        self.held: deque[bytes] = deque(maxlen=BRIDGE_HOLD)
+        self.timeline = Timeline(audio)
+        #: Never idle here: the instance holding the connection sees its frames and applies --idle-timeout.
+        self.idle_after = math.inf
+        self._after_playout: HangupCause | None = None
         self.taps: list[ILegTap] = []
         self.heard: list[ILegTap] = []
         self.recording: str | None = None
@@ -103,7 +124,7 @@ class RemoteLeg(LegAttachments):
 
     @property
     def queued_ms(self) -> int:
-        return 0
+        return round(len(self.queue) * FRAME_SECONDS * 1000)
 
     @property
     def hangup_to_close_ms(self) -> float | None:
@@ -117,6 +138,7 @@ class RemoteLeg(LegAttachments):
         registry.connected(self)
         registry.pending.discard(self)
         self.log.info("{call_id} {role} leg joined over the link from instance {instance} ({peer})", **self._fields())
+        self.pacer.add(self)
         self.session, replaced = registry.register(self)
         if replaced is not None:
             replaced.hangup(HangupCause.REPLACED)
@@ -154,7 +176,7 @@ class RemoteLeg(LegAttachments):
             self.log.failure("{call_id} {role} {tap} failed in {event}", tap=type(tap).__name__, event=event,
                              **self._fields())
 
-    # Frames out: over the link, to be written to the real leg.
+    # Frames out: over the link, to be written to the real leg as they come.
 
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
@@ -167,46 +189,108 @@ class RemoteLeg(LegAttachments):
         self.forwardBytes(frame.encode())
 
     def forwardBytes(self, data: bytes) -> None:
+        """
+        A bridged frame: over the link at once, unless a prompt or an app
+        speaks to the leg (then held or dropped, as a local leg does: see
+        L{audiohangup.protocol.AudioSocketProtocol.forward}).
+        """
         if self.state is LIVE:
-            self._write(data)
+            slot = self.pacer.slot
+            if not self.queue and not self.feed and (self.written_in != slot or not self.timeline.spokeLately(slot)):
+                self._write(data)
+                self.written_in = slot
+            elif not self.queue and (not self.feed or self.feed.mix):
+                self.held.append(data)
             self.forwarded_at = self.reactor.seconds()
 
     def bridgeTo(self, other: ILeg | None) -> None:
         self.route = other
 
     def queueFrames(self, frames: list[bytes]) -> int:
-        """Sent on to be queued on the real leg, which its own pacer plays: what it drops is not known here."""
-        if self.state is LIVE:
-            for frame in frames:
-                self.link.write(encode_frame(QUEUED, frame))
-        return 0
+        """Queue encoded frames for this instance's pacer; return how many old ones were dropped."""
+        if self.state is not LIVE:
+            return 0
+        return self.queue.push(frames)
 
     def play(self, audio: bytes) -> int:
         return self.queueFrames(self.format.frames(audio))
 
+    def paceTick(self, now: float, bridged_since: float, missed: int = 0) -> None:
+        """
+        The pacer's tick: at most one frame of the queue, the app's or a held
+        bridged one, as a local leg's L{Timeline} picks it; never silence
+        (its own instance's pacer fills the gaps), and no idle check (its
+        own instance's).
+        """
+        if self.state is not LIVE:
+            return
+        slot, feed = self.pacer.slot, self.feed
+        frame = self.timeline.frameFor(slot, missed, self.queue, feed, self.held, False)
+        if frame is not None:
+            self._write(frame)
+            self.written_in = slot
+            if feed:
+                feed.settle()  # the marks after it: that audio is out
+        if feed is not None:
+            feed.paced(slot, self.timeline.fed)
+        if self._after_playout is not None and not self.queue and not self.feed:
+            self.hangup(self._after_playout)
+
     # Ending
 
     def hangup(self, cause: HangupCause) -> Deferred[CloseReason]:
-        return self._hangup(cause, after_playout=False)
-
-    def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
-        return self._hangup(cause, after_playout=True)
-
-    def _hangup(self, cause: HangupCause, *, after_playout: bool) -> Deferred[CloseReason]:
+        """
+        Over the link, after the frames written before it: its instance
+        hangs the real leg up (its own close timeout bounds it; this side
+        gives up a second later).
+        """
         if self.state is LIVE:
             self.state = CLOSING
+            self._stopPacing()
             self.hangup_cause = cause
             self.hangup_at = self.reactor.seconds()
-            self.link.write(control({"type": "hangup", "cause": cause.value, "after_playout": after_playout}))
+            # Played out here already when it is after the playout: the newcomer hangs up at once.
+            self.link.write(control({"type": "hangup", "cause": cause.value, "after_playout": False}))
             self.log.info(
                 "{call_id} {role} hangup sent (cause {cause}) over the link to instance {instance}",
                 cause=cause, **self._fields(),
             )
             self.registry.events.hangupSent(self, cause)
-            # Its instance closes the leg within its own bounds (a playout, a close timeout); past those, give up.
-            bound = self.close_timeout + 1.0 + (60.0 if after_playout else 0.0)
-            self._timer = self.reactor.callLater(bound, self._noAnswer)
+            self._timer = self.reactor.callLater(self.close_timeout + 1.0, self._noAnswer)
         return self.whenGone()
+
+    def hangupAfterPlayout(self, cause: HangupCause = HangupCause.API) -> Deferred[CloseReason]:
+        """
+        Let what is queued or fed play out here, then send a plain hangup
+        (the frames go ahead of it, in order); bounded by the playout timeout.
+        """
+        if self.state is LIVE and (self.queue or self.feed):
+            if self._after_playout is None:  # a second request does not push the bound back
+                self._after_playout = cause
+                self._timer = self.reactor.callLater(self.playout_timeout, self._playoutTimedOut)
+            return self.whenGone()
+        return self.hangup(cause)
+
+    def _playoutTimedOut(self) -> None:
+        self._timer = None
+        assert self._after_playout is not None
+        self.log.info(
+            "{call_id} {role} playout not done after {timeout:g} s ({queued_ms} ms left): hanging up",
+            timeout=self.playout_timeout, queued_ms=self.queued_ms, **self._fields(),
+        )
+        self.hangup(self._after_playout)
+
+    def _stopPacing(self) -> None:
+        """Out of the pacer, nothing more to play: the queue goes, the feed's marks are answered."""
+        self.pacer.remove(self)
+        self.queue.clear()
+        self.held.clear()
+        if self.feed is not None:
+            self.feed.drain()  # its marks are answered: that audio will never play
+        self._after_playout = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _noAnswer(self) -> None:
         self._timer = None
@@ -229,9 +313,7 @@ class RemoteLeg(LegAttachments):
             return
         if self.hangup_cause is None:
             self.hangup_cause = cause
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stopPacing()
         self.state = CLOSED
         self.ended_at = self.reactor.seconds()
         self.close_reason = reason

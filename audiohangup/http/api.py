@@ -267,12 +267,9 @@ class ControlAPI:
 
     @app.route("/calls/<string:call_id>/play", methods=["POST"])
     @_control
-    async def play(self, request: IRequest, call_id: str) -> bytes:
+    def play(self, request: IRequest, call_id: str) -> Awaitable[bytes]:
         """Queue raw audio in the legs' format; the pacer plays it, 20 ms a frame."""
         call_id = parse_call_id(call_id)
-        home = await self._home(request, call_id)
-        if home is not None:
-            return await self.forwarder.passOn(request, home)  # played, and recorded, where the session is
         role = role_of(request)
         formats = {self.formats[target] for target in ([role] if role is not None else Role)}
         if len(formats) > 1:
@@ -281,6 +278,13 @@ class ControlAPI:
         audio = read_audio(
             request, formats.pop(), max_frames=self.settings.max_queue_frames, max_ms=self.settings.max_queue_ms
         )
+        return self._play(request, call_id, role, audio)
+
+    async def _play(self, request: IRequest, call_id: str, role: Role | None, audio: bytes) -> bytes:
+        home = await self._home(request, call_id)
+        if home is not None:
+            # A leg here joined the session there over the media link: the home plays it (and records it).
+            return await self.forwarder.passOn(request, home)
         legs = self._live_legs(call_id, role)
         answers = []
         for leg in legs:
@@ -319,10 +323,11 @@ class ControlAPI:
         after_playout = flag(request, "after_playout")
         cause = forwarded_cause(request)
         held = self.registry.call(call_id)
-        home = await self._home(request, call_id) if role is None else None
+        home = await self._home(request, call_id) if role is None or after_playout else None
         if home is not None:
             # The session lives there (a leg here joined it over the media
-            # link): it hangs up every leg, this one's through the link.
+            # link): it hangs up every leg, this one's through the link; and
+            # it plays the legs' audio out (a leg's queue is there).
             return await self.forwarder.passOn(request, home)
         mine = held if role is None else [leg for leg in held if leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
@@ -377,8 +382,8 @@ class ControlAPI:
         parameters = check_fields(body.get("parameters"), "parameters")
         headers = streams.check_headers(check_fields(body.get("headers"), "headers"))
         home = await self._home(request, call_id)
-        if home is not None:
-            return await self.forwarder.passOn(request, home)  # every leg of the call is streamed there
+        if home is not None:  # the session's home streams its legs, a linked one too
+            return await self.forwarder.passOn(request, home)
         held = self.registry.call(call_id)
         mine = [leg for leg in held if role is None or leg.role is role]
         remote = await self.forwarder.elsewhere(request, call_id, role, held)
@@ -442,10 +447,12 @@ class ControlAPI:
     async def start_recording(self, request: IRequest, call_id: str) -> bytes:
         """Record a live call from now on (with --record, every call is recorded already: 409)."""
         call_id = parse_call_id(call_id)
-        legs = [leg for leg in self.registry.call(call_id) if leg.live]
         home = await self._home(request, call_id)
-        if not legs or home is not None:
-            return await self._atOwner(request, call_id, home)
+        if home is not None:  # the session's home records the call, a linked leg too
+            return await self.forwarder.passOn(request, home)
+        legs = [leg for leg in self.registry.call(call_id) if leg.live]
+        if not legs:
+            return await self._atOwner(request, call_id)
         recording = self._recorder().begin(call_id, legs)
         return json_answer(request, 201, {"call_id": call_id, "recording": recording.summary()})
 
@@ -458,8 +465,10 @@ class ControlAPI:
         recording = recorder.active.get(call_id)
         if recording is None:
             home = await self._home(request, call_id)
-            if not self.registry.call(call_id) or home is not None:
-                return await self._atOwner(request, call_id, home)
+            if home is not None:
+                return await self.forwarder.passOn(request, home)
+            if not self.registry.call(call_id):
+                return await self._atOwner(request, call_id)
             raise NotRecording(call_id)
         await recorder.finish(call_id)
         return json_answer(request, 200, {"call_id": call_id, "recording": recording.summary()})
@@ -472,8 +481,10 @@ class ControlAPI:
         found = await self._recorder().find(call_id)
         if found is None:
             home = await self._home(request, call_id)
-            if not self.registry.call(call_id) or home is not None:
-                return await self._atOwner(request, call_id, home, recording=True)
+            if home is not None:
+                return await self.forwarder.passOn(request, home, piped=True)
+            if not self.registry.call(call_id):
+                return await self._atOwner(request, call_id, recording=True)
             raise ApiError(404, "no_recording", f"call {call_id} has no recording")
         return WavResource(found.path, found.rate)
 
@@ -482,15 +493,9 @@ class ControlAPI:
             raise ApiError(404, "recording_off", "recording is off")
         return self.recorder
 
-    async def _atOwner(
-        self, request: IRequest, call_id: str, home: LegEntry | None = None, *, recording: bool = False
-    ) -> bytes:
-        """
-        A call not held here, or whose session's C{home} is another instance:
-        the owner's answer (a GET's recording piped as it comes), in a cluster; else 404.
-        """
-        owners = [home] if home is not None else (await self.forwarder.elsewhere(request, call_id)).values()
-        for entry in owners:
+    async def _atOwner(self, request: IRequest, call_id: str, *, recording: bool = False) -> bytes:
+        """A call not held here: its owner's answer (a GET's recording piped as it comes), in a cluster; else 404."""
+        for entry in (await self.forwarder.elsewhere(request, call_id)).values():
             return await self.forwarder.passOn(request, entry, piped=recording and request.method == b"GET")
         if recording:
             raise ApiError(404, "no_recording", f"call {call_id} has no recording here")
