@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -29,11 +29,13 @@ from audiohangup.audio import FORMATS, AudioFormat, LegSettings
 from audiohangup.cluster.forward import Cluster
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
+from audiohangup.hour import Hour, HourSampler, Readings, counted
 from audiohangup.http.access import Scope, TokenFileError, Tokens
 from audiohangup.http.api import ControlAPI
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import ILegObserver, IReactor
+from audiohangup.levels import Levels, LevelSampler
 from audiohangup.lifecycle import InOrder, within
 from audiohangup.listeners import (
     ConnectionCap,
@@ -53,7 +55,8 @@ from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
-from audiohangup.webhooks import Webhooks
+from audiohangup.streams.stream import Outcome
+from audiohangup.webhooks import FAILED, OVERFLOW, REJECTED, Webhooks
 
 
 @dataclass(frozen=True)
@@ -314,13 +317,14 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
     else:
         CallRecords.counters(metrics)  # /metrics shows every series whatever is off, as it always did
-    if webhooks is None:
-        Webhooks.counter(metrics)
+    webhook_deliveries = Webhooks.counter(metrics)
+    levels = Levels(reactor)
+    hour = Hour(reactor, lambda: len(registry), hour_readings(streams, webhook_deliveries))
     # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
     # count legs count one handed over through the media link on its session's home only (see LegEvents).
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
         (LegMetrics(metrics, registry), True), (recent, False), (streams, False), (recorder, False),
-        (records, True), (webhooks, True),
+        (records, True), (webhooks, True), (LevelSampler(levels, lambda: registry, reactor), False), (hour, True),
     )
     for observer, counts in observers:
         if observer is not None:
@@ -353,7 +357,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
+        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies, levels=levels, hour=hour,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     site = ApiSite.forAPI(
@@ -373,11 +377,28 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         doors.append(
             TokensFile(config.api_tokens_file, api, reactor, config.api_token, insecure=config.insecure_files)
         )
-    return AudioHangupService(
+    service = AudioHangupService(
         registry, settings, reactor, pacer, relay=relay, records=records, webhooks=webhooks, cluster=cluster,
         streams=streams, metrics=metrics, recorder=recorder, api=api, doors=doors,
         warnings=start_warnings(config, reactor, api, descriptors),
     )
+    HourSampler(hour, reactor).setServiceParent(service)  # not named in STOP_ORDER: stops last
+    return service
+
+
+def hour_readings(streams: Streams, webhook_deliveries: Counter) -> Callable[[], Readings]:
+    """What the hour samples of the streams and the webhooks: what they count already."""
+    failed = frozenset({str(Outcome.FAILED)})
+    lost = frozenset({REJECTED, FAILED, OVERFLOW})
+
+    def read() -> Readings:
+        return Readings(
+            streams=len(streams.current),
+            stream_failures=counted(streams.streams_total, "outcome", failed),
+            webhook_failures=counted(webhook_deliveries, "outcome", lost),
+        )
+
+    return read
 
 
 def link_listener(

@@ -84,8 +84,11 @@ class ReadTests(StubbedAPITestCase):
             {
                 "role", "state", "peer", "connected_at", "frames_in", "frames_out",
                 "bytes_in", "bytes_out", "queued_ms", "dropped_frames", "dtmf", "streams",
+                "level_in_dbfs", "level_out_dbfs", "voice_at",
             },
         )
+        # No level measured here (no sampler): unknown, not silence.
+        self.assertEqual(call["legs"][0]["level_in_dbfs"], None)
         self.assertEqual(call["legs"][0]["state"], "live")
         self.assertEqual(call["legs"][0]["frames_in"], 1)
         self.assertEqual(call["legs"][0]["bytes_in"], 19)
