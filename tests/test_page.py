@@ -498,4 +498,4 @@ async def test_charts_show_the_hour(logs: LogCapture, make_server: Any, browser:
     await browser.run(lambda: expect(page.locator(f'#chart-ended rect.bar[data-minute="{earlier}"]')).to_have_count(0))
     legend = page.locator("#chart-ended .legend")
     await browser.run(lambda: expect(legend).to_contain_text("ended: hangup_clean"))
-    await browser.run(lambda: expect(page.locator("#chart-live circle.dot.legs")).not_to_have_count(0))
+    await browser.run(lambda: expect(page.locator("#chart-live circle.dot[data-series=\"live_legs\"]")).not_to_have_count(0))

@@ -55,8 +55,10 @@
       root.append(svg("text", { class: "tick", x: PAD.left - 4, y: y(value) + 4, "text-anchor": "end" }, label));
     }
     minutes.forEach((minute, index) => {
-      if (index % 15 === 0 || index === minutes.length - 1) {
-        root.append(svg("text", { class: "tick", x: x(index) + step / 2, y: H - 5, "text-anchor": "middle" }, hhmm(minute.start)));
+      const last = index === minutes.length - 1;
+      if ((index % 15 === 0 && index < minutes.length - 8) || last) {
+        const at = last ? { x: x(index) + step, "text-anchor": "end" } : { x: x(index), "text-anchor": "start" };
+        root.append(svg("text", { class: "tick", y: H - 5, ...at }, hhmm(minute.start)));
       }
     });
     return { x, y, step, plotH };
@@ -132,29 +134,29 @@
     );
   }
 
-  const REASON_CLASS = (reason) => `reason-${reason.replace(/[^a-z_]/g, "")}`;
+  const REASON_CLASS = (reason) => `series-reason-${reason.replace(/[^a-z_]/g, "")}`;
 
   function render(hour) {
     const minutes = hour.minutes;
     const reasons = [...new Set(minutes.flatMap((m) => Object.keys(m.legs_ended)))].sort();
-    const started = { key: "started", label: "started", cls: "started", values: minutes.map((m) => m.legs_started) };
+    const started = { key: "started", label: "started", cls: "series-started", values: minutes.map((m) => m.legs_started) };
     const ended = reasons.map((reason) => ({
       key: reason, label: `ended: ${reason}`, cls: REASON_CLASS(reason), values: minutes.map((m) => m.legs_ended[reason] || 0),
     }));
     const charts = [
       chart("chart-started", "Legs started per minute", minutes, [started], "stack"),
-      chart("chart-ended", "Legs ended per minute, by reason", minutes, ended.length ? ended : [{ key: "none", label: "none ended", cls: "none", values: [] }], "stack"),
+      chart("chart-ended", "Legs ended per minute, by reason", minutes, ended.length ? ended : [{ key: "none", label: "none ended", cls: "series-none", values: [] }], "stack"),
       chart("chart-live", "Live legs and streams (highest in the minute)", minutes, [
-        { key: "live_legs", label: "live legs", cls: "legs", values: minutes.map((m) => m.live_legs.max) },
-        { key: "streams", label: "streams", cls: "streams", values: minutes.map((m) => m.streams.max) },
+        { key: "live_legs", label: "live legs", cls: "series-legs", values: minutes.map((m) => m.live_legs.max) },
+        { key: "streams", label: "streams", cls: "series-streams", values: minutes.map((m) => m.streams.max) },
       ], "lines"),
       chart("chart-close", "Hangup to close, ms (p50, p99)", minutes, [
-        { key: "p50", label: "p50", cls: "p50", values: minutes.map((m) => m.hangup_to_close_ms.p50) },
-        { key: "p99", label: "p99", cls: "p99", values: minutes.map((m) => m.hangup_to_close_ms.p99) },
+        { key: "p50", label: "p50", cls: "series-p50", values: minutes.map((m) => m.hangup_to_close_ms.p50) },
+        { key: "p99", label: "p99", cls: "series-p99", values: minutes.map((m) => m.hangup_to_close_ms.p99) },
       ], "lines"),
       chart("chart-failures", "Stream and webhook failures per minute", minutes, [
-        { key: "stream_failures", label: "stream failures", cls: "stream-failures", values: minutes.map((m) => m.stream_failures) },
-        { key: "webhook_failures", label: "webhook failures", cls: "webhook-failures", values: minutes.map((m) => m.webhook_failures) },
+        { key: "stream_failures", label: "stream failures", cls: "series-stream-failures", values: minutes.map((m) => m.stream_failures) },
+        { key: "webhook_failures", label: "webhook failures", cls: "series-webhook-failures", values: minutes.map((m) => m.webhook_failures) },
       ], "stack"),
     ];
     document.getElementById("charts").replaceChildren(...charts);

@@ -44,7 +44,7 @@
         td.append(ah.el("span", { class: `meter ${direction}` }, ah.el("span", { class: "arrow", "aria-hidden": "true" }, direction === "in" ? "↑" : "↓"), node.meter, text));
       }
       parts.voice = ah.el("span", { class: "voice" });
-      td.append(parts.voice);
+      td.firstElementChild.append(parts.voice); // beside the level in: the party's own voice
       td.levels = parts;
     },
     update(td, leg) {
