@@ -571,11 +571,7 @@ class CallRecords(Service):
         """
         where: list[str] = []
         params: list[Any] = []
-        if call_id is not None:
-            if not isinstance(call_id, str):
-                raise BadQuery(f"call_id must be a string, not {call_id!r}")
-            where.append("call_id = ?")
-            params.append(call_id)
+        _by_call(call_id, where, params)
         if role is not None:
             if not isinstance(role, str) or role not in _ROLES:
                 raise BadQuery(f"unknown role {role!r}")
@@ -592,8 +588,7 @@ class CallRecords(Service):
         if until is not None:
             where.append("started_at < ?")
             params.append(_time(until, "until"))
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise BadQuery(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
+        _check_limit(limit)
         if cursor:
             after_started_at, after_id = _decode_cursor(cursor)
             where.append("(started_at < ? OR (started_at = ? AND id < ?))")
@@ -621,13 +616,8 @@ class CallRecords(Service):
         """
         where = ["recording IS NOT NULL"]
         params: list[Any] = []
-        if call_id is not None:
-            if not isinstance(call_id, str):
-                raise BadQuery(f"call_id must be a string, not {call_id!r}")
-            where.append("call_id = ?")
-            params.append(call_id)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise BadQuery(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
+        _by_call(call_id, where, params)
+        _check_limit(limit)
         having = ""
         if cursor:
             after_started_at, after_id = _decode_cursor(cursor)
@@ -647,6 +637,20 @@ class CallRecords(Service):
     def _checkOpen(self) -> None:
         if self._state is not _State.OPENING and self._state is not _State.OPEN:
             raise RuntimeError(f"the call records store is {self._state.value}")
+
+
+def _by_call(call_id: object, where: list[str], params: list[Any]) -> None:
+    """Only the legs of C{call_id}, if one is given (exact match)."""
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise BadQuery(f"call_id must be a string, not {call_id!r}")
+        where.append("call_id = ?")
+        params.append(call_id)
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise BadQuery(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
 
 
 def _time(value: object, name: str) -> float:
