@@ -174,6 +174,7 @@ class AudioHangupService(InOrder):
         ("directory",),
         ("webhooks",),  # the legs' last events are out now: deliver them (bounded)
         ("records",),  # then close the store
+        ("hour",),  # the last hour's sampling timer: nothing waits on it
     )
 
     log = Logger()
@@ -382,7 +383,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
         streams=streams, metrics=metrics, recorder=recorder, api=api, doors=doors,
         warnings=start_warnings(config, reactor, api, descriptors),
     )
-    HourSampler(hour, reactor).setServiceParent(service)  # not named in STOP_ORDER: stops last
+    HourSampler(hour, reactor).setServiceParent(service)
     return service
 
 

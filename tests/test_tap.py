@@ -579,7 +579,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
             stopped, [name for step in AudioHangupService.STOP_ORDER for name in step if name in present]
         )
         self.assertEqual(
-            stopped[3:], ["drain", "gc-pauses", "streams", "recorder", "pacer", "relay"]
+            stopped[3:], ["drain", "gc-pauses", "streams", "recorder", "pacer", "relay", "hour"]
         )
 
     def test_nothing_outlives_stop_service(self) -> None:
