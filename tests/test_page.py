@@ -477,25 +477,35 @@ async def test_charts_show_the_hour(logs: LogCapture, make_server: Any, browser:
     other.close()
     await until(lambda: len(server.registry) == 0, what="every leg to end")
     hour = await (await treq.get(f"{server.url}/stats/hour", persistent=False)).json()
-    minute = hour["minutes"][-1]
-    if minute["legs_started"] != 3:  # the minute turned while the legs started: the test is not at fault
-        pytest.skip("a minute boundary fell within the test")
+    # The test's minute, and the one before should a minute have turned while it ran.
+    recent = hour["minutes"][-2:]
+    expected = {
+        ("chart-started", "started"): 3, ("chart-ended", "hangup_clean"): 2, ("chart-ended", "peer_closed"): 1,
+    }
+    for (_chart, series), total in expected.items():
+        key = "legs_started" if series == "started" else "legs_ended"
+        counts = [m[key] if series == "started" else m[key].get(series, 0) for m in recent]
+        assert sum(counts) == total, (series, recent)
+    assert all(not m["legs_started"] and not m["legs_ended"] for m in hour["minutes"][:-2])
 
     page = await browser.run(lambda: browser.open(server.url + "/"))
 
-    def bar(chart: str, series: str) -> str:
-        return f'#{chart} rect.bar[data-minute="{minute["start"]}"][data-series="{series}"]'
+    def bar(chart: str, series: str, start: str) -> str:
+        return f'#{chart} rect.bar[data-minute="{start}"][data-series="{series}"]'
 
-    await browser.run(lambda: expect(page.locator(bar("chart-started", "started"))).to_have_attribute("data-count", "3"))
-    await browser.run(
-        lambda: expect(page.locator(bar("chart-ended", "hangup_clean"))).to_have_attribute("data-count", "2")
-    )
-    await browser.run(
-        lambda: expect(page.locator(bar("chart-ended", "peer_closed"))).to_have_attribute("data-count", "1")
-    )
-    # The minute before saw nothing of it.
-    earlier = hour["minutes"][-2]["start"]
-    await browser.run(lambda: expect(page.locator(f'#chart-ended rect.bar[data-minute="{earlier}"]')).to_have_count(0))
+    for (chart, series), _ in expected.items():
+        for minute in recent:
+            count = minute["legs_started"] if series == "started" else minute["legs_ended"].get(series, 0)
+            drawn = page.locator(bar(chart, series, minute["start"]))
+            if count:
+                await browser.run(lambda drawn=drawn, count=count: expect(drawn).to_have_attribute("data-count", str(count)))
+            else:
+                await browser.run(lambda drawn=drawn: expect(drawn).to_have_count(0))
+    # The minutes before saw nothing of it: the bars are all in the test's minutes.
+    drawn_minutes = await browser.run(lambda: page.eval_on_selector_all(
+        "#chart-ended rect.bar, #chart-started rect.bar", "bars => [...new Set(bars.map(b => b.dataset.minute))]"
+    ))
+    assert set(drawn_minutes) <= {minute["start"] for minute in recent}, drawn_minutes
     legend = page.locator("#chart-ended .legend")
     await browser.run(lambda: expect(legend).to_contain_text("ended: hangup_clean"))
     await browser.run(lambda: expect(page.locator("#chart-live circle.dot[data-series=\"live_legs\"]")).not_to_have_count(0))
