@@ -109,6 +109,10 @@ class IServerLeg(ILeg):
     hangup_to_close_ms: float | None = Attribute("From our hangup to the leg being gone, once both happened.")
     recording: str | None = Attribute("The file of its call's recording (relative to the recordings), if any.")
     streams: list[IMediaStream] = Attribute("The media streams this leg has had, live and ended, oldest first.")
+    last_in: bytes | Frame | None = Attribute(
+        "The last audio frame received, encoded or parsed (the level meters sample it); None before any."
+    )
+    last_out: bytes | None = Attribute("The last frame written, encoded (the level meters sample it); None before any.")
     feed: Playout | None = Attribute(
         "Audio an application sends the leg (a converse stream), paced after queued prompts; None without one."
     )

@@ -88,7 +88,7 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
         "frames_out", "bytes_out", "heard", "_socket", "_buffered", "_tcp",
         "role", "registry", "settings", "format", "pacer", "relay", "call_id", "session", "peer",
         "connected_at", "dtmf", "dtmf_count", "_dtmfLog", "recording", "streams",
-        "_wrong_kind_logged", "timeline",
+        "_wrong_kind_logged", "timeline", "last_in", "last_out",
     )
 
     def __init__(
@@ -130,6 +130,9 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
         self.heard: list[ILegTap] = []
         self.recording: str | None = None
         self.streams: list[IMediaStream] = []
+        #: The last audio frame received (encoded, or parsed) and sent: what the level meters sample.
+        self.last_in: bytes | Frame | None = None
+        self.last_out: bytes | None = None
         #: The leg the built-in bridge forwards this one's audio to, byte for byte (see dataReceived).
         self.route: ILeg | None = None
         fmt = self.format
@@ -240,6 +243,7 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
             # bytes go out, with no parse, no frame object and no flow call.
             self.frames_in += 1
             self.last_frame_at = self.reactor.seconds()
+            self.last_in = data  # a reference for the level meters (audiohangup.levels), no copy
             route.forwardBytes(data)
             return
         if self.state is CLOSING or self.state is CLOSED:
@@ -281,6 +285,7 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
                     "of --audio {audio}; check the dialplan's codec",
                     kind=kind, expected=self.format.kind, audio=self.format.name, **self._fields(),
                 )
+            self.last_in = frame
             assert self.session is not None
             self.session.audioReceived(self, frame)
             if self.taps:
@@ -373,6 +378,7 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
         self.bytes_out += len(data)
+        self.last_out = data
         if self.heard:
             for tap in self.heard:
                 tap.legHeard(data)

@@ -572,11 +572,7 @@ class CallRecords(Service):
         """
         where: list[str] = []
         params: list[Any] = []
-        if call_id is not None:
-            if not isinstance(call_id, str):
-                raise BadQuery(f"call_id must be a string, not {call_id!r}")
-            where.append("call_id = ?")
-            params.append(call_id)
+        _by_call(call_id, where, params)
         if role is not None:
             if not isinstance(role, str) or role not in _ROLES:
                 raise BadQuery(f"unknown role {role!r}")
@@ -593,8 +589,7 @@ class CallRecords(Service):
         if until is not None:
             where.append("started_at < ?")
             params.append(_time(until, "until"))
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise BadQuery(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
+        _check_limit(limit)
         if cursor:
             after_started_at, after_id = _decode_cursor(cursor)
             where.append("(started_at < ? OR (started_at = ? AND id < ?))")
@@ -608,9 +603,55 @@ class CallRecords(Service):
         params.append(limit + 1)
         return self._run(self._db.select, sql, params).addCallback(_page, limit)
 
+    def recordings(
+        self, *, call_id: str | None = None, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """
+        One page of the calls' recordings, newest first: each file once
+        (its call's legs all name it), with its call id, the start of its
+        first leg and the end of its last (C{None} while one is live).
+
+        @return: fires with C{{"recordings": [...], "next_cursor": str | None}}.
+        @raise BadQuery: at once, for a malformed limit or cursor.
+        @raise RuntimeError: at once, if the store is not open.
+        """
+        where = ["recording IS NOT NULL"]
+        params: list[Any] = []
+        _by_call(call_id, where, params)
+        _check_limit(limit)
+        having = ""
+        if cursor:
+            after_started_at, after_id = _decode_cursor(cursor)
+            having = " HAVING (MIN(started_at) < ? OR (MIN(started_at) = ? AND MIN(id) < ?))"
+            params.extend((after_started_at, after_started_at, after_id))
+        self._checkOpen()
+        # A live leg's NULL ended_at makes the file's end unknown: MAX() would skip it.
+        sql = (
+            "SELECT MIN(id), call_id, recording, MIN(started_at),"
+            " CASE WHEN COUNT(ended_at) = COUNT(*) THEN MAX(ended_at) END"
+            f" FROM call_records WHERE {' AND '.join(where)} GROUP BY recording{having}"
+            " ORDER BY MIN(started_at) DESC, MIN(id) DESC LIMIT ?"
+        )
+        params.append(limit + 1)
+        return self._run(self._db.select, sql, params).addCallback(_recordings_page, limit)
+
     def _checkOpen(self) -> None:
         if self._state is not _State.OPENING and self._state is not _State.OPEN:
             raise RuntimeError(f"the call records store is {self._state.value}")
+
+
+def _by_call(call_id: object, where: list[str], params: list[Any]) -> None:
+    """Only the legs of C{call_id}, if one is given (exact match)."""
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise BadQuery(f"call_id must be a string, not {call_id!r}")
+        where.append("call_id = ?")
+        params.append(call_id)
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise BadQuery(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
 
 
 def _time(value: object, name: str) -> float:
@@ -644,6 +685,21 @@ def _page(rows: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
         last = rows[-1]
         next_cursor = _encode_cursor(last[4], last[0])
     return {"records": [_record(row) for row in rows], "next_cursor": next_cursor}
+
+
+def _recordings_page(rows: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1][3], rows[-1][0])
+    recordings = [
+        {
+            "call_id": call_id, "file": file, "started_at": iso_time(started_at),
+            "ended_at": None if ended_at is None else iso_time(ended_at),
+        }
+        for _, call_id, file, started_at, ended_at in rows
+    ]
+    return {"recordings": recordings, "next_cursor": next_cursor}
 
 
 def _record(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -33,11 +33,13 @@ from audiohangup.cluster.forward import Cluster
 from audiohangup.cluster.localdirectory import LocalDirectory
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
+from audiohangup.hour import Hour, HourSampler, Readings, counted
 from audiohangup.http.access import Scope, TokenFileError, Tokens
 from audiohangup.http.api import ControlAPI
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import ILegObserver, IReactor
+from audiohangup.levels import Levels, LevelSampler
 from audiohangup.lifecycle import InOrder, within
 from audiohangup.listeners import (
     ConnectionCap,
@@ -62,8 +64,9 @@ from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.manager import StreamConfig, Streams
+from audiohangup.streams.stream import Outcome
 from audiohangup.systemd import SystemdNotifier
-from audiohangup.webhooks import Webhooks, trust_root
+from audiohangup.webhooks import FAILED, OVERFLOW, REJECTED, Webhooks, trust_root
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class AudioHangupService(InOrder):
         ("records",),  # then close the store
         ("reload",),  # SIGHUP re-reads --config until the end (a drain may be long)
         ("log-level",),  # the log as twistd began it, for what it writes after us
+        ("hour",),  # the last hour's sampling timer: nothing waits on it
         ("systemd",),  # last: its watchdog pings and status go on through the whole stop
     )
 
@@ -452,14 +456,16 @@ def build_service(
         records = CallRecords(config.records, reactor, keep_days=config.records_keep_days, metrics=metrics)
     else:
         CallRecords.counters(metrics)  # /metrics shows every series whatever is off, as it always did
-    if webhooks is None:
-        Webhooks.counter(metrics, reactor)
+    # Declared whatever is off; the hour reads the deliveries' failures from it.
+    webhook_deliveries = Webhooks.counter(metrics, reactor)
+    audio_levels = Levels(reactor)
+    hour = Hour(reactor, lambda: len(registry), hour_readings(streams, webhook_deliveries))
     # Observers in this order: a leg's streams end (and say how) before its record is written. Those that
     # count, stream or record legs do so for one handed over through the media link on its session's home
     # only (see LegEvents): the newcomer's instance would stream it twice, or record half of its call.
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
         (LegMetrics(metrics, registry), True), (recent, False), (streams, True), (recorder, True),
-        (records, True), (webhooks, True),
+        (records, True), (webhooks, True), (LevelSampler(audio_levels, lambda: registry, reactor), False), (hour, True),
     )
     for observer, counts in observers:
         if observer is not None:
@@ -508,7 +514,7 @@ def build_service(
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
+        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies, levels=audio_levels, hour=hour,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     cap = ConnectionCap(
@@ -541,6 +547,7 @@ def build_service(
     if reread is not None:
         parts = LiveParts(service, api, gates, factories, cap, levels)
         ConfigReload(reread, config, parts, reactor).setServiceParent(service)
+    HourSampler(hour, reactor).setServiceParent(service)
     return service
 
 
@@ -566,6 +573,21 @@ class PrivateAPI(Listener):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.directory.advertise_url = f"http://{describe_address(port.getHost())}"
         return super()._listening(port)
+
+
+def hour_readings(streams: Streams, webhook_deliveries: Counter) -> Callable[[], Readings]:
+    """What the hour samples of the streams and the webhooks: what they count already."""
+    failed = frozenset({str(Outcome.FAILED)})
+    lost = frozenset({REJECTED, FAILED, OVERFLOW})
+
+    def read() -> Readings:
+        return Readings(
+            streams=len(streams.current),
+            stream_failures=counted(streams.streams_total, "outcome", failed),
+            webhook_failures=counted(webhook_deliveries, "outcome", lost),
+        )
+
+    return read
 
 
 def link_listener(

@@ -84,11 +84,35 @@ class ReadTests(StubbedAPITestCase):
             {
                 "role", "state", "peer", "connected_at", "frames_in", "frames_out",
                 "bytes_in", "bytes_out", "queued_ms", "dropped_frames", "dtmf", "streams",
+                "level_in_dbfs", "level_out_dbfs", "voice_at",
             },
         )
+        # No level measured here (no sampler): unknown, not silence.
+        self.assertEqual(call["legs"][0]["level_in_dbfs"], None)
         self.assertEqual(call["legs"][0]["state"], "live")
         self.assertEqual(call["legs"][0]["frames_in"], 1)
         self.assertEqual(call["legs"][0]["bytes_in"], 19)
+
+    def test_pageFiles(self) -> None:
+        """
+        The page's files, each with its type and a CSP that loads nothing from
+        elsewhere: media only from the server or from blob: (a recording the
+        page fetched with its token); any other name is a 404.
+        """
+        for name, kind in (("levels.js", "text/javascript"), ("charts.js", "text/javascript"),
+                           ("recordings.js", "text/javascript"), ("style.css", "text/css")):
+            response = self.successResultOf(self.stub.request("GET", f"http://api/static/{name}"))
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), [f"{kind}; charset=utf-8"])
+            self.assertEqual(
+                response.headers.getRawHeaders("content-security-policy"),
+                ["default-src 'self'; media-src 'self' blob:; frame-ancestors 'none'"],
+            )
+        self.assertError("GET", "/static/missing.js", 404, "not_found")
+
+    def test_hourWithoutBuckets(self) -> None:
+        """An API built without the hour's buckets (a test's) says so."""
+        self.assertError("GET", "/stats/hour", 404, "not_found")
 
     def test_callById(self) -> None:
         """A call id in any case or form finds the canonical one."""

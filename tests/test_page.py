@@ -13,9 +13,11 @@ browser sees the leg in the ended list.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import shutil
+import struct
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +29,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from audiohangup.wire import Kind, encode_frame
@@ -339,3 +342,170 @@ async def test_other_sites_cannot_use_a_loopback_api(logs: LogCapture, make_serv
         await attacker.stopListening()
     fake.close()
     await until(lambda: len(server.registry) == 0, what="the leg to end")
+
+
+def tone_frame(amplitude: float = 0.3, hertz: float = 440.0) -> bytes:
+    """One 20 ms slin frame of a sine at C{amplitude} of full scale (about -13 dBFS at 0.3)."""
+    samples = (round(amplitude * 32767 * math.sin(2 * math.pi * hertz * n / 8000)) for n in range(160))
+    return encode_frame(Kind.SLIN, b"".join(struct.pack("<h", sample) for sample in samples))
+
+
+def dbfs_of(page: Page, call_id: str, role: str, direction: str) -> Awaitable[float | None]:
+    """The level a leg's meter shows (its data-dbfs), None before any."""
+    return page.evaluate(
+        "([call, role, direction]) => { const m = document.querySelector("
+        "`#live tr.leg[data-call-id=\"${call}\"][data-role=\"${role}\"] meter.level.${direction}`);"
+        " return m && m.dataset.dbfs !== '' ? Number(m.dataset.dbfs) : null; }",
+        [call_id, role, direction],
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_levels_show_who_talks(logs: LogCapture, make_server: Any, browser: Browser) -> None:
+    """
+    A visitor sending a tone and a resident sending digital silence, bridged:
+    the visitor's meter in reads the tone's level (about -13 dBFS) and says
+    it is speaking, the resident's reads the floor, and what the resident is
+    sent (its meter out) is the tone. The same numbers are in GET /calls.
+    """
+    server = await make_server()
+    call_id = str(uuid.uuid4())
+    talker, quiet = await leg(server, "visitor", call_id), await leg(server, "resident", call_id)
+    loud = tone_frame()
+
+    def send() -> None:
+        talker.send(loud)
+        quiet.send(SILENCE_20MS)
+
+    sending = LoopingCall(send)
+    sending.start(0.02)
+    try:
+        await until(lambda: len(server.registry) == 2, what="two live legs")
+        page = await browser.run(lambda: browser.open(server.url + "/"))
+        await browser.run(lambda: page.wait_for_function(
+            "() => { const m = document.querySelector('#live tr.leg[data-role=\"visitor\"] meter.level.in');"
+            " return m && m.dataset.dbfs !== '' && Number(m.dataset.dbfs) > -20; }"
+        ))
+        talking = await browser.run(lambda: dbfs_of(page, call_id, "visitor", "in"))
+        silent = await browser.run(lambda: dbfs_of(page, call_id, "resident", "in"))
+        heard = await browser.run(lambda: dbfs_of(page, call_id, "resident", "out"))
+        assert talking is not None and -15 < talking < -11, talking
+        assert silent is not None and silent <= -80, silent
+        assert heard is not None and -15 < heard < -11, heard
+        voice = page.locator(live_row(call_id, "visitor")).locator("td.levels .voice")
+        await browser.run(lambda: expect(voice).to_have_text("speaking"))
+        quiet_voice = page.locator(live_row(call_id, "resident")).locator("td.levels .voice")
+        await browser.run(lambda: expect(quiet_voice).to_have_text("no voice yet"))
+        response = await treq.get(f"{server.url}/calls/{call_id}", persistent=False)
+        legs = {entry["role"]: entry for entry in (await response.json())["legs"]}
+        assert legs["visitor"]["level_in_dbfs"] > -20 and legs["visitor"]["voice_at"] is not None
+        assert legs["resident"]["level_in_dbfs"] <= -80 and legs["resident"]["voice_at"] is None
+    finally:
+        sending.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recordings_view_plays_a_recording(
+    logs: LogCapture, make_server: Any, browser: Browser, tmp_path: Any
+) -> None:
+    """
+    A call recorded in the test is listed once it ended (call, duration,
+    size), found by its call id; Play fetches it with the token and the
+    player's source answers audio/wav.
+    """
+    server = await make_server(api_token=TOKEN, record_every_call=True, record_dir=str(tmp_path / "rec"))
+    call_id, other_id = str(uuid.uuid4()), str(uuid.uuid4())
+    for each in (call_id, other_id):
+        fake = await leg(server, "visitor", each)
+        for _ in range(50):  # a second of audio
+            fake.send(tone_frame())
+        await until(lambda: len(server.registry) == 1, what="the live leg")
+        fake.close()
+        await until(lambda: len(server.registry) == 0, what="the leg to end")
+        await until(lambda: not server.service.recorder.active, what="the recording to finish")
+
+    page = await browser.run(lambda: browser.open(server.url + "/"))
+    await browser.run(lambda: page.fill("#token", TOKEN))
+    await browser.run(lambda: page.press("#token", "Enter"))
+    rows = page.locator("#recordings-body tr")
+    await browser.run(lambda: expect(rows).to_have_count(2))
+    await browser.run(lambda: page.fill("#recordings-call", call_id.upper()))
+    await browser.run(lambda: page.press("#recordings-call", "Enter"))
+    await browser.run(lambda: expect(rows).to_have_count(1))
+    row = page.locator(f'#recordings-body tr[data-call-id="{call_id}"]')
+    await browser.run(lambda: expect(row.locator("td.size")).to_have_text(re.compile(r"^[0-9.]+ kB$")))
+    await browser.run(lambda: expect(row.locator("td.seconds")).to_have_text(re.compile(r"^[0-9.]+ s$")))
+
+    async def play() -> tuple[int, str | None, int]:
+        async with page.expect_response(lambda answer: answer.url.endswith(f"/calls/{call_id}/recording")) as info:
+            await row.locator("button.play").click()
+        answer = await info.value
+        return answer.status, await answer.header_value("content-type"), len(await answer.body())
+
+    status, content_type, size = await browser.run(play)
+    assert (status, content_type) == (200, "audio/wav") and size > 44
+    player = page.locator("#player")
+    await browser.run(lambda: expect(player).to_have_attribute("data-call-id", call_id))
+    source = await browser.run(lambda: player.get_attribute("src"))
+    assert source is not None and source.startswith("blob:")
+    # Chromium read the WAV from that source (the CSP let it): it knows how long it is.
+    await browser.run(lambda: page.wait_for_function("() => document.getElementById('player').duration > 0"))
+    # The route it came from answers audio/wav itself, to the token.
+    response = await treq.get(
+        f"{server.url}/calls/{call_id}/recording", headers={"Authorization": f"Bearer {TOKEN}"}, persistent=False
+    )
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["audio/wav"]
+    assert len(await response.content()) == size
+
+
+@pytest_twisted.ensureDeferred
+async def test_charts_show_the_hour(logs: LogCapture, make_server: Any, browser: Browser) -> None:
+    """
+    Legs started and ended in the test are drawn in the current minute, the
+    ended ones under their close reason: two hung up through the API
+    (hangup_clean), one closed by its peer (peer_closed).
+    """
+    server = await make_server()
+    call_id, other_id = str(uuid.uuid4()), str(uuid.uuid4())
+    fakes = [await leg(server, "visitor", call_id), await leg(server, "resident", call_id)]
+    other = await leg(server, "visitor", other_id)
+    await until(lambda: len(server.registry) == 3, what="three live legs")
+    response = await treq.post(f"{server.url}/calls/{call_id}/hangup", persistent=False)
+    assert response.code == 200
+    for fake in fakes:
+        await until(lambda fake=fake: fake.closed.called, what="the call's legs to close")
+    other.close()
+    await until(lambda: len(server.registry) == 0, what="every leg to end")
+    hour = await (await treq.get(f"{server.url}/stats/hour", persistent=False)).json()
+    # The test's minute, and the one before should a minute have turned while it ran.
+    recent = hour["minutes"][-2:]
+    expected = {
+        ("chart-started", "started"): 3, ("chart-ended", "hangup_clean"): 2, ("chart-ended", "peer_closed"): 1,
+    }
+    for (_chart, series), total in expected.items():
+        key = "legs_started" if series == "started" else "legs_ended"
+        counts = [m[key] if series == "started" else m[key].get(series, 0) for m in recent]
+        assert sum(counts) == total, (series, recent)
+    assert all(not m["legs_started"] and not m["legs_ended"] for m in hour["minutes"][:-2])
+
+    page = await browser.run(lambda: browser.open(server.url + "/"))
+
+    def bar(chart: str, series: str, start: str) -> str:
+        return f'#{chart} rect.bar[data-minute="{start}"][data-series="{series}"]'
+
+    for (chart, series), _ in expected.items():
+        for minute in recent:
+            count = minute["legs_started"] if series == "started" else minute["legs_ended"].get(series, 0)
+            drawn = page.locator(bar(chart, series, minute["start"]))
+            if count:
+                await browser.run(lambda drawn=drawn, count=count: expect(drawn).to_have_attribute("data-count", str(count)))
+            else:
+                await browser.run(lambda drawn=drawn: expect(drawn).to_have_count(0))
+    # The minutes before saw nothing of it: the bars are all in the test's minutes.
+    drawn_minutes = await browser.run(lambda: page.eval_on_selector_all(
+        "#chart-ended rect.bar, #chart-started rect.bar", "bars => [...new Set(bars.map(b => b.dataset.minute))]"
+    ))
+    assert set(drawn_minutes) <= {minute["start"] for minute in recent}, drawn_minutes
+    legend = page.locator("#chart-ended .legend")
+    await browser.run(lambda: expect(legend).to_contain_text("ended: hangup_clean"))
+    await browser.run(lambda: expect(page.locator("#chart-live circle.dot[data-series=\"live_legs\"]")).not_to_have_count(0))

@@ -106,3 +106,78 @@ async def test_pages_and_errors(make_server: Any, logs: LogCapture) -> None:
     off = await make_server(records="none")
     status, body = await get(off, "/records")
     assert (status, body["error"]["code"]) == (404, "records_off")
+
+
+@pytest_twisted.ensureDeferred
+async def test_recordings_listed_paged_and_searched(make_server: Any, logs: LogCapture, tmp_path: Any) -> None:
+    """
+    GET /recordings: one entry per file (a call's two legs name one), newest
+    first, with its bytes and seconds from the file; paged by cursor; found
+    by call id; a file gone from the disk has no size; errors are named.
+    """
+    server = await make_server(record_every_call=True, record_dir=str(tmp_path / "rec"))
+    calls = []
+    for _ in range(3):
+        call = uuid.uuid4()
+        visitor, resident = await connect(server.port("visitor")), await connect(server.port("resident"))
+        visitor.send_uuid(call)
+        resident.send_uuid(call)
+        await until(lambda: len(server.registry) == 2)
+        visitor.send(SILENCE_20MS * 10)
+        visitor.close()
+        resident.close()
+        await until(lambda: len(server.registry) == 0 and not server.service.recorder.active)
+        calls.append(str(call))
+    await records_settled(server, 6)
+
+    status, body = await get(server, "/recordings")
+    assert status == 200
+    assert [entry["call_id"] for entry in body["recordings"]] == calls[::-1]
+    assert body["next_cursor"] is None
+    newest = body["recordings"][0]
+    assert newest["file"].endswith(f"/{calls[-1]}.wav") and newest["ended_at"] is not None
+    assert newest["bytes"] > 44 and newest["seconds"] > 0
+
+    status, first = await get(server, "/recordings?limit=2")
+    assert [entry["call_id"] for entry in first["recordings"]] == calls[:0:-1]
+    status, second = await get(server, f"/recordings?limit=2&cursor={first['next_cursor']}")
+    assert [entry["call_id"] for entry in second["recordings"]] == calls[:1]
+    assert second["next_cursor"] is None
+
+    status, found = await get(server, f"/recordings?call_id={calls[1].upper()}")
+    assert [entry["call_id"] for entry in found["recordings"]] == [calls[1]]
+
+    (tmp_path / "rec" / found["recordings"][0]["file"]).unlink()
+    status, gone = await get(server, f"/recordings?call_id={calls[1]}")
+    assert (gone["recordings"][0]["bytes"], gone["recordings"][0]["seconds"]) == (None, None)
+
+    assert (await get(server, "/recordings?cursor=nonsense"))[0] == 400
+    assert (await get(server, "/recordings?call_id=nope"))[1]["error"]["code"] == "bad_call_id"
+    assert (await get(server, "/recordings?limit=0"))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_recordings_need_the_records(make_server: Any, logs: LogCapture) -> None:
+    server = await make_server(records="none")
+    status, body = await get(server, "/recordings")
+    assert (status, body["error"]["code"]) == (404, "records_off")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_hour(make_server: Any, logs: LogCapture) -> None:
+    """GET /stats/hour: sixty minutes, the current one holding this test's legs and their reasons."""
+    server = await make_server()
+    call = uuid.uuid4()
+    visitor = await connect(server.port("visitor"), on_hangup="close")
+    visitor.send_uuid(call)
+    await until(lambda: len(server.registry) == 1)
+    await server.registry.get(str(call), Role.VISITOR).hangup(HangupCause.API)
+    status, body = await get(server, "/stats/hour")
+    assert status == 200 and len(body["minutes"]) == 60
+    totals: dict[str, int] = {}
+    for minute in body["minutes"]:
+        for reason, count in minute["legs_ended"].items():
+            totals[reason] = totals.get(reason, 0) + count
+    assert sum(minute["legs_started"] for minute in body["minutes"]) == 1
+    assert totals == {"hangup_clean": 1}
+    assert body["minutes"][-1]["live_legs"]["last"] == 0

@@ -597,7 +597,7 @@ class MakeServiceTests(EnvironmentMixin, SynchronousTestCase):
         )
         self.assertEqual(
             stopped, ["drain", "audiosocket-visitor", "audiosocket-resident", "http", "gc-pauses", "reactor-lag",
-                      "streams", "recorder", "pacer", "relay", "log-level", "systemd"]
+                      "streams", "recorder", "pacer", "relay", "log-level", "hour", "systemd"]
         )
 
     def test_nothing_outlives_stop_service(self) -> None:

@@ -109,6 +109,9 @@ class RemoteLeg(LegAttachments):
         self.heard: list[ILegTap] = []
         self.recording: str | None = None
         self.streams: list[IMediaStream] = []
+        #: The last audio frame received and written: what the level meters sample.
+        self.last_in: bytes | Frame | None = None
+        self.last_out: bytes | None = None
         self.hangup_cause: HangupCause | None = None
         self.hangup_at: float | None = None
         self.close_reason: CloseReason | None = None
@@ -154,6 +157,7 @@ class RemoteLeg(LegAttachments):
         session = self.session
         assert session is not None
         if frame.kind in SAMPLE_RATES:
+            self.last_in = frame
             route = self.route
             if route is not None and frame.kind == self.format.kind and not self.taps:
                 route.forwardBytes(frame.encode())
@@ -181,6 +185,7 @@ class RemoteLeg(LegAttachments):
     def _write(self, data: bytes) -> None:
         self.frames_out += 1
         self.bytes_out += len(data)
+        self.last_out = data
         for tap in self.heard:
             tap.legHeard(data)
         self.link.write(data)

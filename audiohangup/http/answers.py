@@ -3,7 +3,7 @@
 How the API's answers are written: JSON with its status, an error as
 C{{"error": {"code", "message"}}}, a whole closing response for when no
 request can answer (a body too large, a head too slow), and the live page's
-three files.
+files.
 """
 
 from __future__ import annotations
@@ -45,17 +45,22 @@ def closing_answer(error: ApiError) -> bytes:
 _STATIC_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "levels.js": "text/javascript; charset=utf-8",
+    "charts.js": "text/javascript; charset=utf-8",
+    "recordings.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 
 
 def static_file(request: IRequest, name: str) -> bytes:
-    """A file of the live page, from the package; only the three files it has."""
+    """A file of the live page, from the package; only the files it has."""
     content_type = _STATIC_TYPES.get(name)
     if content_type is None:
         raise ApiError(404, "not_found", f"no static file {name!r}")
     request.setHeader("content-type", content_type)
     request.setHeader("cache-control", "no-cache")
-    # The page loads nothing from elsewhere, and nothing may make it.
-    request.setHeader("content-security-policy", "default-src 'self'; frame-ancestors 'none'")
+    # The page loads nothing from elsewhere, and nothing may make it. Media
+    # from blob: too: the recordings view plays a WAV it fetched with the
+    # token in a header (recordings.js), never with the token in a URL.
+    request.setHeader("content-security-policy", "default-src 'self'; media-src 'self' blob:; frame-ancestors 'none'")
     return resources.files("audiohangup.http").joinpath("web").joinpath(name).read_bytes()

@@ -40,6 +40,7 @@ from audiohangup.cluster.forward import (
     forwarded_cause,
 )
 from audiohangup.events import RecentLegs
+from audiohangup.hour import Hour
 from audiohangup.http.access import AuthThrottle, Scope, Tokens
 from audiohangup.http.answers import json_answer, json_error, static_file
 from audiohangup.http.errors import REFUSED, ApiError, refusal, unknown_call
@@ -58,6 +59,7 @@ from audiohangup.http.request import (
 )
 from audiohangup.http.wav import WavResource
 from audiohangup.interfaces import IServerLeg
+from audiohangup.levels import Levels
 from audiohangup.logs import iso_time
 from audiohangup.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from audiohangup.reasons import Role
@@ -115,8 +117,14 @@ class ControlAPI:
         streams: Streams | None = None,
         formats: dict[Role, AudioFormat] | None = None,
         recorder: Recorder | None = None,
+        levels: Levels | None = None,
+        hour: Hour | None = None,
     ) -> None:
         self.registry = registry
+        #: The live legs' audio levels, shown with each leg (None: not measured).
+        self.levels = levels
+        #: The last hour, minute by minute (GET /stats/hour; None: not kept).
+        self.hour = hour
         self.settings = settings or LegSettings()
         #: The format each role's legs carry (--visitor-audio, --resident-audio).
         self.formats = formats or dict.fromkeys(Role, self.settings.audio)
@@ -223,13 +231,45 @@ class ControlAPI:
             raise ApiError(503, "records_unavailable", f"call records cannot be read now: {error}") from None
         return json_answer(request, 200, page)
 
+    @app.route("/stats/hour", methods=["GET"])
+    @_read
+    def stats_hour(self, request: IRequest) -> bytes:
+        """The last hour, minute by minute (this instance's): the live page's charts."""
+        if self.hour is None:
+            raise ApiError(404, "not_found", "the hour's statistics are not kept")
+        return json_answer(request, 200, self.hour.view())
+
+    @app.route("/recordings", methods=["GET"])
+    @_read
+    async def recordings(self, request: IRequest) -> bytes:
+        """
+        The calls' recordings, newest first, from the call records, each with
+        its size and seconds read from its file (absent: not on this instance,
+        or pruned); paged with an opaque cursor, filtered by call id.
+        """
+        if self.records is None:
+            raise ApiError(404, "records_off", "call records are off (--call-records none)")
+        call_id = query(request, "call_id")
+        try:
+            page = await self.records.recordings(
+                call_id=None if call_id is None else parse_call_id(call_id), cursor=query(request, "cursor"),
+                limit=whole_number(request, "limit", default=20, low=1, high=100),
+            )
+        except RuntimeError as error:  # the store is not open: it failed to open, or is closing
+            raise ApiError(503, "records_unavailable", f"call records cannot be read now: {error}") from None
+        found = await self.recorder.sizes([entry["file"] for entry in page["recordings"]]) if self.recorder else {}
+        for entry in page["recordings"]:
+            size, seconds = found.get(entry["file"], (None, None))
+            entry["bytes"], entry["seconds"] = size, seconds
+        return json_answer(request, 200, page)
+
     @app.route("/calls", methods=["GET"])
     @_read
     async def calls(self, request: IRequest) -> bytes:
         """Live calls: this instance's (C{scope=local}), or every instance's (C{scope=cluster})."""
         scope = query(request, "scope") or "local"
         if scope == "local":
-            calls = [_call_view(call_id, legs) for call_id, legs in self.registry.calls().items()]
+            calls = [_call_view(call_id, legs, self.levels) for call_id, legs in self.registry.calls().items()]
             return json_answer(request, 200, {"calls": calls})
         if scope != "cluster":
             raise ApiError(400, "bad_scope", f"scope must be local or cluster, not {scope!r}")
@@ -247,7 +287,7 @@ class ControlAPI:
         legs = self.registry.call(call_id)
         if not legs:
             raise unknown_call(call_id)
-        return json_answer(request, 200, _call_view(call_id, legs))
+        return json_answer(request, 200, _call_view(call_id, legs, self.levels))
 
     @app.route("/calls/<string:call_id>/hangup", methods=["POST"])
     @_control
@@ -553,12 +593,12 @@ def _opened_view(stream: MediaStream) -> dict[str, Any]:
     }
 
 
-def _call_view(call_id: str, legs: list[IServerLeg]) -> dict[str, Any]:
-    return {"call_id": call_id, "legs": [leg_view(leg) for leg in legs]}
+def _call_view(call_id: str, legs: list[IServerLeg], levels: Levels | None = None) -> dict[str, Any]:
+    return {"call_id": call_id, "legs": [leg_view(leg, levels) for leg in legs]}
 
 
-def leg_view(leg: IServerLeg) -> dict[str, Any]:
-    """What the HTTP API shows of a live leg."""
+def leg_view(leg: IServerLeg, levels: Levels | None = None) -> dict[str, Any]:
+    """What the HTTP API shows of a live leg: its counters, streams and (measured) levels."""
     return {
         "role": leg.role,
         "state": leg.state,
@@ -572,6 +612,7 @@ def leg_view(leg: IServerLeg) -> dict[str, Any]:
         "dropped_frames": leg.queue.dropped,
         "dtmf": leg.dtmf,
         "streams": [stream.snapshot() for stream in leg.streams],
+        **(levels.view(leg) if levels is not None else Levels.unknown()),
     }
 
 

@@ -60,7 +60,7 @@ from audiohangup.logs import iso_time
 from audiohangup.metrics import series
 from audiohangup.reasons import HangupCause, Role, StrEnum
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
-from audiohangup.recording.wav import repair
+from audiohangup.recording.wav import recording_sizes, repair
 from audiohangup.recording.writer import CHANNELS, TICK, Tick, WavFile
 from audiohangup.wire import Frame
 
@@ -473,6 +473,19 @@ class Recorder(Part):
             return None if path is None else FoundRecording(path, self.rate)
 
         return self._dispatch(self._lookups, last_recording, self.directory, call_id).addCallback(found)
+
+    def sizes(self, names: list[str]) -> Deferred[dict[str, tuple[int, float]]]:
+        """
+        The bytes and seconds of these recordings (names relative to the
+        directory, as the call records keep them), looked up on the lookup
+        thread; a file missing (pruned), a link, or a name outside the
+        directory is left out. Once the recorder stops, a L{RecorderStopped}.
+        """
+        if self.directory is None or not names:
+            return succeed({})
+        if self._stopping:
+            return fail(RecorderStopped("the server is shutting down: ask again once it is back"))
+        return self._dispatch(self._lookups, recording_sizes, self.directory, names)
 
     def _skipped(self, links: list[str]) -> None:
         for name in links:

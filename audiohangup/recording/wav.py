@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 
-from audiohangup.recording.layout import open_in_folder
+from audiohangup.recording.layout import DAY, WAV_NAME, open_in_folder
 
 HEADER_BYTES = 44
 
@@ -68,3 +68,26 @@ def repair(path: str, rate: int = 0) -> float | None:
         file.write(wav_header(header_rate, data))
         file.truncate(HEADER_BYTES + data)
     return data / (header_rate * 4)
+
+
+def recording_sizes(directory: str, names: list[str]) -> dict[str, tuple[int, float]]:
+    """
+    The size in bytes and the seconds of audio of each named recording
+    (C{DAY/<call id>.wav}), read from the file, not its header (a live one's
+    says nothing yet). A name that is not a recording's, a link, or a file
+    gone is left out.
+    """
+    found: dict[str, tuple[int, float]] = {}
+    for name in names:
+        day, _, file = name.partition("/")
+        if not (DAY.match(day) and WAV_NAME.match(file)):
+            continue
+        try:
+            fd = open_in_folder(os.path.join(directory, day, file), os.O_RDONLY)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            rate = wav_rate(handle.read(HEADER_BYTES))
+        found[name] = (size, round(wav_data_bytes(size) / (rate * 4), 3) if rate else 0.0)
+    return found

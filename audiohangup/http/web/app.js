@@ -6,6 +6,12 @@
  * sends it as "Authorization: Bearer" from then on. Data only ever goes into
  * the page as text (textContent, setAttribute), never as HTML. No framework,
  * no build step, nothing loaded from elsewhere.
+ *
+ * The features in files of their own (levels.js, charts.js, recordings.js)
+ * use what it shares as window.audiohangup: api() (the token included),
+ * the DOM helpers and formats, legCell() to add a column to each leg's row,
+ * and onCalls() to hear each refresh's calls. They load after this file and
+ * register before the first refresh, which waits for DOMContentLoaded.
  */
 "use strict";
 
@@ -30,6 +36,8 @@
   let lastEnded = null;
   let lastGood = null;
   let pollError = null;
+  const legCells = []; // {name, header, create(td, callId, role), update(td, leg)} from the feature files
+  const callListeners = []; // called with each refresh's calls
 
   class AuthNeeded extends Error {}
 
@@ -82,11 +90,15 @@
 
   // The API
 
-  async function api(method, path) {
-    const headers = { Accept: "application/json" };
+  // With raw, the Response itself (a recording), once its status is checked.
+  async function api(method, path, raw) {
+    const headers = { Accept: raw ? "*/*" : "application/json" };
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (token) headers.Authorization = `Bearer ${token}`;
-    const response = await fetch(path, { method, headers, cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
+    const options = { method, headers, cache: "no-store" };
+    if (!raw) options.signal = AbortSignal.timeout(TIMEOUT_MS);
+    const response = await fetch(path, options);
+    if (raw && response.ok) return response;
     let body = null;
     try {
       body = await response.json();
@@ -112,6 +124,7 @@
       const [calls, ended] = await Promise.all([api("GET", "calls"), api("GET", "legs/ended?limit=20")]);
       renderLive(calls.calls);
       renderEnded(ended.legs);
+      for (const listener of callListeners) listener(calls.calls);
       lastGood = new Date();
       const legs = calls.calls.reduce((sum, call) => sum + call.legs.length, 0);
       setText($("refreshed"), `Updated ${clock(lastGood)}: ${plural(calls.calls.length, "call")}, ${plural(legs, "leg")}.`);
@@ -178,7 +191,7 @@
     const head = el(
       "tr",
       { class: "call", "data-call-id": callId },
-      el("th", { scope: "rowgroup", colspan: CELLS.length + 1 }, "Call ", el("code", {}, callId), " ", count),
+      el("th", { scope: "rowgroup", colspan: CELLS.length + legCells.length + 1 }, "Call ", el("code", {}, callId), " ", count),
       el("td", { class: "action" }, button),
     );
     return { tbody: el("tbody", { "data-call-id": callId }, head), count, button, rows: new Map() };
@@ -213,9 +226,15 @@
       cells[name] = el("td", { class: NUMERIC.has(name) ? `${name} num` : name });
       tr.append(cells[name]);
     }
+    const extra = legCells.map((cell) => {
+      const td = el("td", { class: cell.name });
+      cell.create(td, callId, role);
+      tr.append(td);
+      return td;
+    });
     const button = hangupButton(callId, role);
     tr.append(el("td", { class: "action" }, button));
-    return { tr, cells, button };
+    return { tr, cells, extra, button };
   }
 
   function updateRow(row, leg, now) {
@@ -233,6 +252,7 @@
     setText(cells.streams, streams.map((stream) => `${stream.protocol} ${stream.mode} (${stream.state})`).join(", ") || "—");
     cells.streams.title = streams.map((stream) => `${stream.stream_id} ${stream.url}`).join("\n");
     setText(cells.peer, leg.peer || "—");
+    legCells.forEach((cell, index) => cell.update(row.extra[index], leg));
     row.button.disabled = busy.has(row.button) || leg.state !== "live";
   }
 
@@ -326,6 +346,35 @@
     refresh(); // asks for a token again if the server has one
   });
 
-  showForget();
-  refresh();
+  // What the feature files use.
+
+  window.audiohangup = Object.freeze({
+    api,
+    AuthNeeded,
+    askToken,
+    el,
+    setText,
+    say,
+    clock,
+    duration,
+    count,
+    plural,
+    // A column of each leg's row, before its actions; its header goes before theirs.
+    legCell(cell) {
+      legCells.push(cell);
+      const actions = live.tHead.rows[0].lastElementChild;
+      actions.before(el("th", { scope: "col", class: cell.name }, cell.header));
+    },
+    onCalls(listener) {
+      callListeners.push(listener);
+    },
+    get locked() {
+      return locked;
+    },
+  });
+
+  document.addEventListener("DOMContentLoaded", () => {
+    showForget();
+    refresh();
+  });
 })();
