@@ -52,6 +52,7 @@ from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
+from audiohangup.streams.listen import Listens
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.webhooks import Webhooks
 
@@ -301,6 +302,8 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
             list(config.webhooks), reactor, secret=config.webhook_secret, metrics=metrics, ca=config.webhook_ca
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
+    # A browser that listens in is bounded like a stream's application.
+    listens = Listens(config.streams.max_unsent_ms, metrics)
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
     recorder = Recorder(
         RecordingConfig(
@@ -320,7 +323,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     # count legs count one handed over through the media link on its session's home only (see LegEvents).
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
         (LegMetrics(metrics, registry), True), (recent, False), (streams, False), (recorder, False),
-        (records, True), (webhooks, True),
+        (records, True), (webhooks, True), (listens, False),
     )
     for observer, counts in observers:
         if observer is not None:
@@ -353,7 +356,7 @@ def build_service(config: Config, reactor: IReactor | None = None) -> AudioHangu
     api = ControlAPI(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
-        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies,
+        formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies, listens=listens,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     site = ApiSite.forAPI(
@@ -523,6 +526,6 @@ class TokensFile(Service):
         self.api.tokens = tokens
         counts = tokens.counts()
         self.log.info(
-            "API tokens reloaded from {path}: {read} read, {control} control",
-            path=self.path, read=counts["read"], control=counts["control"],
+            "API tokens reloaded from {path}: {read} read, {listen} listen, {control} control",
+            path=self.path, read=counts["read"], listen=counts["listen"], control=counts["control"],
         )
