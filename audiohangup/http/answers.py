@@ -46,11 +46,14 @@ _STATIC_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "listen.js": "text/javascript; charset=utf-8",
+    "listen-worklet.js": "text/javascript; charset=utf-8",
+    "listen.css": "text/css; charset=utf-8",
 }
 
 
 def static_file(request: IRequest, name: str) -> bytes:
-    """A file of the live page, from the package; only the three files it has."""
+    """A file of the live page, from the package; only the files it has."""
     content_type = _STATIC_TYPES.get(name)
     if content_type is None:
         raise ApiError(404, "not_found", f"no static file {name!r}")
