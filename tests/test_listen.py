@@ -65,6 +65,10 @@ def test_tickets() -> None:
     assert tickets.take(wrong, call, now=100.0) is None  # spent on the wrong call
     late = tickets.issue(call, None, "someone", now=100.0)
     assert tickets.take(late, call, now=110.0) is None
+    elsewhere = tickets.issue(call, None, "someone", now=100.0, source="192.0.2.1")
+    assert tickets.take(elsewhere, call, now=100.0, source="192.0.2.2") is None
+    here = tickets.issue(call, None, "someone", now=100.0, source="192.0.2.1")
+    assert tickets.take(here, call, now=100.0, source="192.0.2.1") is not None
     first = tickets.issue(call, None, "x", now=200.0)
     for _ in range(3):
         tickets.issue(call, None, "x", now=200.0)

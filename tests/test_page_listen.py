@@ -54,8 +54,8 @@ async def tokens_server(make_server: Any, tmp_path: Path) -> Server:
 
 def listen_button(call_id: str, role: str | None) -> str:
     if role is None:
-        return f'#live tr.call button.listen[data-call-id="{call_id}"]'
-    return f'#live button.listen[data-call-id="{call_id}"][data-role="{role}"]'
+        return f'#live tr.call button.listen[data-listen-call="{call_id}"]'
+    return f'#live button.listen[data-listen-call="{call_id}"][data-listen-role="{role}"]'
 
 
 def active(server: Server) -> float:

@@ -448,7 +448,9 @@ class ControlAPI:
         call_id = parse_call_id(call_id)
         role = role_of(request)
         self._live_legs(call_id, role)  # 404 for a call (or role) not live here
-        ticket = listens.tickets.issue(call_id, role, self._who(request), self.clock.seconds())
+        ticket = listens.tickets.issue(
+            call_id, role, self._who(request), self.clock.seconds(), throttle_source(request, self.trusted_proxies)
+        )
         return json_answer(request, 201, {
             "call_id": call_id, "role": role, "ticket": ticket, "expires_in": TICKET_SECONDS,
             "path": f"calls/{call_id}/listen?ticket={ticket}",
@@ -465,16 +467,16 @@ class ControlAPI:
                 "this route is a WebSocket: POST it for a ticket, then open it as ws:// or wss:// with ?ticket=",
             )
         now = self.clock.seconds()
-        grant = listens.tickets.take(query(request, "ticket") or "", call_id, now)
+        source = throttle_source(request, self.trusted_proxies)
+        grant = listens.tickets.take(query(request, "ticket") or "", call_id, now, source)
         if grant is None:
-            source = throttle_source(request, self.trusted_proxies)
             if source is not None:
                 self.throttle.failed(source, now)
             listens.refused()
             raise ApiError(
                 403, "bad_ticket",
                 f"no valid ticket for call {call_id}: POST /calls/{call_id}/listen with a listen or control "
-                f"token gets one, good once for {TICKET_SECONDS:g} s",
+                f"token gets one, good once for {TICKET_SECONDS:g} s, from the same address",
             )
         legs = [
             leg for leg in self.registry.call(call_id) if leg.live and (grant.role is None or leg.role is grant.role)

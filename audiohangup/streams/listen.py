@@ -66,12 +66,13 @@ class Result(StrEnum):
 
 @dataclass(frozen=True)
 class Grant:
-    """What a ticket lets its holder hear, and who asked (for the log)."""
+    """What a ticket lets its holder hear, who asked (for the log), and from where (the only source it is good from)."""
 
     call_id: str
     role: Role | None
     who: str
     expires: float
+    source: str | None = None
 
 
 class Tickets:
@@ -85,19 +86,19 @@ class Tickets:
     def __len__(self) -> int:
         return len(self._grants)
 
-    def issue(self, call_id: str, role: Role | None, who: str, now: float) -> str:
+    def issue(self, call_id: str, role: Role | None, who: str, now: float, source: str | None = None) -> str:
         self._expire(now)
         while len(self._grants) >= self.limit:
             self._grants.popitem(last=False)
         ticket = secrets.token_urlsafe(24)
-        self._grants[ticket] = Grant(call_id, role, who, now + self.seconds)
+        self._grants[ticket] = Grant(call_id, role, who, now + self.seconds, source)
         return ticket
 
-    def take(self, ticket: str, call_id: str, now: float) -> Grant | None:
-        """The grant of C{ticket} if it is for C{call_id} and not expired; used up either way."""
+    def take(self, ticket: str, call_id: str, now: float, source: str | None = None) -> Grant | None:
+        """The grant of C{ticket} if it is for C{call_id}, from its source, and not expired; used up either way."""
         self._expire(now)
         grant = self._grants.pop(ticket, None)
-        if grant is None or grant.call_id != call_id:
+        if grant is None or grant.call_id != call_id or grant.source != source:
             return None
         return grant
 

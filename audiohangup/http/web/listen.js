@@ -67,8 +67,9 @@
     const node = document.createElement("button");
     node.type = "button";
     node.className = role ? "listen" : "listen call";
-    node.dataset.callId = callId;
-    if (role) node.dataset.role = role;
+    // Not data-call-id and data-role: those name the hang-up buttons.
+    node.dataset.listenCall = callId;
+    if (role) node.dataset.listenRole = role;
     node.dataset.key = `${callId}/${role || ""}`;
     node.setAttribute("aria-pressed", "false");
     node.setAttribute("aria-label", `Listen to ${describe(callId, role)}`);
