@@ -273,3 +273,25 @@ async def test_slow_listener_is_dropped(make_server: Any, logs: LogCapture) -> N
     visitor.close()
     resident.close()
     await until(lambda: len(server.registry) == 0, what="the legs to end")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_handshake(make_server: Any, logs: LogCapture) -> None:
+    """A valid ticket on a request the WebSocket handshake refuses: 400, the listener failed, the connection freed."""
+    server = await make_server()
+    call_id, visitor, resident = await bridged(server)
+    code, answer = await ticket(server, call_id, "")
+    assert code == 201
+    response = await treq.get(
+        f"{server.url}/{answer['path']}", headers={"Upgrade": "websocket", "Connection": "Upgrade"}, persistent=False
+    )
+    assert response.code == 400
+    await response.content()
+    await until(lambda: metric(server, "audiohangup_listens_total", result="failed") == 1, what="the failed listener")
+    assert metric(server, "audiohangup_listens_active") == 0
+    cap = server.service.getServiceNamed("http").factory.cap
+    await until(lambda: cap.held == 0, what="the connection's place under the cap to be freed")
+    assert all(not leg.taps for leg in server.registry.call(str(call_id)))
+    visitor.close()
+    resident.close()
+    await until(lambda: len(server.registry) == 0, what="the legs to end")
