@@ -295,3 +295,16 @@ async def test_failed_handshake(make_server: Any, logs: LogCapture) -> None:
     visitor.close()
     resident.close()
     await until(lambda: len(server.registry) == 0, what="the legs to end")
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_stop_ends_the_listen_in(make_server: Any, logs: LogCapture) -> None:
+    """Stopping the server hangs the legs up: the browser gets the stop and a clean close."""
+    server = await make_server()
+    call_id, visitor, resident = await bridged(server)
+    listening = await listen(server, call_id, token="")
+    await server.service.stopService()
+    clean, code, _ = await listening.factory.closed
+    assert (clean, code) == (True, 1000)
+    assert listening.events()[-1]["event"] == "stop"
+    assert metric(server, "audiohangup_listens_total", result="leg_ended") == 1
