@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api,tests.test_http_edge,tests.test_page -*-
+# -*- test-case-name: tests.test_api,tests.test_http_edge,tests.test_page,tests.test_page_listen -*-
 """
 How the API's answers are written: JSON with its status, an error as
 C{{"error": {"code", "message"}}}, a whole closing response for when no

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api,tests.test_security,tests.test_cluster,tests.test_records_http -*-
+# -*- test-case-name: tests.test_api,tests.test_security,tests.test_cluster,tests.test_records_http,tests.test_listen -*-
 """
 The HTTP control API: a Klein app on the same reactor and registry as the
 AudioSocket listeners, so a hangup request writes C{00 00 00} on the leg's own

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_listen -*-
+# -*- test-case-name: tests.test_listen,tests.test_page_listen -*-
 """
 The Twisted side of a listen-in (L{audiohangup.streams.listen}): the API's
 HTTP connection, once its ticket is taken, handed to an autobahn WebSocket

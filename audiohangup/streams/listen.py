@@ -20,8 +20,8 @@ What the browser gets: a text message C{{"event": "start", ...}} naming the
 channels (role and sample rate), then binary messages of 20 ms: one byte,
 the channel's index, one zero byte, then the samples as signed 16-bit
 little-endian PCM (G.711 legs decoded), then C{{"event": "stop", "reason"}}
-and a close when the leg ends. Pure code: the socket is an
-L{IListenSocket}.
+and a close when the leg ends. No sockets here: the WebSocket is an
+L{IListenSocket}, so every rule is tested without one.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ class _Channel:
 
 
 class IListenObserver(Interface):
+    """Told when a listener ends (the manager: its bookkeeping and metrics)."""
+
     def listenEnded(listener: Listener) -> None:
         """The listener is over; C{listener.result} and C{listener.reason} say how."""
 
