@@ -301,7 +301,7 @@ async def test_failed_handshake(make_server: Any, logs: LogCapture) -> None:
 async def test_server_stop_ends_the_listen_in(make_server: Any, logs: LogCapture) -> None:
     """Stopping the server hangs the legs up: the browser gets the stop and a clean close."""
     server = await make_server()
-    call_id, visitor, resident = await bridged(server)
+    call_id, _, _ = await bridged(server)
     listening = await listen(server, call_id, token="")
     await server.service.stopService()
     clean, code, _ = await listening.factory.closed
