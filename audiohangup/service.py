@@ -63,6 +63,7 @@ from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
+from audiohangup.streams.listen import Listens
 from audiohangup.streams.manager import StreamConfig, Streams
 from audiohangup.streams.stream import Outcome
 from audiohangup.systemd import SystemdNotifier
@@ -443,6 +444,8 @@ def build_service(
             outbox=outbox, max_attempts=5 if outbox is None else None,  # kept: tried until delivered or the bound
         )
     streams = Streams(config.streams, reactor, metrics=metrics, webhooks=webhooks, relay=relay)
+    # A browser that listens in is bounded like a stream's application.
+    listens = Listens(config.streams.max_unsent_ms, metrics)
     formats = {role: FORMATS[config.audio_of(role)] for role in Role}
     recorder = Recorder(
         RecordingConfig(
@@ -466,6 +469,7 @@ def build_service(
     observers: tuple[tuple[ILegObserver | None, bool], ...] = (
         (LegMetrics(metrics, registry), True), (recent, False), (streams, True), (recorder, True),
         (records, True), (webhooks, True), (LevelSampler(audio_levels, lambda: registry, reactor), False), (hour, True),
+        (listens, False),
     )
     for observer, counts in observers:
         if observer is not None:
@@ -515,6 +519,7 @@ def build_service(
         registry, api_token=config.api_token, settings=settings, metrics=metrics, recent=recent,
         records=records, cluster=cluster, clock=reactor, streams=streams,
         formats=formats, recorder=recorder, trusted_proxies=config.trusted_proxies, levels=audio_levels, hour=hour,
+        listens=listens,
         tokens=None if config.api_tokens_file is None else Tokens.load(config.api_tokens_file, insecure=config.insecure_files),
     )
     cap = ConnectionCap(
@@ -765,8 +770,8 @@ class TokensFile(OnSighup):
         self.api.tokens = tokens
         counts = tokens.counts()
         self.log.info(
-            "API tokens reloaded from {path}: {read} read, {control} control",
-            path=self.path, read=counts["read"], control=counts["control"],
+            "API tokens reloaded from {path}: {read} read, {listen} listen, {control} control",
+            path=self.path, read=counts["read"], listen=counts["listen"], control=counts["control"],
         )
 
 

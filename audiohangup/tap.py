@@ -314,7 +314,7 @@ class Options(usage.Options):
         ],
         [
             "api-tokens-file", None, None,
-            "File of 'SCOPE TOKEN' lines (scope read or control, # comments), re-read on SIGHUP.",
+            "File of 'SCOPE TOKEN' lines (scope read, listen or control, # comments), re-read on SIGHUP.",
         ],
         [
             "allow", None, None,

@@ -361,7 +361,7 @@ class ScopeTests(SynchronousTestCase):
         tokens = Tokens.parse(
             "# comment\nread abcdefghijklmnop\n\n  # indented comment\nCONTROL Zq#9f3k-0123456789\n", "tokens"
         )
-        self.assertEqual(tokens.counts(), {"read": 1, "control": 1})
+        self.assertEqual(tokens.counts(), {"read": 1, "listen": 0, "control": 1})
         self.assertIs(tokens.scope_of("abcdefghijklmnop"), Scope.READ)
         # A # inside a token is part of it: the token is not cut down to "Zq".
         self.assertIs(tokens.scope_of("Zq#9f3k-0123456789"), Scope.CONTROL)
@@ -433,7 +433,7 @@ async def test_tokens_file_is_reloaded_on_sighup(spawn: Any, tmp_path: Path, log
     tokens.write_text(f"# rotated\nread {second}\ncontrol {third}\n")
     child.signal("HUP")
     await until(lambda: "API tokens reloaded" in child.log, 10, "the reload")
-    assert "1 read, 1 control" in child.log
+    assert "1 read, 0 listen, 1 control" in child.log
     assert await status(second) == 200
     assert await status(first) == 401
     tokens.write_text("read\n")

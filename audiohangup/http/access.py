@@ -23,13 +23,24 @@ from audiohangup.sources import IPNetwork, address_of, host_of
 
 
 class Scope(StrEnum):
-    """What a token may do: C{read} every GET, C{control} everything."""
+    """
+    What a token may do: C{read} every GET; C{listen} that and hear a call
+    live (L{audiohangup.streams.listen}), which is more than reading its
+    metadata, so a read token never can; C{control} everything.
+    """
 
     READ = "read"
+    LISTEN = "listen"
     CONTROL = "control"
 
     def covers(self, needed: Scope) -> bool:
-        return self is Scope.CONTROL or needed is Scope.READ
+        return _RANK[self] >= _RANK[needed]
+
+
+_RANK = {Scope.READ: 0, Scope.LISTEN: 1, Scope.CONTROL: 2}
+
+#: The scopes a tokens file may name, for its errors.
+_SCOPE_NAMES = ", ".join(scope.value for scope in Scope)
 
 
 # Tokens
@@ -50,6 +61,15 @@ class TokenFileError(Exception):
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def fingerprint(token: str) -> str:
+    """
+    Which token it was, for a log line: the first 12 hex digits of its
+    SHA-256 (C{printf %s TOKEN | sha256sum} tells an operator which of theirs);
+    nothing a guesser can use against a token of 16 random characters or more.
+    """
+    return "sha256:" + _digest(token).hex()[:12]
 
 
 class Tokens:
@@ -75,7 +95,7 @@ class Tokens:
         digest = _digest(given)
         found: Scope | None = None
         for scope, stored in self._digests:  # all of them, whatever matched
-            if hmac.compare_digest(digest, stored) and (found is None or scope is Scope.CONTROL):
+            if hmac.compare_digest(digest, stored) and (found is None or scope.covers(found)):
                 found = scope
         return found
 
@@ -95,13 +115,13 @@ class Tokens:
             parts = line.split()
             if len(parts) != 2:
                 raise TokenFileError(
-                    f"{source}, line {number}: expected 'SCOPE TOKEN' (scope read or control; "
+                    f"{source}, line {number}: expected 'SCOPE TOKEN' (scope {_SCOPE_NAMES}; "
                     "# starts a comment only at the start of a line)"
                 )
             try:
                 scope = Scope(parts[0].lower())
             except ValueError:
-                raise TokenFileError(f"{source}, line {number}: the scope must be read or control") from None
+                raise TokenFileError(f"{source}, line {number}: the scope must be one of {_SCOPE_NAMES}") from None
             if len(parts[1]) < MIN_TOKEN_LENGTH:
                 raise TokenFileError(f"{source}, line {number}: {SHORT_TOKEN}")
             tokens.append((scope, parts[1]))

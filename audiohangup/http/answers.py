@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api,tests.test_http_edge,tests.test_page -*-
+# -*- test-case-name: tests.test_api,tests.test_http_edge,tests.test_page,tests.test_page_listen -*-
 """
 How the API's answers are written: JSON with its status, an error as
 C{{"error": {"code", "message"}}}, a whole closing response for when no
@@ -49,6 +49,9 @@ _STATIC_TYPES = {
     "charts.js": "text/javascript; charset=utf-8",
     "recordings.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "listen.js": "text/javascript; charset=utf-8",
+    "listen-worklet.js": "text/javascript; charset=utf-8",
+    "listen.css": "text/css; charset=utf-8",
 }
 
 

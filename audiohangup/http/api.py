@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api,tests.test_security,tests.test_cluster,tests.test_records_http -*-
+# -*- test-case-name: tests.test_api,tests.test_security,tests.test_cluster,tests.test_records_http,tests.test_listen -*-
 """
 The HTTP control API: a Klein app on the same reactor and registry as the
 AudioSocket listeners, so a hangup request writes C{00 00 00} on the leg's own
@@ -41,9 +41,10 @@ from audiohangup.cluster.forward import (
 )
 from audiohangup.events import RecentLegs
 from audiohangup.hour import Hour
-from audiohangup.http.access import AuthThrottle, Scope, Tokens
+from audiohangup.http.access import AuthThrottle, Scope, Tokens, fingerprint
 from audiohangup.http.answers import json_answer, json_error, static_file
 from audiohangup.http.errors import REFUSED, ApiError, refusal, unknown_call
+from audiohangup.http.listen import ListenResource
 from audiohangup.http.request import (
     flag,
     header,
@@ -67,6 +68,7 @@ from audiohangup.recording import NotRecording, Recorder
 from audiohangup.records import CallRecords
 from audiohangup.registry import Registry
 from audiohangup.sources import IPNetwork
+from audiohangup.streams.listen import TICKET_SECONDS, Listens, TooManyListeners
 from audiohangup.streams.manager import Streams, check_fields, check_url
 from audiohangup.streams.stream import MediaStream
 
@@ -119,12 +121,15 @@ class ControlAPI:
         recorder: Recorder | None = None,
         levels: Levels | None = None,
         hour: Hour | None = None,
+        listens: Listens | None = None,
     ) -> None:
         self.registry = registry
         #: The live legs' audio levels, shown with each leg (None: not measured).
         self.levels = levels
         #: The last hour, minute by minute (GET /stats/hour; None: not kept).
         self.hour = hour
+        #: Listen-ins (None: off), which the live page's listen buttons open.
+        self.listens = listens
         self.settings = settings or LegSettings()
         #: The format each role's legs carry (--visitor-audio, --resident-audio).
         self.formats = formats or dict.fromkeys(Role, self.settings.audio)
@@ -475,6 +480,79 @@ class ControlAPI:
                     return json_answer(request, 200, json.loads(answer))
         raise ApiError(404, "unknown_stream", f"call {call_id} has no stream {stream_id} open")
 
+    # Listen-in
+
+    @app.route("/calls/<string:call_id>/listen", methods=["POST"])
+    def listen_ticket(self, request: IRequest, call_id: str) -> bytes:
+        """
+        A ticket to hear a live call (or one role's leg) in a browser: good
+        once, for a few seconds, on this call's WebSocket (below). Needs a
+        listen or control token: hearing a call is more than reading it.
+        """
+        listens = self._listens()
+        try:
+            self.authorize(request, Scope.LISTEN)
+        except ApiError:
+            listens.refused()
+            raise
+        self.check_forwarded(request)
+        call_id = parse_call_id(call_id)
+        role = role_of(request)
+        self._live_legs(call_id, role)  # 404 for a call (or role) not live here
+        ticket = listens.tickets.issue(
+            call_id, role, self._who(request), self.clock.seconds(), throttle_source(request, self.trusted_proxies)
+        )
+        return json_answer(request, 201, {
+            "call_id": call_id, "role": role, "ticket": ticket, "expires_in": TICKET_SECONDS,
+            "path": f"calls/{call_id}/listen?ticket={ticket}",
+        })
+
+    @app.route("/calls/<string:call_id>/listen", methods=["GET"])
+    def listen(self, request: IRequest, call_id: str) -> Any:
+        """The listen-in's WebSocket, for the holder of a ticket (a browser cannot send a token on one)."""
+        listens = self._listens()
+        call_id = parse_call_id(call_id)
+        if (header(request, "upgrade") or "").lower() != "websocket":
+            raise ApiError(
+                400, "websocket_required",
+                "this route is a WebSocket: POST it for a ticket, then open it as ws:// or wss:// with ?ticket=",
+            )
+        now = self.clock.seconds()
+        source = throttle_source(request, self.trusted_proxies)
+        grant = listens.tickets.take(query(request, "ticket") or "", call_id, now, source)
+        if grant is None:
+            if source is not None:
+                self.throttle.failed(source, now)
+            listens.refused()
+            raise ApiError(
+                403, "bad_ticket",
+                f"no valid ticket for call {call_id}: POST /calls/{call_id}/listen with a listen or control "
+                f"token gets one, good once for {TICKET_SECONDS:g} s, from the same address",
+            )
+        legs = [
+            leg for leg in self.registry.call(call_id) if leg.live and (grant.role is None or leg.role is grant.role)
+        ]
+        if not legs:
+            raise ApiError(404, "no_live_leg", f"call {call_id} has no live leg here to listen to")
+        try:
+            listener = listens.begin(grant, legs, _source(request))
+        except TooManyListeners as error:
+            raise ApiError(503, "too_many_listens", str(error)) from None
+        return ListenResource(listener, listens.max_unsent_ms)
+
+    def _who(self, request: IRequest) -> str:
+        """Who asked, for the log: the token's scope and fingerprint (never the token), and the source."""
+        scheme, _, given = (header(request, "authorization") or "").partition(" ")
+        given = given.strip()
+        scope = self.tokens.scope_of(given) if self.tokens and scheme.lower() == "bearer" else None
+        token = "no token (the API takes none)" if scope is None else f"{scope} token {fingerprint(given)}"
+        return f"{token} at {_source(request)}"
+
+    def _listens(self) -> Listens:
+        if self.listens is None:
+            raise ApiError(404, "listen_off", "listen-in is off")
+        return self.listens
+
     def _streams(self) -> Streams:
         if self.streams is None:
             raise ApiError(404, "streams_off", "media streams are off")
@@ -628,6 +706,12 @@ def _refused(reply: Reply) -> dict[str, Any]:
         assert error is not None, "the table answers OwnerUnreachable"
         return {"role": reply.role, "status": error.status, "error": error.body()}
     return {"role": reply.role, "status": reply.status, "error": reply.error()}
+
+
+def _source(request: IRequest) -> str:
+    """The client's address as the log shows it (a UNIX socket's client has none)."""
+    host = getattr(request.getClientAddress(), "host", None)
+    return host if isinstance(host, str) else "unix"
 
 
 def _wall_clock() -> IReactorTime:

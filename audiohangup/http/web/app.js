@@ -185,6 +185,9 @@
     );
   }
 
+  // Listen-in buttons, from listen.js (loaded first) when it is there.
+  const listenButtons = (callId, role) => (window.AudiohangupListen ? [window.AudiohangupListen.button(callId, role)] : []);
+
   function newGroup(callId) {
     const count = el("span", { class: "count" });
     const button = hangupButton(callId, null);
@@ -192,7 +195,7 @@
       "tr",
       { class: "call", "data-call-id": callId },
       el("th", { scope: "rowgroup", colspan: CELLS.length + legCells.length + 1 }, "Call ", el("code", {}, callId), " ", count),
-      el("td", { class: "action" }, button),
+      el("td", { class: "action" }, ...listenButtons(callId, null), button),
     );
     return { tbody: el("tbody", { "data-call-id": callId }, head), count, button, rows: new Map() };
   }
@@ -233,7 +236,7 @@
       return td;
     });
     const button = hangupButton(callId, role);
-    tr.append(el("td", { class: "action" }, button));
+    tr.append(el("td", { class: "action" }, ...listenButtons(callId, role), button));
     return { tr, cells, extra, button };
   }
 
