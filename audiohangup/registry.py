@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from audiohangup.events import LegEvents
 from audiohangup.flows import BridgeFlow
@@ -92,10 +92,6 @@ class PendingConnections:
         if not self._most:
             return None
         return self.oldest(next(iter(self._sized[self._most])))
-
-
-async def _nothing() -> None:
-    """Nothing to wait for."""
 
 
 class Registry:
@@ -190,7 +186,7 @@ class Registry:
     def whenEmpty(self) -> Deferred[None]:
         """Fires once no connection is open (at once if none is): what a drain waits for. Cancellable."""
         if not self._connections:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         emptied: Deferred[None] = Deferred(lambda waiting: self._emptied.remove(waiting))
         self._emptied.append(emptied)
         return emptied
