@@ -231,7 +231,10 @@ async def run_mode(mode: str, a: common.Server, b: common.Server, args: argparse
         return {str(call_id) for _, call_id in sessions} <= on_a
 
     slots = 1 if args.no_spread else common.SPREAD_SLOTS
-    groups = [[leg for leg in legs if leg.index % slots == slot] for slot in range(slots)]
+    # --legs-apart: a session's resident sends half a frame after its visitor
+    # (the two channels of a real call are paced by their own endpoints).
+    shift = slots // 2 if args.legs_apart else 0
+    groups = [[leg for leg in legs if (leg.index + leg.role_id * shift) % slots == slot] for slot in range(slots)]
 
     def tick(k: int) -> None:
         if not state["sending"]:
@@ -367,6 +370,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-spread", action="store_true",
                         help="every leg sends in the same instant; by default sessions start their frames in 1 ms "
                              "steps, as calls that began at different times do")
+    parser.add_argument("--legs-apart", action="store_true",
+                        help="a session's resident sends 10 ms after its visitor, as the two channels of a real call "
+                             "are paced by their own endpoints; by default they send together, so one wake-up of a "
+                             "local bridge serves both directions")
     parser.add_argument("--server-cpu", type=int, default=1, help="core of the servers and redis; default 1")
     parser.add_argument("--load-cpu", type=int, default=0, help="core of the legs (this process); default 0")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
@@ -379,6 +386,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--idle-below", type=float, default=10.0, metavar="PERCENT",
                         help="with --wait-idle, what counts as idle; default 10")
     args = parser.parse_args(argv)
+    if args.legs_apart and args.no_spread:
+        parser.error("--legs-apart and --no-spread exclude each other")
     if not 1 <= args.sessions <= 1000 or not 1 <= args.seconds <= 600:
         parser.error("--sessions must be within 1..1000 and --seconds within 1..600")
     if not 1 <= args.rounds <= 20:
@@ -424,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     switched = {mode: [run["context_switches_per_frame"] for run in runs[1:] if run["mode"] == mode] for mode in MODES}
     ratio = round(statistics.median(ratios), 2)
     net_ratio = round(statistics.median(net_ratios), 2) if net_ratios else None
-    spread = "all at once" if args.no_spread else "sessions spread in 1 ms steps"
+    spread = "all at once" if args.no_spread else "sessions spread in 1 ms steps" + (
+        ", a session's two legs 10 ms apart" if args.legs_apart else "")
     print(f"{args.sessions} session(s) per mode, 20 ms slin both ways ({spread}), {args.seconds:g} s window, "
           f"{args.rounds} round(s); {pinning}")
     print()
