@@ -151,6 +151,25 @@ def __getattr__(name: str) -> Callable[..., bytes]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def whole_frames(data: bytes, header: bytes, size: int) -> list[bytes] | None:
+    """
+    C{data} cut into whole frames of C{size} bytes that each start with
+    C{header} (one kind, one length: a leg's own audio), or None if it is
+    anything else (a frame cut short, another kind, a control frame): the
+    fast paths' test for what may go on as it came, unparsed.
+    """
+    count, rest = divmod(len(data), size)
+    if rest or not count:
+        return None
+    if count == 1:
+        return [data] if data.startswith(header) else None
+    frames = [data[offset:offset + size] for offset in range(0, len(data), size)]
+    for frame in frames:
+        if not frame.startswith(header):
+            return None
+    return frames
+
+
 class FrameDecoder:
     """
     Bytes in, frames out, for any split of the stream.

@@ -19,9 +19,15 @@ measures receive time minus send time, so latency p50/p99 is given per
 direction (visitor->resident, resident->visitor). Over the window the CPU of
 both server processes (utime + stime from ``/proc``) is summed and divided by
 sessions and seconds: CPU ms per session-second, and CPU us per bridged
-frame. A split frame's extra latency is that of the loopback hop plus the
-link's own work on both instances; on a real network add one RTT/2 per
-direction.
+frame (and the system part of it), with the servers' context switches per
+frame: a split frame wakes two processes, not one. A split frame's extra
+latency is that of the loopback hop plus the link's own work on both
+instances; on a real network add one RTT/2 per direction.
+
+On a shared machine the CPU per frame moves with the other work on it, both
+modes alike: ``--rounds N`` runs local then split N times on the same
+servers and gives the median of the rounds' ratios, and ``--wait-idle``
+first waits for the machine to be idle.
 
 The client legs run on one Twisted reactor in this process (they are not
 measured). With two usable cores and taskset, the servers and Redis go on
@@ -32,7 +38,7 @@ A benchmark, not a test: it talks only to 127.0.0.1, every step is bounded,
 and every child is stopped (SIGTERM, then SIGKILL) even on error. It prints
 a reST table, then one JSON line. Run from the repository root::
 
-    python bench/link.py --sessions 50 --seconds 10
+    python bench/link.py --sessions 50 --seconds 10 --rounds 3
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,12 +142,14 @@ def run_modes(a: common.Server, b: common.Server, args: argparse.Namespace) -> l
         await deferLater(reactor, args.idle)
         idle = (a.cpu_seconds() + b.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
         runs = [{"mode": "idle", "cpu_percent_both": round(100 * idle, 2)}]
-        for mode in MODES:
-            log(f"{mode}: {args.sessions} sessions, {args.seconds:g} s window")
-            run = await run_mode(mode, a, b, args)
-            cpu = run.pop("cpu_seconds") / run["window_s"] - idle
-            run["cpu_ms_per_session_second_net_of_idle"] = round(1000 * cpu / args.sessions, 3)
-            runs.append(run)
+        for number in range(1, args.rounds + 1):
+            for mode in MODES:
+                log(f"{mode}, round {number} of {args.rounds}: {args.sessions} sessions, {args.seconds:g} s window")
+                run = await run_mode(mode, a, b, args)
+                run["round"] = number
+                cpu = run.pop("cpu_seconds") / run["window_s"] - idle
+                run["cpu_ms_per_session_second_net_of_idle"] = round(1000 * cpu / args.sessions, 3)
+                runs.append(run)
         return runs
 
     def done(result: Any) -> None:
@@ -222,7 +231,10 @@ async def run_mode(mode: str, a: common.Server, b: common.Server, args: argparse
         return {str(call_id) for _, call_id in sessions} <= on_a
 
     slots = 1 if args.no_spread else common.SPREAD_SLOTS
-    groups = [[leg for leg in legs if leg.index % slots == slot] for slot in range(slots)]
+    # --legs-apart: a session's resident sends half a frame after its visitor
+    # (the two channels of a real call are paced by their own endpoints).
+    shift = slots // 2 if args.legs_apart else 0
+    groups = [[leg for leg in legs if (leg.index + leg.role_id * shift) % slots == slot] for slot in range(slots)]
 
     def tick(k: int) -> None:
         if not state["sending"]:
@@ -259,10 +271,14 @@ async def run_mode(mode: str, a: common.Server, b: common.Server, args: argparse
             await deferLater(reactor, 0.05)
         await deferLater(reactor, args.warmup)
         cpu0 = [a.cpu_seconds(), b.cpu_seconds()]
+        system0 = a.cpu_split()[1] + b.cpu_split()[1]
+        switches0 = switches(a) + switches(b)
         state["t0"] = monotonic()
         state["t1"] = state["t0"] + args.seconds
         await deferLater(reactor, args.seconds)
         cpu1 = [a.cpu_seconds(), b.cpu_seconds()]
+        system = a.cpu_split()[1] + b.cpu_split()[1] - system0
+        switched = switches(a) + switches(b) - switches0
         wall = monotonic() - state["t0"]
         await deferLater(reactor, 0.5)  # the window's last frames arrive
         state["sending"] = False
@@ -270,7 +286,8 @@ async def run_mode(mode: str, a: common.Server, b: common.Server, args: argparse
             if leg.transport is not None:
                 leg.transport.loseConnection()
         await deferLater(reactor, 1.0)
-        return {"wall": wall, "cpu_a": cpu1[0] - cpu0[0], "cpu_b": cpu1[1] - cpu0[1]}
+        return {"wall": wall, "cpu_a": cpu1[0] - cpu0[0], "cpu_b": cpu1[1] - cpu0[1], "system": system,
+                "switches": switched}
 
     result = await go()
     n, wall = args.sessions, result["wall"]
@@ -285,10 +302,24 @@ async def run_mode(mode: str, a: common.Server, b: common.Server, args: argparse
         "cpu_ms_per_session_second": round(1000 * cpu / wall / n, 3),
         "cpu_us_per_bridged_frame": round(1e6 * cpu / frames, 2) if frames else None,
         "cpu_seconds": cpu,
+        "system_cpu_us_per_bridged_frame": round(1e6 * result["system"] / frames, 2) if frames else None,
+        "context_switches_per_frame": round(result["switches"] / frames, 3) if frames else None,
         "links_made": sum("linked from instance b to instance a" in line for line in b.log_lines())
         - links_before,
         "frames": dict(counts, lost=counts["sent_window"] - counts["received_window"]),
     }
+
+
+def switches(server: common.Server) -> int:
+    """
+    Context switches of the server's main thread so far, voluntary (a wait
+    for the next bytes) and not: how often it was woken, which the split
+    mode's two processes on one core multiply.
+    """
+    total = 0
+    for key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+        total += common.proc_status_value(server.pid, key) or 0
+    return total
 
 
 # ---------------------------------------------------------------------------
@@ -310,17 +341,18 @@ def pin(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:
-    header = ["mode", "sessions", "v->r p50", "v->r p99", "r->v p50", "r->v p99", "CPU a %", "CPU b %",
-              "CPU ms/sess-s", "net of idle", "CPU us/frame", "lost"]
+    header = ["mode", "round", "sessions", "v->r p50", "v->r p99", "r->v p50", "r->v p99", "CPU a %", "CPU b %",
+              "CPU ms/sess-s", "net of idle", "CPU us/frame", "sys us/frame", "switches/frame", "lost"]
     rows = [header]
     for run in runs[1:]:
         lat = run["latency_ms"]
-        rows.append([run["mode"], str(run["sessions"]),
+        rows.append([run["mode"], str(run["round"]), str(run["sessions"]),
                      f"{lat[DIRECTIONS[0]]['p50']:.3f}", f"{lat[DIRECTIONS[0]]['p99']:.3f}",
                      f"{lat[DIRECTIONS[1]]['p50']:.3f}", f"{lat[DIRECTIONS[1]]['p99']:.3f}",
                      f"{run['cpu_percent']['a']:.1f}", f"{run['cpu_percent']['b']:.1f}",
                      f"{run['cpu_ms_per_session_second']:.2f}", f"{run['cpu_ms_per_session_second_net_of_idle']:.2f}",
-                     f"{run['cpu_us_per_bridged_frame']:.1f}",
+                     f"{run['cpu_us_per_bridged_frame']:.1f}", f"{run['system_cpu_us_per_bridged_frame']:.1f}",
+                     f"{run['context_switches_per_frame']:.2f}",
                      str(run["frames"]["lost"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     rule = "  ".join("=" * w for w in widths)
@@ -338,12 +370,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-spread", action="store_true",
                         help="every leg sends in the same instant; by default sessions start their frames in 1 ms "
                              "steps, as calls that began at different times do")
+    parser.add_argument("--legs-apart", action="store_true",
+                        help="a session's resident sends 10 ms after its visitor, as the two channels of a real call "
+                             "are paced by their own endpoints; by default they send together, so one wake-up of a "
+                             "local bridge serves both directions")
     parser.add_argument("--server-cpu", type=int, default=1, help="core of the servers and redis; default 1")
     parser.add_argument("--load-cpu", type=int, default=0, help="core of the legs (this process); default 0")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="local then split, this many times on the same servers: the ratio of each round's "
+                             "pair is less exposed to a shared machine's changing load; default 1")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the machine to be idle (under --idle-below %% of a core "
+                             "for 2 s): other work on a shared machine ends up in both servers' CPU; default 0, no wait")
+    parser.add_argument("--idle-below", type=float, default=10.0, metavar="PERCENT",
+                        help="with --wait-idle, what counts as idle; default 10")
     args = parser.parse_args(argv)
+    if args.legs_apart and args.no_spread:
+        parser.error("--legs-apart and --no-spread exclude each other")
     if not 1 <= args.sessions <= 1000 or not 1 <= args.seconds <= 600:
         parser.error("--sessions must be within 1..1000 and --seconds within 1..600")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be within 1..20")
+    if not 0 <= args.wait_idle <= 3600 or not 0 < args.idle_below <= 200:
+        parser.error("--wait-idle must be within 0..3600 and --idle-below within 0..200")
     return args
 
 
@@ -352,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists("/proc/self/stat"):
         raise SystemExit("needs Linux /proc for the servers' CPU")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if args.wait_idle:
+        common.wait_idle(args.wait_idle, busy_below=args.idle_below)
     prefix, pinning = pin(args)
     redis, redis_port, redis_dir = start_redis(prefix)
     servers: list[common.Server] = []
@@ -367,23 +419,34 @@ def main(argv: list[str] | None = None) -> int:
         redis.terminate()
         redis.wait(10)
         shutil.rmtree(redis_dir, ignore_errors=True)
-    idle, local, split = runs
-    added = {q: {d: round(split["latency_ms"][d][q] - local["latency_ms"][d][q], 3) for d in DIRECTIONS}
-             for q in ("p50", "p99")}
-    p99 = added["p99"]
-    ratio = round(split["cpu_ms_per_session_second"] / local["cpu_ms_per_session_second"], 2)
+    idle = runs[0]
+    pairs = [(runs[k], runs[k + 1]) for k in range(1, len(runs), 2)]
     net = "cpu_ms_per_session_second_net_of_idle"
-    net_ratio = round(split[net] / local[net], 2) if local[net] > 0 else None
-    spread = "all at once" if args.no_spread else "sessions spread in 1 ms steps"
-    print(f"{args.sessions} session(s) per mode, 20 ms slin both ways ({spread}), {args.seconds:g} s window; {pinning}")
+    ratios = [round(split["cpu_ms_per_session_second"] / local["cpu_ms_per_session_second"], 2)
+              for local, split in pairs]
+    net_ratios = [round(split[net] / local[net], 2) for local, split in pairs if local[net] > 0]
+    added = {q: {d: statistics.median(split["latency_ms"][d][q] - local["latency_ms"][d][q] for local, split in pairs)
+                 for d in DIRECTIONS}
+             for q in ("p50", "p99")}
+    added = {q: {d: round(value, 3) for d, value in by.items()} for q, by in added.items()}
+    p99 = added["p99"]
+    switched = {mode: [run["context_switches_per_frame"] for run in runs[1:] if run["mode"] == mode] for mode in MODES}
+    ratio = round(statistics.median(ratios), 2)
+    net_ratio = round(statistics.median(net_ratios), 2) if net_ratios else None
+    spread = "all at once" if args.no_spread else "sessions spread in 1 ms steps" + (
+        ", a session's two legs 10 ms apart" if args.legs_apart else "")
+    print(f"{args.sessions} session(s) per mode, 20 ms slin both ways ({spread}), {args.seconds:g} s window, "
+          f"{args.rounds} round(s); {pinning}")
     print()
     for line in table(runs):
         print(line)
     print()
     print(f"split - local: p50 {added['p50'][DIRECTIONS[0]]} / {added['p50'][DIRECTIONS[1]]} ms, "
           f"p99 {p99[DIRECTIONS[0]]} / {p99[DIRECTIONS[1]]} ms (v->r / r->v); split/local CPU per session "
-          f"{ratio} ({net_ratio} net of idle, both servers idle: {idle['cpu_percent_both']} % of a core); "
-          f"links made in split: {split['links_made']}/{args.sessions}")
+          f"{ratio} ({net_ratio} net of idle, both servers idle: {idle['cpu_percent_both']} % of a core)"
+          + (f", median of rounds {ratios}" if len(pairs) > 1 else "")
+          + f"; links made in split: {[split['links_made'] for _, split in pairs]}/{args.sessions}; context "
+          f"switches per frame {switched['local']} local, {switched['split']} split")
     print(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/link.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -392,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         "added_ms": added,
         "cpu_ratio_split_to_local": ratio,
         "cpu_ratio_split_to_local_net_of_idle": net_ratio,
+        "cpu_ratios_by_round": ratios,
     }))
-    return 1 if split["links_made"] != args.sessions or any(
-        run["frames"]["lost"] or run["frames"]["misrouted"] for run in (local, split)) else 0
-
+    return 1 if any(split["links_made"] != args.sessions for _, split in pairs) or any(
+        run["frames"]["lost"] or run["frames"]["misrouted"] for run in runs[1:]) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ loopback sharing one real redis-server, fake Asterisk legs on each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -520,6 +521,139 @@ class RemoteLegPacingTests(HomeSideCase):
         self.assertEqual(self.tick(), [])
 
 
+class _Route:
+    """A local leg the remote one is bridged to: what it is given."""
+
+    def __init__(self) -> None:
+        self.forwarded: list[bytes] = []
+
+    def forwardBytes(self, data: bytes) -> None:
+        self.forwarded.append(data)
+
+    def forward(self, frame: Frame) -> None:
+        self.forwarded.append(frame.encode())
+
+
+class _AudioTap:
+    """A tap on the remote leg: what it hears the real leg say."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.digits: list[str] = []
+
+    def legAudio(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def legDtmf(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    def legHeard(self, data: bytes) -> None:
+        pass
+
+
+def audio_frames(count: int, kind: int = Kind.SLIN) -> list[bytes]:
+    """C{count} 20 ms slin frames, each its own."""
+    return [encode_frame(kind, bytes([n + 1]) * 320) for n in range(count)]
+
+
+def mimics(count: int) -> list[bytes]:
+    """Slin frames whose payload starts with a slin frame's header: what the decoder alone can tell apart."""
+    return [encode_frame(Kind.SLIN, struct.pack("!BH", Kind.SLIN, 320) + bytes([n + 1]) * 317) for n in range(count)]
+
+
+def cut(stream: bytes, *offsets: int) -> list[bytes]:
+    """C{stream} in chunks ending at C{offsets}, and the rest."""
+    points = [0, *offsets, len(stream)]
+    return [stream[a:b] for a, b in itertools.pairwise(points)]
+
+
+class HomeSideFastPathTests(HomeSideCase):
+    """
+    Whole frames of the remote leg's own audio from the link go to its
+    bridged leg as they came, unparsed; anything else through the decoder,
+    with the same outcome and the same counts.
+    """
+
+    def bridged(self) -> tuple[RemoteLeg, _Route]:
+        leg = self.join()
+        route = _Route()
+        leg.bridgeTo(route)  # type: ignore[arg-type]
+        self.clock.advance(5.0)
+        return leg, route
+
+    def feed(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.side.dataReceived(chunk)
+
+    def test_whole_frames_go_as_they_came(self) -> None:
+        """One frame a read, then three in one: each forwarded alone, byte for byte, counted."""
+        leg, route = self.bridged()
+        frames = audio_frames(4)
+        self.feed([frames[0], b"".join(frames[1:])])
+        self.assertEqual(route.forwarded, frames)
+        self.assertEqual((leg.frames_in, leg.bytes_in, leg.last_frame_at), (4, 4 * 323, 5.0))
+        self.assertEqual(self.side.decoder.pending, b"")
+
+    def test_frames_split_at_odd_offsets(self) -> None:
+        """A frame in pieces, a chunk ending inside the next frame's header: the decoder joins them, none lost."""
+        leg, route = self.bridged()
+        frames = audio_frames(3)
+        stream = b"".join(frames)
+        self.feed(cut(stream, 1, 2, 100, 323 + 2, 323 + 3, 2 * 323 + 200))
+        self.assertEqual(route.forwarded, frames)
+        self.assertEqual((leg.frames_in, leg.bytes_in), (3, 3 * 323))
+        # Whole again: the next frame takes the fast path.
+        self.feed(audio_frames(1))
+        self.assertEqual(len(route.forwarded), 4)
+
+    def test_a_chunk_that_looks_whole_after_a_piece(self) -> None:
+        """Audio that sounds like a header, read a header off: each chunk looks whole, and is not."""
+        leg, route = self.bridged()
+        frames = mimics(2)
+        self.feed([frames[0][:3], frames[0][3:] + frames[1][:3], frames[1][3:]])
+        self.assertEqual((route.forwarded, leg.frames_in), (frames, 2))
+
+    def test_a_control_frame_among_audio(self) -> None:
+        """The leg's end between two frames: the first is bridged, the leg ends, the link closes, the rest is dropped."""
+        leg, route = self.bridged()
+        first, second = audio_frames(2)
+        ended = control({"type": "ended", "reason": "peer_hangup", "cause": None})
+        self.feed([first + ended + second])
+        self.assertEqual(route.forwarded, [first])
+        self.assertEqual(leg.close_reason, CloseReason.PEER_HANGUP)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_dtmf_among_audio(self) -> None:
+        leg, route = self.bridged()
+        first, second = audio_frames(2)
+        self.feed([first + encode_frame(Kind.DTMF, b"5") + second])
+        self.assertEqual((route.forwarded, leg.dtmf, leg.frames_in), ([first, second], "5", 3))
+
+    def test_a_tap_hears_every_frame(self) -> None:
+        """With a tap (a recording, a stream) the frames are parsed, so the tap hears them all."""
+        leg, _ = self.bridged()
+        tap = _AudioTap()
+        leg.taps.append(tap)  # type: ignore[arg-type]
+        frames = audio_frames(3)
+        self.feed([frames[0], frames[1] + frames[2]])
+        self.assertEqual([frame.encode() for frame in tap.frames], frames)
+        self.assertEqual(leg.frames_in, 3)
+
+    def test_not_bridged_after_a_hangup(self) -> None:
+        """A leg hung up (closing): its frames are counted, not bridged."""
+        leg, route = self.bridged()
+        leg.hangup(HangupCause.API)
+        self.feed(audio_frames(2))
+        self.assertEqual((route.forwarded, leg.frames_in), ([], 2))
+
+    def test_another_kind_of_audio(self) -> None:
+        """Audio not of the leg's own kind goes through the session's flow, never unparsed to the route."""
+        leg, route = self.bridged()
+        frames = audio_frames(2, Kind.SLIN16)
+        self.feed(frames)
+        self.assertEqual((route.forwarded, leg.frames_in), ([], 2))
+
+
 class _Leg:
     """What the newcomer's side uses of its leg."""
 
@@ -547,8 +681,8 @@ class _Leg:
         self.route = other
 
 
-class NewcomerSideTests(SynchronousTestCase):
-    """The newcomer's side: it checks the home, takes what the home sends, and hangs up when the link fails."""
+class _NewcomerSide(SynchronousTestCase):
+    """A newcomer's side of one link, for a fake leg, on a StringTransport."""
 
     def setUp(self) -> None:
         self.call_id = str(uuid.uuid4())
@@ -569,6 +703,10 @@ class NewcomerSideTests(SynchronousTestCase):
         message = read_control(hello_frame)
         assert message is not None
         self.side.dataReceived(accepted(signer, message["nonce"], "b", self.call_id, "visitor"))
+
+
+class NewcomerSideTests(_NewcomerSide):
+    """The newcomer's side: it checks the home, takes what the home sends, and hangs up when the link fails."""
 
     def test_linked(self) -> None:
         """Accepted: the session is handed over, frames and queued frames from the home reach the leg."""
@@ -609,6 +747,54 @@ class NewcomerSideTests(SynchronousTestCase):
         self.assertEqual(read_control(ended), {"type": "ended", "reason": "peer_hangup", "cause": None})
         self.side.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.leg.hangups, [])
+
+
+class NewcomerSideFastPathTests(_NewcomerSide):
+    """What the home sends: whole frames of the leg's own audio go to the leg as they came; the rest decoded."""
+
+    def test_whole_frames_go_as_they_came(self) -> None:
+        self.handshake()
+        frames = audio_frames(4)
+        self.side.dataReceived(frames[0])
+        self.side.dataReceived(b"".join(frames[1:]))
+        self.assertEqual(self.leg.forwarded, frames)
+        self.assertEqual(self.side.decoder.pending, b"")
+
+    def test_frames_split_at_odd_offsets(self) -> None:
+        self.handshake()
+        frames = audio_frames(3)
+        for chunk in cut(b"".join(frames), 2, 3, 322, 324, 2 * 323 + 1):
+            self.side.dataReceived(chunk)
+        self.side.dataReceived(frames[0])
+        self.assertEqual(self.leg.forwarded, [*frames, frames[0]])
+
+    def test_a_chunk_that_looks_whole_after_a_piece(self) -> None:
+        self.handshake()
+        frames = mimics(2)
+        for chunk in (frames[0][:3], frames[0][3:] + frames[1][:3], frames[1][3:]):
+            self.side.dataReceived(chunk)
+        self.assertEqual(self.leg.forwarded, frames)
+
+    def test_control_frames_among_audio(self) -> None:
+        """A hangup between bridged frames, audio of another kind: each taken for what it is, in order."""
+        self.handshake()
+        first, second = audio_frames(2)
+        (other,) = audio_frames(1, Kind.SLIN16)
+        hangup = control({"type": "hangup", "cause": "api", "after_playout": False})
+        self.side.dataReceived(first + hangup + other + second)
+        self.assertEqual((self.leg.forwarded, self.leg.hangups), ([first, other, second], [HangupCause.API]))
+
+    def test_nothing_before_the_acceptance(self) -> None:
+        """Audio before the home accepted the leg is not the home's: dropped, as ever."""
+        self.side.dataReceived(audio_frames(1)[0])
+        self.assertEqual(self.leg.forwarded, [])
+
+    def test_nothing_once_done(self) -> None:
+        """The leg ended: what still arrives is not written to it."""
+        self.handshake()
+        self.side.legGone()
+        self.side.dataReceived(b"".join(audio_frames(2)))
+        self.assertEqual(self.leg.forwarded, [])
 
 
 class _Directory:

@@ -15,7 +15,10 @@ Covered here, with no sockets and no reactor:
   - L{encode_frame} and L{HANGUP_FRAME} byte for byte;
   - Hypothesis properties: decoding concatenated encodings gives back the
     frames, any chunking of a stream decodes like the whole stream, and the
-    decoder never holds back a whole frame.
+    decoder never holds back a whole frame;
+  - L{whole_frames}, the fast paths' test: whole frames of one kind and
+    length come out as they are, anything else is left to the decoder, and
+    what it accepts the decoder reads the same.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from audiohangup.wire import (
     describe_error_code,
     encode_frame,
     encode_uuid,
+    whole_frames,
 )
 
 #: Every kind Asterisk defines, with the sample rate it declares (None if the
@@ -604,3 +608,47 @@ class PropertyTests(SynchronousTestCase):
         consumed = sum(HEADER_SIZE + len(f.payload) for f in whole)
         self.assertEqual(consumed + wholeDecoder.buffered, len(stream))
         self.assertEqual(b"".join(f.encode() for f in whole), stream[:consumed])
+
+
+class WholeFramesTests(SynchronousTestCase):
+    """L{whole_frames}: what the link's fast paths may send on unparsed."""
+
+    header = struct.pack("!BH", Kind.SLIN, 320)
+    size = HEADER_SIZE + 320
+
+    def cut(self, data: bytes) -> list[bytes] | None:
+        return whole_frames(data, self.header, self.size)
+
+    def test_oneFrame(self) -> None:
+        frame = encode_frame(Kind.SLIN, pcm(320))
+        self.assertEqual(self.cut(frame), [frame])
+
+    def test_manyFrames(self) -> None:
+        frames = [encode_frame(Kind.SLIN, pcm(320, seed)) for seed in range(3)]
+        self.assertEqual(self.cut(b"".join(frames)), frames)
+
+    def test_anythingElse(self) -> None:
+        """A frame cut short, a byte over, another kind or length, a control frame among audio: the decoder's."""
+        audio = encode_frame(Kind.SLIN, pcm(320))
+        for data in (
+            b"",
+            audio[:-1],
+            audio + audio[:1],
+            encode_frame(Kind.SLIN16, pcm(320)),
+            encode_frame(Kind.SLIN, pcm(160)) * 2 + encode_frame(Kind.DTMF, b"1") + b"\x00" * 2,
+            audio + encode_frame(0xF0, pcm(320)),
+            encode_frame(Kind.DTMF, b"1") + audio[: self.size - 4],
+        ):
+            self.assertIsNone(self.cut(data), data[:8])
+
+    @given(frames=st.lists(st.sampled_from([Kind.SLIN, Kind.SLIN16, Kind.DTMF]), min_size=1, max_size=6))
+    @settings(max_examples=100)
+    def test_decodesTheSame(self, frames: list[int]) -> None:
+        """Whatever it accepts is whole frames the decoder reads the same: nothing held back, nothing skipped."""
+        stream = b"".join(encode_frame(kind, pcm(320 if kind != Kind.DTMF else 1, n)) for n, kind in enumerate(frames))
+        cut = self.cut(stream)
+        if all(kind == Kind.SLIN for kind in frames):
+            assert cut is not None
+            self.assertEqual([Frame(Kind.SLIN, data[HEADER_SIZE:]) for data in cut], decode(stream))
+        else:
+            self.assertIsNone(cut)

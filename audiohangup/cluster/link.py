@@ -67,7 +67,7 @@ from audiohangup.metrics import series
 from audiohangup.reasons import CloseReason, HangupCause, Role
 from audiohangup.registry import Registry
 from audiohangup.relay import Relay
-from audiohangup.wire import FrameDecoder
+from audiohangup.wire import FrameDecoder, whole_frames
 
 if TYPE_CHECKING:
     from audiohangup.cluster.directory import CallDirectory
@@ -210,6 +210,15 @@ class HomeSide(Protocol):
             self.socket.leave()
 
     def dataReceived(self, data: bytes) -> None:
+        leg = self.leg
+        if leg is not None and leg.route is not None and not self.decoder.pending and not self.closed:
+            # The common case: whole frames of the leg's own audio, which
+            # the bridge sends on as they came (the leg's own fast path,
+            # in L{audiohangup.protocol}, does the same).
+            frames = whole_frames(data, leg.audio_header, leg.audio_frame_size)
+            if frames is not None:
+                leg.receivedWhole(frames)
+                return
         for frame in self.decoder.feed(data):
             leg = self.leg
             if leg is not None:

@@ -35,7 +35,7 @@ from audiohangup.cluster.linkmessages import control
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IRemoteLeg
 from audiohangup.reasons import CLOSED, CLOSING, LIVE, CloseReason, HangupCause, LegState, Role
 from audiohangup.timeline import BRIDGE_HOLD, Timeline
-from audiohangup.wire import SAMPLE_RATES, Frame, Kind
+from audiohangup.wire import HEADER, HEADER_SIZE, SAMPLE_RATES, Frame, Kind
 
 if TYPE_CHECKING:
     from audiohangup.pacer import Pacer
@@ -95,6 +95,9 @@ class RemoteLeg(LegAttachments):
         self.forwarded_at = -math.inf
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = self.dtmf_count = 0
         self.dtmf = ""
+        #: A whole frame of its own audio starts with this header and is this long (see L{receivedWhole}).
+        self.audio_header = HEADER.pack(audio.kind, audio.frame_bytes)
+        self.audio_frame_size = HEADER_SIZE + audio.frame_bytes
         self.queue = FrameQueue(settings.max_queue_frames)
         #: What a converse media stream sends the leg: paced here after queued prompts.
         self.feed: Playout | None = None
@@ -172,6 +175,25 @@ class RemoteLeg(LegAttachments):
             session.dtmfReceived(self, digit)
             for tap in list(self.taps):
                 self._tell(tap, "legDtmf", lambda tap: tap.legDtmf(digit))
+
+    def receivedWhole(self, frames: list[bytes]) -> None:
+        """
+        L{received} for whole frames of the leg's own audio, still encoded as
+        they crossed the link (the link's fast path,
+        L{audiohangup.cluster.link.HomeSide.dataReceived}): while the
+        built-in bridge routes them and no tap listens, the same bytes go
+        on, with no parse and no frame object, as a local leg's do.
+        """
+        for data in frames:
+            route = self.route
+            if route is None or self.taps or self.state is not LIVE:
+                self.received(Frame(data[0], data[HEADER_SIZE:]))
+                continue
+            self.frames_in += 1
+            self.bytes_in += len(data)
+            self.last_frame_at = self.reactor.seconds()
+            self.last_in = data  # a reference for the level meters (audiohangup.levels), no copy
+            route.forwardBytes(data)
 
     def _tell(self, tap: ILegTap, event: str, call: Callable[[ILegTap], object]) -> None:
         try:
