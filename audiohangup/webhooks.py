@@ -555,13 +555,16 @@ class Webhooks(Service):
             return 0  # stopping: they stay for the next start
         room = self.max_queue - self._held
         rows = [row for row in rows if row.rowid not in self._mine and row.receiver in urls][:max(0, room)]
+        adopted: dict[int, tuple[_Queue, _Delivery]] = {}
         for row in rows:
             self._mine.add(row.rowid)
             item = _Delivery(row.event, row.event_id, row.call_id, row.body, created_at=row.created_at, rowid=row.rowid)
-            self._insert(urls[row.receiver], item)
+            entry = self._insert(urls[row.receiver], item)
+            adopted[item.seq] = entry
         if rows:
-            # Kept oldest first, for the bound and the age gauge.
-            self._order = dict(sorted(self._order.items(), key=lambda entry: entry[1][1].created_at))
+            # Held first: older than the grace, they are about the oldest (for the bound and the age gauge);
+            # a merge, not a sort, which would hold the reactor ~40 ms at 50 000 events.
+            self._order = {**adopted, **self._order}
             assert self.outbox is not None
             self.log.info(
                 "webhook outbox {path}: {count} undelivered events adopted, left by another process "
@@ -694,7 +697,7 @@ class Webhooks(Service):
         self._order[item.seq] = (queue, item)
         self._pump()
 
-    def _insert(self, url: str, item: _Delivery) -> None:
+    def _insert(self, url: str, item: _Delivery) -> tuple[_Queue, _Delivery]:
         """
         Queue an adopted event (room checked) before the events of its call
         written after it, but never before the one in flight.
@@ -713,7 +716,7 @@ class Webhooks(Service):
                 at = index
                 break
         queue.items.insert(at, item)
-        self._order[item.seq] = (queue, item)
+        return queue, item
 
     def _release(self, item: _Delivery, *, forget: bool = True) -> None:
         """The event is no longer held: delete it from the outbox too, unless it is kept there for the next start."""

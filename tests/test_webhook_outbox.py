@@ -408,6 +408,7 @@ async def test_rows_held_are_not_adopted_and_adopted_ones_go_before_newer_events
     await until(lambda: webhooks.pending == 6, what="four adopted")
     queues = {call: [item.event for item in queue.items] for (_, call), queue in webhooks._queues.items()}
     assert queues == {a: ["own-a"], b: ["b1", "b2", "b3", "own-b"], c: ["c1"]}
+    assert webhooks.oldest_at == clock.seconds() - 90  # the adopted count as the oldest held (the age gauge)
     assert await webhooks.adopt() == 0  # no room left
     assert [row[2] for row in stored(path)] == ["own-a", "b1", "c1", "b2", "b3", "c2", "own-b"]
     assert count(metrics, "overflow") == 0
