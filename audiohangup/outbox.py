@@ -6,7 +6,8 @@ receiver, in a SQLite file of its own, so that a crash or a restart loses none.
 L{audiohangup.webhooks.Webhooks} adds a row before the event's first attempt,
 deletes it once the event is done with (delivered, rejected, or dropped at
 the bound), and at start-up reads back what an earlier run left, in the order
-it was written. Delivery is therefore at least once: a crash between an
+it was written. While running, it also takes over (adopts) the rows another
+process on the same file left behind: see L{Outbox.orphans}. Delivery is therefore at least once: a crash between an
 answer and its delete sends that event again, with the same C{event_id}.
 
 Why a file of its own, not a table in the call records: the records can be
@@ -134,6 +135,14 @@ class Outbox:
         """Store one event for one receiver; fires with its row id."""
         return self._run(self._add, (receiver, call_id, event, event_id, body, created_at))
 
+    def orphans(self, receivers: list[str], before: float, mine: frozenset[int], limit: int) -> Deferred[list[Stored]]:
+        """
+        Fires with at most C{limit} rows for these receivers written before
+        C{before} and not in C{mine}, oldest first: what another process on
+        this file left, or is slow to deliver.
+        """
+        return self._run(self._orphans, receivers, before, mine, limit)
+
     def delete(self, rowids: list[int]) -> Deferred[int]:
         """Forget these rows (delivered, rejected or dropped); fires with how many went."""
         return self._run(self._delete, rowids)
@@ -190,6 +199,25 @@ class Outbox:
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def _orphans(self, receivers: list[str], before: float, mine: frozenset[int], limit: int) -> list[Stored]:
+        found: list[Stored] = []
+        if not receivers or limit < 1:
+            return found
+        cursor = self._connection().execute(
+            "SELECT id, receiver, call_id, event, event_id, body, created_at FROM webhook_outbox"
+            f" WHERE created_at < ? AND receiver IN ({', '.join('?' * len(receivers))}) ORDER BY id",
+            (before, *receivers),
+        )
+        try:
+            for row in cursor:
+                if row[0] not in mine:
+                    found.append(Stored(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), float(row[6])))
+                    if len(found) >= limit:
+                        break
+        finally:
+            cursor.close()
+        return found
 
     def _delete(self, rowids: list[int]) -> int:
         conn = self._connection()

@@ -41,7 +41,11 @@ stop stay there for the next start. Attempts do not run out (C{max_attempts}
 C{None}): the bound is the outbox's C{max_events}, and at it the I{oldest}
 event is dropped (C{overflow}), not the new one. A receiver may therefore
 see an event twice (a crash between its answer and the delete), never with
-another C{event_id}. If the outbox cannot be opened or written, that is
+another C{event_id}. Two processes may share one outbox (an upgrade: the old
+one draining, the new one started): every L{ADOPT_INTERVAL} each adopts the
+rows older than L{ADOPT_GRACE} that it does not hold (the other stopped or
+was killed before delivering them, or cannot deliver them either), within
+its bound, queued in the order they were written. If the outbox cannot be opened or written, that is
 logged at error level and counted (C{audiohangup_webhook_outbox_errors_total}),
 and the events go on in memory: calls are never held up by it.
 """
@@ -67,11 +71,12 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -114,6 +119,14 @@ FAILED = "failed"
 OVERFLOW = "overflow"
 
 _RETRYABLE_STATUSES = frozenset({408, 429})
+
+#: Seconds between two looks, while running, for events another process left in the outbox.
+ADOPT_INTERVAL = 30.0
+
+#: How old (since the event) a row not held by this process must be before it is adopted: well past a
+#: first attempt and its first retries (5 s each), so another live process's events that go through are
+#: not sent twice; a receiver down longer than that gets both processes' attempts (same event id).
+ADOPT_GRACE = 60.0
 
 _OUTBOX_ERRORS = "Webhook outbox statements that failed (open, write, delete): events then go on in memory only."
 
@@ -316,6 +329,11 @@ class Webhooks(Service):
         crash or a restart loses none; opened by C{startService}, closed by
         L{stop}. With it, C{max_queue} is its C{max_events}, and at the bound
         the oldest event is dropped.
+    @param adopt_interval: seconds between two looks for another process's
+        rows in the outbox (L{adopt}).
+    @param adopt_grace: how old a row must be to be adopted.
+    @param clock: what times the adoption (default: C{reactor}); events'
+        times are the reactor's, so both must tell the same time.
     """
 
     log = Logger()
@@ -355,6 +373,9 @@ class Webhooks(Service):
         max_concurrent: int = 20,
         ca: str | None = None,
         outbox: Outbox | None = None,
+        adopt_interval: float = ADOPT_INTERVAL,
+        adopt_grace: float = ADOPT_GRACE,
+        clock: Any = None,
     ) -> None:
         self.check(urls, secret=secret)
         if timeout <= 0:
@@ -404,6 +425,12 @@ class Webhooks(Service):
         self._deadline: IDelayedCall | None = None
         self._stopped = False  # nothing is left to deliver
         self._stopping = Once()  # done once the pool is closed too
+        #: Outbox rows this process holds or has not seen deleted yet: never adopted.
+        self._mine: set[int] = set()
+        self.adopt_grace = adopt_grace
+        self._adopting = LoopingCall(self.adopt)
+        self._adopting.clock = reactor if clock is None else clock
+        self._adopt_interval = adopt_interval
         self._throttles = {
             OVERFLOW: WarningCount(
                 self.log, reactor, "{count} more webhook events dropped, queue full, in the last {interval:g} s",
@@ -497,7 +524,55 @@ class Webhooks(Service):
             self._delete(forgotten, "-")
         for row in known[excess:]:
             item = _Delivery(row.event, row.event_id, row.call_id, row.body, created_at=row.created_at, rowid=row.rowid)
+            self._mine.add(row.rowid)
             self._enqueue(urls[row.receiver], item)
+        if self._durable:
+            self._adopting.start(self._adopt_interval, now=False).addErrback(self._bug, None)
+
+    def adopt(self) -> Deferred[int]:
+        """
+        Queue the outbox's rows for our receivers that are older than
+        C{adopt_grace} and that we do not hold: another process's on the
+        same file (an upgrade's old one, stopped or killed before it
+        delivered them), within the bound, in the order they were written.
+        Fires with how many (never fails: an error is logged and counted).
+        Called every C{adopt_interval} seconds once the outbox is open.
+        """
+        room = self.max_queue - self._held - self._storing
+        if self.outbox is None or not self._durable or not self._accepting or room < 1:
+            return succeed(0)
+        urls = {receiver_key(url): url for url in self.urls}
+        before = self._adopting.clock.seconds() - self.adopt_grace
+        found = self.outbox.orphans(list(urls), before, frozenset(self._mine), room)
+        return found.addCallbacks(self._adopted, self._adoptFailed, callbackArgs=(urls,))
+
+    def _adoptFailed(self, failure: Failure) -> int:
+        self._outboxFailed(failure, "adopt", "-")
+        return 0
+
+    def _adopted(self, rows: list[Stored], urls: dict[str, str]) -> int:
+        if not self._accepting:
+            return 0  # stopping: they stay for the next start
+        room = self.max_queue - self._held
+        rows = [row for row in rows if row.rowid not in self._mine and row.receiver in urls][:max(0, room)]
+        adopted: dict[int, tuple[_Queue, _Delivery]] = {}
+        for row in rows:
+            self._mine.add(row.rowid)
+            item = _Delivery(row.event, row.event_id, row.call_id, row.body, created_at=row.created_at, rowid=row.rowid)
+            entry = self._insert(urls[row.receiver], item)
+            adopted[item.seq] = entry
+        if rows:
+            # Held first: older than the grace, they are about the oldest (for the bound and the age gauge);
+            # a merge, not a sort, which would hold the reactor ~40 ms at 50 000 events.
+            self._order = {**adopted, **self._order}
+            assert self.outbox is not None
+            self.log.info(
+                "webhook outbox {path}: {count} undelivered events adopted, left by another process "
+                "(stopped, or not delivering them for {grace:g} s)",
+                path=self.outbox.path, count=len(rows), grace=self.adopt_grace,
+            )
+            self._pump()
+        return len(rows)
 
     def _store(self, url: str, item: _Delivery) -> None:
         """Write the event to the outbox; queue it once written (in the order written), or in memory if that failed."""
@@ -512,6 +587,7 @@ class Webhooks(Service):
             self._outboxFailed(result, "write", item.call_id)
         else:
             item.rowid = result
+            self._mine.add(result)
         if self._giving_up:  # stopping, past the deadline
             if item.rowid is not None:
                 self._kept += 1
@@ -524,7 +600,9 @@ class Webhooks(Service):
 
     def _delete(self, rowids: list[int], call_id: str) -> None:
         if rowids and self.outbox is not None and self._durable:
-            self.outbox.delete(rowids).addErrback(self._outboxFailed, "delete", call_id)
+            deleted = self.outbox.delete(rowids).addErrback(self._outboxFailed, "delete", call_id)
+            # Forgotten once gone from the file (or not: then adopted again, at least once), not before.
+            deleted.addBoth(lambda _: self._mine.difference_update(rowids))
 
     def _outboxFailed(self, failure: Failure, what: str, call_id: str) -> None:
         """A failed outbox statement: counted, and logged at error at most once an interval."""
@@ -618,6 +696,27 @@ class Webhooks(Service):
         queue.items.append(item)
         self._order[item.seq] = (queue, item)
         self._pump()
+
+    def _insert(self, url: str, item: _Delivery) -> tuple[_Queue, _Delivery]:
+        """
+        Queue an adopted event (room checked) before the events of its call
+        written after it, but never before the one in flight.
+        """
+        assert item.rowid is not None
+        self._held += 1
+        item.seq = next(self._seq)
+        queue = self._queues.get((url, item.call_id))
+        if queue is None:
+            queue = self._queues[url, item.call_id] = _Queue(url, item.call_id)
+            self._ready.append(queue)
+        at = len(queue.items)
+        for index in range(1 if queue.state == "sending" else 0, len(queue.items)):
+            rowid = queue.items[index].rowid
+            if rowid is not None and rowid > item.rowid:
+                at = index
+                break
+        queue.items.insert(at, item)
+        return queue, item
 
     def _release(self, item: _Delivery, *, forget: bool = True) -> None:
         """The event is no longer held: delete it from the outbox too, unless it is kept there for the next start."""
@@ -859,6 +958,8 @@ class Webhooks(Service):
         if not self._stopping.begin():
             return waiter
         self._accepting = False
+        if self._adopting.running:
+            self._adopting.stop()
         for queue in list(self._queues.values()):
             if queue.state == "waiting" and queue.retry is not None:
                 queue.retry.cancel()

@@ -13,6 +13,7 @@ ids and allow duplicates.
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import uuid
@@ -24,11 +25,12 @@ import treq
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.python import usage
 
 from audiohangup import tap
-from audiohangup.outbox import FILE_NAME, Outbox
+from audiohangup.outbox import FILE_NAME, Outbox, receiver_key
 from audiohangup.reasons import CloseReason, Role
 from audiohangup.service import Config
 from tests.conftest import LogCapture, bridged, until
@@ -317,6 +319,99 @@ async def test_a_locked_outbox_is_logged_and_the_event_delivered_from_memory(
     await until(lambda: count(metrics, "delivered") == 2, what="the second delivery")
     assert present == [True]
     await until(lambda: stored(path) == [])
+
+
+# Two processes on one outbox (an upgrade): each adopts what the other left
+
+
+async def opened(logs: LogCapture) -> None:
+    await until(lambda: any("earlier run" in e.get("log_format", "") for e in logs.events), what="the outbox open")
+
+
+async def another_process(path: Path, url: str, rows: list[tuple[str, str]], at: float) -> list[str]:
+    """
+    Rows (call, event) written by another process's outbox on the same
+    file, the events happening at C{at}; their event ids, in order.
+    """
+    other = Outbox(str(path), reactor)
+    await other.open()
+    ids = []
+    try:
+        for call, event in rows:
+            event_id = uuid.uuid4().hex
+            body = json.dumps({"call_id": call, "event": event, "event_id": event_id, "role": None}).encode()
+            await other.add(receiver_key(url), call, event, event_id, body, at)
+            ids.append(event_id)
+    finally:
+        await other.close()
+    return ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_another_process_left_are_adopted_after_the_grace_and_delivered_in_order(
+    harness: Harness, tmp_path: Path, logs: LogCapture
+) -> None:
+    """
+    Another process on the same file writes events of two calls, interleaved,
+    after this one started (so not read at its start), and never delivers
+    them. Younger than the grace, they are left to it; past it, the next
+    look (every 30 s of the clock) queues them here, and they arrive in the
+    order they were written per call; their rows go.
+    """
+    path = tmp_path / "outbox.sqlite3"
+    receiver = await harness.receiver()
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    webhooks = durable(harness, receiver.url, path, clock=clock)
+    await opened(logs)
+    b, c = str(uuid.uuid4()), str(uuid.uuid4())
+    rows = [(b, "b1"), (c, "c1"), (b, "b2"), (c, "c2"), (b, "b3")]
+    ids = await another_process(path, receiver.url, rows, clock.seconds())
+    clock.advance(30)  # a look: too young
+    assert await webhooks.adopt() == 0
+    assert webhooks.pending == 0 and len(stored(path)) == 5
+    clock.advance(31)  # the next look, past the grace
+    await until(lambda: len(receiver.answered()) == 5, what="the five adopted events")
+    for call in (b, c):
+        assert first_seen(receiver.answered(), call) == [ids[n] for n, row in enumerate(rows) if row[0] == call]
+    [adopted] = [e for e in logs.events if "adopted" in e.get("log_format", "")]
+    assert adopted["count"] == 5
+    await until(lambda: stored(path) == [], what="the adopted rows deleted")
+    assert await webhooks.adopt() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_held_are_not_adopted_and_adopted_ones_go_before_newer_events_within_the_bound(
+    harness: Harness, tmp_path: Path, logs: LogCapture
+) -> None:
+    """
+    The receiver is down; this process holds own-a (the oldest row) and
+    own-b, waiting for their retry. Another process left five rows between
+    them. With room for four under the bound of six, the look adopts the
+    four oldest rows not held (own-a, older still, is not taken again), and
+    call b's go before own-b, written after them; c2 stays in the file.
+    """
+    path = tmp_path / "outbox.sqlite3"
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    metrics = new_metrics()
+    webhooks = durable(harness, url, path, metrics, clock=clock, max_events=6, backoff=30.0, max_backoff=30.0)
+    await opened(logs)
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    webhooks.event("own-a", a, None, {})
+    await until(lambda: len(stored(path)) == 1)
+    await another_process(path, url, [(b, "b1"), (c, "c1"), (b, "b2"), (b, "b3"), (c, "c2")], clock.seconds())
+    webhooks.event("own-b", b, None, {})
+    await until(lambda: count(metrics, "retried") == 2, what="own-a and own-b waiting for their retry")
+    clock.advance(90)
+    await until(lambda: webhooks.pending == 6, what="four adopted")
+    queues = {call: [item.event for item in queue.items] for (_, call), queue in webhooks._queues.items()}
+    assert queues == {a: ["own-a"], b: ["b1", "b2", "b3", "own-b"], c: ["c1"]}
+    assert webhooks.oldest_at == clock.seconds() - 90  # the adopted count as the oldest held (the age gauge)
+    assert await webhooks.adopt() == 0  # no room left
+    assert [row[2] for row in stored(path)] == ["own-a", "b1", "c1", "b2", "b3", "c2", "own-b"]
+    assert count(metrics, "overflow") == 0
 
 
 def test_options_name_the_outbox_and_its_bound(tmp_path: Path) -> None:
