@@ -117,6 +117,8 @@ def instance(name: str, redis_port: int, prefix: list[str]) -> common.Server:
         "--http", f"tcp:{http}:interface=127.0.0.1", "--call-records", "none",
         "--redis", f"redis://127.0.0.1:{redis_port}", "--instance-id", name,
         "--advertise-url", f"http://127.0.0.1:{http}", "--api-token", TOKEN, "--link", LOOPBACK,
+        # Every leg comes from 127.0.0.1 at once: past 32 still without their UUID, the oldest would be crowded out.
+        "--max-pending-per-source", "1000",
     ])
     server.argv = prefix + server.argv
     return server

@@ -103,8 +103,9 @@ async def test_listen_from_the_page(logs: LogCapture, make_server: Any, tmp_path
         assert -30 < level <= 0 and received >= 320, (level, received)
         assert active(server) == 1
         await browser.run(lambda: expect(bar).to_contain_text("visitor -"))
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        await browser.run(lambda: page.screenshot(path=str(SCREENSHOT)))
+        if os.environ.get("AUDIOHANGUP_SCREENSHOTS"):  # docs/screenshots/listen.png, made on purpose only
+            await browser.run(lambda: page.set_viewport_size({"width": 1280, "height": 640}))  # as docs/screenshots.py
+            await browser.run(lambda: page.screenshot(path=str(SCREENSHOT)))
 
         await browser.run(lambda: page.click("#listen-bar button.listen-stop"))
         await until(lambda: active(server) == 0, what="the server's listener to end on Stop")
@@ -121,7 +122,10 @@ async def test_listen_from_the_page(logs: LogCapture, make_server: Any, tmp_path
         await until(lambda: active(server) == 0, what="the server's listener to end with the tab")
         assert all(not one.taps for one in server.registry.call(call_id))
         metrics = server.service.api.metrics
-        assert metrics.get_sample_value("audiohangup_listens_total", {"result": "closed"}) == 2
+        # Stop closes cleanly; a closed tab may send its close frame or just drop the connection.
+        closed = metrics.get_sample_value("audiohangup_listens_total", {"result": "closed"}) or 0
+        failed = metrics.get_sample_value("audiohangup_listens_total", {"result": "failed"}) or 0
+        assert closed >= 1 and closed + failed == 2, (closed, failed)
         assert len(server.registry) == 2  # the call goes on
     finally:
         sending.stop()
