@@ -42,7 +42,7 @@ from audiohangup.relay import Relay, fast_paths
 from audiohangup.session import Session
 from audiohangup.sources import source_of
 from audiohangup.teardown import LegTeardown, socket_of
-from audiohangup.timeline import BRIDGE_HOLD, Timeline
+from audiohangup.timeline import BRIDGE_HOLD, SlotPlayer, Timeline
 from audiohangup.wire import (
     HEADER,
     HEADER_SIZE,
@@ -64,7 +64,7 @@ DTMF_LOG_PER_SECOND = 10
 
 
 @implementer(IPacedLeg, IPushProducer, IHalfCloseableProtocol)
-class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
+class AudioSocketProtocol(LegTeardown, LegAttachments, SlotPlayer, Protocol):
     """
     One AudioSocket connection. It becomes a leg, keyed by (call id, role),
     once its UUID frame arrives; before that it is only a connection.
@@ -472,17 +472,7 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, Protocol):
         if now - self.last_frame_at >= self.idle_after:
             self.hangup(HangupCause.IDLE_TIMEOUT)
             return
-        slot, feed = self.pacer.slot, self.feed
-        frame = self.timeline.frameFor(slot, missed, self.queue, feed, self.held, self.forwarded_at < bridged_since)
-        if frame is not None:
-            self._write(frame)
-            self.written_in = slot
-            if feed:
-                feed.settle()  # the marks after it: that audio is out
-        if feed is not None:
-            feed.paced(slot, self.timeline.fed)
-        if self._after_playout is not None and not self.queue and not self.feed:
-            self.hangup(self._after_playout)
+        self._playSlot(missed, silence=self.forwarded_at < bridged_since)
 
 class AudioSocketFactory(Factory):
     """Builds the legs of one role; one factory per listening endpoint."""

@@ -15,10 +15,15 @@ late tick missed is dropped, not played late (see L{Timeline.catchUp}).
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from audiohangup.audio import AudioFormat, FrameQueue, Playout
 from audiohangup.codecs import mix
 from audiohangup.pacer import CATCH_UP_TICKS
+
+if TYPE_CHECKING:
+    from audiohangup.pacer import Pacer
+    from audiohangup.reasons import HangupCause
 
 #: Bridged frames a leg holds for its next ticks while its slots are the
 #: pacer's (its app or a prompt spoke lately); beyond it the oldest goes, so
@@ -118,3 +123,40 @@ class Timeline:
         if len(app) != len(bridged) or app[:3] != bridged[:3]:
             return app
         return app[:3] + mix(app[3:], bridged[3:], self.format)
+
+
+class SlotPlayer:
+    """
+    What a paced leg does in the slot its tick is for, the same for a local
+    leg (L{audiohangup.protocol}) and the home's remote one
+    (L{audiohangup.cluster.remoteleg}): the frame its timeline picks is
+    written, the app's marks after it are answered, and a hangup asked for
+    after the playout goes once nothing is queued or fed.
+    """
+
+    if TYPE_CHECKING:
+        pacer: Pacer
+        feed: Playout | None
+        queue: FrameQueue
+        held: deque[bytes]
+        timeline: Timeline
+        written_in: int
+        _after_playout: HangupCause | None
+
+        def _write(self, data: bytes) -> None: ...
+
+        def hangup(self, cause: HangupCause) -> object: ...
+
+    def _playSlot(self, missed: int, silence: bool) -> None:
+        """This tick's frame (silence too, if C{silence}), after C{missed} slots without a tick."""
+        slot, feed = self.pacer.slot, self.feed
+        frame = self.timeline.frameFor(slot, missed, self.queue, feed, self.held, silence)
+        if frame is not None:
+            self._write(frame)
+            self.written_in = slot
+            if feed:
+                feed.settle()  # the marks after it: that audio is out
+        if feed is not None:
+            feed.paced(slot, self.timeline.fed)
+        if self._after_playout is not None and not self.queue and not self.feed:
+            self.hangup(self._after_playout)

@@ -34,7 +34,7 @@ from audiohangup.audio import FRAME_SECONDS, AudioFormat, FrameQueue, LegSetting
 from audiohangup.cluster.linkmessages import control
 from audiohangup.interfaces import ILeg, ILegTap, IMediaStream, IPacedLeg, IRemoteLeg
 from audiohangup.reasons import CLOSED, CLOSING, LIVE, CloseReason, HangupCause, LegState, Role
-from audiohangup.timeline import BRIDGE_HOLD, Timeline
+from audiohangup.timeline import BRIDGE_HOLD, SlotPlayer, Timeline
 from audiohangup.wire import HEADER, HEADER_SIZE, SAMPLE_RATES, Frame, Kind
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class LinkEnd(Protocol):
 
 
 @implementer(IRemoteLeg, IPacedLeg)
-class RemoteLeg(LegAttachments):
+class RemoteLeg(LegAttachments, SlotPlayer):
     """One leg of a session here whose connection is on instance C{instance_id}, reached by C{link}."""
 
     log = Logger()
@@ -251,17 +251,7 @@ class RemoteLeg(LegAttachments):
         """
         if self.state is not LIVE:
             return
-        slot, feed = self.pacer.slot, self.feed
-        frame = self.timeline.frameFor(slot, missed, self.queue, feed, self.held, False)
-        if frame is not None:
-            self._write(frame)
-            self.written_in = slot
-            if feed:
-                feed.settle()  # the marks after it: that audio is out
-        if feed is not None:
-            feed.paced(slot, self.timeline.fed)
-        if self._after_playout is not None and not self.queue and not self.feed:
-            self.hangup(self._after_playout)
+        self._playSlot(missed, silence=False)
 
     # Ending
 
