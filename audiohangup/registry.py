@@ -115,7 +115,7 @@ class Registry:
         self._legs = 0
         #: Connections still without their UUID (see L{connected}).
         self.pending = PendingConnections()
-        #: Why a new connection is refused whatever the limits (a drain: see L{audiohangup.service.Drain}), or None.
+        #: Why a new connection is refused whatever the limits (a drain: see L{audiohangup.drain.Drain}), or None.
         self.refusing: str | None = None
         self._emptied: list[Deferred[None]] = []
 

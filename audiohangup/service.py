@@ -13,34 +13,33 @@ stops them in its one stated L{AudioHangupService.STOP_ORDER}.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from audiohangup.audio import FORMATS, AudioFormat, LegSettings
 from audiohangup.cluster.directory import Directory
 from audiohangup.cluster.forward import Cluster
 from audiohangup.cluster.localdirectory import LocalDirectory
+from audiohangup.drain import Drain
 from audiohangup.events import RecentLegs
 from audiohangup.flows import BridgeFlow, load_flow
 from audiohangup.hour import Hour, HourSampler, Readings, counted
-from audiohangup.http.access import Scope, TokenFileError, Tokens
+from audiohangup.http.access import Tokens
 from audiohangup.http.api import ControlAPI
 from audiohangup.http.hosts import ServedHosts
 from audiohangup.http.site import ApiSite
 from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.levels import Levels, LevelSampler
-from audiohangup.lifecycle import InOrder, within
+from audiohangup.lifecycle import InOrder
 from audiohangup.listeners import (
     ConnectionCap,
     Listener,
@@ -49,7 +48,7 @@ from audiohangup.listeners import (
     listens_beyond_loopback,
     server_endpoint,
 )
-from audiohangup.loglevel import LEVELS, LogLevelFilter
+from audiohangup.loglevel import LogLevelFilter
 from audiohangup.logs import describe_address
 from audiohangup.metrics import GarbageCollectorPauses, LegMetrics, ReactorLag, process_series, series
 from audiohangup.outbox import DEFAULT_MAX as OUTBOX_MAX
@@ -57,11 +56,12 @@ from audiohangup.outbox import FILE_NAME as OUTBOX_FILE
 from audiohangup.outbox import Outbox
 from audiohangup.pacer import Pacer
 from audiohangup.protocol import AudioSocketFactory
-from audiohangup.reasons import HangupCause, Role
+from audiohangup.reasons import Role
 from audiohangup.recording import Mix, Recorder, RecordingConfig
 from audiohangup.records import CallRecords
 from audiohangup.registry import OnDuplicate, Registry
 from audiohangup.relay import Relay
+from audiohangup.reload import ConfigReload, LiveParts, Reread, TokensFile
 from audiohangup.sources import IPNetwork, SourceACL, is_loopback
 from audiohangup.streams.listen import Listens
 from audiohangup.streams.manager import StreamConfig, Streams
@@ -297,108 +297,6 @@ class AudioHangupService(InOrder):
     def stopService(self) -> Deferred[None]:
         self.notifier.stopping()  # first of all: systemd hears STOPPING=1 before any part stops
         return super().stopService()
-
-
-class Drain(Service):
-    """
-    The first step of the stop. C{--on-stop drain} (the default): stop taking
-    new legs (the AudioSocket listeners close, so a sibling process on the
-    same ports, by C{SO_REUSEPORT} or systemd's sockets, takes the new
-    connections; one still arriving is refused as C{draining}) and let the
-    live legs go on until they end by themselves, bounded by
-    C{--drain-timeout}. Meanwhile everything else serves them as before:
-    bridges, streams, recordings, the media link, the API and the live page.
-    Then, as C{--on-stop hangup} does at once, hang up every connection left
-    (cause C{shutdown}) and wait until all are gone; each leg aborts after
-    the close timeout, and that wait is bounded a second beyond it, which
-    only guards a bug.
-    """
-
-    log = Logger()
-    name = "drain"
-
-    def __init__(
-        self,
-        registry: Registry,
-        close_timeout: float,
-        clock: IReactor,
-        *,
-        on_stop: str = "drain",
-        drain_timeout: float = 3600.0,
-        listeners: Sequence[Listener] = (),
-        progress: float = 30.0,
-    ) -> None:
-        self.registry = registry
-        self.close_timeout = close_timeout
-        self.clock = clock
-        self.on_stop = on_stop
-        self.drain_timeout = drain_timeout
-        #: The AudioSocket listeners, closed at the start of the stop (the API's and the link's stay up).
-        self.listeners = list(listeners)
-        #: Seconds between two progress lines of a drain.
-        self.progress = progress
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return Deferred.fromCoroutine(self.stop())
-
-    async def stop(self) -> None:
-        # What waited in the listeners' backlogs is taken and served; a connection made after (a listener
-        # that could not stop at once) is refused, named.
-        await DeferredList([listener.stopListening() for listener in self.listeners], consumeErrors=True)
-        self.registry.refusing = "the server is stopping (--on-stop " + self.on_stop + ")"
-        if self.on_stop == "drain":
-            await self.drain()
-        await self.hangup()
-
-    async def drain(self) -> None:
-        """Let the live legs end by themselves, at most C{drain_timeout} seconds."""
-        count = self.registry.connection_count
-        if not count:
-            self.log.info("drain: no live leg, stopping now")
-            return
-        began = self.clock.seconds()
-        self.log.info(
-            "drain: new legs go elsewhere; {legs} live leg(s) in {calls} call(s) go on until they end "
-            "(at most {timeout:g} s, --drain-timeout)",
-            legs=count, calls=len(self.registry.calls()), timeout=self.drain_timeout,
-        )
-        progress = LoopingCall(self._progress, began)
-        progress.clock = self.clock
-        progress.start(self.progress, now=False)
-        try:
-            ended = await within(self.registry.whenEmpty(), self.drain_timeout, self.clock)
-        finally:
-            progress.stop()
-        if ended:
-            self.log.info(
-                "drain: done, the last leg ended after {seconds:.1f} s", seconds=self.clock.seconds() - began
-            )
-        else:
-            self.log.warn(
-                "drain: --drain-timeout {timeout:g} s is over with {legs} leg(s) still live: they are hung up "
-                "(cause shutdown)",
-                timeout=self.drain_timeout, legs=self.registry.connection_count,
-            )
-
-    def _progress(self, began: float) -> None:
-        self.log.info(
-            "drain: {legs} live leg(s) in {calls} call(s) after {seconds:.0f} s ({left:.0f} s left)",
-            legs=self.registry.connection_count, calls=len(self.registry.calls()),
-            seconds=self.clock.seconds() - began, left=self.drain_timeout - (self.clock.seconds() - began),
-        )
-
-    async def hangup(self) -> None:
-        """Hang up every connection (cause C{shutdown}) and wait until all are gone."""
-        connections = self.registry.connections()
-        if not connections:
-            return
-        self.log.info("shutting down: hanging up {count} connection(s)", count=len(connections))
-        gone = DeferredList([c.hangup(HangupCause.SHUTDOWN) for c in connections], consumeErrors=True)
-        if await within(gone, self.close_timeout + 1.0, self.clock):
-            self.log.info("shutdown: every leg is gone")
-        else:
-            self.log.warn("shutdown: {count} connections still open", count=len(self.registry.connections()))
 
 
 def global_reactor() -> IReactor:
@@ -706,196 +604,3 @@ def fit_descriptors(
         f"{needed} this configuration may hold ({what}): --max-legs is lowered to {min(fits, config.max_legs)}, "
         "which fits. Raise the limit (systemd LimitNOFILE=, ulimit -n) for more"
     )
-
-
-class OnSighup(Service):
-    """
-    A part that acts on SIGHUP: its handler is installed when it starts and
-    the one before put back when it stops. The signal arrives between two
-    bytecodes of whatever runs; the work is done in the reactor's turn.
-    """
-
-    reactor: IReactor
-    _previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._signalled)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
-    def _signalled(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload)
-
-    def reload(self) -> None:
-        raise NotImplementedError
-
-
-def load_tokens(path: str | None, api_token: str | None, *, insecure: bool) -> Tokens:
-    """The API's tokens: a tokens file's (TokenFileError if it cannot be taken) and --api-token, of scope control."""
-    tokens = Tokens() if path is None else Tokens.load(path, insecure=insecure)
-    return tokens + Tokens([(Scope.CONTROL, api_token)] if api_token else [])
-
-
-class TokensFile(OnSighup):
-    """
-    The API's tokens file, re-read on SIGHUP. A file that cannot be read or
-    parsed keeps the tokens in force and logs why; a good one replaces them
-    (with --api-token's) and logs how many there are per scope, never a token.
-    Without --config only: with it, L{ConfigReload} re-reads the file too.
-    """
-
-    log = Logger()
-    name = "tokens-file"
-
-    def __init__(
-        self, path: str, api: ControlAPI, reactor: IReactor, api_token: str | None = None, *, insecure: bool = False
-    ) -> None:
-        self.path = path
-        self.insecure = insecure
-        self.api = api
-        self.reactor = reactor
-        self.api_token = api_token
-
-    def reload(self) -> None:
-        try:
-            tokens = load_tokens(self.path, self.api_token, insecure=self.insecure)
-        except TokenFileError as error:
-            self.log.error("API tokens not reloaded, the old ones stay in force: {error}", error=str(error))
-            return
-        self.api.tokens = tokens
-        counts = tokens.counts()
-        self.log.info(
-            "API tokens reloaded from {path}: {read} read, {listen} listen, {control} control",
-            path=self.path, read=counts["read"], listen=counts["listen"], control=counts["control"],
-        )
-
-
-class Reread(Protocol):
-    """The configuration read again (tap.Reread): --config's path, the new configuration and what changed."""
-
-    path: str
-
-    def __call__(self) -> tuple[Config, list[str]]: ...
-
-    def settle(self, applied: Collection[str]) -> None: ...
-
-
-@dataclass
-class LiveParts:
-    """The parts whose settings SIGHUP may change in place."""
-
-    service: AudioHangupService
-    api: ControlAPI
-    #: By listener name: audiosocket-visitor, audiosocket-resident, link (--allow), http (--http-allow).
-    gates: dict[str, SourceGate]
-    factories: list[AudioSocketFactory]
-    cap: ConnectionCap
-    levels: LogLevelFilter
-
-
-#: Options applied on SIGHUP, each to what it sets; any other whose value changed needs a restart.
-#: The limits are those of new legs: a live leg keeps the settings it started with.
-LIVE_LIMITS = frozenset({
-    "max-legs", "max-pending-per-source", "uuid-timeout", "close-timeout", "idle-timeout", "max-duration",
-    "playout-timeout", "max-queue-ms", "max-unsent-ms",
-})
-LIVE_TOKENS = frozenset({"api-token", "api-tokens-file", "insecure-files"})
-LIVE_WEBHOOKS = frozenset({"webhook", "webhook-secret", "webhook-secret-file"})
-LIVE_STREAMS = frozenset({
-    "stream-url", "stream-roles", "stream-protocol", "stream-mode", "stream-audio", "stream-connect-timeout",
-    "stream-failure", "stream-max-unsent-ms", "stream-max-queue-ms", "stream-header", "stream-secret",
-    "stream-secret-file",
-})
-LIVE_OTHERS = frozenset({
-    "allow", "http-allow", "log-level", "http-max-connections", "http-max-per-source", "record-every-call",
-})
-LIVE = LIVE_LIMITS | LIVE_TOKENS | LIVE_WEBHOOKS | LIVE_STREAMS | LIVE_OTHERS
-
-
-class ConfigReload(OnSighup):
-    """
-    SIGHUP: C{--config} read again, with the same command line over it, and
-    checked as at start-up. What can change in place is applied (L{LIVE}); the
-    log says in one line what was applied and which changed options need a
-    restart. A file that is not taken changes nothing and is logged with the
-    key at fault. The tokens file is re-read whatever changed.
-    """
-
-    log = Logger()
-    name = "reload"
-
-    def __init__(self, reread: Reread, config: Config, parts: LiveParts, reactor: IReactor) -> None:
-        self.reread = reread
-        self.config = config
-        self.parts = parts
-        self.reactor = reactor
-
-    def reload(self) -> None:
-        try:
-            new, changed = self.reread()
-            new, descriptors = fit_descriptors(new)
-            tokens = load_tokens(
-                new.api_tokens_file, self._api_token(new, changed), insecure=new.insecure_files
-            )
-        except (ValueError, TokenFileError) as error:
-            self.log.error(
-                "configuration not reloaded from {path}, nothing changed: {error}", path=self.reread.path, error=str(error)
-            )
-            return
-        applied, restart = self.apply(new, changed, tokens)
-        self.reread.settle(applied)
-        # The line below is written at the more verbose of the two levels: a level raised hides it after, not before.
-        more_verbose = LEVELS.index(new.log_level) < LEVELS.index(self.parts.levels.level)
-        if more_verbose:
-            self.parts.levels.set(new.log_level)
-        counts = tokens.counts()
-        self.log.info(
-            "configuration reloaded from {path}: applied {applied}; API tokens {read} read, {control} control; "
-            "changed but needing a restart: {restart}",
-            path=self.reread.path, applied=", ".join(applied) or "nothing new",
-            read=counts["read"], control=counts["control"], restart=", ".join(restart) or "none",
-            applied_keys=applied, restart_keys=restart,
-        )
-        if descriptors is not None and "max-legs" in applied:
-            self.log.warn("{warning}", warning=descriptors)
-        self.parts.levels.set(new.log_level)
-
-    def _api_token(self, new: Config, changed: list[str]) -> str | None:
-        """--api-token as it applies: with --redis it is also the instances' shared key, which a restart changes."""
-        return self.config.api_token if self.config.redis and "api-token" in changed else new.api_token
-
-    def apply(self, new: Config, changed: list[str], tokens: Tokens) -> tuple[list[str], list[str]]:
-        """Apply what can change in place; the options applied, and those that need a restart."""
-        parts, old = self.parts, self.config
-        restart = [key for key in changed if key not in LIVE]
-        if old.redis and "api-token" in changed:
-            restart.append("api-token")
-        webhooks = parts.service.webhooks
-        if any(key in LIVE_WEBHOOKS for key in changed) and webhooks is None:
-            restart.extend(key for key in changed if key in LIVE_WEBHOOKS)
-        applied = [key for key in changed if key not in restart]
-        parts.api.tokens = tokens
-        for name, gate in parts.gates.items():
-            gate.acl = SourceACL(new.http_allow if name == "http" else new.allow)
-        parts.cap.total, parts.cap.per_source = new.http_max_connections, new.http_max_per_source
-        if webhooks is not None:
-            webhooks.retarget(list(new.webhooks), new.webhook_secret)
-        if parts.service.streams is not None:
-            parts.service.streams.config = new.streams
-        if parts.service.recorder is not None:  # calls from now on: one being recorded goes on
-            recorder = parts.service.recorder
-            recorder.config = replace(recorder.config, every_call=new.record_every_call)
-        for factory in parts.factories:
-            factory.settings = replace(new.leg_settings(factory.role), audio=factory.settings.audio)
-        settings = replace(new.leg_settings(), audio=parts.service.settings.audio)
-        parts.service.settings = parts.api.settings = settings
-        drain = parts.service.getServiceNamed("drain")
-        if isinstance(drain, Drain):
-            drain.close_timeout = new.close_timeout
-        self.config = replace(new, api_token=old.api_token) if "api-token" in restart else new
-        return applied, sorted(restart)

@@ -28,7 +28,8 @@ from audiohangup.http.access import Scope
 from audiohangup.listeners import SourceGate
 from audiohangup.loglevel import LogLevelFilter
 from audiohangup.reasons import Role
-from audiohangup.service import AudioHangupService, ConfigReload
+from audiohangup.reload import ConfigReload
+from audiohangup.service import AudioHangupService
 from tests.conftest import until
 from tests.twistd_child import start_server
 

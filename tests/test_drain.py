@@ -21,9 +21,9 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 
+from audiohangup.drain import Drain
 from audiohangup.reasons import CloseReason
 from audiohangup.registry import Registry
-from audiohangup.service import Drain
 from audiohangup.wire import Kind, encode_frame
 from tests.conftest import Server, until
 from tests.fake_asterisk import FakeAsterisk, connect

@@ -136,8 +136,9 @@ def test_the_live_page_is_shipped() -> None:
     assert {f"web/{name}" for name in _STATIC_TYPES} <= shipped
 
 
-#: The wiring builds the API and its site (service.py) and checks their options (tap.py).
-_WIRING = {"audiohangup/service.py", "audiohangup/tap.py"}
+#: The wiring builds the API and its site (service.py), checks their options (tap.py) and gives the
+#: API the tokens SIGHUP reads again (reload.py, the wiring's part that runs after start-up).
+_WIRING = {"audiohangup/service.py", "audiohangup/tap.py", "audiohangup/reload.py"}
 
 
 def _imported(path: Path) -> set[str]:
