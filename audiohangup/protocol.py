@@ -426,19 +426,6 @@ class AudioSocketProtocol(LegTeardown, LegAttachments, SlotPlayer, Protocol):
         """
         self.forwardBytes(frame.encode())
 
-    def forwardBytes(self, data: bytes) -> None:
-        """L{forward} for a frame still encoded, as it arrived on the other leg."""
-        if self.state is LIVE:
-            slot = self.pacer.slot
-            if not self.queue and not self.feed and (self.written_in != slot or not self.timeline.spokeLately(slot)):
-                # A bridge alone is paced by the other leg's Asterisk: what
-                # it sends goes through as it comes, a burst included.
-                self._write(data)
-                self.written_in = slot
-            elif not self.queue and (not self.feed or self.feed.mix):
-                self.held.append(data)
-            self.forwarded_at = self.reactor.seconds()
-
     def bridgeTo(self, other: ILeg | None) -> None:
         """Forward this leg's own whole frames to C{other} as they come (see L{dataReceived}); None: through the flow."""
         self.route = other

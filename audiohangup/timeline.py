@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING
 from audiohangup.audio import AudioFormat, FrameQueue, Playout
 from audiohangup.codecs import mix
 from audiohangup.pacer import CATCH_UP_TICKS
+from audiohangup.reasons import LIVE
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from audiohangup.pacer import Pacer
-    from audiohangup.reasons import HangupCause
+    from audiohangup.reasons import HangupCause, LegState
 
 #: Bridged frames a leg holds for its next ticks while its slots are the
 #: pacer's (its app or a prompt spoke lately); beyond it the oldest goes, so
@@ -127,14 +130,18 @@ class Timeline:
 
 class SlotPlayer:
     """
-    What a paced leg does in the slot its tick is for, the same for a local
-    leg (L{audiohangup.protocol}) and the home's remote one
-    (L{audiohangup.cluster.remoteleg}): the frame its timeline picks is
-    written, the app's marks after it are answered, and a hangup asked for
-    after the playout goes once nothing is queued or fed.
+    What a paced leg does with a bridged frame and in the slot its tick is
+    for, the same for a local leg (L{audiohangup.protocol}) and the home's
+    remote one (L{audiohangup.cluster.remoteleg}): a bridged frame goes at
+    once unless the slot is taken; the frame its timeline picks is written,
+    the app's marks after it are answered, and a hangup asked for after the
+    playout goes once nothing is queued or fed.
     """
 
     if TYPE_CHECKING:
+        state: LegState
+        reactor: IReactorTime
+        forwarded_at: float
         pacer: Pacer
         feed: Playout | None
         queue: FrameQueue
@@ -146,6 +153,22 @@ class SlotPlayer:
         def _write(self, data: bytes) -> None: ...
 
         def hangup(self, cause: HangupCause) -> object: ...
+
+    def forwardBytes(self, data: bytes) -> None:
+        """
+        A bridged frame, still encoded as it arrived on the other leg: written
+        at once unless a prompt or an app speaks to the leg (then held for the
+        next slots, or dropped). A bridge alone is paced by the other leg's
+        Asterisk: what it sends goes through as it comes, a burst included.
+        """
+        if self.state is LIVE:
+            slot = self.pacer.slot
+            if not self.queue and not self.feed and (self.written_in != slot or not self.timeline.spokeLately(slot)):
+                self._write(data)
+                self.written_in = slot
+            elif not self.queue and (not self.feed or self.feed.mix):
+                self.held.append(data)
+            self.forwarded_at = self.reactor.seconds()
 
     def _playSlot(self, missed: int, silence: bool) -> None:
         """This tick's frame (silence too, if C{silence}), after C{missed} slots without a tick."""

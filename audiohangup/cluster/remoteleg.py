@@ -215,21 +215,6 @@ class RemoteLeg(LegAttachments, SlotPlayer):
     def forward(self, frame: Frame) -> None:
         self.forwardBytes(frame.encode())
 
-    def forwardBytes(self, data: bytes) -> None:
-        """
-        A bridged frame: over the link at once, unless a prompt or an app
-        speaks to the leg (then held or dropped, as a local leg does: see
-        L{audiohangup.protocol.AudioSocketProtocol.forward}).
-        """
-        if self.state is LIVE:
-            slot = self.pacer.slot
-            if not self.queue and not self.feed and (self.written_in != slot or not self.timeline.spokeLately(slot)):
-                self._write(data)
-                self.written_in = slot
-            elif not self.queue and (not self.feed or self.feed.mix):
-                self.held.append(data)
-            self.forwarded_at = self.reactor.seconds()
-
     def bridgeTo(self, other: ILeg | None) -> None:
         self.route = other
 
