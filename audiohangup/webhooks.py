@@ -689,13 +689,18 @@ class Webhooks(Service):
             return
         self._held += 1
         item.seq = next(self._seq)
-        queue = self._queues.get((url, item.call_id))
-        if queue is None:
-            queue = self._queues[url, item.call_id] = _Queue(url, item.call_id)
-            self._ready.append(queue)
+        queue = self._queueFor(url, item.call_id)
         queue.items.append(item)
         self._order[item.seq] = (queue, item)
         self._pump()
+
+    def _queueFor(self, url: str, call_id: str) -> _Queue:
+        """The queue of C{call_id}'s events for C{url}, made (and ready) if it has none."""
+        queue = self._queues.get((url, call_id))
+        if queue is None:
+            queue = self._queues[url, call_id] = _Queue(url, call_id)
+            self._ready.append(queue)
+        return queue
 
     def _insert(self, url: str, item: _Delivery) -> tuple[_Queue, _Delivery]:
         """
@@ -705,10 +710,7 @@ class Webhooks(Service):
         assert item.rowid is not None
         self._held += 1
         item.seq = next(self._seq)
-        queue = self._queues.get((url, item.call_id))
-        if queue is None:
-            queue = self._queues[url, item.call_id] = _Queue(url, item.call_id)
-            self._ready.append(queue)
+        queue = self._queueFor(url, item.call_id)
         at = len(queue.items)
         for index in range(1 if queue.state == "sending" else 0, len(queue.items)):
             rowid = queue.items[index].rowid
