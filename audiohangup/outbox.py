@@ -26,7 +26,6 @@ the URL, which may carry a token in its query string.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,7 +34,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from audiohangup.records import create_private
+from audiohangup.records import check_writable, create_private
 
 __all__ = ["DEFAULT_MAX", "FILE_NAME", "SCHEMA_VERSION", "Outbox", "Stored", "receiver_key"]
 
@@ -112,13 +111,7 @@ class Outbox:
         A file that is there but not a good database is found at start-up:
         logged, and the webhooks go on in memory, as the calls do.
         """
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"the directory {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"the directory {folder} is not writable")
-        if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK)):
-            raise ValueError(f"{path} is not a file this process can read and write")
+        check_writable(path)
 
     def _run(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if not self._pool.started:

@@ -222,13 +222,7 @@ class CallRecords(Service):
         """
         if path == ":memory:":
             return
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"the directory {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"the directory {folder} is not writable")
-        if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK)):
-            raise ValueError(f"{path} is not a file this process can read and write")
+        check_writable(path)
         if os.path.exists(path):
             try:
                 with open(path, "rb") as file:
@@ -804,6 +798,21 @@ class _Database:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
+
+
+def check_writable(path: str) -> None:
+    """
+    Raise a ValueError naming why a SQLite file cannot live at C{path}: its
+    directory is missing or not writable (SQLite writes its journal there),
+    or the path is not a file this process can read and write.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the directory {folder} is not writable")
+    if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK)):
+        raise ValueError(f"{path} is not a file this process can read and write")
 
 
 def create_private(path: str) -> None:
