@@ -87,6 +87,18 @@ def heard(client: FakeAsterisk) -> list[bytes]:
     return [frame.encode() for frame in client.frames if frame.kind == Kind.SLIN and any(frame.payload)]
 
 
+async def heard_byte_exact(visitor: FakeAsterisk, resident: FakeAsterisk, visitor_tag: int, resident_tag: int) -> None:
+    """Each leg sends FRAMES frames, paced; each hears the other's, byte for byte, in order."""
+    spoken, answered = frames_of(visitor_tag), frames_of(resident_tag)
+    for mine, theirs in zip(spoken, answered, strict=True):
+        visitor.send(mine)
+        resident.send(theirs)
+        await deferLater(reactor, 0.02)
+    await until(lambda: len(heard(resident)) >= FRAMES and len(heard(visitor)) >= FRAMES, 5, "the frames across")
+    assert heard(resident) == spoken
+    assert heard(visitor) == answered
+
+
 async def split_call(a: Instance, b: Instance, **options: object) -> tuple[uuid.UUID, FakeAsterisk, FakeAsterisk]:
     """The resident on B (the call's first leg, so B is home), then the visitor on A, linked to B."""
     call_id = uuid.uuid4()
@@ -104,14 +116,7 @@ async def test_split_call_is_bridged_byte_exact(spawn: Spawn, redis_server: Redi
     a = await instance_with(spawn, redis_server, "a")
     b = await instance_with(spawn, redis_server, "b")
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
-    spoken, answered = frames_of(0x11), frames_of(0x22)
-    for mine, theirs in zip(spoken, answered, strict=True):
-        visitor.send(mine)
-        resident.send(theirs)
-        await deferLater(reactor, 0.02)
-    await until(lambda: len(heard(resident)) >= FRAMES and len(heard(visitor)) >= FRAMES, 5, "the frames across")
-    assert heard(resident) == spoken
-    assert heard(visitor) == answered
+    await heard_byte_exact(visitor, resident, 0x11, 0x22)
 
     # The session is on B: a hangup sent there ends both legs with cause api.
     status, body, _ = await request("POST", f"{b.url}/calls/{call_id}/hangup?wait=true")
@@ -958,14 +963,7 @@ async def test_a_tls_link(spawn: Spawn, redis_server: RedisServer, tmp_path: Pat
     b = await instance_with(spawn, redis_server, "b", *tls)
     call_id, visitor, resident = await split_call(a, b, on_hangup="close")
     assert re.search(rf"{call_id} visitor linked from instance a to instance b at tls:127\.0\.0\.1:\d+", a.child.log)
-    spoken, answered = frames_of(0x55), frames_of(0x66)
-    for mine, theirs in zip(spoken, answered, strict=True):
-        visitor.send(mine)
-        resident.send(theirs)
-        await deferLater(reactor, 0.02)
-    await until(lambda: len(heard(resident)) >= FRAMES and len(heard(visitor)) >= FRAMES, 5, "the frames across")
-    assert heard(resident) == spoken
-    assert heard(visitor) == answered
+    await heard_byte_exact(visitor, resident, 0x55, 0x66)
 
     untrusting = await instance_with(spawn, redis_server, "c", "--link", certificate.endpoint())
     plain = await instance_with(spawn, redis_server, "d")
