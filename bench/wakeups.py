@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import socket
 import statistics
 import subprocess
@@ -341,9 +342,12 @@ def main() -> int:
         serve(args.serve, listener, args.accepts, json.loads(args.links), args.link_port,
               [tuple(pair) for pair in json.loads(args.routes)], args.expected, args.report)
         return 0
-    if not args.no_pin:
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    pinned = not args.no_pin and shutil.which("taskset") is not None \
+        and {args.server_cpu, args.load_cpu} <= allowed and args.server_cpu != args.load_cpu
+    if pinned:
         pin(args.load_cpu)
-    server_cpu = None if args.no_pin else args.server_cpu
+    server_cpu = args.server_cpu if pinned else None
     loops = ("bare", "twisted", "relay") if args.loop == "all" else (args.loop,)
     rows = []
     for loop in loops:
@@ -351,7 +355,8 @@ def main() -> int:
             for mode in ("local", "split"):
                 rows.append(run(loop, mode, args.sessions, args.bursts, server_cpu))
     print(f"{args.sessions} session(s) a burst, {args.bursts} bursts 1 ms apart, {args.rounds} round(s); "
-          + ("nothing pinned" if args.no_pin else f"servers on core {args.server_cpu}, load on core {args.load_cpu}"))
+          + (f"servers on core {args.server_cpu}, load on core {args.load_cpu}" if pinned else
+             "nothing pinned (--no-pin, or no taskset, or not two distinct usable cores)"))
     print()
     print("=======  =====  ================  ==================  ==========")
     print("loop     mode   CPU us per frame  switches per burst  lost bytes")
