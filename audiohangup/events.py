@@ -19,7 +19,30 @@ from audiohangup.interfaces import ILegObserver, IServerLeg
 from audiohangup.logs import iso_time
 from audiohangup.reasons import HangupCause
 
-__all__ = ["LegEvents", "RecentLegs", "counts_as_leg", "ended_leg"]
+__all__ = ["LegEvents", "LegObserver", "RecentLegs", "counts_as_leg", "ended_leg"]
+
+
+@implementer(ILegObserver)
+class LegObserver:
+    """
+    An observer told of nothing it does not ask for: each event is ignored
+    here, so an observer overrides only those it watches.
+    """
+
+    def legStarted(self, leg: IServerLeg) -> None:
+        pass
+
+    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
+        pass
+
+    def legEnded(self, leg: IServerLeg) -> None:
+        pass
+
+    def callEnded(self, call_id: str) -> None:
+        pass
+
+    def connectionEnded(self, connection: IServerLeg) -> None:
+        pass
 
 
 def counts_as_leg(connection: IServerLeg) -> bool:
@@ -155,23 +178,14 @@ class LegEvents:
 
 
 @implementer(ILegObserver)
-class RecentLegs:
+class RecentLegs(LegObserver):
     """The last legs that ended, newest first, in memory: the live page's history."""
 
     def __init__(self, size: int = 100) -> None:
         self._ended: deque[dict[str, Any]] = deque(maxlen=size)
 
-    def legStarted(self, leg: IServerLeg) -> None:
-        pass
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         self._ended.appendleft(ended_leg(leg))
-
-    def callEnded(self, call_id: str) -> None:
-        pass
 
     def connectionEnded(self, connection: IServerLeg) -> None:
         if counts_as_leg(connection):

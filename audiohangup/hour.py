@@ -33,10 +33,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from audiohangup.events import counts_as_leg
+from audiohangup.events import LegObserver, counts_as_leg
 from audiohangup.interfaces import ILegObserver, IServerLeg
 from audiohangup.logs import iso_time
-from audiohangup.reasons import HangupCause
 
 __all__ = ["MAX_SAMPLES", "MINUTES", "Hour", "HourSampler", "Readings", "counted"]
 
@@ -118,7 +117,7 @@ def _percentile(values: list[float], percent: float) -> float | None:
 
 
 @implementer(ILegObserver)
-class Hour:
+class Hour(LegObserver):
     """
     The last hour's buckets. A counting observer (L{audiohangup.events.LegEvents.add}
     with C{counts}): in a cluster a leg is counted once, on its session's home,
@@ -176,9 +175,6 @@ class Hour:
         bucket.started += 1
         bucket.live_legs.set(self.live_legs())
 
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         bucket = self._now()
         reason = str(leg.close_reason) if leg.close_reason is not None else "unknown"
@@ -196,9 +192,6 @@ class Hour:
             kept = self._random.randrange(bucket.closes_seen)
             if kept < MAX_SAMPLES:
                 bucket.closes[kept] = ms
-
-    def callEnded(self, call_id: str) -> None:
-        pass
 
     def connectionEnded(self, connection: IServerLeg) -> None:
         """A duplicate named a call: it ended as a leg does on the page (its reason), never having lived."""

@@ -31,9 +31,9 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, IServerLeg
 from audiohangup.logs import iso_time
-from audiohangup.reasons import HangupCause
 from audiohangup.wire import HEADER_SIZE, Frame
 
 with warnings.catch_warnings():
@@ -166,7 +166,7 @@ class Levels:
 
 
 @implementer(ILegObserver)
-class LevelSampler:
+class LevelSampler(LegObserver):
     """
     The timer of L{Levels}: one C{LoopingCall} for every leg, started by the
     first leg and stopped when none is left, so an idle server has no timer.
@@ -204,15 +204,9 @@ class LevelSampler:
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=False)
 
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         self.levels.forget(leg)
 
     def callEnded(self, call_id: str) -> None:
         if next(iter(self.legs()), None) is None:
             self.stop()  # the last call is gone: no timer left behind (the tick would stop it too)
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass

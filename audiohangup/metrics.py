@@ -36,6 +36,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver
 from audiohangup.reasons import HangupCause, Role
 
@@ -84,7 +85,7 @@ def series(
 
 
 @implementer(ILegObserver)
-class LegMetrics:
+class LegMetrics(LegObserver):
     """The legs' metrics: starts, ends, hangups and their latency, and (at scrape time) live legs and frames."""
 
     def __init__(self, metrics: CollectorRegistry, registry: Registry) -> None:
@@ -130,9 +131,6 @@ class LegMetrics:
         for name, value in _leg_counters(connection).items():
             self.ended_totals[name] += value
 
-    def callEnded(self, call_id: str) -> None:
-        pass
-
     def connectionEnded(self, connection: IServerLeg) -> None:
         assert connection.close_reason is not None
         self.connections_without_leg.labels(reason=connection.close_reason.value).inc()
@@ -140,7 +138,7 @@ class LegMetrics:
 
 
 @implementer(ILegObserver)
-class _EndedTraffic:
+class _EndedTraffic(LegObserver):
     """
     Adds each ended leg's frames and bytes to the totals. Not a counting
     observer (L{LegEvents.add}): a leg handed over through the media link is
@@ -150,20 +148,8 @@ class _EndedTraffic:
     def __init__(self, legs: LegMetrics) -> None:
         self.legs = legs
 
-    def legStarted(self, leg: IServerLeg) -> None:
-        pass
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         self.legs._addEnded(leg)
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
 
 class GarbageCollectorPauses(Service):

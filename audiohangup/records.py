@@ -78,7 +78,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from audiohangup.events import counts_as_leg
+from audiohangup.events import LegObserver, counts_as_leg
 from audiohangup.interfaces import ILegObserver
 from audiohangup.lifecycle import DAY, Daily, Once
 from audiohangup.logs import iso_time
@@ -191,7 +191,7 @@ class _Row:
 
 
 @implementer(ILegObserver)
-class CallRecords(Service):
+class CallRecords(Service, LegObserver):
     """
     The call records store: observes legs and answers queries.
 
@@ -458,9 +458,6 @@ class CallRecords(Service):
             "recording": leg.recording,
         }
         self._write(leg, "end", self._db.end, row, values)
-
-    def callEnded(self, call_id: str) -> None:
-        pass
 
     def connectionEnded(self, connection: IServerLeg) -> None:
         """

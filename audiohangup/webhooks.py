@@ -83,7 +83,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from audiohangup import __version__
-from audiohangup.events import counts_as_leg
+from audiohangup.events import LegObserver, counts_as_leg
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver
 from audiohangup.lifecycle import Once
@@ -95,7 +95,6 @@ if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot  # Twisted exports no name for it
 
     from audiohangup.interfaces import IServerLeg
-    from audiohangup.reasons import HangupCause
 
 EVENT_HEADER = "X-Audiohangup-Event"
 EVENT_ID_HEADER = "X-Audiohangup-Event-Id"
@@ -304,7 +303,7 @@ def _backlog(metrics: CollectorRegistry, clock: Any) -> _Backlog:
 
 
 @implementer(ILegObserver)
-class Webhooks(Service):
+class Webhooks(Service, LegObserver):
     """
     Posts leg events to every URL in C{urls}; stopping the service is L{stop}.
 
@@ -617,11 +616,10 @@ class Webhooks(Service):
 
     # ILegObserver: these only enqueue, and never raise.
 
+    # A hangup sent is not an event receivers are told of: leg_ended carries its cause.
+
     def legStarted(self, leg: IServerLeg) -> None:
         self._event("leg_started", leg)
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass  # not an event receivers are told of; leg_ended carries the cause
 
     def legEnded(self, leg: IServerLeg) -> None:
         self._event("leg_ended", leg)

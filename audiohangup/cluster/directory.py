@@ -83,6 +83,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from audiohangup.cluster.redis import RETRY_MOST, RedisConnection, RedisProtocol, failure_text, parse_redis_url
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, IRemoteLeg
 from audiohangup.lifecycle import Once, Part
 from audiohangup.logs import iso_time
@@ -90,7 +91,6 @@ from audiohangup.reasons import Role
 
 if TYPE_CHECKING:
     from audiohangup.interfaces import IServerLeg
-    from audiohangup.reasons import HangupCause
     from audiohangup.registry import Registry
 
 __all__ = [
@@ -287,7 +287,7 @@ class _State(Enum):
 
 
 @implementer(ILegObserver)
-class Directory(Part):
+class Directory(Part, LegObserver):
     """
     This instance's legs and presence in the Redis call directory, and the
     cluster's view of it; see the module docstring.
@@ -640,15 +640,6 @@ class Directory(Part):
             ).addErrback(self._writeFailed, "remove a leg", call_id=leg.call_id, role=leg.role)
         except Exception:
             self.log.failure("{call_id} call directory: removing the leg failed", call_id=leg.call_id)
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
     # Queries
 

@@ -49,6 +49,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from audiohangup.cluster.directory import DirectoryUnavailable
+from audiohangup.events import LegObserver
 from audiohangup.httpclient import BoundedPool
 from audiohangup.interfaces import ILegObserver, IReactor
 from audiohangup.lifecycle import Part, within
@@ -192,7 +193,7 @@ class _Pipe(_Collect):
 
 
 @implementer(ILegObserver)
-class Cluster(Part):
+class Cluster(Part, LegObserver):
     """This instance's link to the others: forwarding, and ending sessions across instances."""
 
     name = "cluster"
@@ -286,12 +287,6 @@ class Cluster(Part):
 
     # ILegObserver: a leg that ends takes its session's legs on other instances with it.
 
-    def legStarted(self, leg: IServerLeg) -> None:
-        pass
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         if not self.end_with_leg or leg.call_id is None:
             return
@@ -300,12 +295,6 @@ class Cluster(Part):
         ending: Deferred[None] = Deferred.fromCoroutine(self._endRemoteLegs(leg.call_id, leg.role.value))
         self._pending.add(ending)
         ending.addBoth(lambda _: self._pending.discard(ending))
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
     async def _endRemoteLegs(self, call_id: str, role: str) -> None:
         try:

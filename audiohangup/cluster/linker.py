@@ -47,6 +47,7 @@ from audiohangup.cluster.linkmessages import (
     signed,
     split_address,
 )
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import IFlow, ILeg, ILegObserver, IRemoteLeg, ISession
 from audiohangup.logs import iso_time
 from audiohangup.reasons import CloseReason, HangupCause
@@ -65,7 +66,7 @@ LINK_TIMEOUT = 3.0
 
 
 @implementer(ILegObserver)
-class Linker:
+class Linker(LegObserver):
     """Links each leg that starts here to its session's home, when that is another instance."""
 
     log = Logger()
@@ -188,15 +189,6 @@ class Linker:
         side = self.links.pop(leg, None)
         if side is not None:
             side.legGone()
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
 
 @implementer(IFlow)

@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from audiohangup.cluster.directory import TTL_HEARTBEATS, DirectoryUnavailable, InstanceEntry, LegEntry
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, IRemoteLeg
 from audiohangup.lifecycle import Part
 from audiohangup.logs import iso_time
@@ -52,7 +53,6 @@ from audiohangup.reasons import Role
 
 if TYPE_CHECKING:
     from audiohangup.interfaces import IServerLeg
-    from audiohangup.reasons import HangupCause
     from audiohangup.registry import Registry
 
 __all__ = ["LocalDirectory", "check_directory"]
@@ -84,7 +84,7 @@ def _safe(text: str) -> bool:
 
 
 @implementer(ILegObserver)
-class LocalDirectory(Part):
+class LocalDirectory(Part, LegObserver):
     """
     This process's legs and presence in a directory of files shared by the
     processes of one host; see the module docstring. Same queries, same
@@ -247,15 +247,6 @@ class LocalDirectory(Part):
                 os.unlink(target)
             except FileNotFoundError:
                 pass
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
     # Queries
 

@@ -54,11 +54,12 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from audiohangup.audio import SLIN_BY_KIND, AudioFormat
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, ILegTap, IReactor, IServerLeg
 from audiohangup.lifecycle import Daily, Part
 from audiohangup.logs import iso_time
 from audiohangup.metrics import series
-from audiohangup.reasons import HangupCause, Role, StrEnum
+from audiohangup.reasons import Role, StrEnum
 from audiohangup.recording.layout import WAV_NAME, day_folders, last_recording, wav_name
 from audiohangup.recording.wav import recording_sizes, repair
 from audiohangup.recording.writer import CHANNELS, TICK, Tick, WavFile
@@ -286,7 +287,7 @@ class RecordingConfig:
 
 
 @implementer(ILegObserver)
-class Recorder(Part):
+class Recorder(Part, LegObserver):
     """Every recording of this instance, their timer and their writer thread."""
 
     name = "recorder"
@@ -510,9 +511,6 @@ class Recorder(Part):
             recording.attach(leg)
             leg.setRecording(recording.name)
 
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         recording = self.active.get(leg.call_id or "")
         if recording is not None:
@@ -521,9 +519,6 @@ class Recorder(Part):
     def callEnded(self, call_id: str) -> None:
         if call_id in self.active:
             self.finish(call_id)
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
     # Start-up repairs and retention (on the writer thread)
 

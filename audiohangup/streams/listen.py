@@ -38,9 +38,10 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from audiohangup.codecs import decode
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, ILegTap, IServerLeg
 from audiohangup.metrics import series
-from audiohangup.reasons import HangupCause, Role, StrEnum
+from audiohangup.reasons import Role, StrEnum
 from audiohangup.wire import Frame
 
 #: How long a ticket is good for: the page uses it at once.
@@ -258,7 +259,7 @@ class TooManyListeners(Exception):
 
 
 @implementer(ILegObserver, IListenObserver)
-class Listens:
+class Listens(LegObserver):
     """Every listener of this instance, their tickets, and their metrics."""
 
     def __init__(
@@ -302,15 +303,3 @@ class Listens:
     def legEnded(self, leg: IServerLeg) -> None:
         for listener in list(self.current.values()):
             listener.legEnded(leg)
-
-    def legStarted(self, leg: IServerLeg) -> None:
-        pass
-
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass

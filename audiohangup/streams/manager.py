@@ -21,11 +21,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from audiohangup.events import LegObserver
 from audiohangup.interfaces import ILegObserver, IReactor, IServerLeg
 from audiohangup.lifecycle import Part, within
 from audiohangup.logs import redact
 from audiohangup.metrics import StreamTotals, series
-from audiohangup.reasons import HangupCause, Role
+from audiohangup.reasons import Role
 from audiohangup.relay import Relay
 from audiohangup.streams import client
 from audiohangup.streams.messages import IStreamProtocol
@@ -185,7 +186,7 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 @implementer(ILegObserver, IStreamObserver)
-class Streams(Part):
+class Streams(Part, LegObserver):
     """Every media stream of this instance: opened for legs, counted, stopped with the server."""
 
     name = "streams"
@@ -338,18 +339,9 @@ class Streams(Part):
         except StreamRefused as error:
             self.log.warn("{call_id} {role} stream not opened: {why}", call_id=leg.call_id, role=leg.role, why=str(error))
 
-    def hangupSent(self, leg: IServerLeg, cause: HangupCause) -> None:
-        pass
-
     def legEnded(self, leg: IServerLeg) -> None:
         for stream in self.of([leg]):
             stream.stop("the leg ended")
-
-    def callEnded(self, call_id: str) -> None:
-        pass
-
-    def connectionEnded(self, connection: IServerLeg) -> None:
-        pass
 
     # IStreamObserver
 
